@@ -1,0 +1,210 @@
+"""config -> nn model -> quantize -> Relax IRModule -> library + converted weights -> artifact folder.
+
+The artifact is assembled in a temporary folder beside the output and renamed into place at the end, so a
+failed or interrupted compile leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import tvm
+
+from artifacts import MANIFEST_NAME, Manifest
+from artifacts.errors import MlccError
+from artifacts.manifest import describe_files
+from artifacts.weights import ShardWriter
+from compiler.build import build_library
+from compiler.entry_points import PARAM_PREFIX, EntryPoints
+from compiler.source import ModelSource, resolve_model
+from compiler.targets import resolve_target
+from model_defs import ARCHITECTURES, get_arch
+from quant_schemes import convert_tensor, get_scheme
+
+log = logging.getLogger("mlcc.compile")
+
+DEFAULT_PAGE_SIZE = 16
+DEFAULT_PREFILL_CHUNK = 512
+DEFAULT_MAX_BATCH = 8
+
+
+def detect_arch(config: dict[str, Any]) -> str:
+    model_type = str(config.get("model_type", "")).lower()
+    if model_type in ARCHITECTURES:
+        return model_type
+    raise MlccError(
+        f"unsupported architecture {model_type or 'unknown'!r} in config.json; "
+        f"supported: {', '.join(sorted(ARCHITECTURES))}"
+    )
+
+
+def compile_model(
+    model: str,
+    output: str | Path,
+    arch: str | None = None,
+    quant: str = "q4",
+    target: str = "llvm",
+    context_window: int | None = None,
+    progress: Callable[[str], None] = log.info,
+) -> Manifest:
+    """Compile `model` (folder or hub id) into the artifact folder `output`; returns its manifest."""
+    output = Path(output)
+    if output.exists() and not (output / MANIFEST_NAME).is_file():
+        raise MlccError(f"output exists and is not an mlcc artifact, refusing to overwrite: {output}")
+    scheme = get_scheme(quant)
+    target_spec = resolve_target(target)
+    source = resolve_model(model)
+    arch_name = (arch or detect_arch(source.config)).lower()
+    arch_module = get_arch(arch_name)
+    config = arch_module.config_from_hf(source.config)
+
+    net = arch_module.Model(config)
+    scheme.quantize_model(net)
+    entry = EntryPoints(net, target_spec.target, scheme.dtype)
+    mod, named_params = entry.export_tvm(spec=entry.spec())
+    param_names = [name.removeprefix(PARAM_PREFIX) for name, _ in named_params]
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        started = time.time()
+        progress(f"compiling {arch_name} ({quant}) for {target_spec.name}")
+        build_library(mod, target_spec, staging / target_spec.library_name)
+        progress(f"library built in {time.time() - started:.1f}s; converting weights")
+        shards = _convert_weights(source, arch_module.map_hf_name, net, param_names, staging, config)
+        tokenizer = _copy_tokenizer(source, staging)
+        window = context_window or config.context_window
+        chunk = min(DEFAULT_PREFILL_CHUNK, window)
+        if getattr(config, "sliding_window", None):
+            chunk = min(chunk, config.sliding_window)  # the ragged kernel does not mask inside a chunk
+        manifest = Manifest(
+            arch=arch_name,
+            model_config=asdict(config),
+            quant=scheme.describe(),
+            target=target_spec.describe(),
+            library=target_spec.library_name,
+            weights={"shards": shards.shards, "params": param_names, "bytes": shards.total_bytes},
+            tokenizer=tokenizer,
+            context_window=window,
+            kv_cache={
+                "page_size": DEFAULT_PAGE_SIZE,
+                "prefill_chunk_size": chunk,
+                "max_batch_size": DEFAULT_MAX_BATCH,
+                "sliding_window": getattr(config, "sliding_window", None),
+                "dtype": scheme.dtype,
+            },
+            chat_template=tokenizer.pop("chat_template"),
+            versions={"mlcc": _mlcc_version(), "tvm": tvm.__version__},
+        )
+        files = [target_spec.library_name, *shards.shards, *tokenizer["files"]]
+        manifest.files = describe_files(staging, files)
+        manifest.write(staging)
+        _replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    progress(f"artifact written to {output} in {time.time() - started:.1f}s")
+    return manifest
+
+
+def _convert_weights(
+    source: ModelSource,
+    map_name: Callable[[str], str | None],
+    net: Any,
+    param_names: list[str],
+    folder: Path,
+    config: Any,
+) -> ShardWriter:
+    writer = ShardWriter(folder)
+    wanted = set(param_names)
+    seen_names = {name for name, _ in source.tensor_names()}
+    tie = getattr(config, "tie_embeddings", False) or "lm_head.weight" not in seen_names
+    for hf_name, array in source.tensors():
+        try:
+            name = map_name(hf_name)
+        except KeyError:
+            raise MlccError(f"unexpected tensor {hf_name!r} in {source.folder}") from None
+        if name is None or (tie and name == "output.weight"):
+            continue
+        targets = [name, "output.weight"] if (tie and name == "token_embd.weight") else [name]
+        for target_name in targets:
+            try:
+                converted = convert_tensor(net, target_name, array)
+            except (AttributeError, ValueError) as e:
+                raise MlccError(f"tensor {hf_name!r} does not fit the model: {e}") from None
+            for param, value in converted.items():
+                if param not in wanted:
+                    raise MlccError(f"tensor {hf_name!r} maps to unknown parameter {param!r}")
+                writer.add(param, value)
+                wanted.discard(param)
+    writer.flush()
+    if wanted:
+        missing = ", ".join(sorted(wanted)[:5])
+        raise MlccError(f"the checkpoint lacks {len(wanted)} tensors the model needs (e.g. {missing})")
+    return writer
+
+
+def _special(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _eos_ids(source: ModelSource) -> list[int]:
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        path = source.folder / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            ids.extend(value if isinstance(value, list) else [value] if value is not None else [])
+    return sorted(set(ids))
+
+
+def _copy_tokenizer(source: ModelSource, folder: Path) -> dict[str, Any]:
+    files = []
+    for path in source.tokenizer_files:
+        shutil.copy(path, folder / path.name)
+        files.append(path.name)
+    tok_config: dict[str, Any] = {}
+    if (source.folder / "tokenizer_config.json").is_file():
+        tok_config = json.loads((source.folder / "tokenizer_config.json").read_text())
+    template = tok_config.get("chat_template")
+    if template is None and (source.folder / "chat_template.jinja").is_file():  # transformers >= 4.50
+        template = (source.folder / "chat_template.jinja").read_text()
+    if isinstance(template, list):  # named templates: take the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return {
+        "files": files,
+        "bos_token": _special(tok_config.get("bos_token")),
+        "eos_token": _special(tok_config.get("eos_token")),
+        "eos_token_ids": _eos_ids(source),
+        "chat_template": template,
+    }
+
+
+def _replace(staging: Path, output: Path) -> None:
+    """Move the finished artifact into place; an older artifact at `output` is replaced."""
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        output.rename(old)
+        staging.rename(output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(output)
+
+
+def _mlcc_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mlcc")
+    except PackageNotFoundError:
+        return "dev"

@@ -1,0 +1,112 @@
+"""The functions every compiled model exports, written once for all architectures.
+
+A model provides `embed(ids)`, `body(x, kv)`, `head(x)` and `attention_layout()`; this module wraps it into
+`batch_prefill`, `batch_decode` and `create_paged_kv_cache`, the calls the runtime makes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import relax as rx
+from tvm import tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+from model_defs.common import AttentionLayout
+
+# Parameters are passed as one packed tuple, in the order the manifest lists them.
+PARAM_PREFIX = "model."
+
+
+class EntryPoints(nn.Module):
+    def __init__(self, model: nn.Module, target: Target, dtype: str):
+        self.model = model
+        self.target = target
+        self.dtype = dtype
+        self.layout: AttentionLayout = model.attention_layout()
+
+    def _logits(self, x: Tensor) -> Tensor:
+        logits = self.model.head(x)
+        return logits.astype("float32") if logits.dtype != "float32" else logits
+
+    def batch_prefill(self, input_ids: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
+        """Prefill several sequences concatenated into one ragged row; logits at `logit_positions`."""
+        x = self.model.embed(input_ids)  # [n, h]
+        x = op.reshape(x, (1, x.shape[0], x.shape[1]))  # [1, n, h]
+        x = self.model.body(x, paged_kv_cache)  # [1, n, h]
+        x = op.take(x, logit_positions, axis=1)  # [1, b, h]
+        logits = self._logits(x)  # [1, b, vocab]
+        return op.reshape(logits, (logits.shape[1], logits.shape[2])), paged_kv_cache  # [b, vocab]
+
+    def batch_decode(self, input_ids: Tensor, paged_kv_cache: PagedKVCache):
+        """One new token for each of b sequences."""
+        x = self.model.embed(input_ids)  # [b, h]
+        x = op.reshape(x, (x.shape[0], 1, x.shape[1]))  # [b, 1, h]
+        logits = self._logits(self.model.body(x, paged_kv_cache))  # [b, 1, vocab]
+        return op.reshape(logits, (logits.shape[0], logits.shape[2])), paged_kv_cache  # [b, vocab]
+
+    def create_paged_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        lay = self.layout
+        window = lay.sliding_window
+        kinds = ["mha_sliding" if w else "mha" for w in lay.layer_windows]
+        return TIRPagedKVCache(
+            attn_kind=kinds if window else "mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, lay.num_layers]),
+            num_hidden_layers=lay.num_layers,
+            num_attention_heads=lay.num_heads,
+            num_key_value_heads=lay.num_kv_heads,
+            qk_head_dim=lay.head_dim,
+            v_head_dim=lay.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=lay.rope_theta,
+            rope_scaling=dict(lay.rope_scaling),
+            rope_ext_factors=rx.prim_value(0),
+            rotary_dim=lay.rotary_dim or lay.head_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=self.target,
+            layer_sliding_window_size=window or 1024,
+        )
+
+    def spec(self) -> dict[str, Any]:
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        return {
+            "batch_prefill": {
+                "input_ids": nn.spec.Tensor(["seq_len"], "int32"),
+                "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "batch_decode": {
+                "input_ids": nn.spec.Tensor(["batch_size"], "int32"),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "create_paged_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }

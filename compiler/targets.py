@@ -1,0 +1,33 @@
+"""Compilation targets. Each names a TVM target, the runtime device and how the library is exported."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm.target import Target
+
+from artifacts.errors import MlccError
+
+
+@dataclass
+class TargetSpec:
+    name: str
+    target: Target
+    device: str  # the runtime's device kind: "cpu", "cuda", ...
+    library_name: str
+
+    def describe(self) -> dict[str, str]:
+        return {"name": self.name, "device": self.device, "tvm_target": str(self.target)}
+
+
+def _llvm() -> TargetSpec:
+    return TargetSpec("llvm", Target("llvm"), "cpu", "model.so")
+
+
+TARGETS = {"llvm": _llvm}
+
+
+def resolve_target(name: str) -> TargetSpec:
+    if name not in TARGETS:
+        raise MlccError(f"unsupported target {name!r}; supported today: {', '.join(TARGETS)}")
+    return TARGETS[name]()

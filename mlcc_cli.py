@@ -1,0 +1,150 @@
+"""The `mlcc` command line: compile a model into an artifact, run it.
+
+Compiler-side modules are imported lazily inside the commands that need them, so `mlcc run` on an edge
+device needs the runtime only. Every user-facing failure is one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn exceptions into one-line errors; tracebacks only with MLCC_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from artifacts.errors import MlccError
+
+        try:
+            return fn(*args, **kwargs)
+        except MlccError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as e:  # an internal failure still gets one line, never a traceback
+            import os
+
+            if os.environ.get("MLCC_DEBUG"):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            _fail(f"internal error: {type(e).__name__}: {first} (set MLCC_DEBUG=1 for details)")
+
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="More logging on stderr.")
+def main(verbose: bool) -> None:
+    """mlcc: compile LLMs ahead of time with Apache TVM and run them anywhere."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+
+
+@main.command()
+@click.option("--model", "model", required=True, help="Local Hugging Face folder or hub id.")
+@click.option("--arch", default=None, help="Architecture (read from config.json when omitted).")
+@click.option("--quant", default="q4", show_default=True, help="Quantization scheme: q0f32, q0f16, q4.")
+@click.option("--target", default="llvm", show_default=True, help="Compilation target.")
+@click.option("--context-window", type=int, default=None, help="Override the model's context window.")
+@click.option("-o", "--output", required=True, help="Artifact folder to write.")
+@friendly_errors
+def compile(model: str, arch: str | None, quant: str, target: str, context_window: int | None, output: str):
+    """Compile MODEL into an artifact folder."""
+    from compiler.compile import compile_model
+
+    compile_model(model, output, arch=arch, quant=quant, target=target, context_window=context_window,
+                  progress=lambda msg: click.echo(msg, err=True))
+
+
+@main.command()
+@click.argument("artifact")
+@click.option("--prompt", default=None, help="Answer this prompt and exit (only the answer goes to stdout).")
+@click.option("--raw", is_flag=True, help="Plain completion, no chat template.")
+@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the artifact files.")
+@friendly_errors
+def run(artifact: str, prompt: str | None, raw: bool, max_tokens: int, temperature: float, top_p: float,
+        top_k: int, seed: int | None, stop: tuple[str, ...], no_verify: bool):
+    """Chat with ARTIFACT, or answer one --prompt."""
+    from runtime import Engine, SamplingParams
+
+    engine = Engine(artifact, verify=not no_verify)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed, stop=list(stop))
+    if prompt is not None:
+        pieces = engine.stream(prompt, params, raw=True) if raw else _chat_once(engine, prompt, params)
+        for piece in pieces:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        return
+    _interactive(engine, params, raw)
+
+
+def _chat_once(engine: Any, prompt: str, params: Any):
+    if engine.tokenizer.chat_template is None:
+        return engine.stream(prompt, params, raw=True)
+    return engine.chat([{"role": "user", "content": prompt}], params)
+
+
+def _interactive(engine: Any, params: Any, raw: bool) -> None:
+    """A chat loop on the terminal; the conversation so far is the context of each turn."""
+    from artifacts.errors import MlccError
+
+    use_chat = not raw and engine.tokenizer.chat_template is not None
+    click.echo("mlcc chat: type a message, /reset to start over, /exit or Ctrl-D to quit.", err=True)
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            click.echo(err=True)
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history.clear()
+            continue
+        if not line.strip():
+            continue
+        if use_chat:
+            history.append({"role": "user", "content": line})
+            pieces = engine.chat(history, params)
+        else:
+            pieces = engine.stream(line, params, raw=True)
+        reply = ""
+        try:
+            for piece in pieces:
+                reply += piece
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+        except MlccError as e:  # e.g. the conversation outgrew the context: say so and keep chatting
+            click.echo(f"\nerror: {e}", err=True)
+            if use_chat:
+                history.pop()
+            continue
+        click.echo()
+        if use_chat:
+            history.append({"role": "assistant", "content": reply})
+
+
+if __name__ == "__main__":
+    main()

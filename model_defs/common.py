@@ -1,0 +1,56 @@
+"""Pieces every architecture shares: the attention layout the KV cache needs, HF config helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from artifacts.errors import MlccError
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "yarn", "longrope")
+
+
+@dataclass
+class AttentionLayout:
+    """What the compiler needs to build the paged KV cache for a model."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rope_scaling: dict[str, Any] = field(default_factory=dict)
+    rotary_dim: int | None = None
+    # Per-layer sliding window size in tokens, None for full attention.
+    layer_windows: list[int | None] = field(default_factory=list)
+
+    @property
+    def sliding_window(self) -> int | None:
+        windows = {w for w in self.layer_windows if w}
+        if len(windows) > 1:
+            raise MlccError(f"layers use different sliding windows {sorted(windows)}; not supported yet")
+        return windows.pop() if windows else None
+
+
+def hf_get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    """First present key of an HF config (names differ between architectures and releases)."""
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    return default
+
+
+def hf_rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """RoPE base and scaling from an HF config, in both the old (rope_theta + rope_scaling) and the
+    transformers 5 (rope_parameters) spelling. Returns (theta, scaling dict or {})."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = dict(cfg.get("rope_scaling") or params)
+    theta = float(hf_get(cfg, "rope_theta", default=params.get("rope_theta", 10000.0)))
+    scaling.pop("rope_theta", None)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise MlccError(f"unsupported RoPE scaling {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if kind == "default":
+        return theta, {}
+    scaling["rope_type"] = kind
+    return theta, scaling

@@ -1,0 +1,77 @@
+"""Tiny random-weight Hugging Face models with a real trained tokenizer, saved as real HF folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+CORPUS = [
+    "Once upon a time there was a little robot who loved to compile programs.",
+    "The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) [ ] { }",
+    "def main():\n    print('hello, world')\n    return 42\n",
+    "Hello! How are you today? I am fine, thank you. What is the capital of France? Paris.",
+    "Ahead-of-time compilers turn models into libraries; runtimes load them on small devices.",
+] * 20
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+SPECIAL = ["<s>", "</s>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+
+
+def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", chat_template=CHAT_TEMPLATE
+    )
+
+
+ARCH_CONFIGS = {
+    "llama": dict(model_type="llama", num_key_value_heads=2),
+    "mistral": dict(model_type="mistral", num_key_value_heads=2, sliding_window=6),
+    "qwen2": dict(model_type="qwen2", num_key_value_heads=1),
+}
+
+
+def make_model(arch: str, folder: Path, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random `arch` model with its tokenizer to `folder`."""
+    tokenizer = build_tokenizer(384)
+    fields = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    fields.update(ARCH_CONFIGS[arch])
+    fields.update(overrides)
+    model_type = fields.pop("model_type")
+    config = AutoConfig.for_model(model_type, **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # random init is near-uniform; widen it so logits and greedy picks are distinct
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (0.5 if "embed" in name else p.shape[-1] ** -0.5 * 1.5))
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
