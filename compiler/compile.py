@@ -86,7 +86,9 @@ def compile_model(
         window = context_window or config.context_window
         chunk = min(DEFAULT_PREFILL_CHUNK, window)
         if getattr(config, "sliding_window", None):
-            chunk = min(chunk, config.sliding_window)  # the ragged kernel does not mask inside a chunk
+            # The ragged kernel does not apply the window inside a chunk, and a row that sees no cached
+            # token yields NaN, so a chunk must stay below the window.
+            chunk = max(1, min(chunk, config.sliding_window - 1))
         manifest = Manifest(
             arch=arch_name,
             model_config=asdict(config),

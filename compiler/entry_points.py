@@ -59,6 +59,10 @@ class EntryPoints(nn.Module):
         lay = self.layout
         window = lay.sliding_window
         kinds = ["mha_sliding" if w else "mha" for w in lay.layer_windows]
+        if window and "mha" not in kinds:
+            # TVM 0.27's cache allocates its prefill scratch buffers only when some layer is plain "mha";
+            # an unused trailing layer of that kind makes all-sliding models (Mistral) work.
+            kinds.append("mha")
         return TIRPagedKVCache(
             attn_kind=kinds if window else "mha",
             max_batch_size=max_batch_size,
@@ -66,8 +70,8 @@ class EntryPoints(nn.Module):
             prefill_chunk_size=prefill_chunk_size,
             page_size=page_size,
             support_sliding_window=support_sliding_window,
-            layer_partition=rx.ShapeExpr([0, lay.num_layers]),
-            num_hidden_layers=lay.num_layers,
+            layer_partition=rx.ShapeExpr([0, len(kinds)]),
+            num_hidden_layers=len(kinds),
             num_attention_heads=lay.num_heads,
             num_key_value_heads=lay.num_kv_heads,
             qk_head_dim=lay.head_dim,
