@@ -1,0 +1,79 @@
+"""Session-wide fixtures: tiny HF models and their compiled artifacts, built once per test run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import make_model  # noqa: E402
+
+# name -> (arch, quant, config overrides)
+VARIANTS = {
+    "llama-f32": ("llama", "q0f32", {}),
+    "mistral-f32": ("mistral", "q0f32", {}),
+    "qwen2-f32": ("qwen2", "q0f32", {}),
+    "llama-q4": ("llama", "q4", {}),
+    "qwen2-f16": ("qwen2", "q0f16", {}),
+    # 5 heads of 16, one KV head, tied embeddings, hidden and intermediate sizes not multiples of 32.
+    "odd-tied-q4": (
+        "llama",
+        "q4",
+        dict(hidden_size=80, num_attention_heads=5, num_key_value_heads=1, intermediate_size=72,
+             tie_word_embeddings=True),
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mlcc")
+
+
+@pytest.fixture(scope="session")
+def hf_folder(workdir):
+    """HF folder of a variant, created on first use."""
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            arch, _, overrides = VARIANTS[name]
+            made[name] = make_model(arch, workdir / f"hf-{name}", **overrides)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def artifact(workdir, hf_folder):
+    """Compiled artifact folder of a variant, compiled on first use."""
+    from compiler.compile import compile_model
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            _, quant, _ = VARIANTS[name]
+            out = workdir / f"art-{name}"
+            compile_model(str(hf_folder(name)), out, quant=quant, progress=lambda _: None)
+            built[name] = out
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def engine(artifact):
+    from runtime import Engine
+
+    engines: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in engines:
+            engines[name] = Engine(artifact(name))
+        return engines[name]
+
+    return get
