@@ -48,9 +48,7 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("-v", "--verbose", is_flag=True, help="More logging on stderr.")
 def main(verbose: bool) -> None:
     """mlcc: compile LLMs ahead of time with Apache TVM and run them anywhere."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
 @main.command()
@@ -65,8 +63,15 @@ def compile(model: str, arch: str | None, quant: str, target: str, context_windo
     """Compile MODEL into an artifact folder."""
     from compiler.compile import compile_model
 
-    compile_model(model, output, arch=arch, quant=quant, target=target, context_window=context_window,
-                  progress=lambda msg: click.echo(msg, err=True))
+    compile_model(
+        model,
+        output,
+        arch=arch,
+        quant=quant,
+        target=target,
+        context_window=context_window,
+        progress=lambda msg: click.echo(msg, err=True),
+    )
 
 
 @main.command()
@@ -81,14 +86,25 @@ def compile(model: str, arch: str | None, quant: str, target: str, context_windo
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the artifact files.")
 @friendly_errors
-def run(artifact: str, prompt: str | None, raw: bool, max_tokens: int, temperature: float, top_p: float,
-        top_k: int, seed: int | None, stop: tuple[str, ...], no_verify: bool):
+def run(
+    artifact: str,
+    prompt: str | None,
+    raw: bool,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    stop: tuple[str, ...],
+    no_verify: bool,
+):
     """Chat with ARTIFACT, or answer one --prompt."""
     from runtime import Engine, SamplingParams
 
     engine = Engine(artifact, verify=not no_verify)
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed, stop=list(stop))
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=list(stop)
+    )
     if prompt is not None:
         pieces = engine.stream(prompt, params, raw=True) if raw else _chat_once(engine, prompt, params)
         for piece in pieces:

@@ -65,8 +65,7 @@ def load_manifest(folder: str | Path) -> Manifest:
         raise MlccError(f"corrupted manifest {path}: no format_version")
     if data["format_version"] > FORMAT_VERSION:
         raise MlccError(
-            f"artifact format {data['format_version']} is newer than this mlcc reads ({FORMAT_VERSION}); "
-            "upgrade mlcc"
+            f"artifact format {data['format_version']} is newer than this mlcc reads ({FORMAT_VERSION}); upgrade mlcc"
         )
     try:
         return Manifest(**data)

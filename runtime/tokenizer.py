@@ -36,9 +36,7 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         try:
-            return self.template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **self.special
-            )
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
         except TemplateError as e:
             raise MlccError(f"chat template error: {e}") from None
 

@@ -22,8 +22,9 @@ VARIANTS = {
     "odd-tied-q4": (
         "llama",
         "q4",
-        dict(hidden_size=80, num_attention_heads=5, num_key_value_heads=1, intermediate_size=72,
-             tie_word_embeddings=True),
+        dict(
+            hidden_size=80, num_attention_heads=5, num_key_value_heads=1, intermediate_size=72, tie_word_embeddings=True
+        ),
     ),
 }
 

@@ -37,15 +37,21 @@ def reference_logits(model, ids: list[int]) -> np.ndarray:
 def reference_greedy(model, ids: list[int], n: int) -> list[int]:
     x = torch.tensor([ids])
     with torch.no_grad():  # explicit mask: BOS shares id 0 with what generate() would take for padding
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=1)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=1
+        )
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize(
     "variant,bits,tol",
-    [("llama-f32", None, 1e-3), ("mistral-f32", None, 1e-3), ("qwen2-f32", None, 1e-3),
-     ("llama-q4", 4, 1e-3), ("odd-tied-q4", 4, 1e-3)],
+    [
+        ("llama-f32", None, 1e-3),
+        ("mistral-f32", None, 1e-3),
+        ("qwen2-f32", None, 1e-3),
+        ("llama-q4", 4, 1e-3),
+        ("odd-tied-q4", 4, 1e-3),
+    ],
 )
 def test_logits_and_greedy_match_transformers(variant, bits, tol, hf_folder, engine):
     model, tokenizer = load_reference(hf_folder(variant), bits)

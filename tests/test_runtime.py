@@ -1,0 +1,106 @@
+"""Runtime pieces: isolation from the compiler, sampling, streaming, stop conditions."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from artifacts import MlccError
+from quant_schemes.group_quant import GroupQuantFormat
+from runtime import SamplingParams
+from runtime.sampler import sample
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPILER_SIDE = {"compiler", "model_defs", "quant_schemes"}
+
+
+def test_runtime_sources_import_no_compiler_side():
+    for path in (ROOT / "runtime").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not {n.split(".")[0] for n in names} & COMPILER_SIDE, f"{path} imports {names}"
+
+
+def test_running_an_artifact_loads_no_compiler_side(artifact):
+    code = (
+        "import sys, runtime\n"
+        f"e = runtime.Engine({str(artifact('llama-q4'))!r})\n"
+        "e.generate('Hi', runtime.SamplingParams(max_tokens=2))\n"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(COMPILER_SIDE)!r})\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_sampling_controls():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(500).astype(np.float32)
+    best = int(logits.argmax())
+    assert sample(logits, SamplingParams(temperature=0), rng) == best
+    assert sample(logits, SamplingParams(temperature=1.0, top_k=1), rng) == best
+    assert sample(logits, SamplingParams(temperature=1.0, top_p=1e-6), rng) == best
+    top5 = set(np.argsort(-logits)[:5].tolist())
+    assert {sample(logits, SamplingParams(top_k=5), rng) for _ in range(200)} <= top5
+    picks = [sample(logits, SamplingParams(temperature=1.0), np.random.default_rng(7)) for _ in range(2)]
+    assert picks[0] == picks[1]
+    with pytest.raises(MlccError):
+        SamplingParams(max_tokens=0).validate()
+    with pytest.raises(MlccError):
+        SamplingParams(top_p=0).validate()
+
+
+def test_stream_pieces_join_to_the_generated_text(engine):
+    eng = engine("llama-q4")
+    params = dict(max_tokens=20, temperature=0.8, seed=5)
+    pieces = list(eng.stream("Hello", SamplingParams(**params)))
+    assert len(pieces) > 1
+    assert "".join(pieces) == eng.generate("Hello", SamplingParams(**params))[0].text
+
+
+def test_stop_string_and_max_tokens(engine):
+    eng = engine("llama-q4")
+    full = eng.generate("Hello", SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 24
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
+    assert stop.strip()
+    cut = eng.generate("Hello", SamplingParams(max_tokens=24, temperature=0, stop=[stop]))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    streamed = "".join(eng.stream("Hello", SamplingParams(max_tokens=24, temperature=0, stop=[stop])))
+    assert streamed == cut.text
+
+
+def test_eos_stops_generation(engine):
+    eng = engine("llama-q4")
+    first = eng.generate("Paris", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    eos_like = first.token_ids[1]
+    stopped = eng.generate("Paris", SamplingParams(max_tokens=4, temperature=0, stop_token_ids=[eos_like]))[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == first.token_ids[:1]
+
+
+def test_more_requests_than_batch_slots(engine):
+    eng = engine("llama-q4")
+    prompts = [f"Hello {i}" for i in range(eng.max_batch_size + 3)]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    together = eng.generate(prompts, params)
+    assert [r.token_ids for r in together] == [eng.generate(p, params)[0].token_ids for p in prompts]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("cols", [64, 77])
+def test_group_quant_round_trip(bits, cols):
+    fmt = GroupQuantFormat(bits, 32)
+    w = np.random.default_rng(bits).standard_normal((9, cols)).astype(np.float32)
+    packed, scale = fmt.quantize(w)
+    back = fmt.dequantize(packed, scale, cols)
+    groups = np.repeat(scale.astype(np.float32), 32, axis=1)[:, :cols]
+    assert np.all(np.abs(back - w) <= groups / 2 + 1e-6)  # within half a quantization step
+    assert packed.dtype == np.uint32 and packed.shape == (9, -(-cols // (32 // bits)))
