@@ -52,9 +52,13 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.option("--model", "model", required=True, help="Local Hugging Face folder or hub id.")
+@click.option("--model", "model", required=True, help="Local Hugging Face folder, hub id, or .gguf file.")
 @click.option("--arch", default=None, help="Architecture (read from config.json when omitted).")
-@click.option("--quant", default="q4", show_default=True, help="Quantization scheme: q0f32, q0f16, q4.")
+@click.option(
+    "--quant",
+    default=None,
+    help="q0f32, q0f16, q4 (default for float checkpoints) or gguf (GGUF files: native block types, the default).",
+)
 @click.option("--target", default="llvm", show_default=True, help="Compilation target.")
 @click.option("--context-window", type=int, default=None, help="Override the model's context window.")
 @click.option("-o", "--output", required=True, help="Artifact folder to write.")

@@ -11,11 +11,12 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tvm
 
 from artifacts import MANIFEST_NAME, Manifest
@@ -24,10 +25,12 @@ from artifacts.manifest import describe_files
 from artifacts.weights import ShardWriter
 from compiler.build import build_library
 from compiler.entry_points import PARAM_PREFIX, EntryPoints
+from compiler.gguf_source import GGUF_ARCHS, GGUFSource
 from compiler.source import ModelSource, resolve_model
 from compiler.targets import resolve_target
 from model_defs import ARCHITECTURES, get_arch
-from quant_schemes import convert_tensor, get_scheme
+from quant_schemes import QuantScheme, convert_tensor, get_scheme
+from quant_schemes.gguf_native import GGUFNativeScheme
 
 log = logging.getLogger("mlcc.compile")
 
@@ -50,23 +53,25 @@ def compile_model(
     model: str,
     output: str | Path,
     arch: str | None = None,
-    quant: str = "q4",
+    quant: str | None = None,
     target: str = "llvm",
     context_window: int | None = None,
     progress: Callable[[str], None] = log.info,
 ) -> Manifest:
-    """Compile `model` (folder or hub id) into the artifact folder `output`; returns its manifest."""
+    """Compile `model` (HF folder, hub id or .gguf file) into the artifact folder `output`.
+
+    `quant` defaults to q4 for float checkpoints and to the file's own block types ("gguf") for GGUF."""
     output = Path(output)
     if output.exists() and not (output / MANIFEST_NAME).is_file():
         raise MlccError(f"output exists and is not an mlcc artifact, refusing to overwrite: {output}")
-    scheme = get_scheme(quant)
     target_spec = resolve_target(target)
-    source = resolve_model(model)
-    arch_name = (arch or detect_arch(source.config)).lower()
-    arch_module = get_arch(arch_name)
-    config = arch_module.config_from_hf(source.config)
+    if str(model).endswith(".gguf"):
+        plan = _plan_gguf(Path(model), arch, quant)
+    else:
+        plan = _plan_hf(model, arch, quant)
+    arch_name, config, scheme, tensors, write_tokenizer = plan
 
-    net = arch_module.Model(config)
+    net = get_arch(arch_name).Model(config)
     scheme.quantize_model(net)
     entry = EntryPoints(net, target_spec.target, scheme.dtype)
     mod, named_params = entry.export_tvm(spec=entry.spec())
@@ -78,14 +83,14 @@ def compile_model(
     staging.mkdir()
     try:
         started = time.time()
-        progress(f"compiling {arch_name} ({quant}) for {target_spec.name}")
+        progress(f"compiling {arch_name} ({scheme.name}) for {target_spec.name}")
         build_library(mod, target_spec, staging / target_spec.library_name)
         progress(f"library built in {time.time() - started:.1f}s; converting weights")
-        shards = _convert_weights(source, arch_module.map_hf_name, net, param_names, staging, config)
-        tokenizer = _copy_tokenizer(source, staging)
+        shards = _convert_weights(tensors, net, param_names, staging, config.tie_embeddings)
+        tokenizer = write_tokenizer(staging)
         window = context_window or config.context_window
         chunk = min(DEFAULT_PREFILL_CHUNK, window)
-        if getattr(config, "sliding_window", None):
+        if config.sliding_window:
             # The ragged kernel does not apply the window inside a chunk, and a row that sees no cached
             # token yields NaN, so a chunk must stay below the window.
             chunk = max(1, min(chunk, config.sliding_window - 1))
@@ -102,7 +107,7 @@ def compile_model(
                 "page_size": DEFAULT_PAGE_SIZE,
                 "prefill_chunk_size": chunk,
                 "max_batch_size": DEFAULT_MAX_BATCH,
-                "sliding_window": getattr(config, "sliding_window", None),
+                "sliding_window": config.sliding_window,
                 "dtype": scheme.dtype,
             },
             chat_template=tokenizer.pop("chat_template"),
@@ -119,34 +124,64 @@ def compile_model(
     return manifest
 
 
+Plan = tuple[str, Any, QuantScheme, Callable[[], Iterator[tuple[str, np.ndarray]]], Callable[[Path], dict]]
+
+
+def _plan_hf(model: str, arch: str | None, quant: str | None) -> Plan:
+    scheme = get_scheme(quant or "q4")
+    source = resolve_model(model)
+    arch_name = (arch or detect_arch(source.config)).lower()
+    arch_module = get_arch(arch_name)
+    config = arch_module.config_from_hf(source.config)
+    if "lm_head.weight" not in {name for name, _ in source.tensor_names()}:
+        config.tie_embeddings = True
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for hf_name, array in source.tensors():
+            try:
+                name = arch_module.map_hf_name(hf_name)
+            except KeyError:
+                raise MlccError(f"unexpected tensor {hf_name!r} in {source.folder}") from None
+            if name is not None:
+                yield name, array
+
+    return arch_name, config, scheme, tensors, lambda folder: _copy_tokenizer(source, folder)
+
+
+def _plan_gguf(path: Path, arch: str | None, quant: str | None) -> Plan:
+    if not path.is_file():
+        raise MlccError(f"model not found: {path}")
+    source = GGUFSource(path)
+    if source.arch not in GGUF_ARCHS:
+        raise MlccError(f"unsupported GGUF architecture {source.arch!r}; supported: {', '.join(sorted(GGUF_ARCHS))}")
+    arch_name = arch or GGUF_ARCHS[source.arch]
+    config = get_arch(arch_name).config_from_gguf(source.arch_meta(), "output.weight" in source.tensors_by_name)
+    native = quant in (None, "gguf")
+    scheme = GGUFNativeScheme(source.tensor_types()) if native else get_scheme(quant)
+    return arch_name, config, scheme, lambda: source.tensors(raw=native), source.write_tokenizer
+
+
 def _convert_weights(
-    source: ModelSource,
-    map_name: Callable[[str], str | None],
+    tensors: Callable[[], Iterator[tuple[str, np.ndarray]]],
     net: Any,
     param_names: list[str],
     folder: Path,
-    config: Any,
+    tie: bool,
 ) -> ShardWriter:
+    """Convert the source tensors (already named like the model) one at a time into shards."""
     writer = ShardWriter(folder)
     wanted = set(param_names)
-    seen_names = {name for name, _ in source.tensor_names()}
-    tie = getattr(config, "tie_embeddings", False) or "lm_head.weight" not in seen_names
-    for hf_name, array in source.tensors():
-        try:
-            name = map_name(hf_name)
-        except KeyError:
-            raise MlccError(f"unexpected tensor {hf_name!r} in {source.folder}") from None
-        if name is None or (tie and name == "output.weight"):
+    for name, array in tensors():
+        if tie and name == "output.weight":
             continue
-        targets = [name, "output.weight"] if (tie and name == "token_embd.weight") else [name]
-        for target_name in targets:
+        for target_name in [name, "output.weight"] if (tie and name == "token_embd.weight") else [name]:
             try:
                 converted = convert_tensor(net, target_name, array)
             except (AttributeError, ValueError) as e:
-                raise MlccError(f"tensor {hf_name!r} does not fit the model: {e}") from None
+                raise MlccError(f"tensor {name!r} does not fit the model: {e}") from None
             for param, value in converted.items():
                 if param not in wanted:
-                    raise MlccError(f"tensor {hf_name!r} maps to unknown parameter {param!r}")
+                    raise MlccError(f"tensor {name!r} maps to unknown parameter {param!r}")
                 writer.add(param, value)
                 wanted.discard(param)
     writer.flush()

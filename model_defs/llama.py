@@ -150,5 +150,26 @@ def map_hf_name(name: str) -> str | None:
     raise KeyError(name)
 
 
+def config_from_gguf(meta: dict[str, Any], has_output: bool) -> LlamaConfig:
+    """Config from GGUF metadata (keys without the `llama.` prefix). GGUF stores Q/K rows in the interleaved
+    RoPE order llama.cpp uses, hence the GPT-J style rotation."""
+    heads = meta["attention.head_count"]
+    hidden = meta["embedding_length"]
+    return LlamaConfig(
+        vocab_size=meta["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=meta["feed_forward_length"],
+        num_layers=meta["block_count"],
+        num_heads=heads,
+        num_kv_heads=meta.get("attention.head_count_kv", heads),
+        head_dim=meta.get("attention.key_length", hidden // heads),
+        rms_eps=float(meta.get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(meta.get("rope.freq_base", 10000.0)),
+        rope_scaling={"rope_type": "gptj"},
+        tie_embeddings=not has_output,
+        context_window=int(meta.get("context_length", 4096)),
+    )
+
+
 config_from_hf = LlamaConfig.from_hf
 Model = LlamaModel

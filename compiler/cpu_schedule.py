@@ -1,0 +1,52 @@
+"""A light CPU schedule for the weight-streaming kernels (quantized and float matmuls).
+
+Unscheduled, TVM emits them as serial loop nests with the token loop outermost. Putting the output-row
+loop outermost and running it in parallel keeps each weight row in cache across all tokens and uses every
+core. Kernels that come scheduled (the KV cache's attention) are left alone.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+
+MATMUL_BLOCKS = ("q_matmul", "gguf_matmul", "matmul")
+
+
+def _schedule(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = s_tir.Schedule(func)
+    changed = False
+    for block in sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []:
+        name = sch.get(block).name_hint
+        if not any(key in name for key in MATMUL_BLOCKS):
+            continue
+        iters = sch.get(block).iter_vars
+        spatial = [i for i, v in enumerate(iters) if v.iter_type == tirx.IterVar.DataPar]
+        loops = sch.get_loops(block)
+        if len(loops) != len(iters) or not spatial or spatial != list(range(len(spatial))):
+            continue
+        out_loop = loops[spatial[-1]]
+        if len(spatial) > 1:
+            sch.reorder(out_loop, *[loops[i] for i in spatial[:-1]])
+        sch.parallel(out_loop)
+        changed = True
+    return sch.mod["main"] if changed else func
+
+
+def _has_root(sch: s_tir.Schedule) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # functions without a root block (hand-written kernels) are not ours to touch
+        return False
+
+
+@tvm.transform.module_pass(opt_level=0, name="MlccCPUSchedule")
+def cpu_schedule(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tirx.PrimFunc) and not gv.name_hint.startswith(("tir_", "kv_cache", "batch_")):
+            try:
+                mod[gv] = _schedule(func)
+            except tvm.TVMError:  # a kernel the simple schedule does not fit stays as it was
+                continue
+    return mod

@@ -1,0 +1,114 @@
+"""A GGUF file as a model source: config, tensors, tokenizer and chat template all from its metadata."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from artifacts.errors import MlccError
+
+# GGUF architectures mlcc compiles, and the model_defs module that reads each.
+GGUF_ARCHS = {"llama": "llama"}
+CONTROL, USER_DEFINED = 3, 4
+# llama.cpp pre-tokenizer names -> the equivalent `tokenizers` pre-tokenizer.
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+def _pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if name in ("smollm", "starcoder", "refact"):
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if name in ("gpt2", "default", ""):
+        return byte_level
+    raise MlccError(f"GGUF pre-tokenizer {name!r} is not supported yet; supported: smollm, starcoder, gpt2")
+
+
+class GGUFSource:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.reader = GGUFReader(str(path))
+        except Exception as e:  # gguf raises ValueError/struct errors/OSError on damaged files
+            raise MlccError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
+        self.meta = {name: self._value(name) for name in self.reader.fields}
+        self.arch = str(self.meta.get("general.architecture", ""))
+        self.tensors_by_name = {t.name: t for t in self.reader.tensors}
+        for t in self.reader.tensors:  # a truncated file shows up as a tensor shorter than it claims
+            if t.data.nbytes != t.n_bytes:
+                raise MlccError(f"GGUF file is truncated or corrupted: tensor {t.name} is incomplete ({path})")
+
+    def _value(self, name: str) -> Any:
+        field = self.reader.fields[name]
+        if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.data) > 4096:
+            return None  # big arrays (the vocabulary) are read on demand
+        try:
+            return field.contents()
+        except Exception:
+            return None
+
+    def array(self, name: str) -> list[Any]:
+        return self.reader.fields[name].contents() if name in self.reader.fields else []
+
+    def arch_meta(self) -> dict[str, Any]:
+        prefix = f"{self.arch}."
+        meta = {k[len(prefix) :]: v for k, v in self.meta.items() if k.startswith(prefix)}
+        meta.setdefault("vocab_size", len(self.array("tokenizer.ggml.tokens")))
+        return meta
+
+    def tensor_types(self) -> dict[str, GGMLQuantizationType]:
+        types = {t.name: GGMLQuantizationType(t.tensor_type) for t in self.reader.tensors}
+        if "output.weight" not in types and "token_embd.weight" in types:
+            types["output.weight"] = types["token_embd.weight"]
+        return types
+
+    def tensors(self, raw: bool) -> Iterator[tuple[str, np.ndarray]]:
+        """(GGUF name, array): the raw blocks when `raw`, else float32 in [rows, cols]."""
+        for t in self.reader.tensors:
+            qtype = GGMLQuantizationType(t.tensor_type)
+            data = np.asarray(t.data)
+            if qtype == GGMLQuantizationType.BF16:
+                data = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            elif raw and qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+                yield t.name, data
+                continue
+            elif qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+                try:
+                    data = dequantize(data, qtype)
+                except NotImplementedError:
+                    raise MlccError(f"cannot dequantize GGUF type {qtype.name} ({t.name})") from None
+            yield t.name, data.astype(np.float32).reshape([int(d) for d in reversed(t.shape)])
+
+    def write_tokenizer(self, folder: Path) -> dict[str, Any]:
+        """Build tokenizer.json from the GGUF vocabulary; returns the manifest's tokenizer entry."""
+        kind = self.meta.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise MlccError(f"GGUF tokenizer model {kind!r} is not supported yet; supported: gpt2 (BPE)")
+        tokens = [str(t) for t in self.array("tokenizer.ggml.tokens")]
+        types = self.array("tokenizer.ggml.token_type") or [1] * len(tokens)
+        merges = [tuple(str(m).split(" ", 1)) for m in self.array("tokenizer.ggml.merges")]
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        tok.pre_tokenizer = _pre_tokenizer(str(self.meta.get("tokenizer.ggml.pre") or ""))
+        tok.decoder = decoders.ByteLevel()
+        specials = [t for t, kind in zip(tokens, types) if kind in (CONTROL, USER_DEFINED)]
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        bos_id, eos_id = self.meta.get("tokenizer.ggml.bos_token_id"), self.meta.get("tokenizer.ggml.eos_token_id")
+        bos = tokens[bos_id] if bos_id is not None else None
+        if self.meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
+            tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
+        tok.save(str(folder / "tokenizer.json"))
+        eos_ids = sorted({i for i in (eos_id, self.meta.get("tokenizer.ggml.eot_token_id")) if i is not None})
+        config = {"bos_token": bos, "eos_token": tokens[eos_id] if eos_id is not None else None}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        return {
+            "files": ["tokenizer.json", "tokenizer_config.json"],
+            **config,
+            "eos_token_ids": eos_ids,
+            "chat_template": self.meta.get("tokenizer.chat_template"),
+        }

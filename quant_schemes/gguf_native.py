@@ -1,0 +1,190 @@
+"""GGUF block quantization run natively: the GGUF bytes are the parameters, decoded inside the kernels.
+
+Each weight keeps llama.cpp's block layout (one row of blocks per output row), so nothing is re-quantized
+and the compiled matmul sees exactly the numbers llama.cpp sees. Supported block types: Q4_0, Q4_1, Q5_0,
+Q5_1, Q8_0; F32/F16/BF16 tensors are converted to the model's float type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+
+from artifacts.errors import MlccError
+from quant_schemes.base import PackedModule, QuantScheme
+
+Q = GGMLQuantizationType
+FLOAT_TYPES = {Q.F32, Q.F16, Q.BF16}
+
+
+def _u8(data: te.Tensor, row: tirx.PrimExpr, byte: tirx.PrimExpr) -> tirx.PrimExpr:
+    return data[row, byte].astype("uint32")
+
+
+def _f16(data: te.Tensor, row: tirx.PrimExpr, byte: tirx.PrimExpr) -> tirx.PrimExpr:
+    """A little-endian float16 stored at `byte`, as float32."""
+    bits = _u8(data, row, byte) | (_u8(data, row, byte + 1) << tirx.const(8, "uint32"))
+    return tirx.reinterpret("float16", bits.astype("uint16")).astype("float32")
+
+
+def _nibble(data: te.Tensor, row: tirx.PrimExpr, base: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Element j (0..31) of a 32-element block whose 16 nibble bytes start at `base`: low nibbles first."""
+    byte = _u8(data, row, base + j % 16)
+    return tirx.if_then_else(j < 16, byte & tirx.const(0xF, "uint32"), byte >> tirx.const(4, "uint32"))
+
+
+def _high_bit(data: te.Tensor, row: tirx.PrimExpr, base: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Bit j of the 32-bit little-endian `qh` field of Q5 blocks, shifted to bit 4."""
+    byte = _u8(data, row, base + j // 8)
+    return ((byte >> (j % 8).astype("uint32")) & tirx.const(1, "uint32")) << tirx.const(4, "uint32")
+
+
+def _q4_0(d, r, o, j):
+    return _f16(d, r, o) * (_nibble(d, r, o + 2, j).astype("float32") - 8.0)
+
+
+def _q4_1(d, r, o, j):
+    return _f16(d, r, o) * _nibble(d, r, o + 4, j).astype("float32") + _f16(d, r, o + 2)
+
+
+def _q5_0(d, r, o, j):
+    q = _nibble(d, r, o + 6, j) | _high_bit(d, r, o + 2, j)
+    return _f16(d, r, o) * (q.astype("float32") - 16.0)
+
+
+def _q5_1(d, r, o, j):
+    q = _nibble(d, r, o + 8, j) | _high_bit(d, r, o + 4, j)
+    return _f16(d, r, o) * q.astype("float32") + _f16(d, r, o + 2)
+
+
+def _q8_0(d, r, o, j):
+    return _f16(d, r, o) * d[r, o + 2 + j].astype("int8").astype("float32")
+
+
+# type -> (decoder of element j of the block at byte offset o in row r)
+DECODERS: dict[GGMLQuantizationType, Callable] = {
+    Q.Q4_0: _q4_0,
+    Q.Q4_1: _q4_1,
+    Q.Q5_0: _q5_0,
+    Q.Q5_1: _q5_1,
+    Q.Q8_0: _q8_0,
+}
+SUPPORTED = sorted(t.name for t in (*DECODERS, *FLOAT_TYPES))
+
+
+class BlockFormat:
+    def __init__(self, qtype: GGMLQuantizationType):
+        if qtype not in DECODERS:
+            raise MlccError(f"GGUF quant type {qtype.name} is not supported yet; supported: {', '.join(SUPPORTED)}")
+        self.qtype = qtype
+        self.block, self.block_bytes = GGML_QUANT_SIZES[qtype]
+        self.decode = DECODERS[qtype]
+
+    def row_bytes(self, cols: int) -> int:
+        if cols % self.block:
+            raise MlccError(f"a row of {cols} does not fill whole {self.qtype.name} blocks")
+        return cols // self.block * self.block_bytes
+
+    def weight_at(self, data: te.Tensor, row: tirx.PrimExpr, col: tirx.PrimExpr) -> tirx.PrimExpr:
+        """Float32 TIR expression of weight (row, col)."""
+        return self.decode(data, row, (col // self.block) * self.block_bytes, col % self.block)
+
+
+class GGUFLinear(PackedModule):
+    """y = x @ W.T (+ b) with W held as GGUF blocks and decoded in the reduction; float32 accumulation."""
+
+    def __init__(self, fmt: BlockFormat, in_features: int, out_features: int, bias: bool, dtype: str):
+        self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
+        self.q_data = nn.Parameter((out_features, fmt.row_bytes(in_features)), "uint8")
+        self.bias = nn.Parameter((out_features,), dtype) if bias else None
+
+    def to(self, dtype: str | None = None) -> None:
+        return
+
+    def pack_weight(self, weight: np.ndarray) -> dict[str, np.ndarray]:
+        return {"q_data": weight.view(np.uint8).reshape(self.out_features, -1)}
+
+    def forward(self, x: Tensor) -> Tensor:
+        fmt, n_in, n_out, dtype = self.fmt, self.in_features, self.out_features, self.dtype
+
+        def matmul(xt: te.Tensor, data: te.Tensor) -> te.Tensor:
+            k = te.reduce_axis((0, n_in), name="k")
+
+            def body(*idx):
+                return te.sum(xt[(*idx[:-1], k)].astype("float32") * fmt.weight_at(data, idx[-1], k), axis=k)
+
+            y = te.compute((*xt.shape[:-1], n_out), body, name="gguf_matmul")
+            if dtype == "float32":
+                return y
+            return te.compute(y.shape, lambda *i: y[i].astype(dtype), name="gguf_matmul_cast")
+
+        y = op.tensor_expr_op(matmul, "gguf_matmul", [x, self.q_data])
+        return y + self.bias if self.bias is not None else y
+
+
+class GGUFEmbedding(PackedModule):
+    def __init__(self, fmt: BlockFormat, num: int, dim: int, dtype: str):
+        self.fmt, self.num, self.dim, self.dtype = fmt, num, dim, dtype
+        self.q_data = nn.Parameter((num, fmt.row_bytes(dim)), "uint8")
+
+    def to(self, dtype: str | None = None) -> None:
+        return
+
+    def pack_weight(self, weight: np.ndarray) -> dict[str, np.ndarray]:
+        return {"q_data": weight.view(np.uint8).reshape(self.num, -1)}
+
+    def forward(self, ids: Tensor) -> Tensor:
+        fmt, dim, dtype = self.fmt, self.dim, self.dtype
+
+        def gather(idx: te.Tensor, data: te.Tensor) -> te.Tensor:
+            return te.compute(
+                (*idx.shape, dim),
+                lambda *i: fmt.weight_at(data, idx[i[:-1]], i[-1]).astype(dtype),
+                name="gguf_embed",
+            )
+
+        return op.tensor_expr_op(gather, "gguf_embed", [ids, self.q_data])
+
+
+class GGUFNativeScheme(QuantScheme):
+    """Each matrix in the block type it has in the GGUF file; float tensors in `dtype`."""
+
+    def __init__(self, tensor_types: dict[str, GGMLQuantizationType], dtype: str = "float32"):
+        self.name, self.dtype, self.tensor_types = "gguf", dtype, tensor_types
+        counts: dict[str, int] = {}
+        for t in tensor_types.values():
+            counts[t.name] = counts.get(t.name, 0) + 1
+        self.description = "native GGUF blocks: " + ", ".join(f"{n} x{c}" for n, c in sorted(counts.items()))
+        for t in set(tensor_types.values()) - FLOAT_TYPES:
+            BlockFormat(t)  # a one-line error for any type we cannot run, before compiling anything
+
+    def describe(self) -> dict:
+        return {**super().describe(), "types": sorted({t.name for t in self.tensor_types.values()})}
+
+    def bits_per_weight(self) -> float:
+        return 0.0  # mixed; the artifact's weight bytes tell the real figure
+
+    def quantize_model(self, model: nn.Module) -> list[str]:
+        scheme = self
+
+        class Swap(nn.Mutator):
+            def visit_module(self, name: str, node: nn.Module) -> nn.Module:
+                qtype = scheme.tensor_types.get(f"{name}.weight")
+                if qtype is None or qtype in FLOAT_TYPES:
+                    return self.visit(name, node)
+                fmt = BlockFormat(qtype)
+                if isinstance(node, nn.Linear):
+                    return GGUFLinear(fmt, node.in_features, node.out_features, node.bias is not None, scheme.dtype)
+                if isinstance(node, nn.Embedding):
+                    num, dim = (int(d) for d in node.weight.shape)
+                    return GGUFEmbedding(fmt, num, dim, scheme.dtype)
+                return self.visit(name, node)
+
+        model.to(self.dtype)
+        Swap().visit("", model)
+        return []
