@@ -89,6 +89,7 @@ def compile(model: str, arch: str | None, quant: str, target: str, context_windo
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the artifact files.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @friendly_errors
 def run(
     artifact: str,
@@ -105,7 +106,7 @@ def run(
     """Chat with ARTIFACT, or answer one --prompt."""
     from runtime import Engine, SamplingParams
 
-    engine = Engine(artifact, verify=not no_verify)
+    engine = Engine(artifact, verify=not no_verify, threads=threads)
     params = SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=list(stop)
     )

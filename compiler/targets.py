@@ -21,7 +21,10 @@ class TargetSpec:
 
 
 def _llvm() -> TargetSpec:
-    return TargetSpec("llvm", Target("llvm"), "cpu", "model.so")
+    """The host CPU, with its own instruction set (AVX2, F16C, ...) so LLVM can use it."""
+    from tvm.target import codegen
+
+    return TargetSpec("llvm", Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}), "cpu", "model.so")
 
 
 TARGETS = {"llvm": _llvm}

@@ -113,10 +113,14 @@ class GGUFLinear(PackedModule):
         fmt, n_in, n_out, dtype = self.fmt, self.in_features, self.out_features, self.dtype
 
         def matmul(xt: te.Tensor, data: te.Tensor) -> te.Tensor:
-            k = te.reduce_axis((0, n_in), name="k")
+            # Blocks outer, elements inner: the per-block scale is loop-invariant in the inner loop.
+            kb = te.reduce_axis((0, n_in // fmt.block), name="kb")
+            kj = te.reduce_axis((0, fmt.block), name="kj")
+            k = kb * fmt.block + kj
 
             def body(*idx):
-                return te.sum(xt[(*idx[:-1], k)].astype("float32") * fmt.weight_at(data, idx[-1], k), axis=k)
+                w = fmt.weight_at(data, idx[-1], k)
+                return te.sum(xt[(*idx[:-1], k)].astype("float32") * w, axis=[kb, kj])
 
             y = te.compute((*xt.shape[:-1], n_out), body, name="gguf_matmul")
             if dtype == "float32":

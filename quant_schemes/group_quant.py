@@ -88,12 +88,20 @@ class GroupQuantLinear(PackedModule):
         fmt, n_in, n_out, dtype = self.fmt, self.in_features, self.out_features, self.dtype
 
         def matmul(xt: te.Tensor, qw: te.Tensor, sc: te.Tensor) -> te.Tensor:
-            k = te.reduce_axis((0, n_in), name="k")
+            # Groups outer, elements inner, so the group's scale is loop-invariant in the inner loop; a
+            # padded last group is masked.
+            gs = fmt.group_size
+            kb = te.reduce_axis((0, -(-n_in // gs)), name="kb")
+            kj = te.reduce_axis((0, gs), name="kj")
+            k = kb * gs + kj
 
             def body(*idx):
-                row = idx[:-1]
                 w = fmt.weight_at(qw, sc, idx[-1], k, "float32")
-                return te.sum(xt[(*row, k)].astype("float32") * w, axis=k)
+                if n_in % gs:
+                    x_k = tirx.if_then_else(k < n_in, xt[(*idx[:-1], tirx.min(k, n_in - 1))], 0.0)
+                else:
+                    x_k = xt[(*idx[:-1], k)]
+                return te.sum(x_k.astype("float32") * w, axis=[kb, kj])
 
             y = te.compute((*xt.shape[:-1], n_out), body, name="q_matmul")
             if dtype == "float32":

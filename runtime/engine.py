@@ -8,6 +8,7 @@ every running request in a single batched call.
 from __future__ import annotations
 
 import itertools
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,12 @@ KV_ADD = _f("vm.builtin.kv_state_add_sequence")
 KV_REMOVE = _f("vm.builtin.kv_state_remove_sequence")
 KV_BEGIN = _f("vm.builtin.kv_state_begin_forward")
 KV_END = _f("vm.builtin.kv_state_end_forward")
+
+
+def set_threads(n: int) -> None:
+    """Size TVM's CPU thread pool (it otherwise guesses, and on small VMs guesses one)."""
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    tvm.get_global_func("runtime.config_threadpool")(-3, n)  # -3: n threads sharing all cores
 
 
 @dataclass
@@ -65,7 +72,9 @@ class Engine:
         max_batch_size: int | None = None,
         kv_cache_tokens: int | None = None,
         verify: bool = True,
+        threads: int | None = None,
     ):
+        set_threads(threads or os.cpu_count() or 1)
         self.artifact = LoadedArtifact(artifact, verify=verify)
         m = self.artifact.manifest
         self.tokenizer = self.artifact.tokenizer
