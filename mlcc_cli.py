@@ -102,6 +102,7 @@ def run(
     seed: int | None,
     stop: tuple[str, ...],
     no_verify: bool,
+    threads: int | None,
 ):
     """Chat with ARTIFACT, or answer one --prompt."""
     from runtime import Engine, SamplingParams

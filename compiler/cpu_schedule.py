@@ -1,8 +1,10 @@
 """A light CPU schedule for the weight-streaming kernels (quantized and float matmuls).
 
-Unscheduled, TVM emits them as serial loop nests with the token loop outermost. Putting the output-row
-loop outermost and running it in parallel keeps each weight row in cache across all tokens and uses every
-core. Kernels that come scheduled (the KV cache's attention) are left alone.
+Unscheduled, TVM emits them as serial loop nests with the token loop outermost and the weight decoded
+again for every token. Here the output-row loop goes outermost and runs in parallel, each weight row is
+decoded once into a local buffer and reused by every token, and the accumulator is zeroed outside the
+reduction so LLVM can vectorize the dot product. Kernels that come scheduled (the KV cache's attention) are
+left alone.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ MATMUL_BLOCKS = ("q_matmul", "gguf_matmul", "matmul")
 def _schedule(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     changed = False
-    for block in sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []:
+    blocks = sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []
+    dequant = [b for b in blocks if sch.get(b).name_hint.endswith("_dequant")]
+    for block in blocks:
         name = sch.get(block).name_hint
         if not any(key in name for key in MATMUL_BLOCKS):
             continue
@@ -29,6 +33,12 @@ def _schedule(func: tirx.PrimFunc) -> tirx.PrimFunc:
         if len(spatial) > 1:
             sch.reorder(out_loop, *[loops[i] for i in spatial[:-1]])
         sch.parallel(out_loop)
+        for stage in dequant:  # decode just the weight row this iteration needs
+            sch.compute_at(stage, out_loop)
+        if len(loops) > len(spatial):
+            # Zero the accumulator before the reduction loops, not inside them, so LLVM keeps it in a
+            # register and vectorizes the inner loop.
+            sch.decompose_reduction(block, loops[len(spatial)])
         changed = True
     return sch.mod["main"] if changed else func
 

@@ -32,41 +32,42 @@ def _f16(data: te.Tensor, row: tirx.PrimExpr, byte: tirx.PrimExpr) -> tirx.PrimE
     return tirx.reinterpret("float16", bits.astype("uint16")).astype("float32")
 
 
-def _nibble(data: te.Tensor, row: tirx.PrimExpr, base: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
-    """Element j (0..31) of a 32-element block whose 16 nibble bytes start at `base`: low nibbles first."""
-    byte = _u8(data, row, base + j % 16)
-    return tirx.if_then_else(j < 16, byte & tirx.const(0xF, "uint32"), byte >> tirx.const(4, "uint32"))
+def _nibble(data: te.Tensor, row: tirx.PrimExpr, base: tirx.PrimExpr, half, i) -> tirx.PrimExpr:
+    """Element half*16 + i of a 32-element block whose 16 nibble bytes start at `base`: the low nibbles
+    hold elements 0..15, the high nibbles 16..31."""
+    shift = (half * 4).astype("uint32")
+    return (_u8(data, row, base + i) >> shift) & tirx.const(0xF, "uint32")
 
 
-def _high_bit(data: te.Tensor, row: tirx.PrimExpr, base: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
-    """Bit j of the 32-bit little-endian `qh` field of Q5 blocks, shifted to bit 4."""
-    byte = _u8(data, row, base + j // 8)
-    return ((byte >> (j % 8).astype("uint32")) & tirx.const(1, "uint32")) << tirx.const(4, "uint32")
+def _high_bit(data: te.Tensor, row: tirx.PrimExpr, base: tirx.PrimExpr, half, i) -> tirx.PrimExpr:
+    """Bit half*16 + i of the 32-bit little-endian `qh` field of Q5 blocks, moved to bit 4."""
+    byte = _u8(data, row, base + half * 2 + i // 8)
+    return ((byte >> (i % 8).astype("uint32")) & tirx.const(1, "uint32")) << tirx.const(4, "uint32")
 
 
-def _q4_0(d, r, o, j):
-    return _f16(d, r, o) * (_nibble(d, r, o + 2, j).astype("float32") - 8.0)
+# Decoders of element (half * 16 + i) of the block starting at byte o of row r, as float32.
+def _q4_0(d, r, o, h, i):
+    return _f16(d, r, o) * (_nibble(d, r, o + 2, h, i).astype("float32") - 8.0)
 
 
-def _q4_1(d, r, o, j):
-    return _f16(d, r, o) * _nibble(d, r, o + 4, j).astype("float32") + _f16(d, r, o + 2)
+def _q4_1(d, r, o, h, i):
+    return _f16(d, r, o) * _nibble(d, r, o + 4, h, i).astype("float32") + _f16(d, r, o + 2)
 
 
-def _q5_0(d, r, o, j):
-    q = _nibble(d, r, o + 6, j) | _high_bit(d, r, o + 2, j)
+def _q5_0(d, r, o, h, i):
+    q = _nibble(d, r, o + 6, h, i) | _high_bit(d, r, o + 2, h, i)
     return _f16(d, r, o) * (q.astype("float32") - 16.0)
 
 
-def _q5_1(d, r, o, j):
-    q = _nibble(d, r, o + 8, j) | _high_bit(d, r, o + 4, j)
+def _q5_1(d, r, o, h, i):
+    q = _nibble(d, r, o + 8, h, i) | _high_bit(d, r, o + 4, h, i)
     return _f16(d, r, o) * q.astype("float32") + _f16(d, r, o + 2)
 
 
-def _q8_0(d, r, o, j):
-    return _f16(d, r, o) * d[r, o + 2 + j].astype("int8").astype("float32")
+def _q8_0(d, r, o, h, i):
+    return _f16(d, r, o) * d[r, o + 2 + h * 16 + i].astype("int8").astype("float32")
 
 
-# type -> (decoder of element j of the block at byte offset o in row r)
 DECODERS: dict[GGMLQuantizationType, Callable] = {
     Q.Q4_0: _q4_0,
     Q.Q4_1: _q4_1,
@@ -83,6 +84,7 @@ class BlockFormat:
             raise MlccError(f"GGUF quant type {qtype.name} is not supported yet; supported: {', '.join(SUPPORTED)}")
         self.qtype = qtype
         self.block, self.block_bytes = GGML_QUANT_SIZES[qtype]
+        assert self.block == 32, "the decoders address 32-element blocks as two halves of 16"
         self.decode = DECODERS[qtype]
 
     def row_bytes(self, cols: int) -> int:
@@ -90,9 +92,13 @@ class BlockFormat:
             raise MlccError(f"a row of {cols} does not fill whole {self.qtype.name} blocks")
         return cols // self.block * self.block_bytes
 
-    def weight_at(self, data: te.Tensor, row: tirx.PrimExpr, col: tirx.PrimExpr) -> tirx.PrimExpr:
-        """Float32 TIR expression of weight (row, col)."""
-        return self.decode(data, row, (col // self.block) * self.block_bytes, col % self.block)
+    def weight_at(self, data: te.Tensor, row: tirx.PrimExpr, block, half, i) -> tirx.PrimExpr:
+        """Float32 TIR expression of element (half * 16 + i) of a row's `block`-th block."""
+        return self.decode(data, row, block * self.block_bytes, half, i)
+
+    def weight_at_col(self, data: te.Tensor, row: tirx.PrimExpr, col: tirx.PrimExpr) -> tirx.PrimExpr:
+        j = col % self.block
+        return self.weight_at(data, row, col // self.block, j // 16, j % 16)
 
 
 class GGUFLinear(PackedModule):
@@ -113,16 +119,15 @@ class GGUFLinear(PackedModule):
         fmt, n_in, n_out, dtype = self.fmt, self.in_features, self.out_features, self.dtype
 
         def matmul(xt: te.Tensor, data: te.Tensor) -> te.Tensor:
-            # Blocks outer, elements inner: the per-block scale is loop-invariant in the inner loop.
-            kb = te.reduce_axis((0, n_in // fmt.block), name="kb")
-            kj = te.reduce_axis((0, fmt.block), name="kj")
-            k = kb * fmt.block + kj
-
-            def body(*idx):
-                w = fmt.weight_at(data, idx[-1], k)
-                return te.sum(xt[(*idx[:-1], k)].astype("float32") * w, axis=[kb, kj])
-
-            y = te.compute((*xt.shape[:-1], n_out), body, name="gguf_matmul")
+            # A decode stage the CPU schedule computes one weight row at a time into a small local buffer,
+            # then a plain dot product of that row with every token.
+            w = te.compute((n_out, n_in), lambda o, k: fmt.weight_at_col(data, o, k), name="gguf_dequant")
+            k = te.reduce_axis((0, n_in), name="k")
+            y = te.compute(
+                (*xt.shape[:-1], n_out),
+                lambda *i: te.sum(xt[(*i[:-1], k)].astype("float32") * w[i[-1], k], axis=k),
+                name="gguf_matmul",
+            )
             if dtype == "float32":
                 return y
             return te.compute(y.shape, lambda *i: y[i].astype(dtype), name="gguf_matmul_cast")
@@ -148,7 +153,7 @@ class GGUFEmbedding(PackedModule):
         def gather(idx: te.Tensor, data: te.Tensor) -> te.Tensor:
             return te.compute(
                 (*idx.shape, dim),
-                lambda *i: fmt.weight_at(data, idx[i[:-1]], i[-1]).astype(dtype),
+                lambda *i: fmt.weight_at_col(data, idx[i[:-1]], i[-1]).astype(dtype),
                 name="gguf_embed",
             )
 

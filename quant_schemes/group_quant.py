@@ -88,22 +88,16 @@ class GroupQuantLinear(PackedModule):
         fmt, n_in, n_out, dtype = self.fmt, self.in_features, self.out_features, self.dtype
 
         def matmul(xt: te.Tensor, qw: te.Tensor, sc: te.Tensor) -> te.Tensor:
-            # Groups outer, elements inner, so the group's scale is loop-invariant in the inner loop; a
-            # padded last group is masked.
-            gs = fmt.group_size
-            kb = te.reduce_axis((0, -(-n_in // gs)), name="kb")
-            kj = te.reduce_axis((0, gs), name="kj")
-            k = kb * gs + kj
-
-            def body(*idx):
-                w = fmt.weight_at(qw, sc, idx[-1], k, "float32")
-                if n_in % gs:
-                    x_k = tirx.if_then_else(k < n_in, xt[(*idx[:-1], tirx.min(k, n_in - 1))], 0.0)
-                else:
-                    x_k = xt[(*idx[:-1], k)]
-                return te.sum(x_k.astype("float32") * w, axis=[kb, kj])
-
-            y = te.compute((*xt.shape[:-1], n_out), body, name="q_matmul")
+            # A dequantize stage the CPU schedule computes one weight row at a time into a local buffer.
+            w = te.compute(
+                (n_out, n_in), lambda o, k: fmt.weight_at(qw, sc, o, k, "float32"), name="q_dequant"
+            )
+            k = te.reduce_axis((0, n_in), name="k")
+            y = te.compute(
+                (*xt.shape[:-1], n_out),
+                lambda *i: te.sum(xt[(*i[:-1], k)].astype("float32") * w[i[-1], k], axis=k),
+                name="q_matmul",
+            )
             if dtype == "float32":
                 return y
             return te.compute(y.shape, lambda *i: y[i].astype(dtype), name="q_matmul_cast")
