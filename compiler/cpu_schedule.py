@@ -33,14 +33,22 @@ def _schedule(func: tirx.PrimFunc) -> tirx.PrimFunc:
         if len(spatial) > 1:
             sch.reorder(out_loop, *[loops[i] for i in spatial[:-1]])
         sch.parallel(out_loop)
-        for stage in dequant:  # decode just the weight row this iteration needs
+        for stage in dequant:  # decode just the weight row this iteration needs, SIMD over the innermost loop
             sch.compute_at(stage, out_loop)
+            inner = sch.get_loops(stage)[-1]
+            if _extent(sch, inner) in (8, 16, 32):
+                sch.vectorize(inner)
         if len(loops) > len(spatial):
             # Zero the accumulator before the reduction loops, not inside them, so LLVM keeps it in a
             # register and vectorizes the inner loop.
             sch.decompose_reduction(block, loops[len(spatial)])
         changed = True
     return sch.mod["main"] if changed else func
+
+
+def _extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | None:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
 def _has_root(sch: s_tir.Schedule) -> bool:

@@ -121,13 +121,17 @@ class GGUFLinear(PackedModule):
         def matmul(xt: te.Tensor, data: te.Tensor) -> te.Tensor:
             # A decode stage the CPU schedule computes one weight row at a time into a small local buffer,
             # then a plain dot product of that row with every token.
-            w = te.compute((n_out, n_in), lambda o, k: fmt.weight_at_col(data, o, k), name="gguf_dequant")
+            # The decode stage runs over (block, half, 16 bytes): scales are invariant in the inner loop and
+            # the 16 bytes are contiguous, so it vectorizes; flattened, its index is just k.
+            nb = n_in // fmt.block
+            w = te.compute((n_out, nb, 2, 16), lambda o, b, h, i: fmt.weight_at(data, o, b, h, i), name="gguf_dequant")
             k = te.reduce_axis((0, n_in), name="k")
-            y = te.compute(
-                (*xt.shape[:-1], n_out),
-                lambda *i: te.sum(xt[(*i[:-1], k)].astype("float32") * w[i[-1], k], axis=k),
-                name="gguf_matmul",
-            )
+
+            def dot(*idx):
+                w_k = w[idx[-1], k // 32, k // 16 % 2, k % 16]
+                return te.sum(xt[(*idx[:-1], k)].astype("float32") * w_k, axis=k)
+
+            y = te.compute((*xt.shape[:-1], n_out), dot, name="gguf_matmul")
             if dtype == "float32":
                 return y
             return te.compute(y.shape, lambda *i: y[i].astype(dtype), name="gguf_matmul_cast")

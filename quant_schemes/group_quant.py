@@ -89,9 +89,7 @@ class GroupQuantLinear(PackedModule):
 
         def matmul(xt: te.Tensor, qw: te.Tensor, sc: te.Tensor) -> te.Tensor:
             # A dequantize stage the CPU schedule computes one weight row at a time into a local buffer.
-            w = te.compute(
-                (n_out, n_in), lambda o, k: fmt.weight_at(qw, sc, o, k, "float32"), name="q_dequant"
-            )
+            w = te.compute((n_out, n_in), lambda o, k: fmt.weight_at(qw, sc, o, k, "float32"), name="q_dequant")
             k = te.reduce_axis((0, n_in), name="k")
             y = te.compute(
                 (*xt.shape[:-1], n_out),
