@@ -88,12 +88,28 @@ class GroupQuantLinear(PackedModule):
         fmt, n_in, n_out, dtype = self.fmt, self.in_features, self.out_features, self.dtype
 
         def matmul(xt: te.Tensor, qw: te.Tensor, sc: te.Tensor) -> te.Tensor:
-            # A dequantize stage the CPU schedule computes one weight row at a time into a local buffer.
-            w = te.compute((n_out, n_in), lambda o, k: fmt.weight_at(qw, sc, o, k, "float32"), name="q_dequant")
+            # A dequantize stage the CPU schedule computes one weight row at a time into a local buffer. Over
+            # (word, element) its inner loop shifts one loaded word, so it vectorizes.
+            per_word = fmt.per_word
+            if n_in % per_word == 0:
+                w = te.compute(
+                    (n_out, n_in // per_word, per_word),
+                    lambda o, j, e: fmt.weight_at(qw, sc, o, j * per_word + e, "float32"),
+                    name="q_dequant",
+                )
+
+                def w_at(o, kk):
+                    return w[o, kk // per_word, kk % per_word]
+            else:
+                w = te.compute((n_out, n_in), lambda o, kk: fmt.weight_at(qw, sc, o, kk, "float32"), name="q_dequant")
+
+                def w_at(o, kk):
+                    return w[o, kk]
+
             k = te.reduce_axis((0, n_in), name="k")
             y = te.compute(
                 (*xt.shape[:-1], n_out),
-                lambda *i: te.sum(xt[(*i[:-1], k)].astype("float32") * w[i[-1], k], axis=k),
+                lambda *i: te.sum(xt[(*i[:-1], k)].astype("float32") * w_at(i[-1], k), axis=k),
                 name="q_matmul",
             )
             if dtype == "float32":
