@@ -1,0 +1,55 @@
+"""Make the llama.cpp reference fixtures the real-model tests read, so CI needs no llama.cpp build.
+
+    python tests/make_llamacpp_fixtures.py      # needs llama-cpp-python (builds llama.cpp, ~18 min)
+
+For each prompt: llama.cpp's token ids, the argmax at every position, the last-token logits (float16) and a
+64-token greedy continuation; plus llama.cpp's token ids for a set of tokenizer test strings.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from llama_cpp import Llama
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_real_models import PROMPTS, smollm_gguf  # noqa: E402
+from test_tokenizer_llamacpp import TOKENIZER_STRINGS  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def greedy(llm: Llama, ids: list[int], n: int) -> list[int]:
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+def make(gguf: Path, name: str) -> None:
+    llm = Llama(str(gguf), logits_all=True, n_ctx=512, n_threads=2, verbose=False)
+    arrays: dict[str, np.ndarray] = {}
+    for i, prompt in enumerate(PROMPTS):
+        ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        llm.reset()
+        llm.eval(ids)
+        scores = np.array(llm.scores[: len(ids)], dtype=np.float32)
+        arrays[f"ids_{i}"] = np.array(ids)
+        arrays[f"argmax_{i}"] = scores.argmax(-1)
+        arrays[f"last_{i}"] = scores[-1].astype(np.float16)
+        arrays[f"greedy_{i}"] = np.array(greedy(llm, ids, 64))
+    for i, text in enumerate(TOKENIZER_STRINGS):
+        arrays[f"tok_{i}"] = np.array(llm.tokenize(text.encode(), add_bos=False, special=True), dtype=np.int64)
+    FIXTURES.mkdir(exist_ok=True)
+    np.savez_compressed(FIXTURES / f"{name}_llamacpp.npz", **arrays)
+    print(f"wrote {FIXTURES / f'{name}_llamacpp.npz'}")
+
+
+if __name__ == "__main__":
+    make(smollm_gguf(), "smollm2")
