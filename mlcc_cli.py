@@ -127,6 +127,44 @@ def run(
     _interactive(engine, params, raw)
 
 
+@main.command()
+@click.argument("artifact")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on /v1 routes.")
+@click.option("--max-batch-size", type=int, default=None, help="Requests decoded together (default: the artifact's).")
+@click.option("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (default: a full batch).")
+@click.option("--no-prefix-cache", is_flag=True, help="Do not reuse the KV of earlier prompts' shared prefixes.")
+@click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the artifact files.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@friendly_errors
+def serve(
+    artifact: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_batch_size: int | None,
+    kv_cache_tokens: int | None,
+    no_prefix_cache: bool,
+    no_verify: bool,
+    threads: int | None,
+):
+    """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
+    from runtime.server import serve as serve_http
+
+    serve_http(
+        artifact,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_batch_size=max_batch_size,
+        kv_cache_tokens=kv_cache_tokens,
+        prefix_cache=not no_prefix_cache,
+        verify=not no_verify,
+        threads=threads,
+    )
+
+
 def _chat_once(engine: Any, prompt: str, params: Any):
     if engine.tokenizer.chat_template is None:
         return engine.stream(prompt, params, raw=True)

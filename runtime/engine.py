@@ -1,15 +1,22 @@
-"""The engine: a paged KV cache, batched prefill and decode, sampling, stop conditions, streaming.
+"""The engine: a paged KV cache, continuous batching, prefix caching, sampling, stop conditions, streaming.
 
 Requests wait in a queue; each step admits waiting requests while batch slots and KV pages allow,
 prefills them (several prompts concatenated into one ragged batch, in chunks), then decodes one token for
 every running request in a single batched call.
+
+Admission reserves, in KV pages, everything a request may still write (prompt and max_tokens), so a decode
+step never runs out of pages: requests that do not fit wait in the queue until others finish.
+
+Prefix caching: a finished request's sequence stays in the KV cache (least recently used first out, when
+pages or slots are needed). A new prompt that shares a prefix with a cached or running sequence forks it
+and prefills only the rest.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,18 +28,23 @@ from tvm.runtime import ShapeTuple
 
 from artifacts import MlccError
 from runtime.artifact import LoadedArtifact
-from runtime.sampler import SamplingParams, sample
+from runtime.sampler import SamplingParams, TokenLogprob, adjust_logits, sample, token_logprob
 from runtime.tokenizer import IncrementalDecoder
 
 _f = tvm.get_global_func
 KV_ADD = _f("vm.builtin.kv_state_add_sequence")
 KV_REMOVE = _f("vm.builtin.kv_state_remove_sequence")
+KV_FORK = _f("vm.builtin.kv_state_fork_sequence")
 KV_BEGIN = _f("vm.builtin.kv_state_begin_forward")
 KV_END = _f("vm.builtin.kv_state_end_forward")
+KV_FREE_PAGES = _f("vm.builtin.attention_kv_cache_get_num_available_pages")
 
 
 def set_threads(n: int) -> None:
-    """Size TVM's CPU thread pool (it otherwise guesses, and on small VMs guesses one)."""
+    """Size TVM's CPU thread pool (it otherwise guesses, and on small VMs guesses one).
+
+    The pool is per thread: call this again in any thread that runs the model.
+    """
     os.environ["TVM_NUM_THREADS"] = str(n)
     tvm.get_global_func("runtime.config_threadpool")(-3, n)  # -3: n threads sharing all cores
 
@@ -41,30 +53,72 @@ def set_threads(n: int) -> None:
 class Result:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length" or "abort"
     prompt_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
 
 
 @dataclass
-class _Request:
+class Delta:
+    """What a request produced since its previous delta; its last delta carries the finish reason."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None
+
+
+@dataclass(eq=False)
+class Request:
+    """One completion in flight. Only the engine's thread may touch it until `finish_reason` is set."""
+
     prompt_ids: list[int]
     params: SamplingParams
-    on_text: Callable[[str], None] | None
+    on_delta: Callable[[Delta], None] | None
+    rng: np.random.Generator
+    decoder: IncrementalDecoder
     seq_id: int = -1
+    kv_len: int = 0  # tokens of this sequence in the KV cache
+    fork_base: int = 0  # first position of the first KV page this sequence owns (others are shared)
+    cached_tokens: int = 0
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     text: str = ""
-    emitted: int = 0  # characters of `text` already streamed
+    emitted_chars: int = 0
+    emitted_tokens: int = 0
     finish_reason: str | None = None
-    rng: np.random.Generator = field(default_factory=np.random.default_rng)
-    decoder: IncrementalDecoder | None = None
 
     @property
     def budget(self) -> int:
+        """The most tokens this sequence can ever hold."""
         return len(self.prompt_ids) + self.params.max_tokens
+
+    def kv_ids(self) -> list[int]:
+        return (self.prompt_ids + self.output_ids)[: self.kv_len]
+
+    def result(self) -> Result:
+        return Result(
+            self.text,
+            list(self.output_ids),
+            self.finish_reason or "length",
+            len(self.prompt_ids),
+            self.cached_tokens,
+            list(self.logprobs) if self.params.logprobs else None,
+        )
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(a.size, b.size)
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
 
 
 class Engine:
-    """Runs an artifact. `generate`, `stream` and `chat` are the Python API the CLI uses."""
+    """Runs an artifact. `generate`, `stream` and `chat` are the Python API the CLI uses.
+
+    Not thread-safe: drive it from one thread (`runtime.ServingEngine` does that for threads and asyncio).
+    """
 
     def __init__(
         self,
@@ -73,11 +127,14 @@ class Engine:
         kv_cache_tokens: int | None = None,
         verify: bool = True,
         threads: int | None = None,
+        prefix_cache: bool = True,
     ):
-        set_threads(threads or os.cpu_count() or 1)
+        self.threads = threads or os.cpu_count() or 1
+        set_threads(self.threads)
         self.artifact = LoadedArtifact(artifact, verify=verify)
         m = self.artifact.manifest
         self.tokenizer = self.artifact.tokenizer
+        self.vocab_size = m.model_config.get("vocab_size") or self.tokenizer.tok.get_vocab_size()
         self.context_window = m.context_window
         self.max_batch_size = max_batch_size or m.kv_cache["max_batch_size"]
         self.prefill_chunk = m.kv_cache["prefill_chunk_size"]
@@ -90,27 +147,35 @@ class Engine:
             ShapeTuple([self.page_size]),
             ShapeTuple([0]),
         )
+        self.total_pages = int(KV_FREE_PAGES(self.kv))
         self._prefill = self.artifact.vm["batch_prefill"]
         self._decode = self.artifact.vm["batch_decode"]
         self._params = self.artifact.params
         self._seq_ids = itertools.count()
-        self.waiting: deque[_Request] = deque()
-        self.running: list[_Request] = []
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # TVM's forked (cascade) attention ignores sliding windows, so those models prefill every prompt whole.
+        self.prefix_cache = prefix_cache and not m.kv_cache.get("sliding_window")
+        # Finished sequences kept for their prefixes: seq id -> token ids in the KV cache, least recent first.
+        self.cached: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.max_cached_sequences = 4 * self.max_batch_size
+        self.counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "aborted": 0}
 
     # ---- public API ---------------------------------------------------------------------------------
     def generate(
         self, prompts: str | list[str], params: SamplingParams | None = None, raw: bool = True
     ) -> list[Result]:
-        """Complete each prompt; all of them run together in one batch."""
+        """Complete each prompt (params.n times each, prompt-major); all of them run together."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
-        requests = [self._submit(self._encode(p, raw), params or SamplingParams(), None) for p in prompts]
-        self._run_until_done(requests)
-        return [self._result(r) for r in requests]
+        return self.generate_ids([self._encode(p, raw) for p in prompts], params)
 
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams | None = None) -> list[Result]:
-        requests = [self._submit(list(ids), params or SamplingParams(), None) for ids in prompt_ids]
-        self._run_until_done(requests)
-        return [self._result(r) for r in requests]
+        params = params or SamplingParams()
+        requests = [r for ids in prompt_ids for r in self.make_requests(list(ids), params)]
+        self.enqueue(requests)
+        while any(r.finish_reason is None for r in requests):
+            self.step()
+        return [r.result() for r in requests]
 
     def stream(self, prompt: str, params: SamplingParams | None = None, raw: bool = True) -> Iterator[str]:
         """Text pieces as they are generated."""
@@ -122,18 +187,194 @@ class Engine:
 
     def prefill_logits(self, prompt_ids: list[list[int]]) -> np.ndarray:
         """Last-token logits [batch, vocab] of fresh sequences prefilled together; leaves no state."""
-        requests = [_Request(list(ids), SamplingParams(max_tokens=1), None) for ids in prompt_ids]
+        requests = [self.make_requests(list(ids), SamplingParams(max_tokens=1))[0] for ids in prompt_ids]
+        self._make_room(sum(self._pages_needed(len(r.prompt_ids), 0) for r in requests))
         for r in requests:
-            self._check_fits(r)
             r.seq_id = next(self._seq_ids)
             KV_ADD(self.kv, r.seq_id)
         try:
-            return self._prefill_batch(requests)
+            return self._prefill_batch([(r.seq_id, r.prompt_ids) for r in requests])
         finally:
             for r in requests:
                 KV_REMOVE(self.kv, r.seq_id)
 
-    # ---- internals ----------------------------------------------------------------------------------
+    def make_requests(
+        self, prompt_ids: list[int], params: SamplingParams, on_delta: Callable[[Delta], None] | None = None
+    ) -> list[Request]:
+        """Checked requests for `params.n` completions of one prompt; touches no engine state (any thread)."""
+        params.validate(self.vocab_size)
+        n = len(prompt_ids)
+        if n == 0:
+            raise MlccError("the prompt is empty")
+        if n >= self.context_window:
+            raise MlccError(f"the prompt has {n} tokens; the context window is {self.context_window}")
+        if not 0 <= min(prompt_ids) <= max(prompt_ids) < self.vocab_size:
+            raise MlccError(f"prompt token ids must be in 0..{self.vocab_size - 1}")
+        # Never let a sequence outgrow the context window.
+        capped = SamplingParams(**{**vars(params), "max_tokens": min(params.max_tokens, self.context_window - n)})
+        if self._pages_needed(n + capped.max_tokens, 0) > self.total_pages:
+            raise MlccError(
+                f"a request needing {n + capped.max_tokens} tokens does not fit the KV cache ({self.kv_tokens})"
+            )
+        return [
+            Request(
+                prompt_ids, capped, on_delta, self._rng(params.seed, i), IncrementalDecoder(self.tokenizer, prompt_ids)
+            )
+            for i in range(params.n)
+        ]
+
+    def enqueue(self, requests: list[Request]) -> None:
+        self.waiting.extend(requests)
+
+    def abort(self, request: Request) -> None:
+        """Stop a request now and free its KV sequence; it finishes with reason "abort"."""
+        if request.finish_reason is not None:
+            return
+        if request in self.waiting:
+            self.waiting.remove(request)
+        elif request in self.running:
+            self.running.remove(request)
+            KV_REMOVE(self.kv, request.seq_id)
+        request.finish_reason = "abort"
+        self.counters["aborted"] += 1
+        self._emit(request, final=True)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def kv_tokens_used(self) -> int:
+        return (self.total_pages - int(KV_FREE_PAGES(self.kv))) * self.page_size
+
+    def step(self) -> None:
+        """Admit what fits, prefill it, else decode one token for every running request."""
+        admitted = self._admit()
+        if admitted:
+            self.running.extend(admitted)
+            logits = self._prefill_batch([(r.seq_id, r.prompt_ids[r.cached_tokens :]) for r in admitted])
+            for r, row in zip(admitted, logits):
+                r.kv_len = len(r.prompt_ids)
+                self._accept(r, row)
+        elif self.running:
+            active = list(self.running)
+            ids = np.array([r.output_ids[-1] for r in active], dtype="int32")
+            logits = self._forward(self._decode, [r.seq_id for r in active], [1] * len(active), ids)
+            for r, row in zip(active, logits):
+                r.kv_len += 1
+                self._accept(r, row)
+        self.running = [r for r in self.running if r.finish_reason is None]
+
+    # ---- admission and the prefix cache -------------------------------------------------------------
+    @staticmethod
+    def _rng(seed: int | None, index: int) -> np.random.Generator:
+        """Completion 0 of a seeded request samples as a lone request with that seed would."""
+        if seed is None:
+            return np.random.default_rng()
+        return np.random.default_rng(seed if index == 0 else [seed, index])
+
+    def _pages_needed(self, tokens: int, cached: int) -> int:
+        """Pages a sequence of `tokens` owns when its first `cached` tokens are forked from another."""
+        base = cached - cached % self.page_size
+        return -(-(tokens - base) // self.page_size)
+
+    def _spare_pages(self, admitted: list[Request]) -> int:
+        """Free pages that no running or admitted request may still claim."""
+        claimed = sum(
+            self._pages_needed(r.budget, r.fork_base) - self._pages_needed(r.kv_len, r.fork_base)
+            for r in [*self.running, *admitted]
+        )
+        return int(KV_FREE_PAGES(self.kv)) - claimed
+
+    def _longest_prefix(self, prompt_ids: list[int]) -> tuple[int | None, int]:
+        """(sequence id, shared tokens) of the best sequence to fork; at least one prompt token stays to prefill."""
+        if not self.prefix_cache:
+            return None, 0
+        prompt = np.asarray(prompt_ids[:-1])
+        candidates = [*self.cached.items(), *((r.seq_id, np.asarray(r.kv_ids())) for r in self.running)]
+        best: tuple[int | None, int] = (None, 0)
+        for seq_id, tokens in candidates:
+            shared = _common_prefix(prompt, tokens)
+            if shared >= max(self.page_size, best[1] + 1):
+                best = (seq_id, shared)
+        return best
+
+    def _evict(self, seq_id: int) -> None:
+        del self.cached[seq_id]
+        KV_REMOVE(self.kv, seq_id)
+
+    def _evict_one(self, keep: int | None = None) -> bool:
+        """Drop the least recently used cached sequence, `keep` only when it is the last; False if none."""
+        victim = next((s for s in self.cached if s != keep), keep if keep in self.cached else None)
+        if victim is None:
+            return False
+        self._evict(victim)
+        return True
+
+    def _make_room(self, pages: int) -> None:
+        while self._spare_pages([]) < pages:
+            if not self._evict_one():
+                raise MlccError(f"{pages} KV pages are needed and only {self._spare_pages([])} are free")
+
+    def _admit(self) -> list[Request]:
+        """Start waiting requests, in order, while batch slots and KV pages allow."""
+        admitted: list[Request] = []
+        while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+            r = self.waiting[0]
+            placement = self._place(r, admitted)
+            if placement is None:
+                break
+            parent, shared = placement
+            if self._shares_more_with(r, admitted, shared):
+                break  # fork it from that prompt next step instead of prefilling the same tokens twice
+            self.waiting.popleft()
+            self._start_sequence(r, parent, shared)
+            admitted.append(r)
+        if not admitted and not self.running and self.waiting:
+            raise MlccError(f"a request needing {self.waiting[0].budget} tokens does not fit the KV cache")
+        return admitted
+
+    def _place(self, r: Request, admitted: list[Request]) -> tuple[int | None, int] | None:
+        """(sequence to fork or None, shared tokens) for `r`, evicting cached sequences to fit; None if it can't."""
+        parent, shared = self._longest_prefix(r.prompt_ids)
+        while self._spare_pages(admitted) < self._pages_needed(r.budget, shared):
+            if not self._evict_one(keep=parent):
+                return None
+            parent, shared = self._longest_prefix(r.prompt_ids)
+        return parent, shared
+
+    def _shares_more_with(self, r: Request, admitted: list[Request], shared: int) -> bool:
+        """Whether `r` shares a longer prefix with a prompt admitted in this step than with any sequence."""
+        if not self.prefix_cache:
+            return False
+        prompt = np.asarray(r.prompt_ids[:-1])
+        longest = max((_common_prefix(prompt, np.asarray(a.prompt_ids)) for a in admitted), default=0)
+        return longest >= max(self.page_size, shared + 1)
+
+    def _start_sequence(self, r: Request, parent: int | None, shared: int) -> None:
+        r.seq_id = next(self._seq_ids)
+        if parent is None:
+            KV_ADD(self.kv, r.seq_id)
+        else:
+            KV_FORK(self.kv, parent, r.seq_id, shared)
+            if parent in self.cached:
+                self.cached.move_to_end(parent)
+        r.kv_len = r.cached_tokens = shared
+        r.fork_base = shared - shared % self.page_size
+        self.counters["requests"] += 1
+        self.counters["prompt_tokens"] += len(r.prompt_ids)
+        self.counters["cached_tokens"] += shared
+
+    def _release(self, r: Request) -> None:
+        """Keep a finished sequence for its prefix, or drop it."""
+        if not self.prefix_cache:
+            KV_REMOVE(self.kv, r.seq_id)
+            return
+        self.cached[r.seq_id] = np.asarray(r.kv_ids())
+        while len(self.cached) > self.max_cached_sequences:
+            self._evict(next(iter(self.cached)))
+
+    # ---- model calls --------------------------------------------------------------------------------
     def _encode(self, prompt: str, raw: bool) -> list[int]:
         if raw:
             return self.tokenizer.encode(prompt)
@@ -141,65 +382,19 @@ class Engine:
 
     def _stream(self, prompt_ids: list[int], params: SamplingParams | None) -> Iterator[str]:
         pieces: deque[str] = deque()
-        request = self._submit(prompt_ids, params or SamplingParams(), pieces.append)
-        while request.finish_reason is None:
-            self.step()
-            while pieces:
-                yield pieces.popleft()
-        while pieces:
-            yield pieces.popleft()
-
-    def _check_fits(self, request: _Request) -> None:
-        n = len(request.prompt_ids)
-        if n == 0:
-            raise MlccError("the prompt is empty")
-        if n >= self.context_window:
-            raise MlccError(f"the prompt has {n} tokens; the context window is {self.context_window}")
-
-    def _submit(self, prompt_ids: list[int], params: SamplingParams, on_text) -> _Request:
-        params.validate()
-        request = _Request(prompt_ids, params, on_text, rng=np.random.default_rng(params.seed))
-        self._check_fits(request)
-        # Never let a sequence outgrow the context window.
-        request.params.max_tokens = min(params.max_tokens, self.context_window - len(prompt_ids))
-        request.decoder = IncrementalDecoder(self.tokenizer, prompt_ids)
-        self.waiting.append(request)
-        return request
-
-    def _run_until_done(self, requests: list[_Request]) -> None:
-        while any(r.finish_reason is None for r in requests):
-            self.step()
-
-    def _reserved(self) -> int:
-        return sum(r.budget for r in self.running)
-
-    def step(self) -> None:
-        """Admit what fits, prefill it, then decode one token for every running request."""
-        admitted = []
-        while (
-            self.waiting
-            and len(self.running) + len(admitted) < self.max_batch_size
-            and self._reserved() + sum(r.budget for r in admitted) + self.waiting[0].budget <= self.kv_tokens
-        ):
-            admitted.append(self.waiting.popleft())
-        if admitted:
-            for r in admitted:
-                r.seq_id = next(self._seq_ids)
-                KV_ADD(self.kv, r.seq_id)
-            logits = self._prefill_batch(admitted)
-            self.running.extend(admitted)
-            for r, row in zip(admitted, logits):
-                self._accept(r, row)
-        elif self.running:
-            active = list(self.running)
-            ids = np.array([r.output_ids[-1] for r in active], dtype="int32")
-            logits = self._forward(self._decode, [r.seq_id for r in active], [1] * len(active), ids)
-            for r, row in zip(active, logits):
-                self._accept(r, row)
-        elif self.waiting:
-            r = self.waiting[0]
-            raise MlccError(f"a request needing {r.budget} tokens does not fit the KV cache ({self.kv_tokens})")
-        self.running = [r for r in self.running if r.finish_reason is None]
+        requests = self.make_requests(prompt_ids, params or SamplingParams(), lambda d: pieces.append(d.text))
+        self.enqueue(requests)
+        try:
+            while any(r.finish_reason is None for r in requests) or pieces:
+                if not pieces:
+                    self.step()
+                while pieces:
+                    piece = pieces.popleft()
+                    if piece:
+                        yield piece
+        finally:  # the consumer stopped early (e.g. Ctrl-C): free the sequence
+            for r in requests:
+                self.abort(r)
 
     def _forward(self, fn, seq_ids: list[int], lengths: list[int], ids: np.ndarray, *extra) -> np.ndarray:
         dev = self.artifact.device
@@ -209,40 +404,49 @@ class Engine:
         KV_END(self.kv)
         return logits.numpy()
 
-    def _prefill_batch(self, requests: list[_Request]) -> np.ndarray:
-        """Prefill prompts in ragged chunks of at most `prefill_chunk` tokens; last-token logits per request."""
-        pending = [(i, 0) for i in range(len(requests))]  # (request index, tokens done)
+    def _prefill_batch(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
+        """Prefill (seq id, new tokens) pairs in ragged chunks of at most `prefill_chunk` tokens.
+
+        Returns the last-token logits of each sequence.
+        """
+        pending = [(i, 0) for i in range(len(sequences))]  # (sequence index, tokens done)
         last: dict[int, np.ndarray] = {}
         while pending:
             budget, batch, next_pending = self.prefill_chunk, [], []
             for i, done in pending:
-                take = min(budget, len(requests[i].prompt_ids) - done)
+                take = min(budget, len(sequences[i][1]) - done)
                 if take > 0:
                     batch.append((i, done, take))
                     budget -= take
-                if done + take < len(requests[i].prompt_ids):
+                if done + take < len(sequences[i][1]):
                     next_pending.append((i, done + take))
-            ids = np.concatenate([requests[i].prompt_ids[d : d + t] for i, d, t in batch]).astype("int32")
+            ids = np.concatenate([sequences[i][1][d : d + t] for i, d, t in batch]).astype("int32")
             positions = np.cumsum([t for _, _, t in batch]).astype("int32") - 1
             logits = self._forward(
-                self._prefill, [requests[i].seq_id for i, _, _ in batch], [t for _, _, t in batch], ids, positions
+                self._prefill, [sequences[i][0] for i, _, _ in batch], [t for _, _, t in batch], ids, positions
             )
             for row, (i, done, take) in enumerate(batch):
-                if done + take == len(requests[i].prompt_ids):
+                if done + take == len(sequences[i][1]):
                     last[i] = logits[row]
             pending = next_pending
-        return np.stack([last[i] for i in range(len(requests))])
+        return np.stack([last[i] for i in range(len(sequences))])
 
-    def _accept(self, r: _Request, logits: np.ndarray) -> None:
+    # ---- sampling, stop conditions, streaming ---------------------------------------------------------
+    def _accept(self, r: Request, logits: np.ndarray) -> None:
         """Sample the next token of `r` and apply the stop conditions."""
-        token = sample(logits, r.params, r.rng)
-        r.output_ids.append(token)
         p = r.params
+        adjusted = adjust_logits(logits, p, r.prompt_ids, r.output_ids)
+        token = sample(adjusted, p, r.rng)
+        r.output_ids.append(token)
+        if p.logprobs:
+            r.logprobs.append(token_logprob(adjusted, token, p.top_logprobs))
         if (token in self.tokenizer.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             r.output_ids.pop()
+            if p.logprobs:
+                r.logprobs.pop()
             self._finish(r, "stop")
             return
-        assert r.decoder is not None
+        self.counters["generated_tokens"] += 1
         r.text += r.decoder.add(token)
         if p.stop:
             cut = min((i for i in (r.text.find(s) for s in p.stop) if i >= 0), default=-1)
@@ -255,17 +459,21 @@ class Engine:
             return
         self._emit(r, hold=max((len(s) - 1 for s in p.stop), default=0))
 
-    def _emit(self, r: _Request, hold: int = 0) -> None:
+    def _emit(self, r: Request, hold: int = 0, final: bool = False) -> None:
         """Stream new text, holding back a tail that might still become a stop string."""
-        upto = len(r.text) - hold
-        if r.on_text and upto > r.emitted:
-            r.on_text(r.text[r.emitted : upto])
-            r.emitted = upto
+        upto = max(len(r.text) - hold, r.emitted_chars)
+        if r.on_delta and (upto > r.emitted_chars or final):
+            r.on_delta(
+                Delta(
+                    r.text[r.emitted_chars : upto],
+                    r.output_ids[r.emitted_tokens :],
+                    r.logprobs[r.emitted_tokens :],
+                    r.finish_reason if final else None,
+                )
+            )
+            r.emitted_chars, r.emitted_tokens = upto, len(r.output_ids)
 
-    def _finish(self, r: _Request, reason: str) -> None:
+    def _finish(self, r: Request, reason: str) -> None:
         r.finish_reason = reason
-        self._emit(r)
-        KV_REMOVE(self.kv, r.seq_id)
-
-    def _result(self, r: _Request) -> Result:
-        return Result(r.text, list(r.output_ids), r.finish_reason or "length", len(r.prompt_ids))
+        self._emit(r, final=True)
+        self._release(r)

@@ -1,4 +1,7 @@
-"""Token sampling on the host: greedy, temperature, top-k, top-p, per-request seeded generators."""
+"""Token sampling on the host: penalties, logit bias, greedy, temperature, top-k, top-p, min-p, logprobs.
+
+Every request owns a seeded numpy generator, so its samples do not depend on what else is in the batch.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import numpy as np
 
 from artifacts.errors import MlccError
 
+MAX_TOP_LOGPROBS = 20
+
 
 @dataclass
 class SamplingParams:
@@ -15,24 +20,87 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means off
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one; 0 means off
+    repetition_penalty: float = 1.0  # transformers' semantics, over prompt and generated tokens; 1 means off
+    presence_penalty: float = 0.0  # OpenAI's semantics, over generated tokens
+    frequency_penalty: float = 0.0  # OpenAI's semantics, over generated tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    n: int = 1  # completions of the same prompt
+    logprobs: bool = False  # report the log-probability of each generated token
+    top_logprobs: int = 0  # and of this many most likely alternatives
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
 
-    def validate(self) -> None:
-        if self.max_tokens <= 0:
-            raise MlccError("max_tokens must be positive")
-        if self.temperature < 0:
-            raise MlccError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise MlccError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise MlccError("top_k must be >= 0")
+    def validate(self, vocab_size: int | None = None) -> None:
+        checks = [
+            (self.max_tokens > 0, "max_tokens must be positive"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.n >= 1, "n must be >= 1"),
+            (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]"),
+            (all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MlccError(message)
+        if vocab_size is not None:
+            for token in [*self.logit_bias, *self.stop_token_ids]:
+                if not 0 <= token < vocab_size:
+                    raise MlccError(f"token id {token} is outside the vocabulary (0..{vocab_size - 1})")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.repetition_penalty != 1 or self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+def adjust_logits(
+    logits: np.ndarray, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]
+) -> np.ndarray:
+    """Penalties then logit bias, in float32; the input row is left untouched."""
+    if not params.adjusts_logits:
+        return logits
+    x = logits.astype(np.float32, copy=True)
+    if params.repetition_penalty != 1:
+        seen = np.unique(np.asarray(prompt_ids + output_ids, dtype=np.int64))
+        values = x[seen]
+        x[seen] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and output_ids:
+        counts = np.bincount(np.asarray(output_ids, dtype=np.int64), minlength=x.size)[: x.size]
+        x -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    for token, bias in params.logit_bias.items():
+        x[token] += bias
+    return x
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    shifted = x - x.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """What OpenAI reports: log-softmax of the adjusted logits, before temperature."""
+    lp = log_softmax(logits)
+    best = np.argsort(-lp, kind="stable")[:top] if top else []
+    return TokenLogprob(token, float(lp[token]), [(int(i), float(lp[i])) for i in best])
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token id from a float32 [vocab] row of logits."""
+    """One token id from a float32 [vocab] row of (adjusted) logits."""
     if params.temperature == 0:
         return int(np.argmax(logits))
     x = logits.astype(np.float64) / params.temperature
@@ -48,4 +116,7 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
         kept = np.zeros_like(probs)
         kept[keep] = probs[keep]
         probs = kept / kept.sum()
+    if params.min_p > 0:
+        probs = np.where(probs >= params.min_p * probs.max(), probs, 0.0)
+        probs /= probs.sum()
     return int(rng.choice(probs.size, p=probs))

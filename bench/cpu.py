@@ -1,0 +1,127 @@
+"""CPU speed of mlcc next to llama.cpp on the same GGUF, same machine, same run.
+
+    python bench/cpu.py ARTIFACT MODEL.gguf [--runs 5] [--threads 1 2]
+
+Prefill tokens/s for a 128- and a 512-token prompt and decode tokens/s for 128 new tokens, median of
+`--runs`, each engine and thread count in its own process. Prints a table with the ratio mlcc / llama.cpp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = (
+    "The history of the city begins with a small settlement on the river, where traders met to exchange "
+    "grain, salt and cloth. Over the centuries the settlement grew into a market town, then a city with walls, "
+    "churches, a university and a harbour. "
+)
+PREFILL_LENGTHS = (128, 512)
+DECODE_TOKENS = 128
+
+
+def prompt_ids(tokenize, n: int) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tokenize(TEXT)
+    return ids[:n]
+
+
+def measure_mlcc(artifact: str, threads: int, runs: int) -> dict[str, float]:
+    sys.path.insert(0, str(ROOT))
+    from runtime import Engine, SamplingParams
+
+    engine = Engine(artifact, verify=False, max_batch_size=1, kv_cache_tokens=2048, threads=threads)
+    results: dict[str, float] = {}
+    for n in PREFILL_LENGTHS:
+        ids = prompt_ids(engine.tokenizer.encode, n)
+        engine.prefill_logits([ids])  # warm-up
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            engine.prefill_logits([ids])
+            times.append(time.perf_counter() - start)
+        results[f"prefill {n}"] = n / statistics.median(times)
+    ids = prompt_ids(engine.tokenizer.encode, 16)
+    params = SamplingParams(max_tokens=DECODE_TOKENS + 1, temperature=0, ignore_eos=True)
+    one = SamplingParams(max_tokens=1, temperature=0)
+    rates = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        engine.generate_ids([ids], one)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        engine.generate_ids([ids], params)
+        rates.append(DECODE_TOKENS / (time.perf_counter() - start - first))
+    results[f"decode {DECODE_TOKENS}"] = statistics.median(rates)
+    return results
+
+
+def measure_llamacpp(gguf: str, threads: int, runs: int) -> dict[str, float]:
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(gguf, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+    results: dict[str, float] = {}
+    for n in PREFILL_LENGTHS:
+        ids = prompt_ids(lambda t: llm.tokenize(t.encode(), add_bos=False), n)
+        times = []
+        for _ in range(runs + 1):
+            llm.reset()
+            start = time.perf_counter()
+            llm.eval(ids)
+            times.append(time.perf_counter() - start)
+        results[f"prefill {n}"] = n / statistics.median(times[1:])
+    ids = prompt_ids(lambda t: llm.tokenize(t.encode(), add_bos=False), 16)
+    rates = []
+    for _ in range(runs):
+        llm.reset()
+        llm.eval(ids)
+        start = time.perf_counter()
+        for _ in range(DECODE_TOKENS):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([token])
+        rates.append(DECODE_TOKENS / (time.perf_counter() - start))
+    results[f"decode {DECODE_TOKENS}"] = statistics.median(rates)
+    return results
+
+
+def child(kind: str, path: str, threads: int, runs: int) -> dict[str, float]:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", kind, path, str(threads), str(runs)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        kind, path, threads, runs = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+        measure = measure_mlcc if kind == "mlcc" else measure_llamacpp
+        print(json.dumps(measure(path, threads, runs)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact")
+    parser.add_argument("gguf")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    print(f"{'threads':>7} {'test':>12} {'mlcc tok/s':>11} {'llama.cpp':>10} {'ratio':>6}")
+    for threads in args.threads:
+        ours = child("mlcc", args.artifact, threads, args.runs)
+        theirs = child("llamacpp", args.gguf, threads, args.runs)
+        for test, rate in ours.items():
+            print(f"{threads:>7} {test:>12} {rate:>11.1f} {theirs[test]:>10.1f} {rate / theirs[test]:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()

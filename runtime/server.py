@@ -1,0 +1,492 @@
+"""An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+
+The engine runs in one background thread (ServingEngine); handlers submit requests and await their deltas.
+Streaming follows OpenAI's Server-Sent Events exactly, and a client that goes away aborts its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from artifacts import MlccError
+from runtime.engine import Delta, Result
+from runtime.sampler import SamplingParams, TokenLogprob
+from runtime.serving import RequestHandle, ServingEngine
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def response(self) -> JSONResponse:
+        error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": error}, status_code=self.status)
+
+
+# ---- request bodies ---------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CommonFields(BaseModel):
+    """Sampling fields both endpoints share; unknown fields (e.g. `user`) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    # Beyond OpenAI, with vLLM's names.
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    def sampling(self, max_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=dict(self.logit_bias or {}),
+            n=self.n,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            seed=self.seed,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+        )
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def as_template_input(self) -> dict[str, Any]:
+        content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": content or ""}
+
+
+class ChatCompletionRequest(CommonFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(CommonFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None  # the legacy API's number of alternatives per token
+    echo: bool = False
+
+
+# ---- the app ----------------------------------------------------------------------------------------------
+def create_app(serving: ServingEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app around a running ServingEngine; `model_name` is what clients pass as `model`."""
+    engine = serving.engine
+    names = {model_name, engine.artifact.manifest.arch}
+    created = int(time.time())
+    app = FastAPI(title="mlcc", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            return ApiError(400, f"the body is not valid JSON: {first.get('msg')}").response()
+        fields = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if not fields:
+            return ApiError(400, "the body must be a JSON object, sent as Content-Type: application/json").response()
+        param = ".".join(fields) or None
+        return ApiError(422, f"{param or 'body'}: {first.get('msg')}", param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return ApiError(e.status_code, str(e.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        return ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").response()
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return ApiError(401, "invalid or missing API key", code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not serving.alive:
+            return ApiError(503, "the engine thread has stopped", kind="server_error").response()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(prometheus_text(serving), media_type="text/plain; version=0.0.4")
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "mlcc"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return model_card()
+
+    def check_model(name: str) -> None:
+        if name not in names:
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist; this server has {model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def submit(prompt_ids: list[int], params: SamplingParams, prompt_field: str) -> RequestHandle:
+        """Queue a prompt; what the user got wrong becomes a 400 naming the field."""
+        if len(prompt_ids) >= engine.context_window:
+            raise ApiError(
+                400,
+                f"the prompt has {len(prompt_ids)} tokens; this model's context window is {engine.context_window}",
+                param=prompt_field,
+                code="context_length_exceeded",
+            )
+        try:
+            return serving.submit(prompt_ids, params, asyncio.get_running_loop())
+        except MlccError as e:
+            field = str(e).split()[0]
+            raise ApiError(400, str(e), param=field if field in SamplingParams.__dataclass_fields__ else None) from None
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        check_model(body.model)
+        try:
+            prompt_ids = engine.tokenizer.encode_chat([m.as_template_input() for m in body.messages])
+        except MlccError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        want_logprobs = body.logprobs or bool(body.top_logprobs)
+        max_tokens = next((m for m in (body.max_completion_tokens, body.max_tokens) if m is not None), None)
+        params = body.sampling(max_tokens or engine.context_window, want_logprobs, body.top_logprobs or 0)
+        handle = submit(prompt_ids, params, "messages")
+        reply = ChatReply(engine, model_name, want_logprobs)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return event_stream(reply.chunks([handle], include_usage), [handle])
+        return reply.response(await collect([handle]), [handle])
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        check_model(body.model)
+        if body.echo:
+            raise ApiError(400, "echo is not supported", param="echo")
+        prompts = body.prompt if isinstance(body.prompt, list) and body.prompt else [body.prompt]
+        if isinstance(prompts[0], int):
+            prompts = [prompts]
+        top = body.logprobs or 0
+        handles = []
+        try:
+            for prompt in prompts:
+                ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
+                if not ids:
+                    raise ApiError(400, "the prompt is empty", param="prompt")
+                max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
+                handles.append(submit(ids, body.sampling(max_tokens, body.logprobs is not None, top), "prompt"))
+        except ApiError:
+            for handle in handles:
+                handle.abort()
+            raise
+        reply = CompletionReply(engine, model_name, body.logprobs is not None)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return event_stream(reply.chunks(handles, include_usage), handles)
+        return reply.response(await collect(handles), handles)
+
+    return app
+
+
+# ---- running requests -------------------------------------------------------------------------------------
+async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Delta]]:
+    """(choice index, delta) from several prompts' handles as they come; choice = prompt * n + completion."""
+    if len(handles) == 1:
+        async for item in handles[0]:
+            yield item
+        return
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    per_prompt = len(handles[0].requests)
+
+    async def pump(k: int, handle: RequestHandle) -> None:
+        try:
+            async for i, delta in handle:
+                queue.put_nowait((k * per_prompt + i, delta))
+        except Exception as e:  # handed on to the consumer
+            queue.put_nowait(e)
+        queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(k, h)) for k, h in enumerate(handles)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def collect(handles: list[RequestHandle]) -> list[Result]:
+    try:
+        async for _ in merged(handles):
+            pass
+    finally:
+        for handle in handles:
+            handle.abort()
+    return [r for handle in handles for r in handle.results()]
+
+
+def event_stream(chunks: AsyncIterator[dict[str, Any]], handles: list[RequestHandle]) -> StreamingResponse:
+    """Server-Sent Events as OpenAI sends them; when the client disconnects, the requests are aborted."""
+
+    async def lines() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # the status line is gone already: report it in the stream, as OpenAI does
+            error = {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error"}
+            yield f"data: {json.dumps({'error': {**error, 'param': None, 'code': None}})}\n\n"
+        finally:
+            for handle in handles:
+                handle.abort()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(lines(), media_type="text/event-stream", headers=headers)
+
+
+def usage(handles: list[RequestHandle], results: list[Result]) -> dict[str, Any]:
+    """OpenAI counts each prompt once, however many completions it has."""
+    prompt = sum(h.prompt_tokens for h in handles)
+    completion = sum(len(r.token_ids) for r in results)
+    cached = sum(h.cached_tokens for h in handles)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+class Reply:
+    """Shapes results and deltas into one endpoint's response objects."""
+
+    object_name = ""
+    id_prefix = ""
+
+    def __init__(self, engine: Any, model_name: str, logprobs: bool):
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.logprobs = logprobs
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.tok.decode([token_id], skip_special_tokens=False)
+
+    def envelope(self, choices: list[dict[str, Any]], chunk: bool = False) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": self.object_name + (".chunk" if chunk and self.object_name == "chat.completion" else ""),
+            "created": self.created,
+            "model": self.model_name,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+
+    def choice(
+        self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str | None, delta: bool
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def response(self, results: list[Result], handles: list[RequestHandle]) -> dict[str, Any]:
+        choices = [self.choice(i, r.text, r.logprobs, r.finish_reason, delta=False) for i, r in enumerate(results)]
+        return {**self.envelope(choices), "usage": usage(handles, results)}
+
+    async def chunks(self, handles: list[RequestHandle], include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+        extra = {"usage": None} if include_usage else {}
+        for first in self.opening(sum(len(h.requests) for h in handles)):
+            yield {**self.envelope([first], chunk=True), **extra}
+        async for index, delta in merged(handles):
+            if delta.text or (self.logprobs and delta.logprobs):
+                choice = self.choice(index, delta.text, delta.logprobs, None, delta=True)
+                yield {**self.envelope([choice], chunk=True), **extra}
+            if delta.finish_reason:  # in a chunk of its own, as OpenAI sends it
+                choice = self.choice(index, "", None, delta.finish_reason, delta=True)
+                yield {**self.envelope([choice], chunk=True), **extra}
+        if include_usage:
+            results = [r for h in handles for r in h.results()]
+            yield {**self.envelope([], chunk=True), "usage": usage(handles, results)}
+
+    def opening(self, choices: int) -> list[dict[str, Any]]:
+        """Choices to send before any text (chat announces the role)."""
+        return []
+
+
+class ChatReply(Reply):
+    object_name = "chat.completion"
+    id_prefix = "chatcmpl"
+
+    def entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def choice(
+        self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str | None, delta: bool
+    ) -> dict[str, Any]:
+        content = None
+        if self.logprobs and logprobs is not None:
+            content = {
+                "content": [
+                    {**self.entry(t.token_id, t.logprob), "top_logprobs": [self.entry(i, lp) for i, lp in t.top]}
+                    for t in logprobs
+                ]
+            }
+        body = {"content": text} if delta else {"role": "assistant", "content": text}
+        if delta and not text:
+            body = {}
+        return {"index": index, "delta" if delta else "message": body, "logprobs": content, "finish_reason": finish}
+
+    def opening(self, choices: int) -> list[dict[str, Any]]:
+        role = {"role": "assistant", "content": ""}
+        return [{"index": i, "delta": role, "logprobs": None, "finish_reason": None} for i in range(choices)]
+
+
+class CompletionReply(Reply):
+    object_name = "text_completion"
+    id_prefix = "cmpl"
+
+    def choice(
+        self, index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str | None, delta: bool
+    ) -> dict[str, Any]:
+        legacy = None
+        if self.logprobs and logprobs is not None:
+            tokens = [self.token_text(t.token_id) for t in logprobs]
+            offsets = [sum(len(x) for x in tokens[:k]) for k in range(len(tokens))]
+            legacy = {
+                "tokens": tokens,
+                "token_logprobs": [t.logprob for t in logprobs],
+                "top_logprobs": [{self.token_text(i): lp for i, lp in t.top} for t in logprobs],
+                "text_offset": offsets,
+            }
+        return {"index": index, "text": text, "logprobs": legacy, "finish_reason": finish}
+
+
+def prometheus_text(serving: ServingEngine) -> str:
+    """The engine's counters and gauges in Prometheus' text format."""
+    stats = serving.stats
+    metrics = [
+        ("requests_running", "gauge", "Requests being decoded.", stats["requests_running"]),
+        ("requests_waiting", "gauge", "Requests queued for a batch slot or KV pages.", stats["requests_waiting"]),
+        (
+            "kv_cache_tokens_used",
+            "gauge",
+            "KV cache tokens in use (running and cached).",
+            stats["kv_cache_tokens_used"],
+        ),
+        ("kv_cache_tokens_total", "gauge", "KV cache capacity in tokens.", stats["kv_cache_tokens_total"]),
+        ("prefix_cache_sequences", "gauge", "Finished sequences kept for prefix reuse.", stats["cached_sequences"]),
+        ("requests_total", "counter", "Requests started.", stats["requests_total"]),
+        ("prompt_tokens_total", "counter", "Prompt tokens of started requests.", stats["prompt_tokens_total"]),
+        (
+            "cached_prompt_tokens_total",
+            "counter",
+            "Prompt tokens served from the prefix cache.",
+            stats["cached_prompt_tokens_total"],
+        ),
+        ("requests_aborted_total", "counter", "Requests aborted (e.g. clients gone).", stats["aborted_requests_total"]),
+        ("generation_tokens_total", "counter", "Generated tokens.", stats["generated_tokens_total"]),
+        (
+            "generation_tokens_per_second",
+            "gauge",
+            "Generated tokens per second over the last 10 s.",
+            round(serving.tokens_per_second(), 3),
+        ),
+    ]
+    lines = []
+    for name, kind, help_text, value in metrics:
+        lines += [f"# HELP mlcc_{name} {help_text}", f"# TYPE mlcc_{name} {kind}", f"mlcc_{name} {value}"]
+    return "\n".join(lines) + "\n"
+
+
+def serve(
+    artifact: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    **engine_options: Any,
+) -> None:
+    """Load the artifact and serve it until interrupted."""
+    import uvicorn
+
+    serving = ServingEngine(artifact, **engine_options)
+    try:
+        app = create_app(serving, Path(artifact).resolve().name, api_key)
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        serving.close()
