@@ -1,8 +1,8 @@
 """GGUF block quantization run natively: the GGUF bytes are the parameters, decoded inside the kernels.
 
 Each weight keeps llama.cpp's block layout (one row of blocks per output row), so nothing is re-quantized
-and the compiled matmul sees exactly the numbers llama.cpp sees. Supported block types: Q4_0, Q4_1, Q5_0,
-Q5_1, Q8_0; F32/F16/BF16 tensors are converted to the model's float type.
+and the compiled matmul decodes exactly the weights llama.cpp decodes. Supported block types: Q4_0, Q4_1,
+Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; F32/F16/BF16 tensors are converted to the model's float type.
 """
 
 from __future__ import annotations
@@ -45,27 +45,82 @@ def _high_bit(data: te.Tensor, row: tirx.PrimExpr, base: tirx.PrimExpr, half, i)
     return ((byte >> (i % 8).astype("uint32")) & tirx.const(1, "uint32")) << tirx.const(4, "uint32")
 
 
-# Decoders of element (half * 16 + i) of the block starting at byte o of row r, as float32.
-def _q4_0(d, r, o, h, i):
-    return _f16(d, r, o) * (_nibble(d, r, o + 2, h, i).astype("float32") - 8.0)
+# Decoders of the weight at column 16 * t + i of row r, as float32. Every type keeps 16 consecutive columns
+# in consecutive bytes (or nibbles of them), so the inner loop over i reads contiguous memory and vectorizes.
+# The layouts follow ggml's dequantize_row_* functions.
+def _i8(d, r, byte):
+    return d[r, byte].astype("int8").astype("float32")
 
 
-def _q4_1(d, r, o, h, i):
-    return _f16(d, r, o) * _nibble(d, r, o + 4, h, i).astype("float32") + _f16(d, r, o + 2)
+def _q4_0(d, r, t, i):
+    o = (t // 2) * 18
+    return _f16(d, r, o) * (_nibble(d, r, o + 2, t % 2, i).astype("float32") - 8.0)
 
 
-def _q5_0(d, r, o, h, i):
-    q = _nibble(d, r, o + 6, h, i) | _high_bit(d, r, o + 2, h, i)
+def _q4_1(d, r, t, i):
+    o = (t // 2) * 20
+    return _f16(d, r, o) * _nibble(d, r, o + 4, t % 2, i).astype("float32") + _f16(d, r, o + 2)
+
+
+def _q5_0(d, r, t, i):
+    o = (t // 2) * 22
+    q = _nibble(d, r, o + 6, t % 2, i) | _high_bit(d, r, o + 2, t % 2, i)
     return _f16(d, r, o) * (q.astype("float32") - 16.0)
 
 
-def _q5_1(d, r, o, h, i):
-    q = _nibble(d, r, o + 8, h, i) | _high_bit(d, r, o + 4, h, i)
+def _q5_1(d, r, t, i):
+    o = (t // 2) * 24
+    q = _nibble(d, r, o + 8, t % 2, i) | _high_bit(d, r, o + 4, t % 2, i)
     return _f16(d, r, o) * q.astype("float32") + _f16(d, r, o + 2)
 
 
-def _q8_0(d, r, o, h, i):
-    return _f16(d, r, o) * d[r, o + 2 + h * 16 + i].astype("int8").astype("float32")
+def _q8_0(d, r, t, i):
+    o = (t // 2) * 34
+    return _f16(d, r, o) * _i8(d, r, o + 2 + (t % 2) * 16 + i)
+
+
+def _k_scale_min(d, r, o, sub):
+    """6-bit scale and min of sub-block `sub` (0..7) from the 12 packed bytes at o (ggml get_scale_min_k4)."""
+    low = sub < 4
+    s_lo, m_lo = _u8(d, r, o + sub % 4) & 63, _u8(d, r, o + sub % 4 + 4) & 63
+    hi = _u8(d, r, o + sub % 4 + 8)
+    s_hi = (hi & 0xF) | ((_u8(d, r, o + sub % 4) >> 6) << 4)
+    m_hi = (hi >> 4) | ((_u8(d, r, o + sub % 4 + 4) >> 6) << 4)
+    return tirx.if_then_else(low, s_lo, s_hi).astype("float32"), tirx.if_then_else(low, m_lo, m_hi).astype("float32")
+
+
+def _q4_k(d, r, t, i):
+    """256-element super-block: d, dmin, 12 bytes of scales/mins, then 128 bytes: 4 chunks of 32 bytes, low
+    nibbles for columns 0..31 of a 64-column chunk, high nibbles for 32..63."""
+    o, u = (t // 16) * 144, t % 16  # u: 16-column run within the super-block
+    chunk, upper, half = u // 4, (u // 2) % 2, u % 2
+    scale, minimum = _k_scale_min(d, r, o + 4, chunk * 2 + upper)
+    q = (_u8(d, r, o + 16 + chunk * 32 + half * 16 + i) >> (upper * 4).astype("uint32")) & tirx.const(15, "uint32")
+    return _f16(d, r, o) * scale * q.astype("float32") - _f16(d, r, o + 2) * minimum
+
+
+def _q5_k(d, r, t, i):
+    """Like Q4_K plus one high bit per column in 32 bytes after the scales (bit `sub` of qh[column % 32])."""
+    o, u = (t // 16) * 176, t % 16
+    chunk, upper, half = u // 4, (u // 2) % 2, u % 2
+    sub = chunk * 2 + upper
+    scale, minimum = _k_scale_min(d, r, o + 4, sub)
+    low = (_u8(d, r, o + 48 + chunk * 32 + half * 16 + i) >> (upper * 4).astype("uint32")) & tirx.const(15, "uint32")
+    high = ((_u8(d, r, o + 16 + half * 16 + i) >> sub.astype("uint32")) & tirx.const(1, "uint32")) << tirx.const(
+        4, "uint32"
+    )
+    return _f16(d, r, o) * scale * (low | high).astype("float32") - _f16(d, r, o + 2) * minimum
+
+
+def _q6_k(d, r, t, i):
+    """256-element super-block: 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 int8 scales, d."""
+    o, u = (t // 16) * 210, t % 16
+    n, g, lh = u // 8, (u // 2) % 4, u % 2  # 128-column half, quarter within it, 16-run within 32
+    col = lh * 16 + i  # 0..31 within the quarter
+    low = (_u8(d, r, o + n * 64 + (g % 2) * 32 + col) >> ((g // 2) * 4).astype("uint32")) & tirx.const(15, "uint32")
+    high = (_u8(d, r, o + 128 + n * 32 + col) >> (g * 2).astype("uint32")) & tirx.const(3, "uint32")
+    q = (low | (high << tirx.const(4, "uint32"))).astype("float32") - 32.0
+    return _f16(d, r, o + 208) * _i8(d, r, o + 192 + n * 8 + lh + 2 * g) * q
 
 
 DECODERS: dict[GGMLQuantizationType, Callable] = {
@@ -74,6 +129,9 @@ DECODERS: dict[GGMLQuantizationType, Callable] = {
     Q.Q5_0: _q5_0,
     Q.Q5_1: _q5_1,
     Q.Q8_0: _q8_0,
+    Q.Q4_K: _q4_k,
+    Q.Q5_K: _q5_k,
+    Q.Q6_K: _q6_k,
 }
 SUPPORTED = sorted(t.name for t in (*DECODERS, *FLOAT_TYPES))
 
@@ -84,7 +142,6 @@ class BlockFormat:
             raise MlccError(f"GGUF quant type {qtype.name} is not supported yet; supported: {', '.join(SUPPORTED)}")
         self.qtype = qtype
         self.block, self.block_bytes = GGML_QUANT_SIZES[qtype]
-        assert self.block == 32, "the decoders address 32-element blocks as two halves of 16"
         self.decode = DECODERS[qtype]
 
     def row_bytes(self, cols: int) -> int:
@@ -92,13 +149,12 @@ class BlockFormat:
             raise MlccError(f"a row of {cols} does not fill whole {self.qtype.name} blocks")
         return cols // self.block * self.block_bytes
 
-    def weight_at(self, data: te.Tensor, row: tirx.PrimExpr, block, half, i) -> tirx.PrimExpr:
-        """Float32 TIR expression of element (half * 16 + i) of a row's `block`-th block."""
-        return self.decode(data, row, block * self.block_bytes, half, i)
+    def weight_at(self, data: te.Tensor, row: tirx.PrimExpr, run: tirx.PrimExpr, i: tirx.PrimExpr) -> tirx.PrimExpr:
+        """Float32 TIR expression of the weight at column 16 * run + i."""
+        return self.decode(data, row, run, i)
 
     def weight_at_col(self, data: te.Tensor, row: tirx.PrimExpr, col: tirx.PrimExpr) -> tirx.PrimExpr:
-        j = col % self.block
-        return self.weight_at(data, row, col // self.block, j // 16, j % 16)
+        return self.decode(data, row, col // 16, col % 16)
 
 
 class GGUFLinear(PackedModule):
@@ -119,17 +175,14 @@ class GGUFLinear(PackedModule):
         fmt, n_in, n_out, dtype = self.fmt, self.in_features, self.out_features, self.dtype
 
         def matmul(xt: te.Tensor, data: te.Tensor) -> te.Tensor:
-            # A decode stage the CPU schedule computes one weight row at a time into a small local buffer,
-            # then a plain dot product of that row with every token.
-            # The decode stage runs over (block, half, 16 bytes): scales are invariant in the inner loop and
-            # the 16 bytes are contiguous, so it vectorizes; flattened, its index is just k.
-            nb = n_in // fmt.block
-            w = te.compute((n_out, nb, 2, 16), lambda o, b, h, i: fmt.weight_at(data, o, b, h, i), name="gguf_dequant")
+            # A decode stage the CPU schedule computes one weight row at a time into a small local buffer, then a
+            # plain dot product of that row with every token. The decode stage runs over 16-column runs that sit
+            # in contiguous bytes, so its inner loop vectorizes; flattened, its index is just k.
+            w = te.compute((n_out, n_in // 16, 16), lambda o, t, i: fmt.weight_at(data, o, t, i), name="gguf_dequant")
             k = te.reduce_axis((0, n_in), name="k")
 
             def dot(*idx):
-                w_k = w[idx[-1], k // 32, k // 16 % 2, k % 16]
-                return te.sum(xt[(*idx[:-1], k)].astype("float32") * w_k, axis=k)
+                return te.sum(xt[(*idx[:-1], k)].astype("float32") * w[idx[-1], k // 16, k % 16], axis=k)
 
             y = te.compute((*xt.shape[:-1], n_out), dot, name="gguf_matmul")
             if dtype == "float32":

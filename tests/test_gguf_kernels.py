@@ -1,0 +1,48 @@
+"""The GGUF block decoders compiled by TVM give the weights gguf-py's reference dequantizer gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
+from tvm import te
+
+from quant_schemes.gguf_native import DECODERS, BlockFormat
+
+
+Q = GGMLQuantizationType
+# Byte offsets of the float16 fields (scales, minimums) in each block.
+FLOAT16_FIELDS = {
+    Q.Q4_0: [0],
+    Q.Q5_0: [0],
+    Q.Q8_0: [0],
+    Q.Q4_1: [0, 2],
+    Q.Q5_1: [0, 2],
+    Q.Q4_K: [0, 2],
+    Q.Q5_K: [0, 2],
+    Q.Q6_K: [208],
+}
+
+
+def compiled_decoder(fmt: BlockFormat, rows: int, cols: int):
+    data = te.placeholder((rows, fmt.row_bytes(cols)), "uint8", name="data")
+    out = te.compute((rows, cols), lambda r, c: fmt.weight_at_col(data, r, c), name="decode")
+    return tvm.compile(te.create_prim_func([data, out]), target="llvm")
+
+
+@pytest.mark.parametrize("qtype", sorted(DECODERS, key=lambda t: t.value), ids=lambda t: t.name)
+def test_decoder_matches_gguf_reference(qtype: GGMLQuantizationType):
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    rows, cols = 3, 2 * block
+    rng = np.random.default_rng(qtype.value)
+    raw = rng.integers(0, 256, size=(rows, cols // block, block_bytes), dtype=np.uint8)
+    for field in FLOAT16_FIELDS[qtype]:  # keep the float16 scales finite and moderate
+        raw[..., field + 1] &= 0xBB
+    raw = raw.reshape(rows, -1)
+    expected = dequantize(raw, qtype).reshape(rows, cols)
+    fn = compiled_decoder(BlockFormat(qtype), rows, cols)
+    out = tvm.runtime.tensor(np.zeros((rows, cols), np.float32))
+    fn(tvm.runtime.tensor(raw), out)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
