@@ -78,7 +78,7 @@ class EntryPoints(nn.Module):
             v_head_dim=lay.head_dim,
             mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL,
+            rope_mode=RopeMode.NONE if lay.model_applies_rope else RopeMode.NORMAL,
             rope_scale=1,
             rope_theta=lay.rope_theta,
             rope_scaling=dict(lay.rope_scaling),

@@ -10,13 +10,15 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from artifacts.errors import MlccError
 
 # GGUF architectures mlcc compiles, and the model_defs module that reads each.
-GGUF_ARCHS = {"llama": "llama"}
-CONTROL, USER_DEFINED = 3, 4
+GGUF_ARCHS = {"llama": "llama", "gemma3": "gemma3"}
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
+# End-of-turn markers of chat models, which stop generation like EOS does.
+END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
 # llama.cpp pre-tokenizer names -> the equivalent `tokenizers` pre-tokenizer.
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
@@ -88,14 +90,14 @@ class GGUFSource:
     def write_tokenizer(self, folder: Path) -> dict[str, Any]:
         """Build tokenizer.json from the GGUF vocabulary; returns the manifest's tokenizer entry."""
         kind = self.meta.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise MlccError(f"GGUF tokenizer model {kind!r} is not supported yet; supported: gpt2 (BPE)")
         tokens = [str(t) for t in self.array("tokenizer.ggml.tokens")]
-        types = self.array("tokenizer.ggml.token_type") or [1] * len(tokens)
-        merges = [tuple(str(m).split(" ", 1)) for m in self.array("tokenizer.ggml.merges")]
-        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-        tok.pre_tokenizer = _pre_tokenizer(str(self.meta.get("tokenizer.ggml.pre") or ""))
-        tok.decoder = decoders.ByteLevel()
+        types = self.array("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+        if kind == "gpt2":
+            tok = self._byte_level_bpe(tokens)
+        elif kind == "llama":
+            tok = self._sentencepiece_bpe(tokens, types)
+        else:
+            raise MlccError(f"GGUF tokenizer model {kind!r} is not supported yet; supported: gpt2, llama")
         specials = [t for t, kind in zip(tokens, types) if kind in (CONTROL, USER_DEFINED)]
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
         bos_id, eos_id = self.meta.get("tokenizer.ggml.bos_token_id"), self.meta.get("tokenizer.ggml.eos_token_id")
@@ -103,12 +105,51 @@ class GGUFSource:
         if self.meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
             tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
         tok.save(str(folder / "tokenizer.json"))
-        eos_ids = sorted({i for i in (eos_id, self.meta.get("tokenizer.ggml.eot_token_id")) if i is not None})
+        eos_ids = {i for i in (eos_id, self.meta.get("tokenizer.ggml.eot_token_id")) if i is not None}
+        eos_ids |= {tokens.index(t) for t in END_OF_TURN if t in specials}
         config = {"bos_token": bos, "eos_token": tokens[eos_id] if eos_id is not None else None}
         (folder / "tokenizer_config.json").write_text(json.dumps(config))
         return {
             "files": ["tokenizer.json", "tokenizer_config.json"],
             **config,
-            "eos_token_ids": eos_ids,
+            "eos_token_ids": sorted(eos_ids),
             "chat_template": self.meta.get("tokenizer.chat_template"),
         }
+
+    def _byte_level_bpe(self, tokens: list[str]) -> Tokenizer:
+        """GPT-2 style byte-level BPE with the merges stored in the file."""
+        merges = [tuple(str(m).split(" ", 1)) for m in self.array("tokenizer.ggml.merges")]
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        tok.pre_tokenizer = _pre_tokenizer(str(self.meta.get("tokenizer.ggml.pre") or ""))
+        tok.decoder = decoders.ByteLevel()
+        return tok
+
+    def _sentencepiece_bpe(self, tokens: list[str], types: list[int]) -> Tokenizer:
+        """SentencePiece BPE (llama.cpp's `llama` vocab): spaces as U+2581, byte fallback, and merges derived
+        from the piece scores (a higher-scoring piece merges first), as SentencePiece itself ranks them."""
+        scores = self.array("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        vocab = {t: i for i, t in enumerate(tokens)}
+        normal = {t for t, kind in zip(tokens, types) if kind == NORMAL}
+        ranked = []
+        for piece in normal:
+            for cut in range(1, len(piece)):
+                left, right = piece[:cut], piece[cut:]
+                if left in normal and right in normal:
+                    ranked.append((-scores[vocab[piece]], vocab[left], vocab[right], left, right))
+        merges = [(left, right) for *_, left, right in sorted(ranked)]
+        unk_id = self.meta.get("tokenizer.ggml.unknown_token_id")
+        tok = Tokenizer(
+            models.BPE(
+                vocab=vocab,
+                merges=merges,
+                unk_token=tokens[unk_id] if unk_id is not None else None,
+                fuse_unk=True,
+                byte_fallback=True,
+            )
+        )
+        steps = [normalizers.Replace(" ", "\u2581")]
+        if self.meta.get("tokenizer.ggml.add_space_prefix"):
+            steps.insert(0, normalizers.Prepend("\u2581"))
+        tok.normalizer = normalizers.Sequence(steps)
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+        return tok

@@ -23,6 +23,8 @@ class AttentionLayout:
     rotary_dim: int | None = None
     # Per-layer sliding window size in tokens, None for full attention.
     layer_windows: list[int | None] = field(default_factory=list)
+    # True when the model rotates q and k itself (e.g. a RoPE base per layer); the cache then applies none.
+    model_applies_rope: bool = False
 
     @property
     def sliding_window(self) -> int | None:

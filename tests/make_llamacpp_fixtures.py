@@ -15,7 +15,7 @@ import numpy as np
 from llama_cpp import Llama
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_real_models import PROMPTS, smollm_gguf  # noqa: E402
+from test_real_models import MODELS, PROMPTS  # noqa: E402
 from test_tokenizer_llamacpp import TOKENIZER_STRINGS  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -52,4 +52,5 @@ def make(gguf: Path, name: str) -> None:
 
 
 if __name__ == "__main__":
-    make(smollm_gguf(), "smollm2")
+    for name, find in MODELS.items():
+        make(find(), name)

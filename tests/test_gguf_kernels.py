@@ -11,7 +11,6 @@ from tvm import te
 
 from quant_schemes.gguf_native import DECODERS, BlockFormat
 
-
 Q = GGMLQuantizationType
 # Byte offsets of the float16 fields (scales, minimums) in each block.
 FLOAT16_FIELDS = {
