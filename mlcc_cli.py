@@ -59,20 +59,43 @@ def main(verbose: bool) -> None:
     default=None,
     help="q0f32, q0f16, q4 (default for float checkpoints) or gguf (GGUF files: native block types, the default).",
 )
-@click.option("--target", default="llvm", show_default=True, help="Compilation target.")
+@click.option(
+    "--target",
+    default="llvm",
+    show_default=True,
+    help="llvm (CPU), cuda, metal (or an Apple GPU tag such as apple/m1-gpu), webgpu or vulkan.",
+)
+@click.option(
+    "--cuda-arch",
+    "cuda_archs",
+    multiple=True,
+    help="CUDA architectures to compile for (repeatable or comma-separated; default sm_80,sm_86,sm_89,sm_90).",
+)
+@click.option("--cpu", default="host", show_default=True, help="For --target llvm: host, or aarch64 (cross-compile).")
 @click.option("--context-window", type=int, default=None, help="Override the model's context window.")
 @click.option("-o", "--output", required=True, help="Artifact folder to write.")
 @friendly_errors
-def compile(model: str, arch: str | None, quant: str, target: str, context_window: int | None, output: str):
+def compile(
+    model: str,
+    arch: str | None,
+    quant: str,
+    target: str,
+    cuda_archs: tuple[str, ...],
+    cpu: str,
+    context_window: int | None,
+    output: str,
+):
     """Compile MODEL into an artifact folder."""
     from compiler.compile import compile_model
+    from compiler.targets import TargetRequest
 
+    archs = tuple(a.strip() for value in cuda_archs for a in value.split(",") if a.strip())
     compile_model(
         model,
         output,
         arch=arch,
         quant=quant,
-        target=target,
+        target=TargetRequest(target, archs, cpu),
         context_window=context_window,
         progress=lambda msg: click.echo(msg, err=True),
     )
@@ -163,6 +186,40 @@ def serve(
         verify=not no_verify,
         threads=threads,
     )
+
+
+@main.command()
+@click.argument("artifact")
+@click.option("-o", "--output", required=True, help="Package file to write, e.g. model.mlcc.")
+@click.option(
+    "--compression",
+    type=click.Choice(["auto", "zstd", "gzip", "none"]),
+    default="auto",
+    show_default=True,
+    help="auto: zstd when the zstandard module is installed, else gzip.",
+)
+@friendly_errors
+def package(artifact: str, output: str, compression: str):
+    """Pack ARTIFACT into one file for edge devices; `mlcc run`/`serve` accept the file directly."""
+    from artifacts.package import write_package
+
+    used = write_package(artifact, output, compression)
+    click.echo(f"package written to {output} ({used})", err=True)
+
+
+@main.command()
+@click.argument("artifact")
+@friendly_errors
+def inspect(artifact: str):
+    """Show what ARTIFACT (folder or package) holds and whether its checksums are valid."""
+    from artifacts.inspect import inspect_artifact
+
+    rows, valid = inspect_artifact(artifact)
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        click.echo(f"{label + ':':<{width + 1}} {value}")
+    if not valid:
+        sys.exit(1)
 
 
 def _chat_once(engine: Any, prompt: str, params: Any):

@@ -1,14 +1,35 @@
-"""Relax IRModule -> device library, per target."""
+"""nn model -> Relax IRModule -> device library, per target; run in a child process.
+
+TVM's compiler can crash hard (a segfault in a schedule rule). The build runs in a child process started
+from a forkserver that has TVM imported already, so a crash becomes a one-line error in the parent and a
+later compile in the same process does not pay for importing TVM again.
+"""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import tvm
-from tvm import relax
+from tvm import relax, tirx
+from tvm.s_tir import dlight as dl
 
+from artifacts.errors import MlccError
 from compiler.cpu_schedule import cpu_schedule
-from compiler.targets import TargetSpec
+from compiler.cuda_aot import fatbin_packer
+from compiler.entry_points import PARAM_PREFIX, EntryPoints
+from compiler.targets import TargetRequest, TargetSpec, resolve_target
+from model_defs import get_arch
+from quant_schemes import QuantScheme
+
+# Set by tests only: the build child kills itself with SIGSEGV, as a compiler crash would.
+CRASH_FOR_TEST_ENV = "MLCC_TEST_CRASH_IN_BUILD"
 
 
 def _cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
@@ -22,8 +43,40 @@ def _cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
         + cpu_generic.dataflow_lower_passes(target)
         + cpu_generic.finalize_passes(target)
     )
+    return _with_target(target, passes, "MlccCPUPipeline")
 
-    @tvm.transform.module_pass(opt_level=0, name="MlccCPUPipeline")
+
+@tvm.transform.module_pass(opt_level=0, name="MlccNoTensorize")
+def _no_tensorize(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """dlight's tensor-core matmul path segfaults (in s_tir Tensorize) at real sizes: keep every kernel SIMT."""
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tirx.PrimFunc):
+            mod.update_func(gv, func.with_attr("dlight.do_not_tensorize", True))
+    return mod
+
+
+def _gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's default GPU pipeline, with dlight's rules run on kernels marked do-not-tensorize.
+
+    Metal leaves out dlight's Matmul rule: its Metal variant ignores the mark and segfaults; GEMV, Reduction
+    and Fallback still schedule every kernel (the quantized matmuls included)."""
+    backend = relax.backend.cuda.pipeline if target.kind.name == "cuda" else relax.backend.gpu_generic.pipeline
+    rules = [dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    if target.kind.name != "metal":
+        rules.insert(0, dl.gpu.Matmul())
+    legalize = [p for p in backend.legalize_passes(target) if not isinstance(p, dl.ApplyDefaultSchedule)]
+    passes = (
+        backend.library_dispatch_passes(target)
+        + legalize
+        + [_no_tensorize, dl.ApplyDefaultSchedule(*rules)]
+        + backend.dataflow_lower_passes(target)
+        + backend.finalize_passes(target)
+    )
+    return _with_target(target, passes, "MlccGPUPipeline")
+
+
+def _with_target(target: tvm.target.Target, passes: list[tvm.transform.Pass], name: str) -> tvm.transform.Pass:
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             return tvm.transform.Sequential(passes)(mod)
@@ -32,10 +85,87 @@ def _cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
 
 def build_library(mod: tvm.IRModule, spec: TargetSpec, out: Path) -> None:
-    """Lower with the target's fusing pipeline and export a loadable library to `out`."""
-    if spec.device == "cpu":
-        pipeline = _cpu_pipeline(spec.target)
-    else:
-        pipeline = relax.get_default_pipeline(spec.target)
+    """Lower with the target's fusing pipeline and export the library to `out` (.so, or .tar of objects)."""
+    pipeline = _cpu_pipeline(spec.target) if spec.device == "cpu" else _gpu_pipeline(spec.target)
     executable = tvm.compile(mod, target=spec.target, relax_pipeline=pipeline)
-    executable.export_library(str(out))
+    if spec.cuda_archs:
+        executable.export_library(str(out), fpack_imports=fatbin_packer(spec.cuda_archs))
+    elif spec.cross_compiler:
+        from tvm.support import cc
+
+        executable.export_library(str(out), fcompile=cc.cross_compiler(spec.cross_compiler))
+    else:
+        executable.export_library(str(out))
+
+
+@dataclass
+class BuildJob:
+    """Everything the child needs to rebuild the model and compile it; plain picklable data."""
+
+    arch: str
+    config: Any
+    scheme: QuantScheme
+    target: TargetRequest
+    library: Path
+
+
+def export_and_build(job: BuildJob) -> list[str]:
+    """Export the model's entry points and build the library; returns the parameter order."""
+    spec = resolve_target(job.target)
+    net = get_arch(job.arch).Model(job.config)
+    job.scheme.quantize_model(net)
+    entry = EntryPoints(net, spec.target, job.scheme.dtype)
+    mod, named_params = entry.export_tvm(spec=entry.spec())
+    build_library(mod, spec, job.library)
+    return [name.removeprefix(PARAM_PREFIX) for name, _ in named_params]
+
+
+def _child_main(job: BuildJob, results: Connection, crash: bool) -> None:
+    if crash:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    try:
+        results.send(("ok", export_and_build(job)))
+    except MlccError as e:
+        results.send(("error", str(e)))
+    except BaseException as e:  # TVM errors do not always pickle: send their first line
+        if os.environ.get("MLCC_DEBUG"):
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        results.send(("error", f"building the library failed: {type(e).__name__}: {first}"))
+
+
+_CONTEXT: multiprocessing.context.BaseContext | None = None
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload([__name__])  # children start with TVM and the model code imported
+    return _CONTEXT
+
+
+def build_in_child_process(job: BuildJob) -> list[str]:
+    """`export_and_build` in a child process; a crash there is a one-line MlccError here."""
+    context = _context()
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child_main, args=(job, send, bool(os.environ.get(CRASH_FOR_TEST_ENV))))
+    child.start()
+    send.close()
+    status, payload = "crashed", None
+    try:
+        status, payload = receive.recv()
+    except EOFError:  # the child died without answering
+        pass
+    finally:
+        receive.close()
+        if status != "ok" and child.is_alive():  # interrupted here: do not leave the compiler running
+            child.terminate()
+        child.join()
+    if status == "ok":
+        return payload
+    if status == "error":
+        raise MlccError(payload)
+    code = child.exitcode or 0
+    how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    raise MlccError(f"the TVM compiler crashed ({how}) while building the library for {job.target.name}")

@@ -23,11 +23,10 @@ from artifacts import MANIFEST_NAME, Manifest
 from artifacts.errors import MlccError
 from artifacts.manifest import describe_files
 from artifacts.weights import ShardWriter
-from compiler.build import build_library
-from compiler.entry_points import PARAM_PREFIX, EntryPoints
+from compiler.build import BuildJob, build_in_child_process
 from compiler.gguf_source import GGUF_ARCHS, GGUFSource
 from compiler.source import ModelSource, resolve_model
-from compiler.targets import resolve_target
+from compiler.targets import TargetRequest, resolve_target
 from model_defs import ARCHITECTURES, get_arch
 from quant_schemes import QuantScheme, convert_tensor, get_scheme
 from quant_schemes.gguf_native import GGUFNativeScheme
@@ -54,7 +53,7 @@ def compile_model(
     output: str | Path,
     arch: str | None = None,
     quant: str | None = None,
-    target: str = "llvm",
+    target: str | TargetRequest = "llvm",
     context_window: int | None = None,
     progress: Callable[[str], None] = log.info,
 ) -> Manifest:
@@ -64,7 +63,8 @@ def compile_model(
     output = Path(output)
     if output.exists() and not (output / MANIFEST_NAME).is_file():
         raise MlccError(f"output exists and is not an mlcc artifact, refusing to overwrite: {output}")
-    target_spec = resolve_target(target)
+    target_request = TargetRequest(target) if isinstance(target, str) else target
+    target_spec = resolve_target(target_request)
     if str(model).endswith(".gguf"):
         plan = _plan_gguf(Path(model), arch, quant)
     else:
@@ -72,10 +72,8 @@ def compile_model(
     arch_name, config, scheme, tensors, write_tokenizer = plan
 
     net = get_arch(arch_name).Model(config)
-    scheme.quantize_model(net)
-    entry = EntryPoints(net, target_spec.target, scheme.dtype)
-    mod, named_params = entry.export_tvm(spec=entry.spec())
-    param_names = [name.removeprefix(PARAM_PREFIX) for name, _ in named_params]
+    for note in scheme.quantize_model(net):  # tensors padded or kept wider, for the compile summary
+        progress(note)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
@@ -84,7 +82,8 @@ def compile_model(
     try:
         started = time.time()
         progress(f"compiling {arch_name} ({scheme.name}) for {target_spec.name}")
-        build_library(mod, target_spec, staging / target_spec.library_name)
+        job = BuildJob(arch_name, config, scheme, target_request, staging / target_spec.library_name)
+        param_names = build_in_child_process(job)
         progress(f"library built in {time.time() - started:.1f}s; converting weights")
         shards = _convert_weights(tensors, net, param_names, staging, config.tie_embeddings)
         tokenizer = write_tokenizer(staging)

@@ -1,45 +1,131 @@
-"""Compilation targets. Each names a TVM target, the runtime device and how the library is exported."""
+"""Compilation targets. Each names a TVM target, the runtime device and how the library is exported.
+
+A `TargetRequest` is what the user asked for (plain strings, picklable, so the build child process can
+resolve it again); `resolve_target` turns it into a `TargetSpec` or a one-line MlccError.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 
+import tvm
 from tvm.target import Target
 
 from artifacts.errors import MlccError
+
+# Supported, and the default: Ampere (A100, RTX 30xx), Ada (L4, RTX 40xx), Hopper (H100, H200).
+CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+DEFAULT_METAL_TAG = "apple/m2-gpu"
+AARCH64_CROSS_CC = "aarch64-linux-gnu-gcc"
+CPUS = ("host", "aarch64")
+# LLVM's fast-math reassociation lets it vectorize the dot products, as llama.cpp's SIMD sums do.
+FAST_MATH = {"fast-math-reassoc": True, "fast-math-contract": True}
+
+
+@dataclass(frozen=True)
+class TargetRequest:
+    name: str = "llvm"  # llvm, cuda, metal, webgpu, vulkan, or an Apple GPU tag such as apple/m1-gpu
+    cuda_archs: tuple[str, ...] = ()
+    cpu: str = "host"  # llvm only: host or aarch64
 
 
 @dataclass
 class TargetSpec:
     name: str
     target: Target
-    device: str  # the runtime's device kind: "cpu", "cuda", ...
-    library_name: str
+    device: str  # the runtime's device kind: "cpu", "cuda", "metal", ...
+    library_name: str  # model.so (loadable) or model.tar (objects still to be linked on the device)
+    cuda_archs: tuple[str, ...] = ()
+    cross_compiler: str | None = None  # a C compiler for another architecture (llvm --cpu aarch64)
+    extra: dict[str, str] = field(default_factory=dict)
 
-    def describe(self) -> dict[str, str]:
-        return {"name": self.name, "device": self.device, "tvm_target": str(self.target)}
+    def describe(self) -> dict:
+        info = {"name": self.name, "device": self.device, "tvm_target": str(self.target), **self.extra}
+        if self.target.host is not None:
+            info["host"] = str(self.target.host)
+        if self.cuda_archs:
+            info["cuda_archs"] = list(self.cuda_archs)
+        return info
 
 
-def _llvm() -> TargetSpec:
+def _host_llvm() -> Target:
     """The host CPU, with its own instruction set (AVX2, F16C, ...) so LLVM can use it."""
     from tvm.target import codegen
 
-    target = Target(
-        {
-            "kind": "llvm",
-            "mcpu": codegen.llvm_get_system_cpu(),
-            # Reassociation lets LLVM vectorize the dot products, as llama.cpp's SIMD sums do.
-            "fast-math-reassoc": True,
-            "fast-math-contract": True,
-        }
-    )
-    return TargetSpec("llvm", target, "cpu", "model.so")
+    return Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), **FAST_MATH})
 
 
-TARGETS = {"llvm": _llvm}
+def _llvm(request: TargetRequest) -> TargetSpec:
+    if request.cpu == "host":
+        return TargetSpec("llvm", _host_llvm(), "cpu", "model.so", extra={"cpu": "host"})
+    if request.cpu == "aarch64":
+        if shutil.which(AARCH64_CROSS_CC) is None:
+            raise MlccError(
+                f"--cpu aarch64 needs the cross compiler {AARCH64_CROSS_CC} "
+                "(Debian/Ubuntu: apt-get install gcc-aarch64-linux-gnu)"
+            )
+        # Generic ARMv8-A with NEON: runs on a Raspberry Pi 5, Android phones and Apple silicon under Linux.
+        target = Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], **FAST_MATH})
+        return TargetSpec("llvm", target, "cpu", "model.so", cross_compiler=AARCH64_CROSS_CC, extra={"cpu": "aarch64"})
+    raise MlccError(f"unsupported --cpu {request.cpu!r}; supported: {', '.join(CPUS)}")
 
 
-def resolve_target(name: str) -> TargetSpec:
-    if name not in TARGETS:
-        raise MlccError(f"unsupported target {name!r}; supported today: {', '.join(TARGETS)}")
-    return TARGETS[name]()
+def _cuda(request: TargetRequest) -> TargetSpec:
+    archs = tuple(sorted(set(request.cuda_archs or CUDA_ARCHS), key=lambda a: int(a[3:])))
+    unknown = [a for a in archs if a not in CUDA_ARCHS]
+    if unknown:
+        raise MlccError(f"unsupported --cuda-arch {', '.join(unknown)}; supported: {', '.join(CUDA_ARCHS)}")
+    if shutil.which("nvcc") is None:
+        raise MlccError("--target cuda compiles kernels ahead of time and needs nvcc (the CUDA toolkit) on PATH")
+    # The oldest architecture drives code generation, so the one source compiles for every listed arch.
+    target = Target({"kind": "cuda", "arch": archs[0]}, host=_host_llvm())
+    return TargetSpec("cuda", target, "cuda", "model.so", cuda_archs=archs)
+
+
+def _metal(tag: str) -> TargetSpec:
+    try:
+        target = Target(tag)  # the tag carries its host: arm64 macOS
+    except (ValueError, tvm.TVMError) as e:
+        raise MlccError(f"unknown Apple GPU target {tag!r}: {str(e).splitlines()[0]}") from None
+    if target.kind.name != "metal":
+        raise MlccError(f"{tag!r} is not an Apple GPU (Metal) target")
+    return TargetSpec("metal", target, "metal", "model.tar", extra={"tag": tag})
+
+
+def _webgpu() -> TargetSpec:
+    target = Target("webgpu", host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"})
+    return TargetSpec("webgpu", target, "webgpu", "model.tar")
+
+
+def _vulkan() -> TargetSpec:
+    if tvm.get_global_func("target.build.vulkan", allow_missing=True) is None:
+        raise MlccError(
+            "--target vulkan needs a TVM built with Vulkan/SPIR-V code generation (target.build.vulkan, "
+            "CMake USE_VULKAN=ON); this TVM has none (the PyPI apache-tvm wheel ships without it)"
+        )
+    return TargetSpec("vulkan", Target("vulkan", host=_host_llvm()), "vulkan", "model.so")
+
+
+TARGETS = ("llvm", "cuda", "metal", "webgpu", "vulkan")
+
+
+def resolve_target(request: TargetRequest | str) -> TargetSpec:
+    if isinstance(request, str):
+        request = TargetRequest(request)
+    name = request.name
+    if name != "llvm" and request.cpu != "host":
+        raise MlccError("--cpu applies to --target llvm only")
+    if name != "cuda" and request.cuda_archs:
+        raise MlccError("--cuda-arch applies to --target cuda only")
+    if name == "llvm":
+        return _llvm(request)
+    if name == "cuda":
+        return _cuda(request)
+    if name == "metal" or name.startswith("apple/"):
+        return _metal(DEFAULT_METAL_TAG if name == "metal" else name)
+    if name == "webgpu":
+        return _webgpu()
+    if name == "vulkan":
+        return _vulkan()
+    raise MlccError(f"unsupported target {name!r}; supported: {', '.join(TARGETS)} (or an Apple GPU tag: apple/m2-gpu)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -10,19 +11,68 @@ from safetensors import SafetensorError, safe_open
 from tvm.runtime.vm import VirtualMachine
 
 from artifacts import Manifest, MlccError, load_manifest, verify_files
+from artifacts.package import unpack_package
 from runtime.tokenizer import Tokenizer
 
-DEVICES = {"cpu": tvm.cpu, "cuda": tvm.cuda, "metal": tvm.metal, "vulkan": tvm.vulkan, "opencl": tvm.opencl}
+DEVICES = {
+    "cpu": tvm.cpu,
+    "cuda": tvm.cuda,
+    "metal": tvm.metal,
+    "vulkan": tvm.vulkan,
+    "opencl": tvm.opencl,
+    "webgpu": lambda index: tvm.device("webgpu", index),
+}
+# ELF e_machine -> the names platform.machine() gives that architecture.
+ELF_MACHINES = {62: ("x86_64", "amd64"), 183: ("aarch64", "arm64"), 40: ("armv7l", "arm"), 243: ("riscv64",)}
+
+
+def _check_library_loadable(library: Path, target: dict) -> None:
+    """A one-line error for libraries this host cannot load: unlinked objects, another CPU's machine code."""
+    if library.suffix == ".tar":
+        raise MlccError(
+            f"{library.name} holds unlinked {target.get('name')} objects; link them into a library on the "
+            "device first (README: Targets and packaging)"
+        )
+    with open(library, "rb") as f:
+        header = f.read(20)
+    if header[:4] != b"\x7fELF":
+        return
+    machine = int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
+    host = platform.machine().lower()
+    names = ELF_MACHINES.get(machine, (f"ELF machine {machine}",))
+    if host not in names:
+        raise MlccError(f"{library.name} is machine code for {names[0]} and this host is {host}; run it on {names[0]}")
+
+
+def _load_cuda_runtime() -> None:
+    """A runtime-only TVM does not load its CUDA runtime at import; load it for a CUDA artifact."""
+    if tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is not None:
+        return
+    from tvm.base import _LOADED_LIBS
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
+        )
+    except (OSError, FileNotFoundError, RuntimeError):
+        return  # no CUDA driver or runtime here: the device check says so
 
 
 class LoadedArtifact:
     def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
+        if self.path.is_file():  # a one-file package: unpacked and verified once, then reused from the cache
+            self.path = unpack_package(self.path, check_hashes=verify)
         self.manifest: Manifest = load_manifest(self.path)
         verify_files(self.path, self.manifest, check_hashes=verify)
         device_kind = self.manifest.target["device"]
         if device_kind not in DEVICES:
             raise MlccError(f"unknown device kind in manifest: {device_kind}")
+        _check_library_loadable(self.path / self.manifest.library, self.manifest.target)
+        if device_kind == "cuda":
+            _load_cuda_runtime()
         self.device = DEVICES[device_kind](0)
         if not self.device.exist:
             raise MlccError(f"this artifact needs a {device_kind} device, and none is available")

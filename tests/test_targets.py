@@ -1,0 +1,144 @@
+"""Device targets (compiled here, run elsewhere), the build child process, and one-file packages."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import tvm
+from test_cli import assert_one_line_error, mlcc
+
+from artifacts.errors import MlccError
+from compiler.compile import compile_model
+from compiler.cuda_aot import fatbin_architectures
+from compiler.targets import AARCH64_CROSS_CC, TargetRequest
+from runtime.artifact import LoadedArtifact
+
+MACH_O_ARM64 = b"\xcf\xfa\xed\xfe\x0c\x00\x00\x01"
+WASM = b"\x00asm"
+
+
+def compile_for(hf_folder, out: Path, request: TargetRequest) -> dict:
+    compile_model(str(hf_folder("llama-q4")), out, quant="q4", target=request, progress=lambda _: None)
+    return json.loads((out / "mlcc-manifest.json").read_text())
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_cuda_library_carries_machine_code_for_each_arch_and_no_source(hf_folder, tmp_path):
+    manifest = compile_for(hf_folder, tmp_path / "art", TargetRequest("cuda", ("sm_90", "sm_80")))
+    assert manifest["target"]["device"] == "cuda" and manifest["target"]["cuda_archs"] == ["sm_80", "sm_90"]
+    library = (tmp_path / "art" / "model.so").read_bytes()
+    assert fatbin_architectures(library) == ["sm_80", "sm_90"]
+    assert b"\x06\x00\x00\x00\x00\x00\x00\x00fatbin" in library  # the CUDA module's format: no compile at load
+    assert b"__global__" not in library and b"#include <cuda" not in library  # no CUDA source left
+    if not tvm.cuda(0).exist:
+        with pytest.raises(MlccError, match="needs a cuda device"):
+            LoadedArtifact(tmp_path / "art")
+
+
+@pytest.mark.parametrize(
+    "target, object_magic, kernel_marker",
+    [("metal", MACH_O_ARM64, b"kernel void"), ("webgpu", WASM, b"@compute")],
+)
+def test_metal_and_webgpu_export_objects_and_kernel_source(hf_folder, tmp_path, target, object_magic, kernel_marker):
+    manifest = compile_for(hf_folder, tmp_path / "art", TargetRequest(target))
+    assert manifest["library"] == "model.tar" and manifest["target"]["device"] == target
+    with tarfile.open(tmp_path / "art" / "model.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert sorted(members) == ["devc.o", "lib0.o"]  # host code, and the packed device modules
+    assert all(data.startswith(object_magic) for data in members.values())
+    assert kernel_marker in members["devc.o"]
+    with pytest.raises(MlccError, match="unlinked"):
+        LoadedArtifact(tmp_path / "art")
+
+
+@pytest.mark.skipif(
+    tvm.get_global_func("target.build.vulkan", allow_missing=True) is not None, reason="this TVM has Vulkan"
+)
+def test_vulkan_without_spirv_codegen_is_a_one_line_error(hf_folder, tmp_path):
+    proc = mlcc("compile", "--model", str(hf_folder("llama-q4")), "--target", "vulkan", "-o", str(tmp_path / "o"))
+    assert_one_line_error(proc, "vulkan", "target.build.vulkan")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(shutil.which(AARCH64_CROSS_CC) is None, reason=f"needs {AARCH64_CROSS_CC}")
+def test_aarch64_cross_compile(hf_folder, tmp_path):
+    manifest = compile_for(hf_folder, tmp_path / "art", TargetRequest("llvm", cpu="aarch64"))
+    assert manifest["target"]["cpu"] == "aarch64"
+    header = subprocess.run(["readelf", "-h", str(tmp_path / "art" / "model.so")], capture_output=True, text=True)
+    assert "AArch64" in header.stdout and "DYN" in header.stdout
+    if os.uname().machine != "aarch64":
+        with pytest.raises(MlccError, match="machine code for aarch64"):
+            LoadedArtifact(tmp_path / "art")
+
+
+def test_compiler_crash_in_child_is_a_one_line_error(hf_folder, tmp_path):
+    env = {**os.environ, "MLCC_TEST_CRASH_IN_BUILD": "1"}
+    args = ["compile", "--model", str(hf_folder("llama-q4")), "-o", str(tmp_path / "out")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlcc_cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert_one_line_error(proc, "TVM compiler crashed", "SIGSEGV")
+    assert not list(tmp_path.iterdir())  # no artifact, no staging folder
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])
+def test_package_round_trip(artifact, tmp_path, monkeypatch, compression):
+    if compression == "zstd":
+        pytest.importorskip("zstandard")
+    monkeypatch.setenv("MLCC_CACHE", str(tmp_path / "cache"))
+    package = tmp_path / "model.mlcc"
+    proc = mlcc("package", str(artifact("llama-q4")), "-o", str(package), "--compression", compression)
+    assert proc.returncode == 0, proc.stderr
+    with open(package, "rb") as f:
+        assert f.read(4).startswith(b"\x28\xb5\x2f\xfd" if compression == "zstd" else b"\x1f\x8b")
+
+    args = ["--raw", "--prompt", "Once upon a time", "--max-tokens", "8", "--temperature", "0"]
+    from_folder = mlcc("run", str(artifact("llama-q4")), *args)
+    from_package = mlcc("run", str(package), *args)
+    assert from_package.returncode == 0, from_package.stderr
+    assert from_package.stdout == from_folder.stdout
+    unpacked = list((tmp_path / "cache" / "packages").iterdir())
+    assert len(unpacked) == 1  # unpacked once, named after the package's sha256
+    assert mlcc("run", str(package), *args).stdout == from_folder.stdout
+    assert list((tmp_path / "cache" / "packages").iterdir()) == unpacked
+
+    info = mlcc("inspect", str(package))
+    assert info.returncode == 0, info.stderr
+    for fragment in ("arch:", "llama", "quant:", "q4", "target:", "llvm", "versions:", "tvm", "checksums:", "valid"):
+        assert fragment in info.stdout
+
+
+def test_corrupted_or_truncated_package_is_a_one_line_error(artifact, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLCC_CACHE", str(tmp_path / "cache"))
+    package = tmp_path / "model.mlcc"
+    assert mlcc("package", str(artifact("llama-q4")), "-o", str(package), "--compression", "none").returncode == 0
+    data = package.read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        shard = tar.getmember("weights-00000.safetensors")
+    flipped = bytearray(data)
+    flipped[shard.offset_data + 100] ^= 0xFF  # a weight byte: the tar still reads, the sha256 does not match
+    (tmp_path / "flipped.mlcc").write_bytes(bytes(flipped))
+    (tmp_path / "short.mlcc").write_bytes(data[: len(data) // 2])
+    for name, fragment in [("flipped.mlcc", "checksum mismatch"), ("short.mlcc", "corrupted package")]:
+        assert_one_line_error(mlcc("run", str(tmp_path / name), "--prompt", "hi"), "corrupted package", fragment)
+        assert_one_line_error(mlcc("inspect", str(tmp_path / name)), "corrupted package")
+    assert not [p for p in (tmp_path / "cache" / "packages").iterdir()]  # nothing half-unpacked is kept
+
+
+def test_inspect_reports_invalid_checksums(artifact, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(artifact("llama-q4"), art)
+    shard = art / "weights-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = mlcc("inspect", str(art))
+    assert proc.returncode == 1 and "checksums:" in proc.stdout and "INVALID" in proc.stdout
