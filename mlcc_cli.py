@@ -269,5 +269,24 @@ def _interactive(engine: Any, params: Any, raw: bool) -> None:
             history.append({"role": "assistant", "content": reply})
 
 
+@main.command()
+@click.argument("artifact")
+@click.option("--threads", type=int, multiple=True, help="Thread counts to measure (repeatable; default: all cores).")
+@click.option("--runs", type=int, default=5, show_default=True, help="Runs per measurement (the median is shown).")
+@friendly_errors
+def bench(artifact: str, threads: tuple[int, ...], runs: int) -> None:
+    """Prefill (128 and 512 tokens) and decode (128 tokens) speed of ARTIFACT on this machine.
+
+    For a side-by-side table with llama.cpp on the same GGUF: python bench/cpu.py ARTIFACT MODEL.gguf"""
+    import os
+
+    from runtime.benchmark import measure
+
+    click.echo(f"{'threads':>7} {'test':>12} {'tokens/s':>9}")
+    for count in threads or (os.cpu_count() or 1,):
+        for test, rate in measure(artifact, count, runs).items():
+            click.echo(f"{count:>7} {test:>12} {rate:>9.1f}")
+
+
 if __name__ == "__main__":
     main()

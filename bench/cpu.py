@@ -17,55 +17,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TEXT = (
-    "The history of the city begins with a small settlement on the river, where traders met to exchange "
-    "grain, salt and cloth. Over the centuries the settlement grew into a market town, then a city with walls, "
-    "churches, a university and a harbour. "
-)
-PREFILL_LENGTHS = (128, 512)
-DECODE_TOKENS = 128
-
-
-def prompt_ids(tokenize, n: int) -> list[int]:
-    ids: list[int] = []
-    while len(ids) < n:
-        ids += tokenize(TEXT)
-    return ids[:n]
 
 
 def measure_mlcc(artifact: str, threads: int, runs: int) -> dict[str, float]:
     sys.path.insert(0, str(ROOT))
-    from runtime import Engine, SamplingParams
+    from runtime.benchmark import measure
 
-    engine = Engine(artifact, verify=False, max_batch_size=1, kv_cache_tokens=2048, threads=threads)
-    results: dict[str, float] = {}
-    for n in PREFILL_LENGTHS:
-        ids = prompt_ids(engine.tokenizer.encode, n)
-        engine.prefill_logits([ids])  # warm-up
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            engine.prefill_logits([ids])
-            times.append(time.perf_counter() - start)
-        results[f"prefill {n}"] = n / statistics.median(times)
-    ids = prompt_ids(engine.tokenizer.encode, 16)
-    params = SamplingParams(max_tokens=DECODE_TOKENS + 1, temperature=0, ignore_eos=True)
-    one = SamplingParams(max_tokens=1, temperature=0)
-    rates = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        engine.generate_ids([ids], one)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        engine.generate_ids([ids], params)
-        rates.append(DECODE_TOKENS / (time.perf_counter() - start - first))
-    results[f"decode {DECODE_TOKENS}"] = statistics.median(rates)
-    return results
+    return measure(artifact, threads, runs)
 
 
 def measure_llamacpp(gguf: str, threads: int, runs: int) -> dict[str, float]:
     import numpy as np
     from llama_cpp import Llama
+
+    sys.path.insert(0, str(ROOT))
+    from runtime.benchmark import DECODE_TOKENS, PREFILL_LENGTHS, prompt_ids
 
     llm = Llama(gguf, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
     results: dict[str, float] = {}

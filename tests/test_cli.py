@@ -166,3 +166,11 @@ def test_same_seed_same_text(artifact, seed):
     assert first.returncode == 0 and first.stdout == second.stdout
     other = mlcc(*args[:-1], str(seed + 1))
     assert other.stdout != first.stdout
+
+
+def test_bench_prints_speeds(artifact):
+    proc = mlcc("bench", str(artifact("llama-q4")), "--runs", "1", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    assert [r[1:3] for r in rows] == [["decode", "128"]]  # the tiny model's 128-token context fits no prefill test
+    assert all(float(r[3]) > 0 for r in rows)
