@@ -198,6 +198,23 @@ class Engine:
             for r in requests:
                 KV_REMOVE(self.kv, r.seq_id)
 
+    def prompt_logits(self, ids: list[int]) -> np.ndarray:
+        """Logits [len(ids), vocab] at every position of one fresh sequence (for perplexity and references),
+        prefilled in the engine's chunks; leaves no state."""
+        self.make_requests(list(ids), SamplingParams(max_tokens=1))  # the same checks as a request
+        self._make_room(self._pages_needed(len(ids), 0))
+        seq_id = next(self._seq_ids)
+        KV_ADD(self.kv, seq_id)
+        try:
+            rows = []
+            for start in range(0, len(ids), self.prefill_chunk):
+                chunk = np.asarray(ids[start : start + self.prefill_chunk], dtype="int32")
+                positions = np.arange(len(chunk), dtype="int32")
+                rows.append(self._forward(self._prefill, [seq_id], [len(chunk)], chunk, positions))
+            return np.concatenate(rows)
+        finally:
+            KV_REMOVE(self.kv, seq_id)
+
     def make_requests(
         self, prompt_ids: list[int], params: SamplingParams, on_delta: Callable[[Delta], None] | None = None
     ) -> list[Request]:

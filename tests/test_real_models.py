@@ -11,10 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tvm
-from tvm.runtime import ShapeTuple
-
-from runtime.engine import KV_ADD, KV_BEGIN, KV_END, KV_REMOVE
 
 pytestmark = pytest.mark.real_model
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -84,29 +80,6 @@ def reference_model():
     return get
 
 
-def all_position_logits(engine, ids: list[int]) -> np.ndarray:
-    """Logits [len(ids), vocab] at every prompt position, from one prefill."""
-    seq = 10_000_000 + len(ids)
-    KV_ADD(engine.kv, seq)
-    try:
-        KV_BEGIN(engine.kv, ShapeTuple([seq]), ShapeTuple([len(ids)]))
-        logits, engine.kv = engine._prefill(
-            tvm.runtime.tensor(np.array(ids, "int32")),
-            tvm.runtime.tensor(np.arange(len(ids), dtype="int32")),
-            engine.kv,
-            engine._params,
-        )
-        KV_END(engine.kv)
-        return logits.numpy()
-    finally:
-        KV_REMOVE(engine.kv, seq)
-
-
-def chunked_last_logits(engine, ids: list[int]) -> np.ndarray:
-    """Last-token logits through the engine's own chunked prefill (needed beyond a sliding window)."""
-    return engine.prefill_logits([ids])[0]
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_logits_match_transformers(name, real_engine, reference_model):
     import torch
@@ -115,7 +88,7 @@ def test_logits_match_transformers(name, real_engine, reference_model):
     worst = 0.0
     for prompt in PROMPTS:
         ids = engine.tokenizer.encode(prompt)
-        ours = all_position_logits(engine, ids)
+        ours = engine.prompt_logits(ids)
         with torch.no_grad():
             ref = model(torch.tensor([ids])).logits[0].numpy()
         assert (ours.argmax(-1) == ref.argmax(-1)).all()
@@ -132,7 +105,7 @@ def test_gemma3_beyond_the_sliding_window(real_engine, reference_model):
     assert len(ids) > 600 > model.config.sliding_window
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0, -1].numpy()
-    ours = chunked_last_logits(engine, ids)
+    ours = engine.prompt_logits(ids)[-1]
     assert ours.argmax() == ref.argmax()
     assert np.abs(ours - ref).max() < 1e-2
 
@@ -181,7 +154,7 @@ def test_matches_llamacpp(name, real_engine):
     for i, prompt in enumerate(PROMPTS):
         ids = engine.tokenizer.encode(prompt)
         assert ids == ref[f"ids_{i}"].tolist()
-        ours = all_position_logits(engine, ids)
+        ours = engine.prompt_logits(ids)
         assert (ours.argmax(-1) == ref[f"argmax_{i}"]).all()
         worst = max(worst, float(np.abs(ours[-1] - ref[f"last_{i}"].astype(np.float32)).max()))
         greedy = engine.generate_ids([ids], SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))[0]
@@ -189,7 +162,7 @@ def test_matches_llamacpp(name, real_engine):
         n = next((j for j, (a, b) in enumerate(zip(greedy.token_ids, theirs)) if a != b), 64)
         agreed.append(n)
         if n < 64:
-            logits = all_position_logits(engine, ids + greedy.token_ids[:n])[-1]
+            logits = engine.prompt_logits(ids + greedy.token_ids[:n])[-1]
             assert logits[greedy.token_ids[n]] - logits[theirs[n]] < 0.5, "parted on a clear choice, not a tie"
     print(f"{name} vs llama.cpp: max abs last-token logit difference {worst:.2f}; greedy tokens agreed {agreed}")
     assert worst < 2.5
