@@ -98,8 +98,12 @@ class GGUFSource:
             tok = self._sentencepiece_bpe(tokens, types)
         else:
             raise MlccError(f"GGUF tokenizer model {kind!r} is not supported yet; supported: gpt2, llama")
-        specials = [t for t, kind in zip(tokens, types) if kind in (CONTROL, USER_DEFINED)]
+        # Control tokens are special (left out of decoded text); user-defined ones (e.g. Gemma's runs of
+        # spaces) are matched whole like them but decode as text, as llama.cpp does.
+        specials = [t for t, kind in zip(tokens, types) if kind == CONTROL]
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        user = [t for t, kind in zip(tokens, types) if kind == USER_DEFINED]
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
         bos_id, eos_id = self.meta.get("tokenizer.ggml.bos_token_id"), self.meta.get("tokenizer.ggml.eos_token_id")
         bos = tokens[bos_id] if bos_id is not None else None
         if self.meta.get("tokenizer.ggml.add_bos_token") and bos is not None:

@@ -28,30 +28,44 @@ TOKENIZER_STRINGS = [
 
 
 @pytest.fixture(scope="module")
-def smollm_tokenizer(tmp_path_factory):
-    from test_real_models import smollm_gguf
+def gguf_tokenizer(tmp_path_factory):
+    from test_real_models import MODELS
 
     from compiler.gguf_source import GGUFSource
     from runtime.tokenizer import Tokenizer
 
-    folder = tmp_path_factory.mktemp("tok")
-    info = GGUFSource(smollm_gguf()).write_tokenizer(folder)
-    return Tokenizer(folder, info, info["chat_template"])
+    made = {}
+
+    def get(name: str) -> Tokenizer:
+        if name not in made:
+            folder = tmp_path_factory.mktemp(f"tok-{name}")
+            info = GGUFSource(MODELS[name]()).write_tokenizer(folder)
+            made[name] = Tokenizer(folder, info, info["chat_template"])
+        return made[name]
+
+    return get
 
 
-@pytest.mark.skipif(not (FIXTURES / "smollm2_llamacpp.npz").is_file(), reason="no llama.cpp fixtures")
-def test_smollm2_tokenizer_matches_stored_llamacpp(smollm_tokenizer):
-    ref = np.load(FIXTURES / "smollm2_llamacpp.npz")
+@pytest.mark.parametrize("name", ["gemma3", "smollm2"])
+def test_tokenizer_matches_stored_llamacpp(name, gguf_tokenizer):
+    path = FIXTURES / f"{name}_llamacpp.npz"
+    if not path.is_file():
+        pytest.skip(f"no llama.cpp fixtures for {name}")
+    ref = np.load(path)
+    tokenizer = gguf_tokenizer(name)
     for i, text in enumerate(TOKENIZER_STRINGS):
-        assert smollm_tokenizer.encode(text) == ref[f"tok_{i}"].tolist(), text
+        assert tokenizer.encode(text, add_special_tokens=False) == ref[f"tok_{i}"].tolist(), text
 
 
-def test_smollm2_tokenizer_matches_live_llamacpp(smollm_tokenizer):
+@pytest.mark.parametrize("name", ["gemma3", "smollm2"])
+def test_tokenizer_matches_live_llamacpp(name, gguf_tokenizer):
     llama_cpp = pytest.importorskip("llama_cpp")
-    from test_real_models import smollm_gguf
+    from test_real_models import MODELS
 
-    llm = llama_cpp.Llama(str(smollm_gguf()), vocab_only=True, verbose=False)
+    llm = llama_cpp.Llama(str(MODELS[name]()), vocab_only=True, verbose=False)
+    tokenizer = gguf_tokenizer(name)
     for text in TOKENIZER_STRINGS:
-        assert smollm_tokenizer.encode(text) == llm.tokenize(text.encode(), add_bos=False, special=True), text
+        ours = tokenizer.encode(text, add_special_tokens=False)
+        assert ours == llm.tokenize(text.encode(), add_bos=False, special=True), text
         if "<|" not in text:  # special tokens are left out of decoded text
-            assert smollm_tokenizer.decode(smollm_tokenizer.encode(text)) == text
+            assert tokenizer.decode(ours) == text
