@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -36,33 +36,48 @@ class ModelSource:
         return names
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Every tensor as float32/int numpy, one at a time, so memory stays near the largest tensor."""
+        """Every tensor as numpy (bfloat16 widened to float32), one at a time.
+
+        Read with plain file reads, not a memory map: a map keeps every page it has touched resident, so the
+        process would grow to the size of the checkpoint; this way memory stays near the largest tensor."""
         for path in self.weight_files:
-            try:
-                with safe_open(str(path), framework="numpy") as f:
-                    for name in f.keys():
-                        yield name, _read_tensor(f, path, name)
-            except SafetensorError as e:
-                raise MlccError(f"cannot read {path}: {e}") from None
+            with open(path, "rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                try:
+                    header = json.loads(fh.read(header_len))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise MlccError(f"cannot read {path}: invalid header: {e}") from None
+                for name, info in header.items():
+                    if name != "__metadata__":
+                        yield name, _read_tensor(fh, 8 + header_len, info, path, name)
 
 
-def _read_tensor(f: Any, path: Path, name: str) -> np.ndarray:
-    try:
-        return f.get_tensor(name)
-    except TypeError:  # numpy has no bfloat16: widen the raw bits to float32
-        return _read_bf16(path, name)
+SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,  # widened to float32 below: numpy has no bfloat16
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
-def _read_bf16(path: Path, name: str) -> np.ndarray:
-    with open(path, "rb") as fh:
-        header_len = int.from_bytes(fh.read(8), "little")
-        info = json.loads(fh.read(header_len))[name]
-        if info["dtype"] != "BF16":
-            raise MlccError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        fh.seek(8 + header_len + start)
-        raw = np.frombuffer(fh.read(end - start), dtype=np.uint16)
-    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+def _read_tensor(fh: BinaryIO, data_start: int, info: dict[str, Any], path: Path, name: str) -> np.ndarray:
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+        raise MlccError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+    start, end = info["data_offsets"]
+    fh.seek(data_start + start)
+    raw = fh.read(end - start)
+    if len(raw) != end - start:
+        raise MlccError(f"cannot read {path}: tensor {name} is truncated")
+    array = np.frombuffer(raw, dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    if info["dtype"] == "BF16":
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array
 
 
 def _looks_like_hub_id(spec: str) -> bool:

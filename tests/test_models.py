@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from quant_schemes.group_quant import GroupQuantFormat
+from model_defs.llama import map_hf_name
+from quant_schemes import get_scheme
 from runtime import SamplingParams
 
 PROMPTS = [
@@ -17,15 +18,20 @@ PROMPTS = [
 ]
 
 
-def load_reference(folder, dequantize_bits: int | None = None):
+def load_reference(folder, quant: str | None = None):
+    """transformers on `folder`; with `quant`, on the weights the compiled model sees: each matrix quantized in
+    the format the scheme gives it, then dequantized (a tied head gets its own copy, as in the artifact)."""
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
-    if dequantize_bits:  # the same weights the compiled model sees: quantized, then dequantized
-        fmt = GroupQuantFormat(dequantize_bits, 32)
+    if quant:
+        scheme = get_scheme(quant)
         with torch.no_grad():
-            for _, p in model.named_parameters():
+            if model.config.tie_word_embeddings:
+                model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+            for hf_name, p in model.named_parameters():
                 if p.ndim == 2:
+                    fmt = scheme.format_for(map_hf_name(hf_name).removesuffix(".weight"))
                     w = p.numpy()
-                    p.copy_(torch.from_numpy(fmt.dequantize(*fmt.quantize(w), w.shape[1])))
+                    p.copy_(torch.from_numpy(fmt.dequantize(fmt.quantize(w), w.shape[1])))
     return model, PreTrainedTokenizerFast.from_pretrained(folder)
 
 
@@ -44,17 +50,17 @@ def reference_greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "variant,bits,tol",
+    "variant,quant,tol",
     [
         ("llama-f32", None, 1e-3),
         ("mistral-f32", None, 1e-3),
         ("qwen2-f32", None, 1e-3),
-        ("llama-q4", 4, 1e-3),
-        ("odd-tied-q4", 4, 1e-3),
+        ("llama-q4", "q4", 1e-3),
+        ("odd-tied-q4", "q4", 1e-3),
     ],
 )
-def test_logits_and_greedy_match_transformers(variant, bits, tol, hf_folder, engine):
-    model, tokenizer = load_reference(hf_folder(variant), bits)
+def test_logits_and_greedy_match_transformers(variant, quant, tol, hf_folder, engine):
+    model, tokenizer = load_reference(hf_folder(variant), quant)
     eng = engine(variant)
     ids = [tokenizer(p).input_ids for p in PROMPTS]
     assert [eng.tokenizer.encode(p) for p in PROMPTS] == ids
