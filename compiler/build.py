@@ -38,6 +38,8 @@ def _cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
     passes = (
         cpu_generic.library_dispatch_passes(target)
+        # x @ permute_dims(W) as one kernel reading W's rows, not a transposed copy of W on every call.
+        + [relax.transform.FuseTransposeMatmul()]
         + cpu_generic.legalize_passes(target)
         + [cpu_schedule]
         + cpu_generic.dataflow_lower_passes(target)
