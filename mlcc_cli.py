@@ -57,7 +57,8 @@ def main(verbose: bool) -> None:
 @click.option(
     "--quant",
     default=None,
-    help="q0f32, q0f16, q4 (default for float checkpoints) or gguf (GGUF files: native block types, the default).",
+    help="q0f32, q0f16, q2, q2a, q3, q3a, q4 (default for float checkpoints), q4a, q4f32, q5, q6, q8, "
+    "or gguf (GGUF files: their own block types, the default); see the README's Quantization section.",
 )
 @click.option(
     "--target",

@@ -174,3 +174,10 @@ def test_bench_prints_speeds(artifact):
     rows = [line.split() for line in proc.stdout.splitlines()[1:]]
     assert [r[1:3] for r in rows] == [["decode", "128"]]  # the tiny model's 128-token context fits no prefill test
     assert all(float(r[3]) > 0 for r in rows)
+
+
+def test_compile_help_names_every_scheme():
+    from quant_schemes import SCHEMES
+
+    help_text = " ".join(mlcc("compile", "--help").stdout.split())
+    assert all(name in help_text for name in [*SCHEMES, "gguf"])
