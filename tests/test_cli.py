@@ -102,13 +102,18 @@ def test_truncated_safetensors_leaves_no_artifact(hf_folder, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no output, no staging folder
 
 
-def test_corrupted_artifact_file(artifact, tmp_path):
-    art = tmp_path / "art"
-    shutil.copytree(artifact("llama-q4"), art)
-    shard = art / "weights-00000.safetensors"
+def copy_with_corrupted_shard(artifact_dir: Path, into: Path) -> Path:
+    """A copy of an artifact whose first weight shard has its last byte flipped."""
+    shutil.copytree(artifact_dir, into)
+    shard = into / "weights-00000.safetensors"
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
+    return into
+
+
+def test_corrupted_artifact_file(artifact, tmp_path):
+    art = copy_with_corrupted_shard(artifact("llama-q4"), tmp_path / "art")
     assert_one_line_error(mlcc("run", str(art), "--prompt", "hi"), "checksum mismatch")
     (art / "model.so").unlink()
     assert_one_line_error(mlcc("run", str(art), "--prompt", "hi"), "missing", "model.so")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import tvm
-from test_cli import assert_one_line_error, mlcc
+from test_cli import assert_one_line_error, copy_with_corrupted_shard, mlcc
 
 from artifacts.errors import MlccError
 from compiler.compile import compile_model
@@ -134,11 +134,6 @@ def test_corrupted_or_truncated_package_is_a_one_line_error(artifact, tmp_path, 
 
 
 def test_inspect_reports_invalid_checksums(artifact, tmp_path):
-    art = tmp_path / "art"
-    shutil.copytree(artifact("llama-q4"), art)
-    shard = art / "weights-00000.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-1] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    art = copy_with_corrupted_shard(artifact("llama-q4"), tmp_path / "art")
     proc = mlcc("inspect", str(art))
     assert proc.returncode == 1 and "checksums:" in proc.stdout and "INVALID" in proc.stdout
