@@ -29,7 +29,8 @@ TEXT = (
     "The history of the city begins with a small settlement on the river, where traders met to exchange "
     "grain, salt and cloth. Over the centuries the settlement grew into a market town."
 )
-LOGIT_TOLERANCE = {"tiny": 1e-3, "small": 1e-3, "small-q3": 1e-3, "smollm2": 5e-2}  # float32 on both; the GPU sums in another order
+# float32 on both sides; the GPU only sums in another order.
+LOGIT_TOLERANCE = {"tiny": 1e-3, "small": 1e-3, "small-q3": 1e-3, "smollm2": 5e-2}
 GREEDY_TOKENS = 32
 DECODE_TOKENS = 128
 
