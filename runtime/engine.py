@@ -26,7 +26,7 @@ import numpy as np
 import tvm
 from tvm.runtime import ShapeTuple
 
-from artifacts import MlccError
+from artifacts import Manifest, MlccError
 from runtime.artifact import LoadedArtifact
 from runtime.sampler import SamplingParams, TokenLogprob, adjust_logits, sample, token_logprob
 from runtime.tokenizer import IncrementalDecoder
@@ -38,6 +38,9 @@ KV_FORK = _f("vm.builtin.kv_state_fork_sequence")
 KV_BEGIN = _f("vm.builtin.kv_state_begin_forward")
 KV_END = _f("vm.builtin.kv_state_end_forward")
 KV_FREE_PAGES = _f("vm.builtin.attention_kv_cache_get_num_available_pages")
+
+
+DEFAULT_KV_BYTES = 2 << 30
 
 
 def set_threads(n: int) -> None:
@@ -139,7 +142,7 @@ class Engine:
         self.max_batch_size = max_batch_size or m.kv_cache["max_batch_size"]
         self.prefill_chunk = m.kv_cache["prefill_chunk_size"]
         self.page_size = m.kv_cache["page_size"]
-        self.kv_tokens = kv_cache_tokens or self.context_window * self.max_batch_size
+        self.kv_tokens = kv_cache_tokens or self._default_kv_tokens(m)
         self.kv = self.artifact.vm["create_paged_kv_cache"](
             ShapeTuple([self.max_batch_size]),
             ShapeTuple([self.kv_tokens]),
@@ -197,6 +200,15 @@ class Engine:
         finally:
             for r in requests:
                 KV_REMOVE(self.kv, r.seq_id)
+
+    def _default_kv_tokens(self, m: Manifest) -> int:
+        """A full context for every batch slot, but no more than DEFAULT_KV_BYTES of K/V (a 32k-context model
+        would otherwise reserve ~10 GB), and never less than one full-length sequence."""
+        cfg = m.model_config
+        itemsize = np.dtype(m.kv_cache["dtype"]).itemsize
+        per_token = 2 * cfg["num_layers"] * cfg["num_kv_heads"] * cfg["head_dim"] * itemsize  # K and V
+        budget = max(self.context_window, DEFAULT_KV_BYTES // per_token)
+        return min(self.context_window * self.max_batch_size, budget)
 
     def prompt_logits(self, ids: list[int]) -> np.ndarray:
         """Logits [len(ids), vocab] at every position of one fresh sequence (for perplexity and references),
