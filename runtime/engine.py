@@ -277,7 +277,9 @@ class Engine:
         return (self.total_pages - int(KV_FREE_PAGES(self.kv))) * self.page_size
 
     def step(self) -> None:
-        """Admit what fits, prefill it, else decode one token for every running request."""
+        """Admit what fits and prefill it, then decode one token for every request that was already running
+        (so new arrivals do not make the running ones skip a step)."""
+        active = list(self.running)
         admitted = self._admit()
         if admitted:
             self.running.extend(admitted)
@@ -285,8 +287,8 @@ class Engine:
             for r, row in zip(admitted, logits):
                 r.kv_len = len(r.prompt_ids)
                 self._accept(r, row)
-        elif self.running:
-            active = list(self.running)
+        active = [r for r in active if r.finish_reason is None]
+        if active:
             ids = np.array([r.output_ids[-1] for r in active], dtype="int32")
             logits = self._forward(self._decode, [r.seq_id for r in active], [1] * len(active), ids)
             for r, row in zip(active, logits):
