@@ -157,7 +157,12 @@ def run(
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on /v1 routes.")
 @click.option("--max-batch-size", type=int, default=None, help="Requests decoded together (default: the artifact's).")
-@click.option("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (default: a full batch).")
+@click.option(
+    "--kv-cache-tokens",
+    type=int,
+    default=None,
+    help="KV cache size in tokens (default: a full context per batch slot, at most 2 GiB of K/V).",
+)
 @click.option("--no-prefix-cache", is_flag=True, help="Do not reuse the KV of earlier prompts' shared prefixes.")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the artifact files.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
