@@ -114,6 +114,7 @@ class BuildJob:
 def export_and_build(job: BuildJob) -> list[str]:
     """Export the model's entry points and build the library; returns the parameter order."""
     spec = resolve_target(job.target)
+    job.scheme.prepare(spec.target)
     net = get_arch(job.arch).Model(job.config)
     job.scheme.quantize_model(net)
     entry = EntryPoints(net, spec.target, job.scheme.dtype)

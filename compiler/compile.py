@@ -71,6 +71,7 @@ def compile_model(
         plan = _plan_hf(model, arch, quant)
     arch_name, config, scheme, tensors, write_tokenizer = plan
 
+    scheme.prepare(target_spec.target)
     net = get_arch(arch_name).Model(config)
     for note in scheme.quantize_model(net):  # tensors padded or kept wider, for the compile summary
         progress(note)
@@ -155,8 +156,12 @@ def _plan_gguf(path: Path, arch: str | None, quant: str | None) -> Plan:
         raise MlccError(f"unsupported GGUF architecture {source.arch!r}; supported: {', '.join(sorted(GGUF_ARCHS))}")
     arch_name = arch or GGUF_ARCHS[source.arch]
     config = get_arch(arch_name).config_from_gguf(source.arch_meta(), "output.weight" in source.tensors_by_name)
-    native = quant in (None, "gguf")
-    scheme = GGUFNativeScheme(source.tensor_types()) if native else get_scheme(quant)
+    native = quant in (None, "gguf", "gguf-f32")
+    if native:
+        activations = "f32" if quant == "gguf-f32" else "q8"
+        scheme: QuantScheme = GGUFNativeScheme(source.tensor_types(), activations=activations)
+    else:
+        scheme = get_scheme(quant)
     return arch_name, config, scheme, lambda: source.tensors(raw=native), source.write_tokenizer
 
 

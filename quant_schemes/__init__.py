@@ -50,7 +50,8 @@ SCHEMES: dict[str, Callable[[], QuantScheme]] = {
 
 def get_scheme(name: str) -> QuantScheme:
     if name not in SCHEMES:
-        raise MlccError(f"unknown quantization {name!r}; known: {', '.join(SCHEMES)}, and gguf for GGUF files")
+        known = ", ".join(SCHEMES)
+        raise MlccError(f"unknown quantization {name!r}; known: {known}, and gguf or gguf-f32 for GGUF files")
     return SCHEMES[name]()
 
 

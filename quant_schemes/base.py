@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from tvm.relax.frontend import nn
+from tvm.target import Target
 
 
 class PackedModule(nn.Module):
@@ -31,6 +32,9 @@ class QuantScheme(ABC):
     @abstractmethod
     def quantize_model(self, model: nn.Module) -> list[str]:
         """Replace modules in place; returns the names of tensors kept in float, for the summary."""
+
+    def prepare(self, target: Target) -> None:  # noqa: B027 - most schemes have one kind of kernel
+        """Pick kernels for the compilation target, before `quantize_model`."""
 
     def bits_per_weight(self) -> float:
         """Nominal storage per weight of a quantized matrix, scales included."""

@@ -14,6 +14,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
+from tvm.target import Target
 
 from artifacts.errors import MlccError
 from quant_schemes.base import PackedModule, QuantScheme
@@ -158,10 +159,17 @@ class BlockFormat:
 
 
 class GGUFLinear(PackedModule):
-    """y = x @ W.T (+ b) with W held as GGUF blocks and decoded in the reduction; float32 accumulation."""
+    """y = x @ W.T (+ b) with W held as GGUF blocks and decoded in the reduction; float32 accumulation.
 
-    def __init__(self, fmt: BlockFormat, in_features: int, out_features: int, bias: bool, dtype: str):
+    With `int8_activations` (x86 CPUs with AVX2), x is quantized to 8 bits per 32 columns and multiplied in
+    integers, as llama.cpp does (quant_schemes/gguf_int8.py); otherwise the weights are decoded to float.
+    """
+
+    def __init__(
+        self, fmt: BlockFormat, in_features: int, out_features: int, bias: bool, dtype: str, int8_activations: bool
+    ):
         self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
+        self.int8_activations = int8_activations and dtype == "float32" and in_features % 32 == 0
         self.q_data = nn.Parameter((out_features, fmt.row_bytes(in_features)), "uint8")
         self.bias = nn.Parameter((out_features,), dtype) if bias else None
 
@@ -172,6 +180,20 @@ class GGUFLinear(PackedModule):
         return {"q_data": weight.view(np.uint8).reshape(self.out_features, -1)}
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self._int8_matmul(x) if self.int8_activations else self._float_matmul(x)
+        return y + self.bias if self.bias is not None else y
+
+    def _int8_matmul(self, x: Tensor) -> Tensor:
+        from quant_schemes.gguf_int8 import int8_matmul
+
+        n_in, n_out = self.in_features, self.out_features
+        rows = op.reshape(x, (-1, n_in))  # [b*s, n_in]
+        kernel = int8_matmul(self.fmt.qtype, n_in, n_out, self.fmt.row_bytes(n_in))
+        out = Tensor.placeholder([rows.shape[0], n_out], "float32")
+        y = op.tensor_ir_op(kernel, "gguf_int8_matmul", [rows, self.q_data], out)
+        return op.reshape(y, (*x.shape[:-1], n_out))  # [b, s, n_out]
+
+    def _float_matmul(self, x: Tensor) -> Tensor:
         fmt, n_in, n_out, dtype = self.fmt, self.in_features, self.out_features, self.dtype
 
         def matmul(xt: te.Tensor, data: te.Tensor) -> te.Tensor:
@@ -189,8 +211,7 @@ class GGUFLinear(PackedModule):
                 return y
             return te.compute(y.shape, lambda *i: y[i].astype(dtype), name="gguf_matmul_cast")
 
-        y = op.tensor_expr_op(matmul, "gguf_matmul", [x, self.q_data])
-        return y + self.bias if self.bias is not None else y
+        return op.tensor_expr_op(matmul, "gguf_matmul", [x, self.q_data])
 
 
 class GGUFEmbedding(PackedModule):
@@ -218,10 +239,16 @@ class GGUFEmbedding(PackedModule):
 
 
 class GGUFNativeScheme(QuantScheme):
-    """Each matrix in the block type it has in the GGUF file; float tensors in `dtype`."""
+    """Each matrix in the block type it has in the GGUF file; float tensors in `dtype`.
 
-    def __init__(self, tensor_types: dict[str, GGMLQuantizationType], dtype: str = "float32"):
-        self.name, self.dtype, self.tensor_types = "gguf", dtype, tensor_types
+    `activations`: "q8" multiplies 8-bit activations with the integer weight codes where the target CPU can
+    (llama.cpp's arithmetic, and its speed); "f32" decodes weights to float (the exact dequantized model).
+    """
+
+    def __init__(self, tensor_types: dict[str, GGMLQuantizationType], dtype: str = "float32", activations: str = "q8"):
+        self.name = "gguf" if activations == "q8" else f"gguf-{activations}"
+        self.dtype, self.tensor_types, self.activations = dtype, tensor_types, activations
+        self.int8_activations = False  # decided per target by `prepare`
         counts: dict[str, int] = {}
         for t in tensor_types.values():
             counts[t.name] = counts.get(t.name, 0) + 1
@@ -229,8 +256,14 @@ class GGUFNativeScheme(QuantScheme):
         for t in set(tensor_types.values()) - FLOAT_TYPES:
             BlockFormat(t)  # a one-line error for any type we cannot run, before compiling anything
 
+    def prepare(self, target: Target) -> None:
+        from quant_schemes.gguf_int8 import has_avx2
+
+        self.int8_activations = self.activations == "q8" and has_avx2(target)
+
     def describe(self) -> dict:
-        return {**super().describe(), "types": sorted({t.name for t in self.tensor_types.values()})}
+        types = sorted({t.name for t in self.tensor_types.values()})
+        return {**super().describe(), "types": types, "activations": "q8" if self.int8_activations else "f32"}
 
     def bits_per_weight(self) -> float:
         return 0.0  # mixed; the artifact's weight bytes tell the real figure
@@ -245,7 +278,10 @@ class GGUFNativeScheme(QuantScheme):
                     return self.visit(name, node)
                 fmt = BlockFormat(qtype)
                 if isinstance(node, nn.Linear):
-                    return GGUFLinear(fmt, node.in_features, node.out_features, node.bias is not None, scheme.dtype)
+                    bias = node.bias is not None
+                    return GGUFLinear(
+                        fmt, node.in_features, node.out_features, bias, scheme.dtype, scheme.int8_activations
+                    )
                 if isinstance(node, nn.Embedding):
                     num, dim = (int(d) for d in node.weight.shape)
                     return GGUFEmbedding(fmt, num, dim, scheme.dtype)

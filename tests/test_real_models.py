@@ -51,12 +51,13 @@ def real_engine(workdir):
 
     engines = {}
 
-    def get(name: str):
-        if name not in engines:
-            out = workdir / f"real-{name}"
-            compile_model(str(MODELS[name]()), out, progress=lambda _: None)
-            engines[name] = Engine(out, max_batch_size=4, kv_cache_tokens=4096)
-        return engines[name]
+    def get(name: str, quant: str = "gguf"):
+        """quant: "gguf" (8-bit activations on AVX2 CPUs, llama.cpp's arithmetic) or "gguf-f32" (exact)."""
+        if (name, quant) not in engines:
+            out = workdir / f"real-{name}-{quant}"
+            compile_model(str(MODELS[name]()), out, quant=quant, progress=lambda _: None)
+            engines[name, quant] = Engine(out, max_batch_size=4, kv_cache_tokens=4096)
+        return engines[name, quant]
 
     return get
 
@@ -84,7 +85,7 @@ def reference_model():
 def test_logits_match_transformers(name, real_engine, reference_model):
     import torch
 
-    engine, model = real_engine(name), reference_model(name)
+    engine, model = real_engine(name, "gguf-f32"), reference_model(name)
     worst = 0.0
     for prompt in PROMPTS:
         ids = engine.tokenizer.encode(prompt)
@@ -100,7 +101,7 @@ def test_logits_match_transformers(name, real_engine, reference_model):
 def test_gemma3_beyond_the_sliding_window(real_engine, reference_model):
     import torch
 
-    engine, model = real_engine("gemma3"), reference_model("gemma3")
+    engine, model = real_engine("gemma3", "gguf-f32"), reference_model("gemma3")
     ids = engine.tokenizer.encode(LONG_PROMPT)
     assert len(ids) > 600 > model.config.sliding_window
     with torch.no_grad():
@@ -116,7 +117,7 @@ def test_greedy_matches_transformers(name, real_engine, reference_model):
 
     from runtime import SamplingParams
 
-    engine, model = real_engine(name), reference_model(name)
+    engine, model = real_engine(name, "gguf-f32"), reference_model(name)
     ids = engine.tokenizer.encode(PROMPTS[0])
     ours = engine.generate_ids([ids], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
     x = torch.tensor([ids])

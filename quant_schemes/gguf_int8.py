@@ -1,0 +1,243 @@
+"""GGUF matmuls with 8-bit activations for x86 CPUs with AVX2, the way llama.cpp computes them.
+
+Each token's activations are quantized per 32 columns to int8 with one float scale (llama.cpp's Q8_0/Q8_1
+activations). A weight row is read 32 columns at a time as 32 small integers (its block's codes, unpacked in
+registers), multiplied with the int8 activations by `pmaddubsw` + `pmaddwd` (32 multiply-adds in two
+instructions), and the int32 sums are scaled into a float accumulator. That is 4-5x fewer instructions per
+weight than decoding to float, which is what bounds decode speed on a CPU.
+
+Per 32-column chunk c of a row, a type gives its codes and how to scale their dot product:
+    dot_c = scale_c * x_scale_c * sum_i code_i * xq_i  [+ offset_c * x_sum_c]
+Codes with a zero point (Q4_0, Q5_0, Q8_0, Q6_K) are made signed and multiplied with the sign trick
+(|code| times xq with code's sign), like llama.cpp; types with a min (Q4_1, Q5_1, Q4_K, Q5_K) keep unsigned
+codes and add min * sum(x). Q6_K's two 16-column sub-scales ride in `pmaddwd`'s multiplier.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import tvm
+from gguf import GGMLQuantizationType
+from tvm import tirx
+from tvm.script import tirx as T
+
+from quant_schemes.gguf_native import _f16, _k_scale_min
+
+Q = GGMLQuantizationType
+CHUNK = 32
+
+
+def _vec(data: tirx.Buffer, row: tirx.PrimExpr, start: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
+    return tirx.BufferLoad(data, [row, tirx.Ramp(start, 1, lanes)])
+
+
+def _bcast(value: int, dtype: str, lanes: int) -> tirx.PrimExpr:
+    return tirx.Broadcast(tirx.const(value, dtype), lanes)
+
+
+def _concat(lo: tirx.PrimExpr, hi: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
+    return tirx.Shuffle([lo, hi], [tirx.IntImm("int32", i) for i in range(2 * lanes)])
+
+
+def _nibbles(data, row, start) -> tirx.PrimExpr:
+    """32 codes from 16 bytes: low nibbles are columns 0..15, high nibbles 16..31 (Q4_0/Q4_1/Q5_x)."""
+    v = _vec(data, row, start, 16)
+    return _concat(v & _bcast(15, "uint8", 16), v >> _bcast(4, "uint8", 16), 16)
+
+
+def _bits(data, row, start) -> tirx.PrimExpr:
+    """Bit i of the little-endian 32-bit field at `start`, as 16 or 0, for columns i = 0..31 (Q5_0/Q5_1):
+    byte i // 8 of the field spread to lane i, tested against bit i % 8."""
+    field = _vec(data, row, start, 4)  # (a shuffle picks from its inputs' lanes, so give it 32 of them)
+    spread = tirx.Shuffle([field] * 8, [tirx.IntImm("int32", i // 8) for i in range(32)])
+    mask = _vec_const([1 << (i % 8) for i in range(32)], "uint8")
+    return tirx.Select((spread & mask) != _bcast(0, "uint8", 32), _bcast(16, "uint8", 32), _bcast(0, "uint8", 32))
+
+
+def _vec_const(values: list[int], dtype: str) -> tirx.PrimExpr:
+    """A constant vector, built from broadcasts so no buffer is needed."""
+    return tirx.Shuffle([tirx.const(v, dtype) for v in values], [tirx.IntImm("int32", i) for i in range(len(values))])
+
+
+@dataclass
+class Chunk:
+    """The 32 codes of a chunk and how to scale their integer dot product with the activations."""
+
+    codes: tirx.PrimExpr  # uint8x32
+    scale: tirx.PrimExpr  # float32
+    zero: int = 0  # subtracted from the codes (then signed)
+    offset: tirx.PrimExpr | None = None  # float32 factor of the chunk's activation sum
+    sub_scales: tirx.PrimExpr | None = None  # int16x16: per-16-column integer scales (Q6_K)
+
+
+def _q4_0(d, r, c):
+    o = c * 18
+    return Chunk(_nibbles(d, r, o + 2), _f16(d, r, o), zero=8)
+
+
+def _q4_1(d, r, c):
+    o = c * 20
+    return Chunk(_nibbles(d, r, o + 4), _f16(d, r, o), offset=_f16(d, r, o + 2))
+
+
+def _q5_0(d, r, c):
+    o = c * 22
+    return Chunk(_nibbles(d, r, o + 6) | _bits(d, r, o + 2), _f16(d, r, o), zero=16)
+
+
+def _q5_1(d, r, c):
+    o = c * 24
+    return Chunk(_nibbles(d, r, o + 8) | _bits(d, r, o + 4), _f16(d, r, o), offset=_f16(d, r, o + 2))
+
+
+def _q8_0(d, r, c):
+    o = c * 34
+    return Chunk(_vec(d, r, o + 2, 32) ^ _bcast(128, "uint8", 32), _f16(d, r, o), zero=128)
+
+
+def _q4_k(d, r, c):
+    """Super-blocks of 256: chunk j (0..7) is the low (even j) or high nibbles of 32 bytes j // 2."""
+    o, j = (c // 8) * 144, c % 8
+    scale, minimum = _k_scale_min(d, r, o + 4, j)
+    codes = (_vec(d, r, o + 16 + (j // 2) * 32, 32) >> tirx.Broadcast(((j % 2) * 4).astype("uint8"), 32)) & _bcast(
+        15, "uint8", 32
+    )
+    return Chunk(codes, _f16(d, r, o) * scale, offset=-_f16(d, r, o + 2) * minimum)
+
+
+def _q5_k(d, r, c):
+    """Like Q4_K, plus bit j of each of the 32 `qh` bytes as bit 4."""
+    o, j = (c // 8) * 176, c % 8
+    scale, minimum = _k_scale_min(d, r, o + 4, j)
+    low = (_vec(d, r, o + 48 + (j // 2) * 32, 32) >> tirx.Broadcast(((j % 2) * 4).astype("uint8"), 32)) & _bcast(
+        15, "uint8", 32
+    )
+    high = ((_vec(d, r, o + 16, 32) >> tirx.Broadcast(j.astype("uint8"), 32)) & _bcast(1, "uint8", 32)) << _bcast(
+        4, "uint8", 32
+    )
+    return Chunk(low | high, _f16(d, r, o) * scale, offset=-_f16(d, r, o + 2) * minimum)
+
+
+def _q6_k(d, r, c):
+    """Super-blocks of 256: chunk j = 4n + g takes low nibbles from ql (half n, quarter g) and two high bits
+    from qh; each 16 columns have an int8 scale."""
+    o, j = (c // 8) * 210, c % 8
+    n, g = j // 4, j % 4
+    low = (_vec(d, r, o + n * 64 + (g % 2) * 32, 32) >> tirx.Broadcast(((g // 2) * 4).astype("uint8"), 32)) & _bcast(
+        15, "uint8", 32
+    )
+    high = (_vec(d, r, o + 128 + n * 32, 32) >> tirx.Broadcast((g * 2).astype("uint8"), 32)) & _bcast(3, "uint8", 32)
+    s0 = d[r, o + 192 + n * 8 + 2 * g].astype("int8").astype("int16")
+    s1 = d[r, o + 192 + n * 8 + 2 * g + 1].astype("int8").astype("int16")
+    sub = tirx.Shuffle([tirx.Broadcast(s0, 8), tirx.Broadcast(s1, 8)], [tirx.IntImm("int32", i) for i in range(16)])
+    return Chunk(low | (high << _bcast(4, "uint8", 32)), _f16(d, r, o + 208), zero=32, sub_scales=sub)
+
+
+CHUNK_DECODERS = {
+    Q.Q4_0: _q4_0,
+    Q.Q4_1: _q4_1,
+    Q.Q5_0: _q5_0,
+    Q.Q5_1: _q5_1,
+    Q.Q8_0: _q8_0,
+    Q.Q4_K: _q4_k,
+    Q.Q5_K: _q5_k,
+    Q.Q6_K: _q6_k,
+}
+
+
+def _intrin(dtype: str, name: str, *args: tirx.PrimExpr) -> tirx.PrimExpr:
+    return tirx.call_llvm_pure_intrin(dtype, name, *args)
+
+
+def chunk_dot(ch: Chunk, xq: tirx.PrimExpr) -> tirx.PrimExpr:
+    """int32x8 partial sums of codes (minus the zero point) times 32 int8 activations."""
+    if ch.zero:  # signed codes: |q| (unsigned) times the activations carrying q's sign
+        signed = tirx.reinterpret("int8x32", ch.codes - _bcast(ch.zero, "uint8", 32))
+        magnitude = tirx.reinterpret("uint8x32", _intrin("int8x32", "llvm.abs.v32i8", signed, tirx.const(0, "bool")))
+        pairs = _intrin(
+            "int16x16",
+            "llvm.x86.avx2.pmadd.ub.sw",
+            magnitude,
+            _intrin("int8x32", "llvm.x86.avx2.psign.b", xq, signed),
+        )
+    else:
+        pairs = _intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", ch.codes, xq)
+    multiplier = ch.sub_scales if ch.sub_scales is not None else _bcast(1, "int16", 16)
+    return _intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, multiplier)
+
+
+@functools.cache
+def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: int) -> tirx.PrimFunc:
+    """y[t, o] = sum_k x[t, k] * W[o, k] with W as GGUF blocks and x quantized to int8 per 32 columns."""
+    decode = CHUNK_DECODERS[qtype]
+    chunks = n_in // CHUNK
+    group = 8 if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else 1  # chunks per super-block
+
+    def dot_chunk(data, o, c, xq, t):
+        return chunk_dot(decode(data, o, c), tirx.BufferLoad(xq, [t, tirx.Ramp(c * CHUNK, 1, CHUNK)]))
+
+    def scale(data, o, c):
+        return decode(data, o, c).scale
+
+    def offset(data, o, c):
+        off = decode(data, o, c).offset
+        return off if off is not None else tirx.const(0.0, "float32")
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(var_x: T.handle, data: T.Buffer((n_out, row_bytes), "uint8"), var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n = T.int64()
+        x = T.match_buffer(var_x, (n, n_in), "float32")
+        y = T.match_buffer(var_y, (n, n_out), "float32")
+        xq = T.alloc_buffer((n, n_in), "int8")
+        x_scale = T.alloc_buffer((n, chunks), "float32")
+        x_sum = T.alloc_buffer((n, chunks), "float32")
+        # Activations to int8, per 32 columns: scale = max|x| / 127 (as float16, like llama.cpp's Q8 blocks).
+        for t in T.parallel(n):
+            for c in range(chunks):
+                amax = T.alloc_buffer((1,), "float32", scope="local")
+                total = T.alloc_buffer((1,), "int32", scope="local")
+                amax[0] = T.float32(0)
+                for i in range(CHUNK):
+                    amax[0] = T.max(amax[0], T.fabs(x[t, c * CHUNK + i]))
+                d = T.meta_var(T.Cast("float32", T.Cast("float16", amax[0] / T.float32(127))))
+                inv = T.meta_var(T.if_then_else(amax[0] > T.float32(0), T.float32(1) / d, T.float32(0)))
+                total[0] = 0
+                for i in range(CHUNK):
+                    xq[t, c * CHUNK + i] = T.Cast("int8", T.round(x[t, c * CHUNK + i] * inv))
+                    total[0] = total[0] + T.Cast("int32", xq[t, c * CHUNK + i])
+                x_scale[t, c] = d
+                x_sum[t, c] = d * T.Cast("float32", total[0])
+        # One accumulator per row, outside the parallel loop: a buffer allocated inside it would cost a
+        # workspace call per row, and LLVM keeps this one in a register through the chunk loop.
+        acc = T.alloc_buffer((n_out,), "float32x8")
+        for o in T.parallel(n_out):
+            for t in range(n):
+                acc[o] = T.Broadcast(T.float32(0), 8)
+                y[t, o] = T.float32(0)
+                for g in range(chunks // group):
+                    for j in T.unroll(group):  # a K-quant's chunk j of its super-block has fixed shifts
+                        c = T.meta_var(g * group + j)
+                        partial = T.meta_var(dot_chunk(data, o, c, xq, t))
+                        factor = T.meta_var(scale(data, o, c) * x_scale[t, c])
+                        shift = T.meta_var(offset(data, o, c) * x_sum[t, c])
+                        acc[o] = acc[o] + T.Cast("float32x8", partial) * T.Broadcast(factor, 8)
+                        y[t, o] = y[t, o] + shift
+                total = T.meta_var(_lane_sum(acc[o]))
+                y[t, o] = y[t, o] + total
+
+    return kernel
+
+
+def _lane_sum(v: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Sum of the 8 lanes of a float32x8, as a tree."""
+    lane = [tirx.Shuffle([v], [tirx.IntImm("int32", i)]) for i in range(8)]
+    return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]))
+
+
+def has_avx2(target: tvm.target.Target) -> bool:
+    from tvm.target import codegen
+
+    return target.kind.name == "llvm" and bool(codegen.target_has_features("avx2", target))
