@@ -21,6 +21,7 @@ from tvm import relax, tirx
 from tvm.s_tir import dlight as dl
 
 from artifacts.errors import MlccError
+from compiler.cpu_attention import cpu_attention
 from compiler.cpu_schedule import cpu_schedule
 from compiler.cuda_aot import fatbin_packer
 from compiler.entry_points import PARAM_PREFIX, EntryPoints
@@ -37,7 +38,8 @@ def _cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     passes = (
-        cpu_generic.library_dispatch_passes(target)
+        [cpu_attention]  # TVM's CPU decode attention is serial and scalar
+        + cpu_generic.library_dispatch_passes(target)
         # x @ permute_dims(W) as one kernel reading W's rows, not a transposed copy of W on every call.
         + [relax.transform.FuseTransposeMatmul()]
         + cpu_generic.legalize_passes(target)

@@ -27,6 +27,7 @@ from quant_schemes.gguf_native import _f16, _k_scale_min
 
 Q = GGMLQuantizationType
 CHUNK = 32
+GROUP = 8  # chunks summed in registers between accumulator updates (a K-quant super-block)
 
 
 def _vec(data: tirx.Buffer, row: tirx.PrimExpr, start: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
@@ -173,17 +174,23 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
     """y[t, o] = sum_k x[t, k] * W[o, k] with W as GGUF blocks and x quantized to int8 per 32 columns."""
     decode = CHUNK_DECODERS[qtype]
     chunks = n_in // CHUNK
-    group = 8 if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else 1  # chunks per super-block
+    groups, tail = divmod(chunks, GROUP)
 
-    def dot_chunk(data, o, c, xq, t):
-        return chunk_dot(decode(data, o, c), tirx.BufferLoad(xq, [t, tirx.Ramp(c * CHUNK, 1, CHUNK)]))
+    def group_dot(data, o, xq, x_scale, t, first, count):
+        """float32x8 partial sums of `count` chunks from `first`, as one expression tree (no memory round
+        trips between chunks, and independent chains for the CPU to overlap)."""
+        terms = []
+        for j in range(count):
+            c = first + j
+            ch = decode(data, o, c)
+            xv = tirx.BufferLoad(xq, [t, tirx.Ramp(c * CHUNK, 1, CHUNK)])
+            terms.append(chunk_dot(ch, xv).astype("float32x8") * tirx.Broadcast(ch.scale * x_scale[t, c], 8))
+        return _tree_sum(terms)
 
-    def scale(data, o, c):
-        return decode(data, o, c).scale
-
-    def offset(data, o, c):
-        off = decode(data, o, c).offset
-        return off if off is not None else tirx.const(0.0, "float32")
+    def group_offset(data, o, x_sum, t, first, count):
+        terms = [decode(data, o, first + j).offset for j in range(count)]
+        terms = [off * x_sum[t, first + j] for j, off in enumerate(terms) if off is not None]
+        return _tree_sum(terms) if terms else tirx.const(0.0, "float32")
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, data: T.Buffer((n_out, row_bytes), "uint8"), var_y: T.handle):
@@ -217,18 +224,26 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
             for t in range(n):
                 acc[o] = T.Broadcast(T.float32(0), 8)
                 y[t, o] = T.float32(0)
-                for g in range(chunks // group):
-                    for j in T.unroll(group):  # a K-quant's chunk j of its super-block has fixed shifts
-                        c = T.meta_var(g * group + j)
-                        partial = T.meta_var(dot_chunk(data, o, c, xq, t))
-                        factor = T.meta_var(scale(data, o, c) * x_scale[t, c])
-                        shift = T.meta_var(offset(data, o, c) * x_sum[t, c])
-                        acc[o] = acc[o] + T.Cast("float32x8", partial) * T.Broadcast(factor, 8)
-                        y[t, o] = y[t, o] + shift
+                for g in range(groups):
+                    vec = T.meta_var(group_dot(data, o, xq, x_scale, t, g * GROUP, GROUP))
+                    off = T.meta_var(group_offset(data, o, x_sum, t, g * GROUP, GROUP))
+                    acc[o] = acc[o] + vec
+                    y[t, o] = y[t, o] + off
+                if tail > 0:
+                    vec = T.meta_var(group_dot(data, o, xq, x_scale, t, groups * GROUP, tail))
+                    off = T.meta_var(group_offset(data, o, x_sum, t, groups * GROUP, tail))
+                    acc[o] = acc[o] + vec
+                    y[t, o] = y[t, o] + off
                 total = T.meta_var(_lane_sum(acc[o]))
                 y[t, o] = y[t, o] + total
 
     return kernel
+
+
+def _tree_sum(terms: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
 
 
 def _lane_sum(v: tirx.PrimExpr) -> tirx.PrimExpr:

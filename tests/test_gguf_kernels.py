@@ -45,3 +45,39 @@ def test_decoder_matches_gguf_reference(qtype: GGMLQuantizationType):
     out = tvm.runtime.tensor(np.zeros((rows, cols), np.float32))
     fn(tvm.runtime.tensor(raw), out)
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def _quantized_activations(x: np.ndarray) -> np.ndarray:
+    """x as the int8 kernels see it: per 32 columns, round(x / d) * d with d = max|x| / 127 in float16."""
+    chunks = x.reshape(x.shape[0], -1, 32)
+    d = (np.abs(chunks).max(-1, keepdims=True) / np.float32(127)).astype(np.float16).astype(np.float32)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    return (np.round(chunks * inv) * d).reshape(x.shape)
+
+
+@pytest.mark.parametrize("qtype", sorted(DECODERS, key=lambda t: t.value), ids=lambda t: t.name)
+def test_int8_activation_matmul(qtype: GGMLQuantizationType):
+    """The AVX2 kernels equal the dequantized weights times the 8-bit-rounded activations."""
+    from compiler.targets import _host_llvm
+    from quant_schemes.gguf_int8 import has_avx2, int8_matmul
+
+    target = _host_llvm()
+    if not has_avx2(target):
+        pytest.skip("the int8 kernels need an x86 CPU with AVX2")
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    rows, cols, tokens = 5, 512, 3
+    rng = np.random.default_rng(qtype.value)
+    raw = rng.integers(0, 256, size=(rows, cols // block, block_bytes), dtype=np.uint8)
+    for field in FLOAT16_FIELDS[qtype]:
+        raw[..., field + 1] &= 0xBB
+    raw = raw.reshape(rows, -1)
+    weights = dequantize(raw, qtype).reshape(rows, cols)
+    x = rng.standard_normal((tokens, cols)).astype(np.float32)
+    x[1, :32] = 0  # an all-zero chunk has scale 0
+    kernel = int8_matmul(qtype, cols, rows, raw.shape[1]).with_attr("global_symbol", "k")
+    fn = tvm.compile(tvm.IRModule({"k": kernel}), target=target)
+    out = tvm.runtime.tensor(np.zeros((tokens, rows), np.float32))
+    fn["k"](tvm.runtime.tensor(x), tvm.runtime.tensor(raw), out)
+    expected = _quantized_activations(x) @ weights.T
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert np.abs(out.numpy() - x @ weights.T).max() > 0  # it really is the 8-bit computation
