@@ -1,9 +1,17 @@
 """Serving benchmark: output tokens/s, time to first token and inter-token latency at 1, 4 and 16 streams.
 
 Starts `mlcc serve ARTIFACT` (and, with --gguf and llama_cpp installed, `python -m llama_cpp.server` on the
-same model) and drives it with concurrent streaming /v1/completions requests:
+same model) and drives it with concurrent streaming /v1/completions requests, greedy, every request generating
+exactly --max-tokens tokens (mlcc's `ignore_eos`, llama.cpp's `min_tokens`):
 
     python bench/serve.py ARTIFACT [--gguf MODEL.gguf] [--concurrency 1,4,16] [--max-tokens 64]
+
+llama.cpp's server needs packages beyond llama-cpp-python, left out of mlcc's dependencies (bench only):
+
+    pip install llama-cpp-python==0.3.36 sse-starlette starlette-context pydantic-settings
+
+It runs one request at a time (requests queue behind a lock; no batching) and by default cuts a stream short
+when another request arrives, so it is started with `--interrupt_requests False`.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,12 +60,17 @@ def free_port() -> int:
 
 
 def start_server(command: list[str], base: str, timeout: float = 300) -> subprocess.Popen:
-    """Start a server process and wait until it answers /v1/models."""
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    """Start a server process and wait until it answers /v1/models.
+
+    Its output goes to a temporary file, not a pipe: llama.cpp logs hundreds of KB while loading, and a pipe
+    nobody reads fills up and stalls the server."""
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"server exited: {' '.join(command)}\n{proc.stderr.read() if proc.stderr else ''}")
+            log.seek(0)
+            sys.exit(f"server exited: {' '.join(command)}\n{log.read()[-4000:]}")
         try:
             if httpx.get(base + "/v1/models", timeout=1).status_code == 200:
                 return proc
@@ -74,7 +88,8 @@ async def one_stream(client: httpx.AsyncClient, base: str, model: str, prompt: s
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
-        "ignore_eos": True,
+        "ignore_eos": True,  # mlcc
+        "min_tokens": max_tokens,  # llama.cpp
         "stream_options": {"include_usage": True},
     }
     timing = StreamTiming(time.perf_counter())
@@ -180,7 +195,9 @@ def main() -> None:
             port = free_port()
             base = f"http://127.0.0.1:{port}"
             llama = [sys.executable, "-m", "llama_cpp.server", "--model", args.gguf, "--port", str(port)]
-            proc = start_server(llama + ["--n_threads", str(args.threads)], base)
+            threads = str(args.threads)
+            options = ["--n_threads", threads, "--n_threads_batch", threads, "--interrupt_requests", "False"]
+            proc = start_server(llama + options, base)
             try:
                 rows += bench(
                     "llama.cpp", base, Path(args.gguf).name, levels, args.requests_per_stream, args.max_tokens

@@ -27,6 +27,7 @@ from quant_schemes.gguf_native import _f16, _k_scale_min
 
 Q = GGMLQuantizationType
 CHUNK = 32
+TOKENS = 4  # tokens per pass over a weight row (prefill and batched decode)
 GROUP = 8  # chunks summed in registers between accumulator updates (a K-quant super-block)
 
 
@@ -176,21 +177,54 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
     chunks = n_in // CHUNK
     groups, tail = divmod(chunks, GROUP)
 
-    def group_dot(data, o, xq, x_scale, t, first, count):
-        """float32x8 partial sums of `count` chunks from `first`, as one expression tree (no memory round
-        trips between chunks, and independent chains for the CPU to overlap)."""
-        terms = []
+    def group_dot(data, o, xq, x_scale, t0, tokens, first, count):
+        """float32x(8 * tokens) partial sums of `count` chunks from `first` for tokens t0.., as one expression
+        tree: no memory round trips between chunks, independent chains for the CPU to overlap, and each
+        chunk's codes decoded once for all the tokens."""
+        per_token = [[] for _ in range(tokens)]
         for j in range(count):
             c = first + j
             ch = decode(data, o, c)
-            xv = tirx.BufferLoad(xq, [t, tirx.Ramp(c * CHUNK, 1, CHUNK)])
-            terms.append(chunk_dot(ch, xv).astype("float32x8") * tirx.Broadcast(ch.scale * x_scale[t, c], 8))
-        return _tree_sum(terms)
+            for u in range(tokens):
+                xv = tirx.BufferLoad(xq, [t0 + u, tirx.Ramp(c * CHUNK, 1, CHUNK)])
+                scale = tirx.Broadcast(ch.scale * x_scale[t0 + u, c], 8)
+                per_token[u].append(chunk_dot(ch, xv).astype("float32x8") * scale)
+        return _concat_all([_tree_sum(terms) for terms in per_token])
 
-    def group_offset(data, o, x_sum, t, first, count):
-        terms = [decode(data, o, first + j).offset for j in range(count)]
-        terms = [off * x_sum[t, first + j] for j, off in enumerate(terms) if off is not None]
-        return _tree_sum(terms) if terms else tirx.const(0.0, "float32")
+    def group_offset(data, o, x_sum, t0, tokens, first, count):
+        """float32x(tokens): the min/offset terms of `count` chunks from `first`."""
+        offsets = [decode(data, o, first + j).offset for j in range(count)]
+        if all(off is None for off in offsets):
+            return _splat(0.0, tokens)
+        sums = [
+            _tree_sum([off * x_sum[t0 + u, first + j] for j, off in enumerate(offsets) if off is not None])
+            for u in range(tokens)
+        ]
+        return _concat_all(sums)
+
+    @T.macro
+    def rows_times_tokens(y, data, xq, x_scale, x_sum, o, t0, tokens, acc, off):
+        """y[t0 : t0 + tokens, o], accumulating in acc[o, 8 * tokens] and off[o, tokens]."""
+        a = T.meta_var(_span(8 * tokens))
+        b = T.meta_var(_span(tokens))
+        zeros_a = T.meta_var(_splat(0.0, 8 * tokens))
+        zeros_b = T.meta_var(_splat(0.0, tokens))
+        acc[o, a] = zeros_a
+        off[o, b] = zeros_b
+        for g in range(groups):
+            vec = T.meta_var(group_dot(data, o, xq, x_scale, t0, tokens, g * GROUP, GROUP))
+            shift = T.meta_var(group_offset(data, o, x_sum, t0, tokens, g * GROUP, GROUP))
+            acc[o, a] = acc[o, a] + vec
+            off[o, b] = off[o, b] + shift
+        if tail > 0:
+            vec = T.meta_var(group_dot(data, o, xq, x_scale, t0, tokens, groups * GROUP, tail))
+            shift = T.meta_var(group_offset(data, o, x_sum, t0, tokens, groups * GROUP, tail))
+            acc[o, a] = acc[o, a] + vec
+            off[o, b] = off[o, b] + shift
+        for u in range(tokens):
+            y[t0 + u, o] = off[o, u]
+            for i in range(8):
+                y[t0 + u, o] = y[t0 + u, o] + acc[o, u * 8 + i]
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, data: T.Buffer((n_out, row_bytes), "uint8"), var_y: T.handle):
@@ -217,25 +251,15 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
                     total[0] = total[0] + T.Cast("int32", xq[t, c * CHUNK + i])
                 x_scale[t, c] = d
                 x_sum[t, c] = d * T.Cast("float32", total[0])
-        # One accumulator per row, outside the parallel loop: a buffer allocated inside it would cost a
-        # workspace call per row, and LLVM keeps this one in a register through the chunk loop.
-        acc = T.alloc_buffer((n_out,), "float32x8")
+        # Accumulators per row, outside the parallel loop: a buffer allocated inside it would cost a workspace
+        # call per row. Tokens go TOKENS at a time (sharing each chunk's decoded codes), the rest one by one.
+        acc = T.alloc_buffer((n_out, 8 * TOKENS), "float32")
+        off = T.alloc_buffer((n_out, TOKENS), "float32")
         for o in T.parallel(n_out):
-            for t in range(n):
-                acc[o] = T.Broadcast(T.float32(0), 8)
-                y[t, o] = T.float32(0)
-                for g in range(groups):
-                    vec = T.meta_var(group_dot(data, o, xq, x_scale, t, g * GROUP, GROUP))
-                    off = T.meta_var(group_offset(data, o, x_sum, t, g * GROUP, GROUP))
-                    acc[o] = acc[o] + vec
-                    y[t, o] = y[t, o] + off
-                if tail > 0:
-                    vec = T.meta_var(group_dot(data, o, xq, x_scale, t, groups * GROUP, tail))
-                    off = T.meta_var(group_offset(data, o, x_sum, t, groups * GROUP, tail))
-                    acc[o] = acc[o] + vec
-                    y[t, o] = y[t, o] + off
-                total = T.meta_var(_lane_sum(acc[o]))
-                y[t, o] = y[t, o] + total
+            for tb in range(n // TOKENS):
+                rows_times_tokens(y, data, xq, x_scale, x_sum, o, tb * TOKENS, TOKENS, acc, off)
+            for t in range(n // TOKENS * TOKENS, n):
+                rows_times_tokens(y, data, xq, x_scale, x_sum, o, t, 1, acc, off)
 
     return kernel
 
@@ -246,10 +270,21 @@ def _tree_sum(terms: list[tirx.PrimExpr]) -> tirx.PrimExpr:
     return terms[0]
 
 
-def _lane_sum(v: tirx.PrimExpr) -> tirx.PrimExpr:
-    """Sum of the 8 lanes of a float32x8, as a tree."""
-    lane = [tirx.Shuffle([v], [tirx.IntImm("int32", i)]) for i in range(8)]
-    return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]))
+def _span(lanes: int) -> tirx.PrimExpr:
+    """Index of `lanes` consecutive elements from 0 (a plain 0 for one)."""
+    return tirx.Ramp(0, 1, lanes) if lanes > 1 else tirx.const(0, "int32")
+
+
+def _splat(value: float, lanes: int) -> tirx.PrimExpr:
+    scalar = tirx.const(value, "float32")
+    return tirx.Broadcast(scalar, lanes) if lanes > 1 else scalar
+
+
+def _concat_all(parts: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    if len(parts) == 1:
+        return parts[0]
+    lanes = sum(p.ty.dtype.lanes for p in parts)
+    return tirx.Shuffle(parts, [tirx.IntImm("int32", i) for i in range(lanes)])
 
 
 def has_avx2(target: tvm.target.Target) -> bool:

@@ -1,11 +1,16 @@
 """The engine: a paged KV cache, continuous batching, prefix caching, sampling, stop conditions, streaming.
 
-Requests wait in a queue; each step admits waiting requests while batch slots and KV pages allow,
-prefills them (several prompts concatenated into one ragged batch, in chunks), then decodes one token for
-every running request in a single batched call.
+Requests wait in a queue. Each step admits waiting requests while batch slots and KV pages allow, prefills
+at most `prefill_chunk` prompt tokens of the admitted requests that are not yet fully prefilled (several
+prompts concatenated into one ragged batch, oldest first; a prompt longer than that continues next step),
+and decodes one token for every fully prefilled request in a single batched call. So a long prompt delays
+the running requests' next tokens by one chunk per step, not by its whole prefill.
 
-Admission reserves, in KV pages, everything a request may still write (prompt and max_tokens), so a decode
-step never runs out of pages: requests that do not fit wait in the queue until others finish.
+Admission needs free KV pages for the prompt a request has to prefill plus one page of output, and reserves
+the prompt's; decoding takes pages as it goes. When a decode step needs pages that are not free, cached
+prefixes are evicted first, then the newest running requests are preempted: their KV is dropped and they go
+back to the front of the queue, to be recomputed later from their prompt and the tokens they have generated
+(their text, sampler state and penalties carry on as if nothing happened).
 
 Prefix caching: a finished request's sequence stays in the KV cache (least recently used first out, when
 pages or slots are needed). A new prompt that shares a prefix with a cached or running sequence forks it
@@ -81,10 +86,13 @@ class Request:
     on_delta: Callable[[Delta], None] | None
     rng: np.random.Generator
     decoder: IncrementalDecoder
+    arrival: int = 0  # enqueue order: the newest running request is preempted first
     seq_id: int = -1
     kv_len: int = 0  # tokens of this sequence in the KV cache
+    prefill_len: int = 0  # tokens the sequence must hold before it samples from prefill logits
     fork_base: int = 0  # first position of the first KV page this sequence owns (others are shared)
     cached_tokens: int = 0
+    preemptions: int = 0  # times its KV was dropped to free pages (then recomputed)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     text: str = ""
@@ -97,8 +105,16 @@ class Request:
         """The most tokens this sequence can ever hold."""
         return len(self.prompt_ids) + self.params.max_tokens
 
+    @property
+    def prefilling(self) -> bool:
+        return self.kv_len < self.prefill_len
+
+    def all_ids(self) -> list[int]:
+        """Prompt and generated tokens: what a recomputed sequence prefills."""
+        return self.prompt_ids + self.output_ids
+
     def kv_ids(self) -> list[int]:
-        return (self.prompt_ids + self.output_ids)[: self.kv_len]
+        return self.all_ids()[: self.kv_len]
 
     def result(self) -> Result:
         return Result(
@@ -131,7 +147,10 @@ class Engine:
         verify: bool = True,
         threads: int | None = None,
         prefix_cache: bool = True,
+        prefill_chunk: int | None = None,
     ):
+        """`prefill_chunk`: prompt tokens prefilled per step (default and maximum: the artifact's chunk size);
+        smaller keeps running requests' inter-token latency lower while long prompts arrive."""
         self.threads = threads or os.cpu_count() or 1
         set_threads(self.threads)
         self.artifact = LoadedArtifact(artifact, verify=verify)
@@ -140,13 +159,16 @@ class Engine:
         self.vocab_size = m.model_config.get("vocab_size") or self.tokenizer.tok.get_vocab_size()
         self.context_window = m.context_window
         self.max_batch_size = max_batch_size or m.kv_cache["max_batch_size"]
-        self.prefill_chunk = m.kv_cache["prefill_chunk_size"]
+        self.kernel_prefill_chunk = m.kv_cache["prefill_chunk_size"]  # the most tokens one prefill call takes
+        self.prefill_chunk = prefill_chunk or self.kernel_prefill_chunk
+        if not 1 <= self.prefill_chunk <= self.kernel_prefill_chunk:
+            raise MlccError(f"prefill_chunk must be in 1..{self.kernel_prefill_chunk} (the artifact's chunk size)")
         self.page_size = m.kv_cache["page_size"]
         self.kv_tokens = kv_cache_tokens or self._default_kv_tokens(m)
         self.kv = self.artifact.vm["create_paged_kv_cache"](
             ShapeTuple([self.max_batch_size]),
             ShapeTuple([self.kv_tokens]),
-            ShapeTuple([self.prefill_chunk]),
+            ShapeTuple([self.kernel_prefill_chunk]),
             ShapeTuple([self.page_size]),
             ShapeTuple([0]),
         )
@@ -155,6 +177,7 @@ class Engine:
         self._decode = self.artifact.vm["batch_decode"]
         self._params = self.artifact.params
         self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         # TVM's forked (cascade) attention ignores sliding windows, so those models prefill every prompt whole.
@@ -162,7 +185,14 @@ class Engine:
         # Finished sequences kept for their prefixes: seq id -> token ids in the KV cache, least recent first.
         self.cached: OrderedDict[int, np.ndarray] = OrderedDict()
         self.max_cached_sequences = 4 * self.max_batch_size
-        self.counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "aborted": 0}
+        self.counters = {
+            "requests": 0,
+            "prompt_tokens": 0,
+            "cached_tokens": 0,
+            "generated_tokens": 0,
+            "aborted": 0,
+            "preemptions": 0,
+        }
 
     # ---- public API ---------------------------------------------------------------------------------
     def generate(
@@ -193,10 +223,13 @@ class Engine:
         requests = [self.make_requests(list(ids), SamplingParams(max_tokens=1))[0] for ids in prompt_ids]
         self._make_room(sum(self._pages_needed(len(r.prompt_ids), 0) for r in requests))
         for r in requests:
-            r.seq_id = next(self._seq_ids)
+            r.seq_id, r.prefill_len = next(self._seq_ids), len(r.prompt_ids)
             KV_ADD(self.kv, r.seq_id)
+        last: dict[Request, np.ndarray] = {}
         try:
-            return self._prefill_batch([(r.seq_id, r.prompt_ids) for r in requests])
+            while len(last) < len(requests):
+                last.update(self._prefill_chunk([r for r in requests if r.prefilling], self.kernel_prefill_chunk))
+            return np.stack([last[r] for r in requests])
         finally:
             for r in requests:
                 KV_REMOVE(self.kv, r.seq_id)
@@ -219,8 +252,8 @@ class Engine:
         KV_ADD(self.kv, seq_id)
         try:
             rows = []
-            for start in range(0, len(ids), self.prefill_chunk):
-                chunk = np.asarray(ids[start : start + self.prefill_chunk], dtype="int32")
+            for start in range(0, len(ids), self.kernel_prefill_chunk):
+                chunk = np.asarray(ids[start : start + self.kernel_prefill_chunk], dtype="int32")
                 positions = np.arange(len(chunk), dtype="int32")
                 rows.append(self._forward(self._prefill, [seq_id], [len(chunk)], chunk, positions))
             return np.concatenate(rows)
@@ -253,6 +286,8 @@ class Engine:
         ]
 
     def enqueue(self, requests: list[Request]) -> None:
+        for r in requests:
+            r.arrival = next(self._arrivals)
         self.waiting.extend(requests)
 
     def abort(self, request: Request) -> None:
@@ -277,21 +312,20 @@ class Engine:
         return (self.total_pages - int(KV_FREE_PAGES(self.kv))) * self.page_size
 
     def step(self) -> None:
-        """Admit what fits and prefill it, then decode one token for every request that was already running
-        (so new arrivals do not make the running ones skip a step)."""
-        active = list(self.running)
-        admitted = self._admit()
-        if admitted:
-            self.running.extend(admitted)
-            logits = self._prefill_batch([(r.seq_id, r.prompt_ids[r.cached_tokens :]) for r in admitted])
-            for r, row in zip(admitted, logits):
-                r.kv_len = len(r.prompt_ids)
+        """Free pages for this step's decode (evicting, then preempting), admit what fits, prefill one chunk of
+        pending prompt tokens, and decode one token for every request that was fully prefilled before this step
+        (so neither new arrivals nor long prompts make the running ones skip a step)."""
+        self._make_decode_room()
+        self._admit()
+        decoding = [r for r in self.running if not r.prefilling]
+        prefilling = sorted((r for r in self.running if r.prefilling), key=lambda r: r.arrival)
+        if prefilling:
+            for r, row in self._prefill_chunk(prefilling, self.prefill_chunk):
                 self._accept(r, row)
-        active = [r for r in active if r.finish_reason is None]
-        if active:
-            ids = np.array([r.output_ids[-1] for r in active], dtype="int32")
-            logits = self._forward(self._decode, [r.seq_id for r in active], [1] * len(active), ids)
-            for r, row in zip(active, logits):
+        if decoding:
+            ids = np.array([r.output_ids[-1] for r in decoding], dtype="int32")
+            logits = self._forward(self._decode, [r.seq_id for r in decoding], [1] * len(decoding), ids)
+            for r, row in zip(decoding, logits):
                 r.kv_len += 1
                 self._accept(r, row)
         self.running = [r for r in self.running if r.finish_reason is None]
@@ -309,13 +343,18 @@ class Engine:
         base = cached - cached % self.page_size
         return -(-(tokens - base) // self.page_size)
 
-    def _spare_pages(self, admitted: list[Request]) -> int:
-        """Free pages that no running or admitted request may still claim."""
+    def _spare_pages(self) -> int:
+        """Free pages beyond the rest of the running requests' prompts and their next decoded token."""
         claimed = sum(
-            self._pages_needed(r.budget, r.fork_base) - self._pages_needed(r.kv_len, r.fork_base)
-            for r in [*self.running, *admitted]
+            self._pages_needed(r.prefill_len if r.prefilling else r.kv_len + 1, r.fork_base)
+            - self._pages_needed(r.kv_len, r.fork_base)
+            for r in self.running
         )
         return int(KV_FREE_PAGES(self.kv)) - claimed
+
+    def _admission_pages(self, r: Request, shared: int) -> int:
+        """Pages `r` needs to start: what it prefills plus a page of output (no more than it can ever hold)."""
+        return self._pages_needed(min(len(r.all_ids()) + self.page_size, r.budget), shared)
 
     def _longest_prefix(self, prompt_ids: list[int]) -> tuple[int | None, int]:
         """(sequence id, shared tokens) of the best sequence to fork; at least one prompt token stays to prefill."""
@@ -343,43 +382,58 @@ class Engine:
         return True
 
     def _make_room(self, pages: int) -> None:
-        while self._spare_pages([]) < pages:
+        while self._spare_pages() < pages:
             if not self._evict_one():
-                raise MlccError(f"{pages} KV pages are needed and only {self._spare_pages([])} are free")
+                raise MlccError(f"{pages} KV pages are needed and only {self._spare_pages()} are free")
 
-    def _admit(self) -> list[Request]:
+    def _make_decode_room(self) -> None:
+        """Evict cached sequences, then preempt the newest running requests, until this step's decode fits."""
+        while self._spare_pages() < 0:
+            if not self._evict_one():
+                self._preempt(max(self.running, key=lambda r: r.arrival))
+
+    def _preempt(self, r: Request) -> None:
+        """Drop `r`'s KV and queue it first, to be recomputed from its prompt and generated tokens."""
+        self.running.remove(r)
+        KV_REMOVE(self.kv, r.seq_id)
+        r.seq_id, r.kv_len, r.prefill_len = -1, 0, 0
+        r.preemptions += 1
+        self.counters["preemptions"] += 1
+        self.waiting.appendleft(r)
+
+    def _admit(self) -> None:
         """Start waiting requests, in order, while batch slots and KV pages allow."""
-        admitted: list[Request] = []
-        while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+        while self.waiting and len(self.running) < self.max_batch_size:
             r = self.waiting[0]
-            placement = self._place(r, admitted)
+            placement = self._place(r)
             if placement is None:
                 break
             parent, shared = placement
-            if self._shares_more_with(r, admitted, shared):
-                break  # fork it from that prompt next step instead of prefilling the same tokens twice
+            if self._shares_more_later(r, shared):
+                break  # fork that prompt once it is prefilled instead of prefilling the same tokens twice
             self.waiting.popleft()
             self._start_sequence(r, parent, shared)
-            admitted.append(r)
-        if not admitted and not self.running and self.waiting:
+            self.running.append(r)
+        if not self.running and self.waiting:
             raise MlccError(f"a request needing {self.waiting[0].budget} tokens does not fit the KV cache")
-        return admitted
 
-    def _place(self, r: Request, admitted: list[Request]) -> tuple[int | None, int] | None:
+    def _place(self, r: Request) -> tuple[int | None, int] | None:
         """(sequence to fork or None, shared tokens) for `r`, evicting cached sequences to fit; None if it can't."""
-        parent, shared = self._longest_prefix(r.prompt_ids)
-        while self._spare_pages(admitted) < self._pages_needed(r.budget, shared):
+        parent, shared = self._longest_prefix(r.all_ids())
+        while self._spare_pages() < self._admission_pages(r, shared):
             if not self._evict_one(keep=parent):
                 return None
-            parent, shared = self._longest_prefix(r.prompt_ids)
+            parent, shared = self._longest_prefix(r.all_ids())
         return parent, shared
 
-    def _shares_more_with(self, r: Request, admitted: list[Request], shared: int) -> bool:
-        """Whether `r` shares a longer prefix with a prompt admitted in this step than with any sequence."""
+    def _shares_more_later(self, r: Request, shared: int) -> bool:
+        """Whether `r` shares a longer prefix with a prompt still being prefilled than with any sequence now."""
         if not self.prefix_cache:
             return False
-        prompt = np.asarray(r.prompt_ids[:-1])
-        longest = max((_common_prefix(prompt, np.asarray(a.prompt_ids)) for a in admitted), default=0)
+        tokens = np.asarray(r.all_ids()[:-1])
+        longest = max(
+            (_common_prefix(tokens, np.asarray(a.all_ids())) for a in self.running if a.prefilling), default=0
+        )
         return longest >= max(self.page_size, shared + 1)
 
     def _start_sequence(self, r: Request, parent: int | None, shared: int) -> None:
@@ -390,8 +444,11 @@ class Engine:
             KV_FORK(self.kv, parent, r.seq_id, shared)
             if parent in self.cached:
                 self.cached.move_to_end(parent)
-        r.kv_len = r.cached_tokens = shared
+        r.kv_len, r.prefill_len = shared, len(r.all_ids())
         r.fork_base = shared - shared % self.page_size
+        if r.preemptions:  # a recomputation: the request was counted when it first started
+            return
+        r.cached_tokens = shared
         self.counters["requests"] += 1
         self.counters["prompt_tokens"] += len(r.prompt_ids)
         self.counters["cached_tokens"] += shared
@@ -435,32 +492,28 @@ class Engine:
         KV_END(self.kv)
         return logits.numpy()
 
-    def _prefill_batch(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
-        """Prefill (seq id, new tokens) pairs in ragged chunks of at most `prefill_chunk` tokens.
+    def _prefill_chunk(self, requests: list[Request], budget: int) -> list[tuple[Request, np.ndarray]]:
+        """One ragged prefill call: the next pending tokens of `requests`, in order, `budget` tokens at most.
 
-        Returns the last-token logits of each sequence.
+        Returns the requests whose prefill this completed, with their last-token logits.
         """
-        pending = [(i, 0) for i in range(len(sequences))]  # (sequence index, tokens done)
-        last: dict[int, np.ndarray] = {}
-        while pending:
-            budget, batch, next_pending = self.prefill_chunk, [], []
-            for i, done in pending:
-                take = min(budget, len(sequences[i][1]) - done)
-                if take > 0:
-                    batch.append((i, done, take))
-                    budget -= take
-                if done + take < len(sequences[i][1]):
-                    next_pending.append((i, done + take))
-            ids = np.concatenate([sequences[i][1][d : d + t] for i, d, t in batch]).astype("int32")
-            positions = np.cumsum([t for _, _, t in batch]).astype("int32") - 1
-            logits = self._forward(
-                self._prefill, [sequences[i][0] for i, _, _ in batch], [t for _, _, t in batch], ids, positions
-            )
-            for row, (i, done, take) in enumerate(batch):
-                if done + take == len(sequences[i][1]):
-                    last[i] = logits[row]
-            pending = next_pending
-        return np.stack([last[i] for i in range(len(sequences))])
+        batch = []
+        for r in requests:
+            take = min(budget, r.prefill_len - r.kv_len)
+            if take == 0:
+                break
+            batch.append((r, take))
+            budget -= take
+        ids = np.concatenate([r.all_ids()[r.kv_len : r.kv_len + take] for r, take in batch]).astype("int32")
+        lengths = [take for _, take in batch]
+        positions = np.cumsum(lengths).astype("int32") - 1  # each sequence's last token in the batch
+        logits = self._forward(self._prefill, [r.seq_id for r, _ in batch], lengths, ids, positions)
+        done = []
+        for row, (r, take) in zip(logits, batch):
+            r.kv_len += take
+            if not r.prefilling:
+                done.append((r, row))
+        return done
 
     # ---- sampling, stop conditions, streaming ---------------------------------------------------------
     def _accept(self, r: Request, logits: np.ndarray) -> None:

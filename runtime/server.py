@@ -441,7 +441,7 @@ def prometheus_text(serving: ServingEngine) -> str:
     """The engine's counters and gauges in Prometheus' text format."""
     stats = serving.stats
     metrics = [
-        ("requests_running", "gauge", "Requests being decoded.", stats["requests_running"]),
+        ("requests_running", "gauge", "Requests being prefilled or decoded.", stats["requests_running"]),
         ("requests_waiting", "gauge", "Requests queued for a batch slot or KV pages.", stats["requests_waiting"]),
         (
             "kv_cache_tokens_used",
@@ -460,6 +460,12 @@ def prometheus_text(serving: ServingEngine) -> str:
             stats["cached_prompt_tokens_total"],
         ),
         ("requests_aborted_total", "counter", "Requests aborted (e.g. clients gone).", stats["aborted_requests_total"]),
+        (
+            "requests_preempted_total",
+            "counter",
+            "Running requests whose KV was dropped to free pages (recomputed later).",
+            stats["preemptions_total"],
+        ),
         ("generation_tokens_total", "counter", "Generated tokens.", stats["generated_tokens_total"]),
         (
             "generation_tokens_per_second",

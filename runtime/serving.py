@@ -251,6 +251,7 @@ class ServingEngine:
             "cached_prompt_tokens_total": e.counters["cached_tokens"],
             "generated_tokens_total": generated,
             "aborted_requests_total": e.counters["aborted"],
+            "preemptions_total": e.counters["preemptions"],
         }
 
     def tokens_per_second(self) -> float:

@@ -3,7 +3,8 @@
     python tests/make_llamacpp_fixtures.py      # needs llama-cpp-python (builds llama.cpp, ~18 min)
 
 For each prompt: llama.cpp's token ids, the argmax at every position, the last-token logits (float16) and a
-64-token greedy continuation; plus llama.cpp's token ids for a set of tokenizer test strings.
+64-token greedy continuation; llama.cpp's greedy chat reply to one question (models with a chat
+template); and llama.cpp's token ids for a set of tokenizer test strings.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from llama_cpp import Llama
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_real_models import MODELS, PROMPTS  # noqa: E402
+from test_real_models import CHAT, CHAT_TOKENS, MODELS, PROMPTS  # noqa: E402
 from test_tokenizer_llamacpp import TOKENIZER_STRINGS  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -32,6 +33,10 @@ def greedy(llm: Llama, ids: list[int], n: int) -> list[int]:
     return out
 
 
+def chat_template_of(llm: Llama) -> str | None:
+    return llm.metadata.get("tokenizer.chat_template")
+
+
 def make(gguf: Path, name: str) -> None:
     llm = Llama(str(gguf), logits_all=True, n_ctx=512, n_threads=2, verbose=False)
     arrays: dict[str, np.ndarray] = {}
@@ -44,6 +49,9 @@ def make(gguf: Path, name: str) -> None:
         arrays[f"argmax_{i}"] = scores.argmax(-1)
         arrays[f"last_{i}"] = scores[-1].astype(np.float16)
         arrays[f"greedy_{i}"] = np.array(greedy(llm, ids, 64))
+    if chat_template_of(llm):
+        reply = llm.create_chat_completion(CHAT, temperature=0, max_tokens=CHAT_TOKENS)
+        arrays["chat_reply"] = np.array(reply["choices"][0]["message"]["content"])
     for i, text in enumerate(TOKENIZER_STRINGS):
         arrays[f"tok_{i}"] = np.array(llm.tokenize(text.encode(), add_bos=False, special=True), dtype=np.int64)
     FIXTURES.mkdir(exist_ok=True)

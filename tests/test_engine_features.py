@@ -1,4 +1,5 @@
-"""Engine features for serving: penalties, logit bias, min-p, logprobs, n, abort, prefix caching, a small KV cache."""
+"""Engine features for serving: penalties, logit bias, min-p, logprobs, n, abort, prefix caching, a small KV cache,
+prefill interleaved with decode, preemption."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from artifacts import MlccError
-from runtime import Engine, SamplingParams, ServingEngine
+from runtime import Delta, Engine, SamplingParams, ServingEngine
 from runtime.sampler import adjust_logits, log_softmax, sample
 
 LONG_PREFIX = (
@@ -184,6 +185,68 @@ def test_small_kv_cache_queues_and_evicts_without_changing_results(artifact, no_
     assert len(eng.cached) > 0
     with pytest.raises(MlccError, match="does not fit the KV cache"):
         eng.generate(LONG_PREFIX, SamplingParams(max_tokens=120, ignore_eos=True))
+
+
+def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_others_decode(artifact, no_cache_engine):
+    eng = Engine(artifact("llama-q4"), prefill_chunk=8)
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    [short] = eng.make_requests(eng.tokenizer.encode("Hello"), params)
+    [long] = eng.make_requests(eng.tokenizer.encode(LONG_PREFIX), params)
+    eng.enqueue([short])
+    eng.step()
+    eng.enqueue([long])
+    prefill_steps = 0
+    while not long.output_ids:
+        before = len(short.output_ids)
+        eng.step()
+        prefill_steps += 1
+        assert len(short.output_ids) == before + 1  # the decoding request never skips a step
+    assert prefill_steps == -(-len(long.prompt_ids) // 8)
+    while eng.has_work:
+        eng.step()
+    assert short.text == no_cache_engine.generate("Hello", params)[0].text
+    assert long.text == no_cache_engine.generate(LONG_PREFIX, params)[0].text
+
+    # siblings wait until the first one's prompt is prefilled, then fork all of it
+    sampled = SamplingParams(max_tokens=8, temperature=1.0, seed=4, ignore_eos=True)
+    many = eng.generate("Twice: " + LONG_PREFIX, SamplingParams(**{**vars(sampled), "n": 3}))
+    assert [r.cached_tokens for r in many] == [0] + [many[0].prompt_tokens - 1] * 2
+    assert many[0].token_ids == no_cache_engine.generate("Twice: " + LONG_PREFIX, sampled)[0].token_ids
+
+    # an abort in the middle of a prefill frees the sequence
+    [partial] = eng.make_requests(eng.tokenizer.encode("Hi! " + LONG_PREFIX), params)
+    eng.enqueue([partial])
+    eng.step()
+    assert 0 < partial.kv_len < partial.prefill_len
+    used = eng.kv_tokens_used
+    eng.abort(partial)
+    assert eng.kv_tokens_used < used and not eng.has_work and partial.finish_reason == "abort"
+    with pytest.raises(MlccError, match="prefill_chunk"):
+        Engine(artifact("llama-q4"), prefill_chunk=eng.kernel_prefill_chunk + 1)
+
+
+def test_running_out_of_kv_pages_preempts_and_recomputes_without_changing_results(artifact, no_cache_engine):
+    eng = Engine(artifact("llama-q4"), kv_cache_tokens=96)  # 7 pages; each request grows to 4 of them
+    greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, repetition_penalty=1.3)
+    sampled = SamplingParams(max_tokens=40, temperature=0.8, seed=7, ignore_eos=True, frequency_penalty=0.5)
+    jobs = [(f"{LONG_PREFIX[: 10 + 7 * i]} {i}", greedy if i % 2 else sampled) for i in range(6)]
+    deltas: list[list[Delta]] = [[] for _ in jobs]
+    requests = [
+        eng.make_requests(eng.tokenizer.encode(prompt), params, deltas[i].append)[0]
+        for i, (prompt, params) in enumerate(jobs)
+    ]
+    eng.enqueue(requests)
+    while eng.has_work:
+        eng.step()
+        assert eng.kv_tokens_used <= eng.total_pages * eng.page_size
+    assert eng.counters["preemptions"] > 0 and any(r.preemptions for r in requests)
+    for r, got, (prompt, params) in zip(requests, deltas, jobs):
+        alone = no_cache_engine.generate(prompt, params)[0]
+        assert (r.text, r.output_ids, r.finish_reason) == (alone.text, alone.token_ids, "length")
+        # what was streamed before a preemption is neither repeated nor changed
+        assert "".join(d.text for d in got) == r.text
+        assert [t for d in got for t in d.token_ids] == r.output_ids
+        assert [d.finish_reason for d in got] == [None] * (len(got) - 1) + ["length"]
 
 
 def test_serving_engine_from_threads_and_asyncio(artifact, no_cache_engine):

@@ -65,7 +65,7 @@ def test_int8_activation_matmul(qtype: GGMLQuantizationType):
     if not has_avx2(target):
         pytest.skip("the int8 kernels need an x86 CPU with AVX2")
     block, block_bytes = GGML_QUANT_SIZES[qtype]
-    rows, cols, tokens = 5, 512, 3
+    rows, cols, tokens = 5, 512, 6  # a block of 4 tokens and 2 single ones
     rng = np.random.default_rng(qtype.value)
     raw = rng.integers(0, 256, size=(rows, cols // block, block_bytes), dtype=np.uint8)
     for field in FLOAT16_FIELDS[qtype]:

@@ -213,3 +213,4 @@ def test_metrics(server, client):
         assert f"mlcc_{name}" in values
     assert values["mlcc_generation_tokens_total"] > 0
     assert "# TYPE mlcc_generation_tokens_total counter" in text
+    assert "# TYPE mlcc_requests_preempted_total counter" in text and "mlcc_requests_preempted_total" in values
