@@ -27,6 +27,8 @@ from quant_schemes.gguf_native import _f16, _k_scale_min
 
 Q = GGMLQuantizationType
 CHUNK = 32
+PREFETCH_ROWS = 4  # rows ahead to prefetch
+TASKS = 64  # parallel row ranges: enough to balance 16 threads, few accumulators
 TOKENS = 4  # tokens per pass over a weight row (prefill and batched decode)
 GROUP = 8  # chunks summed in registers between accumulator updates (a K-quant super-block)
 
@@ -176,6 +178,8 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
     decode = CHUNK_DECODERS[qtype]
     chunks = n_in // CHUNK
     groups, tail = divmod(chunks, GROUP)
+    rows_per_task = -(-n_out // TASKS)
+    lines_per_row = -(-row_bytes // 64)
 
     def group_dot(data, o, xq, x_scale, t0, tokens, first, count):
         """float32x(8 * tokens) partial sums of `count` chunks from `first` for tokens t0.., as one expression
@@ -203,28 +207,28 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
         return _concat_all(sums)
 
     @T.macro
-    def rows_times_tokens(y, data, xq, x_scale, x_sum, o, t0, tokens, acc, off):
-        """y[t0 : t0 + tokens, o], accumulating in acc[o, 8 * tokens] and off[o, tokens]."""
+    def rows_times_tokens(y, data, xq, x_scale, x_sum, o, t0, tokens, acc, off, slot):
+        """y[t0 : t0 + tokens, o], accumulating in acc[slot, 8 * tokens] and off[slot, tokens]."""
         a = T.meta_var(_span(8 * tokens))
         b = T.meta_var(_span(tokens))
         zeros_a = T.meta_var(_splat(0.0, 8 * tokens))
         zeros_b = T.meta_var(_splat(0.0, tokens))
-        acc[o, a] = zeros_a
-        off[o, b] = zeros_b
+        acc[slot, a] = zeros_a
+        off[slot, b] = zeros_b
         for g in range(groups):
             vec = T.meta_var(group_dot(data, o, xq, x_scale, t0, tokens, g * GROUP, GROUP))
             shift = T.meta_var(group_offset(data, o, x_sum, t0, tokens, g * GROUP, GROUP))
-            acc[o, a] = acc[o, a] + vec
-            off[o, b] = off[o, b] + shift
+            acc[slot, a] = acc[slot, a] + vec
+            off[slot, b] = off[slot, b] + shift
         if tail > 0:
             vec = T.meta_var(group_dot(data, o, xq, x_scale, t0, tokens, groups * GROUP, tail))
             shift = T.meta_var(group_offset(data, o, x_sum, t0, tokens, groups * GROUP, tail))
-            acc[o, a] = acc[o, a] + vec
-            off[o, b] = off[o, b] + shift
+            acc[slot, a] = acc[slot, a] + vec
+            off[slot, b] = off[slot, b] + shift
         for u in range(tokens):
-            y[t0 + u, o] = off[o, u]
+            y[t0 + u, o] = off[slot, u]
             for i in range(8):
-                y[t0 + u, o] = y[t0 + u, o] + acc[o, u * 8 + i]
+                y[t0 + u, o] = y[t0 + u, o] + acc[slot, u * 8 + i]
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, data: T.Buffer((n_out, row_bytes), "uint8"), var_y: T.handle):
@@ -251,15 +255,23 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
                     total[0] = total[0] + T.Cast("int32", xq[t, c * CHUNK + i])
                 x_scale[t, c] = d
                 x_sum[t, c] = d * T.Cast("float32", total[0])
-        # Accumulators per row, outside the parallel loop: a buffer allocated inside it would cost a workspace
-        # call per row. Tokens go TOKENS at a time (sharing each chunk's decoded codes), the rest one by one.
-        acc = T.alloc_buffer((n_out, 8 * TOKENS), "float32")
-        off = T.alloc_buffer((n_out, TOKENS), "float32")
-        for o in T.parallel(n_out):
-            for tb in range(n // TOKENS):
-                rows_times_tokens(y, data, xq, x_scale, x_sum, o, tb * TOKENS, TOKENS, acc, off)
-            for t in range(n // TOKENS * TOKENS, n):
-                rows_times_tokens(y, data, xq, x_scale, x_sum, o, t, 1, acc, off)
+        # Rows are split into TASKS contiguous ranges run in parallel, each with its accumulators allocated
+        # here (inside the parallel loop each would cost a workspace call). Tokens go TOKENS at a time
+        # (sharing each chunk's decoded codes), the rest one by one.
+        acc = T.alloc_buffer((TASKS, 8 * TOKENS), "float32")
+        off = T.alloc_buffer((TASKS, TOKENS), "float32")
+        for task in T.parallel(TASKS):
+            for i in range(rows_per_task):
+                if task * rows_per_task + i < n_out:
+                    o = T.meta_var(task * rows_per_task + i)
+                    if o + PREFETCH_ROWS < n_out:  # weights stream from memory: ask for a later row early
+                        for line in range(lines_per_row):
+                            hint = T.meta_var(_prefetch(data, o + PREFETCH_ROWS, line * 64))
+                            T.evaluate(hint)
+                    for tb in range(n // TOKENS):
+                        rows_times_tokens(y, data, xq, x_scale, x_sum, o, tb * TOKENS, TOKENS, acc, off, task)
+                    for t in range(n // TOKENS * TOKENS, n):
+                        rows_times_tokens(y, data, xq, x_scale, x_sum, o, t, 1, acc, off, task)
 
     return kernel
 
@@ -268,6 +280,13 @@ def _tree_sum(terms: list[tirx.PrimExpr]) -> tirx.PrimExpr:
     while len(terms) > 1:
         terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
     return terms[0]
+
+
+def _prefetch(data: tirx.Buffer, row: tirx.PrimExpr, byte: tirx.PrimExpr) -> tirx.PrimExpr:
+    """A hint to load the cache line holding data[row, byte] (read, keep in all cache levels)."""
+    address = tirx.address_of(tirx.BufferLoad(data, [row, byte]))
+    args = (address, tirx.const(0, "int32"), tirx.const(3, "int32"), tirx.const(1, "int32"))
+    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", *args)
 
 
 def _span(lanes: int) -> tirx.PrimExpr:
