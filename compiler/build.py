@@ -33,12 +33,12 @@ from quant_schemes import QuantScheme
 CRASH_FOR_TEST_ENV = "MLCC_TEST_CRASH_IN_BUILD"
 
 
-def _cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's CPU pipeline with mlcc's matmul schedule inserted after fusion."""
+def _cpu_pipeline(target: tvm.target.Target, window_size: int | None) -> tvm.transform.Pass:
+    """TVM's CPU pipeline with mlcc's attention kernels and matmul schedule."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     passes = (
-        [cpu_attention]  # TVM's CPU decode attention is serial and scalar
+        [cpu_attention(window_size)]  # TVM's CPU attention kernels are serial and scalar
         + cpu_generic.library_dispatch_passes(target)
         # x @ permute_dims(W) as one kernel reading W's rows, not a transposed copy of W on every call.
         + [relax.transform.FuseTransposeMatmul()]
@@ -88,9 +88,11 @@ def _with_target(target: tvm.target.Target, passes: list[tvm.transform.Pass], na
     return pipeline
 
 
-def build_library(mod: tvm.IRModule, spec: TargetSpec, out: Path) -> None:
-    """Lower with the target's fusing pipeline and export the library to `out` (.so, or .tar of objects)."""
-    pipeline = _cpu_pipeline(spec.target) if spec.device == "cpu" else _gpu_pipeline(spec.target)
+def build_library(mod: tvm.IRModule, spec: TargetSpec, out: Path, window_size: int | None = None) -> None:
+    """Lower with the target's fusing pipeline and export the library to `out` (.so, or .tar of objects).
+
+    window_size: the sliding window of the module's KV cache kernels, if they have one."""
+    pipeline = _cpu_pipeline(spec.target, window_size) if spec.device == "cpu" else _gpu_pipeline(spec.target)
     executable = tvm.compile(mod, target=spec.target, relax_pipeline=pipeline)
     if spec.cuda_archs:
         executable.export_library(str(out), fpack_imports=fatbin_packer(spec.cuda_archs))
@@ -121,7 +123,7 @@ def export_and_build(job: BuildJob) -> list[str]:
     job.scheme.quantize_model(net)
     entry = EntryPoints(net, spec.target, job.scheme.dtype)
     mod, named_params = entry.export_tvm(spec=entry.spec())
-    build_library(mod, spec, job.library)
+    build_library(mod, spec, job.library, entry.kv_window)
     return [name.removeprefix(PARAM_PREFIX) for name, _ in named_params]
 
 

@@ -1,4 +1,5 @@
-"""Faster CPU attention kernels for TVM's paged KV cache: decode, and prefill of the new tokens (ragged).
+"""Faster CPU attention kernels for TVM's paged KV cache: decode, prefill against the cache, and prefill of
+the new tokens among themselves (ragged).
 
 TVM 0.27's CPU kernels walk one (sequence, head) at a time on one thread, with scalar loops and a softmax
 rescale of the whole output row after every key; at a context of a few hundred tokens decode attention costs
@@ -23,6 +24,7 @@ TILE = 16  # cached tokens scored per softmax update
 LANES = 8
 LOG2E = math.log2(math.e)
 DECODE_SYMBOL = "batch_decode_paged_kv_cpu"
+PAGED_PREFILL_SYMBOL = "batch_prefill_paged_kv_cpu"
 RAGGED_PREFILL_SYMBOL = "batch_prefill_ragged_kv"  # the CPU pipeline only ever sees TVM's CPU variant
 
 
@@ -65,6 +67,14 @@ def _attend(bh, length, keys, scores, state, out, dim):
         state[bh, 0] = state[bh, 2]
 
 
+@T.macro
+def _rows_to_sequences(q_indptr, batch_size, sequence_of):
+    """sequence_of[row]: the sequence a row of a ragged batch belongs to."""
+    for b in range(batch_size):
+        for i in range(q_indptr[b + 1] - q_indptr[b]):
+            sequence_of[q_indptr[b] + i] = b
+
+
 def _dot(q_scaled, bh, keys, key_index: tuple, dim: int) -> tirx.PrimExpr:
     """q . k as a tree of 8-wide products; `key_index` addresses the key row without its last axis."""
     terms = []
@@ -78,13 +88,13 @@ def _dot(q_scaled, bh, keys, key_index: tuple, dim: int) -> tirx.PrimExpr:
 class PagedKeys:
     """Keys and values of one sequence and KV head in the paged cache (sliding window aware)."""
 
-    def __init__(self, pages, page_table, length_info, seq, first_page, kv_head, q_scaled, row, sliding_window):
+    def __init__(self, pages, page_table, length_info, seq, first_page, kv_head, q_scaled, row, sliding_window, skip=0):
         self.pages, self.page_table, self.length_info, self.seq = pages, page_table, length_info, seq
         self.first_page, self.kv_head, self.q_scaled, self.row = first_page, kv_head, q_scaled, row
-        self.sliding_window = sliding_window
+        self.sliding_window, self.skip = sliding_window, skip  # skip: cached tokens before key 0
 
     def _slot(self, i):
-        pos = _get_seq_offset(i, self.seq, self.length_info, self.sliding_window)
+        pos = _get_seq_offset(self.skip + i, self.seq, self.length_info, self.sliding_window)
         page_size = self.pages.shape[3]
         return self.page_table[self.first_page + pos // page_size], pos % page_size
 
@@ -222,9 +232,7 @@ def prefill_ragged_attention(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: st
         out = T.alloc_buffer((qo_len * h_q, d_v), "float32")
         scores = T.alloc_buffer((qo_len * h_q, TILE), "float32")
         state = T.alloc_buffer((qo_len * h_q, 3), "float32")
-        for b in range(batch_size):
-            for i in range(q_indptr[b + 1] - q_indptr[b]):
-                sequence_of[q_indptr[b] + i] = b
+        _rows_to_sequences(q_indptr, batch_size, sequence_of)
         for qh in T.parallel(qo_len * h_q):
             row: T.let[T.int32] = qh // h_q
             h: T.let[T.int32] = qh % h_q
@@ -247,12 +255,99 @@ def prefill_ragged_attention(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: st
     return kernel
 
 
+def prefill_paged_attention(
+    h_kv: int, h_q: int, dim: int, page_size: int, dtype: str, sliding_window: bool, window_size: int
+):
+    """Drop-in for TVM's `batch_prefill_paged_kv_cpu`: each new token attends to its sequence's cached
+    (paged) tokens, with TVM's masks (causal, or the sliding window's view of the past)."""
+    group = h_q // h_kv
+    window = window_size if sliding_window else 0
+
+    @T.prim_func(s_tir=True)
+    def kernel(
+        var_q: T.handle,
+        var_q_indptr: T.handle,
+        var_pages: T.handle,
+        var_page_indptr: T.handle,
+        var_page_values: T.handle,
+        var_length_info: T.handle,
+        var_k_rope_pos_offset: T.handle,
+        var_q_rope_position: T.handle,
+        var_output: T.handle,
+        var_lse: T.handle,
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        batch_size = T.int32()
+        total_len = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        q_indptr_offset = T.int32()
+        page_indptr_offset = T.int32()
+        page_values_offset = T.int32()
+        k_rope_offset = T.int32()
+        q_rope_offset = T.int32()
+        length_offset = T.int32()
+        q = T.match_buffer(var_q, (total_len, h_q, dim), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_offset)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, dim), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_offset)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_offset)
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
+        T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_offset)
+        output = T.match_buffer(var_output, (total_len, h_q, dim), dtype)
+        lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
+        length_info = _declare_length_info(var_length_info, batch_size, sliding_window, length_offset)
+        sequence_of = T.alloc_buffer((total_len,), "int32")
+        q_scaled = T.alloc_buffer((total_len * h_q, dim), "float32")
+        out = T.alloc_buffer((total_len * h_q, dim), "float32")
+        scores = T.alloc_buffer((total_len * h_q, TILE), "float32")
+        state = T.alloc_buffer((total_len * h_q, 3), "float32")
+        _rows_to_sequences(q_indptr, batch_size, sequence_of)
+        for qh in T.parallel(total_len * h_q):
+            row: T.let[T.int32] = qh // h_q
+            h: T.let[T.int32] = qh % h_q
+            b: T.let[T.int32] = sequence_of[row]
+            i: T.let[T.int32] = row - q_indptr[b]
+            q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+            begin: T.let[T.int32] = page_indptr[b]
+            end: T.let[T.int32] = page_indptr[b + 1]
+            kv_len: T.let[T.int32] = T.if_then_else(
+                begin != end, _get_kv_chunk_len(end - begin, page_size, b, length_info, sliding_window), 0
+            )
+            # TVM's masks as a key range [first, last): a sliding window sees its last `window - i - 1`
+            # cached tokens; causal sees the cache up to its own position; otherwise all of it.
+            first: T.let[T.int32] = T.if_then_else(
+                causal > 0 and window > 0, T.max(kv_len - T.max(window - i - 1, 0), 0), 0
+            )
+            last: T.let[T.int32] = T.if_then_else(
+                causal > 0 and window == 0, T.min(kv_len, kv_len - q_len + i + 1), kv_len
+            )
+            for d in T.vectorized(dim):
+                q_scaled[qh, d] = T.Cast("float32", q[row, h, d]) * (sm_scale * LOG2E)
+                out[qh, d] = T.float32(0)
+            keys = T.meta_var(
+                PagedKeys(pages, page_values, length_info, b, begin, h // group, q_scaled, qh, sliding_window, first)
+            )
+            _attend(qh, T.max(last - first, 0), keys, scores, state, out, dim)
+            for d in T.vectorized(dim):
+                output[row, h, d] = T.Cast(dtype, out[qh, d] / state[qh, 1])
+            lse[row, h] = state[qh, 0] + T.log2(state[qh, 1])
+
+    return kernel
+
+
 def _static(shape) -> list[int | None]:
     return [int(x) if isinstance(x, tirx.IntImm) else None for x in shape]
 
 
-def _replacement(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
-    """A fast kernel with the same signature as TVM's, or None when the kernel or its shapes don't suit."""
+def _replacement(func: tirx.PrimFunc, window_size: int | None) -> tirx.PrimFunc | None:
+    """A fast kernel with the same signature as TVM's, or None when the kernel or its shapes don't suit.
+
+    window_size: the sliding window the cache was made with (its kernels have it built in)."""
     symbol = str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else ""
     if symbol.startswith(DECODE_SYMBOL):
         q, pages = func.params[0], func.params[1]  # buffer-typed parameters
@@ -260,6 +355,14 @@ def _replacement(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         if None in (h_qo, dim, h_kv, page_size) or dim % LANES:
             return None
         return decode_attention(h_kv, h_qo, dim, page_size, str(q.dtype), symbol.endswith("_sliding_window"))
+    if symbol.startswith(PAGED_PREFILL_SYMBOL) and len(func.params) == 15:
+        q, pages = func.params[0], func.params[2]
+        (_, h_q, dim), (_, _, h_kv, page_size, _) = _static(q.shape), _static(pages.shape)
+        sliding = symbol.endswith("_sliding_window")
+        if None in (h_q, dim, h_kv, page_size) or dim % LANES or (sliding and not window_size):
+            return None
+        faster = prefill_paged_attention(h_kv, h_q, dim, page_size, str(q.dtype), sliding, window_size or 0)
+        return faster.with_attrs(func.attrs)
     if symbol == RAGGED_PREFILL_SYMBOL and len(func.params) == 14:
         q, k, v = func.params[0], func.params[2], func.params[3]
         (_, h_q, d_qk), (_, h_kv, _), (_, _, d_v) = _static(q.shape), _static(k.shape), _static(v.shape)
@@ -270,12 +373,16 @@ def _replacement(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     return None
 
 
-@tvm.transform.module_pass(opt_level=0, name="MlccCPUAttention")
-def cpu_attention(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-    """Swap TVM's CPU decode and ragged-prefill attention kernels for the parallel, vectorized ones."""
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, tirx.PrimFunc):
-            faster = _replacement(func)
-            if faster is not None:
-                mod[gv] = faster
-    return mod
+def cpu_attention(window_size: int | None) -> tvm.transform.Pass:
+    """Swap TVM's CPU attention kernels (decode, ragged and paged prefill) for parallel, vectorized ones."""
+
+    @tvm.transform.module_pass(opt_level=0, name="MlccCPUAttention")
+    def swap(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, tirx.PrimFunc):
+                faster = _replacement(func, window_size)
+                if faster is not None:
+                    mod[gv] = faster
+        return mod
+
+    return swap

@@ -48,6 +48,11 @@ class EntryPoints(nn.Module):
         logits = self._logits(self.model.body(x, paged_kv_cache))  # [b, 1, vocab]
         return op.reshape(logits, (logits.shape[0], logits.shape[2])), paged_kv_cache  # [b, vocab]
 
+    @property
+    def kv_window(self) -> int:
+        """The sliding window the cache's kernels are built with (TVM wants one even when no layer slides)."""
+        return self.layout.sliding_window or 1024
+
     def create_paged_kv_cache(
         self,
         max_batch_size: tirx.Var,
@@ -87,7 +92,7 @@ class EntryPoints(nn.Module):
             enable_disaggregation=False,
             dtype=self.dtype,
             target=self.target,
-            layer_sliding_window_size=window or 1024,
+            layer_sliding_window_size=self.kv_window,
         )
 
     def spec(self) -> dict[str, Any]:
