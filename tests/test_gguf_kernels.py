@@ -55,8 +55,9 @@ def _quantized_activations(x: np.ndarray) -> np.ndarray:
     return (np.round(chunks * inv) * d).reshape(x.shape)
 
 
+@pytest.mark.parametrize("rows", [5, 6])
 @pytest.mark.parametrize("qtype", sorted(DECODERS, key=lambda t: t.value), ids=lambda t: t.name)
-def test_int8_activation_matmul(qtype: GGMLQuantizationType):
+def test_int8_activation_matmul(qtype: GGMLQuantizationType, rows: int):
     """The AVX2 kernels equal the dequantized weights times the 8-bit-rounded activations."""
     from compiler.targets import _host_llvm
     from quant_schemes.gguf_int8 import has_avx2, int8_matmul
@@ -65,7 +66,7 @@ def test_int8_activation_matmul(qtype: GGMLQuantizationType):
     if not has_avx2(target):
         pytest.skip("the int8 kernels need an x86 CPU with AVX2")
     block, block_bytes = GGML_QUANT_SIZES[qtype]
-    rows, cols, tokens = 5, 512, 6  # a block of 4 tokens and 2 single ones
+    cols, tokens = 512, 6  # a block of 4 tokens and 2 single ones
     rng = np.random.default_rng(qtype.value)
     raw = rng.integers(0, 256, size=(rows, cols // block, block_bytes), dtype=np.uint8)
     for field in FLOAT16_FIELDS[qtype]:
