@@ -164,6 +164,12 @@ def run(
     default=None,
     help="KV cache size in tokens (default: a full context per batch slot, at most 2 GiB of K/V).",
 )
+@click.option(
+    "--prefill-chunk",
+    type=int,
+    default=None,
+    help="Prompt tokens prefilled per engine step, between decode steps (default and maximum: the artifact's).",
+)
 @click.option("--no-prefix-cache", is_flag=True, help="Do not reuse the KV of earlier prompts' shared prefixes.")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the artifact files.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
@@ -175,6 +181,7 @@ def serve(
     api_key: str | None,
     max_batch_size: int | None,
     kv_cache_tokens: int | None,
+    prefill_chunk: int | None,
     no_prefix_cache: bool,
     no_verify: bool,
     threads: int | None,
@@ -189,6 +196,7 @@ def serve(
         api_key=api_key,
         max_batch_size=max_batch_size,
         kv_cache_tokens=kv_cache_tokens,
+        prefill_chunk=prefill_chunk,
         prefix_cache=not no_prefix_cache,
         verify=not no_verify,
         threads=threads,

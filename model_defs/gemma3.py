@@ -78,12 +78,18 @@ def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
         _, seq, _, dim = xt.shape
         half = dim // 2
 
+        def angle(t, i):
+            exponent = i.astype("float32") * 2.0 / tirx.const(int(dim), "float32")
+            return pos[t].astype("float32") / tirx.power(tirx.const(theta, "float32"), exponent)
+
+        # cos and sin once per (token, frequency), not once per head and element: they dominate otherwise.
+        cos = te.compute((pos.shape[0], half), lambda t, i: tirx.cos(angle(t, i)), name="rope_cos")
+        sin = te.compute((pos.shape[0], half), lambda t, i: tirx.sin(angle(t, i)), name="rope_sin")
+
         def body(b, s, h, d):
-            angle = pos[b * seq + s].astype("float32") / tirx.power(
-                tirx.const(theta, "float32"), (d % half).astype("float32") * 2.0 / tirx.const(int(dim), "float32")
-            )
+            t = b * seq + s
             rotated = tirx.if_then_else(d < half, -xt[b, s, h, d + half], xt[b, s, h, d - half])
-            value = xt[b, s, h, d].astype("float32") * tirx.cos(angle) + rotated.astype("float32") * tirx.sin(angle)
+            value = xt[b, s, h, d].astype("float32") * cos[t, d % half] + rotated.astype("float32") * sin[t, d % half]
             return value.astype(xt.dtype)
 
         return te.compute(xt.shape, body, name="rope")
