@@ -29,7 +29,7 @@ Q = GGMLQuantizationType
 CHUNK = 32
 PREFETCH_ROWS = 4  # rows ahead to prefetch
 TASKS = 64  # parallel row ranges: enough to balance 16 threads, few accumulators
-TOKENS = 4  # tokens per pass over a weight row (prefill and batched decode)
+TOKENS = 8  # tokens per pass over a weight row (prefill and batched decode)
 GROUP = 8  # chunks summed in registers between accumulator updates (a K-quant super-block)
 
 

@@ -60,13 +60,13 @@ def _quantized_activations(x: np.ndarray) -> np.ndarray:
 def test_int8_activation_matmul(qtype: GGMLQuantizationType, rows: int):
     """The AVX2 kernels equal the dequantized weights times the 8-bit-rounded activations."""
     from compiler.targets import _host_llvm
-    from quant_schemes.gguf_int8 import has_avx2, int8_matmul
+    from quant_schemes.gguf_int8 import TOKENS, has_avx2, int8_matmul
 
     target = _host_llvm()
     if not has_avx2(target):
         pytest.skip("the int8 kernels need an x86 CPU with AVX2")
     block, block_bytes = GGML_QUANT_SIZES[qtype]
-    cols, tokens = 512, 6  # a block of 4 tokens and 2 single ones
+    cols, tokens = 512, TOKENS + 2  # a block of tokens and 2 single ones
     rng = np.random.default_rng(qtype.value)
     raw = rng.integers(0, 256, size=(rows, cols // block, block_bytes), dtype=np.uint8)
     for field in FLOAT16_FIELDS[qtype]:
