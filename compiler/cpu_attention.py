@@ -68,6 +68,14 @@ def _attend(bh, length, keys, scores, state, out, dim):
 
 
 @T.macro
+def _finish(output, lse, row, head, slot, out, state, dim):
+    """The normalized output row and its log2-sum-exp, for merging with other partial attentions."""
+    for d in T.vectorized(dim):
+        output[row, head, d] = T.Cast(output.dtype, out[slot, d] / state[slot, 1])
+    lse[row, head] = state[slot, 0] + T.log2(state[slot, 1])
+
+
+@T.macro
 def _rows_to_sequences(q_indptr, batch_size, sequence_of):
     """sequence_of[row]: the sequence a row of a ragged batch belongs to."""
     for b in range(batch_size):
@@ -181,9 +189,7 @@ def decode_attention(h_kv: int, h_qo: int, dim: int, page_size: int, dtype: str,
                 PagedKeys(pages, page_table_values, length_info, b, begin, h // group, q_scaled, bh, sliding_window)
             )
             _attend(bh, length, keys, scores, state, out, dim)
-            for d in T.vectorized(dim):
-                output[b, h, d] = T.Cast(dtype, out[bh, d] / state[bh, 1])
-            lse[b, h] = state[bh, 0] + T.log2(state[bh, 1])
+            _finish(output, lse, b, h, bh, out, state, dim)
 
     return kernel
 
@@ -248,9 +254,7 @@ def prefill_ragged_attention(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: st
 
             keys = T.meta_var(RaggedKeys(k, v, kv_indptr[b], h // group, q_scaled, qh))
             _attend(qh, length, keys, scores, state, out, d_v)
-            for d in T.vectorized(d_v):
-                output[row, h, d] = T.Cast(dtype, out[qh, d] / state[qh, 1])
-            lse[row, h] = state[qh, 0] + T.log2(state[qh, 1])
+            _finish(output, lse, row, h, qh, out, state, d_v)
 
     return kernel
 
@@ -333,9 +337,7 @@ def prefill_paged_attention(
                 PagedKeys(pages, page_values, length_info, b, begin, h // group, q_scaled, qh, sliding_window, first)
             )
             _attend(qh, T.max(last - first, 0), keys, scores, state, out, dim)
-            for d in T.vectorized(dim):
-                output[row, h, d] = T.Cast(dtype, out[qh, d] / state[qh, 1])
-            lse[row, h] = state[qh, 0] + T.log2(state[qh, 1])
+            _finish(output, lse, row, h, qh, out, state, dim)
 
     return kernel
 
