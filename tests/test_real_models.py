@@ -131,8 +131,8 @@ def test_greedy_matches_transformers(name, real_engine, reference_model):
 
 
 def test_smollm2_chat_answers(real_engine):
-    """The exact model knows the answer; the default build (llama.cpp's 8-bit activations) gives
-    llama.cpp's own reply, right or wrong (llama.cpp's is wrong here: this model is small)."""
+    """The exact model knows the answer. The default build (llama.cpp's 8-bit activations) follows llama.cpp's
+    own greedy reply, which is wrong here (the model is small), until a near-tie that rounding may tip."""
     from runtime import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=CHAT_TOKENS)
@@ -140,7 +140,16 @@ def test_smollm2_chat_answers(real_engine):
     ref = np.load(FIXTURES / "smollm2_llamacpp.npz")
     if "chat_reply" not in ref:
         pytest.skip("no llama.cpp chat fixture")
-    assert "".join(real_engine("smollm2").chat(CHAT, params)) == str(ref["chat_reply"])
+    engine = real_engine("smollm2")
+    prompt = engine.tokenizer.encode_chat(CHAT)
+    ours = engine.generate_ids([prompt], params)[0].token_ids
+    theirs = engine.tokenizer.encode(str(ref["chat_reply"]), add_special_tokens=False)
+    n = next((j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    print(f"smollm2 chat reply: {n} tokens equal to llama.cpp's: {engine.tokenizer.decode(ours)!r}")
+    assert n >= 5, "parted from llama.cpp's reply within its first words"
+    if n < min(len(ours), len(theirs)):
+        logits = engine.prompt_logits(prompt + ours[:n])[-1]
+        assert logits[ours[n]] - logits[theirs[n]] < 0.5, "parted on a clear choice, not a tie"
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
