@@ -20,6 +20,8 @@ from tvm import tirx
 from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _get_kv_chunk_len, _get_seq_offset
 from tvm.script import tirx as T
 
+from quant_schemes.vector_exprs import tree_sum
+
 TILE = 16  # cached tokens scored per softmax update
 LANES = 8
 LOG2E = math.log2(math.e)
@@ -28,14 +30,8 @@ PAGED_PREFILL_SYMBOL = "batch_prefill_paged_kv_cpu"
 RAGGED_PREFILL_SYMBOL = "batch_prefill_ragged_kv"  # the CPU pipeline only ever sees TVM's CPU variant
 
 
-def _tree_sum(terms: list[tirx.PrimExpr]) -> tirx.PrimExpr:
-    while len(terms) > 1:
-        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
-    return terms[0]
-
-
 def _lane_sum(v: tirx.PrimExpr) -> tirx.PrimExpr:
-    return _tree_sum([tirx.Shuffle([v], [tirx.IntImm("int32", i)]) for i in range(LANES)])
+    return tree_sum([tirx.Shuffle([v], [tirx.IntImm("int32", i)]) for i in range(LANES)])
 
 
 @T.macro(hygienic=False)
@@ -90,7 +86,7 @@ def _dot(q_scaled, bh, keys, key_index: tuple, dim: int) -> tirx.PrimExpr:
         k = tirx.BufferLoad(keys, [*key_index, tirx.Ramp(j, 1, LANES)])
         q = tirx.BufferLoad(q_scaled, [bh, tirx.Ramp(j, 1, LANES)])
         terms.append(q * k.astype(f"float32x{LANES}"))
-    return _lane_sum(_tree_sum(terms))
+    return _lane_sum(tree_sum(terms))
 
 
 class PagedKeys:

@@ -24,6 +24,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from quant_schemes.gguf_native import _f16, _k_scale_min
+from quant_schemes.vector_exprs import concat, tree_sum
 
 Q = GGMLQuantizationType
 CHUNK = 32
@@ -41,14 +42,10 @@ def _bcast(value: int, dtype: str, lanes: int) -> tirx.PrimExpr:
     return tirx.Broadcast(tirx.const(value, dtype), lanes)
 
 
-def _concat(lo: tirx.PrimExpr, hi: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
-    return tirx.Shuffle([lo, hi], [tirx.IntImm("int32", i) for i in range(2 * lanes)])
-
-
 def _nibbles(data, row, start) -> tirx.PrimExpr:
     """32 codes from 16 bytes: low nibbles are columns 0..15, high nibbles 16..31 (Q4_0/Q4_1/Q5_x)."""
     v = _vec(data, row, start, 16)
-    return _concat(v & _bcast(15, "uint8", 16), v >> _bcast(4, "uint8", 16), 16)
+    return concat([v & _bcast(15, "uint8", 16), v >> _bcast(4, "uint8", 16)])
 
 
 def _bits(data, row, start) -> tirx.PrimExpr:
@@ -193,7 +190,7 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
                 xv = tirx.BufferLoad(xq, [t0 + u, tirx.Ramp(c * CHUNK, 1, CHUNK)])
                 scale = tirx.Broadcast(ch.scale * x_scale[t0 + u, c], 8)
                 per_token[u].append(chunk_dot(ch, xv).astype("float32x8") * scale)
-        return _concat_all([_tree_sum(terms) for terms in per_token])
+        return concat([tree_sum(terms) for terms in per_token])
 
     def group_offset(data, o, x_sum, t0, tokens, first, count):
         """float32x(tokens): the min/offset terms of `count` chunks from `first`."""
@@ -201,10 +198,10 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
         if all(off is None for off in offsets):
             return _splat(0.0, tokens)
         sums = [
-            _tree_sum([off * x_sum[t0 + u, first + j] for j, off in enumerate(offsets) if off is not None])
+            tree_sum([off * x_sum[t0 + u, first + j] for j, off in enumerate(offsets) if off is not None])
             for u in range(tokens)
         ]
-        return _concat_all(sums)
+        return concat(sums)
 
     @T.macro
     def rows_times_tokens(y, data, xq, x_scale, x_sum, o, t0, tokens, acc, off, slot):
@@ -276,12 +273,6 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
     return kernel
 
 
-def _tree_sum(terms: list[tirx.PrimExpr]) -> tirx.PrimExpr:
-    while len(terms) > 1:
-        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
-    return terms[0]
-
-
 def _prefetch(data: tirx.Buffer, row: tirx.PrimExpr, byte: tirx.PrimExpr) -> tirx.PrimExpr:
     """A hint to load the cache line holding data[row, byte] (read, keep in all cache levels)."""
     address = tirx.address_of(tirx.BufferLoad(data, [row, byte]))
@@ -297,13 +288,6 @@ def _span(lanes: int) -> tirx.PrimExpr:
 def _splat(value: float, lanes: int) -> tirx.PrimExpr:
     scalar = tirx.const(value, "float32")
     return tirx.Broadcast(scalar, lanes) if lanes > 1 else scalar
-
-
-def _concat_all(parts: list[tirx.PrimExpr]) -> tirx.PrimExpr:
-    if len(parts) == 1:
-        return parts[0]
-    lanes = sum(p.ty.dtype.lanes for p in parts)
-    return tirx.Shuffle(parts, [tirx.IntImm("int32", i) for i in range(lanes)])
 
 
 def has_avx2(target: tvm.target.Target) -> bool:

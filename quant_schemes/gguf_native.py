@@ -169,7 +169,7 @@ class GGUFLinear(PackedModule):
         self, fmt: BlockFormat, in_features: int, out_features: int, bias: bool, dtype: str, int8_activations: bool
     ):
         self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
-        self.int8_activations = int8_activations and dtype == "float32" and in_features % 32 == 0
+        self.int8_activations = int8_activations and dtype == "float32"
         self.q_data = nn.Parameter((out_features, fmt.row_bytes(in_features)), "uint8")
         self.bias = nn.Parameter((out_features,), dtype) if bias else None
 
