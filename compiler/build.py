@@ -22,7 +22,7 @@ from tvm.s_tir import dlight as dl
 
 from artifacts.errors import MlccError
 from compiler.cpu_attention import cpu_attention
-from compiler.cpu_schedule import cpu_schedule
+from compiler.cpu_schedule import cpu_schedule, fast_gelu
 from compiler.cuda_aot import fatbin_packer
 from compiler.entry_points import PARAM_PREFIX, EntryPoints
 from compiler.targets import TargetRequest, TargetSpec, resolve_target
@@ -39,6 +39,7 @@ def _cpu_pipeline(target: tvm.target.Target, window_size: int | None) -> tvm.tra
 
     passes = (
         [cpu_attention(window_size)]  # TVM's CPU attention kernels are serial and scalar
+        + [fast_gelu]  # libm's tanh is scalar
         + cpu_generic.library_dispatch_passes(target)
         # x @ permute_dims(W) as one kernel reading W's rows, not a transposed copy of W on every call.
         + [relax.transform.FuseTransposeMatmul()]

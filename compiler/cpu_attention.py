@@ -4,8 +4,9 @@ the new tokens among themselves (ragged).
 TVM 0.27's CPU kernels walk one (sequence, head) at a time on one thread, with scalar loops and a softmax
 rescale of the whole output row after every key; at a context of a few hundred tokens decode attention costs
 as much as all the model's matmuls. These keep TVM's signatures and arithmetic (online softmax in base 2)
-but run (query, head) pairs in parallel, score 16 keys at a time with 8-wide vector dot products, and
-rescale once per 16 keys.
+but run in parallel (prefill: a token's query heads that share a KV head, so each K/V row is read once for
+all of them; decode: each query head), score 8 keys at a time with their dot products accumulated side by
+side in vector registers, take exp2 with vector instructions, and rescale once per 16 keys.
 
 mlcc's caches apply RoPE when K is appended (or the model applies it), never inside attention, so the kernel
 reads K as stored and ignores `rotary_mode`.
@@ -30,37 +31,133 @@ PAGED_PREFILL_SYMBOL = "batch_prefill_paged_kv_cpu"
 RAGGED_PREFILL_SYMBOL = "batch_prefill_ragged_kv"  # the CPU pipeline only ever sees TVM's CPU variant
 
 
-def _lane_sum(v: tirx.PrimExpr) -> tirx.PrimExpr:
-    return tree_sum([tirx.Shuffle([v], [tirx.IntImm("int32", i)]) for i in range(LANES)])
+def _row_sums(dots: tirx.Buffer) -> tirx.PrimExpr:
+    """[sum(dots[0]), ..., sum(dots[7])] for 8 vectors of 8 lanes: pairs of vectors are halved by adding their
+    even and odd lanes, three times, which leaves the sums in order (21 vector ops instead of 8 lane sums)."""
+    rows = [tirx.BufferLoad(dots, [j, tirx.Ramp(0, 1, LANES)]) for j in range(LANES)]
+    even = [tirx.IntImm("int32", i) for i in range(0, 2 * LANES, 2)]
+    odd = [tirx.IntImm("int32", i) for i in range(1, 2 * LANES, 2)]
+    while len(rows) > 1:
+        rows = [tirx.Shuffle([a, b], even) + tirx.Shuffle([a, b], odd) for a, b in zip(rows[0::2], rows[1::2])]
+    return rows[0]
 
 
 @T.macro(hygienic=False)
-def _attend(bh, length, keys, scores, state, out, dim):
-    """Online softmax (base 2) of one query over `length` keys, 16 keys per rescale of the output row.
+def _attend(first, heads, length, keys, scores, state, out, where, dim):
+    """Online softmax (base 2) of `heads` queries that share their keys (the query heads of one KV head, or
+    one query) over `length` keys, 16 keys per rescale; rows `first .. first + heads` of the scratch buffers.
 
-    keys.score(i): the scaled score of key i; keys.value(i, d): element d of value i. As TVM's kernels,
-    the running sum starts with a phantom 1 at score -5e4 that vanishes once a real score arrives."""
-    state[bh, 0] = T.float32(-5e4)  # running max
-    state[bh, 1] = T.float32(1)  # running sum
+    keys.locate(i): where key i is stored; keys.k_rows[*keys.key_index(loc), d]: element d of that key;
+    keys.values(loc, d): LANES elements of its value from d. Dot products and output rows accumulate in
+    registers, several independent chains at a time (one chain is bound by the add's latency). As TVM's
+    kernels, the running sum starts with a phantom 1 at score -5e4 that vanishes once a real score arrives."""
+    chains = T.meta_var(_chains(dim))
+    for g in range(heads):
+        state[first + g, 0] = T.float32(-5e4)  # running max
+        state[first + g, 1] = T.float32(1)  # running sum
     for tile in range((length + TILE - 1) // TILE):
-        state[bh, 2] = state[bh, 0]  # the tile's new max
-        for r in range(TILE):
-            if tile * TILE + r < length:
-                key_s = T.meta_var(keys.score(tile * TILE + r))
-                scores[bh, r] = key_s
-                state[bh, 2] = T.max(state[bh, 2], scores[bh, r])
-        rescale: T.let[T.float32] = T.exp2(state[bh, 0] - state[bh, 2])
-        state[bh, 1] = state[bh, 1] * rescale
-        for d in T.vectorized(dim):
-            out[bh, d] = out[bh, d] * rescale
-        for r in range(TILE):
-            if tile * TILE + r < length:
-                p: T.let[T.float32] = T.exp2(scores[bh, r] - state[bh, 2])
-                state[bh, 1] = state[bh, 1] + p
-                for d in T.vectorized(dim):
-                    value = T.meta_var(keys.value(tile * TILE + r, d))
-                    out[bh, d] = out[bh, d] + p * T.Cast("float32", value)
-        state[bh, 0] = state[bh, 2]
+        for r in range(TILE):  # keys past the end repeat the last one (scored -inf below, so weight 0)
+            where[first, r] = keys.locate(T.min(tile * TILE + r, length - 1))
+        for g in range(heads):
+            state[first + g, 2] = state[first + g, 0]  # the tile's new max
+            for part in range(TILE // LANES):
+                dots = T.alloc_buffer((LANES, LANES), "float32", scope="local")  # 8 keys' partial dots
+                for j in T.unroll(LANES):
+                    dots[j, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+                for c in range(dim // (LANES * chains)):
+                    for j in T.unroll(LANES):
+                        loc = T.meta_var(where[first, part * LANES + j])
+                        step = T.meta_var(_partial_dot(keys, loc, first + g, c * chains * LANES, chains))
+                        dots[j, T.Ramp(0, 1, LANES)] = dots[j, T.Ramp(0, 1, LANES)] + step
+                valid = T.meta_var(T.Ramp(tile * TILE + part * LANES, 1, LANES) < T.Broadcast(length, LANES))
+                sums = T.meta_var(_row_sums(dots))
+                scores[first + g, T.Ramp(part * LANES, 1, LANES)] = T.Select(
+                    valid, sums, T.Broadcast(T.float32(-1e30), LANES)
+                )
+            halves = T.meta_var([scores[first + g, T.Ramp(i * LANES, 1, LANES)] for i in range(TILE // LANES)])
+            state[first + g, 2] = T.max(state[first + g, 0], _lane_reduce(T.max(halves[0], halves[1]), tirx.max))
+            state[first + g, 3] = T.exp2(state[first + g, 0] - state[first + g, 2])  # rescale of the past
+            for i in range(TILE // LANES):
+                row = T.meta_var(T.Ramp(i * LANES, 1, LANES))
+                scores[first + g, row] = _exp2(scores[first + g, row] - T.Broadcast(state[first + g, 2], LANES))
+            weights = T.meta_var(scores[first + g, T.Ramp(0, 1, LANES)] + scores[first + g, T.Ramp(LANES, 1, LANES)])
+            state[first + g, 1] = state[first + g, 1] * state[first + g, 3] + _lane_reduce(weights, _add)
+            state[first + g, 0] = state[first + g, 2]
+        for block in range(dim // (LANES * chains)):
+            for g in range(heads):
+                acc = T.alloc_buffer((chains, LANES), "float32", scope="local")
+                for u in T.unroll(chains):
+                    acc[u, T.Ramp(0, 1, LANES)] = out[
+                        first + g, T.Ramp((block * chains + u) * LANES, 1, LANES)
+                    ] * T.Broadcast(state[first + g, 3], LANES)
+                for r in T.unroll(TILE):
+                    for u in T.unroll(chains):
+                        weight = T.meta_var(T.Broadcast(scores[first + g, r], LANES))
+                        value = T.meta_var(keys.values(where[first, r], (block * chains + u) * LANES))
+                        acc[u, T.Ramp(0, 1, LANES)] = acc[u, T.Ramp(0, 1, LANES)] + weight * value
+                for u in T.unroll(chains):
+                    out[first + g, T.Ramp((block * chains + u) * LANES, 1, LANES)] = acc[u, T.Ramp(0, 1, LANES)]
+
+
+def _lane_reduce(v: tirx.PrimExpr, combine) -> tirx.PrimExpr:
+    """combine(...) of the LANES lanes of v, halving the vector three times."""
+    width = LANES
+    while width > 1:
+        width //= 2
+        v = combine(
+            tirx.Shuffle([v], [tirx.IntImm("int32", i) for i in range(width)]),
+            tirx.Shuffle([v], [tirx.IntImm("int32", i + width) for i in range(width)]),
+        )
+    return v
+
+
+def _add(a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
+    return a + b
+
+
+# 2^x = 2^n * 2^f with n = round(x), f in [-0.5, 0.5]: 2^f = 1 + f * P(f) (Cephes' exp2f, ~2 ulp).
+EXP2_POLY = (
+    1.535336188319500e-4,
+    1.339887440266574e-3,
+    9.618437357674640e-3,
+    5.550332471162809e-2,
+    2.402264791363012e-1,
+    6.931472028550421e-1,
+)
+
+
+def _exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """2^x for a vector of x <= 0, in vector instructions (libm's exp2f is one call per lane); 0 below -126."""
+    lanes = x.ty.dtype.lanes
+
+    def splat(value, dtype="float32"):
+        return tirx.Broadcast(tirx.const(value, dtype), lanes)
+
+    clamped = tirx.max(x, splat(-126.0))
+    n = tirx.floor(clamped + splat(0.5))
+    f = clamped - n
+    poly = splat(EXP2_POLY[0])
+    for c in EXP2_POLY[1:]:
+        poly = poly * f + splat(c)
+    power = tirx.reinterpret(
+        f"float32x{lanes}", (n.astype(f"int32x{lanes}") + splat(127, "int32")) << splat(23, "int32")
+    )
+    return tirx.Select(x > splat(-126.0), (splat(1.0) + f * poly) * power, splat(0.0))
+
+
+def _chains(dim: int) -> int:
+    """Output vectors accumulated side by side: 4 when the head dimension allows."""
+    return next(n for n in (4, 2, 1) if (dim // LANES) % n == 0)
+
+
+def _partial_dot(keys, loc, slot, d, count: int) -> tirx.PrimExpr:
+    """LANES partial sums of query `slot` times the key at `loc`, over `count` vectors from element d."""
+    terms = []
+    for i in range(count):
+        key = tirx.BufferLoad(keys.k_rows, [*keys.key_index(loc), tirx.Ramp(d + i * LANES, 1, LANES)])
+        query = tirx.BufferLoad(keys.q_scaled, [slot, tirx.Ramp(d + i * LANES, 1, LANES)])
+        terms.append(query * key.astype(f"float32x{LANES}"))
+    return tree_sum(terms)
 
 
 @T.macro
@@ -79,49 +176,45 @@ def _rows_to_sequences(q_indptr, batch_size, sequence_of):
             sequence_of[q_indptr[b] + i] = b
 
 
-def _dot(q_scaled, bh, keys, key_index: tuple, dim: int) -> tirx.PrimExpr:
-    """q . k as a tree of 8-wide products; `key_index` addresses the key row without its last axis."""
-    terms = []
-    for j in range(0, dim, LANES):
-        k = tirx.BufferLoad(keys, [*key_index, tirx.Ramp(j, 1, LANES)])
-        q = tirx.BufferLoad(q_scaled, [bh, tirx.Ramp(j, 1, LANES)])
-        terms.append(q * k.astype(f"float32x{LANES}"))
-    return _lane_sum(tree_sum(terms))
-
-
 class PagedKeys:
-    """Keys and values of one sequence and KV head in the paged cache (sliding window aware)."""
+    """Keys and values of one sequence and KV head in the paged cache (sliding window aware); a key's
+    location is page * page_size + offset."""
 
-    def __init__(self, pages, page_table, length_info, seq, first_page, kv_head, q_scaled, row, sliding_window, skip=0):
+    def __init__(self, pages, page_table, length_info, seq, first_page, kv_head, q_scaled, sliding_window, skip=0):
         self.pages, self.page_table, self.length_info, self.seq = pages, page_table, length_info, seq
-        self.first_page, self.kv_head, self.q_scaled, self.row = first_page, kv_head, q_scaled, row
+        self.first_page, self.kv_head, self.q_scaled = first_page, kv_head, q_scaled
         self.sliding_window, self.skip = sliding_window, skip  # skip: cached tokens before key 0
+        self.page_size = int(pages.shape[3])
+        self.k_rows = pages
 
-    def _slot(self, i):
+    def locate(self, i):
         pos = _get_seq_offset(self.skip + i, self.seq, self.length_info, self.sliding_window)
-        page_size = self.pages.shape[3]
-        return self.page_table[self.first_page + pos // page_size], pos % page_size
+        return self.page_table[self.first_page + pos // self.page_size] * self.page_size + pos % self.page_size
 
-    def score(self, i):
-        page, offset = self._slot(i)
-        return _dot(self.q_scaled, self.row, self.pages, (page, 0, self.kv_head, offset), int(self.pages.shape[4]))
+    def key_index(self, loc):
+        return (loc // self.page_size, 0, self.kv_head, loc % self.page_size)
 
-    def value(self, i, d):
-        page, offset = self._slot(i)
-        return self.pages[page, 1, self.kv_head, offset, d]
+    def values(self, loc, d):
+        page, offset = loc // self.page_size, loc % self.page_size
+        row = tirx.BufferLoad(self.pages, [page, 1, self.kv_head, offset, tirx.Ramp(d, 1, LANES)])
+        return row.astype(f"float32x{LANES}")
 
 
 class RaggedKeys:
-    """Keys and values of one sequence and KV head given as ragged [tokens, heads, dim] arrays."""
+    """Keys and values of one sequence and KV head given as ragged [tokens, heads, dim] arrays; a key's
+    location is its token index."""
 
-    def __init__(self, k, v, first, kv_head, q_scaled, row):
-        self.k, self.v, self.first, self.kv_head, self.q_scaled, self.row = k, v, first, kv_head, q_scaled, row
+    def __init__(self, k, v, first, kv_head, q_scaled):
+        self.k_rows, self.v, self.first, self.kv_head, self.q_scaled = k, v, first, kv_head, q_scaled
 
-    def score(self, i):
-        return _dot(self.q_scaled, self.row, self.k, (self.first + i, self.kv_head), int(self.k.shape[2]))
+    def locate(self, i):
+        return self.first + i
 
-    def value(self, i, d):
-        return self.v[self.first + i, self.kv_head, d]
+    def key_index(self, loc):
+        return (loc, self.kv_head)
+
+    def values(self, loc, d):
+        return tirx.BufferLoad(self.v, [loc, self.kv_head, tirx.Ramp(d, 1, LANES)]).astype(f"float32x{LANES}")
 
 
 def decode_attention(h_kv: int, h_qo: int, dim: int, page_size: int, dtype: str, sliding_window: bool):
@@ -168,8 +261,9 @@ def decode_attention(h_kv: int, h_qo: int, dim: int, page_size: int, dtype: str,
         q_scaled = T.alloc_buffer((B * h_qo, dim), "float32")
         out = T.alloc_buffer((B * h_qo, dim), "float32")
         scores = T.alloc_buffer((B * h_qo, TILE), "float32")
-        state = T.alloc_buffer((B * h_qo, 3), "float32")
-        for bh in T.parallel(B * h_qo):
+        state = T.alloc_buffer((B * h_qo, 4), "float32")
+        where = T.alloc_buffer((B * h_qo, TILE), "int32")
+        for bh in T.parallel(B * h_qo):  # one task per query head: batch-1 decode still uses every core
             b: T.let[T.int32] = bh // h_qo
             h: T.let[T.int32] = bh % h_qo
             begin: T.let[T.int32] = page_table_indptr[b]
@@ -182,9 +276,9 @@ def decode_attention(h_kv: int, h_qo: int, dim: int, page_size: int, dtype: str,
                 out[bh, d] = T.float32(0)
 
             keys = T.meta_var(
-                PagedKeys(pages, page_table_values, length_info, b, begin, h // group, q_scaled, bh, sliding_window)
+                PagedKeys(pages, page_table_values, length_info, b, begin, h // group, q_scaled, sliding_window)
             )
-            _attend(bh, length, keys, scores, state, out, dim)
+            _attend(bh, 1, length, keys, scores, state, out, where, dim)
             _finish(output, lse, b, h, bh, out, state, dim)
 
     return kernel
@@ -233,24 +327,27 @@ def prefill_ragged_attention(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: st
         q_scaled = T.alloc_buffer((qo_len * h_q, d_qk), "float32")
         out = T.alloc_buffer((qo_len * h_q, d_v), "float32")
         scores = T.alloc_buffer((qo_len * h_q, TILE), "float32")
-        state = T.alloc_buffer((qo_len * h_q, 3), "float32")
+        state = T.alloc_buffer((qo_len * h_q, 4), "float32")
+        where = T.alloc_buffer((qo_len * h_q, TILE), "int32")
         _rows_to_sequences(q_indptr, batch_size, sequence_of)
-        for qh in T.parallel(qo_len * h_q):
-            row: T.let[T.int32] = qh // h_q
-            h: T.let[T.int32] = qh % h_q
+        for task in T.parallel(qo_len * h_kv):  # a token's query heads that share a KV head
+            row: T.let[T.int32] = task // h_kv
+            kv_head: T.let[T.int32] = task % h_kv
+            first: T.let[T.int32] = row * h_q + kv_head * group
             b: T.let[T.int32] = sequence_of[row]
             q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
             k_len: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
             # Causal: query i of the chunk sees the cached prefix and the chunk's first i + 1 tokens.
             length: T.let[T.int32] = T.if_then_else(causal > 0, k_len - q_len + (row - q_indptr[b]) + 1, k_len)
-            for d in T.vectorized(d_qk):
-                q_scaled[qh, d] = T.Cast("float32", q[row, h, d]) * (sm_scale * LOG2E)
-            for d in T.vectorized(d_v):
-                out[qh, d] = T.float32(0)
+            for g, d in T.grid(group, d_qk):
+                q_scaled[first + g, d] = T.Cast("float32", q[row, kv_head * group + g, d]) * (sm_scale * LOG2E)
+            for g, d in T.grid(group, d_v):
+                out[first + g, d] = T.float32(0)
 
-            keys = T.meta_var(RaggedKeys(k, v, kv_indptr[b], h // group, q_scaled, qh))
-            _attend(qh, length, keys, scores, state, out, d_v)
-            _finish(output, lse, row, h, qh, out, state, d_v)
+            keys = T.meta_var(RaggedKeys(k, v, kv_indptr[b], kv_head, q_scaled))
+            _attend(first, group, length, keys, scores, state, out, where, d_v)
+            for g in range(group):
+                _finish(output, lse, row, kv_head * group + g, first + g, out, state, d_v)
 
     return kernel
 
@@ -305,11 +402,13 @@ def prefill_paged_attention(
         q_scaled = T.alloc_buffer((total_len * h_q, dim), "float32")
         out = T.alloc_buffer((total_len * h_q, dim), "float32")
         scores = T.alloc_buffer((total_len * h_q, TILE), "float32")
-        state = T.alloc_buffer((total_len * h_q, 3), "float32")
+        state = T.alloc_buffer((total_len * h_q, 4), "float32")
+        where = T.alloc_buffer((total_len * h_q, TILE), "int32")
         _rows_to_sequences(q_indptr, batch_size, sequence_of)
-        for qh in T.parallel(total_len * h_q):
-            row: T.let[T.int32] = qh // h_q
-            h: T.let[T.int32] = qh % h_q
+        for task in T.parallel(total_len * h_kv):  # a token's query heads that share a KV head
+            row: T.let[T.int32] = task // h_kv
+            kv_head: T.let[T.int32] = task % h_kv
+            first_slot: T.let[T.int32] = row * h_q + kv_head * group
             b: T.let[T.int32] = sequence_of[row]
             i: T.let[T.int32] = row - q_indptr[b]
             q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
@@ -326,14 +425,15 @@ def prefill_paged_attention(
             last: T.let[T.int32] = T.if_then_else(
                 causal > 0 and window == 0, T.min(kv_len, kv_len - q_len + i + 1), kv_len
             )
-            for d in T.vectorized(dim):
-                q_scaled[qh, d] = T.Cast("float32", q[row, h, d]) * (sm_scale * LOG2E)
-                out[qh, d] = T.float32(0)
+            for g, d in T.grid(group, dim):
+                q_scaled[first_slot + g, d] = T.Cast("float32", q[row, kv_head * group + g, d]) * (sm_scale * LOG2E)
+                out[first_slot + g, d] = T.float32(0)
             keys = T.meta_var(
-                PagedKeys(pages, page_values, length_info, b, begin, h // group, q_scaled, qh, sliding_window, first)
+                PagedKeys(pages, page_values, length_info, b, begin, kv_head, q_scaled, sliding_window, first)
             )
-            _attend(qh, T.max(last - first, 0), keys, scores, state, out, dim)
-            _finish(output, lse, row, h, qh, out, state, dim)
+            _attend(first_slot, group, T.max(last - first, 0), keys, scores, state, out, where, dim)
+            for g in range(group):
+                _finish(output, lse, row, kv_head * group + g, first_slot + g, out, state, dim)
 
     return kernel
 
