@@ -21,7 +21,7 @@ from tvm import tirx
 from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _get_kv_chunk_len, _get_seq_offset
 from tvm.script import tirx as T
 
-from quant_schemes.vector_exprs import tree_sum
+from quant_schemes.vector_exprs import row_sums, tree_sum
 
 TILE = 16  # cached tokens scored per softmax update
 LANES = 8
@@ -29,17 +29,6 @@ LOG2E = math.log2(math.e)
 DECODE_SYMBOL = "batch_decode_paged_kv_cpu"
 PAGED_PREFILL_SYMBOL = "batch_prefill_paged_kv_cpu"
 RAGGED_PREFILL_SYMBOL = "batch_prefill_ragged_kv"  # the CPU pipeline only ever sees TVM's CPU variant
-
-
-def _row_sums(dots: tirx.Buffer) -> tirx.PrimExpr:
-    """[sum(dots[0]), ..., sum(dots[7])] for 8 vectors of 8 lanes: pairs of vectors are halved by adding their
-    even and odd lanes, three times, which leaves the sums in order (21 vector ops instead of 8 lane sums)."""
-    rows = [tirx.BufferLoad(dots, [j, tirx.Ramp(0, 1, LANES)]) for j in range(LANES)]
-    even = [tirx.IntImm("int32", i) for i in range(0, 2 * LANES, 2)]
-    odd = [tirx.IntImm("int32", i) for i in range(1, 2 * LANES, 2)]
-    while len(rows) > 1:
-        rows = [tirx.Shuffle([a, b], even) + tirx.Shuffle([a, b], odd) for a, b in zip(rows[0::2], rows[1::2])]
-    return rows[0]
 
 
 @T.macro(hygienic=False)
@@ -70,7 +59,7 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim):
                         step = T.meta_var(_partial_dot(keys, loc, first + g, c * chains * LANES, chains))
                         dots[j, T.Ramp(0, 1, LANES)] = dots[j, T.Ramp(0, 1, LANES)] + step
                 valid = T.meta_var(T.Ramp(tile * TILE + part * LANES, 1, LANES) < T.Broadcast(length, LANES))
-                sums = T.meta_var(_row_sums(dots))
+                sums = T.meta_var(row_sums([dots[j, T.Ramp(0, 1, LANES)] for j in range(LANES)]))
                 scores[first + g, T.Ramp(part * LANES, 1, LANES)] = T.Select(
                     valid, sums, T.Broadcast(T.float32(-1e30), LANES)
                 )

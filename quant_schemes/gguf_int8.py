@@ -24,13 +24,13 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from quant_schemes.gguf_native import _f16, _k_scale_min
-from quant_schemes.vector_exprs import concat, tree_sum
+from quant_schemes.vector_exprs import concat, row_sums, tree_sum
 
 Q = GGMLQuantizationType
 CHUNK = 32
 PREFETCH_ROWS = 4  # rows ahead to prefetch
 TASKS = 64  # parallel row ranges: enough to balance 16 threads, few accumulators
-TOKENS = 8  # tokens per pass over a weight row (prefill and batched decode)
+TOKENS = 8  # tokens per pass over a weight row (prefill and batched decode); 8 accumulators of 8 lanes
 GROUP = 8  # chunks summed in registers between accumulator updates (a K-quant super-block)
 
 
@@ -75,7 +75,7 @@ class Chunk:
 
 def _q4_0(d, r, c):
     o = c * 18
-    return Chunk(_nibbles(d, r, o + 2), _f16(d, r, o), zero=8)
+    return Chunk(_nibbles(d, r, o + 2), _f16(d, r, o), offset=-8 * _f16(d, r, o))
 
 
 def _q4_1(d, r, c):
@@ -85,7 +85,7 @@ def _q4_1(d, r, c):
 
 def _q5_0(d, r, c):
     o = c * 22
-    return Chunk(_nibbles(d, r, o + 6) | _bits(d, r, o + 2), _f16(d, r, o), zero=16)
+    return Chunk(_nibbles(d, r, o + 6) | _bits(d, r, o + 2), _f16(d, r, o), offset=-16 * _f16(d, r, o))
 
 
 def _q5_1(d, r, c):
@@ -169,6 +169,26 @@ def chunk_dot(ch: Chunk, xq: tirx.PrimExpr) -> tirx.PrimExpr:
     return _intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, multiplier)
 
 
+@dataclass
+class ActivationStats:
+    """Per-token, per-chunk scale and sum of the int8 activations, stored both token-major (one token's
+    chunks are contiguous: the one-token path) and chunk-major (a chunk's tokens are one vector: tiles)."""
+
+    by_token: tirx.Buffer  # [tokens, 2, chunks]
+    by_chunk: tirx.Buffer  # [2, chunks, tokens]
+
+    def _load(self, which: int, c, t0, tokens: int) -> tirx.PrimExpr:
+        if tokens == 1:
+            return tirx.BufferLoad(self.by_token, [t0, which, c])
+        return tirx.BufferLoad(self.by_chunk, [which, c, tirx.Ramp(t0, 1, tokens)])
+
+    def scale(self, c, t0, tokens: int) -> tirx.PrimExpr:
+        return self._load(0, c, t0, tokens)
+
+    def sum(self, c, t0, tokens: int) -> tirx.PrimExpr:
+        return self._load(1, c, t0, tokens)
+
+
 @functools.cache
 def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: int) -> tirx.PrimFunc:
     """y[t, o] = sum_k x[t, k] * W[o, k] with W as GGUF blocks and x quantized to int8 per 32 columns."""
@@ -178,7 +198,18 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
     rows_per_task = -(-n_out // TASKS)
     lines_per_row = -(-row_bytes // 64)
 
-    def group_dot(data, o, xq, x_scale, t0, tokens, first, count):
+    def chunk_scales(data, o, stats, t0, tokens, first, count):
+        """The `count` chunks' scales times each token's, as one vector (tokens fastest): one multiply per
+        chunk, and the kernel's per-token factors become broadcast loads."""
+        return concat(
+            [
+                _splat_expr(decode(data, o, first + j).scale, tokens)
+                * stats.scale(first + j, t0, tokens)
+                for j in range(count)
+            ]
+        )
+
+    def group_dot(data, o, xq, stats, scales, slot, t0, tokens, first, count):
         """float32x(8 * tokens) partial sums of `count` chunks from `first` for tokens t0.., as one expression
         tree: no memory round trips between chunks, independent chains for the CPU to overlap, and each
         chunk's codes decoded once for all the tokens."""
@@ -188,24 +219,30 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
             ch = decode(data, o, c)
             for u in range(tokens):
                 xv = tirx.BufferLoad(xq, [t0 + u, tirx.Ramp(c * CHUNK, 1, CHUNK)])
-                scale = tirx.Broadcast(ch.scale * x_scale[t0 + u, c], 8)
+                if tokens > 1:  # the product is ready in `scales`
+                    scale = tirx.Broadcast(tirx.BufferLoad(scales, [slot, j * tokens + u]), 8)
+                else:
+                    scale = tirx.Broadcast(ch.scale * stats.scale(c, t0, 1), 8)
                 per_token[u].append(chunk_dot(ch, xv).astype("float32x8") * scale)
         return concat([tree_sum(terms) for terms in per_token])
 
-    def group_offset(data, o, x_sum, t0, tokens, first, count):
-        """float32x(tokens): the min/offset terms of `count` chunks from `first`."""
+    def group_offset(data, o, stats, t0, tokens, first, count):
+        """float32x(tokens): the min/offset terms of `count` chunks from `first`, for all tokens at once
+        (a chunk's sums over consecutive tokens are one vector)."""
         offsets = [decode(data, o, first + j).offset for j in range(count)]
         if all(off is None for off in offsets):
             return _splat(0.0, tokens)
-        sums = [
-            tree_sum([off * x_sum[t0 + u, first + j] for j, off in enumerate(offsets) if off is not None])
-            for u in range(tokens)
+        terms = [
+            _splat_expr(off, tokens) * stats.sum(first + j, t0, tokens)
+            for j, off in enumerate(offsets)
+            if off is not None
         ]
-        return concat(sums)
+        return tree_sum(terms)
 
     @T.macro
-    def rows_times_tokens(y, data, xq, x_scale, x_sum, o, t0, tokens, acc, off, slot):
-        """y[t0 : t0 + tokens, o], accumulating in acc[slot, 8 * tokens] and off[slot, tokens]."""
+    def rows_times_tokens(y, data, xq, stats, o, t0, tokens, acc, off, scales, slot):
+        """y[t0 : t0 + tokens, o], accumulating in acc[slot, 8 * tokens] and off[slot, tokens]; the group's
+        scales go through scales[slot, GROUP * tokens]."""
         a = T.meta_var(_span(8 * tokens))
         b = T.meta_var(_span(tokens))
         zeros_a = T.meta_var(_splat(0.0, 8 * tokens))
@@ -213,19 +250,27 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
         acc[slot, a] = zeros_a
         off[slot, b] = zeros_b
         for g in range(groups):
-            vec = T.meta_var(group_dot(data, o, xq, x_scale, t0, tokens, g * GROUP, GROUP))
-            shift = T.meta_var(group_offset(data, o, x_sum, t0, tokens, g * GROUP, GROUP))
+            if tokens > 1:
+                scales[slot, _span(GROUP * tokens)] = chunk_scales(data, o, stats, t0, tokens, g * GROUP, GROUP)
+            vec = T.meta_var(group_dot(data, o, xq, stats, scales, slot, t0, tokens, g * GROUP, GROUP))
+            shift = T.meta_var(group_offset(data, o, stats, t0, tokens, g * GROUP, GROUP))
             acc[slot, a] = acc[slot, a] + vec
             off[slot, b] = off[slot, b] + shift
         if tail > 0:
-            vec = T.meta_var(group_dot(data, o, xq, x_scale, t0, tokens, groups * GROUP, tail))
-            shift = T.meta_var(group_offset(data, o, x_sum, t0, tokens, groups * GROUP, tail))
+            if tokens > 1:
+                scales[slot, _span(tail * tokens)] = chunk_scales(data, o, stats, t0, tokens, groups * GROUP, tail)
+            vec = T.meta_var(group_dot(data, o, xq, stats, scales, slot, t0, tokens, groups * GROUP, tail))
+            shift = T.meta_var(group_offset(data, o, stats, t0, tokens, groups * GROUP, tail))
             acc[slot, a] = acc[slot, a] + vec
             off[slot, b] = off[slot, b] + shift
+        if tokens == TOKENS:  # the tokens' lane sums as one vector
+            off[slot, b] = off[slot, b] + row_sums([acc[slot, T.Ramp(u * 8, 1, 8)] for u in range(tokens)])
+        else:
+            for u in range(tokens):
+                for i in range(8):
+                    off[slot, u] = off[slot, u] + acc[slot, u * 8 + i]
         for u in range(tokens):
             y[t0 + u, o] = off[slot, u]
-            for i in range(8):
-                y[t0 + u, o] = y[t0 + u, o] + acc[slot, u * 8 + i]
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, data: T.Buffer((n_out, row_bytes), "uint8"), var_y: T.handle):
@@ -234,8 +279,9 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
         x = T.match_buffer(var_x, (n, n_in), "float32")
         y = T.match_buffer(var_y, (n, n_out), "float32")
         xq = T.alloc_buffer((n, n_in), "int8")
-        x_scale = T.alloc_buffer((n, chunks), "float32")
-        x_sum = T.alloc_buffer((n, chunks), "float32")
+        by_token = T.alloc_buffer((n, 2, chunks), "float32")  # each token's chunk scales, then sums
+        by_chunk = T.alloc_buffer((2, chunks, n), "float32")  # the same, chunk-major: vectors over tokens
+        stats = T.meta_var(ActivationStats(by_token, by_chunk))
         # Activations to int8, per 32 columns: scale = max|x| / 127 (as float16, like llama.cpp's Q8 blocks).
         for t in T.parallel(n):
             for c in range(chunks):
@@ -250,13 +296,16 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
                 for i in range(CHUNK):
                     xq[t, c * CHUNK + i] = T.Cast("int8", T.round(x[t, c * CHUNK + i] * inv))
                     total[0] = total[0] + T.Cast("int32", xq[t, c * CHUNK + i])
-                x_scale[t, c] = d
-                x_sum[t, c] = d * T.Cast("float32", total[0])
+                by_token[t, 0, c] = d
+                by_token[t, 1, c] = d * T.Cast("float32", total[0])
+                by_chunk[0, c, t] = by_token[t, 0, c]
+                by_chunk[1, c, t] = by_token[t, 1, c]
         # Rows are split into TASKS contiguous ranges run in parallel, each with its accumulators allocated
         # here (inside the parallel loop each would cost a workspace call). Tokens go TOKENS at a time
         # (sharing each chunk's decoded codes), the rest one by one.
         acc = T.alloc_buffer((TASKS, 8 * TOKENS), "float32")
         off = T.alloc_buffer((TASKS, TOKENS), "float32")
+        scales = T.alloc_buffer((TASKS, GROUP * TOKENS), "float32")
         for task in T.parallel(TASKS):
             for i in range(rows_per_task):
                 if task * rows_per_task + i < n_out:
@@ -266,9 +315,9 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
                             hint = T.meta_var(_prefetch(data, o + PREFETCH_ROWS, line * 64))
                             T.evaluate(hint)
                     for tb in range(n // TOKENS):
-                        rows_times_tokens(y, data, xq, x_scale, x_sum, o, tb * TOKENS, TOKENS, acc, off, task)
+                        rows_times_tokens(y, data, xq, stats, o, tb * TOKENS, TOKENS, acc, off, scales, task)
                     for t in range(n // TOKENS * TOKENS, n):
-                        rows_times_tokens(y, data, xq, x_scale, x_sum, o, t, 1, acc, off, task)
+                        rows_times_tokens(y, data, xq, stats, o, t, 1, acc, off, scales, task)
 
     return kernel
 
@@ -280,9 +329,13 @@ def _prefetch(data: tirx.Buffer, row: tirx.PrimExpr, byte: tirx.PrimExpr) -> tir
     return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", *args)
 
 
-def _span(lanes: int) -> tirx.PrimExpr:
-    """Index of `lanes` consecutive elements from 0 (a plain 0 for one)."""
-    return tirx.Ramp(0, 1, lanes) if lanes > 1 else tirx.const(0, "int32")
+def _span(lanes: int, start: tirx.PrimExpr | int = 0) -> tirx.PrimExpr:
+    """Index of `lanes` consecutive elements from `start` (a plain index for one)."""
+    return tirx.Ramp(start, 1, lanes) if lanes > 1 else tirx.convert(start)
+
+
+def _splat_expr(value: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
+    return tirx.Broadcast(value, lanes) if lanes > 1 else value
 
 
 def _splat(value: float, lanes: int) -> tirx.PrimExpr:
