@@ -302,7 +302,7 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
                 by_chunk[1, c, t] = by_token[t, 1, c]
         # Rows are split into TASKS contiguous ranges run in parallel, each with its accumulators allocated
         # here (inside the parallel loop each would cost a workspace call). Tokens go TOKENS at a time
-        # (sharing each chunk's decoded codes), the rest one by one.
+        # (sharing each chunk's decoded codes); fewer than TOKENS tokens (decode) one by one.
         acc = T.alloc_buffer((TASKS, 8 * TOKENS), "float32")
         off = T.alloc_buffer((TASKS, TOKENS), "float32")
         scales = T.alloc_buffer((TASKS, GROUP * TOKENS), "float32")
@@ -316,8 +316,12 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
                             T.evaluate(hint)
                     for tb in range(n // TOKENS):
                         rows_times_tokens(y, data, xq, stats, o, tb * TOKENS, TOKENS, acc, off, scales, task)
-                    for t in range(n // TOKENS * TOKENS, n):
-                        rows_times_tokens(y, data, xq, stats, o, t, 1, acc, off, scales, task)
+                    if n >= TOKENS:  # leftover tokens: one more tile, ending at the last token (overlaps)
+                        if n % TOKENS > 0:
+                            rows_times_tokens(y, data, xq, stats, o, n - TOKENS, TOKENS, acc, off, scales, task)
+                    else:
+                        for t in range(n):
+                            rows_times_tokens(y, data, xq, stats, o, t, 1, acc, off, scales, task)
 
     return kernel
 

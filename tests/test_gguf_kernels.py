@@ -66,19 +66,21 @@ def test_int8_activation_matmul(qtype: GGMLQuantizationType, rows: int):
     if not has_avx2(target):
         pytest.skip("the int8 kernels need an x86 CPU with AVX2")
     block, block_bytes = GGML_QUANT_SIZES[qtype]
-    cols, tokens = 512, TOKENS + 2  # a block of tokens and 2 single ones
+    cols = 512
     rng = np.random.default_rng(qtype.value)
     raw = rng.integers(0, 256, size=(rows, cols // block, block_bytes), dtype=np.uint8)
     for field in FLOAT16_FIELDS[qtype]:
         raw[..., field + 1] &= 0xBB
     raw = raw.reshape(rows, -1)
     weights = dequantize(raw, qtype).reshape(rows, cols)
-    x = rng.standard_normal((tokens, cols)).astype(np.float32)
-    x[1, :32] = 0  # an all-zero chunk has scale 0
     kernel = int8_matmul(qtype, cols, rows, raw.shape[1]).with_attr("global_symbol", "k")
     fn = tvm.compile(tvm.IRModule({"k": kernel}), target=target)
-    out = tvm.runtime.tensor(np.zeros((tokens, rows), np.float32))
-    fn["k"](tvm.runtime.tensor(x), tvm.runtime.tensor(raw), out)
-    expected = _quantized_activations(x) @ weights.T
-    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    assert np.abs(out.numpy() - x @ weights.T).max() > 0  # it really is the 8-bit computation
+    # one token and a few (token by token), two tiles and a remainder (a last tile that overlaps)
+    for tokens in (1, 3, 2 * TOKENS + 3):
+        x = rng.standard_normal((tokens, cols)).astype(np.float32)
+        x[tokens // 2, :32] = 0  # an all-zero chunk has scale 0
+        out = tvm.runtime.tensor(np.zeros((tokens, rows), np.float32))
+        fn["k"](tvm.runtime.tensor(x), tvm.runtime.tensor(raw), out)
+        expected = _quantized_activations(x) @ weights.T
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+        assert np.abs(out.numpy() - x @ weights.T).max() > 0  # it really is the 8-bit computation
