@@ -203,8 +203,7 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
         chunk, and the kernel's per-token factors become broadcast loads."""
         return concat(
             [
-                _splat_expr(decode(data, o, first + j).scale, tokens)
-                * stats.scale(first + j, t0, tokens)
+                _splat_expr(decode(data, o, first + j).scale, tokens) * stats.scale(first + j, t0, tokens)
                 for j in range(count)
             ]
         )
