@@ -31,6 +31,7 @@ CHUNK = 32
 PREFETCH_ROWS = 4  # rows ahead to prefetch
 TASKS = 64  # parallel row ranges: enough to balance 16 threads, few accumulators
 TOKENS = 8  # tokens per pass over a weight row (prefill and batched decode); 8 accumulators of 8 lanes
+ACTIVATION_BLOCK_BYTES = 128 * 1024  # int8 activations a task's rows pass over at a time (L2-resident)
 GROUP = 8  # chunks summed in registers between accumulator updates (a K-quant super-block)
 
 
@@ -197,6 +198,7 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
     groups, tail = divmod(chunks, GROUP)
     rows_per_task = -(-n_out // TASKS)
     lines_per_row = -(-row_bytes // 64)
+    tile_group = max(1, min(16, ACTIVATION_BLOCK_BYTES // (TOKENS * n_in)))
 
     def chunk_scales(data, o, stats, t0, tokens, first, count):
         """The `count` chunks' scales times each token's, as one vector (tokens fastest): one multiply per
@@ -271,6 +273,14 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
         for u in range(tokens):
             y[t0 + u, o] = off[slot, u]
 
+    @T.macro
+    def prefetch_ahead(data, o):
+        """Weights stream from memory: ask for a later row early."""
+        if o + PREFETCH_ROWS < n_out:
+            for line in range(lines_per_row):
+                hint = T.meta_var(_prefetch(data, o + PREFETCH_ROWS, line * 64))
+                T.evaluate(hint)
+
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, data: T.Buffer((n_out, row_bytes), "uint8"), var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
@@ -301,24 +311,29 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
                 by_chunk[1, c, t] = by_token[t, 1, c]
         # Rows are split into TASKS contiguous ranges run in parallel, each with its accumulators allocated
         # here (inside the parallel loop each would cost a workspace call). Tokens go TOKENS at a time
-        # (sharing each chunk's decoded codes); fewer than TOKENS tokens (decode) one by one.
+        # (sharing each chunk's decoded codes), the last tile ending at the last token (overlapping the one
+        # before); a task's rows pass over `tile_group` tiles at a time, whose activations stay in L2.
+        # Fewer than TOKENS tokens (decode) go one by one.
         acc = T.alloc_buffer((TASKS, 8 * TOKENS), "float32")
         off = T.alloc_buffer((TASKS, TOKENS), "float32")
         scales = T.alloc_buffer((TASKS, GROUP * TOKENS), "float32")
+        tiles = T.meta_var(T.if_then_else(n >= TOKENS, (n + TOKENS - 1) // TOKENS, 0))
         for task in T.parallel(TASKS):
-            for i in range(rows_per_task):
-                if task * rows_per_task + i < n_out:
-                    o = T.meta_var(task * rows_per_task + i)
-                    if o + PREFETCH_ROWS < n_out:  # weights stream from memory: ask for a later row early
-                        for line in range(lines_per_row):
-                            hint = T.meta_var(_prefetch(data, o + PREFETCH_ROWS, line * 64))
-                            T.evaluate(hint)
-                    for tb in range(n // TOKENS):
-                        rows_times_tokens(y, data, xq, stats, o, tb * TOKENS, TOKENS, acc, off, scales, task)
-                    if n >= TOKENS:  # leftover tokens: one more tile, ending at the last token (overlaps)
-                        if n % TOKENS > 0:
-                            rows_times_tokens(y, data, xq, stats, o, n - TOKENS, TOKENS, acc, off, scales, task)
-                    else:
+            for tg in range((tiles + tile_group - 1) // tile_group):
+                for i in range(rows_per_task):
+                    if task * rows_per_task + i < n_out:
+                        o = T.meta_var(task * rows_per_task + i)
+                        if tg == 0:
+                            prefetch_ahead(data, o)
+                        for tt in range(tile_group):
+                            if tg * tile_group + tt < tiles:
+                                t0 = T.meta_var(T.min((tg * tile_group + tt) * TOKENS, n - TOKENS))
+                                rows_times_tokens(y, data, xq, stats, o, t0, TOKENS, acc, off, scales, task)
+            if n < TOKENS:
+                for i in range(rows_per_task):
+                    if task * rows_per_task + i < n_out:
+                        o = T.meta_var(task * rows_per_task + i)
+                        prefetch_ahead(data, o)
                         for t in range(n):
                             rows_times_tokens(y, data, xq, stats, o, t, 1, acc, off, scales, task)
 
