@@ -99,6 +99,11 @@ def _q8_0(d, r, c):
     return Chunk(_vec(d, r, o + 2, 32) ^ _bcast(128, "uint8", 32), _f16(d, r, o), zero=128)
 
 
+def _int_scale(scale: tirx.PrimExpr) -> tirx.PrimExpr:
+    """A K-quant sub-block's 6-bit scale as `pmaddwd`'s multiplier."""
+    return tirx.Broadcast(scale.astype("int16"), 16)
+
+
 def _q4_k(d, r, c):
     """Super-blocks of 256: chunk j (0..7) is the low (even j) or high nibbles of 32 bytes j // 2."""
     o, j = (c // 8) * 144, c % 8
@@ -106,7 +111,7 @@ def _q4_k(d, r, c):
     codes = (_vec(d, r, o + 16 + (j // 2) * 32, 32) >> tirx.Broadcast(((j % 2) * 4).astype("uint8"), 32)) & _bcast(
         15, "uint8", 32
     )
-    return Chunk(codes, _f16(d, r, o) * scale, offset=-_f16(d, r, o + 2) * minimum)
+    return Chunk(codes, _f16(d, r, o), offset=-_f16(d, r, o + 2) * minimum, sub_scales=_int_scale(scale))
 
 
 def _q5_k(d, r, c):
@@ -119,7 +124,7 @@ def _q5_k(d, r, c):
     high = ((_vec(d, r, o + 16, 32) >> tirx.Broadcast(j.astype("uint8"), 32)) & _bcast(1, "uint8", 32)) << _bcast(
         4, "uint8", 32
     )
-    return Chunk(low | high, _f16(d, r, o) * scale, offset=-_f16(d, r, o + 2) * minimum)
+    return Chunk(low | high, _f16(d, r, o), offset=-_f16(d, r, o + 2) * minimum, sub_scales=_int_scale(scale))
 
 
 def _q6_k(d, r, c):
@@ -136,6 +141,11 @@ def _q6_k(d, r, c):
     sub = tirx.Shuffle([tirx.Broadcast(s0, 8), tirx.Broadcast(s1, 8)], [tirx.IntImm("int32", i) for i in range(16)])
     return Chunk(low | (high << _bcast(4, "uint8", 32)), _f16(d, r, o + 208), zero=32, sub_scales=sub)
 
+
+# Types with 256-column super-blocks and integer sub-block scales: their activations are quantized per 256
+# columns (llama.cpp's Q8_K) and a super-block's 8 chunks are summed as integers before one float scale.
+SUPER_BLOCK_TYPES = {Q.Q4_K, Q.Q5_K, Q.Q6_K}
+SUPER_BLOCK = 256
 
 CHUNK_DECODERS = {
     Q.Q4_0: _q4_0,
@@ -194,38 +204,52 @@ class ActivationStats:
 def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: int) -> tirx.PrimFunc:
     """y[t, o] = sum_k x[t, k] * W[o, k] with W as GGUF blocks and x quantized to int8 per 32 columns."""
     decode = CHUNK_DECODERS[qtype]
+    super_block = qtype in SUPER_BLOCK_TYPES
+    block_columns = SUPER_BLOCK if super_block else CHUNK  # columns per activation scale
     chunks = n_in // CHUNK
     groups, tail = divmod(chunks, GROUP)
     rows_per_task = -(-n_out // TASKS)
     lines_per_row = -(-row_bytes // 64)
     tile_group = max(1, min(16, ACTIVATION_BLOCK_BYTES // (TOKENS * n_in)))
 
+    def scale_count(count: int) -> int:
+        """Float scales per group of `count` chunks: one per chunk, or one per super-block."""
+        return 1 if super_block else count
+
     def chunk_scales(data, o, stats, t0, tokens, first, count):
         """The `count` chunks' scales times each token's, as one vector (tokens fastest): one multiply per
-        chunk, and the kernel's per-token factors become broadcast loads."""
+        chunk (per super-block), and the kernel's per-token factors become broadcast loads."""
         return concat(
             [
                 _splat_expr(decode(data, o, first + j).scale, tokens) * stats.scale(first + j, t0, tokens)
-                for j in range(count)
+                for j in range(scale_count(count))
             ]
         )
 
     def group_dot(data, o, xq, stats, scales, slot, t0, tokens, first, count):
         """float32x(8 * tokens) partial sums of `count` chunks from `first` for tokens t0.., as one expression
         tree: no memory round trips between chunks, independent chains for the CPU to overlap, and each
-        chunk's codes decoded once for all the tokens."""
+        chunk's codes decoded once for all the tokens. A super-block's chunks are summed as integers."""
         per_token = [[] for _ in range(tokens)]
         for j in range(count):
             c = first + j
             ch = decode(data, o, c)
             for u in range(tokens):
                 xv = tirx.BufferLoad(xq, [t0 + u, tirx.Ramp(c * CHUNK, 1, CHUNK)])
+                per_token[u].append(chunk_dot(ch, xv))
+        scale_at = first if super_block else None
+        sums = []
+        for u in range(tokens):
+            terms = []
+            for j, dot in enumerate([tree_sum(per_token[u])] if super_block else per_token[u]):
                 if tokens > 1:  # the product is ready in `scales`
                     scale = tirx.Broadcast(tirx.BufferLoad(scales, [slot, j * tokens + u]), 8)
                 else:
-                    scale = tirx.Broadcast(ch.scale * stats.scale(c, t0, 1), 8)
-                per_token[u].append(chunk_dot(ch, xv).astype("float32x8") * scale)
-        return concat([tree_sum(terms) for terms in per_token])
+                    c = scale_at if super_block else first + j
+                    scale = tirx.Broadcast(decode(data, o, c).scale * stats.scale(c, t0, 1), 8)
+                terms.append(dot.astype("float32x8") * scale)
+            sums.append(tree_sum(terms))
+        return concat(sums)
 
     def group_offset(data, o, stats, t0, tokens, first, count):
         """float32x(tokens): the min/offset terms of `count` chunks from `first`, for all tokens at once
@@ -252,14 +276,18 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
         off[slot, b] = zeros_b
         for g in range(groups):
             if tokens > 1:
-                scales[slot, _span(GROUP * tokens)] = chunk_scales(data, o, stats, t0, tokens, g * GROUP, GROUP)
+                scales[slot, _span(scale_count(GROUP) * tokens)] = chunk_scales(
+                    data, o, stats, t0, tokens, g * GROUP, GROUP
+                )
             vec = T.meta_var(group_dot(data, o, xq, stats, scales, slot, t0, tokens, g * GROUP, GROUP))
             shift = T.meta_var(group_offset(data, o, stats, t0, tokens, g * GROUP, GROUP))
             acc[slot, a] = acc[slot, a] + vec
             off[slot, b] = off[slot, b] + shift
         if tail > 0:
             if tokens > 1:
-                scales[slot, _span(tail * tokens)] = chunk_scales(data, o, stats, t0, tokens, groups * GROUP, tail)
+                scales[slot, _span(scale_count(tail) * tokens)] = chunk_scales(
+                    data, o, stats, t0, tokens, groups * GROUP, tail
+                )
             vec = T.meta_var(group_dot(data, o, xq, stats, scales, slot, t0, tokens, groups * GROUP, tail))
             shift = T.meta_var(group_offset(data, o, stats, t0, tokens, groups * GROUP, tail))
             acc[slot, a] = acc[slot, a] + vec
@@ -291,24 +319,27 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
         by_token = T.alloc_buffer((n, 2, chunks), "float32")  # each token's chunk scales, then sums
         by_chunk = T.alloc_buffer((2, chunks, n), "float32")  # the same, chunk-major: vectors over tokens
         stats = T.meta_var(ActivationStats(by_token, by_chunk))
-        # Activations to int8, per 32 columns: scale = max|x| / 127 (as float16, like llama.cpp's Q8 blocks).
+        # Activations to int8 per block of 32 columns (scale max|x| / 127 as float16, llama.cpp's Q8_0/Q8_1)
+        # or, for super-block types, of 256 columns (scale 1 / (127 / max|x|) as float32, llama.cpp's Q8_K).
         for t in T.parallel(n):
-            for c in range(chunks):
+            for blk in range(n_in // block_columns):
                 amax = T.alloc_buffer((1,), "float32", scope="local")
                 total = T.alloc_buffer((1,), "int32", scope="local")
                 amax[0] = T.float32(0)
-                for i in range(CHUNK):
-                    amax[0] = T.max(amax[0], T.fabs(x[t, c * CHUNK + i]))
-                d = T.meta_var(T.Cast("float32", T.Cast("float16", amax[0] / T.float32(127))))
+                for i in range(block_columns):
+                    amax[0] = T.max(amax[0], T.fabs(x[t, blk * block_columns + i]))
+                d = T.meta_var(_activation_scale(amax[0], super_block))
                 inv = T.meta_var(T.if_then_else(amax[0] > T.float32(0), T.float32(1) / d, T.float32(0)))
-                total[0] = 0
-                for i in range(CHUNK):
-                    xq[t, c * CHUNK + i] = T.Cast("int8", T.round(x[t, c * CHUNK + i] * inv))
-                    total[0] = total[0] + T.Cast("int32", xq[t, c * CHUNK + i])
-                by_token[t, 0, c] = d
-                by_token[t, 1, c] = d * T.Cast("float32", total[0])
-                by_chunk[0, c, t] = by_token[t, 0, c]
-                by_chunk[1, c, t] = by_token[t, 1, c]
+                for k in range(block_columns // CHUNK):
+                    c = T.meta_var(blk * (block_columns // CHUNK) + k)
+                    total[0] = 0
+                    for i in range(CHUNK):
+                        xq[t, c * CHUNK + i] = T.Cast("int8", T.round(x[t, c * CHUNK + i] * inv))
+                        total[0] = total[0] + T.Cast("int32", xq[t, c * CHUNK + i])
+                    by_token[t, 0, c] = d
+                    by_token[t, 1, c] = d * T.Cast("float32", total[0])
+                    by_chunk[0, c, t] = by_token[t, 0, c]
+                    by_chunk[1, c, t] = by_token[t, 1, c]
         # Rows are split into TASKS contiguous ranges run in parallel, each with its accumulators allocated
         # here (inside the parallel loop each would cost a workspace call). Tokens go TOKENS at a time
         # (sharing each chunk's decoded codes), the last tile ending at the last token (overlapping the one
@@ -338,6 +369,12 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
                             rows_times_tokens(y, data, xq, stats, o, t, 1, acc, off, scales, task)
 
     return kernel
+
+
+def _activation_scale(amax: tirx.PrimExpr, super_block: bool) -> tirx.PrimExpr:
+    if super_block:
+        return tirx.const(1, "float32") / (tirx.const(127, "float32") / amax)
+    return (amax / tirx.const(127, "float32")).astype("float16").astype("float32")
 
 
 def _prefetch(data: tirx.Buffer, row: tirx.PrimExpr, byte: tirx.PrimExpr) -> tirx.PrimExpr:

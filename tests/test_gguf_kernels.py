@@ -47,12 +47,22 @@ def test_decoder_matches_gguf_reference(qtype: GGMLQuantizationType):
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
-def _quantized_activations(x: np.ndarray) -> np.ndarray:
-    """x as the int8 kernels see it: per 32 columns, round(x / d) * d with d = max|x| / 127 in float16."""
-    chunks = x.reshape(x.shape[0], -1, 32)
-    d = (np.abs(chunks).max(-1, keepdims=True) / np.float32(127)).astype(np.float16).astype(np.float32)
-    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
-    return (np.round(chunks * inv) * d).reshape(x.shape)
+def _quantized_activations(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """x as the int8 kernels see it: round(x / d) * d per block, as llama.cpp quantizes activations: per 32
+    columns with d = max|x| / 127 in float16 (Q8_0/Q8_1), or for K-quants per 256 columns with
+    d = 1 / (127 / max|x|) in float32 (Q8_K)."""
+    from quant_schemes.gguf_int8 import SUPER_BLOCK, SUPER_BLOCK_TYPES
+
+    if qtype in SUPER_BLOCK_TYPES:
+        blocks = x.reshape(x.shape[0], -1, SUPER_BLOCK)
+        amax = np.abs(blocks).max(-1, keepdims=True)
+        inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+        d = np.where(inv > 0, np.float32(1) / np.where(inv > 0, inv, 1), 0).astype(np.float32)
+    else:
+        blocks = x.reshape(x.shape[0], -1, 32)
+        d = (np.abs(blocks).max(-1, keepdims=True) / np.float32(127)).astype(np.float16).astype(np.float32)
+        inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    return (np.round(blocks * inv) * d).reshape(x.shape)
 
 
 @pytest.mark.parametrize("rows", [5, 6])
@@ -78,9 +88,9 @@ def test_int8_activation_matmul(qtype: GGMLQuantizationType, rows: int):
     # one token and a few (token by token), two tiles and a remainder (a last tile that overlaps)
     for tokens in (1, 3, 2 * TOKENS + 3):
         x = rng.standard_normal((tokens, cols)).astype(np.float32)
-        x[tokens // 2, :32] = 0  # an all-zero chunk has scale 0
+        x[tokens // 2, :256] = 0  # all-zero blocks (32 and 256 columns) have scale 0
         out = tvm.runtime.tensor(np.zeros((tokens, rows), np.float32))
         fn["k"](tvm.runtime.tensor(x), tvm.runtime.tensor(raw), out)
-        expected = _quantized_activations(x) @ weights.T
+        expected = _quantized_activations(x, qtype) @ weights.T
         np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
         assert np.abs(out.numpy() - x @ weights.T).max() > 0  # it really is the 8-bit computation
