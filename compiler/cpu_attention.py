@@ -134,6 +134,12 @@ def _exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.Select(x > splat(-126.0), (splat(1.0) + f * poly) * power, splat(0.0))
 
 
+def _balanced(order: tirx.PrimExpr, count: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Tasks 0, n-1, 1, n-2, ... in that order. Causal rows grow in cost with their position and the
+    parallel loop hands each thread a contiguous range: interleaving short and long rows evens it out."""
+    return tirx.if_then_else(order % 2 == 0, order // 2, count - 1 - order // 2)
+
+
 def _chains(dim: int) -> int:
     """Output vectors accumulated side by side: 4 when the head dimension allows."""
     return next(n for n in (4, 2, 1) if (dim // LANES) % n == 0)
@@ -319,7 +325,8 @@ def prefill_ragged_attention(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: st
         state = T.alloc_buffer((qo_len * h_q, 4), "float32")
         where = T.alloc_buffer((qo_len * h_q, TILE), "int32")
         _rows_to_sequences(q_indptr, batch_size, sequence_of)
-        for task in T.parallel(qo_len * h_kv):  # a token's query heads that share a KV head
+        for order in T.parallel(qo_len * h_kv):  # a token's query heads that share a KV head
+            task: T.let[T.int32] = _balanced(order, qo_len * h_kv)
             row: T.let[T.int32] = task // h_kv
             kv_head: T.let[T.int32] = task % h_kv
             first: T.let[T.int32] = row * h_q + kv_head * group
@@ -394,7 +401,8 @@ def prefill_paged_attention(
         state = T.alloc_buffer((total_len * h_q, 4), "float32")
         where = T.alloc_buffer((total_len * h_q, TILE), "int32")
         _rows_to_sequences(q_indptr, batch_size, sequence_of)
-        for task in T.parallel(total_len * h_kv):  # a token's query heads that share a KV head
+        for order in T.parallel(total_len * h_kv):  # a token's query heads that share a KV head
+            task: T.let[T.int32] = _balanced(order, total_len * h_kv)
             row: T.let[T.int32] = task // h_kv
             kv_head: T.let[T.int32] = task % h_kv
             first_slot: T.let[T.int32] = row * h_q + kv_head * group
