@@ -14,6 +14,7 @@ reads K as stored and ignores `rotary_mode`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import tvm
@@ -63,13 +64,15 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim):
                 scores[first + g, T.Ramp(part * LANES, 1, LANES)] = T.Select(
                     valid, sums, T.Broadcast(T.float32(-1e30), LANES)
                 )
-            halves = T.meta_var([scores[first + g, T.Ramp(i * LANES, 1, LANES)] for i in range(TILE // LANES)])
-            state[first + g, 2] = T.max(state[first + g, 0], _lane_reduce(T.max(halves[0], halves[1]), tirx.max))
+            parts = T.meta_var([scores[first + g, T.Ramp(i * LANES, 1, LANES)] for i in range(TILE // LANES)])
+            state[first + g, 2] = T.max(state[first + g, 0], _lane_reduce(functools.reduce(tirx.max, parts), tirx.max))
             state[first + g, 3] = T.exp2(state[first + g, 0] - state[first + g, 2])  # rescale of the past
             for i in range(TILE // LANES):
                 row = T.meta_var(T.Ramp(i * LANES, 1, LANES))
                 scores[first + g, row] = _exp2(scores[first + g, row] - T.Broadcast(state[first + g, 2], LANES))
-            weights = T.meta_var(scores[first + g, T.Ramp(0, 1, LANES)] + scores[first + g, T.Ramp(LANES, 1, LANES)])
+            weights = T.meta_var(
+                tree_sum([scores[first + g, T.Ramp(i * LANES, 1, LANES)] for i in range(TILE // LANES)])
+            )
             state[first + g, 1] = state[first + g, 1] * state[first + g, 3] + _lane_reduce(weights, _add)
             state[first + g, 0] = state[first + g, 2]
         for block in range(dim // (LANES * chains)):
@@ -156,11 +159,22 @@ def _partial_dot(keys, loc, slot, d, count: int) -> tirx.PrimExpr:
 
 
 @T.macro
-def _finish(output, lse, row, head, slot, out, state, dim):
-    """The normalized output row and its log2-sum-exp, for merging with other partial attentions."""
-    for d in T.vectorized(dim):
-        output[row, head, d] = T.Cast(output.dtype, out[slot, d] / state[slot, 1])
-    lse[row, head] = state[slot, 0] + T.log2(state[slot, 1])
+def _start(q, q_scaled, out, row, head, first, heads, sm_scale, d_qk, d_v):
+    """Query heads `head ..` of a row, scaled for base-2 scores, into scratch rows `first ..`; outputs zeroed."""
+    for g in range(heads):
+        for d in T.vectorized(d_qk):
+            q_scaled[first + g, d] = T.Cast("float32", q[row, head + g, d]) * (sm_scale * LOG2E)
+        for d in T.vectorized(d_v):
+            out[first + g, d] = T.float32(0)
+
+
+@T.macro
+def _finish(output, lse, row, head, first, heads, out, state, dim):
+    """The normalized output rows and their log2-sum-exp, for merging with other partial attentions."""
+    for g in range(heads):
+        for d in T.vectorized(dim):
+            output[row, head + g, d] = T.Cast(output.dtype, out[first + g, d] / state[first + g, 1])
+        lse[row, head + g] = state[first + g, 0] + T.log2(state[first + g, 1])
 
 
 @T.macro
@@ -266,15 +280,13 @@ def decode_attention(h_kv: int, h_qo: int, dim: int, page_size: int, dtype: str,
             length: T.let[T.int32] = T.if_then_else(
                 begin != end, _get_kv_chunk_len(end - begin, page_size, b, length_info, sliding_window), 0
             )
-            for d in T.vectorized(dim):
-                q_scaled[bh, d] = T.Cast("float32", Q[b, h, d]) * (sm_scale * LOG2E)
-                out[bh, d] = T.float32(0)
+            _start(Q, q_scaled, out, b, h, bh, 1, sm_scale, dim, dim)
 
             keys = T.meta_var(
                 PagedKeys(pages, page_table_values, length_info, b, begin, h // group, q_scaled, sliding_window)
             )
             _attend(bh, 1, length, keys, scores, state, out, where, dim)
-            _finish(output, lse, b, h, bh, out, state, dim)
+            _finish(output, lse, b, h, bh, 1, out, state, dim)
 
     return kernel
 
@@ -335,15 +347,11 @@ def prefill_ragged_attention(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: st
             k_len: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
             # Causal: query i of the chunk sees the cached prefix and the chunk's first i + 1 tokens.
             length: T.let[T.int32] = T.if_then_else(causal > 0, k_len - q_len + (row - q_indptr[b]) + 1, k_len)
-            for g, d in T.grid(group, d_qk):
-                q_scaled[first + g, d] = T.Cast("float32", q[row, kv_head * group + g, d]) * (sm_scale * LOG2E)
-            for g, d in T.grid(group, d_v):
-                out[first + g, d] = T.float32(0)
+            _start(q, q_scaled, out, row, kv_head * group, first, group, sm_scale, d_qk, d_v)
 
             keys = T.meta_var(RaggedKeys(k, v, kv_indptr[b], kv_head, q_scaled))
             _attend(first, group, length, keys, scores, state, out, where, d_v)
-            for g in range(group):
-                _finish(output, lse, row, kv_head * group + g, first + g, out, state, d_v)
+            _finish(output, lse, row, kv_head * group, first, group, out, state, d_v)
 
     return kernel
 
@@ -422,15 +430,12 @@ def prefill_paged_attention(
             last: T.let[T.int32] = T.if_then_else(
                 causal > 0 and window == 0, T.min(kv_len, kv_len - q_len + i + 1), kv_len
             )
-            for g, d in T.grid(group, dim):
-                q_scaled[first_slot + g, d] = T.Cast("float32", q[row, kv_head * group + g, d]) * (sm_scale * LOG2E)
-                out[first_slot + g, d] = T.float32(0)
+            _start(q, q_scaled, out, row, kv_head * group, first_slot, group, sm_scale, dim, dim)
             keys = T.meta_var(
                 PagedKeys(pages, page_values, length_info, b, begin, kv_head, q_scaled, sliding_window, first)
             )
             _attend(first_slot, group, T.max(last - first, 0), keys, scores, state, out, where, dim)
-            for g in range(group):
-                _finish(output, lse, row, kv_head * group + g, first_slot + g, out, state, dim)
+            _finish(output, lse, row, kv_head * group, first_slot, group, out, state, dim)
 
     return kernel
 
