@@ -221,7 +221,7 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
         chunk (per super-block), and the kernel's per-token factors become broadcast loads."""
         return concat(
             [
-                _splat_expr(decode(data, o, first + j).scale, tokens) * stats.scale(first + j, t0, tokens)
+                _splat(decode(data, o, first + j).scale, tokens) * stats.scale(first + j, t0, tokens)
                 for j in range(scale_count(count))
             ]
         )
@@ -237,7 +237,6 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
             for u in range(tokens):
                 xv = tirx.BufferLoad(xq, [t0 + u, tirx.Ramp(c * CHUNK, 1, CHUNK)])
                 per_token[u].append(chunk_dot(ch, xv))
-        scale_at = first if super_block else None
         sums = []
         for u in range(tokens):
             terms = []
@@ -245,7 +244,7 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
                 if tokens > 1:  # the product is ready in `scales`
                     scale = tirx.Broadcast(tirx.BufferLoad(scales, [slot, j * tokens + u]), 8)
                 else:
-                    c = scale_at if super_block else first + j
+                    c = first if super_block else first + j
                     scale = tirx.Broadcast(decode(data, o, c).scale * stats.scale(c, t0, 1), 8)
                 terms.append(dot.astype("float32x8") * scale)
             sums.append(tree_sum(terms))
@@ -258,9 +257,7 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
         if all(off is None for off in offsets):
             return _splat(0.0, tokens)
         terms = [
-            _splat_expr(off, tokens) * stats.sum(first + j, t0, tokens)
-            for j, off in enumerate(offsets)
-            if off is not None
+            _splat(off, tokens) * stats.sum(first + j, t0, tokens) for j, off in enumerate(offsets) if off is not None
         ]
         return tree_sum(terms)
 
@@ -389,12 +386,9 @@ def _span(lanes: int, start: tirx.PrimExpr | int = 0) -> tirx.PrimExpr:
     return tirx.Ramp(start, 1, lanes) if lanes > 1 else tirx.convert(start)
 
 
-def _splat_expr(value: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
-    return tirx.Broadcast(value, lanes) if lanes > 1 else value
-
-
-def _splat(value: float, lanes: int) -> tirx.PrimExpr:
-    scalar = tirx.const(value, "float32")
+def _splat(value: float | tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
+    """`value` in each of `lanes` lanes (itself for one); a Python float becomes a float32 constant."""
+    scalar = tirx.const(value, "float32") if isinstance(value, float) else value
     return tirx.Broadcast(scalar, lanes) if lanes > 1 else scalar
 
 
