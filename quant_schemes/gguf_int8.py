@@ -33,6 +33,8 @@ TASKS = 64  # parallel row ranges: enough to balance 16 threads, few accumulator
 TOKENS = 8  # tokens per pass over a weight row (prefill and batched decode); 8 accumulators of 8 lanes
 ACTIVATION_BLOCK_BYTES = 128 * 1024  # int8 activations a task's rows pass over at a time (L2-resident)
 GROUP = 8  # chunks summed in registers between accumulator updates (a K-quant super-block)
+LANE_ROWS = 8  # rows side by side in one vector in the prefill kernel of ROW_LANE_TYPES
+LANE_ACTIVATION_BYTES = 256 * 1024  # int8 activations that pass over one unpacked group of rows
 
 
 def _vec(data: tirx.Buffer, row: tirx.PrimExpr, start: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
@@ -146,6 +148,9 @@ def _q6_k(d, r, c):
 # columns (llama.cpp's Q8_K) and a super-block's 8 chunks are summed as integers before one float scale.
 SUPER_BLOCK_TYPES = {Q.Q4_K, Q.Q5_K, Q.Q6_K}
 SUPER_BLOCK = 256
+# Types whose codes are below 32 with the zero point as an offset: 4 `pmaddubsw` results add up in int16
+# without overflow (4 * 2 * 31 * 127 < 2^15), so 8 rows' chunks reduce in integers (see int8_matmul).
+ROW_LANE_TYPES = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K}
 
 CHUNK_DECODERS = {
     Q.Q4_0: _q4_0,
@@ -211,6 +216,11 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
     rows_per_task = -(-n_out // TASKS)
     lines_per_row = -(-row_bytes // 64)
     tile_group = max(1, min(16, ACTIVATION_BLOCK_BYTES // (TOKENS * n_in)))
+    row_lanes = qtype in ROW_LANE_TYPES
+    row_groups = -(-n_out // LANE_ROWS)
+    lane_tasks = min(TASKS, row_groups)
+    groups_per_task = -(-row_groups // lane_tasks)
+    block_tokens = max(TOKENS, LANE_ACTIVATION_BYTES // n_in)
 
     def scale_count(count: int) -> int:
         """Float scales per group of `count` chunks: one per chunk, or one per super-block."""
@@ -261,6 +271,51 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
         ]
         return tree_sum(terms)
 
+    def lane_words(data, o, c):
+        """Row o's codes of chunk c as 8 words of 4 columns (word m: columns 4m..4m+3)."""
+        return tirx.reinterpret("int32x8", decode(data, o, c).codes)
+
+    def lane_multiplier(data, o, c):
+        """Row o's integer sub-block scale of chunk c, twice in one word (`pmaddwd` multiplies pairs)."""
+        scale = decode(data, o, c).sub_scales.value.astype("int32")
+        return scale | (scale << 16)
+
+    def lane_dot(xq, stats, unpacked, t, first, count):
+        """float32x8: 8 rows' (lanes) dot products over `count` chunks from `first` with token t. Word m of
+        a chunk holds the 8 rows' columns 4m..4m+3 and multiplies the token's 4 int8 activations there
+        broadcast to all rows; 4 such products add in int16 and `pmaddwd` finishes the rows' sums, so the
+        float work is per 8 rows, not per row. A super-block's chunks are summed as integers."""
+        words, row_scale, row_offset, row_multiplier = unpacked
+        sums = []
+        for j in range(count):
+            c = first + j
+            halves = []
+            for h in range(2):
+                pairs = []
+                for m in range(4 * h, 4 * h + 4):
+                    w = tirx.reinterpret("uint8x32", _vec(words, 0, (c * 8 + m) * LANE_ROWS, LANE_ROWS))
+                    x4 = tirx.reinterpret("int32", _vec(xq, t, c * CHUNK + 4 * m, 4))
+                    xb = tirx.reinterpret("int8x32", tirx.Broadcast(x4, LANE_ROWS))
+                    pairs.append(_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", w, xb))
+                halves.append(tree_sum(pairs))
+            if super_block:
+                mult = tirx.reinterpret("int16x16", _vec(row_multiplier, 0, c * LANE_ROWS, LANE_ROWS))
+            else:
+                mult = _bcast(1, "int16", 16)
+            sums.append(tree_sum([_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", half, mult) for half in halves]))
+        if super_block:
+            sums = [tree_sum(sums)]
+        terms = []
+        for j, dot in enumerate(sums):
+            c = first + j
+            scale = _vec(row_scale, 0, c * LANE_ROWS, LANE_ROWS) * tirx.Broadcast(stats.scale(c, t, 1), LANE_ROWS)
+            terms.append(dot.astype("float32x8") * scale)
+        for j in range(count):
+            c = first + j
+            x_sum = tirx.Broadcast(stats.sum(c, t, 1), LANE_ROWS)
+            terms.append(_vec(row_offset, 0, c * LANE_ROWS, LANE_ROWS) * x_sum)
+        return tree_sum(terms)
+
     @T.macro
     def rows_times_tokens(y, data, xq, stats, o, t0, tokens, acc, off, scales, slot):
         """y[t0 : t0 + tokens, o], accumulating in acc[slot, 8 * tokens] and off[slot, tokens]; the group's
@@ -306,6 +361,36 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
                 hint = T.meta_var(_prefetch(data, o + PREFETCH_ROWS, line * 64))
                 T.evaluate(hint)
 
+    @T.macro
+    def unpack_lanes(data, g, words, row_scale, row_offset, row_multiplier):
+        """Rows g*8 .. g*8+7 (the last row repeated past n_out) with lanes = rows: word m of row r's chunk c
+        goes to lane r of words[c, m]; scales, offsets and sub-block scales to lane r of [c]."""
+        for r in range(LANE_ROWS):
+            for c in range(chunks):
+                o = T.meta_var(T.min(g * LANE_ROWS + r, n_out - 1))
+                words[0, T.Ramp(c * 8 * LANE_ROWS + r, LANE_ROWS, 8)] = lane_words(data, o, c)
+                row_scale[0, c * LANE_ROWS + r] = decode(data, o, c).scale
+                off = T.meta_var(decode(data, o, c).offset)
+                row_offset[0, c * LANE_ROWS + r] = off
+                if super_block:
+                    row_multiplier[0, c * LANE_ROWS + r] = lane_multiplier(data, o, c)
+
+    @T.macro
+    def lanes_times_token(y, xq, stats, unpacked, acc, g, t):
+        """y[t, g*8 .. g*8+7] (rows past n_out are not stored)."""
+        lanes = T.meta_var(T.Ramp(0, 1, LANE_ROWS))
+        acc[0, lanes] = T.Broadcast(T.float32(0), LANE_ROWS)
+        for grp in range(groups):
+            acc[0, lanes] = acc[0, lanes] + lane_dot(xq, stats, unpacked, t, grp * GROUP, GROUP)
+        if tail > 0:
+            acc[0, lanes] = acc[0, lanes] + lane_dot(xq, stats, unpacked, t, groups * GROUP, tail)
+        if g * LANE_ROWS + LANE_ROWS <= n_out:
+            y[t, T.Ramp(g * LANE_ROWS, 1, LANE_ROWS)] = acc[0, lanes]
+        else:
+            for r in range(LANE_ROWS):
+                if g * LANE_ROWS + r < n_out:
+                    y[t, g * LANE_ROWS + r] = acc[0, r]
+
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, data: T.Buffer((n_out, row_bytes), "uint8"), var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
@@ -345,7 +430,7 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
         acc = T.alloc_buffer((TASKS, 8 * TOKENS), "float32")
         off = T.alloc_buffer((TASKS, TOKENS), "float32")
         scales = T.alloc_buffer((TASKS, GROUP * TOKENS), "float32")
-        tiles = T.meta_var(T.if_then_else(n >= TOKENS, (n + TOKENS - 1) // TOKENS, 0))
+        tiles = T.meta_var(T.if_then_else(n >= TOKENS and not row_lanes, (n + TOKENS - 1) // TOKENS, 0))
         for task in T.parallel(TASKS):
             for tg in range((tiles + tile_group - 1) // tile_group):
                 for i in range(rows_per_task):
@@ -364,6 +449,24 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
                         prefetch_ahead(data, o)
                         for t in range(n):
                             rows_times_tokens(y, data, xq, stats, o, t, 1, acc, off, scales, task)
+        if row_lanes:
+            # Prefill of ROW_LANE_TYPES: a task unpacks 8 rows at a time into vectors with lanes = rows
+            # (lane_dot), then runs up to `block_tokens` tokens over them.
+            if n >= TOKENS:
+                for task in T.parallel(lane_tasks):
+                    words = T.alloc_buffer((1, chunks * 8 * LANE_ROWS), "int32", scope="local")
+                    row_scale = T.alloc_buffer((1, chunks * LANE_ROWS), "float32", scope="local")
+                    row_offset = T.alloc_buffer((1, chunks * LANE_ROWS), "float32", scope="local")
+                    row_multiplier = T.alloc_buffer((1, chunks * LANE_ROWS), "int32", scope="local")
+                    lane_acc = T.alloc_buffer((1, LANE_ROWS), "float32", scope="local")
+                    unpacked = T.meta_var((words, row_scale, row_offset, row_multiplier))
+                    for tb in range((n + block_tokens - 1) // block_tokens):
+                        for gi in range(groups_per_task):
+                            if task * groups_per_task + gi < row_groups:
+                                g = T.meta_var(task * groups_per_task + gi)
+                                unpack_lanes(data, g, words, row_scale, row_offset, row_multiplier)
+                                for t in range(tb * block_tokens, T.min(n, (tb + 1) * block_tokens)):
+                                    lanes_times_token(y, xq, stats, unpacked, lane_acc, g, t)
 
     return kernel
 

@@ -65,7 +65,7 @@ def _quantized_activations(x: np.ndarray, qtype: GGMLQuantizationType) -> np.nda
     return (np.round(blocks * inv) * d).reshape(x.shape)
 
 
-@pytest.mark.parametrize("rows", [5, 6])
+@pytest.mark.parametrize("rows", [6, 13])
 @pytest.mark.parametrize("qtype", sorted(DECODERS, key=lambda t: t.value), ids=lambda t: t.name)
 def test_int8_activation_matmul(qtype: GGMLQuantizationType, rows: int):
     """The AVX2 kernels equal the dequantized weights times the 8-bit-rounded activations."""
@@ -85,12 +85,17 @@ def test_int8_activation_matmul(qtype: GGMLQuantizationType, rows: int):
     weights = dequantize(raw, qtype).reshape(rows, cols)
     kernel = int8_matmul(qtype, cols, rows, raw.shape[1]).with_attr("global_symbol", "k")
     fn = tvm.compile(tvm.IRModule({"k": kernel}), target=target)
-    # one token and a few (token by token), two tiles and a remainder (a last tile that overlaps)
-    for tokens in (1, 3, 2 * TOKENS + 3):
+    # one token and a few (token by token), two tiles and a remainder (a last tile that overlaps), more
+    # tokens than one pass over unpacked rows takes (LANE_ACTIVATION_BYTES)
+    for tokens in (1, 3, 2 * TOKENS + 3, 600):
         x = rng.standard_normal((tokens, cols)).astype(np.float32)
         x[tokens // 2, :256] = 0  # all-zero blocks (32 and 256 columns) have scale 0
         out = tvm.runtime.tensor(np.zeros((tokens, rows), np.float32))
         fn["k"](tvm.runtime.tensor(x), tvm.runtime.tensor(raw), out)
         expected = _quantized_activations(x, qtype) @ weights.T
-        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+        scale = np.abs(expected).max()
+        exact = np.isclose(out.numpy(), expected, rtol=1e-4, atol=1e-4 * scale)
+        # an activation within float rounding of k + 1/2 may round the other way: rare, and one step
+        assert exact.mean() > 0.999, f"{(~exact).sum()} of {exact.size} outputs differ"
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-2, atol=1e-3 * scale)
         assert np.abs(out.numpy() - x @ weights.T).max() > 0  # it really is the 8-bit computation
