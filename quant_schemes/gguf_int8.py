@@ -8,9 +8,10 @@ weight than decoding to float, which is what bounds decode speed on a CPU.
 
 Per 32-column chunk c of a row, a type gives its codes and how to scale their dot product:
     dot_c = scale_c * x_scale_c * sum_i code_i * xq_i  [+ offset_c * x_sum_c]
-Codes with a zero point (Q4_0, Q5_0, Q8_0, Q6_K) are made signed and multiplied with the sign trick
-(|code| times xq with code's sign), like llama.cpp; types with a min (Q4_1, Q5_1, Q4_K, Q5_K) keep unsigned
-codes and add min * sum(x). Q6_K's two 16-column sub-scales ride in `pmaddwd`'s multiplier.
+4- and 5-bit codes stay unsigned: a zero point (Q4_0, Q5_0) or a min (Q4_1, Q5_1, Q4_K, Q5_K) becomes the
+offset on the activation sums. Q8_0 and Q6_K codes are made signed and multiplied with the sign trick
+(|code| times xq with code's sign), like llama.cpp. Q6_K's two 16-column sub-scales ride in `pmaddwd`'s
+multiplier. Prefill of ROW_LANE_TYPES puts 8 rows in one vector's lanes (`lane_dot`).
 """
 
 from __future__ import annotations
