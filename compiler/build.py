@@ -22,6 +22,7 @@ from tvm.s_tir import dlight as dl
 
 from artifacts.errors import MlccError
 from compiler.cpu_attention import cpu_attention
+from compiler.cpu_rope import RopeSpec
 from compiler.cpu_schedule import cpu_schedule, fast_gelu
 from compiler.cuda_aot import fatbin_packer
 from compiler.entry_points import PARAM_PREFIX, EntryPoints
@@ -33,12 +34,12 @@ from quant_schemes import QuantScheme
 CRASH_FOR_TEST_ENV = "MLCC_TEST_CRASH_IN_BUILD"
 
 
-def _cpu_pipeline(target: tvm.target.Target, window_size: int | None) -> tvm.transform.Pass:
+def _cpu_pipeline(target: tvm.target.Target, window_size: int | None, rope: RopeSpec | None) -> tvm.transform.Pass:
     """TVM's CPU pipeline with mlcc's attention kernels and matmul schedule."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     passes = (
-        [cpu_attention(window_size)]  # TVM's CPU attention kernels are serial and scalar
+        [cpu_attention(window_size, rope)]  # TVM's CPU attention and RoPE kernels are serial and scalar
         + [fast_gelu]  # libm's tanh is scalar
         + cpu_generic.library_dispatch_passes(target)
         # x @ permute_dims(W) as one kernel reading W's rows, not a transposed copy of W on every call.
@@ -89,11 +90,13 @@ def _with_target(target: tvm.target.Target, passes: list[tvm.transform.Pass], na
     return pipeline
 
 
-def build_library(mod: tvm.IRModule, spec: TargetSpec, out: Path, window_size: int | None = None) -> None:
+def build_library(
+    mod: tvm.IRModule, spec: TargetSpec, out: Path, window_size: int | None = None, rope: RopeSpec | None = None
+) -> None:
     """Lower with the target's fusing pipeline and export the library to `out` (.so, or .tar of objects).
 
     window_size: the sliding window of the module's KV cache kernels, if they have one."""
-    pipeline = _cpu_pipeline(spec.target, window_size) if spec.device == "cpu" else _gpu_pipeline(spec.target)
+    pipeline = _cpu_pipeline(spec.target, window_size, rope) if spec.device == "cpu" else _gpu_pipeline(spec.target)
     executable = tvm.compile(mod, target=spec.target, relax_pipeline=pipeline)
     if spec.cuda_archs:
         executable.export_library(str(out), fpack_imports=fatbin_packer(spec.cuda_archs))
@@ -124,7 +127,7 @@ def export_and_build(job: BuildJob) -> list[str]:
     job.scheme.quantize_model(net)
     entry = EntryPoints(net, spec.target, job.scheme.dtype)
     mod, named_params = entry.export_tvm(spec=entry.spec())
-    build_library(mod, spec, job.library, entry.kv_window)
+    build_library(mod, spec, job.library, entry.kv_window, entry.cache_rope)
     return [name.removeprefix(PARAM_PREFIX) for name, _ in named_params]
 
 

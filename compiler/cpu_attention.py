@@ -22,6 +22,9 @@ from tvm import tirx
 from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _get_kv_chunk_len, _get_seq_offset
 from tvm.script import tirx as T
 
+from compiler.cpu_rope import SYMBOL as ROPE_SYMBOL
+from compiler.cpu_rope import RopeSpec
+from compiler.cpu_rope import replacement as rope_replacement
 from quant_schemes.vector_exprs import row_sums, tree_sum
 
 TILE = 16  # cached tokens scored per softmax update
@@ -473,14 +476,18 @@ def _replacement(func: tirx.PrimFunc, window_size: int | None) -> tirx.PrimFunc 
     return None
 
 
-def cpu_attention(window_size: int | None) -> tvm.transform.Pass:
-    """Swap TVM's CPU attention kernels (decode, ragged and paged prefill) for parallel, vectorized ones."""
+def cpu_attention(window_size: int | None, rope: RopeSpec | None = None) -> tvm.transform.Pass:
+    """Swap TVM's CPU attention kernels (decode, ragged and paged prefill) and, given the cache's RoPE, its
+    RoPE kernel for parallel, vectorized ones."""
 
     @tvm.transform.module_pass(opt_level=0, name="MlccCPUAttention")
     def swap(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         for gv, func in list(mod.functions.items()):
             if isinstance(func, tirx.PrimFunc):
-                faster = _replacement(func, window_size)
+                if str((func.attrs or {}).get("global_symbol", "")) == ROPE_SYMBOL:
+                    faster = rope_replacement(func, rope)
+                else:
+                    faster = _replacement(func, window_size)
                 if faster is not None:
                     mod[gv] = faster
         return mod

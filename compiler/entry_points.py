@@ -15,6 +15,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
+from compiler.cpu_rope import RopeSpec
 from model_defs.common import AttentionLayout
 
 # Parameters are passed as one packed tuple, in the order the manifest lists them.
@@ -52,6 +53,17 @@ class EntryPoints(nn.Module):
     def kv_window(self) -> int:
         """The sliding window the cache's kernels are built with (TVM wants one even when no layer slides)."""
         return self.layout.sliding_window or 1024
+
+    @property
+    def cache_rope(self) -> RopeSpec | None:
+        """The RoPE the cache applies, when it has no frequency scaling (the CPU build has a faster kernel)."""
+        lay = self.layout
+        kind = lay.rope_scaling.get("rope_type", "default")
+        if lay.model_applies_rope or kind not in ("default", "gptj"):
+            return None
+        rotary_dim = lay.rotary_dim or lay.head_dim
+        heads = (lay.head_dim, lay.num_heads, lay.num_kv_heads)
+        return RopeSpec(lay.rope_theta, rotary_dim, *heads, self.dtype, gptj=kind == "gptj")
 
     def create_paged_kv_cache(
         self,

@@ -8,10 +8,9 @@ weight than decoding to float, which is what bounds decode speed on a CPU.
 
 Per 32-column chunk c of a row, a type gives its codes and how to scale their dot product:
     dot_c = scale_c * x_scale_c * sum_i code_i * xq_i  [+ offset_c * x_sum_c]
-4- and 5-bit codes stay unsigned: a zero point (Q4_0, Q5_0) or a min (Q4_1, Q5_1, Q4_K, Q5_K) becomes the
-offset on the activation sums. Q8_0 and Q6_K codes are made signed and multiplied with the sign trick
-(|code| times xq with code's sign), like llama.cpp. Q6_K's two 16-column sub-scales ride in `pmaddwd`'s
-multiplier. Prefill of ROW_LANE_TYPES puts 8 rows in one vector's lanes (`lane_dot`).
+Codes with a zero point (Q4_0, Q5_0, Q8_0, Q6_K) are made signed and multiplied with the sign trick
+(|code| times xq with code's sign), like llama.cpp; types with a min (Q4_1, Q5_1, Q4_K, Q5_K) keep unsigned
+codes and add min * sum(x). Q6_K's two 16-column sub-scales ride in `pmaddwd`'s multiplier.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from gguf import GGMLQuantizationType
 from tvm import tirx
@@ -36,6 +36,7 @@ ACTIVATION_BLOCK_BYTES = 128 * 1024  # int8 activations a task's rows pass over 
 GROUP = 8  # chunks summed in registers between accumulator updates (a K-quant super-block)
 LANE_ROWS = 8  # rows side by side in one vector in the prefill kernel of ROW_LANE_TYPES
 LANE_ACTIVATION_BYTES = 256 * 1024  # int8 activations that pass over one unpacked group of rows
+STREAM_AHEAD = 3072  # bytes of interleaved weights prefetched ahead of the chunk being multiplied
 
 
 def _vec(data: tirx.Buffer, row: tirx.PrimExpr, start: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
@@ -165,6 +166,112 @@ CHUNK_DECODERS = {
 }
 
 
+@dataclass(frozen=True)
+class InterleavedLayout:
+    """Byte offsets in the interleaved form of a group of 8 rows' blocks of one chunk (8 * block bytes):
+    the rows' float16 scales (and mins), a high-bit plane (5-bit types) and the codes in word order: the 4
+    columns 4m..4m+3 of each row side by side, so one 32-byte load is a `pmaddubsw` operand for 8 rows."""
+
+    block_bytes: int
+    minimum: int | None  # the rows' float16 mins (Q4_1/Q5_1)
+    high: int | None  # 32 bytes: bit m of byte 4r + k is the high bit of row r's column 4m + k
+    codes: int  # 128 bytes: for word w in 0..3, the 8 rows' qs bytes 4w..4w+3 (low nibbles: word w, high: w + 4)
+    zero: int  # subtracted from codes without a min
+
+    @property
+    def group_bytes(self) -> int:
+        return LANE_ROWS * self.block_bytes
+
+
+INTERLEAVED = {
+    Q.Q4_0: InterleavedLayout(18, None, None, 16, 8),
+    Q.Q4_1: InterleavedLayout(20, 16, None, 32, 0),
+    Q.Q5_0: InterleavedLayout(22, None, 16, 48, 16),
+    Q.Q5_1: InterleavedLayout(24, 16, 32, 64, 0),
+}
+
+
+def interleave_rows(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """GGUF rows [n_out, row_bytes] -> [ceil(n_out / 8), chunks * 8 * block_bytes] in the InterleavedLayout
+    (rows past n_out are zero). The same bits, reordered; done once when weights are converted."""
+    lay = INTERLEAVED[qtype]
+    n_out, row_bytes = raw.shape
+    groups, chunks = -(-n_out // LANE_ROWS), row_bytes // lay.block_bytes
+    padded = np.zeros((groups * LANE_ROWS, row_bytes), np.uint8)
+    padded[:n_out] = raw
+    blocks = padded.reshape(groups, LANE_ROWS, chunks, lay.block_bytes).transpose(0, 2, 1, 3)  # [G, C, 8, bb]
+    parts, at = [blocks[..., 0:2]], 2
+    if lay.minimum is not None:
+        parts.append(blocks[..., 2:4])
+        at = 4
+    if lay.high is not None:
+        bits = np.unpackbits(blocks[..., at : at + 4], axis=-1, bitorder="little")  # [G, C, 8, 32]: column i
+        words = bits.reshape(groups, chunks, LANE_ROWS, 8, 4).transpose(0, 1, 2, 4, 3)  # [.., r, k, m]
+        parts.append(np.packbits(words, axis=-1, bitorder="little"))
+        at += 4
+    qs = blocks[..., at : at + 16].reshape(groups, chunks, LANE_ROWS, 4, 4).transpose(0, 1, 3, 2, 4)
+    parts.append(qs)
+    flat = [part.reshape(groups, chunks, -1) for part in parts]
+    return np.ascontiguousarray(np.concatenate(flat, axis=-1).reshape(groups, -1))
+
+
+@dataclass
+class ScratchRows:
+    """8 rows unpacked into local buffers (words [c, m, r], scales/offsets/sub-block scales [c, r])."""
+
+    words: tirx.Buffer
+    scales: tirx.Buffer
+    offsets: tirx.Buffer
+    multipliers: tirx.Buffer
+
+    def word(self, c, m: int) -> tirx.PrimExpr:
+        return tirx.reinterpret("uint8x32", _vec(self.words, 0, (c * 8 + m) * LANE_ROWS, LANE_ROWS))
+
+    def scale(self, c) -> tirx.PrimExpr:
+        return _vec(self.scales, 0, c * LANE_ROWS, LANE_ROWS)
+
+    def offset(self, c) -> tirx.PrimExpr:
+        return _vec(self.offsets, 0, c * LANE_ROWS, LANE_ROWS)
+
+    def multiplier(self, c) -> tirx.PrimExpr:
+        return tirx.reinterpret("int16x16", _vec(self.multipliers, 0, c * LANE_ROWS, LANE_ROWS))
+
+
+@dataclass
+class InterleavedRows:
+    """Row group g of weights in an InterleavedLayout, decoded in registers."""
+
+    data: tirx.Buffer
+    group: tirx.PrimExpr
+    layout: InterleavedLayout
+
+    def _half8(self, c, at: int) -> tirx.PrimExpr:
+        raw = _vec(self.data, self.group, c * self.layout.group_bytes + at, 16)
+        return tirx.reinterpret("float16x8", raw).astype("float32x8")
+
+    def word(self, c, m: int) -> tirx.PrimExpr:
+        lay = self.layout
+        packed = _vec(self.data, self.group, c * lay.group_bytes + lay.codes + 32 * (m % 4), 32)
+        code = packed & _bcast(15, "uint8", 32) if m < 4 else packed >> _bcast(4, "uint8", 32)
+        if lay.high is None:
+            return code
+        plane = _vec(self.data, self.group, c * lay.group_bytes + lay.high, 32)
+        moved = plane << _bcast(4 - m, "uint8", 32) if m <= 4 else plane >> _bcast(m - 4, "uint8", 32)
+        return code | (moved & _bcast(16, "uint8", 32))
+
+    def scale(self, c) -> tirx.PrimExpr:
+        return self._half8(c, 0)
+
+    def offset(self, c) -> tirx.PrimExpr:
+        if self.layout.minimum is not None:
+            return self._half8(c, self.layout.minimum)
+        return self.scale(c) * tirx.Broadcast(tirx.const(-self.layout.zero, "float32"), LANE_ROWS)
+
+    def words(self, c) -> tirx.PrimExpr:
+        """All 8 words of chunk c as int32x64 (for a store into ScratchRows.words)."""
+        return concat([tirx.reinterpret("int32x8", self.word(c, m)) for m in range(8)])
+
+
 def _intrin(dtype: str, name: str, *args: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.call_llvm_pure_intrin(dtype, name, *args)
 
@@ -207,8 +314,11 @@ class ActivationStats:
 
 
 @functools.cache
-def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: int) -> tirx.PrimFunc:
-    """y[t, o] = sum_k x[t, k] * W[o, k] with W as GGUF blocks and x quantized to int8 per 32 columns."""
+def int8_matmul(
+    qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: int, interleaved: bool = False
+) -> tirx.PrimFunc:
+    """y[t, o] = sum_k x[t, k] * W[o, k] with W as GGUF blocks and x quantized to int8 per 32 columns;
+    `interleaved`: W in the InterleavedLayout of its type (`interleave_rows`)."""
     decode = CHUNK_DECODERS[qtype]
     super_block = qtype in SUPER_BLOCK_TYPES
     block_columns = SUPER_BLOCK if super_block else CHUNK  # columns per activation scale
@@ -222,6 +332,9 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
     lane_tasks = min(TASKS, row_groups)
     groups_per_task = -(-row_groups // lane_tasks)
     block_tokens = max(TOKENS, LANE_ACTIVATION_BYTES // n_in)
+    data_shape = (row_groups, row_bytes * LANE_ROWS) if interleaved else (n_out, row_bytes)
+    layout = INTERLEAVED.get(qtype)
+    chunk_bytes = row_bytes * LANE_ROWS // chunks  # one chunk of 8 interleaved rows
 
     def scale_count(count: int) -> int:
         """Float scales per group of `count` chunks: one per chunk, or one per super-block."""
@@ -281,12 +394,12 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
         scale = decode(data, o, c).sub_scales.value.astype("int32")
         return scale | (scale << 16)
 
-    def lane_dot(xq, stats, unpacked, t, first, count):
+    def lane_dot(xq, stats, rows, t, first, count):
         """float32x8: 8 rows' (lanes) dot products over `count` chunks from `first` with token t. Word m of
         a chunk holds the 8 rows' columns 4m..4m+3 and multiplies the token's 4 int8 activations there
         broadcast to all rows; 4 such products add in int16 and `pmaddwd` finishes the rows' sums, so the
-        float work is per 8 rows, not per row. A super-block's chunks are summed as integers."""
-        words, row_scale, row_offset, row_multiplier = unpacked
+        float work is per 8 rows, not per row. A super-block's chunks are summed as integers. `rows` gives
+        the 8 rows' words, scales, offsets and sub-block scales (`LaneRows`)."""
         sums = []
         for j in range(count):
             c = first + j
@@ -294,27 +407,21 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
             for h in range(2):
                 pairs = []
                 for m in range(4 * h, 4 * h + 4):
-                    w = tirx.reinterpret("uint8x32", _vec(words, 0, (c * 8 + m) * LANE_ROWS, LANE_ROWS))
                     x4 = tirx.reinterpret("int32", _vec(xq, t, c * CHUNK + 4 * m, 4))
                     xb = tirx.reinterpret("int8x32", tirx.Broadcast(x4, LANE_ROWS))
-                    pairs.append(_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", w, xb))
+                    pairs.append(_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", rows.word(c, m), xb))
                 halves.append(tree_sum(pairs))
-            if super_block:
-                mult = tirx.reinterpret("int16x16", _vec(row_multiplier, 0, c * LANE_ROWS, LANE_ROWS))
-            else:
-                mult = _bcast(1, "int16", 16)
+            mult = rows.multiplier(c) if super_block else _bcast(1, "int16", 16)
             sums.append(tree_sum([_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", half, mult) for half in halves]))
         if super_block:
             sums = [tree_sum(sums)]
         terms = []
         for j, dot in enumerate(sums):
             c = first + j
-            scale = _vec(row_scale, 0, c * LANE_ROWS, LANE_ROWS) * tirx.Broadcast(stats.scale(c, t, 1), LANE_ROWS)
-            terms.append(dot.astype("float32x8") * scale)
+            terms.append(dot.astype("float32x8") * (rows.scale(c) * tirx.Broadcast(stats.scale(c, t, 1), LANE_ROWS)))
         for j in range(count):
             c = first + j
-            x_sum = tirx.Broadcast(stats.sum(c, t, 1), LANE_ROWS)
-            terms.append(_vec(row_offset, 0, c * LANE_ROWS, LANE_ROWS) * x_sum)
+            terms.append(rows.offset(c) * tirx.Broadcast(stats.sum(c, t, 1), LANE_ROWS))
         return tree_sum(terms)
 
     @T.macro
@@ -377,14 +484,31 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
                     row_multiplier[0, c * LANE_ROWS + r] = lane_multiplier(data, o, c)
 
     @T.macro
-    def lanes_times_token(y, xq, stats, unpacked, acc, g, t):
-        """y[t, g*8 .. g*8+7] (rows past n_out are not stored)."""
+    def unpack_interleaved(source, words, row_scale, row_offset):
+        """An interleaved row group's decoded words, scales and offsets into the local buffers."""
+        for c in range(chunks):
+            words[0, T.Ramp(c * 8 * LANE_ROWS, 1, 8 * LANE_ROWS)] = source.words(c)
+            row_scale[0, T.Ramp(c * LANE_ROWS, 1, LANE_ROWS)] = source.scale(c)
+            row_offset[0, T.Ramp(c * LANE_ROWS, 1, LANE_ROWS)] = source.offset(c)
+
+    @T.macro
+    def lanes_times_token(y, xq, stats, rows, acc, g, t, data, stream):
+        """y[t, g*8 .. g*8+7] (rows past n_out are not stored). `stream`: `rows` are interleaved weights read
+        from memory, chunk by chunk, each asking for the bytes STREAM_AHEAD further on (the hardware
+        prefetcher alone left the loads waiting on DRAM: Q4_1 576x1536 took 74 us instead of 56)."""
         lanes = T.meta_var(T.Ramp(0, 1, LANE_ROWS))
         acc[0, lanes] = T.Broadcast(T.float32(0), LANE_ROWS)
-        for grp in range(groups):
-            acc[0, lanes] = acc[0, lanes] + lane_dot(xq, stats, unpacked, t, grp * GROUP, GROUP)
-        if tail > 0:
-            acc[0, lanes] = acc[0, lanes] + lane_dot(xq, stats, unpacked, t, groups * GROUP, tail)
+        if stream:
+            for c in range(chunks):
+                for line in range((chunk_bytes + 63) // 64):
+                    hint = T.meta_var(_prefetch(data, g, c * chunk_bytes + STREAM_AHEAD + line * 64))
+                    T.evaluate(hint)
+                acc[0, lanes] = acc[0, lanes] + lane_dot(xq, stats, rows, t, c, 1)
+        else:
+            for grp in range(groups):
+                acc[0, lanes] = acc[0, lanes] + lane_dot(xq, stats, rows, t, grp * GROUP, GROUP)
+            if tail > 0:
+                acc[0, lanes] = acc[0, lanes] + lane_dot(xq, stats, rows, t, groups * GROUP, tail)
         if g * LANE_ROWS + LANE_ROWS <= n_out:
             y[t, T.Ramp(g * LANE_ROWS, 1, LANE_ROWS)] = acc[0, lanes]
         else:
@@ -392,8 +516,34 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
                 if g * LANE_ROWS + r < n_out:
                     y[t, g * LANE_ROWS + r] = acc[0, r]
 
+    @T.macro
+    def lane_task(y, data, xq, stats, n, task):
+        words = T.alloc_buffer((1, chunks * 8 * LANE_ROWS), "int32", scope="local")
+        row_scale = T.alloc_buffer((1, chunks * LANE_ROWS), "float32", scope="local")
+        row_offset = T.alloc_buffer((1, chunks * LANE_ROWS), "float32", scope="local")
+        row_multiplier = T.alloc_buffer((1, chunks * LANE_ROWS), "int32", scope="local")
+        lane_acc = T.alloc_buffer((1, LANE_ROWS), "float32", scope="local")
+        scratch = T.meta_var(ScratchRows(words, row_scale, row_offset, row_multiplier))
+        if n >= TOKENS:
+            for tb in range((n + block_tokens - 1) // block_tokens):
+                for gi in range(groups_per_task):
+                    if task * groups_per_task + gi < row_groups:
+                        g = T.meta_var(task * groups_per_task + gi)
+                        if interleaved:
+                            unpack_interleaved(InterleavedRows(data, g, layout), words, row_scale, row_offset)
+                        else:
+                            unpack_lanes(data, g, words, row_scale, row_offset, row_multiplier)
+                        for t in range(tb * block_tokens, T.min(n, (tb + 1) * block_tokens)):
+                            lanes_times_token(y, xq, stats, scratch, lane_acc, g, t, data, False)
+        elif interleaved:
+            for gi in range(groups_per_task):
+                if task * groups_per_task + gi < row_groups:
+                    g = T.meta_var(task * groups_per_task + gi)
+                    for t in range(n):
+                        lanes_times_token(y, xq, stats, InterleavedRows(data, g, layout), lane_acc, g, t, data, True)
+
     @T.prim_func(private=True, s_tir=True)
-    def kernel(var_x: T.handle, data: T.Buffer((n_out, row_bytes), "uint8"), var_y: T.handle):
+    def kernel(var_x: T.handle, data: T.Buffer(data_shape, "uint8"), var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
         n = T.int64()
         x = T.match_buffer(var_x, (n, n_in), "float32")
@@ -432,42 +582,36 @@ def int8_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: i
         off = T.alloc_buffer((TASKS, TOKENS), "float32")
         scales = T.alloc_buffer((TASKS, GROUP * TOKENS), "float32")
         tiles = T.meta_var(T.if_then_else(n >= TOKENS and not row_lanes, (n + TOKENS - 1) // TOKENS, 0))
-        for task in T.parallel(TASKS):
-            for tg in range((tiles + tile_group - 1) // tile_group):
-                for i in range(rows_per_task):
-                    if task * rows_per_task + i < n_out:
-                        o = T.meta_var(task * rows_per_task + i)
-                        if tg == 0:
+        if not interleaved:
+            for task in T.parallel(TASKS):
+                for tg in range((tiles + tile_group - 1) // tile_group):
+                    for i in range(rows_per_task):
+                        if task * rows_per_task + i < n_out:
+                            o = T.meta_var(task * rows_per_task + i)
+                            if tg == 0:
+                                prefetch_ahead(data, o)
+                            for tt in range(tile_group):
+                                if tg * tile_group + tt < tiles:
+                                    t0 = T.meta_var(T.min((tg * tile_group + tt) * TOKENS, n - TOKENS))
+                                    rows_times_tokens(y, data, xq, stats, o, t0, TOKENS, acc, off, scales, task)
+                if n < TOKENS:
+                    for i in range(rows_per_task):
+                        if task * rows_per_task + i < n_out:
+                            o = T.meta_var(task * rows_per_task + i)
                             prefetch_ahead(data, o)
-                        for tt in range(tile_group):
-                            if tg * tile_group + tt < tiles:
-                                t0 = T.meta_var(T.min((tg * tile_group + tt) * TOKENS, n - TOKENS))
-                                rows_times_tokens(y, data, xq, stats, o, t0, TOKENS, acc, off, scales, task)
-            if n < TOKENS:
-                for i in range(rows_per_task):
-                    if task * rows_per_task + i < n_out:
-                        o = T.meta_var(task * rows_per_task + i)
-                        prefetch_ahead(data, o)
-                        for t in range(n):
-                            rows_times_tokens(y, data, xq, stats, o, t, 1, acc, off, scales, task)
+                            for t in range(n):
+                                rows_times_tokens(y, data, xq, stats, o, t, 1, acc, off, scales, task)
+        # ROW_LANE_TYPES: 8 rows at a time with lanes = rows (lane_dot). Prefill unpacks a task's row group
+        # into local buffers once for up to `block_tokens` tokens; interleaved weights are already in that
+        # order, and decode (fewer tokens) reads them as they are.
         if row_lanes:
-            # Prefill of ROW_LANE_TYPES: a task unpacks 8 rows at a time into vectors with lanes = rows
-            # (lane_dot), then runs up to `block_tokens` tokens over them.
-            if n >= TOKENS:
+            if interleaved:
                 for task in T.parallel(lane_tasks):
-                    words = T.alloc_buffer((1, chunks * 8 * LANE_ROWS), "int32", scope="local")
-                    row_scale = T.alloc_buffer((1, chunks * LANE_ROWS), "float32", scope="local")
-                    row_offset = T.alloc_buffer((1, chunks * LANE_ROWS), "float32", scope="local")
-                    row_multiplier = T.alloc_buffer((1, chunks * LANE_ROWS), "int32", scope="local")
-                    lane_acc = T.alloc_buffer((1, LANE_ROWS), "float32", scope="local")
-                    unpacked = T.meta_var((words, row_scale, row_offset, row_multiplier))
-                    for tb in range((n + block_tokens - 1) // block_tokens):
-                        for gi in range(groups_per_task):
-                            if task * groups_per_task + gi < row_groups:
-                                g = T.meta_var(task * groups_per_task + gi)
-                                unpack_lanes(data, g, words, row_scale, row_offset, row_multiplier)
-                                for t in range(tb * block_tokens, T.min(n, (tb + 1) * block_tokens)):
-                                    lanes_times_token(y, xq, stats, unpacked, lane_acc, g, t)
+                    lane_task(y, data, xq, stats, n, task)
+            else:
+                if n >= TOKENS:
+                    for task in T.parallel(lane_tasks):
+                        lane_task(y, data, xq, stats, n, task)
 
     return kernel
 

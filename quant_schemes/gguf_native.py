@@ -169,15 +169,27 @@ class GGUFLinear(PackedModule):
         self, fmt: BlockFormat, in_features: int, out_features: int, bias: bool, dtype: str, int8_activations: bool
     ):
         self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
+        from quant_schemes.gguf_int8 import INTERLEAVED, LANE_ROWS
+
         self.int8_activations = int8_activations and dtype == "float32"
-        self.q_data = nn.Parameter((out_features, fmt.row_bytes(in_features)), "uint8")
+        # The int8 kernels read some types with 8 rows' blocks interleaved (the same bits, reordered).
+        self.interleaved = self.int8_activations and fmt.qtype in INTERLEAVED
+        row_bytes = fmt.row_bytes(in_features)
+        if self.interleaved:
+            shape = (-(-out_features // LANE_ROWS), row_bytes * LANE_ROWS)
+        else:
+            shape = (out_features, row_bytes)
+        self.q_data = nn.Parameter(shape, "uint8")
         self.bias = nn.Parameter((out_features,), dtype) if bias else None
 
     def to(self, dtype: str | None = None) -> None:
         return
 
     def pack_weight(self, weight: np.ndarray) -> dict[str, np.ndarray]:
-        return {"q_data": weight.view(np.uint8).reshape(self.out_features, -1)}
+        from quant_schemes.gguf_int8 import interleave_rows
+
+        rows = weight.view(np.uint8).reshape(self.out_features, -1)
+        return {"q_data": interleave_rows(rows, self.fmt.qtype) if self.interleaved else rows}
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._int8_matmul(x) if self.int8_activations else self._float_matmul(x)
@@ -188,7 +200,7 @@ class GGUFLinear(PackedModule):
 
         n_in, n_out = self.in_features, self.out_features
         rows = op.reshape(x, (-1, n_in))  # [b*s, n_in]
-        kernel = int8_matmul(self.fmt.qtype, n_in, n_out, self.fmt.row_bytes(n_in))
+        kernel = int8_matmul(self.fmt.qtype, n_in, n_out, self.fmt.row_bytes(n_in), self.interleaved)
         out = Tensor.placeholder([rows.shape[0], n_out], "float32")
         y = op.tensor_ir_op(kernel, "gguf_int8_matmul", [rows, self.q_data], out)
         return op.reshape(y, (*x.shape[:-1], n_out))  # [b, s, n_out]

@@ -65,12 +65,22 @@ def _quantized_activations(x: np.ndarray, qtype: GGMLQuantizationType) -> np.nda
     return (np.round(blocks * inv) * d).reshape(x.shape)
 
 
+def _int8_cases() -> list[tuple[GGMLQuantizationType, bool]]:
+    from quant_schemes.gguf_int8 import INTERLEAVED
+
+    types = sorted(DECODERS, key=lambda t: t.value)
+    return [(t, False) for t in types] + [(t, True) for t in types if t in INTERLEAVED]
+
+
 @pytest.mark.parametrize("rows", [6, 13])
-@pytest.mark.parametrize("qtype", sorted(DECODERS, key=lambda t: t.value), ids=lambda t: t.name)
-def test_int8_activation_matmul(qtype: GGMLQuantizationType, rows: int):
-    """The AVX2 kernels equal the dequantized weights times the 8-bit-rounded activations."""
+@pytest.mark.parametrize(
+    ("qtype", "interleaved"), _int8_cases(), ids=lambda c: c.name if isinstance(c, Q) else ("rows8" if c else "")
+)
+def test_int8_activation_matmul(qtype: GGMLQuantizationType, interleaved: bool, rows: int):
+    """The AVX2 kernels equal the dequantized weights times the 8-bit-rounded activations, with the weights
+    as GGUF rows and, for some types, with 8 rows interleaved."""
     from compiler.targets import _host_llvm
-    from quant_schemes.gguf_int8 import TOKENS, has_avx2, int8_matmul
+    from quant_schemes.gguf_int8 import TOKENS, has_avx2, int8_matmul, interleave_rows
 
     target = _host_llvm()
     if not has_avx2(target):
@@ -83,7 +93,8 @@ def test_int8_activation_matmul(qtype: GGMLQuantizationType, rows: int):
         raw[..., field + 1] &= 0xBB
     raw = raw.reshape(rows, -1)
     weights = dequantize(raw, qtype).reshape(rows, cols)
-    kernel = int8_matmul(qtype, cols, rows, raw.shape[1]).with_attr("global_symbol", "k")
+    kernel = int8_matmul(qtype, cols, rows, raw.shape[1], interleaved).with_attr("global_symbol", "k")
+    data = tvm.runtime.tensor(interleave_rows(raw, qtype) if interleaved else raw)
     fn = tvm.compile(tvm.IRModule({"k": kernel}), target=target)
     # one token and a few (token by token), two tiles and a remainder (a last tile that overlaps), more
     # tokens than one pass over unpacked rows takes (LANE_ACTIVATION_BYTES)
@@ -91,7 +102,7 @@ def test_int8_activation_matmul(qtype: GGMLQuantizationType, rows: int):
         x = rng.standard_normal((tokens, cols)).astype(np.float32)
         x[tokens // 2, :256] = 0  # all-zero blocks (32 and 256 columns) have scale 0
         out = tvm.runtime.tensor(np.zeros((tokens, rows), np.float32))
-        fn["k"](tvm.runtime.tensor(x), tvm.runtime.tensor(raw), out)
+        fn["k"](tvm.runtime.tensor(x), data, out)
         expected = _quantized_activations(x, qtype) @ weights.T
         scale = np.abs(expected).max()
         exact = np.isclose(out.numpy(), expected, rtol=1e-4, atol=1e-4 * scale)

@@ -1,0 +1,98 @@
+"""A faster CPU kernel for the RoPE that TVM's paged KV cache applies to q and k (`tir_split_rotary`).
+
+TVM's kernel is one serial loop over (token, head, dim) that evaluates pow, cos and sin for every element:
+for SmolLM2 that is most of the decode step's attention time, and a third of a long prefill. This one has
+the same signature and arithmetic (angle = position / theta ** (2i / rotary_dim) in float32) but computes
+the rotary_dim / 2 cosines and sines once per token, runs tokens in parallel and rotates each head's halves
+(or GPT-J pairs) as vectors. Only RoPE without frequency scaling is replaced; other kinds keep TVM's kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+SYMBOL = "fused_rope"  # the kernel's name in TVM's llama_rope_with_position_map
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """The default RoPE a model's KV cache applies, and the cache's head layout."""
+
+    theta: float
+    rotary_dim: int
+    head_dim: int
+    num_q_heads: int
+    num_kv_heads: int
+    dtype: str
+    gptj: bool = False  # rotate pairs (2i, 2i + 1) instead of halves (i, i + rotary_dim / 2)
+
+
+def split_rotary(spec: RopeSpec) -> tirx.PrimFunc:
+    """qkv [n, hq + 2 * hkv, d] -> q [n, hq, d], k [n, hkv, d] (rotated when apply_rope > 0), v."""
+    head_dim, num_q_heads, num_kv_heads, dtype = spec.head_dim, spec.num_q_heads, spec.num_kv_heads, spec.dtype
+    fused_heads = num_q_heads + 2 * num_kv_heads
+    half = spec.rotary_dim // 2
+
+    def angle(position, i):
+        exponent = (i * 2).astype("float32") / tirx.const(spec.rotary_dim, "float32")
+        return position.astype("float32") / tirx.power(tirx.const(spec.theta, "float32"), exponent)
+
+    @T.macro
+    def rotate(qkv, out, cos, sin, s, h, first, apply_rope):
+        """out[s, h] = qkv[s, first + h], rotated when apply_rope > 0."""
+        if apply_rope > 0:
+            for i in T.vectorized(half):
+                a = T.meta_var(2 * i if spec.gptj else i)  # the pair (a, b) rotates by angle i
+                b = T.meta_var(2 * i + 1 if spec.gptj else i + half)
+                x1 = T.meta_var(qkv[s, first + h, a].astype("float32"))
+                x2 = T.meta_var(qkv[s, first + h, b].astype("float32"))
+                out[s, h, a] = (x1 * cos[i] - x2 * sin[i]).astype(dtype)
+                out[s, h, b] = (x2 * cos[i] + x1 * sin[i]).astype(dtype)
+            if head_dim > spec.rotary_dim:
+                for d in T.vectorized(head_dim - spec.rotary_dim):
+                    out[s, h, spec.rotary_dim + d] = qkv[s, first + h, spec.rotary_dim + d]
+        else:
+            for d in T.vectorized(head_dim):
+                out[s, h, d] = qkv[s, first + h, d]
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(
+        var_qkv: T.handle,
+        var_position_map: T.handle,
+        var_q: T.handle,
+        var_k: T.handle,
+        var_v: T.handle,
+        apply_rope: T.int64,
+    ):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True})
+        seq_len = T.int32()
+        position_map_elem_offset = T.int32()
+        qkv = T.match_buffer(var_qkv, (seq_len, fused_heads, head_dim), dtype)
+        q = T.match_buffer(var_q, (seq_len, num_q_heads, head_dim), dtype)
+        k = T.match_buffer(var_k, (seq_len, num_kv_heads, head_dim), dtype)
+        v = T.match_buffer(var_v, (seq_len, num_kv_heads, head_dim), dtype)
+        position_map = T.match_buffer(var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset)
+        for s in T.parallel(seq_len):
+            cos = T.alloc_buffer((half,), "float32", scope="local")
+            sin = T.alloc_buffer((half,), "float32", scope="local")
+            for i in range(half):
+                cos[i] = T.cos(angle(position_map[s], i))
+                sin[i] = T.sin(angle(position_map[s], i))
+            for h in range(num_q_heads):
+                rotate(qkv, q, cos, sin, s, h, 0, apply_rope)
+            for h in range(num_kv_heads):
+                rotate(qkv, k, cos, sin, s, h, num_q_heads, apply_rope)
+            for h, d in T.grid(num_kv_heads, head_dim):
+                v[s, h, d] = qkv[s, num_q_heads + num_kv_heads + h, d]
+
+    return kernel
+
+
+def replacement(func: tirx.PrimFunc, spec: RopeSpec | None) -> tirx.PrimFunc | None:
+    """This module's kernel for TVM's RoPE kernel `func`, or None when it does not apply."""
+    if spec is None or len(func.params) != 6 or spec.rotary_dim % 2 or spec.rotary_dim > spec.head_dim:
+        return None
+    return split_rotary(spec)
