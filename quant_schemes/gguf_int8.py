@@ -518,13 +518,13 @@ def int8_matmul(
 
     @T.macro
     def lane_task(y, data, xq, stats, n, task):
-        words = T.alloc_buffer((1, chunks * 8 * LANE_ROWS), "int32", scope="local")
-        row_scale = T.alloc_buffer((1, chunks * LANE_ROWS), "float32", scope="local")
-        row_offset = T.alloc_buffer((1, chunks * LANE_ROWS), "float32", scope="local")
-        row_multiplier = T.alloc_buffer((1, chunks * LANE_ROWS), "int32", scope="local")
         lane_acc = T.alloc_buffer((1, LANE_ROWS), "float32", scope="local")
-        scratch = T.meta_var(ScratchRows(words, row_scale, row_offset, row_multiplier))
-        if n >= TOKENS:
+        if n >= TOKENS:  # (the unpacked rows' buffers are workspace calls: prefill only)
+            words = T.alloc_buffer((1, chunks * 8 * LANE_ROWS), "int32", scope="local")
+            row_scale = T.alloc_buffer((1, chunks * LANE_ROWS), "float32", scope="local")
+            row_offset = T.alloc_buffer((1, chunks * LANE_ROWS), "float32", scope="local")
+            row_multiplier = T.alloc_buffer((1, chunks * LANE_ROWS), "int32", scope="local")
+            scratch = T.meta_var(ScratchRows(words, row_scale, row_offset, row_multiplier))
             for tb in range((n + block_tokens - 1) // block_tokens):
                 for gi in range(groups_per_task):
                     if task * groups_per_task + gi < row_groups:
@@ -578,11 +578,11 @@ def int8_matmul(
         # (sharing each chunk's decoded codes), the last tile ending at the last token (overlapping the one
         # before); a task's rows pass over `tile_group` tiles at a time, whose activations stay in L2.
         # Fewer than TOKENS tokens (decode) go one by one.
-        acc = T.alloc_buffer((TASKS, 8 * TOKENS), "float32")
-        off = T.alloc_buffer((TASKS, TOKENS), "float32")
-        scales = T.alloc_buffer((TASKS, GROUP * TOKENS), "float32")
         tiles = T.meta_var(T.if_then_else(n >= TOKENS and not row_lanes, (n + TOKENS - 1) // TOKENS, 0))
         if not interleaved:
+            acc = T.alloc_buffer((TASKS, 8 * TOKENS), "float32")
+            off = T.alloc_buffer((TASKS, TOKENS), "float32")
+            scales = T.alloc_buffer((TASKS, GROUP * TOKENS), "float32")
             for task in T.parallel(TASKS):
                 for tg in range((tiles + tile_group - 1) // tile_group):
                     for i in range(rows_per_task):
