@@ -1,7 +1,8 @@
 """A faster CPU kernel for the RoPE that TVM's paged KV cache applies to q and k (`tir_split_rotary`).
 
-TVM's kernel is one serial loop over (token, head, dim) that evaluates pow, cos and sin for every element:
-for SmolLM2 that is most of the decode step's attention time, and a third of a long prefill. This one has
+TVM's kernel is one serial loop over (token, head, dim) that evaluates pow, cos and sin for every element
+(SmolLM2: 17.5 us per decoded token and layer; this one takes 1.5, and prefill of 512 tokens gets ~7%
+faster). This one has
 the same signature and arithmetic (angle = position / theta ** (2i / rotary_dim) in float32) but computes
 the rotary_dim / 2 cosines and sines once per token, runs tokens in parallel and rotates each head's halves
 (or GPT-J pairs) as vectors. Only RoPE without frequency scaling is replaced; other kinds keep TVM's kernel.
@@ -19,7 +20,7 @@ SYMBOL = "fused_rope"  # the kernel's name in TVM's llama_rope_with_position_map
 
 @dataclass(frozen=True)
 class RopeSpec:
-    """The default RoPE a model's KV cache applies, and the cache's head layout."""
+    """The RoPE (without frequency scaling) a model's KV cache applies, and the cache's head layout."""
 
     theta: float
     rotary_dim: int

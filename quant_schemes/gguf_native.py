@@ -168,9 +168,9 @@ class GGUFLinear(PackedModule):
     def __init__(
         self, fmt: BlockFormat, in_features: int, out_features: int, bias: bool, dtype: str, int8_activations: bool
     ):
-        self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
         from quant_schemes.gguf_int8 import INTERLEAVED, LANE_ROWS
 
+        self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
         self.int8_activations = int8_activations and dtype == "float32"
         # The int8 kernels read some types with 8 rows' blocks interleaved (the same bits, reordered).
         self.interleaved = self.int8_activations and fmt.qtype in INTERLEAVED
