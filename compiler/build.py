@@ -26,7 +26,7 @@ from compiler.cpu_rope import RopeSpec
 from compiler.cpu_schedule import cpu_schedule, fast_gelu
 from compiler.cuda_aot import fatbin_packer
 from compiler.entry_points import PARAM_PREFIX, EntryPoints
-from compiler.targets import TargetRequest, TargetSpec, resolve_target
+from compiler.targets import TargetRequest, TargetSpec, resolve_target, strict_float
 from model_defs import get_arch
 from quant_schemes import QuantScheme
 
@@ -34,12 +34,14 @@ from quant_schemes import QuantScheme
 CRASH_FOR_TEST_ENV = "MLCC_TEST_CRASH_IN_BUILD"
 
 
-def _cpu_pipeline(target: tvm.target.Target, window_size: int | None, rope: RopeSpec | None) -> tvm.transform.Pass:
+def _cpu_pipeline(
+    target: tvm.target.Target, window_size: int | None, rope: RopeSpec | None, llamacpp: bool
+) -> tvm.transform.Pass:
     """TVM's CPU pipeline with mlcc's attention kernels and matmul schedule."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     passes = (
-        [cpu_attention(window_size, rope)]  # TVM's CPU attention and RoPE kernels are serial and scalar
+        [cpu_attention(window_size, rope, llamacpp)]  # TVM's CPU attention and RoPE kernels are serial, scalar
         + [fast_gelu]  # libm's tanh is scalar
         + cpu_generic.library_dispatch_passes(target)
         # x @ permute_dims(W) as one kernel reading W's rows, not a transposed copy of W on every call.
@@ -91,12 +93,20 @@ def _with_target(target: tvm.target.Target, passes: list[tvm.transform.Pass], na
 
 
 def build_library(
-    mod: tvm.IRModule, spec: TargetSpec, out: Path, window_size: int | None = None, rope: RopeSpec | None = None
+    mod: tvm.IRModule,
+    spec: TargetSpec,
+    out: Path,
+    window_size: int | None = None,
+    rope: RopeSpec | None = None,
+    llamacpp: bool = False,
 ) -> None:
     """Lower with the target's fusing pipeline and export the library to `out` (.so, or .tar of objects).
 
     window_size: the sliding window of the module's KV cache kernels, if they have one."""
-    pipeline = _cpu_pipeline(spec.target, window_size, rope) if spec.device == "cpu" else _gpu_pipeline(spec.target)
+    if spec.device == "cpu":
+        pipeline = _cpu_pipeline(spec.target, window_size, rope, llamacpp)
+    else:
+        pipeline = _gpu_pipeline(spec.target)
     executable = tvm.compile(mod, target=spec.target, relax_pipeline=pipeline)
     if spec.cuda_archs:
         executable.export_library(str(out), fpack_imports=fatbin_packer(spec.cuda_archs))
@@ -123,11 +133,14 @@ def export_and_build(job: BuildJob) -> list[str]:
     """Export the model's entry points and build the library; returns the parameter order."""
     spec = resolve_target(job.target)
     job.scheme.prepare(spec.target)
+    llamacpp = bool(getattr(job.scheme, "llamacpp_numerics", False))
+    if llamacpp:
+        spec = strict_float(spec)
     net = get_arch(job.arch).Model(job.config)
     job.scheme.quantize_model(net)
-    entry = EntryPoints(net, spec.target, job.scheme.dtype)
+    entry = EntryPoints(net, spec.target, job.scheme.dtype, llamacpp)
     mod, named_params = entry.export_tvm(spec=entry.spec())
-    build_library(mod, spec, job.library, entry.kv_window, entry.cache_rope)
+    build_library(mod, spec, job.library, entry.kv_window, entry.cache_rope, llamacpp)
     return [name.removeprefix(PARAM_PREFIX) for name, _ in named_params]
 
 

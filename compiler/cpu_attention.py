@@ -25,6 +25,7 @@ from tvm.script import tirx as T
 from compiler.cpu_rope import SYMBOL as ROPE_SYMBOL
 from compiler.cpu_rope import RopeSpec
 from compiler.cpu_rope import replacement as rope_replacement
+from quant_schemes.gguf_exact import fma, hsum8, v_expf
 from quant_schemes.vector_exprs import row_sums, tree_sum
 
 TILE = 16  # cached tokens scored per softmax update
@@ -92,6 +93,114 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim):
                         acc[u, T.Ramp(0, 1, LANES)] = acc[u, T.Ramp(0, 1, LANES)] + weight * value
                 for u in T.unroll(chains):
                     out[first + g, T.Ramp((block * chains + u) * LANES, 1, LANES)] = acc[u, T.Ramp(0, 1, LANES)]
+
+
+@T.macro(hygienic=False)
+def _ggml_score(keys, loc, q16, acc, total, dim, sm_scale, vec_kq):
+    """total[0] = K[loc] . q16 * sm_scale in ggml_vec_dot_f16's order (`vec_kq`) or tinyBLAS's."""
+    if vec_kq:
+        for j in range(4):
+            acc[j, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+        for step in range(dim // 32):
+            for j in T.unroll(4):
+                key = T.meta_var(_key(keys, loc, step * 32 + j * LANES))
+                query = T.meta_var(q16[T.Ramp(step * 32 + j * LANES, 1, LANES)])
+                acc[j, T.Ramp(0, 1, LANES)] = fma(key, query, acc[j, T.Ramp(0, 1, LANES)])
+        wide = T.alloc_buffer((1,), "float64", scope="local")
+        wide[0] = T.Cast("float64", _f16_dot_reduce([acc[j, T.Ramp(0, 1, LANES)] for j in range(4)]))
+        for d in range(dim // 32 * 32, dim):  # leftovers, in float64
+            wide[0] = wide[0] + T.Cast("float64", _key_at(keys, loc, d) * q16[d])
+        total[0] = T.Cast("float32", wide[0]) * sm_scale
+    else:
+        acc[0, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+        for step in range(dim // LANES):
+            key = T.meta_var(_key(keys, loc, step * LANES))
+            acc[0, T.Ramp(0, 1, LANES)] = fma(key, q16[T.Ramp(step * LANES, 1, LANES)], acc[0, T.Ramp(0, 1, LANES)])
+        total[0] = hsum8(acc[0, T.Ramp(0, 1, LANES)]) * sm_scale
+
+
+@T.macro(hygienic=False)
+def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single, vec_kq):
+    """llama.cpp's attention without flash attention (CPU, AVX2), for one query head: K.q with q rounded to
+    float16 (K and V are stored rounded), softmax of the scaled scores with ggml's vector exp summed 8 at a
+    time in float64, probabilities rounded to float16, then P.V. A batch of one token (`single`) takes
+    ggml_vec_dot_f16's order (4 x 8 partial sums per 32 elements), a larger one tinyBLAS's (8 lanes);
+    `vec_kq`: K.q in the former order (also where tinyBLAS declines: a head size not a multiple of 8).
+    Scores are computed again in each of the three passes (max, sum, P.V) instead of stored: no buffer
+    grows with the context."""
+    q16 = T.decl_buffer((dim,), "float32")
+    acc = T.decl_buffer((32, dim), "float32")  # P.V partial sums
+    dots = T.decl_buffer((4, LANES), "float32")  # K.q partial sums
+    exps = T.decl_buffer((LANES,), "float32")
+    score = T.alloc_buffer((1,), "float32", scope="local")
+    peak = T.alloc_buffer((1,), "float32", scope="local")
+    weight = T.alloc_buffer((1,), "float64", scope="local")
+    for d in range(dim):
+        q16[d] = T.Cast("float32", T.Cast("float16", T.Cast("float32", q[row, head, d])))
+    peak[0] = T.float32(-3.0e38)
+    for i in range(length):
+        _ggml_score(keys, keys.locate(i), q16, dots, score, dim, sm_scale, vec_kq)
+        peak[0] = T.max(peak[0], score[0])
+    weight[0] = T.float64(0)
+    for c in range((length + LANES - 1) // LANES):
+        for lane in range(LANES):
+            exps[lane] = T.float32(0)
+            if c * LANES + lane < length:
+                _ggml_score(keys, keys.locate(c * LANES + lane), q16, dots, score, dim, sm_scale, vec_kq)
+                exps[lane] = v_expf(score[0] - peak[0])
+        weight[0] = weight[0] + T.Cast("float64", hsum8(exps[T.Ramp(0, 1, LANES)]))
+    inverse = T.meta_var(T.Cast("float32", T.float64(1) / weight[0]))
+    slots = T.meta_var(T.if_then_else(single, 32, LANES))
+    for j, d in T.grid(32, dim):
+        acc[j, d] = T.float32(0)
+    for i in range(length):
+        _ggml_score(keys, keys.locate(i), q16, dots, score, dim, sm_scale, vec_kq)
+        prob = T.meta_var(T.Cast("float32", T.Cast("float16", v_expf(score[0] - peak[0]) * inverse)))
+        for dv in range(dim // LANES):
+            part = T.meta_var(T.Ramp(dv * LANES, 1, LANES))
+            value = T.meta_var(keys.values(keys.locate(i), dv * LANES))
+            acc[i % slots, part] = fma(T.Broadcast(prob, LANES), value, acc[i % slots, part])
+    for dv in range(dim // LANES):
+        part = T.meta_var(T.Ramp(dv * LANES, 1, LANES))
+        if single:
+            output[row, head, part] = _f16_dot_reduce_slots(acc, part)
+        else:
+            output[row, head, part] = _hsum8_slots(acc, part)
+    lse[row, head] = peak[0] * T.float32(LOG2E) + T.log2(T.Cast("float32", weight[0]))
+
+
+def _vec_kq(single, dim: int):
+    """Whether K.q takes ggml_vec_dot_f16's order: one token, or a head size tinyBLAS does not take."""
+    return single if dim % LANES == 0 else True
+
+
+def _key(keys, loc, d) -> tirx.PrimExpr:
+    return tirx.BufferLoad(keys.k_rows, [*keys.key_index(loc), tirx.Ramp(d, 1, LANES)]).astype(f"float32x{LANES}")
+
+
+def _key_at(keys, loc, d) -> tirx.PrimExpr:
+    return tirx.BufferLoad(keys.k_rows, [*keys.key_index(loc), d]).astype("float32")
+
+
+def _f16_dot_reduce_slots(acc: tirx.Buffer, part: tirx.PrimExpr) -> tirx.PrimExpr:
+    """_f16_dot_reduce for every element of `part` at once: slot 8 j + l is accumulator j's lane l."""
+    x = [(acc[i, part] + acc[16 + i, part]) + (acc[8 + i, part] + acc[24 + i, part]) for i in range(LANES)]
+    t = [x[k] + x[k + 4] for k in range(4)]
+    return (t[0] + t[1]) + (t[2] + t[3])
+
+
+def _hsum8_slots(acc: tirx.Buffer, part: tirx.PrimExpr) -> tirx.PrimExpr:
+    """hsum8 for every element of `part` at once: slot l is lane l."""
+    a = [acc[i, part] for i in range(LANES)]
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+
+
+def _f16_dot_reduce(parts: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """ggml_vec_dot_f16's reduction of its 4 accumulators: (a0 + a2) + (a1 + a3), halves added, hadd twice."""
+    x = (parts[0] + parts[2]) + (parts[1] + parts[3])
+    lanes = [tirx.Shuffle([x], [tirx.IntImm("int32", k)]) for k in range(LANES)]
+    t = [lanes[k] + lanes[k + 4] for k in range(4)]
+    return (t[0] + t[1]) + (t[2] + t[3])
 
 
 def _lane_reduce(v: tirx.PrimExpr, combine) -> tirx.PrimExpr:
@@ -229,8 +338,11 @@ class RaggedKeys:
         return tirx.BufferLoad(self.v, [loc, self.kv_head, tirx.Ramp(d, 1, LANES)]).astype(f"float32x{LANES}")
 
 
-def decode_attention(h_kv: int, h_qo: int, dim: int, page_size: int, dtype: str, sliding_window: bool):
-    """Drop-in for TVM's `batch_decode_paged_kv_cpu`: one query per sequence against its paged K/V."""
+def decode_attention(
+    h_kv: int, h_qo: int, dim: int, page_size: int, dtype: str, sliding_window: bool, llamacpp: bool = False
+):
+    """Drop-in for TVM's `batch_decode_paged_kv_cpu`: one query per sequence against its paged K/V;
+    `llamacpp`: llama.cpp's arithmetic (_attend_ggml)."""
     group = h_qo // h_kv
     symbol = DECODE_SYMBOL + ("_sliding_window" if sliding_window else "")
 
@@ -275,28 +387,42 @@ def decode_attention(h_kv: int, h_qo: int, dim: int, page_size: int, dtype: str,
         scores = T.alloc_buffer((B * h_qo, TILE), "float32")
         state = T.alloc_buffer((B * h_qo, 4), "float32")
         where = T.alloc_buffer((B * h_qo, TILE), "int32")
-        for bh in T.parallel(B * h_qo):  # one task per query head: batch-1 decode still uses every core
-            b: T.let[T.int32] = bh // h_qo
-            h: T.let[T.int32] = bh % h_qo
-            begin: T.let[T.int32] = page_table_indptr[b]
-            end: T.let[T.int32] = page_table_indptr[b + 1]
-            length: T.let[T.int32] = T.if_then_else(
-                begin != end, _get_kv_chunk_len(end - begin, page_size, b, length_info, sliding_window), 0
-            )
-            _start(Q, q_scaled, out, b, h, bh, 1, sm_scale, dim, dim)
+        if llamacpp:
+            for bh in T.parallel(B * h_qo):
+                b: T.let[T.int32] = bh // h_qo
+                h: T.let[T.int32] = bh % h_qo
+                begin: T.let[T.int32] = page_table_indptr[b]
+                end: T.let[T.int32] = page_table_indptr[b + 1]
+                if begin != end:
+                    length: T.let[T.int32] = _get_kv_chunk_len(end - begin, page_size, b, length_info, sliding_window)
+                    keys = T.meta_var(
+                        PagedKeys(pages, page_table_values, length_info, b, begin, h // group, None, sliding_window)
+                    )
+                    _attend_ggml(Q, b, h, keys, length, sm_scale, output, lse, dim, True, True)
+        else:
+            for bh in T.parallel(B * h_qo):  # one task per query head: batch-1 decode still uses every core
+                b: T.let[T.int32] = bh // h_qo
+                h: T.let[T.int32] = bh % h_qo
+                begin: T.let[T.int32] = page_table_indptr[b]
+                end: T.let[T.int32] = page_table_indptr[b + 1]
+                length: T.let[T.int32] = T.if_then_else(
+                    begin != end, _get_kv_chunk_len(end - begin, page_size, b, length_info, sliding_window), 0
+                )
+                _start(Q, q_scaled, out, b, h, bh, 1, sm_scale, dim, dim)
 
-            keys = T.meta_var(
-                PagedKeys(pages, page_table_values, length_info, b, begin, h // group, q_scaled, sliding_window)
-            )
-            _attend(bh, 1, length, keys, scores, state, out, where, dim)
-            _finish(output, lse, b, h, bh, 1, out, state, dim)
+                keys = T.meta_var(
+                    PagedKeys(pages, page_table_values, length_info, b, begin, h // group, q_scaled, sliding_window)
+                )
+                _attend(bh, 1, length, keys, scores, state, out, where, dim)
+                _finish(output, lse, b, h, bh, 1, out, state, dim)
 
     return kernel
 
 
-def prefill_ragged_attention(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str):
+def prefill_ragged_attention(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, llamacpp: bool = False):
     """Drop-in for TVM's CPU `batch_prefill_ragged_kv`: the new tokens of each sequence attend to each
-    other (causally when `causal`), K and V given as ragged arrays, not pages."""
+    other (causally when `causal`), K and V given as ragged arrays, not pages; `llamacpp`: llama.cpp's
+    arithmetic (_attend_ggml, with the batch of one sequence's new tokens as llama.cpp's batch)."""
     group = h_q // h_kv
 
     @T.prim_func(s_tir=True)
@@ -340,21 +466,34 @@ def prefill_ragged_attention(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: st
         state = T.alloc_buffer((qo_len * h_q, 4), "float32")
         where = T.alloc_buffer((qo_len * h_q, TILE), "int32")
         _rows_to_sequences(q_indptr, batch_size, sequence_of)
-        for order in T.parallel(qo_len * h_kv):  # a token's query heads that share a KV head
-            task: T.let[T.int32] = _balanced(order, qo_len * h_kv)
-            row: T.let[T.int32] = task // h_kv
-            kv_head: T.let[T.int32] = task % h_kv
-            first: T.let[T.int32] = row * h_q + kv_head * group
-            b: T.let[T.int32] = sequence_of[row]
-            q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-            k_len: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
-            # Causal: query i of the chunk sees the cached prefix and the chunk's first i + 1 tokens.
-            length: T.let[T.int32] = T.if_then_else(causal > 0, k_len - q_len + (row - q_indptr[b]) + 1, k_len)
-            _start(q, q_scaled, out, row, kv_head * group, first, group, sm_scale, d_qk, d_v)
+        if llamacpp:
+            for order in T.parallel(qo_len * h_q):
+                task: T.let[T.int32] = _balanced(order, qo_len * h_q)
+                row: T.let[T.int32] = task // h_q
+                head: T.let[T.int32] = task % h_q
+                b: T.let[T.int32] = sequence_of[row]
+                q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                k_len: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
+                length: T.let[T.int32] = T.if_then_else(causal > 0, k_len - q_len + (row - q_indptr[b]) + 1, k_len)
+                keys = T.meta_var(RaggedKeys(k, v, kv_indptr[b], head // group, None))
+                single = T.meta_var(q_len == 1)
+                _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, d_v, single, _vec_kq(single, d_qk))
+        else:
+            for order in T.parallel(qo_len * h_kv):  # a token's query heads sharing a KV head
+                task: T.let[T.int32] = _balanced(order, qo_len * h_kv)
+                row: T.let[T.int32] = task // h_kv
+                kv_head: T.let[T.int32] = task % h_kv
+                first: T.let[T.int32] = row * h_q + kv_head * group
+                b: T.let[T.int32] = sequence_of[row]
+                q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                k_len: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
+                # Causal: query i of the chunk sees the cached prefix and the chunk's first i + 1 tokens.
+                length: T.let[T.int32] = T.if_then_else(causal > 0, k_len - q_len + (row - q_indptr[b]) + 1, k_len)
+                _start(q, q_scaled, out, row, kv_head * group, first, group, sm_scale, d_qk, d_v)
 
-            keys = T.meta_var(RaggedKeys(k, v, kv_indptr[b], kv_head, q_scaled))
-            _attend(first, group, length, keys, scores, state, out, where, d_v)
-            _finish(output, lse, row, kv_head * group, first, group, out, state, d_v)
+                keys = T.meta_var(RaggedKeys(k, v, kv_indptr[b], kv_head, q_scaled))
+                _attend(first, group, length, keys, scores, state, out, where, d_v)
+                _finish(output, lse, row, kv_head * group, first, group, out, state, d_v)
 
     return kernel
 
@@ -447,17 +586,20 @@ def _static(shape) -> list[int | None]:
     return [int(x) if isinstance(x, tirx.IntImm) else None for x in shape]
 
 
-def _replacement(func: tirx.PrimFunc, window_size: int | None) -> tirx.PrimFunc | None:
+def _replacement(func: tirx.PrimFunc, window_size: int | None, llamacpp: bool) -> tirx.PrimFunc | None:
     """A fast kernel with the same signature as TVM's, or None when the kernel or its shapes don't suit.
 
-    window_size: the sliding window the cache was made with (its kernels have it built in)."""
+    window_size: the sliding window the cache was made with (its kernels have it built in); llamacpp:
+    decode and ragged prefill compute as llama.cpp does (paged prefill, a continuation of a cached prefix,
+    keeps the fast kernel)."""
     symbol = str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else ""
     if symbol.startswith(DECODE_SYMBOL):
         q, pages = func.params[0], func.params[1]  # buffer-typed parameters
         (_, h_qo, dim), (_, _, h_kv, page_size, _) = _static(q.shape), _static(pages.shape)
         if None in (h_qo, dim, h_kv, page_size) or dim % LANES:
             return None
-        return decode_attention(h_kv, h_qo, dim, page_size, str(q.dtype), symbol.endswith("_sliding_window"))
+        sliding = symbol.endswith("_sliding_window")
+        return decode_attention(h_kv, h_qo, dim, page_size, str(q.dtype), sliding, llamacpp)
     if symbol.startswith(PAGED_PREFILL_SYMBOL) and len(func.params) == 15:
         q, pages = func.params[0], func.params[2]
         (_, h_q, dim), (_, _, h_kv, page_size, _) = _static(q.shape), _static(pages.shape)
@@ -471,14 +613,14 @@ def _replacement(func: tirx.PrimFunc, window_size: int | None) -> tirx.PrimFunc 
         (_, h_q, d_qk), (_, h_kv, _), (_, _, d_v) = _static(q.shape), _static(k.shape), _static(v.shape)
         if None in (h_q, d_qk, h_kv, d_v) or d_qk % LANES:
             return None
-        faster = prefill_ragged_attention(h_kv, h_q, d_qk, d_v, str(q.dtype))
+        faster = prefill_ragged_attention(h_kv, h_q, d_qk, d_v, str(q.dtype), llamacpp and d_qk == d_v)
         return faster.with_attrs(func.attrs) if func.attrs else faster
     return None
 
 
-def cpu_attention(window_size: int | None, rope: RopeSpec | None = None) -> tvm.transform.Pass:
+def cpu_attention(window_size: int | None, rope: RopeSpec | None = None, llamacpp: bool = False) -> tvm.transform.Pass:
     """Swap TVM's CPU attention kernels (decode, ragged and paged prefill) and, given the cache's RoPE, its
-    RoPE kernel for parallel, vectorized ones."""
+    RoPE kernel for parallel, vectorized ones; `llamacpp`: attention as llama.cpp computes it."""
 
     @tvm.transform.module_pass(opt_level=0, name="MlccCPUAttention")
     def swap(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -487,7 +629,7 @@ def cpu_attention(window_size: int | None, rope: RopeSpec | None = None) -> tvm.
                 if str((func.attrs or {}).get("global_symbol", "")) == ROPE_SYMBOL:
                     faster = rope_replacement(func, rope)
                 else:
-                    faster = _replacement(func, window_size)
+                    faster = _replacement(func, window_size, llamacpp)
                 if faster is not None:
                     mod[gv] = faster
         return mod

@@ -10,10 +10,15 @@ the rotary_dim / 2 cosines and sines once per token, runs tokens in parallel and
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
 
+import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
+
+from quant_schemes.gguf_exact import fma
 
 SYMBOL = "fused_rope"  # the kernel's name in TVM's llama_rope_with_position_map
 
@@ -29,6 +34,17 @@ class RopeSpec:
     num_kv_heads: int
     dtype: str
     gptj: bool = False  # rotate pairs (2i, 2i + 1) instead of halves (i, i + rotary_dim / 2)
+    # ggml's arithmetic (quant_schemes/gguf_exact.py): angles by repeated multiplication, rotation with
+    # fused multiply-adds, K and V rounded to float16 as llama.cpp's cache stores them.
+    llamacpp: bool = False
+
+
+def _ggml_theta_scale(theta: float, rotary_dim: int) -> float:
+    """powf(theta, -2.0f / n_dims) from the C library, as ggml computes it."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.powf.restype, libm.powf.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
+    exponent = float(np.float32(-2.0) / np.float32(rotary_dim))
+    return float(libm.powf(theta, exponent))
 
 
 def split_rotary(spec: RopeSpec) -> tirx.PrimFunc:
@@ -36,6 +52,7 @@ def split_rotary(spec: RopeSpec) -> tirx.PrimFunc:
     head_dim, num_q_heads, num_kv_heads, dtype = spec.head_dim, spec.num_q_heads, spec.num_kv_heads, spec.dtype
     fused_heads = num_q_heads + 2 * num_kv_heads
     half = spec.rotary_dim // 2
+    theta_scale = _ggml_theta_scale(spec.theta, spec.rotary_dim)
 
     def angle(position, i):
         exponent = (i * 2).astype("float32") / tirx.const(spec.rotary_dim, "float32")
@@ -50,8 +67,12 @@ def split_rotary(spec: RopeSpec) -> tirx.PrimFunc:
                 b = T.meta_var(2 * i + 1 if spec.gptj else i + half)
                 x1 = T.meta_var(qkv[s, first + h, a].astype("float32"))
                 x2 = T.meta_var(qkv[s, first + h, b].astype("float32"))
-                out[s, h, a] = (x1 * cos[i] - x2 * sin[i]).astype(dtype)
-                out[s, h, b] = (x2 * cos[i] + x1 * sin[i]).astype(dtype)
+                if spec.llamacpp:  # ggml's rotate_pairs as GCC contracts it
+                    out[s, h, a] = fma(x1, cos[i], -(x2 * sin[i]))
+                    out[s, h, b] = fma(x1, sin[i], x2 * cos[i])
+                else:
+                    out[s, h, a] = (x1 * cos[i] - x2 * sin[i]).astype(dtype)
+                    out[s, h, b] = (x2 * cos[i] + x1 * sin[i]).astype(dtype)
             if head_dim > spec.rotary_dim:
                 for d in T.vectorized(head_dim - spec.rotary_dim):
                     out[s, h, spec.rotary_dim + d] = qkv[s, first + h, spec.rotary_dim + d]
@@ -79,15 +100,27 @@ def split_rotary(spec: RopeSpec) -> tirx.PrimFunc:
         for s in T.parallel(seq_len):
             cos = T.alloc_buffer((half,), "float32", scope="local")
             sin = T.alloc_buffer((half,), "float32", scope="local")
-            for i in range(half):
-                cos[i] = T.cos(angle(position_map[s], i))
-                sin[i] = T.sin(angle(position_map[s], i))
+            if spec.llamacpp:  # ggml_rope_cache_init: theta = position, then theta *= theta_scale per pair
+                angle_now = T.alloc_buffer((1,), "float32", scope="local")
+                angle_now[0] = T.Cast("float32", position_map[s])
+                for i in range(half):
+                    cos[i] = T.cos(angle_now[0])
+                    sin[i] = T.sin(angle_now[0])
+                    angle_now[0] = angle_now[0] * T.float32(theta_scale)
+            else:
+                for i in range(half):
+                    cos[i] = T.cos(angle(position_map[s], i))
+                    sin[i] = T.sin(angle(position_map[s], i))
             for h in range(num_q_heads):
                 rotate(qkv, q, cos, sin, s, h, 0, apply_rope)
             for h in range(num_kv_heads):
                 rotate(qkv, k, cos, sin, s, h, num_q_heads, apply_rope)
             for h, d in T.grid(num_kv_heads, head_dim):
                 v[s, h, d] = qkv[s, num_q_heads + num_kv_heads + h, d]
+            if spec.llamacpp:  # llama.cpp's cache holds K and V as float16
+                for h, d in T.grid(num_kv_heads, head_dim):
+                    k[s, h, d] = T.Cast(dtype, T.Cast("float16", k[s, h, d]))
+                    v[s, h, d] = T.Cast(dtype, T.Cast("float16", v[s, h, d]))
 
     return kernel
 

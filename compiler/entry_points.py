@@ -23,10 +23,11 @@ PARAM_PREFIX = "model."
 
 
 class EntryPoints(nn.Module):
-    def __init__(self, model: nn.Module, target: Target, dtype: str):
+    def __init__(self, model: nn.Module, target: Target, dtype: str, llamacpp: bool = False):
         self.model = model
         self.target = target
         self.dtype = dtype
+        self.llamacpp = llamacpp  # llama.cpp's arithmetic in the cache's RoPE and attention kernels
         self.layout: AttentionLayout = model.attention_layout()
 
     def _logits(self, x: Tensor) -> Tensor:
@@ -63,7 +64,7 @@ class EntryPoints(nn.Module):
             return None
         rotary_dim = lay.rotary_dim or lay.head_dim
         heads = (lay.head_dim, lay.num_heads, lay.num_kv_heads)
-        return RopeSpec(lay.rope_theta, rotary_dim, *heads, self.dtype, gptj=kind == "gptj")
+        return RopeSpec(lay.rope_theta, rotary_dim, *heads, self.dtype, gptj=kind == "gptj", llamacpp=self.llamacpp)
 
     def create_paged_kv_cache(
         self,

@@ -7,7 +7,7 @@ resolve it again); `resolve_target` turns it into a `TargetSpec` or a one-line M
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import tvm
 from tvm.target import Target
@@ -47,6 +47,14 @@ class TargetSpec:
         if self.cuda_archs:
             info["cuda_archs"] = list(self.cuda_archs)
         return info
+
+
+def strict_float(spec: TargetSpec) -> TargetSpec:
+    """The spec with LLVM's float reassociation off, for kernels whose order of operations is the point."""
+    if spec.target.kind.name != "llvm":
+        return spec
+    config = {k: v for k, v in spec.target.export().items() if k not in FAST_MATH}
+    return replace(spec, target=Target(config))
 
 
 def _host_llvm() -> Target:

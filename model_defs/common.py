@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+
 from artifacts.errors import MlccError
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "yarn", "longrope")
@@ -32,6 +35,13 @@ class AttentionLayout:
         if len(windows) > 1:
             raise MlccError(f"layers use different sliding windows {sorted(windows)}; not supported yet")
         return windows.pop() if windows else None
+
+
+class SwiGLU(nn.Module):
+    """silu(gate) * up, a module so that a quantization scheme can swap in its own arithmetic."""
+
+    def forward(self, gate: Tensor, up: Tensor) -> Tensor:
+        return op.silu(gate) * up
 
 
 def hf_get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:

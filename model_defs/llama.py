@@ -14,7 +14,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
-from model_defs.common import AttentionLayout, hf_get, hf_rope
+from model_defs.common import AttentionLayout, SwiGLU, hf_get, hf_rope
 
 
 @dataclass
@@ -75,6 +75,7 @@ class Block(nn.Module):
         self.ffn_gate = nn.Linear(h, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.ffn_up = nn.Linear(h, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.ffn_down = nn.Linear(cfg.intermediate_size, h, bias=cfg.mlp_bias)
+        self.ffn_act = SwiGLU()
 
     def attention(self, x: Tensor, kv: PagedKVCache, layer: int) -> Tensor:
         c = self.cfg
@@ -85,7 +86,7 @@ class Block(nn.Module):
         return self.attn_output(op.reshape(out, (b, s, c.num_heads * c.head_dim)))
 
     def mlp(self, x: Tensor) -> Tensor:
-        return self.ffn_down(op.silu(self.ffn_gate(x)) * self.ffn_up(x))
+        return self.ffn_down(self.ffn_act(self.ffn_gate(x), self.ffn_up(x)))
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer: int) -> Tensor:
         x = x + self.attention(self.attn_norm(x), kv, layer)

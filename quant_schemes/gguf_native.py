@@ -17,6 +17,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.target import Target
 
 from artifacts.errors import MlccError
+from model_defs.common import SwiGLU
 from quant_schemes.base import PackedModule, QuantScheme
 
 Q = GGMLQuantizationType
@@ -166,14 +167,22 @@ class GGUFLinear(PackedModule):
     """
 
     def __init__(
-        self, fmt: BlockFormat, in_features: int, out_features: int, bias: bool, dtype: str, int8_activations: bool
+        self,
+        fmt: BlockFormat,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: str,
+        int8_activations: bool,
+        llamacpp: bool = False,
     ):
         from quant_schemes.gguf_int8 import INTERLEAVED, LANE_ROWS
 
         self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
         self.int8_activations = int8_activations and dtype == "float32"
-        # The int8 kernels read some types with 8 rows' blocks interleaved (the same bits, reordered).
-        self.interleaved = self.int8_activations and fmt.qtype in INTERLEAVED
+        self.llamacpp = llamacpp and self.int8_activations  # llama.cpp's own order of operations
+        # The fast int8 kernels read some types with 8 rows' blocks interleaved (the same bits, reordered).
+        self.interleaved = self.int8_activations and not self.llamacpp and fmt.qtype in INTERLEAVED
         row_bytes = fmt.row_bytes(in_features)
         if self.interleaved:
             shape = (-(-out_features // LANE_ROWS), row_bytes * LANE_ROWS)
@@ -196,11 +205,15 @@ class GGUFLinear(PackedModule):
         return y + self.bias if self.bias is not None else y
 
     def _int8_matmul(self, x: Tensor) -> Tensor:
+        from quant_schemes.gguf_exact import exact_matmul
         from quant_schemes.gguf_int8 import int8_matmul
 
-        n_in, n_out = self.in_features, self.out_features
+        n_in, n_out, row_bytes = self.in_features, self.out_features, self.fmt.row_bytes(self.in_features)
         rows = op.reshape(x, (-1, n_in))  # [b*s, n_in]
-        kernel = int8_matmul(self.fmt.qtype, n_in, n_out, self.fmt.row_bytes(n_in), self.interleaved)
+        if self.llamacpp:
+            kernel = exact_matmul(self.fmt.qtype, n_in, n_out, row_bytes)
+        else:
+            kernel = int8_matmul(self.fmt.qtype, n_in, n_out, row_bytes, self.interleaved)
         out = Tensor.placeholder([rows.shape[0], n_out], "float32")
         y = op.tensor_ir_op(kernel, "gguf_int8_matmul", [rows, self.q_data], out)
         return op.reshape(y, (*x.shape[:-1], n_out))  # [b, s, n_out]
@@ -255,12 +268,15 @@ class GGUFNativeScheme(QuantScheme):
 
     `activations`: "q8" multiplies 8-bit activations with the integer weight codes where the target CPU can
     (llama.cpp's arithmetic, and its speed); "f32" decodes weights to float (the exact dequantized model).
+    With "q8" on an AVX2 CPU and only block types whose llama.cpp kernels quant_schemes/gguf_exact.py
+    reproduces, the model computes llama.cpp's very numbers (`llamacpp_numerics`): its matmuls, RMSNorm,
+    SwiGLU, RoPE, float16 K/V and attention, operation for operation.
     """
 
     def __init__(self, tensor_types: dict[str, GGMLQuantizationType], dtype: str = "float32", activations: str = "q8"):
         self.name = "gguf" if activations == "q8" else f"gguf-{activations}"
         self.dtype, self.tensor_types, self.activations = dtype, tensor_types, activations
-        self.int8_activations = False  # decided per target by `prepare`
+        self.int8_activations = self.llamacpp_numerics = False  # decided per target by `prepare`
         counts: dict[str, int] = {}
         for t in tensor_types.values():
             counts[t.name] = counts.get(t.name, 0) + 1
@@ -269,22 +285,36 @@ class GGUFNativeScheme(QuantScheme):
             BlockFormat(t)  # a one-line error for any type we cannot run, before compiling anything
 
     def prepare(self, target: Target) -> None:
+        from quant_schemes.gguf_exact import EXACT_TYPES
         from quant_schemes.gguf_int8 import has_avx2
 
         self.int8_activations = self.activations == "q8" and has_avx2(target)
+        matrices = set(self.tensor_types.values()) - FLOAT_TYPES
+        self.llamacpp_numerics = self.int8_activations and self.dtype == "float32" and matrices <= EXACT_TYPES
 
     def describe(self) -> dict:
         types = sorted({t.name for t in self.tensor_types.values()})
-        return {**super().describe(), "types": types, "activations": "q8" if self.int8_activations else "f32"}
+        return {
+            **super().describe(),
+            "types": types,
+            "activations": "q8" if self.int8_activations else "f32",
+            "numerics": "llama.cpp" if self.llamacpp_numerics else "mlcc",
+        }
 
     def bits_per_weight(self) -> float:
         return 0.0  # mixed; the artifact's weight bytes tell the real figure
 
     def quantize_model(self, model: nn.Module) -> list[str]:
+        from quant_schemes.gguf_exact import LlamaCppRMSNorm, LlamaCppSwiGLU
+
         scheme = self
 
         class Swap(nn.Mutator):
             def visit_module(self, name: str, node: nn.Module) -> nn.Module:
+                if scheme.llamacpp_numerics and isinstance(node, nn.RMSNorm) and node.bias is None:
+                    return LlamaCppRMSNorm(int(node.weight.shape[0]), float(node.epsilon))
+                if scheme.llamacpp_numerics and isinstance(node, SwiGLU):
+                    return LlamaCppSwiGLU()
                 qtype = scheme.tensor_types.get(f"{name}.weight")
                 if qtype is None or qtype in FLOAT_TYPES:
                     return self.visit(name, node)
@@ -292,7 +322,13 @@ class GGUFNativeScheme(QuantScheme):
                 if isinstance(node, nn.Linear):
                     bias = node.bias is not None
                     return GGUFLinear(
-                        fmt, node.in_features, node.out_features, bias, scheme.dtype, scheme.int8_activations
+                        fmt,
+                        node.in_features,
+                        node.out_features,
+                        bias,
+                        scheme.dtype,
+                        scheme.int8_activations,
+                        scheme.llamacpp_numerics,
                     )
                 if isinstance(node, nn.Embedding):
                     num, dim = (int(d) for d in node.weight.shape)
