@@ -120,18 +120,16 @@ def _ggml_score(keys, loc, q16, acc, total, dim, sm_scale, vec_kq):
 
 
 @T.macro(hygienic=False)
-def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single, vec_kq):
+def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single, vec_kq, probs, slot):
     """llama.cpp's attention without flash attention (CPU, AVX2), for one query head: K.q with q rounded to
     float16 (K and V are stored rounded), softmax of the scaled scores with ggml's vector exp summed 8 at a
     time in float64, probabilities rounded to float16, then P.V. A batch of one token (`single`) takes
     ggml_vec_dot_f16's order (4 x 8 partial sums per 32 elements), a larger one tinyBLAS's (8 lanes);
     `vec_kq`: K.q in the former order (also where tinyBLAS declines: a head size not a multiple of 8).
-    Scores are computed again in each of the three passes (max, sum, P.V) instead of stored: no buffer
-    grows with the context."""
+    probs[slot]: room for the scores of `length` keys rounded up to 8."""
     q16 = T.decl_buffer((dim,), "float32")
     acc = T.decl_buffer((32, dim), "float32")  # P.V partial sums
     dots = T.decl_buffer((4, LANES), "float32")  # K.q partial sums
-    exps = T.decl_buffer((LANES,), "float32")
     score = T.alloc_buffer((1,), "float32", scope="local")
     peak = T.alloc_buffer((1,), "float32", scope="local")
     weight = T.alloc_buffer((1,), "float64", scope="local")
@@ -140,26 +138,27 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
     peak[0] = T.float32(-3.0e38)
     for i in range(length):
         _ggml_score(keys, keys.locate(i), q16, dots, score, dim, sm_scale, vec_kq)
+        probs[slot, i] = score[0]
         peak[0] = T.max(peak[0], score[0])
     weight[0] = T.float64(0)
     for c in range((length + LANES - 1) // LANES):
-        for lane in range(LANES):
-            exps[lane] = T.float32(0)
-            if c * LANES + lane < length:
-                _ggml_score(keys, keys.locate(c * LANES + lane), q16, dots, score, dim, sm_scale, vec_kq)
-                exps[lane] = v_expf(score[0] - peak[0])
-        weight[0] = weight[0] + T.Cast("float64", hsum8(exps[T.Ramp(0, 1, LANES)]))
+        span = T.meta_var(T.Ramp(c * LANES, 1, LANES))
+        valid = T.meta_var(span < T.Broadcast(length, LANES))
+        exps = T.meta_var(v_expf(probs[slot, span] - T.Broadcast(peak[0], LANES)))
+        probs[slot, span] = T.Select(valid, exps, T.Broadcast(T.float32(0), LANES))
+        weight[0] = weight[0] + T.Cast("float64", hsum8(probs[slot, span]))
     inverse = T.meta_var(T.Cast("float32", T.float64(1) / weight[0]))
+    for c in range((length + LANES - 1) // LANES):
+        span = T.meta_var(T.Ramp(c * LANES, 1, LANES))
+        probs[slot, span] = (probs[slot, span] * T.Broadcast(inverse, LANES)).astype("float16x8").astype("float32x8")
     slots = T.meta_var(T.if_then_else(single, 32, LANES))
     for j, d in T.grid(32, dim):
         acc[j, d] = T.float32(0)
     for i in range(length):
-        _ggml_score(keys, keys.locate(i), q16, dots, score, dim, sm_scale, vec_kq)
-        prob = T.meta_var(T.Cast("float32", T.Cast("float16", v_expf(score[0] - peak[0]) * inverse)))
         for dv in range(dim // LANES):
             part = T.meta_var(T.Ramp(dv * LANES, 1, LANES))
             value = T.meta_var(keys.values(keys.locate(i), dv * LANES))
-            acc[i % slots, part] = fma(T.Broadcast(prob, LANES), value, acc[i % slots, part])
+            acc[i % slots, part] = fma(T.Broadcast(probs[slot, i], LANES), value, acc[i % slots, part])
     for dv in range(dim // LANES):
         part = T.meta_var(T.Ramp(dv * LANES, 1, LANES))
         if single:
@@ -387,7 +386,8 @@ def decode_attention(
         scores = T.alloc_buffer((B * h_qo, TILE), "float32")
         state = T.alloc_buffer((B * h_qo, 4), "float32")
         where = T.alloc_buffer((B * h_qo, TILE), "int32")
-        if llamacpp:
+        if llamacpp:  # each task's scores: room for the whole cache (a buffer sized by a loop variable can't be)
+            scores_of = T.alloc_buffer((B * h_qo, max_num_pages * page_size + LANES), "float32")
             for bh in T.parallel(B * h_qo):
                 b: T.let[T.int32] = bh // h_qo
                 h: T.let[T.int32] = bh % h_qo
@@ -398,7 +398,7 @@ def decode_attention(
                     keys = T.meta_var(
                         PagedKeys(pages, page_table_values, length_info, b, begin, h // group, None, sliding_window)
                     )
-                    _attend_ggml(Q, b, h, keys, length, sm_scale, output, lse, dim, True, True)
+                    _attend_ggml(Q, b, h, keys, length, sm_scale, output, lse, dim, True, True, scores_of, bh)
         else:
             for bh in T.parallel(B * h_qo):  # one task per query head: batch-1 decode still uses every core
                 b: T.let[T.int32] = bh // h_qo
@@ -467,6 +467,7 @@ def prefill_ragged_attention(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: st
         where = T.alloc_buffer((qo_len * h_q, TILE), "int32")
         _rows_to_sequences(q_indptr, batch_size, sequence_of)
         if llamacpp:
+            scores_of = T.alloc_buffer((qo_len * h_q, kv_len + LANES), "float32")  # each task's scores
             for order in T.parallel(qo_len * h_q):
                 task: T.let[T.int32] = _balanced(order, qo_len * h_q)
                 row: T.let[T.int32] = task // h_q
@@ -477,7 +478,21 @@ def prefill_ragged_attention(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: st
                 length: T.let[T.int32] = T.if_then_else(causal > 0, k_len - q_len + (row - q_indptr[b]) + 1, k_len)
                 keys = T.meta_var(RaggedKeys(k, v, kv_indptr[b], head // group, None))
                 single = T.meta_var(q_len == 1)
-                _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, d_v, single, _vec_kq(single, d_qk))
+                _attend_ggml(
+                    q,
+                    row,
+                    head,
+                    keys,
+                    length,
+                    sm_scale,
+                    output,
+                    lse,
+                    d_v,
+                    single,
+                    _vec_kq(single, d_qk),
+                    scores_of,
+                    task,
+                )
         else:
             for order in T.parallel(qo_len * h_kv):  # a token's query heads sharing a KV head
                 task: T.let[T.int32] = _balanced(order, qo_len * h_kv)

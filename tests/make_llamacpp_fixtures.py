@@ -2,13 +2,15 @@
 
     python tests/make_llamacpp_fixtures.py      # needs llama-cpp-python (builds llama.cpp, ~18 min)
 
-For each prompt: llama.cpp's token ids, the argmax at every position, the last-token logits (float16) and a
-64-token greedy continuation; llama.cpp's greedy chat reply to one question (models with a chat
-template); and llama.cpp's token ids for a set of tokenizer test strings.
+For each prompt: llama.cpp's token ids, the argmax at every position, the last-token logits (float16), the
+sha256 of all positions' float32 logits (to check bit-identical output) and a 64-token greedy continuation;
+llama.cpp's greedy chat reply to one question (models with a chat template); and llama.cpp's token ids for a
+set of tokenizer test strings. llama.cpp runs with its defaults (float16 K/V, no flash attention), 2 threads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -48,6 +50,7 @@ def make(gguf: Path, name: str) -> None:
         arrays[f"ids_{i}"] = np.array(ids)
         arrays[f"argmax_{i}"] = scores.argmax(-1)
         arrays[f"last_{i}"] = scores[-1].astype(np.float16)
+        arrays[f"sha_{i}"] = np.array(hashlib.sha256(np.ascontiguousarray(scores).tobytes()).hexdigest())
         arrays[f"greedy_{i}"] = np.array(greedy(llm, ids, 64))
     if chat_template_of(llm):
         reply = llm.create_chat_completion(CHAT, temperature=0, max_tokens=CHAT_TOKENS)

@@ -35,3 +35,39 @@ def test_split_rotary_matches_tvm(
     q = results[0][0]
     assert (not np.allclose(q, qkv[:, :heads])) == bool(apply_rope)
     np.testing.assert_array_equal(q[..., rotary_dim:], qkv[:, :heads, rotary_dim:])
+
+
+@pytest.mark.parametrize("gptj", [True, False])
+def test_split_rotary_llamacpp_is_ggml_bit_for_bit(gptj: bool):
+    """llama.cpp numerics: ggml_rope_cache_init's angles (theta *= theta_scale per pair, libm cosf/sinf), its
+    rotation as GCC contracts it (fma(x0, cos, -(x1 sin)), fma(x0, sin, x1 cos)), K and V rounded to float16."""
+    from ggml_reference import LIBM, f16, fma
+
+    from compiler.cpu_rope import _ggml_theta_scale
+
+    theta, dim, heads, kv_heads, tokens = 100_000.0, 64, 3, 1, 29
+    spec = RopeSpec(theta, dim, dim, heads, kv_heads, "float32", gptj, llamacpp=True)
+    rng = np.random.default_rng(1)
+    qkv = rng.standard_normal((tokens, heads + 2 * kv_heads, dim)).astype(np.float32)
+    positions = rng.permutation(8192)[:tokens].astype(np.int32)
+    lib = tvm.compile(tvm.IRModule({"rope": split_rotary(spec).with_attr("global_symbol", "rope")}), target="llvm")
+    outs = [tvm.runtime.tensor(np.zeros((tokens, n, dim), np.float32)) for n in (heads, kv_heads, kv_heads)]
+    lib["rope"](tvm.runtime.tensor(qkv), tvm.runtime.tensor(positions), *outs, 1)
+    q, k, v = (o.numpy() for o in outs)
+
+    scale = np.float32(_ggml_theta_scale(theta, dim))
+    cos, sin = np.zeros((tokens, dim // 2), np.float32), np.zeros((tokens, dim // 2), np.float32)
+    for t, p in enumerate(positions):
+        angle = np.float32(p)
+        for i in range(dim // 2):
+            cos[t, i], sin[t, i] = LIBM.cosf(float(angle)), LIBM.sinf(float(angle))
+            angle = np.float32(angle * scale)
+    first, second = (slice(0, dim, 2), slice(1, dim, 2)) if gptj else (slice(0, dim // 2), slice(dim // 2, dim))
+    rotated = np.empty_like(qkv[:, : heads + kv_heads])
+    x0, x1 = qkv[:, : heads + kv_heads, first], qkv[:, : heads + kv_heads, second]
+    c, s = cos[:, None], sin[:, None]
+    rotated[..., first] = fma(x0, c, -(x1 * s).astype(np.float32))
+    rotated[..., second] = fma(x0, s, (x1 * c).astype(np.float32))
+    np.testing.assert_array_equal(q, rotated[:, :heads])
+    np.testing.assert_array_equal(k, f16(rotated[:, heads:]))
+    np.testing.assert_array_equal(v, f16(qkv[:, heads + kv_heads :]))

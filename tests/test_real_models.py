@@ -6,6 +6,7 @@ tests/make_llamacpp_fixtures.py (llama.cpp's own tokens and logits).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -131,8 +132,9 @@ def test_greedy_matches_transformers(name, real_engine, reference_model):
 
 
 def test_smollm2_chat_answers(real_engine):
-    """The exact model knows the answer. The default build (llama.cpp's 8-bit activations) follows llama.cpp's
-    own greedy reply, which is wrong here (the model is small), until a near-tie that rounding may tip."""
+    """The exact model knows the answer. The default build (llama.cpp's numerics) gives llama.cpp's own greedy
+    reply, which is wrong here (the model is small); builds with mlcc's own summation order follow it until
+    a near-tie that rounding may tip."""
     from runtime import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=CHAT_TOKENS)
@@ -146,19 +148,37 @@ def test_smollm2_chat_answers(real_engine):
     theirs = engine.tokenizer.encode(str(ref["chat_reply"]), add_special_tokens=False)
     n = next((j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
     print(f"smollm2 chat reply: {n} tokens equal to llama.cpp's: {engine.tokenizer.decode(ours)!r}")
+    if _llamacpp_numerics(engine):
+        assert ours == theirs, "llama.cpp numerics, but the reply is not llama.cpp's"
     assert n >= 5, "parted from llama.cpp's reply within its first words"
     if n < min(len(ours), len(theirs)):
         logits = engine.prompt_logits(prompt + ours[:n])[-1]
         assert logits[ours[n]] - logits[theirs[n]] < 0.5, "parted on a clear choice, not a tie"
 
 
+def _llamacpp_numerics(engine) -> bool:
+    return engine.artifact.manifest.quant.get("numerics") == "llama.cpp"
+
+
+def test_smollm2_builds_with_llamacpp_numerics(real_engine):
+    """Q4_1 and Q8_0 are block types whose llama.cpp arithmetic mlcc reproduces (on AVX2 CPUs)."""
+    from compiler.targets import TargetRequest, resolve_target
+    from quant_schemes.gguf_int8 import has_avx2
+
+    if not has_avx2(resolve_target(TargetRequest()).target):
+        pytest.skip("llama.cpp's numbers are reproduced on x86 CPUs with AVX2")
+    assert _llamacpp_numerics(real_engine("smollm2"))
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_matches_llamacpp(name, real_engine):
-    """Same tokens, same top-1 at every prompt position, logits within llama.cpp's own rounding.
+    """Same tokens, same top-1 at every prompt position, same greedy continuations as llama.cpp.
 
-    llama.cpp quantizes activations to 8 bits for its quantized dot products and keeps K/V in float16, so its
-    logits sit up to ~2 away from the exact float computation (mlcc and transformers agree to 1e-4). Greedy
-    continuations therefore agree until the first near-tie; where they part, both candidates must be within
+    A build with llama.cpp's numerics (block types whose llama.cpp kernels mlcc reproduces, see
+    quant_schemes/gguf_exact.py) must give bit-identical logits and follow llama.cpp's greedy text for all 64
+    tokens. Otherwise mlcc's own summation order applies: llama.cpp's 8-bit activations amplify any rounding
+    difference (llama.cpp against itself with flash attention on and off parts within a few tokens), so the
+    logits agree to ~2 and greedy text agrees until the first near-tie, where both candidates must be within
     a small margin of each other in mlcc's own logits."""
     from runtime import SamplingParams
 
@@ -167,19 +187,29 @@ def test_matches_llamacpp(name, real_engine):
         pytest.skip(f"no llama.cpp fixtures for {name}")
     ref = np.load(path)
     engine = real_engine(name)
-    worst, agreed = 0.0, []
+    exact = _llamacpp_numerics(engine)
+    worst, agreed, identical = 0.0, [], []
     for i, prompt in enumerate(PROMPTS):
         ids = engine.tokenizer.encode(prompt)
         assert ids == ref[f"ids_{i}"].tolist()
         ours = engine.prompt_logits(ids)
         assert (ours.argmax(-1) == ref[f"argmax_{i}"]).all()
         worst = max(worst, float(np.abs(ours[-1] - ref[f"last_{i}"].astype(np.float32)).max()))
+        identical.append(
+            hashlib.sha256(np.ascontiguousarray(ours, np.float32).tobytes()).hexdigest() == ref[f"sha_{i}"]
+        )
         greedy = engine.generate_ids([ids], SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))[0]
         theirs = ref[f"greedy_{i}"].tolist()
         n = next((j for j, (a, b) in enumerate(zip(greedy.token_ids, theirs)) if a != b), 64)
         agreed.append(n)
-        if n < 64:
+        if n < 64 and not exact:
             logits = engine.prompt_logits(ids + greedy.token_ids[:n])[-1]
             assert logits[greedy.token_ids[n]] - logits[theirs[n]] < 0.5, "parted on a clear choice, not a tie"
-    print(f"{name} vs llama.cpp: max abs last-token logit difference {worst:.2f}; greedy tokens agreed {agreed}")
+    print(
+        f"{name} vs llama.cpp: max abs last-token logit difference {worst:.2f} (llama.cpp's as float16); "
+        f"bit-identical prompt logits {identical}; greedy tokens agreed {agreed}"
+    )
+    if exact:
+        assert all(identical), "llama.cpp numerics, but the logits are not llama.cpp's bit for bit"
+        assert agreed == [64] * len(PROMPTS)
     assert worst < 2.5

@@ -1,0 +1,120 @@
+"""ggml's CPU arithmetic (AVX2 build) in numpy, float operation for float operation: the reference for
+quant_schemes/gguf_exact.py. Checked bit for bit against llama.cpp's own intermediate tensors (the
+eval callback of llama-cpp-python 0.3.36) for SmolLM2's first layer.
+
+A fused multiply-add is computed in float64 and rounded once to float32 (exact for these operands but for
+a double-rounding tie, which random tests do not meet)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+import numpy as np
+
+f32, f64 = np.float32, np.float64
+LIBM = ctypes.CDLL(ctypes.util.find_library("m"))
+for _name in ("expf", "cosf", "sinf"):
+    getattr(LIBM, _name).restype = ctypes.c_float
+    getattr(LIBM, _name).argtypes = [ctypes.c_float]
+
+
+def fma(a, b, c) -> np.ndarray:
+    with np.errstate(invalid="ignore", over="ignore"):
+        return (f64(a) * f64(b) + f64(c)).astype(f32)
+
+
+def hsum8(a: np.ndarray) -> np.ndarray:
+    """hsum_float_8 over the last axis (8 lanes)."""
+    r = [(a[..., k + 4] + a[..., k]).astype(f32) for k in range(4)]
+    return ((r[0] + r[2]).astype(f32) + (r[1] + r[3]).astype(f32)).astype(f32)
+
+
+def f16(x) -> np.ndarray:
+    return np.asarray(x, f32).astype(np.float16).astype(f32)
+
+
+def quantize_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """quantize_row_q8_0/q8_1 of [t, n]: per 32 columns d (float16), int8 codes, s = d * sum(q) (float16)."""
+    blocks = x.reshape(x.shape[0], -1, 32).astype(f32)
+    amax = np.abs(blocks).max(-1)
+    d = (amax / f32(127)).astype(f32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, f32(127) / amax, f32(0)).astype(f32)
+    q = np.rint((blocks * inv[..., None]).astype(f32)).astype(np.int64)
+    return f16(d), q, f16((d * q.sum(-1).astype(f32)).astype(f32))
+
+
+def _blocks(raw: np.ndarray, n_in: int, size: int) -> np.ndarray:
+    return raw.reshape(raw.shape[0], n_in // 32, size)
+
+
+def _half(b: np.ndarray, at: int) -> np.ndarray:
+    return b[..., at : at + 2].copy().view(np.float16)[..., 0].astype(f32)
+
+
+def vec_dot(raw: np.ndarray, qtype: str, x: np.ndarray) -> np.ndarray:
+    """ggml_vec_dot_q4_1_q8_1 / ggml_vec_dot_q8_0_q8_0 (= tinyBLAS's Q8_0 order) of every row of `raw`
+    (GGUF blocks, [rows, bytes]) with every token of x [t, n_in] -> [t, rows]."""
+    n_in = x.shape[1]
+    if qtype == "Q4_1":
+        b = _blocks(raw, n_in, 20)
+        d, m = _half(b, 0), _half(b, 2)
+        w = np.concatenate([b[..., 4:] & 15, b[..., 4:] >> 4], -1).astype(np.int64)
+    else:
+        b = _blocks(raw, n_in, 34)
+        d, m = _half(b, 0), None
+        w = b[..., 2:].copy().view(np.int8).astype(np.int64)
+    xd, xq, xs = quantize_q8(x)
+    lanes = np.einsum("rbjk,tbjk->trbj", w.reshape(*w.shape[:2], 8, 4), xq.reshape(*xq.shape[:2], 8, 4)).astype(f32)
+    acc = np.zeros((x.shape[0], raw.shape[0], 8), f32)
+    mins = np.zeros((x.shape[0], raw.shape[0]), f32)
+    for blk in range(n_in // 32):
+        scale = (d[None, :, blk] * xd[:, None, blk]).astype(f32)
+        acc = fma(scale[..., None], lanes[:, :, blk], acc)
+        if m is not None:
+            mins = fma(m[None, :, blk], xs[:, None, blk], mins)
+    return (hsum8(acc) + mins).astype(f32)
+
+
+def v_expf(x: np.ndarray) -> np.ndarray:
+    """ggml_v_expf (AVX2), lane by lane."""
+    x = np.asarray(x, f32)
+    c = lambda h: f32(float.fromhex(h))  # noqa: E731
+    r = c("0x1.8p23")
+    z = fma(x, c("0x1.715476p+0"), r)
+    n = (z - r).astype(f32)
+    b = fma(-n, c("0x1.7f7d1cp-20"), fma(-n, c("0x1.62e4p-1"), x))
+    e = z.view(np.uint32) << np.uint32(23)
+    k = (e + np.array(1, f32).view(np.uint32)).view(f32)
+    u = (b * b).astype(f32)
+    j = fma(fma(fma(c("0x1.0e4020p-7"), b, c("0x1.573e2ep-5")), u, fma(c("0x1.555e66p-3"), b, c("0x1.fffdb6p-2"))),
+            u, (c("0x1.ffffecp-1") * b).astype(f32))  # fmt: skip
+    g = np.where(n <= 0, np.uint32(0x82000000), np.uint32(0))
+    s1 = (g + np.uint32(0x7F000000)).view(f32)
+    s2 = (e - g).view(f32)
+    with np.errstate(over="ignore", under="ignore"):
+        special = np.where(np.abs(n) > 192, s1 * s1, fma(s2, j, s2) * s1)
+    return np.where(np.abs(n) > 126, special, fma(k, j, k)).astype(f32)
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    total = np.zeros(x.shape[0], f64)
+    for i in range(x.shape[1]):
+        total = total + (x[:, i] * x[:, i]).astype(f32).astype(f64)
+    mean = (total / x.shape[1]).astype(f32)
+    scale = (f32(1) / np.sqrt((mean + f32(eps)).astype(f32))).astype(f32)
+    return ((x * scale[:, None]).astype(f32) * w).astype(f32)
+
+
+def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """ggml_vec_swiglu_f32 per row: vector silu for whole 8s, libm expf for the rest."""
+    n8 = g.shape[-1] // 8 * 8
+    out = np.empty_like(g)
+    head = g[:, :n8]
+    out[:, :n8] = (head / (f32(1) + v_expf((f32(0) - head).astype(f32))).astype(f32)).astype(f32) * u[:, :n8]
+    for idx in np.ndindex(g.shape[0], g.shape[1] - n8):
+        r, i = idx[0], n8 + idx[1]
+        silu = f32(g[r, i] / f32(f32(1) + f32(LIBM.expf(float(-g[r, i])))))
+        out[r, i] = f32(silu * u[r, i])
+    return out.astype(f32)

@@ -1,0 +1,86 @@
+"""llama.cpp numerics (quant_schemes/gguf_exact.py): each kernel gives ggml's numbers bit for bit, checked
+against tests/ggml_reference.py (ggml's AVX2 arithmetic in numpy, itself checked against llama.cpp)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from ggml_reference import rms_norm, swiglu, v_expf, vec_dot
+from gguf import GGMLQuantizationType as Q
+from tvm.script import tirx as T
+
+from compiler.targets import TargetRequest, resolve_target, strict_float
+from quant_schemes import gguf_exact
+from quant_schemes.gguf_int8 import has_avx2
+
+TARGET = strict_float(resolve_target(TargetRequest())).target
+pytestmark = pytest.mark.skipif(not has_avx2(TARGET), reason="llama.cpp numerics are built for AVX2 CPUs")
+
+
+def _run(func, *arrays, outputs):
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)
+    outs = [tvm.runtime.tensor(np.zeros(shape, np.float32)) for shape in outputs]
+    lib["main"](*(tvm.runtime.tensor(a) for a in arrays), *outs)
+    return [o.numpy() for o in outs]
+
+
+def _blocks(qtype: Q, rows: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
+    """Random GGUF rows: small float16 scales (and mins), random codes."""
+    blocks = n_in // 32
+    if qtype == Q.Q4_1:
+        raw = rng.integers(0, 256, (rows, blocks, 20), dtype=np.uint8)
+        raw[..., 0:4] = rng.normal(0, 0.02, (rows, blocks, 2)).astype(np.float16).view(np.uint8)
+    else:
+        raw = rng.integers(-127, 128, (rows, blocks, 34)).astype(np.int8).view(np.uint8)
+        raw[..., 0:2] = np.abs(rng.normal(0, 0.01, (rows, blocks, 1))).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize(("qtype", "n_in", "n_out"), [(Q.Q4_1, 96, 13), (Q.Q8_0, 64, 11)])
+def test_matmul_is_ggml_vec_dot(qtype: Q, n_in: int, n_out: int):
+    rng = np.random.default_rng(0)
+    raw = _blocks(qtype, n_out, n_in, rng)
+    kernel = gguf_exact.exact_matmul(qtype, n_in, n_out, raw.shape[1])
+    lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=TARGET)
+    for tokens in (1, 3, 8, 19):  # one token, fewer than a tile, one tile, overlapping tiles
+        x = (rng.standard_normal((tokens, n_in)) * rng.uniform(0.01, 5, (tokens, 1))).astype(np.float32)
+        x[0, :32] = 0  # an all-zero block: scale 0
+        y = tvm.runtime.tensor(np.zeros((tokens, n_out), np.float32))
+        lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(raw), y)
+        np.testing.assert_array_equal(y.numpy(), vec_dot(raw, qtype.name, x))
+
+
+def test_v_expf_is_ggml():
+    x = np.concatenate([np.linspace(-200, 100, 4000), [0.0, -0.0, -87.3, -88.7, -103.9, 88.0]]).astype(np.float32)
+    x = np.concatenate([x, np.zeros(-len(x) % 8, np.float32)])
+    n = len(x)
+
+    @T.prim_func
+    def func(a: T.Buffer((n,), "float32"), out: T.Buffer((n,), "float32")):
+        for v in range(n // 8):
+            out[T.Ramp(v * 8, 1, 8)] = gguf_exact.v_expf(a[T.Ramp(v * 8, 1, 8)])
+
+    (ours,) = _run(func, x, outputs=[(n,)])
+    np.testing.assert_array_equal(ours, v_expf(x))
+    normal = np.abs(x) < 80
+    np.testing.assert_allclose(ours[normal], np.exp(x[normal]), rtol=2e-6)  # it is an exp
+
+
+@pytest.mark.parametrize("hidden", [576, 37])
+def test_rms_norm_is_ggml(hidden: int):
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((6, hidden)) * 4).astype(np.float32)
+    w = rng.standard_normal(hidden).astype(np.float32)
+    (ours,) = _run(gguf_exact.rms_norm_kernel(hidden, 1e-5), x, w, outputs=[x.shape])
+    np.testing.assert_array_equal(ours, rms_norm(x, w, 1e-5))
+
+
+@pytest.mark.parametrize("width", [1536, 13])
+def test_swiglu_is_ggml(width: int):
+    rng = np.random.default_rng(3)
+    g = (rng.standard_normal((5, width)) * 6).astype(np.float32)
+    g[0, :8] = [-100, -90, 89, 95, 120, 0, -0.0, 3]  # the exp's special cases
+    u = rng.standard_normal((5, width)).astype(np.float32)
+    (ours,) = _run(gguf_exact.swiglu_kernel(width), g, u, outputs=[g.shape])
+    np.testing.assert_array_equal(ours, swiglu(g, u))
