@@ -58,8 +58,9 @@ def main(verbose: bool) -> None:
     "--quant",
     default=None,
     help="q0f32, q0f16, q2, q2a, q3, q3a, q4 (default for float checkpoints), q4a, q4f32, q5, q6, q8, "
-    "gguf (GGUF files: their own block types, with 8-bit activations on AVX2 CPUs as llama.cpp; the default) "
-    "or gguf-f32 (same weights, float activations); see the README's Quantization section.",
+    "gguf (GGUF files: their own block types, with 8-bit activations on AVX2 CPUs as llama.cpp, and llama.cpp's "
+    "exact numbers where the block types allow; the default), gguf-fast (the same in mlcc's faster summation "
+    "order) or gguf-f32 (same weights, float activations); see the README's Quantization section.",
 )
 @click.option(
     "--target",

@@ -26,7 +26,7 @@ from artifacts.weights import ShardWriter
 from compiler.build import BuildJob, build_in_child_process
 from compiler.gguf_source import GGUF_ARCHS, GGUFSource
 from compiler.source import ModelSource, resolve_model
-from compiler.targets import TargetRequest, resolve_target
+from compiler.targets import TargetRequest, resolve_target, strict_float
 from model_defs import ARCHITECTURES, get_arch
 from quant_schemes import QuantScheme, convert_tensor, get_scheme
 from quant_schemes.gguf_native import GGUFNativeScheme
@@ -72,6 +72,8 @@ def compile_model(
     arch_name, config, scheme, tensors, write_tokenizer = plan
 
     scheme.prepare(target_spec.target)
+    if getattr(scheme, "llamacpp_numerics", False):
+        target_spec = strict_float(target_spec)  # as the build does (compiler/build.py)
     net = get_arch(arch_name).Model(config)
     for note in scheme.quantize_model(net):  # tensors padded or kept wider, for the compile summary
         progress(note)
@@ -156,10 +158,12 @@ def _plan_gguf(path: Path, arch: str | None, quant: str | None) -> Plan:
         raise MlccError(f"unsupported GGUF architecture {source.arch!r}; supported: {', '.join(sorted(GGUF_ARCHS))}")
     arch_name = arch or GGUF_ARCHS[source.arch]
     config = get_arch(arch_name).config_from_gguf(source.arch_meta(), "output.weight" in source.tensors_by_name)
-    native = quant in (None, "gguf", "gguf-f32")
+    native = quant in (None, "gguf", "gguf-fast", "gguf-f32")
     if native:
         activations = "f32" if quant == "gguf-f32" else "q8"
-        scheme: QuantScheme = GGUFNativeScheme(source.tensor_types(), activations=activations)
+        scheme: QuantScheme = GGUFNativeScheme(
+            source.tensor_types(), activations=activations, llamacpp=quant != "gguf-fast"
+        )
     else:
         scheme = get_scheme(quant)
     return arch_name, config, scheme, lambda: source.tensors(raw=native), source.write_tokenizer

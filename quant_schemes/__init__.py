@@ -51,7 +51,9 @@ SCHEMES: dict[str, Callable[[], QuantScheme]] = {
 def get_scheme(name: str) -> QuantScheme:
     if name not in SCHEMES:
         known = ", ".join(SCHEMES)
-        raise MlccError(f"unknown quantization {name!r}; known: {known}, and gguf or gguf-f32 for GGUF files")
+        raise MlccError(
+            f"unknown quantization {name!r}; known: {known}, and gguf, gguf-fast or gguf-f32 for GGUF files"
+        )
     return SCHEMES[name]()
 
 

@@ -270,12 +270,20 @@ class GGUFNativeScheme(QuantScheme):
     (llama.cpp's arithmetic, and its speed); "f32" decodes weights to float (the exact dequantized model).
     With "q8" on an AVX2 CPU and only block types whose llama.cpp kernels quant_schemes/gguf_exact.py
     reproduces, the model computes llama.cpp's very numbers (`llamacpp_numerics`): its matmuls, RMSNorm,
-    SwiGLU, RoPE, float16 K/V and attention, operation for operation.
+    SwiGLU, RoPE, float16 K/V and attention, operation for operation; `llamacpp=False` ("gguf-fast") keeps
+    mlcc's own, faster summation order (8 rows per vector, interleaved weights) instead.
     """
 
-    def __init__(self, tensor_types: dict[str, GGMLQuantizationType], dtype: str = "float32", activations: str = "q8"):
-        self.name = "gguf" if activations == "q8" else f"gguf-{activations}"
+    def __init__(
+        self,
+        tensor_types: dict[str, GGMLQuantizationType],
+        dtype: str = "float32",
+        activations: str = "q8",
+        llamacpp: bool = True,
+    ):
+        self.name = ("gguf" if llamacpp else "gguf-fast") if activations == "q8" else f"gguf-{activations}"
         self.dtype, self.tensor_types, self.activations = dtype, tensor_types, activations
+        self.llamacpp = llamacpp  # reproduce llama.cpp's numbers where the block types allow
         self.int8_activations = self.llamacpp_numerics = False  # decided per target by `prepare`
         counts: dict[str, int] = {}
         for t in tensor_types.values():
@@ -290,7 +298,9 @@ class GGUFNativeScheme(QuantScheme):
 
         self.int8_activations = self.activations == "q8" and has_avx2(target)
         matrices = set(self.tensor_types.values()) - FLOAT_TYPES
-        self.llamacpp_numerics = self.int8_activations and self.dtype == "float32" and matrices <= EXACT_TYPES
+        self.llamacpp_numerics = (
+            self.llamacpp and self.int8_activations and self.dtype == "float32" and matrices <= EXACT_TYPES
+        )
 
     def describe(self) -> dict:
         types = sorted({t.name for t in self.tensor_types.values()})
