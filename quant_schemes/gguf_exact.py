@@ -21,14 +21,27 @@ rounds twice, so no kernel here leaves a multiply feeding an add.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
+import numpy as np
 from gguf import GGMLQuantizationType
 from tvm import tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 
-from quant_schemes.gguf_int8 import CHUNK, CHUNK_DECODERS, TASKS, TOKENS, Chunk, _prefetch, chunk_dot
+from quant_schemes.gguf_int8 import (
+    CHUNK,
+    LANE_ACTIVATION_BYTES,
+    LANE_ROWS,
+    STREAM_AHEAD,
+    TASKS,
+    TOKENS,
+    _intrin,
+    _prefetch,
+    interleave_rows,
+)
+from quant_schemes.vector_exprs import concat
 
 Q = GGMLQuantizationType
 # Block types whose llama.cpp AVX2 dot product this module reproduces (Q4_0 is repacked by llama.cpp, K-quants
@@ -109,39 +122,129 @@ def _f16_round(x: tirx.PrimExpr) -> tirx.PrimExpr:
     return x.astype(half).astype(x.ty.dtype)
 
 
+@dataclass(frozen=True)
+class GroupLayout:
+    """Byte offsets in a chunk of 8 rows stored side by side (8 * block bytes): the rows' float16 scales, their
+    float16 mins (Q4_1), then 8 words of 32 bytes, word m holding the 8 rows' columns 4m..4m+3 (for Q4_1
+    packed two words to a byte, word m and m + 4, as gguf_int8.InterleavedLayout stores them)."""
+
+    block_bytes: int
+    minimum: int | None
+    codes: int
+
+    @property
+    def group_bytes(self) -> int:
+        return LANE_ROWS * self.block_bytes
+
+
+GROUP_LAYOUTS = {Q.Q4_1: GroupLayout(20, 16, 32), Q.Q8_0: GroupLayout(34, None, 16)}
+
+
+def group_rows(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """GGUF rows [n_out, row_bytes] -> [ceil(n_out / 8), chunks * 8 * block_bytes] in the GroupLayout (rows past
+    n_out are zero): the same bits, reordered, so one 32-byte load holds one word of 8 rows."""
+    if qtype == Q.Q4_1:
+        return interleave_rows(raw, qtype)
+    lay = GROUP_LAYOUTS[qtype]
+    n_out, row_bytes = raw.shape
+    groups, chunks = -(-n_out // LANE_ROWS), row_bytes // lay.block_bytes
+    padded = np.zeros((groups * LANE_ROWS, row_bytes), np.uint8)
+    padded[:n_out] = raw
+    blocks = padded.reshape(groups, LANE_ROWS, chunks, lay.block_bytes).transpose(0, 2, 1, 3)  # [G, C, 8, bb]
+    words = blocks[..., 2:].reshape(groups, chunks, LANE_ROWS, 8, 4).transpose(0, 1, 3, 2, 4)  # [G, C, m, r, 4]
+    parts = [blocks[..., 0:2].reshape(groups, chunks, -1), words.reshape(groups, chunks, -1)]
+    return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(groups, -1))
+
+
 @functools.cache
-def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: int) -> tirx.PrimFunc:
-    """y[t, o] = sum_k x[t, k] * W[o, k] exactly as llama.cpp's AVX2 build computes it (W in GGUF blocks)."""
-    decode = CHUNK_DECODERS[qtype]
+def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.PrimFunc:
+    """y[t, o] = sum_k x[t, k] * W[o, k] exactly as llama.cpp's AVX2 build computes it, W in `group_rows` form.
+
+    llama.cpp keeps 8 float accumulators per row, lane m summing columns 4m..4m+3 of every block; here 8 rows
+    go side by side, so accumulator m holds lane m of 8 rows and each vector operation is, lane for lane, the
+    operation llama.cpp does for that row: the same results, with 8 rows' work in one instruction and the
+    weights read as one stream.
+    """
+    lay = GROUP_LAYOUTS[qtype]
     chunks = n_in // CHUNK
-    rows_per_task = -(-n_out // TASKS)
-    lines_per_row = -(-row_bytes // 64)
-    with_min = qtype in _WITH_MIN
+    row_groups = -(-n_out // LANE_ROWS)
+    tasks = min(TASKS, row_groups)
+    groups_per_task = -(-row_groups // tasks)
+    gb = lay.group_bytes
+    block_tokens = max(TOKENS, LANE_ACTIVATION_BYTES // n_in)  # tokens that pass over a row group at a time
+    ones = tirx.Broadcast(tirx.const(1, "int16"), 16)
+
+    def halves(data, g, c, at: int) -> tirx.PrimExpr:
+        """8 float16 values of chunk c (the rows' scales or mins) as float32x8."""
+        raw = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + at, 1, 16)])
+        return tirx.reinterpret("float16x8", raw).astype("float32x8")
+
+    def word_sums(data, g, c, m: int, xq, t) -> tirx.PrimExpr:
+        """int32x8: each row's sum of columns 4m..4m+3 of chunk c times token t's int8 activations there."""
+        x4 = tirx.reinterpret("int32", tirx.BufferLoad(xq, [t, tirx.Ramp(c * CHUNK + 4 * m, 1, 4)]))
+        xb = tirx.reinterpret("int8x32", tirx.Broadcast(x4, LANE_ROWS))
+        if qtype == Q.Q4_1:
+            packed = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * (m % 4), 1, 32)])
+            nibble = tirx.Broadcast(tirx.const(15 if m < 4 else 4, "uint8"), 32)
+            codes = packed & nibble if m < 4 else packed >> nibble
+            pairs = _intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", codes, xb)
+        else:  # signed codes: |w| (unsigned) times the activations carrying w's sign, as llama.cpp
+            raw = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * m, 1, 32)])
+            signed = tirx.reinterpret("int8x32", raw)
+            magnitude = tirx.reinterpret(
+                "uint8x32", _intrin("int8x32", "llvm.abs.v32i8", signed, tirx.const(0, "bool"))
+            )
+            pairs = _intrin(
+                "int16x16",
+                "llvm.x86.avx2.pmadd.ub.sw",
+                magnitude,
+                _intrin("int8x32", "llvm.x86.avx2.psign.b", xb, signed),
+            )
+        return _intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, ones)
+
+    def chunk_sums(data, g, c, xq, t) -> tirx.PrimExpr:
+        """float32x64: words 0..7 of chunk c, each 8 rows' integer sums (the rows' lane m) as floats."""
+        return concat([word_sums(data, g, c, m, xq, t).astype("float32x8") for m in range(8)])
+
+    def chunk_scale(data, g, c, x_scale, t) -> tirx.PrimExpr:
+        """float32x64: each row's d_w * d_x for chunk c, for all 8 words."""
+        return concat([halves(data, g, c, 0) * tirx.Broadcast(x_scale[t, c], LANE_ROWS)] * 8)
 
     @T.macro
-    def row_times_tokens(y, data, xq, x_scale, x_sum, o, t0, tokens, acc, mins, codes, slot):
-        """y[t0 : t0 + tokens, o] with task `slot`'s accumulators; a weight row's chunk is decoded once for
-        all the tokens."""
-        for u in T.unroll(tokens):
-            acc[slot * TOKENS + u, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-            mins[slot * TOKENS + u] = T.float32(0)
+    def group_times_token(y, data, xq, x_scale, x_sum, g, t, acc, stream):
+        """y[t, g*8 .. g*8+7] (rows past n_out not stored); acc [72]: the 8 lanes' accumulators (lane m of 8
+        rows at 8m), then the mins' sums. `stream`: the weights come from memory, so each chunk asks for the
+        bytes STREAM_AHEAD on."""
+        acc[T.Ramp(0, 1, 9 * LANE_ROWS)] = T.Broadcast(T.float32(0), 9 * LANE_ROWS)
         for c in range(chunks):
-            ch = T.meta_var(decode(data, o, c))
-            codes[slot, T.Ramp(0, 1, CHUNK)] = ch.codes
-            local = T.meta_var(Chunk(codes[slot, T.Ramp(0, 1, CHUNK)], ch.scale, ch.zero))
-            for u in T.unroll(tokens):
-                xv = T.meta_var(xq[t0 + u, T.Ramp(c * CHUNK, 1, CHUNK)])
-                sums = T.meta_var(chunk_dot(local, xv).astype(f"float32x{LANES}"))
-                scale = T.meta_var(T.Broadcast(ch.scale * x_scale[t0 + u, c], LANES))
-                lanes = T.meta_var(T.Ramp(0, 1, LANES))
-                acc[slot * TOKENS + u, lanes] = fma(scale, sums, acc[slot * TOKENS + u, lanes])
-                if with_min:
-                    mins[slot * TOKENS + u] = fma(ch.offset, x_sum[t0 + u, c], mins[slot * TOKENS + u])
-        for u in T.unroll(tokens):
-            y[t0 + u, o] = hsum8(acc[slot * TOKENS + u, T.Ramp(0, 1, LANES)]) + mins[slot * TOKENS + u]
+            if stream:
+                for line in range((gb + 63) // 64):
+                    T.evaluate(_prefetch(data, g, c * gb + STREAM_AHEAD + line * 64))
+            acc[T.Ramp(0, 1, 64)] = fma(
+                chunk_scale(data, g, c, x_scale, t), chunk_sums(data, g, c, xq, t), acc[T.Ramp(0, 1, 64)]
+            )
+            if lay.minimum is not None:
+                acc[T.Ramp(64, 1, LANE_ROWS)] = fma(
+                    halves(data, g, c, lay.minimum),
+                    T.Broadcast(x_sum[t, c], LANE_ROWS),
+                    acc[T.Ramp(64, 1, LANE_ROWS)],
+                )
+        # hsum_float_8 for each row: ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)), then the mins.
+        lanes = T.meta_var([acc[T.Ramp(8 * m, 1, LANE_ROWS)] for m in range(8)])
+        total = T.meta_var(
+            ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]))
+        )
+        result = T.meta_var(total + acc[T.Ramp(64, 1, LANE_ROWS)] if lay.minimum is not None else total)
+        if g * LANE_ROWS + LANE_ROWS <= n_out:
+            y[t, T.Ramp(g * LANE_ROWS, 1, LANE_ROWS)] = result
+        else:
+            acc[T.Ramp(0, 1, LANE_ROWS)] = result
+            for r in range(LANE_ROWS):
+                if g * LANE_ROWS + r < n_out:
+                    y[t, g * LANE_ROWS + r] = acc[r]
 
     @T.prim_func(private=True, s_tir=True)
-    def kernel(var_x: T.handle, data: T.Buffer((n_out, row_bytes), "uint8"), var_y: T.handle):
+    def kernel(var_x: T.handle, data: T.Buffer((row_groups, chunks * gb), "uint8"), var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
         n = T.int64()
         x = T.match_buffer(var_x, (n, n_in), "float32")
@@ -165,25 +268,17 @@ def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: 
                     total[0] = total[0] + T.Cast("int32", xq[t, c * CHUNK + i])
                 x_scale[t, c] = _f16_round(d)
                 x_sum[t, c] = _f16_round(d * T.Cast("float32", total[0]))
-        # Rows in TASKS parallel ranges; tokens TOKENS at a time (the last tile ends at the last token,
-        # overlapping the one before: each token's sums are computed alone, so recomputing is harmless).
-        acc = T.alloc_buffer((TASKS * TOKENS, LANES), "float32")
-        mins = T.alloc_buffer((TASKS * TOKENS,), "float32")
-        codes = T.alloc_buffer((TASKS, CHUNK), "uint8")
-        for task in T.parallel(TASKS):
-            for i in range(rows_per_task):
-                if task * rows_per_task + i < n_out:
-                    o = T.meta_var(task * rows_per_task + i)
-                    if o + 4 < n_out:
-                        for line in range(lines_per_row):
-                            T.evaluate(_prefetch(data, o + 4, line * 64))
-                    if n >= TOKENS:
-                        for tile in range((n + TOKENS - 1) // TOKENS):
-                            t0 = T.meta_var(T.min(tile * TOKENS, n - TOKENS))
-                            row_times_tokens(y, data, xq, x_scale, x_sum, o, t0, TOKENS, acc, mins, codes, task)
-                    else:
-                        for t in range(n):
-                            row_times_tokens(y, data, xq, x_scale, x_sum, o, t, 1, acc, mins, codes, task)
+        # Row groups in `tasks` parallel ranges; tokens `block_tokens` at a time (their activations stay in L2)
+        # pass over each group, the first streaming its weights in.
+        for task in T.parallel(tasks):
+            acc = T.alloc_buffer((9 * LANE_ROWS,), "float32", scope="local")
+            for tb in range((n + block_tokens - 1) // block_tokens):
+                for gi in range(groups_per_task):
+                    if task * groups_per_task + gi < row_groups:
+                        g = T.meta_var(task * groups_per_task + gi)
+                        group_times_token(y, data, xq, x_scale, x_sum, g, tb * block_tokens, acc, True)
+                        for t in range(tb * block_tokens + 1, T.min(n, (tb + 1) * block_tokens)):
+                            group_times_token(y, data, xq, x_scale, x_sum, g, t, acc, False)
 
     return kernel
 

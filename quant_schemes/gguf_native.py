@@ -176,13 +176,14 @@ class GGUFLinear(PackedModule):
         int8_activations: bool,
         llamacpp: bool = False,
     ):
+        from quant_schemes.gguf_exact import GROUP_LAYOUTS
         from quant_schemes.gguf_int8 import INTERLEAVED, LANE_ROWS
 
         self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
         self.int8_activations = int8_activations and dtype == "float32"
         self.llamacpp = llamacpp and self.int8_activations  # llama.cpp's own order of operations
-        # The fast int8 kernels read some types with 8 rows' blocks interleaved (the same bits, reordered).
-        self.interleaved = self.int8_activations and not self.llamacpp and fmt.qtype in INTERLEAVED
+        # The int8 kernels read some types with 8 rows' blocks interleaved (the same bits, reordered).
+        self.interleaved = self.int8_activations and fmt.qtype in (GROUP_LAYOUTS if self.llamacpp else INTERLEAVED)
         row_bytes = fmt.row_bytes(in_features)
         if self.interleaved:
             shape = (-(-out_features // LANE_ROWS), row_bytes * LANE_ROWS)
@@ -195,10 +196,13 @@ class GGUFLinear(PackedModule):
         return
 
     def pack_weight(self, weight: np.ndarray) -> dict[str, np.ndarray]:
+        from quant_schemes.gguf_exact import group_rows
         from quant_schemes.gguf_int8 import interleave_rows
 
         rows = weight.view(np.uint8).reshape(self.out_features, -1)
-        return {"q_data": interleave_rows(rows, self.fmt.qtype) if self.interleaved else rows}
+        if not self.interleaved:
+            return {"q_data": rows}
+        return {"q_data": (group_rows if self.llamacpp else interleave_rows)(rows, self.fmt.qtype)}
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._int8_matmul(x) if self.int8_activations else self._float_matmul(x)
@@ -211,7 +215,7 @@ class GGUFLinear(PackedModule):
         n_in, n_out, row_bytes = self.in_features, self.out_features, self.fmt.row_bytes(self.in_features)
         rows = op.reshape(x, (-1, n_in))  # [b*s, n_in]
         if self.llamacpp:
-            kernel = exact_matmul(self.fmt.qtype, n_in, n_out, row_bytes)
+            kernel = exact_matmul(self.fmt.qtype, n_in, n_out)
         else:
             kernel = int8_matmul(self.fmt.qtype, n_in, n_out, row_bytes, self.interleaved)
         out = Tensor.placeholder([rows.shape[0], n_out], "float32")

@@ -37,17 +37,18 @@ def _blocks(qtype: Q, rows: int, n_in: int, rng: np.random.Generator) -> np.ndar
     return raw.reshape(rows, -1)
 
 
-@pytest.mark.parametrize(("qtype", "n_in", "n_out"), [(Q.Q4_1, 96, 13), (Q.Q8_0, 64, 11)])
+@pytest.mark.parametrize(("qtype", "n_in", "n_out"), [(Q.Q4_1, 96, 13), (Q.Q8_0, 64, 11), (Q.Q4_1, 4096, 17)])
 def test_matmul_is_ggml_vec_dot(qtype: Q, n_in: int, n_out: int):
     rng = np.random.default_rng(0)
     raw = _blocks(qtype, n_out, n_in, rng)
-    kernel = gguf_exact.exact_matmul(qtype, n_in, n_out, raw.shape[1])
+    kernel = gguf_exact.exact_matmul(qtype, n_in, n_out)
+    data = tvm.runtime.tensor(gguf_exact.group_rows(raw, qtype))
     lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=TARGET)
-    for tokens in (1, 3, 8, 19):  # one token, fewer than a tile, one tile, overlapping tiles
+    for tokens in (1, 3, 8, 19, 70):  # 70: two blocks of tokens at 4096 columns
         x = (rng.standard_normal((tokens, n_in)) * rng.uniform(0.01, 5, (tokens, 1))).astype(np.float32)
         x[0, :32] = 0  # an all-zero block: scale 0
         y = tvm.runtime.tensor(np.zeros((tokens, n_out), np.float32))
-        lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(raw), y)
+        lib["main"](tvm.runtime.tensor(x), data, y)
         np.testing.assert_array_equal(y.numpy(), vec_dot(raw, qtype.name, x))
 
 
