@@ -40,6 +40,7 @@ from quant_schemes.gguf_int8 import (
     _intrin,
     _prefetch,
     interleave_rows,
+    row_group_blocks,
 )
 from quant_schemes.vector_exprs import concat
 
@@ -47,7 +48,6 @@ Q = GGMLQuantizationType
 # Block types whose llama.cpp AVX2 dot product this module reproduces (Q4_0 is repacked by llama.cpp, K-quants
 # go through its tiled kernels: their summation orders differ).
 EXACT_TYPES = {Q.Q4_1, Q.Q8_0}
-_WITH_MIN = {Q.Q4_1}
 LANES = 8
 
 
@@ -145,12 +145,8 @@ def group_rows(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     n_out are zero): the same bits, reordered, so one 32-byte load holds one word of 8 rows."""
     if qtype == Q.Q4_1:
         return interleave_rows(raw, qtype)
-    lay = GROUP_LAYOUTS[qtype]
-    n_out, row_bytes = raw.shape
-    groups, chunks = -(-n_out // LANE_ROWS), row_bytes // lay.block_bytes
-    padded = np.zeros((groups * LANE_ROWS, row_bytes), np.uint8)
-    padded[:n_out] = raw
-    blocks = padded.reshape(groups, LANE_ROWS, chunks, lay.block_bytes).transpose(0, 2, 1, 3)  # [G, C, 8, bb]
+    blocks = row_group_blocks(raw, GROUP_LAYOUTS[qtype].block_bytes)  # [G, C, 8, bb]
+    groups, chunks = blocks.shape[:2]
     words = blocks[..., 2:].reshape(groups, chunks, LANE_ROWS, 8, 4).transpose(0, 1, 3, 2, 4)  # [G, C, m, r, 4]
     parts = [blocks[..., 0:2].reshape(groups, chunks, -1), words.reshape(groups, chunks, -1)]
     return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(groups, -1))

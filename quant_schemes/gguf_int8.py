@@ -191,15 +191,21 @@ INTERLEAVED = {
 }
 
 
+def row_group_blocks(raw: np.ndarray, block_bytes: int) -> np.ndarray:
+    """GGUF rows [n_out, row_bytes] as blocks [ceil(n_out / 8), chunks, 8, block_bytes] (rows past n_out zero)."""
+    n_out, row_bytes = raw.shape
+    groups = -(-n_out // LANE_ROWS)
+    padded = np.zeros((groups * LANE_ROWS, row_bytes), np.uint8)
+    padded[:n_out] = raw
+    return padded.reshape(groups, LANE_ROWS, row_bytes // block_bytes, block_bytes).transpose(0, 2, 1, 3)
+
+
 def interleave_rows(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """GGUF rows [n_out, row_bytes] -> [ceil(n_out / 8), chunks * 8 * block_bytes] in the InterleavedLayout
     (rows past n_out are zero). The same bits, reordered; done once when weights are converted."""
     lay = INTERLEAVED[qtype]
-    n_out, row_bytes = raw.shape
-    groups, chunks = -(-n_out // LANE_ROWS), row_bytes // lay.block_bytes
-    padded = np.zeros((groups * LANE_ROWS, row_bytes), np.uint8)
-    padded[:n_out] = raw
-    blocks = padded.reshape(groups, LANE_ROWS, chunks, lay.block_bytes).transpose(0, 2, 1, 3)  # [G, C, 8, bb]
+    blocks = row_group_blocks(raw, lay.block_bytes)
+    groups, chunks = blocks.shape[:2]
     parts, at = [blocks[..., 0:2]], 2
     if lay.minimum is not None:
         parts.append(blocks[..., 2:4])

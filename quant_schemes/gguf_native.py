@@ -275,7 +275,8 @@ class GGUFNativeScheme(QuantScheme):
     With "q8" on an AVX2 CPU and only block types whose llama.cpp kernels quant_schemes/gguf_exact.py
     reproduces, the model computes llama.cpp's very numbers (`llamacpp_numerics`): its matmuls, RMSNorm,
     SwiGLU, RoPE, float16 K/V and attention, operation for operation; `llamacpp=False` ("gguf-fast") keeps
-    mlcc's own, faster summation order (8 rows per vector, interleaved weights) instead.
+    mlcc's own summation order instead (a chunk's words summed as integers, one float scaling per chunk:
+    faster prefill).
     """
 
     def __init__(
