@@ -10,15 +10,12 @@ the rotary_dim / 2 cosines and sines once per token, runs tokens in parallel and
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from dataclasses import dataclass
 
-import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from quant_schemes.gguf_exact import fma
+from quant_schemes.gguf_exact import fma, ggml_theta_scale
 
 SYMBOL = "fused_rope"  # the kernel's name in TVM's llama_rope_with_position_map
 
@@ -39,20 +36,12 @@ class RopeSpec:
     llamacpp: bool = False
 
 
-def _ggml_theta_scale(theta: float, rotary_dim: int) -> float:
-    """powf(theta, -2.0f / n_dims) from the C library, as ggml computes it."""
-    libm = ctypes.CDLL(ctypes.util.find_library("m"))
-    libm.powf.restype, libm.powf.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
-    exponent = float(np.float32(-2.0) / np.float32(rotary_dim))
-    return float(libm.powf(theta, exponent))
-
-
 def split_rotary(spec: RopeSpec) -> tirx.PrimFunc:
     """qkv [n, hq + 2 * hkv, d] -> q [n, hq, d], k [n, hkv, d] (rotated when apply_rope > 0), v."""
     head_dim, num_q_heads, num_kv_heads, dtype = spec.head_dim, spec.num_q_heads, spec.num_kv_heads, spec.dtype
     fused_heads = num_q_heads + 2 * num_kv_heads
     half = spec.rotary_dim // 2
-    theta_scale = _ggml_theta_scale(spec.theta, spec.rotary_dim)
+    theta_scale = ggml_theta_scale(spec.theta, spec.rotary_dim)
 
     def angle(position, i):
         exponent = (i * 2).astype("float32") / tirx.const(spec.rotary_dim, "float32")

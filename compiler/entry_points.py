@@ -60,10 +60,12 @@ class EntryPoints(nn.Module):
         """The RoPE the cache applies, when it has no frequency scaling (the CPU build has a faster kernel)."""
         lay = self.layout
         kind = lay.rope_scaling.get("rope_type", "default")
-        if lay.model_applies_rope or kind not in ("default", "gptj"):
-            return None
         rotary_dim = lay.rotary_dim or lay.head_dim
         heads = (lay.head_dim, lay.num_heads, lay.num_kv_heads)
+        if lay.model_applies_rope and self.llamacpp:  # the kernel only splits q, k, v and rounds K, V to float16
+            return RopeSpec(lay.rope_theta, rotary_dim, *heads, self.dtype, llamacpp=True)
+        if lay.model_applies_rope or kind not in ("default", "gptj"):
+            return None
         return RopeSpec(lay.rope_theta, rotary_dim, *heads, self.dtype, gptj=kind == "gptj", llamacpp=self.llamacpp)
 
     def create_paged_kv_cache(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
@@ -42,6 +43,49 @@ class SwiGLU(nn.Module):
 
     def forward(self, gate: Tensor, up: Tensor) -> Tensor:
         return op.silu(gate) * up
+
+
+class GeGLU(nn.Module):
+    """gelu_tanh(gate) * up, a module so that a quantization scheme can swap in its own arithmetic."""
+
+    def forward(self, gate: Tensor, up: Tensor) -> Tensor:
+        return op.gelu(gate, approximate="tanh") * up
+
+
+class NeoxRope(nn.Module):
+    """Rotate-half RoPE applied by the model itself (e.g. a base per layer), in float32; a module so that a
+    quantization scheme can swap in its own arithmetic."""
+
+    def __init__(self, theta: float, head_dim: int):
+        self.theta, self.head_dim = theta, head_dim
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """x [b, s, h, d] at the token positions [b*s]."""
+        theta = self.theta
+
+        def compute(xt: te.Tensor, pos: te.Tensor) -> te.Tensor:
+            _, seq, _, dim = xt.shape
+            half = dim // 2
+
+            def angle(t, i):
+                exponent = i.astype("float32") * 2.0 / tirx.const(int(dim), "float32")
+                return pos[t].astype("float32") / tirx.power(tirx.const(theta, "float32"), exponent)
+
+            # cos and sin once per (token, frequency), not once per head and element: they dominate otherwise.
+            cos = te.compute((pos.shape[0], half), lambda t, i: tirx.cos(angle(t, i)), name="rope_cos")
+            sin = te.compute((pos.shape[0], half), lambda t, i: tirx.sin(angle(t, i)), name="rope_sin")
+
+            def body(b, s, h, d):
+                t = b * seq + s
+                rotated = tirx.if_then_else(d < half, -xt[b, s, h, d + half], xt[b, s, h, d - half])
+                value = (
+                    xt[b, s, h, d].astype("float32") * cos[t, d % half] + rotated.astype("float32") * sin[t, d % half]
+                )
+                return value.astype(xt.dtype)
+
+            return te.compute(xt.shape, body, name="rope")
+
+        return op.tensor_expr_op(compute, "rope", [x, positions])
 
 
 def hf_get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:

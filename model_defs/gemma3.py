@@ -7,17 +7,16 @@ GGUF convention, where the converter has already folded Gemma's (1 + w) into w.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from tvm import te, tirx
+import numpy as np
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
 from artifacts.errors import MlccError
-from model_defs.common import AttentionLayout
+from model_defs.common import AttentionLayout, GeGLU, NeoxRope
 
 
 @dataclass
@@ -56,8 +55,9 @@ def config_from_gguf(meta: dict[str, Any], has_output: bool) -> Gemma3Config:
         head_dim=head_dim,
         rms_eps=float(meta.get("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(meta.get("rope.freq_base", 1_000_000.0)),
+        rope_local_theta=float(meta.get("rope.freq_base_swa", 10_000.0)),
         sliding_window=meta.get("attention.sliding_window"),
-        query_scale=head_dim**-0.5,
+        query_scale=float(np.float32(1) / np.sqrt(np.float32(head_dim))),  # as llama.cpp rounds it
         tie_embeddings=not has_output,
         context_window=int(meta.get("context_length", 32768)),
     )
@@ -69,32 +69,6 @@ def config_from_hf(cfg: dict[str, Any]) -> Gemma3Config:
 
 def map_hf_name(name: str) -> str | None:
     raise KeyError(name)
-
-
-def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Rotate-half RoPE on x [b, s, h, d] at the token positions [b*s], computed in float32."""
-
-    def compute(xt: te.Tensor, pos: te.Tensor) -> te.Tensor:
-        _, seq, _, dim = xt.shape
-        half = dim // 2
-
-        def angle(t, i):
-            exponent = i.astype("float32") * 2.0 / tirx.const(int(dim), "float32")
-            return pos[t].astype("float32") / tirx.power(tirx.const(theta, "float32"), exponent)
-
-        # cos and sin once per (token, frequency), not once per head and element: they dominate otherwise.
-        cos = te.compute((pos.shape[0], half), lambda t, i: tirx.cos(angle(t, i)), name="rope_cos")
-        sin = te.compute((pos.shape[0], half), lambda t, i: tirx.sin(angle(t, i)), name="rope_sin")
-
-        def body(b, s, h, d):
-            t = b * seq + s
-            rotated = tirx.if_then_else(d < half, -xt[b, s, h, d + half], xt[b, s, h, d - half])
-            value = xt[b, s, h, d].astype("float32") * cos[t, d % half] + rotated.astype("float32") * sin[t, d % half]
-            return value.astype(xt.dtype)
-
-        return te.compute(xt.shape, body, name="rope")
-
-    return op.tensor_expr_op(compute, "rope", [x, positions])
 
 
 class Block(nn.Module):
@@ -115,22 +89,24 @@ class Block(nn.Module):
         self.ffn_up = nn.Linear(h, cfg.intermediate_size, bias=False)
         self.ffn_down = nn.Linear(cfg.intermediate_size, h, bias=False)
         self.post_ffw_norm = norm(h)
+        self.rope = NeoxRope(cfg.rope_local_theta if cfg.is_sliding(layer) else cfg.rope_theta, hd)
+        self.ffn_act = GeGLU()
 
     def attention(self, x: Tensor, kv: PagedKVCache, positions: Tensor) -> Tensor:
         c = self.cfg
         b, s, _ = x.shape
-        theta = c.rope_local_theta if c.is_sliding(self.layer) else c.rope_theta
         q = self.attn_q_norm(op.reshape(self.attn_q(x), (b, s, c.num_heads, c.head_dim)))  # [b, s, hq, d]
         k = self.attn_k_norm(op.reshape(self.attn_k(x), (b, s, c.num_kv_heads, c.head_dim)))  # [b, s, hkv, d]
         v = op.reshape(self.attn_v(x), (b, s, c.num_kv_heads, c.head_dim))
-        qkv = op.concat([rope(q, positions, theta), rope(k, positions, theta), v], dim=2)
-        out = kv.attention_with_fused_qkv(self.layer, qkv, c.num_heads, sm_scale=c.query_scale)  # [b, s, hq, d]
+        q = self.rope(q, positions) * c.query_scale  # scaled before the dot products, as llama.cpp does
+        qkv = op.concat([q, self.rope(k, positions), v], dim=2)
+        out = kv.attention_with_fused_qkv(self.layer, qkv, c.num_heads, sm_scale=1.0)  # [b, s, hq, d]
         return self.attn_output(op.reshape(out, (b, s, c.num_heads * c.head_dim)))
 
     def forward(self, x: Tensor, kv: PagedKVCache, positions: Tensor) -> Tensor:
         x = x + self.post_attention_norm(self.attention(self.attn_norm(x), kv, positions))
         h = self.ffn_norm(x)
-        h = self.ffn_down(op.gelu(self.ffn_gate(h), approximate="tanh") * self.ffn_up(h))
+        h = self.ffn_down(self.ffn_act(self.ffn_gate(h), self.ffn_up(h)))
         return x + self.post_ffw_norm(h)
 
 
@@ -143,7 +119,7 @@ class Gemma3Model(nn.Module):
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def embed(self, ids: Tensor) -> Tensor:
-        return self.token_embd(ids) * math.sqrt(self.cfg.hidden_size)  # [n, h]
+        return self.token_embd(ids) * float(np.sqrt(np.float32(self.cfg.hidden_size)))  # [n, h], sqrtf's rounding
 
     def body(self, x: Tensor, kv: PagedKVCache) -> Tensor:
         b, s, _ = x.shape

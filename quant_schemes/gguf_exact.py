@@ -12,6 +12,10 @@ llama-cpp-python 0.3.36 vendors) including its order of float operations and whe
   are summed as `hsum_float_8` does, then the blocks' min terms (summed with fused multiply-adds) added.
 - RMSNorm: the sum of squares in float64, one element at a time.
 - SwiGLU: silu(g) * u with ggml's vector exp (`ggml_v_expf`), libm's expf for a row's last n % 8 elements.
+- GeGLU: ggml's table of GeLU-tanh at every float16 (libm's tanhf, rounded to float16) at x rounded to
+  float16, times u; 0 below -10 and x * u above 10.
+- RoPE applied by the model (rotate-half, "NEOX"): ggml's angle cache (position times powf(base, -2 / d)
+  once per pair, libm's cosf and sinf) and its rotation as GCC contracts it.
 
 The float operations here use explicit fused multiply-adds where ggml has them and plain ones elsewhere:
 TVM's LLVM backend fuses a * b + c on its own (it allows FP contraction), which must not happen where ggml
@@ -20,6 +24,8 @@ rounds twice, so no kernel here leaves a multiply feeding an add.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 from dataclasses import dataclass
 
@@ -45,9 +51,10 @@ from quant_schemes.gguf_int8 import (
 from quant_schemes.vector_exprs import concat
 
 Q = GGMLQuantizationType
-# Block types whose llama.cpp AVX2 dot product this module reproduces (Q4_0 is repacked by llama.cpp, K-quants
-# go through its tiled kernels: their summation orders differ).
-EXACT_TYPES = {Q.Q4_1, Q.Q8_0}
+# Block types whose llama.cpp AVX2 matmul this module (or gguf_exact_kquants.py) reproduces. Q4_0 is repacked by
+# llama.cpp into kernels of another order; Q5_0 has Q8_0's arithmetic and is stored here with its codes widened
+# to Q8_0's bytes.
+EXACT_TYPES = {Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K}
 LANES = 8
 
 
@@ -140,9 +147,33 @@ class GroupLayout:
 GROUP_LAYOUTS = {Q.Q4_1: GroupLayout(20, 16, 32), Q.Q8_0: GroupLayout(34, None, 16)}
 
 
+def group_bytes(qtype: GGMLQuantizationType, n_in: int) -> int:
+    """Bytes of one group of 8 rows of `n_in` columns as `group_rows` stores them."""
+    from quant_schemes.gguf_exact_kquants import LAYOUTS, SUPER
+
+    if qtype in LAYOUTS:
+        return n_in // SUPER * LAYOUTS[qtype].size
+    return n_in // CHUNK * GROUP_LAYOUTS[Q.Q8_0 if qtype == Q.Q5_0 else qtype].group_bytes
+
+
+def q5_0_as_q8_0(raw: np.ndarray) -> np.ndarray:
+    """Q5_0 rows -> Q8_0 rows of the same values (d, then 32 int8 codes per block): no rounding, wider codes."""
+    blocks = raw.reshape(raw.shape[0], -1, 22)
+    high = np.unpackbits(blocks[..., 2:6], axis=-1, bitorder="little")  # [rows, blocks, 32]: bit 4 of column i
+    low = np.concatenate([blocks[..., 6:] & 15, blocks[..., 6:] >> 4], axis=-1)
+    codes = ((low | (high << 4)).astype(np.int16) - 16).astype(np.int8).view(np.uint8)
+    return np.concatenate([blocks[..., 0:2], codes], axis=-1).reshape(raw.shape[0], -1)
+
+
 def group_rows(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """GGUF rows [n_out, row_bytes] -> [ceil(n_out / 8), chunks * 8 * block_bytes] in the GroupLayout (rows past
-    n_out are zero): the same bits, reordered, so one 32-byte load holds one word of 8 rows."""
+    """GGUF rows [n_out, row_bytes] -> [ceil(n_out / 8), group_bytes] in the GroupLayout (rows past n_out are
+    zero): the same bits, reordered, so one 32-byte load holds one word of 8 rows (K-quants: `group_rows_k`)."""
+    from quant_schemes.gguf_exact_kquants import LAYOUTS, group_rows_k
+
+    if qtype in LAYOUTS:
+        return group_rows_k(raw, qtype)
+    if qtype == Q.Q5_0:
+        raw, qtype = q5_0_as_q8_0(raw), Q.Q8_0
     if qtype == Q.Q4_1:
         return interleave_rows(raw, qtype)
     blocks = row_group_blocks(raw, GROUP_LAYOUTS[qtype].block_bytes)  # [G, C, 8, bb]
@@ -159,8 +190,14 @@ def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pri
     llama.cpp keeps 8 float accumulators per row, lane m summing columns 4m..4m+3 of every block; here 8 rows
     go side by side, so accumulator m holds lane m of 8 rows and each vector operation is, lane for lane, the
     operation llama.cpp does for that row: the same results, with 8 rows' work in one instruction and the
-    weights read as one stream.
+    weights read as one stream. K-quants: `kquant_matmul`.
     """
+    from quant_schemes.gguf_exact_kquants import LAYOUTS, kquant_matmul
+
+    if qtype in LAYOUTS:
+        return kquant_matmul(qtype, n_in, n_out)
+    if qtype == Q.Q5_0:
+        return exact_matmul(Q.Q8_0, n_in, n_out)
     lay = GROUP_LAYOUTS[qtype]
     chunks = n_in // CHUNK
     row_groups = -(-n_out // LANE_ROWS)
@@ -327,6 +364,82 @@ def swiglu_kernel(width: int) -> tirx.PrimFunc:
     return kernel
 
 
+# ggml_gelu_f32's constants (GELU_COEF_A, SQRT_2_OVER_PI) as float32.
+GELU_COEF_A = float(np.float32(0.044715))
+SQRT_2_OVER_PI = float(np.float32(0.79788456080286535587989211986876))
+
+
+def gelu_f16(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """ggml_table_gelu_f16 at x rounded to float16, as float32: the table entry is ggml_gelu_f32 (with
+    1 + a*x*x fused, as GCC compiles it) of that float16, rounded to float16."""
+    xh = _f16_round(x)
+    inner = fma(tirx.const(GELU_COEF_A, "float32") * xh, xh, tirx.const(1.0, "float32"))
+    t = tirx.call_pure_extern("float32", "tanhf", tirx.const(SQRT_2_OVER_PI, "float32") * xh * inner)
+    return _f16_round(tirx.const(0.5, "float32") * xh * (tirx.const(1.0, "float32") + t))
+
+
+@functools.cache
+def geglu_kernel(width: int) -> tirx.PrimFunc:
+    """ggml_vec_geglu_f32 per row (GGML_GELU_FP16): the float16 table's GeLU of g, times u."""
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(var_g: T.handle, var_u: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n = T.int64()
+        g = T.match_buffer(var_g, (n, width), "float32")
+        u = T.match_buffer(var_u, (n, width), "float32")
+        y = T.match_buffer(var_y, (n, width), "float32")
+        for r in T.parallel(n):
+            for i in range(width):
+                x = T.meta_var(g[r, i])
+                y[r, i] = T.Select(
+                    x <= T.float32(-10),
+                    T.float32(0),
+                    T.Select(x >= T.float32(10), x * u[r, i], gelu_f16(x) * u[r, i]),
+                )
+
+    return kernel
+
+
+def ggml_theta_scale(theta: float, rotary_dim: int) -> float:
+    """powf(theta, -2.0f / n_dims) from the C library, as ggml computes it."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.powf.restype, libm.powf.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
+    exponent = float(np.float32(-2.0) / np.float32(rotary_dim))
+    return float(libm.powf(theta, exponent))
+
+
+@functools.cache
+def neox_rope_kernel(heads: int, dim: int, theta: float) -> tirx.PrimFunc:
+    """ggml_rope_ext (NEOX) of x [n, heads, dim] at positions [n]: ggml_rope_cache_init's angles (theta
+    multiplied by powf(base, -2 / dim) pair by pair, cosf and sinf), rotate_pairs as GCC contracts it."""
+    half = dim // 2
+    theta_scale = ggml_theta_scale(theta, dim)
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(var_x: T.handle, var_pos: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n = T.int64()
+        x = T.match_buffer(var_x, (n, heads, dim), "float32")
+        pos = T.match_buffer(var_pos, (n,), "int32")
+        y = T.match_buffer(var_y, (n, heads, dim), "float32")
+        for t in T.parallel(n):
+            cos = T.alloc_buffer((half,), "float32", scope="local")
+            sin = T.alloc_buffer((half,), "float32", scope="local")
+            angle = T.alloc_buffer((1,), "float32", scope="local")
+            angle[0] = T.Cast("float32", pos[t])
+            for i in range(half):
+                cos[i] = T.cos(angle[0])
+                sin[i] = T.sin(angle[0])
+                angle[0] = angle[0] * T.float32(theta_scale)
+            for h in range(heads):
+                for i in T.vectorized(half):
+                    y[t, h, i] = fma(x[t, h, i], cos[i], -(x[t, h, i + half] * sin[i]))
+                    y[t, h, i + half] = fma(x[t, h, i], sin[i], x[t, h, i + half] * cos[i])
+
+    return kernel
+
+
 def _rows_op(kernel: tirx.PrimFunc, name: str, inputs: list[Tensor], like: Tensor) -> Tensor:
     """Run a row-wise kernel on [..., width] tensors flattened to rows; the result has `like`'s shape."""
     width = like.shape[-1]
@@ -351,3 +464,24 @@ class LlamaCppSwiGLU(nn.Module):
 
     def forward(self, gate: Tensor, up: Tensor) -> Tensor:
         return _rows_op(swiglu_kernel(int(gate.shape[-1])), "swiglu_llamacpp", [gate, up], gate)
+
+
+class LlamaCppGeGLU(nn.Module):
+    """gelu_tanh(gate) * up computed as llama.cpp's fused geglu does."""
+
+    def forward(self, gate: Tensor, up: Tensor) -> Tensor:
+        return _rows_op(geglu_kernel(int(gate.shape[-1])), "geglu_llamacpp", [gate, up], gate)
+
+
+class LlamaCppNeoxRope(nn.Module):
+    """model_defs.common.NeoxRope computed as llama.cpp does."""
+
+    def __init__(self, theta: float, head_dim: int):
+        self.theta, self.head_dim = theta, head_dim
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        b, s, heads, dim = x.shape
+        rows = op.reshape(x, (-1, heads, dim))
+        out = Tensor.placeholder(list(rows.shape), "float32")
+        kernel = neox_rope_kernel(int(heads), int(dim), float(self.theta))
+        return op.reshape(op.tensor_ir_op(kernel, "rope_llamacpp", [rows, positions], out), x.shape)

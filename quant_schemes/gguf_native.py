@@ -17,7 +17,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.target import Target
 
 from artifacts.errors import MlccError
-from model_defs.common import SwiGLU
+from model_defs.common import GeGLU, NeoxRope, SwiGLU
 from quant_schemes.base import PackedModule, QuantScheme
 
 Q = GGMLQuantizationType
@@ -176,16 +176,18 @@ class GGUFLinear(PackedModule):
         int8_activations: bool,
         llamacpp: bool = False,
     ):
-        from quant_schemes.gguf_exact import GROUP_LAYOUTS
+        from quant_schemes.gguf_exact import EXACT_TYPES, group_bytes
         from quant_schemes.gguf_int8 import INTERLEAVED, LANE_ROWS
 
         self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
         self.int8_activations = int8_activations and dtype == "float32"
         self.llamacpp = llamacpp and self.int8_activations  # llama.cpp's own order of operations
         # The int8 kernels read some types with 8 rows' blocks interleaved (the same bits, reordered).
-        self.interleaved = self.int8_activations and fmt.qtype in (GROUP_LAYOUTS if self.llamacpp else INTERLEAVED)
+        self.interleaved = self.int8_activations and fmt.qtype in (EXACT_TYPES if self.llamacpp else INTERLEAVED)
         row_bytes = fmt.row_bytes(in_features)
-        if self.interleaved:
+        if self.interleaved and self.llamacpp:
+            shape = (-(-out_features // LANE_ROWS), group_bytes(fmt.qtype, in_features))
+        elif self.interleaved:
             shape = (-(-out_features // LANE_ROWS), row_bytes * LANE_ROWS)
         else:
             shape = (out_features, row_bytes)
@@ -274,7 +276,7 @@ class GGUFNativeScheme(QuantScheme):
     (llama.cpp's arithmetic, and its speed); "f32" decodes weights to float (the exact dequantized model).
     With "q8" on an AVX2 CPU and only block types whose llama.cpp kernels quant_schemes/gguf_exact.py
     reproduces, the model computes llama.cpp's very numbers (`llamacpp_numerics`): its matmuls, RMSNorm,
-    SwiGLU, RoPE, float16 K/V and attention, operation for operation; `llamacpp=False` ("gguf-fast") keeps
+    SwiGLU, GeGLU, RoPE, float16 K/V and attention, operation for operation; `llamacpp=False` ("gguf-fast") keeps
     mlcc's own summation order instead (a chunk's words summed as integers, one float scaling per chunk:
     faster prefill).
     """
@@ -320,7 +322,7 @@ class GGUFNativeScheme(QuantScheme):
         return 0.0  # mixed; the artifact's weight bytes tell the real figure
 
     def quantize_model(self, model: nn.Module) -> list[str]:
-        from quant_schemes.gguf_exact import LlamaCppRMSNorm, LlamaCppSwiGLU
+        from quant_schemes.gguf_exact import LlamaCppGeGLU, LlamaCppNeoxRope, LlamaCppRMSNorm, LlamaCppSwiGLU
 
         scheme = self
 
@@ -330,6 +332,10 @@ class GGUFNativeScheme(QuantScheme):
                     return LlamaCppRMSNorm(int(node.weight.shape[0]), float(node.epsilon))
                 if scheme.llamacpp_numerics and isinstance(node, SwiGLU):
                     return LlamaCppSwiGLU()
+                if scheme.llamacpp_numerics and isinstance(node, GeGLU):
+                    return LlamaCppGeGLU()
+                if scheme.llamacpp_numerics and isinstance(node, NeoxRope):
+                    return LlamaCppNeoxRope(node.theta, node.head_dim)
                 qtype = scheme.tensor_types.get(f"{name}.weight")
                 if qtype is None or qtype in FLOAT_TYPES:
                     return self.visit(name, node)

@@ -54,10 +54,16 @@ def _half(b: np.ndarray, at: int) -> np.ndarray:
 
 
 def vec_dot(raw: np.ndarray, qtype: str, x: np.ndarray) -> np.ndarray:
-    """ggml_vec_dot_q4_1_q8_1 / ggml_vec_dot_q8_0_q8_0 (= tinyBLAS's Q8_0 order) of every row of `raw`
+    """ggml_vec_dot_q4_1_q8_1 / ggml_vec_dot_q8_0_q8_0 / ..._q5_0_q8_0 (= tinyBLAS's order) of every row of `raw`
     (GGUF blocks, [rows, bytes]) with every token of x [t, n_in] -> [t, rows]."""
     n_in = x.shape[1]
-    if qtype == "Q4_1":
+    if qtype == "Q5_0":  # its codes as Q8_0's; the arithmetic is the same
+        b = _blocks(raw, n_in, 22)
+        high = np.unpackbits(b[..., 2:6], axis=-1, bitorder="little").astype(np.int64)
+        low = np.concatenate([b[..., 6:] & 15, b[..., 6:] >> 4], -1).astype(np.int64)
+        d, m = _half(b, 0), None
+        w = (low | (high << 4)) - 16
+    elif qtype == "Q4_1":
         b = _blocks(raw, n_in, 20)
         d, m = _half(b, 0), _half(b, 2)
         w = np.concatenate([b[..., 4:] & 15, b[..., 4:] >> 4], -1).astype(np.int64)
@@ -75,6 +81,81 @@ def vec_dot(raw: np.ndarray, qtype: str, x: np.ndarray) -> np.ndarray:
         if m is not None:
             mins = fma(m[None, :, blk], xs[:, None, blk], mins)
     return (hsum8(acc) + mins).astype(f32)
+
+
+def quantize_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_row_q8_K of [t, n]: per 256 columns d = 1 / (127 / max|x|) and the int8 codes [t, S, 256]."""
+    blocks = x.reshape(x.shape[0], -1, 256).astype(f32)
+    amax = np.abs(blocks).max(-1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, f32(127) / amax, f32(0)).astype(f32)
+        d = np.where(amax != 0, f32(1) / inv, f32(0)).astype(f32)
+    return d, np.rint((blocks * inv[..., None]).astype(f32)).astype(np.int64)
+
+
+def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """get_scale_min_k4 for j = 0..7 of Q4_K's 12 scale bytes [..., 12] -> scales, mins [..., 8]."""
+    s = s.astype(np.int64)
+    sc = [s[..., j] & 63 for j in range(4)] + [(s[..., j + 4] & 15) | ((s[..., j - 4] >> 6) << 4) for j in range(4, 8)]
+    mn = [s[..., j + 4] & 63 for j in range(4)] + [(s[..., j + 4] >> 4) | ((s[..., j] >> 6) << 4) for j in range(4, 8)]
+    return np.stack(sc, -1), np.stack(mn, -1)
+
+
+def vec_dot_k(raw: np.ndarray, qtype: str, x: np.ndarray) -> np.ndarray:
+    """Q4_K as ggml_gemv/gemm_q4_K_8x8_q8_K, Q6_K as ggml_vec_dot_q6_K_q8_K (or ggml's tiled matmul from 8
+    tokens on), of every row of `raw` (GGUF
+    blocks [rows, bytes]) with every token of x [t, n_in] -> [t, rows]; decoded after dequantize_row_q*_K."""
+    rows, n_in = raw.shape[0], x.shape[1]
+    xd, xq = quantize_q8_k(x)  # [t, S], [t, S, 256]
+    if qtype == "Q4_K":
+        b = raw.reshape(rows, n_in // 256, 144)
+        d, dmin = _half(b, 0), _half(b, 2)
+        sc, mn = _k_scales(b[..., 4:16])
+        qs = b[..., 16:].reshape(rows, -1, 4, 32).astype(np.int64)
+        w = np.stack([qs & 15, qs >> 4], axis=-2).reshape(rows, -1, 8, 32)  # [r, S, sub-block, 32]
+        dots = np.einsum("rsjk,tsjk->trsj", w, xq.reshape(*xq.shape[:2], 8, 32))
+        # [t, r, S, pair]: the GEMM (tokens in fours) scales each pair of sub-blocks, the GEMV each super-block
+        isum = (dots * sc[None]).reshape(*dots.shape[:3], 4, 2).sum(-1)
+        imin = (xq.reshape(*xq.shape[:2], 8, 32).sum(-1)[:, None] * mn[None]).reshape(*dots.shape[:3], 4, 2).sum(-1)
+        tiled = np.arange(x.shape[0]) < x.shape[0] - x.shape[0] % 4
+        isum[~tiled, :, :, 0], imin[~tiled, :, :, 0] = isum[~tiled].sum(-1), imin[~tiled].sum(-1)
+        acc = np.zeros((x.shape[0], rows), f32)
+        mins = np.zeros((x.shape[0], rows), f32)
+        for s in range(n_in // 256):
+            scale, min_scale = (
+                (d[None, :, s] * xd[:, None, s]).astype(f32),
+                (dmin[None, :, s] * xd[:, None, s]).astype(f32),
+            )
+            for p in range(4):
+                new_acc = fma(isum[..., s, p].astype(f32), scale, acc)
+                new_mins = fma(imin[..., s, p].astype(f32), min_scale, mins)
+                keep = tiled[:, None] | (p == 0)
+                acc, mins = np.where(keep, new_acc, acc), np.where(keep, new_mins, mins)
+        return (acc - mins).astype(f32)
+    b = raw.reshape(rows, n_in // 256, 210)
+    d = b[..., 208:210].copy().view(np.float16)[..., 0].astype(f32)
+    sc = b[..., 192:208].copy().view(np.int8).astype(np.int64)  # [r, S, 16]
+    ql = b[..., 0:128].reshape(rows, -1, 2, 64).astype(np.int64)
+    qh = b[..., 128:192].reshape(rows, -1, 2, 32).astype(np.int64)
+    quarters = [(ql[..., :32] & 15) | ((qh & 3) << 4), (ql[..., 32:] & 15) | (((qh >> 2) & 3) << 4),
+                (ql[..., :32] >> 4) | (((qh >> 4) & 3) << 4), (ql[..., 32:] >> 4) | (((qh >> 6) & 3) << 4)]  # fmt: skip
+    w = np.stack(quarters, axis=-2).reshape(rows, -1, 8, 8, 4)  # [r, S, chunk, lane, 4]: unsigned codes
+    dots = np.einsum("rsglk,tsglk->trsgl", w, xq.reshape(*xq.shape[:2], 8, 8, 4))  # [t, r, S, chunk, lane]
+    lane_scale = np.stack([sc[..., 0::2], sc[..., 1::2]], -1)  # [r, S, chunk, half]: sub-block 2 chunk + half
+    main = (dots * lane_scale[None, :, :, :, np.arange(8) // 4]).sum(-2)  # [t, r, S, lane]
+    bsums = xq.reshape(*xq.shape[:2], 16, 16).sum(-1)  # [t, S, 16]
+    sub = 32 * (bsums[:, None, :, 0::2] * sc[None, :, :, 0::2] + bsums[:, None, :, 1::2] * sc[None, :, :, 1::2])
+    if x.shape[0] >= 8:  # ggml's tiled matmul: per super-block (d_w * float(total)) * d_x, fused
+        total = (main - sub).sum(-1).astype(f32)  # [t, r, S]
+        out = np.zeros((x.shape[0], rows), f32)
+        for s in range(n_in // 256):
+            out = fma((d[None, :, s] * total[..., s]).astype(f32), xd[:, None, s], out)
+        return out
+    lanes = (main - sub).astype(f32)
+    acc = np.zeros((x.shape[0], rows, 8), f32)
+    for s in range(n_in // 256):
+        acc = fma((xd[:, None, s] * d[None, :, s]).astype(f32)[..., None], lanes[:, :, s], acc)
+    return hsum8(acc)
 
 
 def v_expf(x: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from ggml_reference import rms_norm, swiglu, v_expf, vec_dot
+from ggml_reference import rms_norm, swiglu, v_expf, vec_dot, vec_dot_k
 from gguf import GGMLQuantizationType as Q
 from tvm.script import tirx as T
 
@@ -28,7 +28,17 @@ def _run(func, *arrays, outputs):
 def _blocks(qtype: Q, rows: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
     """Random GGUF rows: small float16 scales (and mins), random codes."""
     blocks = n_in // 32
-    if qtype == Q.Q4_1:
+    if qtype in (Q.Q4_K, Q.Q6_K):
+        size, at = (144, 0) if qtype == Q.Q4_K else (210, 208)
+        raw = rng.integers(0, 256, (rows, n_in // 256, size), dtype=np.uint8)
+        halves = 2 if qtype == Q.Q4_K else 1
+        raw[..., at : at + 2 * halves] = (
+            np.abs(rng.normal(0, 0.002, (rows, n_in // 256, halves))).astype(np.float16).view(np.uint8)
+        )
+    elif qtype == Q.Q5_0:
+        raw = rng.integers(0, 256, (rows, blocks, 22), dtype=np.uint8)
+        raw[..., 0:2] = rng.normal(0, 0.02, (rows, blocks, 1)).astype(np.float16).view(np.uint8)
+    elif qtype == Q.Q4_1:
         raw = rng.integers(0, 256, (rows, blocks, 20), dtype=np.uint8)
         raw[..., 0:4] = rng.normal(0, 0.02, (rows, blocks, 2)).astype(np.float16).view(np.uint8)
     else:
@@ -37,7 +47,10 @@ def _blocks(qtype: Q, rows: int, n_in: int, rng: np.random.Generator) -> np.ndar
     return raw.reshape(rows, -1)
 
 
-@pytest.mark.parametrize(("qtype", "n_in", "n_out"), [(Q.Q4_1, 96, 13), (Q.Q8_0, 64, 11), (Q.Q4_1, 4096, 17)])
+@pytest.mark.parametrize(
+    ("qtype", "n_in", "n_out"),
+    [(Q.Q4_1, 96, 13), (Q.Q8_0, 64, 11), (Q.Q4_1, 4096, 17), (Q.Q5_0, 96, 13), (Q.Q4_K, 512, 13), (Q.Q6_K, 768, 11)],
+)
 def test_matmul_is_ggml_vec_dot(qtype: Q, n_in: int, n_out: int):
     rng = np.random.default_rng(0)
     raw = _blocks(qtype, n_out, n_in, rng)
@@ -49,7 +62,8 @@ def test_matmul_is_ggml_vec_dot(qtype: Q, n_in: int, n_out: int):
         x[0, :32] = 0  # an all-zero block: scale 0
         y = tvm.runtime.tensor(np.zeros((tokens, n_out), np.float32))
         lib["main"](tvm.runtime.tensor(x), data, y)
-        np.testing.assert_array_equal(y.numpy(), vec_dot(raw, qtype.name, x))
+        reference = vec_dot_k if qtype in (Q.Q4_K, Q.Q6_K) else vec_dot
+        np.testing.assert_array_equal(y.numpy(), reference(raw, qtype.name, x))
 
 
 def test_v_expf_is_ggml():

@@ -1,0 +1,290 @@
+"""llama.cpp's K-quant matmuls on x86 CPUs with AVX2, op for op (see quant_schemes/gguf_exact.py for why):
+
+- Q4_K goes through llama.cpp's repacked 8-row kernels (`ggml_gemv_q4_K_8x8_q8_K`, `ggml_gemm_..._q8_K`): the
+  integer sums of sub-blocks times their 6-bit scales (and the activations' sums times the 6-bit mins) are
+  exact; then acc += float(isum) * (d_w * d_x) and mins += float(imin) * (dmin_w * d_x), fused, and the row's
+  result is acc - mins. The GEMM (tokens in fours: all but the last n % 4 of a batch) does this per pair of
+  sub-blocks, the GEMV (the rest) once per super-block of 256 columns.
+- Q6_K goes through `ggml_vec_dot_q6_K_q8_K` for batches of up to 7 tokens: 8 integer lanes per super-block,
+  lane L holding columns 4L..4L+3 of each 32-column chunk times its 16-column scale, less 32 * the scaled
+  sums of the activations' 16-column blocks 2L and 2L + 1; each lane fused into a float accumulator with
+  d_w * d_x, and the 8 lanes summed as `hsum_float_8` at the end. Larger batches go through ggml's tiled
+  K-quant matmul (ggml-cpu/tiled): per super-block acc += (d_w * float(isum)) * d_x, fused, isum the whole
+  super-block's exact integer sum.
+
+Activations are quantized per 256 columns as `quantize_row_q8_K`: multiplier 127 / max|x|, codes rounded half
+to even, scale 1 / multiplier. As in gguf_exact.py, 8 rows go side by side (row r in vector lane r), so each
+vector instruction does, lane for lane, what llama.cpp does for one row.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from tvm import tirx
+from tvm.script import tirx as T
+
+from quant_schemes.gguf_exact import fma
+from quant_schemes.gguf_int8 import LANE_ACTIVATION_BYTES, LANE_ROWS, TASKS, TOKENS, _intrin, row_group_blocks
+from quant_schemes.vector_exprs import concat, tree_sum
+
+Q = GGMLQuantizationType
+SUPER = 256  # columns per super-block (and per activation scale)
+CHUNK = 32
+
+
+@dataclass(frozen=True)
+class SuperLayout:
+    """Byte offsets in one super-block of 8 rows stored side by side: the rows' float16 d (and dmin), their
+    sub-block scales (and mins) as [sub-block][row], then per 32-column chunk the 4-bit codes of words m and
+    m + 4 (columns 4m..4m+3 of 8 rows, [row][column]) as low and high nibbles of 32 bytes, and for Q6_K per
+    chunk bits 4-5 of words m, m + 2, m + 4, m + 6 as the 2-bit fields of 32 bytes. The GGUF bits, reordered."""
+
+    minimum: int | None
+    sub_scales: int
+    sub_mins: int | None
+    low: int
+    high: int | None
+    size: int
+    sub_blocks: int
+    block_bytes: int  # the GGUF block
+
+
+LAYOUTS = {
+    Q.Q4_K: SuperLayout(
+        minimum=16, sub_scales=32, sub_mins=96, low=160, high=None, size=1184, sub_blocks=8, block_bytes=144
+    ),  # fmt: skip
+    Q.Q6_K: SuperLayout(
+        minimum=None, sub_scales=16, sub_mins=None, low=144, high=1168, size=1680, sub_blocks=16, block_bytes=210
+    ),  # fmt: skip
+}
+
+
+def decode_q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K blocks [..., 144] -> d, dmin (float16 bytes [..., 2]), scales, mins [..., 8], codes [..., 256]."""
+    s = blocks[..., 4:16].astype(np.uint8)  # get_scale_min_k4
+    scales = [s[..., j] & 63 for j in range(4)] + [
+        (s[..., j + 4] & 15) | (s[..., j - 4] >> 6 << 4) for j in range(4, 8)
+    ]
+    mins = [s[..., j + 4] & 63 for j in range(4)] + [(s[..., j + 4] >> 4) | (s[..., j] >> 6 << 4) for j in range(4, 8)]
+    qs = blocks[..., 16:144].reshape(*blocks.shape[:-1], 4, 32)
+    codes = np.stack([qs & 15, qs >> 4], axis=-2).reshape(*blocks.shape[:-1], SUPER)
+    return blocks[..., 0:2], blocks[..., 2:4], np.stack(scales, -1), np.stack(mins, -1), codes
+
+
+def decode_q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q6_K blocks [..., 210] -> d (float16 bytes [..., 2]), int8 scales [..., 16], codes 0..63 [..., 256]."""
+    lead = blocks.shape[:-1]
+    ql = blocks[..., 0:128].reshape(*lead, 2, 64)
+    qh = blocks[..., 128:192].reshape(*lead, 2, 32)
+    quarters = [
+        (ql[..., :32] & 15) | ((qh & 3) << 4),
+        (ql[..., 32:] & 15) | (((qh >> 2) & 3) << 4),
+        (ql[..., :32] >> 4) | (((qh >> 4) & 3) << 4),
+        (ql[..., 32:] >> 4) | (((qh >> 6) & 3) << 4),
+    ]
+    codes = np.stack(quarters, axis=-2).reshape(*lead, SUPER)
+    return blocks[..., 208:210], blocks[..., 192:208], codes
+
+
+def group_rows_k(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """GGUF rows [n_out, row_bytes] -> [ceil(n_out / 8), super-blocks * size] in the SuperLayout."""
+    lay = LAYOUTS[qtype]
+    blocks = row_group_blocks(raw, lay.block_bytes)  # [G, S, 8, bb]
+    groups, supers = blocks.shape[:2]
+    if qtype == Q.Q4_K:
+        d, dmin, scales, mins, codes = decode_q4_k(blocks)
+        heads = [d, dmin, scales.swapaxes(-1, -2), mins.swapaxes(-1, -2)]
+    else:
+        d, scales, codes = decode_q6_k(blocks)
+        heads = [d, scales.swapaxes(-1, -2)]
+    words = codes.reshape(groups, supers, LANE_ROWS, 8, 8, 4).transpose(0, 1, 3, 4, 2, 5)  # [G, S, c, m, r, k]
+    low = words & 15
+    parts = [*heads, low[:, :, :, :4] | (low[:, :, :, 4:] << 4)]  # [G, S, c, 4, r, k]
+    if lay.high is not None:
+        high = (words >> 4).reshape(groups, supers, 8, 4, 2, LANE_ROWS, 4)  # m = 2 q + m2: [.., q, m2, r, k]
+        parts.append(sum(high[:, :, :, q] << (2 * q) for q in range(4)).astype(np.uint8))  # [G, S, c, 2, r, k]
+    flat = np.concatenate([p.astype(np.uint8).reshape(groups, supers, -1) for p in parts], axis=-1)
+    assert flat.shape[-1] == lay.size
+    return np.ascontiguousarray(flat.reshape(groups, -1))
+
+
+def _pairs_to_int16(v: tirx.PrimExpr) -> tirx.PrimExpr:
+    """int16x8 scales of 8 rows -> int16x16 with each repeated (the two int16 lanes of a row)."""
+    return tirx.Shuffle([v, v], [tirx.IntImm("int32", i // 2) for i in range(16)])
+
+
+@functools.cache
+def kquant_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.PrimFunc:
+    """y[t, o] = sum_k x[t, k] * W[o, k] as llama.cpp's AVX2 build computes it, W in `group_rows_k` form."""
+    lay = LAYOUTS[qtype]
+    q6 = qtype == Q.Q6_K
+    supers = n_in // SUPER
+    row_groups = -(-n_out // LANE_ROWS)
+    tasks = min(TASKS, row_groups)
+    groups_per_task = -(-row_groups // tasks)
+    block_tokens = max(TOKENS, LANE_ACTIVATION_BYTES // n_in)
+    sums_per_super = 16 if q6 else 8  # activation sums per super-block: Q6_K per 16 columns, Q4_K per 32
+    sum_width = SUPER // sums_per_super
+
+    def load(data, g, at, lanes: int) -> tirx.PrimExpr:
+        return tirx.BufferLoad(data, [g, tirx.Ramp(at, 1, lanes)])
+
+    def halves(data, g, at) -> tirx.PrimExpr:
+        return tirx.reinterpret("float16x8", load(data, g, at, 16)).astype("float32x8")
+
+    def row_bytes(data, g, at, dtype: str) -> tirx.PrimExpr:
+        """8 rows' uint8 (or int8) values at `at` as `dtype`x8."""
+        raw = load(data, g, at, 8)
+        if q6:
+            raw = tirx.reinterpret("int8x8", raw)
+        return raw.astype(f"{dtype}x8")
+
+    def codes(data, g, base, c, m: int) -> tirx.PrimExpr:
+        packed = load(data, g, base + lay.low + c * 128 + 32 * (m % 4), 32)
+        low = (
+            packed & tirx.Broadcast(tirx.const(15, "uint8"), 32)
+            if m < 4
+            else packed >> tirx.Broadcast(tirx.const(4, "uint8"), 32)
+        )
+        if not q6:
+            return low
+        bits = load(data, g, base + lay.high + c * 64 + 32 * (m % 2), 32) >> tirx.Broadcast(
+            tirx.const(2 * (m // 2), "uint8"), 32
+        )
+        high = (bits & tirx.Broadcast(tirx.const(3, "uint8"), 32)) << tirx.Broadcast(tirx.const(4, "uint8"), 32)
+        return low | high
+
+    def pairs(data, g, base, c, m: int, xq, t, s) -> tirx.PrimExpr:
+        """int16x16: each row's codes times the activations, columns 4m..4m+3 of chunk c summed in pairs."""
+        x4 = tirx.reinterpret("int32", tirx.BufferLoad(xq, [t, tirx.Ramp(s * SUPER + c * CHUNK + 4 * m, 1, 4)]))
+        xb = tirx.reinterpret("int8x32", tirx.Broadcast(x4, LANE_ROWS))
+        return _intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", codes(data, g, base, c, m), xb)
+
+    def chunk_lanes(data, g, base, c, xq, t, s) -> tirx.PrimExpr:
+        """int32 sums of chunk c: Q4_K one per row (x8), Q6_K the 8 lanes of each row (lane L of 8 rows at 8L)."""
+        if not q6:
+            scales = _pairs_to_int16(row_bytes(data, g, base + lay.sub_scales + 8 * c, "int16"))
+            return _intrin("int32x8", "llvm.x86.avx2.pmadd.wd", tree_sum([pairs(data, g, base, c, m, xq, t, s)
+                                                                          for m in range(8)]), scales)  # fmt: skip
+        lanes = []
+        for m in range(8):
+            sub = base + lay.sub_scales + 8 * (2 * c + m // 4)
+            scales = _pairs_to_int16(row_bytes(data, g, sub, "int16"))
+            lanes.append(_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs(data, g, base, c, m, xq, t, s), scales))
+        return concat(lanes)
+
+    def offsets(data, g, base, x_sum, t, s, pair=None) -> tirx.PrimExpr:
+        """Q4_K: sum_j min_j * (activations of sub-block j), j in `pair` (sub-blocks 2 pair, 2 pair + 1);
+        Q6_K: lane L's 32 * (scaled sums of 16-blocks 2L, 2L+1)."""
+
+        def term(at, k):
+            return row_bytes(data, g, at, "int32") * tirx.Broadcast(x_sum[t, s * sums_per_super + k], LANE_ROWS)
+
+        if not q6:
+            return tree_sum([term(base + lay.sub_mins + 8 * j, j) for j in (2 * pair, 2 * pair + 1)])
+        lanes = [term(base + lay.sub_scales + 16 * L, 2 * L) + term(base + lay.sub_scales + 16 * L + 8, 2 * L + 1)
+                 for L in range(8)]  # fmt: skip
+        return concat(lanes) * tirx.Broadcast(tirx.const(32, "int32"), 64)
+
+    @T.macro
+    def group_times_token(y, data, xq, x_scale, x_sum, g, t, acc, isum, tiled):
+        """y[t, g*8 .. g*8+7]; acc: the float accumulators (Q4_K: sums at 0, mins at 8; Q6_K: lane L at 8L),
+        isum: integer sums (Q4_K: a super-block's sums at 0, mins at 8, a pair of sub-blocks' at 16 and 24;
+        Q6_K: lane L at 8L). `tiled`: the token goes through llama.cpp's Q4_K GEMM (not its GEMV) or its tiled
+        Q6_K matmul (not vec_dot)."""
+        acc[T.Ramp(0, 1, 64)] = T.Broadcast(T.float32(0), 64)
+        for s in range(supers):
+            base = T.meta_var(s * lay.size)
+            scale = T.meta_var(halves(data, g, base) * T.Broadcast(x_scale[t, s], LANE_ROWS))
+            if q6:
+                isum[T.Ramp(0, 1, 64)] = T.Broadcast(T.int32(0), 64)
+                for c in range(8):
+                    isum[T.Ramp(0, 1, 64)] = isum[T.Ramp(0, 1, 64)] + chunk_lanes(data, g, base, c, xq, t, s)
+                isum[T.Ramp(0, 1, 64)] = isum[T.Ramp(0, 1, 64)] - offsets(data, g, base, x_sum, t, s)
+                if tiled:
+                    total = T.meta_var(tree_sum([isum[T.Ramp(8 * L, 1, 8)] for L in range(8)]).astype("float32x8"))
+                    acc[T.Ramp(0, 1, 8)] = fma(
+                        halves(data, g, base) * total, T.Broadcast(x_scale[t, s], LANE_ROWS), acc[T.Ramp(0, 1, 8)]
+                    )
+                else:
+                    acc[T.Ramp(0, 1, 64)] = fma(
+                        concat([scale] * 8), isum[T.Ramp(0, 1, 64)].astype("float32x64"), acc[T.Ramp(0, 1, 64)]
+                    )
+            else:
+                min_scale = T.meta_var(halves(data, g, base + lay.minimum) * T.Broadcast(x_scale[t, s], LANE_ROWS))
+                isum[T.Ramp(0, 1, 16)] = T.Broadcast(T.int32(0), 16)
+                for p in T.unroll(4):
+                    isum[T.Ramp(16, 1, 8)] = chunk_lanes(data, g, base, 2 * p, xq, t, s) + chunk_lanes(
+                        data, g, base, 2 * p + 1, xq, t, s
+                    )
+                    isum[T.Ramp(24, 1, 8)] = offsets(data, g, base, x_sum, t, s, p)
+                    if tiled:
+                        acc[T.Ramp(0, 1, 8)] = fma(
+                            isum[T.Ramp(16, 1, 8)].astype("float32x8"), scale, acc[T.Ramp(0, 1, 8)]
+                        )
+                        acc[T.Ramp(8, 1, 8)] = fma(
+                            isum[T.Ramp(24, 1, 8)].astype("float32x8"), min_scale, acc[T.Ramp(8, 1, 8)]
+                        )
+                    else:
+                        isum[T.Ramp(0, 1, 16)] = isum[T.Ramp(0, 1, 16)] + isum[T.Ramp(16, 1, 16)]
+                if not tiled:
+                    acc[T.Ramp(0, 1, 8)] = fma(isum[T.Ramp(0, 1, 8)].astype("float32x8"), scale, acc[T.Ramp(0, 1, 8)])
+                    acc[T.Ramp(8, 1, 8)] = fma(
+                        isum[T.Ramp(8, 1, 8)].astype("float32x8"), min_scale, acc[T.Ramp(8, 1, 8)]
+                    )
+        if q6 and not tiled:  # hsum_float_8 of each row's lanes
+            lanes = T.meta_var([acc[T.Ramp(8 * L, 1, LANE_ROWS)] for L in range(8)])
+            acc[T.Ramp(0, 1, 8)] = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + (
+                (lanes[1] + lanes[5]) + (lanes[3] + lanes[7])
+            )
+        if not q6:
+            acc[T.Ramp(0, 1, 8)] = acc[T.Ramp(0, 1, 8)] - acc[T.Ramp(8, 1, 8)]
+        if g * LANE_ROWS + LANE_ROWS <= n_out:
+            y[t, T.Ramp(g * LANE_ROWS, 1, LANE_ROWS)] = acc[T.Ramp(0, 1, 8)]
+        else:
+            for r in range(LANE_ROWS):
+                if g * LANE_ROWS + r < n_out:
+                    y[t, g * LANE_ROWS + r] = acc[r]
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(var_x: T.handle, data: T.Buffer((row_groups, supers * lay.size), "uint8"), var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n = T.int64()
+        x = T.match_buffer(var_x, (n, n_in), "float32")
+        y = T.match_buffer(var_y, (n, n_out), "float32")
+        xq = T.alloc_buffer((n, n_in), "int8")
+        x_scale = T.alloc_buffer((n, supers), "float32")
+        x_sum = T.alloc_buffer((n, supers * sums_per_super), "int32")
+        # quantize_row_q8_K: multiplier 127 / max|x|, codes rounded half to even, d = 1 / multiplier.
+        for t in T.parallel(n):
+            for s in range(supers):
+                amax = T.alloc_buffer((1,), "float32", scope="local")
+                amax[0] = T.float32(0)
+                for i in range(SUPER):
+                    amax[0] = T.max(amax[0], T.fabs(x[t, s * SUPER + i]))
+                inv = T.meta_var(T.if_then_else(amax[0] != T.float32(0), T.float32(127) / amax[0], T.float32(0)))
+                for i in range(SUPER):
+                    xq[t, s * SUPER + i] = T.Cast("int8", T.nearbyint(x[t, s * SUPER + i] * inv))
+                x_scale[t, s] = T.if_then_else(amax[0] != T.float32(0), T.float32(1) / inv, T.float32(0))
+                for k in range(sums_per_super):
+                    total = T.alloc_buffer((1,), "int32", scope="local")
+                    total[0] = 0
+                    for i in range(sum_width):
+                        total[0] = total[0] + T.Cast("int32", xq[t, s * SUPER + k * sum_width + i])
+                    x_sum[t, s * sums_per_super + k] = total[0]
+        for task in T.parallel(tasks):
+            acc = T.alloc_buffer((64,), "float32", scope="local")
+            isum = T.alloc_buffer((64,), "int32", scope="local")
+            for tb in range((n + block_tokens - 1) // block_tokens):
+                for gi in range(groups_per_task):
+                    if task * groups_per_task + gi < row_groups:
+                        for t in range(tb * block_tokens, T.min(n, (tb + 1) * block_tokens)):
+                            group = T.meta_var(task * groups_per_task + gi)
+                            tiled = T.meta_var(n >= 8 if q6 else t < n - n % 4)
+                            group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, tiled)
+
+    return kernel
