@@ -3,10 +3,12 @@ against tests/ggml_reference.py (ggml's AVX2 arithmetic in numpy, itself checked
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import tvm
-from ggml_reference import rms_norm, swiglu, v_expf, vec_dot, vec_dot_k
+from ggml_reference import geglu, gelu_table, rms_norm, rope_neox, swiglu, v_expf, vec_dot, vec_dot_k
 from gguf import GGMLQuantizationType as Q
 from tvm.script import tirx as T
 
@@ -99,3 +101,43 @@ def test_swiglu_is_ggml(width: int):
     u = rng.standard_normal((5, width)).astype(np.float32)
     (ours,) = _run(gguf_exact.swiglu_kernel(width), g, u, outputs=[g.shape])
     np.testing.assert_array_equal(ours, swiglu(g, u))
+
+
+# sha256 of llama.cpp's own ggml_table_gelu_f16 (read from libggml-cpu of llama-cpp-python 0.3.36, AVX2 build).
+LLAMACPP_GELU_TABLE_SHA256 = "5eceda6f287dec9dc0bcfa24516d6744a031a5c52d1984688b4558aeb1daf909"
+
+
+def test_gelu_table_is_llamacpps():
+    assert hashlib.sha256(gelu_table().tobytes()).hexdigest() == LLAMACPP_GELU_TABLE_SHA256
+
+
+@pytest.mark.parametrize("width", [2048, 13])
+def test_geglu_is_ggml(width: int):
+    rng = np.random.default_rng(4)
+    g = (rng.standard_normal((5, width)) * 4).astype(np.float32)
+    g[0, :10] = [-10, 10, -10.5, 9.999, 0, -0.0, 1e-7, 65504, 7e4, -3e38]  # the cut-offs, float16's edges
+    u = rng.standard_normal((5, width)).astype(np.float32)
+    (ours,) = _run(gguf_exact.geglu_kernel(width), g, u, outputs=[g.shape])
+    np.testing.assert_array_equal(ours, geglu(g, u))
+    x = g[1:].astype(np.float64)
+    exact = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))) * u[1:]
+    np.testing.assert_allclose(ours[1:], exact, rtol=2e-3, atol=2e-3)  # it is a GeLU (to float16)
+
+
+@pytest.mark.parametrize(("heads", "dim", "base"), [(4, 256, 10_000.0), (3, 64, 1_000_000.0)])
+def test_neox_rope_is_ggml(heads: int, dim: int, base: float):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((7, heads, dim)).astype(np.float32)
+    positions = np.array([0, 1, 2, 17, 300, 511, 4000], np.int32)
+    (ours,) = _run(gguf_exact.neox_rope_kernel(heads, dim, base), x, positions, outputs=[x.shape])
+    np.testing.assert_array_equal(ours, rope_neox(x, positions, base))
+    angle = positions[:, None, None] * base ** (-2 * np.arange(dim // 2) / dim)
+    rotated = np.concatenate([x[..., : dim // 2], x[..., dim // 2 :]], -1)  # the same halves, rotated in float64
+    exact = np.concatenate(
+        [
+            rotated[..., : dim // 2] * np.cos(angle) - rotated[..., dim // 2 :] * np.sin(angle),
+            rotated[..., : dim // 2] * np.sin(angle) + rotated[..., dim // 2 :] * np.cos(angle),
+        ],
+        -1,
+    )
+    np.testing.assert_allclose(ours, exact, atol=2e-3)  # it is a rotation
