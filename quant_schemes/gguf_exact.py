@@ -51,9 +51,8 @@ from quant_schemes.gguf_int8 import (
 from quant_schemes.vector_exprs import concat
 
 Q = GGMLQuantizationType
-# Block types whose llama.cpp AVX2 matmul this module (or gguf_exact_kquants.py) reproduces. Q4_0 is repacked by
-# llama.cpp into kernels of another order; Q5_0 has Q8_0's arithmetic and is stored here with its codes widened
-# to Q8_0's bytes.
+# Block types whose llama.cpp AVX2 matmul this module (or gguf_exact_kquants.py) reproduces (Q4_0 is repacked by
+# llama.cpp into kernels of another order).
 EXACT_TYPES = {Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K}
 LANES = 8
 
@@ -132,19 +131,25 @@ def _f16_round(x: tirx.PrimExpr) -> tirx.PrimExpr:
 @dataclass(frozen=True)
 class GroupLayout:
     """Byte offsets in a chunk of 8 rows stored side by side (8 * block bytes): the rows' float16 scales, their
-    float16 mins (Q4_1), then 8 words of 32 bytes, word m holding the 8 rows' columns 4m..4m+3 (for Q4_1
-    packed two words to a byte, word m and m + 4, as gguf_int8.InterleavedLayout stores them)."""
+    float16 mins (Q4_1), Q5_0's high-bit plane (byte 4r + k: bit m is column 4m + k of row r), then 8 words of
+    32 bytes, word m holding the 8 rows' columns 4m..4m+3 (for Q4_1 and Q5_0 packed two words to a byte, word
+    m and m + 4, as gguf_int8.InterleavedLayout stores them)."""
 
     block_bytes: int
     minimum: int | None
     codes: int
+    high: int | None = None
 
     @property
     def group_bytes(self) -> int:
         return LANE_ROWS * self.block_bytes
 
 
-GROUP_LAYOUTS = {Q.Q4_1: GroupLayout(20, 16, 32), Q.Q8_0: GroupLayout(34, None, 16)}
+GROUP_LAYOUTS = {
+    Q.Q4_1: GroupLayout(20, 16, 32),
+    Q.Q5_0: GroupLayout(22, None, 48, high=16),
+    Q.Q8_0: GroupLayout(34, None, 16),
+}
 
 
 def group_bytes(qtype: GGMLQuantizationType, n_in: int) -> int:
@@ -153,16 +158,7 @@ def group_bytes(qtype: GGMLQuantizationType, n_in: int) -> int:
 
     if qtype in LAYOUTS:
         return n_in // SUPER * LAYOUTS[qtype].size
-    return n_in // CHUNK * GROUP_LAYOUTS[Q.Q8_0 if qtype == Q.Q5_0 else qtype].group_bytes
-
-
-def q5_0_as_q8_0(raw: np.ndarray) -> np.ndarray:
-    """Q5_0 rows -> Q8_0 rows of the same values (d, then 32 int8 codes per block): no rounding, wider codes."""
-    blocks = raw.reshape(raw.shape[0], -1, 22)
-    high = np.unpackbits(blocks[..., 2:6], axis=-1, bitorder="little")  # [rows, blocks, 32]: bit 4 of column i
-    low = np.concatenate([blocks[..., 6:] & 15, blocks[..., 6:] >> 4], axis=-1)
-    codes = ((low | (high << 4)).astype(np.int16) - 16).astype(np.int8).view(np.uint8)
-    return np.concatenate([blocks[..., 0:2], codes], axis=-1).reshape(raw.shape[0], -1)
+    return n_in // CHUNK * GROUP_LAYOUTS[qtype].group_bytes
 
 
 def group_rows(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -172,15 +168,17 @@ def group_rows(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 
     if qtype in LAYOUTS:
         return group_rows_k(raw, qtype)
-    if qtype == Q.Q5_0:
-        raw, qtype = q5_0_as_q8_0(raw), Q.Q8_0
-    if qtype == Q.Q4_1:
+    if qtype in (Q.Q4_1, Q.Q5_0):
         return interleave_rows(raw, qtype)
     blocks = row_group_blocks(raw, GROUP_LAYOUTS[qtype].block_bytes)  # [G, C, 8, bb]
     groups, chunks = blocks.shape[:2]
     words = blocks[..., 2:].reshape(groups, chunks, LANE_ROWS, 8, 4).transpose(0, 1, 3, 2, 4)  # [G, C, m, r, 4]
     parts = [blocks[..., 0:2].reshape(groups, chunks, -1), words.reshape(groups, chunks, -1)]
     return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(groups, -1))
+
+
+def _u8x32(value: int) -> tirx.PrimExpr:
+    return tirx.Broadcast(tirx.const(value, "uint8"), 32)
 
 
 @functools.cache
@@ -196,8 +194,6 @@ def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pri
 
     if qtype in LAYOUTS:
         return kquant_matmul(qtype, n_in, n_out)
-    if qtype == Q.Q5_0:
-        return exact_matmul(Q.Q8_0, n_in, n_out)
     lay = GROUP_LAYOUTS[qtype]
     chunks = n_in // CHUNK
     row_groups = -(-n_out // LANE_ROWS)
@@ -222,7 +218,14 @@ def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pri
             codes = packed & nibble if m < 4 else packed >> nibble
             pairs = _intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", codes, xb)
         else:  # signed codes: |w| (unsigned) times the activations carrying w's sign, as llama.cpp
-            raw = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * m, 1, 32)])
+            if qtype == Q.Q5_0:  # nibble | high bit << 4, less 16
+                packed = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * (m % 4), 1, 32)])
+                nibble = tirx.Broadcast(tirx.const(15 if m < 4 else 4, "uint8"), 32)
+                plane = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.high, 1, 32)])
+                high = ((plane >> _u8x32(m)) & _u8x32(1)) << _u8x32(4)
+                raw = ((packed & nibble if m < 4 else packed >> nibble) | high) - _u8x32(16)
+            else:
+                raw = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * m, 1, 32)])
             signed = tirx.reinterpret("int8x32", raw)
             magnitude = tirx.reinterpret(
                 "uint8x32", _intrin("int8x32", "llvm.abs.v32i8", signed, tirx.const(0, "bool"))

@@ -1,6 +1,11 @@
 """Make the llama.cpp reference fixtures the real-model tests read, so CI needs no llama.cpp build.
 
-    python tests/make_llamacpp_fixtures.py      # needs llama-cpp-python (builds llama.cpp, ~18 min)
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+        pip install llama-cpp-python==0.3.36       # builds llama.cpp (~10-18 min on 2 cores)
+    python tests/make_llamacpp_fixtures.py
+
+llama.cpp is built for AVX2 (not -march=native): on an AVX-512 CPU a native build takes other code paths with
+other summation orders, and mlcc reproduces the AVX2 ones.
 
 For each prompt: llama.cpp's token ids, the argmax at every position, the last-token logits (float16), the
 sha256 of all positions' float32 logits (to check bit-identical output) and a 64-token greedy continuation;

@@ -161,14 +161,16 @@ def _llamacpp_numerics(engine) -> bool:
     return engine.artifact.manifest.quant.get("numerics") == "llama.cpp"
 
 
-def test_smollm2_builds_with_llamacpp_numerics(real_engine):
-    """Q4_1 and Q8_0 are block types whose llama.cpp arithmetic mlcc reproduces (on AVX2 CPUs)."""
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_builds_with_llamacpp_numerics(name, real_engine):
+    """Q4_1, Q8_0 (SmolLM2) and Q5_0, Q8_0, Q4_K, Q6_K (Gemma 3) are block types whose llama.cpp arithmetic mlcc
+    reproduces (on AVX2 CPUs)."""
     from compiler.targets import TargetRequest, resolve_target
     from quant_schemes.gguf_int8 import has_avx2
 
     if not has_avx2(resolve_target(TargetRequest()).target):
         pytest.skip("llama.cpp's numbers are reproduced on x86 CPUs with AVX2")
-    assert _llamacpp_numerics(real_engine("smollm2"))
+    assert _llamacpp_numerics(real_engine(name))
 
 
 @pytest.mark.parametrize(("name", "quant"), [("gemma3", "gguf"), ("smollm2", "gguf"), ("smollm2", "gguf-fast")])
