@@ -48,7 +48,6 @@ from quant_schemes.gguf_int8 import (
     interleave_rows,
     row_group_blocks,
 )
-from quant_schemes.vector_exprs import concat
 
 Q = GGMLQuantizationType
 # Block types whose llama.cpp AVX2 matmul this module (or gguf_exact_kquants.py) reproduces (Q4_0 is repacked by
@@ -177,6 +176,9 @@ def group_rows(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(groups, -1))
 
 
+QUAD = 4  # tokens that share each decoded word of the weights
+
+
 def _u8x32(value: int) -> tirx.PrimExpr:
     return tirx.Broadcast(tirx.const(value, "uint8"), 32)
 
@@ -208,76 +210,83 @@ def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pri
         raw = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + at, 1, 16)])
         return tirx.reinterpret("float16x8", raw).astype("float32x8")
 
-    def word_sums(data, g, c, m: int, xq, t) -> tirx.PrimExpr:
+    def weight_word(data, g, c, m) -> tuple[tirx.PrimExpr, tirx.PrimExpr | None]:
+        """Word m of chunk c for 8 rows as pmaddubsw's unsigned operand, and for signed codes the codes whose
+        signs the activations take (|w| times x carrying w's sign, as llama.cpp). m: a constant once the
+        loops over words are unrolled."""
+        if qtype in (Q.Q4_1, Q.Q5_0):  # words m and m + 4 are the low and high nibbles of the same bytes
+            packed = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * (m % 4), 1, 32)])
+            codes = (packed >> tirx.Broadcast((m // 4 * 4).astype("uint8"), 32)) & _u8x32(15)
+            if qtype == Q.Q4_1:
+                return codes, None
+            plane = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.high, 1, 32)])
+            high = ((plane >> tirx.Broadcast(m.astype("uint8"), 32)) & _u8x32(1)) << _u8x32(4)
+            raw = (codes | high) - _u8x32(16)  # Q5_0: nibble | bit 4, less 16
+        else:
+            raw = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * m, 1, 32)])
+        signed = tirx.reinterpret("int8x32", raw)
+        magnitude = tirx.reinterpret("uint8x32", _intrin("int8x32", "llvm.abs.v32i8", signed, tirx.const(0, "bool")))
+        return magnitude, signed
+
+    def word_sums(data, g, c, m, xq, t) -> tirx.PrimExpr:
         """int32x8: each row's sum of columns 4m..4m+3 of chunk c times token t's int8 activations there."""
         x4 = tirx.reinterpret("int32", tirx.BufferLoad(xq, [t, tirx.Ramp(c * CHUNK + 4 * m, 1, 4)]))
         xb = tirx.reinterpret("int8x32", tirx.Broadcast(x4, LANE_ROWS))
-        if qtype == Q.Q4_1:
-            packed = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * (m % 4), 1, 32)])
-            nibble = tirx.Broadcast(tirx.const(15 if m < 4 else 4, "uint8"), 32)
-            codes = packed & nibble if m < 4 else packed >> nibble
-            pairs = _intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", codes, xb)
-        else:  # signed codes: |w| (unsigned) times the activations carrying w's sign, as llama.cpp
-            if qtype == Q.Q5_0:  # nibble | high bit << 4, less 16
-                packed = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * (m % 4), 1, 32)])
-                nibble = tirx.Broadcast(tirx.const(15 if m < 4 else 4, "uint8"), 32)
-                plane = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.high, 1, 32)])
-                high = ((plane >> _u8x32(m)) & _u8x32(1)) << _u8x32(4)
-                raw = ((packed & nibble if m < 4 else packed >> nibble) | high) - _u8x32(16)
-            else:
-                raw = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * m, 1, 32)])
-            signed = tirx.reinterpret("int8x32", raw)
-            magnitude = tirx.reinterpret(
-                "uint8x32", _intrin("int8x32", "llvm.abs.v32i8", signed, tirx.const(0, "bool"))
-            )
-            pairs = _intrin(
-                "int16x16",
-                "llvm.x86.avx2.pmadd.ub.sw",
-                magnitude,
-                _intrin("int8x32", "llvm.x86.avx2.psign.b", xb, signed),
-            )
+        operand, signs = weight_word(data, g, c, m)
+        if signs is not None:
+            xb = _intrin("int8x32", "llvm.x86.avx2.psign.b", xb, signs)
+        pairs = _intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", operand, xb)
         return _intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, ones)
 
-    def chunk_sums(data, g, c, xq, t) -> tirx.PrimExpr:
-        """float32x64: words 0..7 of chunk c, each 8 rows' integer sums (the rows' lane m) as floats."""
-        return concat([word_sums(data, g, c, m, xq, t).astype("float32x8") for m in range(8)])
-
-    def chunk_scale(data, g, c, x_scale, t) -> tirx.PrimExpr:
-        """float32x64: each row's d_w * d_x for chunk c, for all 8 words."""
-        return concat([halves(data, g, c, 0) * tirx.Broadcast(x_scale[t, c], LANE_ROWS)] * 8)
+    def rows(buf, at) -> tirx.PrimExpr:
+        return tirx.BufferLoad(buf, [tirx.Ramp(at, 1, LANE_ROWS)])
 
     @T.macro
-    def group_times_token(y, data, xq, x_scale, x_sum, g, t, acc, stream):
-        """y[t, g*8 .. g*8+7] (rows past n_out not stored); acc [72]: the 8 lanes' accumulators (lane m of 8
-        rows at 8m), then the mins' sums. `stream`: the weights come from memory, so each chunk asks for the
-        bytes STREAM_AHEAD on."""
-        acc[T.Ramp(0, 1, 9 * LANE_ROWS)] = T.Broadcast(T.float32(0), 9 * LANE_ROWS)
-        for c in range(chunks):
-            if stream:
-                for line in range((gb + 63) // 64):
-                    T.evaluate(_prefetch(data, g, c * gb + STREAM_AHEAD + line * 64))
-            acc[T.Ramp(0, 1, 64)] = fma(
-                chunk_scale(data, g, c, x_scale, t), chunk_sums(data, g, c, xq, t), acc[T.Ramp(0, 1, 64)]
-            )
-            if lay.minimum is not None:
-                acc[T.Ramp(64, 1, LANE_ROWS)] = fma(
-                    halves(data, g, c, lay.minimum),
-                    T.Broadcast(x_sum[t, c], LANE_ROWS),
-                    acc[T.Ramp(64, 1, LANE_ROWS)],
+    def group_times_tokens(y, data, xq, x_scale, x_sum, g, t0, count, acc, scales):
+        """y[t0 .. t0+count, g*8 .. g*8+7] (rows past n_out not stored). llama.cpp keeps, per row and token, 8
+        float accumulators (lane m sums columns 4m..4m+3 of every block) and the min terms; here word m is
+        one pass over the chunks in which each of the `count` tokens' lane-m accumulators of 8 rows takes
+        each chunk in turn, so a word's codes are decoded once for all tokens. acc: [count, 9, 8] (lanes,
+        then mins), scales: [count, chunks, 8] the rows' d_w * d_x. The first pass asks for the weights
+        STREAM_AHEAD bytes on."""
+        for i in T.unroll(count):
+            for c in range(chunks):
+                scales[T.Ramp((i * chunks + c) * LANE_ROWS, 1, LANE_ROWS)] = halves(data, g, c, 0) * T.Broadcast(
+                    x_scale[t0 + i, c], LANE_ROWS
                 )
-        # hsum_float_8 for each row: ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)), then the mins.
-        lanes = T.meta_var([acc[T.Ramp(8 * m, 1, LANE_ROWS)] for m in range(8)])
-        total = T.meta_var(
-            ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]))
-        )
-        result = T.meta_var(total + acc[T.Ramp(64, 1, LANE_ROWS)] if lay.minimum is not None else total)
-        if g * LANE_ROWS + LANE_ROWS <= n_out:
-            y[t, T.Ramp(g * LANE_ROWS, 1, LANE_ROWS)] = result
-        else:
-            acc[T.Ramp(0, 1, LANE_ROWS)] = result
-            for r in range(LANE_ROWS):
-                if g * LANE_ROWS + r < n_out:
-                    y[t, g * LANE_ROWS + r] = acc[r]
+        for m in T.unroll(8):
+            for i in T.unroll(count):
+                acc[T.Ramp((i * 9 + m) * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(T.float32(0), LANE_ROWS)
+            for c in range(chunks):
+                if m == 0:
+                    for line in T.unroll((gb + 63) // 64):
+                        T.evaluate(_prefetch(data, g, c * gb + STREAM_AHEAD + line * 64))
+                for i in T.unroll(count):
+                    acc[T.Ramp((i * 9 + m) * LANE_ROWS, 1, LANE_ROWS)] = fma(
+                        rows(scales, (i * chunks + c) * LANE_ROWS),
+                        word_sums(data, g, c, m, xq, t0 + i).astype("float32x8"),
+                        rows(acc, (i * 9 + m) * LANE_ROWS),
+                    )
+        for i in T.unroll(count):
+            acc[T.Ramp((i * 9 + 8) * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(T.float32(0), LANE_ROWS)
+            if lay.minimum is not None:
+                for c in range(chunks):
+                    acc[T.Ramp((i * 9 + 8) * LANE_ROWS, 1, LANE_ROWS)] = fma(
+                        halves(data, g, c, lay.minimum),
+                        T.Broadcast(x_sum[t0 + i, c], LANE_ROWS),
+                        rows(acc, (i * 9 + 8) * LANE_ROWS),
+                    )
+            # hsum_float_8 for each row: ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)), then the mins.
+            v = T.meta_var([rows(acc, (i * 9 + m) * LANE_ROWS) for m in range(8)])
+            total = T.meta_var(((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])))
+            result = T.meta_var(total + rows(acc, (i * 9 + 8) * LANE_ROWS) if lay.minimum is not None else total)
+            if g * LANE_ROWS + LANE_ROWS <= n_out:
+                y[t0 + i, T.Ramp(g * LANE_ROWS, 1, LANE_ROWS)] = result
+            else:
+                acc[T.Ramp((i * 9 + 8) * LANE_ROWS, 1, LANE_ROWS)] = result
+                for r in range(LANE_ROWS):
+                    if g * LANE_ROWS + r < n_out:
+                        y[t0 + i, g * LANE_ROWS + r] = acc[(i * 9 + 8) * LANE_ROWS + r]
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, data: T.Buffer((row_groups, chunks * gb), "uint8"), var_y: T.handle):
@@ -305,16 +314,22 @@ def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pri
                 x_scale[t, c] = _f16_round(d)
                 x_sum[t, c] = _f16_round(d * T.Cast("float32", total[0]))
         # Row groups in `tasks` parallel ranges; tokens `block_tokens` at a time (their activations stay in L2)
-        # pass over each group, the first streaming its weights in.
+        # pass over each group in fours, the first four streaming its weights in.
         for task in T.parallel(tasks):
-            acc = T.alloc_buffer((9 * LANE_ROWS,), "float32", scope="local")
+            acc = T.alloc_buffer((QUAD * 9 * LANE_ROWS,), "float32", scope="local")
+            scales = T.alloc_buffer((QUAD * chunks * LANE_ROWS,), "float32", scope="local")
             for tb in range((n + block_tokens - 1) // block_tokens):
                 for gi in range(groups_per_task):
                     if task * groups_per_task + gi < row_groups:
                         g = T.meta_var(task * groups_per_task + gi)
-                        group_times_token(y, data, xq, x_scale, x_sum, g, tb * block_tokens, acc, True)
-                        for t in range(tb * block_tokens + 1, T.min(n, (tb + 1) * block_tokens)):
-                            group_times_token(y, data, xq, x_scale, x_sum, g, t, acc, False)
+                        first = T.meta_var(tb * block_tokens)
+                        count = T.meta_var(T.min(n, first + block_tokens) - first)
+                        for q in range(count // QUAD):
+                            group_times_tokens(y, data, xq, x_scale, x_sum, g, first + q * QUAD, QUAD, acc, scales)
+                        for r in range(count % QUAD):
+                            group_times_tokens(
+                                y, data, xq, x_scale, x_sum, g, first + count // QUAD * QUAD + r, 1, acc, scales
+                            )
 
     return kernel
 
