@@ -43,7 +43,7 @@ def test_split_rotary_llamacpp_is_ggml_bit_for_bit(gptj: bool):
     rotation as GCC contracts it (fma(x0, cos, -(x1 sin)), fma(x0, sin, x1 cos)), K and V rounded to float16."""
     from ggml_reference import LIBM, f16, fma
 
-    from compiler.cpu_rope import _ggml_theta_scale
+    from quant_schemes.gguf_exact import ggml_theta_scale
 
     theta, dim, heads, kv_heads, tokens = 100_000.0, 64, 3, 1, 29
     spec = RopeSpec(theta, dim, dim, heads, kv_heads, "float32", gptj, llamacpp=True)
@@ -55,7 +55,7 @@ def test_split_rotary_llamacpp_is_ggml_bit_for_bit(gptj: bool):
     lib["rope"](tvm.runtime.tensor(qkv), tvm.runtime.tensor(positions), *outs, 1)
     q, k, v = (o.numpy() for o in outs)
 
-    scale = np.float32(_ggml_theta_scale(theta, dim))
+    scale = np.float32(ggml_theta_scale(theta, dim))
     cos, sin = np.zeros((tokens, dim // 2), np.float32), np.zeros((tokens, dim // 2), np.float32)
     for t, p in enumerate(positions):
         angle = np.float32(p)
