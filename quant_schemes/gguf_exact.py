@@ -48,6 +48,7 @@ from quant_schemes.gguf_int8 import (
     interleave_rows,
     row_group_blocks,
 )
+from quant_schemes.vector_exprs import concat
 
 Q = GGMLQuantizationType
 # Block types whose llama.cpp AVX2 matmul this module (or gguf_exact_kquants.py) reproduces (Q4_0 is repacked by
@@ -179,6 +180,10 @@ def group_rows(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 QUAD = 4  # tokens that share each decoded word of the weights
 
 
+def _u8(value: int | tirx.PrimExpr) -> tirx.PrimExpr:
+    return tirx.const(value, "uint8") if isinstance(value, int) else value.astype("uint8")
+
+
 def _u8x32(value: int) -> tirx.PrimExpr:
     return tirx.Broadcast(tirx.const(value, "uint8"), 32)
 
@@ -212,15 +217,15 @@ def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pri
 
     def weight_word(data, g, c, m) -> tuple[tirx.PrimExpr, tirx.PrimExpr | None]:
         """Word m of chunk c for 8 rows as pmaddubsw's unsigned operand, and for signed codes the codes whose
-        signs the activations take (|w| times x carrying w's sign, as llama.cpp). m: a constant once the
-        loops over words are unrolled."""
+        signs the activations take (|w| times x carrying w's sign, as llama.cpp). m: an int, or a loop variable
+        that unrolling makes one."""
         if qtype in (Q.Q4_1, Q.Q5_0):  # words m and m + 4 are the low and high nibbles of the same bytes
             packed = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * (m % 4), 1, 32)])
-            codes = (packed >> tirx.Broadcast((m // 4 * 4).astype("uint8"), 32)) & _u8x32(15)
+            codes = (packed >> tirx.Broadcast(_u8(m // 4 * 4), 32)) & _u8x32(15)
             if qtype == Q.Q4_1:
                 return codes, None
             plane = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.high, 1, 32)])
-            high = ((plane >> tirx.Broadcast(m.astype("uint8"), 32)) & _u8x32(1)) << _u8x32(4)
+            high = ((plane >> tirx.Broadcast(_u8(m), 32)) & _u8x32(1)) << _u8x32(4)
             raw = (codes | high) - _u8x32(16)  # Q5_0: nibble | bit 4, less 16
         else:
             raw = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * m, 1, 32)])
@@ -240,6 +245,44 @@ def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pri
 
     def rows(buf, at) -> tirx.PrimExpr:
         return tirx.BufferLoad(buf, [tirx.Ramp(at, 1, LANE_ROWS)])
+
+    def chunk_sums(data, g, c, xq, t) -> tirx.PrimExpr:
+        """float32x64: words 0..7 of chunk c, each 8 rows' integer sums (the rows' lane m) as floats."""
+        return concat([word_sums(data, g, c, m, xq, t).astype("float32x8") for m in range(8)])
+
+    def chunk_scale(data, g, c, x_scale, t) -> tirx.PrimExpr:
+        """float32x64: each row's d_w * d_x for chunk c, for all 8 words."""
+        return concat([halves(data, g, c, 0) * tirx.Broadcast(x_scale[t, c], LANE_ROWS)] * 8)
+
+    @T.macro
+    def group_times_token(y, data, xq, x_scale, x_sum, g, t, acc):
+        """y[t, g*8 .. g*8+7] for one token (decode, and a block's last n % 4): all 8 words of a chunk at
+        once, lane m's accumulator of 8 rows at acc[8m], the mins' sums at acc[64]: 8 independent chains."""
+        acc[T.Ramp(0, 1, 9 * LANE_ROWS)] = T.Broadcast(T.float32(0), 9 * LANE_ROWS)
+        for c in range(chunks):
+            for line in range((gb + 63) // 64):
+                T.evaluate(_prefetch(data, g, c * gb + STREAM_AHEAD + line * 64))
+            acc[T.Ramp(0, 1, 64)] = fma(
+                chunk_scale(data, g, c, x_scale, t), chunk_sums(data, g, c, xq, t), acc[T.Ramp(0, 1, 64)]
+            )
+            if lay.minimum is not None:
+                acc[T.Ramp(64, 1, LANE_ROWS)] = fma(
+                    halves(data, g, c, lay.minimum),
+                    T.Broadcast(x_sum[t, c], LANE_ROWS),
+                    acc[T.Ramp(64, 1, LANE_ROWS)],
+                )
+        lanes = T.meta_var([acc[T.Ramp(8 * m, 1, LANE_ROWS)] for m in range(8)])
+        total = T.meta_var(
+            ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]))
+        )
+        result = T.meta_var(total + acc[T.Ramp(64, 1, LANE_ROWS)] if lay.minimum is not None else total)
+        if g * LANE_ROWS + LANE_ROWS <= n_out:
+            y[t, T.Ramp(g * LANE_ROWS, 1, LANE_ROWS)] = result
+        else:
+            acc[T.Ramp(0, 1, LANE_ROWS)] = result
+            for r in range(LANE_ROWS):
+                if g * LANE_ROWS + r < n_out:
+                    y[t, g * LANE_ROWS + r] = acc[r]
 
     @T.macro
     def group_times_tokens(y, data, xq, x_scale, x_sum, g, t0, count, acc, scales):
@@ -317,6 +360,7 @@ def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pri
         # pass over each group in fours, the first four streaming its weights in.
         for task in T.parallel(tasks):
             acc = T.alloc_buffer((QUAD * 9 * LANE_ROWS,), "float32", scope="local")
+            single = T.alloc_buffer((9 * LANE_ROWS,), "float32", scope="local")
             scales = T.alloc_buffer((QUAD * chunks * LANE_ROWS,), "float32", scope="local")
             for tb in range((n + block_tokens - 1) // block_tokens):
                 for gi in range(groups_per_task):
@@ -327,9 +371,7 @@ def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pri
                         for q in range(count // QUAD):
                             group_times_tokens(y, data, xq, x_scale, x_sum, g, first + q * QUAD, QUAD, acc, scales)
                         for r in range(count % QUAD):
-                            group_times_tokens(
-                                y, data, xq, x_scale, x_sum, g, first + count // QUAD * QUAD + r, 1, acc, scales
-                            )
+                            group_times_token(y, data, xq, x_scale, x_sum, g, first + count // QUAD * QUAD + r, single)
 
     return kernel
 

@@ -165,7 +165,8 @@ def kquant_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pr
         return _intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", codes(data, g, base, c, m), xb)
 
     def chunk_lanes(data, g, base, c, xq, t, s) -> tirx.PrimExpr:
-        """int32 sums of chunk c: Q4_K one per row (x8), Q6_K the 8 lanes of each row (lane L of 8 rows at 8L)."""
+        """int32 sums of chunk c: Q4_K one per row (x8; its 8 words' int16 pair sums add up without overflow,
+        8 * 2 * 15 * 127 < 2^15), Q6_K the 8 lanes of each row (lane L of 8 rows at 8L)."""
         if not q6:
             scales = _pairs_to_int16(row_bytes(data, g, base + lay.sub_scales + 8 * c, "int16"))
             return _intrin("int32x8", "llvm.x86.avx2.pmadd.wd", tree_sum([pairs(data, g, base, c, m, xq, t, s)
