@@ -12,8 +12,8 @@ llama-cpp-python 0.3.36 vendors) including its order of float operations and whe
   are summed as `hsum_float_8` does, then the blocks' min terms (summed with fused multiply-adds) added.
 - RMSNorm: the sum of squares in float64, one element at a time.
 - SwiGLU: silu(g) * u with ggml's vector exp (`ggml_v_expf`), libm's expf for a row's last n % 8 elements.
-- GeGLU: ggml's table of GeLU-tanh at every float16 (libm's tanhf, rounded to float16) at x rounded to
-  float16, times u; 0 below -10 and x * u above 10.
+- GeGLU: ggml's table of GeLU-tanh at every float16 (libm's tanhf, rounded to float16; a constant of the
+  compiled library) at x rounded to float16, times u; 0 below -10 and x * u above 10.
 - RoPE applied by the model (rotate-half, "NEOX"): ggml's angle cache (position times powf(base, -2 / d)
   once per pair, libm's cosf and sinf) and its rotation as GCC contracts it.
 
@@ -429,21 +429,31 @@ GELU_COEF_A = float(np.float32(0.044715))
 SQRT_2_OVER_PI = float(np.float32(0.79788456080286535587989211986876))
 
 
-def gelu_f16(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """ggml_table_gelu_f16 at x rounded to float16, as float32: the table entry is ggml_gelu_f32 (with
-    1 + a*x*x fused, as GCC compiles it) of that float16, rounded to float16."""
-    xh = _f16_round(x)
-    inner = fma(tirx.const(GELU_COEF_A, "float32") * xh, xh, tirx.const(1.0, "float32"))
-    t = tirx.call_pure_extern("float32", "tanhf", tirx.const(SQRT_2_OVER_PI, "float32") * xh * inner)
-    return _f16_round(tirx.const(0.5, "float32") * xh * (tirx.const(1.0, "float32") + t))
+@functools.cache
+def gelu_f16_table() -> np.ndarray:
+    """ggml_table_gelu_f16 as float16 [65536]: ggml_gelu_f32 (1 + a*x*x fused, as GCC compiles it; libm's
+    tanhf) of every float16, rounded to float16 (NaNs as F16C makes them: no payload, the sign kept)."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.tanhf.restype, libm.tanhf.argtypes = ctypes.c_float, [ctypes.c_float]
+    f32 = np.float32
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(f32)
+    with np.errstate(all="ignore"):
+        inner = ((f32(GELU_COEF_A) * x).astype(np.float64) * x + 1.0).astype(f32)  # exact product, one rounding
+        arg = ((f32(SQRT_2_OVER_PI) * x).astype(f32) * inner).astype(f32)
+        tanh = np.array([libm.tanhf(float(a)) for a in arg], f32)
+        out = ((f32(0.5) * x).astype(f32) * (f32(1) + tanh).astype(f32)).astype(f32)
+    bits = out.astype(np.float16).view(np.uint16)
+    bits = np.where(np.isnan(out), np.where(np.signbit(out), 0xFE00, 0x7E00), bits).astype(np.uint16)
+    return bits.view(np.float16)
 
 
 @functools.cache
 def geglu_kernel(width: int) -> tirx.PrimFunc:
-    """ggml_vec_geglu_f32 per row (GGML_GELU_FP16): the float16 table's GeLU of g, times u."""
+    """ggml_vec_geglu_f32 per row (GGML_GELU_FP16): the float16 GeLU table at g rounded to float16, times u;
+    0 below -10, g * u above 10."""
 
     @T.prim_func(private=True, s_tir=True)
-    def kernel(var_g: T.handle, var_u: T.handle, var_y: T.handle):
+    def kernel(var_g: T.handle, var_u: T.handle, table: T.Buffer((1 << 16,), "float16"), var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
         n = T.int64()
         g = T.match_buffer(var_g, (n, width), "float32")
@@ -452,10 +462,11 @@ def geglu_kernel(width: int) -> tirx.PrimFunc:
         for r in T.parallel(n):
             for i in range(width):
                 x = T.meta_var(g[r, i])
+                gelu = T.meta_var(table[T.Cast("int32", T.reinterpret("uint16", T.Cast("float16", x)))])
                 y[r, i] = T.Select(
                     x <= T.float32(-10),
                     T.float32(0),
-                    T.Select(x >= T.float32(10), x * u[r, i], gelu_f16(x) * u[r, i]),
+                    T.Select(x >= T.float32(10), x * u[r, i], T.Cast("float32", gelu) * u[r, i]),
                 )
 
     return kernel
@@ -530,7 +541,8 @@ class LlamaCppGeGLU(nn.Module):
     """gelu_tanh(gate) * up computed as llama.cpp's fused geglu does."""
 
     def forward(self, gate: Tensor, up: Tensor) -> Tensor:
-        return _rows_op(geglu_kernel(int(gate.shape[-1])), "geglu_llamacpp", [gate, up], gate)
+        table = Tensor.from_const(gelu_f16_table())  # 128 KB, a constant of the compiled library
+        return _rows_op(geglu_kernel(int(gate.shape[-1])), "geglu_llamacpp", [gate, up, table], gate)
 
 
 class LlamaCppNeoxRope(nn.Module):

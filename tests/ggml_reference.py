@@ -14,7 +14,7 @@ import numpy as np
 
 f32, f64 = np.float32, np.float64
 LIBM = ctypes.CDLL(ctypes.util.find_library("m"))
-for _name in ("expf", "cosf", "sinf", "tanhf"):
+for _name in ("expf", "cosf", "sinf"):
     getattr(LIBM, _name).restype = ctypes.c_float
     getattr(LIBM, _name).argtypes = [ctypes.c_float]
 LIBM.powf.restype, LIBM.powf.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
@@ -202,24 +202,10 @@ def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     return out.astype(f32)
 
 
-def gelu_table() -> np.ndarray:
-    """ggml_table_gelu_f16 (as uint16 bits): ggml_gelu_f32 of every float16, GCC's fused 1 + a*x*x included."""
-    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(f32)
-    with np.errstate(all="ignore"):
-        inner = fma((f32(0.044715) * x).astype(f32), x, f32(1))
-        arg = ((f32(0.79788456080286535587989211986876) * x).astype(f32) * inner).astype(f32)
-        th = np.array([LIBM.tanhf(float(a)) for a in arg], f32)
-        out = ((f32(0.5) * x).astype(f32) * (f32(1) + th).astype(f32)).astype(f32)
-    bits = out.astype(np.float16).view(np.uint16)
-    # F16C rounds a NaN to a quiet NaN with no payload, keeping its sign
-    return np.where(np.isnan(out), np.where(np.signbit(out), 0xFE00, 0x7E00), bits).astype(np.uint16)
-
-
-def geglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """ggml_vec_geglu_f32 (GGML_GELU_FP16): the table at g rounded to float16, times u."""
-    table = gelu_table().view(np.float16).astype(f32)
+def geglu(g: np.ndarray, u: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """ggml_vec_geglu_f32 (GGML_GELU_FP16): `table` (ggml_table_gelu_f16) at g rounded to float16, times u."""
     with np.errstate(over="ignore"):
-        gelu = table[g.astype(np.float16).view(np.uint16)]
+        gelu = table.astype(f32)[g.astype(np.float16).view(np.uint16)]
     return np.where(g <= -10, f32(0), np.where(g >= 10, g * u, gelu * u)).astype(f32)
 
 
