@@ -135,11 +135,32 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
     weight = T.alloc_buffer((1,), "float64", scope="local")
     for d in range(dim):
         q16[d] = T.Cast("float32", T.Cast("float16", T.Cast("float32", q[row, head, d])))
+    where = T.alloc_buffer((4,), "int32", scope="local")
     peak[0] = T.float32(-3.0e38)
-    for i in range(length):
-        _ggml_score(keys, keys.locate(i), q16, dots, score, dim, sm_scale, vec_kq)
-        probs[slot, i] = score[0]
-        peak[0] = T.max(peak[0], score[0])
+    if vec_kq:
+        for i in range(length):
+            _ggml_score(keys, keys.locate(i), q16, dots, score, dim, sm_scale, True)
+            probs[slot, i] = score[0]
+            peak[0] = T.max(peak[0], score[0])
+    else:  # tinyBLAS's order, one 8-lane chain per key: 4 keys side by side so their chains overlap
+        for quad in range(length // 4):
+            for j in T.unroll(4):
+                where[j] = keys.locate(quad * 4 + j)
+                dots[j, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+            for step in range(dim // LANES):
+                for j in T.unroll(4):
+                    dots[j, T.Ramp(0, 1, LANES)] = fma(
+                        _key(keys, where[j], step * LANES),
+                        q16[T.Ramp(step * LANES, 1, LANES)],
+                        dots[j, T.Ramp(0, 1, LANES)],
+                    )
+            for j in T.unroll(4):
+                probs[slot, quad * 4 + j] = hsum8(dots[j, T.Ramp(0, 1, LANES)]) * sm_scale
+                peak[0] = T.max(peak[0], probs[slot, quad * 4 + j])
+        for i in range(length // 4 * 4, length):
+            _ggml_score(keys, keys.locate(i), q16, dots, score, dim, sm_scale, False)
+            probs[slot, i] = score[0]
+            peak[0] = T.max(peak[0], score[0])
     weight[0] = T.float64(0)
     for c in range((length + LANES - 1) // LANES):
         span = T.meta_var(T.Ramp(c * LANES, 1, LANES))
