@@ -189,13 +189,14 @@ def _u8x32(value: int) -> tirx.PrimExpr:
 
 
 @functools.cache
-def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.PrimFunc:
+def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool = False) -> tirx.PrimFunc:
     """y[t, o] = sum_k x[t, k] * W[o, k] exactly as llama.cpp's AVX2 build computes it, W in `group_rows` form.
 
     llama.cpp keeps 8 float accumulators per row, lane m summing columns 4m..4m+3 of every block; here 8 rows
     go side by side, so accumulator m holds lane m of 8 rows and each vector operation is, lane for lane, the
     operation llama.cpp does for that row: the same results, with 8 rows' work in one instruction and the
-    weights read as one stream. K-quants: `kquant_matmul`.
+    weights read as one stream. K-quants: `kquant_matmul`. `vnni`: each word's integer sums in one `vpdpbusd`
+    instead of `pmaddubsw` + `pmaddwd` (the same integers: no pair of products here reaches int16's limit).
     """
     from quant_schemes.gguf_exact_kquants import LAYOUTS, kquant_matmul
 
@@ -209,6 +210,7 @@ def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pri
     gb = lay.group_bytes
     block_tokens = max(TOKENS, LANE_ACTIVATION_BYTES // n_in)  # tokens that pass over a row group at a time
     ones = tirx.Broadcast(tirx.const(1, "int16"), 16)
+    zeros = tirx.Broadcast(tirx.const(0, "int32"), LANE_ROWS)
 
     def halves(data, g, c, at: int) -> tirx.PrimExpr:
         """8 float16 values of chunk c (the rows' scales or mins) as float32x8."""
@@ -240,6 +242,8 @@ def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pri
         operand, signs = weight_word(data, g, c, m)
         if signs is not None:
             xb = _intrin("int8x32", "llvm.x86.avx2.psign.b", xb, signs)
+        if vnni:
+            return _intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", zeros, operand, xb)
         pairs = _intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", operand, xb)
         return _intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, ones)
 

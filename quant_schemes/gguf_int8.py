@@ -650,3 +650,13 @@ def has_avx2(target: tvm.target.Target) -> bool:
     from tvm.target import codegen
 
     return target.kind.name == "llvm" and bool(codegen.target_has_features("avx2", target))
+
+
+def has_vnni(target: tvm.target.Target) -> bool:
+    """`vpdpbusd` on 256-bit vectors (AVX512-VNNI with AVX512-VL, or AVX-VNNI): pmaddubsw + pmaddwd in one."""
+    from tvm.target import codegen
+
+    def has(feature: str) -> bool:
+        return bool(codegen.target_has_features(feature, target))
+
+    return has_avx2(target) and (has("avxvnni") or (has("avx512vnni") and has("avx512vl")))

@@ -175,6 +175,7 @@ class GGUFLinear(PackedModule):
         dtype: str,
         int8_activations: bool,
         llamacpp: bool = False,
+        vnni: bool = False,
     ):
         from quant_schemes.gguf_exact import EXACT_TYPES, group_bytes
         from quant_schemes.gguf_int8 import INTERLEAVED, LANE_ROWS
@@ -182,6 +183,7 @@ class GGUFLinear(PackedModule):
         self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
         self.int8_activations = int8_activations and dtype == "float32"
         self.llamacpp = llamacpp and self.int8_activations  # llama.cpp's own order of operations
+        self.vnni = vnni  # the target has `vpdpbusd` (the same integers, fewer instructions)
         # The int8 kernels read some types with 8 rows' blocks interleaved (the same bits, reordered).
         self.interleaved = self.int8_activations and fmt.qtype in (EXACT_TYPES if self.llamacpp else INTERLEAVED)
         row_bytes = fmt.row_bytes(in_features)
@@ -217,7 +219,7 @@ class GGUFLinear(PackedModule):
         n_in, n_out, row_bytes = self.in_features, self.out_features, self.fmt.row_bytes(self.in_features)
         rows = op.reshape(x, (-1, n_in))  # [b*s, n_in]
         if self.llamacpp:
-            kernel = exact_matmul(self.fmt.qtype, n_in, n_out)
+            kernel = exact_matmul(self.fmt.qtype, n_in, n_out, self.vnni)
         else:
             kernel = int8_matmul(self.fmt.qtype, n_in, n_out, row_bytes, self.interleaved)
         out = Tensor.placeholder([rows.shape[0], n_out], "float32")
@@ -291,7 +293,7 @@ class GGUFNativeScheme(QuantScheme):
         self.name = ("gguf" if llamacpp else "gguf-fast") if activations == "q8" else f"gguf-{activations}"
         self.dtype, self.tensor_types, self.activations = dtype, tensor_types, activations
         self.llamacpp = llamacpp  # reproduce llama.cpp's numbers where the block types allow
-        self.int8_activations = self.llamacpp_numerics = False  # decided per target by `prepare`
+        self.int8_activations = self.llamacpp_numerics = self.vnni = False  # decided per target by `prepare`
         counts: dict[str, int] = {}
         for t in tensor_types.values():
             counts[t.name] = counts.get(t.name, 0) + 1
@@ -301,9 +303,10 @@ class GGUFNativeScheme(QuantScheme):
 
     def prepare(self, target: Target) -> None:
         from quant_schemes.gguf_exact import EXACT_TYPES
-        from quant_schemes.gguf_int8 import has_avx2
+        from quant_schemes.gguf_int8 import has_avx2, has_vnni
 
         self.int8_activations = self.activations == "q8" and has_avx2(target)
+        self.vnni = self.int8_activations and has_vnni(target)
         matrices = set(self.tensor_types.values()) - FLOAT_TYPES
         self.llamacpp_numerics = (
             self.llamacpp and self.int8_activations and self.dtype == "float32" and matrices <= EXACT_TYPES
@@ -350,6 +353,7 @@ class GGUFNativeScheme(QuantScheme):
                         scheme.dtype,
                         scheme.int8_activations,
                         scheme.llamacpp_numerics,
+                        scheme.vnni,
                     )
                 if isinstance(node, nn.Embedding):
                     num, dim = (int(d) for d in node.weight.shape)

@@ -14,7 +14,7 @@ from tvm.script import tirx as T
 
 from compiler.targets import TargetRequest, resolve_target, strict_float
 from quant_schemes import gguf_exact
-from quant_schemes.gguf_int8 import has_avx2
+from quant_schemes.gguf_int8 import has_avx2, has_vnni
 
 TARGET = strict_float(resolve_target(TargetRequest())).target
 pytestmark = pytest.mark.skipif(not has_avx2(TARGET), reason="llama.cpp numerics are built for AVX2 CPUs")
@@ -53,10 +53,13 @@ def _blocks(qtype: Q, rows: int, n_in: int, rng: np.random.Generator) -> np.ndar
     ("qtype", "n_in", "n_out"),
     [(Q.Q4_1, 96, 13), (Q.Q8_0, 64, 11), (Q.Q4_1, 4096, 17), (Q.Q5_0, 96, 13), (Q.Q4_K, 512, 13), (Q.Q6_K, 768, 11)],
 )
-def test_matmul_is_ggml_vec_dot(qtype: Q, n_in: int, n_out: int):
+@pytest.mark.parametrize("vnni", [False, True])
+def test_matmul_is_ggml_vec_dot(qtype: Q, n_in: int, n_out: int, vnni: bool):
+    if vnni and not has_vnni(TARGET):
+        pytest.skip("this CPU has no vpdpbusd")
     rng = np.random.default_rng(0)
     raw = _blocks(qtype, n_out, n_in, rng)
-    kernel = gguf_exact.exact_matmul(qtype, n_in, n_out)
+    kernel = gguf_exact.exact_matmul(qtype, n_in, n_out, vnni)
     data = tvm.runtime.tensor(gguf_exact.group_rows(raw, qtype))
     lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=TARGET)
     for tokens in (1, 3, 8, 19, 70):  # 70: two blocks of tokens at 4096 columns
