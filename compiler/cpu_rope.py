@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script import tirx as T
 
-from quant_schemes.gguf_exact import fma, ggml_theta_scale
+from quant_schemes.gguf_exact import fma, ggml_rope_cache, ggml_theta_scale
 
 SYMBOL = "fused_rope"  # the kernel's name in TVM's llama_rope_with_position_map
 
@@ -89,13 +89,9 @@ def split_rotary(spec: RopeSpec) -> tirx.PrimFunc:
         for s in T.parallel(seq_len):
             cos = T.alloc_buffer((half,), "float32", scope="local")
             sin = T.alloc_buffer((half,), "float32", scope="local")
-            if spec.llamacpp:  # ggml_rope_cache_init: theta = position, then theta *= theta_scale per pair
+            if spec.llamacpp:
                 angle_now = T.alloc_buffer((1,), "float32", scope="local")
-                angle_now[0] = T.Cast("float32", position_map[s])
-                for i in range(half):
-                    cos[i] = T.cos(angle_now[0])
-                    sin[i] = T.sin(angle_now[0])
-                    angle_now[0] = angle_now[0] * T.float32(theta_scale)
+                ggml_rope_cache(cos, sin, angle_now, position_map[s], half, theta_scale)
             else:
                 for i in range(half):
                     cos[i] = T.cos(angle(position_map[s], i))

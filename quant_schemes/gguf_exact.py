@@ -484,6 +484,17 @@ def ggml_theta_scale(theta: float, rotary_dim: int) -> float:
     return float(libm.powf(theta, exponent))
 
 
+@T.macro
+def ggml_rope_cache(cos, sin, angle, position, half: int, theta_scale: float):
+    """ggml_rope_cache_init into local buffers cos, sin [half]: theta = position, then theta *= theta_scale
+    pair by pair (angle [1]: its running value), libm's cosf and sinf."""
+    angle[0] = T.Cast("float32", position)
+    for i in range(half):
+        cos[i] = T.cos(angle[0])
+        sin[i] = T.sin(angle[0])
+        angle[0] = angle[0] * T.float32(theta_scale)
+
+
 @functools.cache
 def neox_rope_kernel(heads: int, dim: int, theta: float) -> tirx.PrimFunc:
     """ggml_rope_ext (NEOX) of x [n, heads, dim] at positions [n]: ggml_rope_cache_init's angles (theta
@@ -502,11 +513,7 @@ def neox_rope_kernel(heads: int, dim: int, theta: float) -> tirx.PrimFunc:
             cos = T.alloc_buffer((half,), "float32", scope="local")
             sin = T.alloc_buffer((half,), "float32", scope="local")
             angle = T.alloc_buffer((1,), "float32", scope="local")
-            angle[0] = T.Cast("float32", pos[t])
-            for i in range(half):
-                cos[i] = T.cos(angle[0])
-                sin[i] = T.sin(angle[0])
-                angle[0] = angle[0] * T.float32(theta_scale)
+            ggml_rope_cache(cos, sin, angle, pos[t], half, theta_scale)
             for h in range(heads):
                 for i in T.vectorized(half):
                     y[t, h, i] = fma(x[t, h, i], cos[i], -(x[t, h, i + half] * sin[i]))
