@@ -162,7 +162,7 @@ def _plan_gguf(path: Path, arch: str | None, quant: str | None) -> Plan:
     if native:
         activations = "f32" if quant == "gguf-f32" else "q8"
         scheme: QuantScheme = GGUFNativeScheme(
-            source.tensor_types(), activations=activations, llamacpp=quant != "gguf-fast"
+            source.tensor_types(), activations=activations, llamacpp=quant != "gguf-fast", rows=source.tensor_rows()
         )
     else:
         scheme = get_scheme(quant)

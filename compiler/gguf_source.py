@@ -70,6 +70,13 @@ class GGUFSource:
             types["output.weight"] = types["token_embd.weight"]
         return types
 
+    def tensor_rows(self) -> dict[str, int]:
+        """Rows (output features) of each tensor, as tensor_types names them."""
+        rows = {t.name: int(t.shape[1]) if len(t.shape) > 1 else 1 for t in self.reader.tensors}
+        if "output.weight" not in rows and "token_embd.weight" in rows:
+            rows["output.weight"] = rows["token_embd.weight"]
+        return rows
+
     def tensors(self, raw: bool) -> Iterator[tuple[str, np.ndarray]]:
         """(GGUF name, array): the raw blocks when `raw`, else float32 in [rows, cols]."""
         for t in self.reader.tensors:

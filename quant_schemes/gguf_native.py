@@ -289,10 +289,12 @@ class GGUFNativeScheme(QuantScheme):
         dtype: str = "float32",
         activations: str = "q8",
         llamacpp: bool = True,
+        rows: dict[str, int] | None = None,
     ):
         self.name = ("gguf" if llamacpp else "gguf-fast") if activations == "q8" else f"gguf-{activations}"
         self.dtype, self.tensor_types, self.activations = dtype, tensor_types, activations
         self.llamacpp = llamacpp  # reproduce llama.cpp's numbers where the block types allow
+        self.rows = rows or {}  # each tensor's rows, where known
         self.int8_activations = self.llamacpp_numerics = self.vnni = False  # decided per target by `prepare`
         counts: dict[str, int] = {}
         for t in tensor_types.values():
@@ -308,8 +310,10 @@ class GGUFNativeScheme(QuantScheme):
         self.int8_activations = self.activations == "q8" and has_avx2(target)
         self.vnni = self.int8_activations and has_vnni(target)
         matrices = set(self.tensor_types.values()) - FLOAT_TYPES
+        # llama.cpp repacks Q4_K (the kernels mlcc follows) only in whole groups of 8 rows
+        repacked = all(self.rows.get(name, 0) % 8 == 0 for name, t in self.tensor_types.items() if t == Q.Q4_K)
         self.llamacpp_numerics = (
-            self.llamacpp and self.int8_activations and self.dtype == "float32" and matrices <= EXACT_TYPES
+            self.llamacpp and self.int8_activations and self.dtype == "float32" and matrices <= EXACT_TYPES and repacked
         )
 
     def describe(self) -> dict:

@@ -146,3 +146,14 @@ def test_neox_rope_is_ggml(heads: int, dim: int, base: float):
         -1,
     )
     np.testing.assert_allclose(ours, exact, atol=2e-3)  # it is a rotation
+
+
+@pytest.mark.parametrize(("rows", "exact"), [(640, True), (644, False)])
+def test_q4_k_is_exact_only_in_whole_row_groups(rows: int, exact: bool):
+    """llama.cpp repacks Q4_K (the kernels mlcc follows) only when its rows come in groups of 8."""
+    from quant_schemes.gguf_native import GGUFNativeScheme
+
+    types = {"blk.0.ffn_down.weight": Q.Q4_K, "blk.0.ffn_up.weight": Q.Q5_0}
+    scheme = GGUFNativeScheme(types, rows={"blk.0.ffn_down.weight": rows, "blk.0.ffn_up.weight": 2048})
+    scheme.prepare(TARGET)
+    assert scheme.llamacpp_numerics == exact
