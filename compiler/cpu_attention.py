@@ -25,7 +25,7 @@ from tvm.script import tirx as T
 from compiler.cpu_rope import SYMBOL as ROPE_SYMBOL
 from compiler.cpu_rope import RopeSpec
 from compiler.cpu_rope import replacement as rope_replacement
-from quant_schemes.gguf_exact import fma, hsum8, v_expf
+from quant_schemes.gguf_exact import fma, hsum8, lane_sum, v_expf
 from quant_schemes.vector_exprs import row_sums, tree_sum
 
 TILE = 16  # cached tokens scored per softmax update
@@ -211,8 +211,7 @@ def _f16_dot_reduce_slots(acc: tirx.Buffer, part: tirx.PrimExpr) -> tirx.PrimExp
 
 def _hsum8_slots(acc: tirx.Buffer, part: tirx.PrimExpr) -> tirx.PrimExpr:
     """hsum8 for every element of `part` at once: slot l is lane l."""
-    a = [acc[i, part] for i in range(LANES)]
-    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+    return lane_sum([acc[i, part] for i in range(LANES)])
 
 
 def _f16_dot_reduce(parts: list[tirx.PrimExpr]) -> tirx.PrimExpr:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
@@ -64,18 +64,19 @@ class GGUFSource:
         meta.setdefault("vocab_size", len(self.array("tokenizer.ggml.tokens")))
         return meta
 
+    def _by_name(self, value: Callable[[ReaderTensor], Any]) -> dict[str, Any]:
+        """value(tensor) for each tensor by name; a tied output head reads as token_embd."""
+        values = {t.name: value(t) for t in self.reader.tensors}
+        if "output.weight" not in values and "token_embd.weight" in values:
+            values["output.weight"] = values["token_embd.weight"]
+        return values
+
     def tensor_types(self) -> dict[str, GGMLQuantizationType]:
-        types = {t.name: GGMLQuantizationType(t.tensor_type) for t in self.reader.tensors}
-        if "output.weight" not in types and "token_embd.weight" in types:
-            types["output.weight"] = types["token_embd.weight"]
-        return types
+        return self._by_name(lambda t: GGMLQuantizationType(t.tensor_type))
 
     def tensor_rows(self) -> dict[str, int]:
         """Rows (output features) of each tensor, as tensor_types names them."""
-        rows = {t.name: int(t.shape[1]) if len(t.shape) > 1 else 1 for t in self.reader.tensors}
-        if "output.weight" not in rows and "token_embd.weight" in rows:
-            rows["output.weight"] = rows["token_embd.weight"]
-        return rows
+        return self._by_name(lambda t: int(t.shape[1]) if len(t.shape) > 1 else 1)
 
     def tensors(self, raw: bool) -> Iterator[tuple[str, np.ndarray]]:
         """(GGUF name, array): the raw blocks when `raw`, else float32 in [rows, cols]."""

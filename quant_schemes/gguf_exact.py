@@ -77,6 +77,23 @@ def hsum8(v: tirx.PrimExpr) -> tirx.PrimExpr:
     return _lanes(s, 0, 1) + _lanes(s, 1, 1)
 
 
+def lane_sum(v: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """hsum_float_8's order across 8 vectors (lane m of each row in v[m]): ((v0+v4) + (v2+v6)) + ((v1+v5) + (v3+v7))."""
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
+
+
+@T.macro
+def store_rows(y, t, g, n_out: int, result, spill, at):
+    """y[t, g*8 .. g*8+7] = result (float32x8), rows past n_out dropped: those go through spill[at .. at+8]."""
+    if g * LANE_ROWS + LANE_ROWS <= n_out:
+        y[t, T.Ramp(g * LANE_ROWS, 1, LANE_ROWS)] = result
+    else:
+        spill[T.Ramp(at, 1, LANE_ROWS)] = result
+        for r in range(LANE_ROWS):
+            if g * LANE_ROWS + r < n_out:
+                y[t, g * LANE_ROWS + r] = spill[at + r]
+
+
 def _splat(value, lanes: int, dtype: str = "float32") -> tirx.PrimExpr:
     scalar = tirx.const(value, dtype) if isinstance(value, (int, float)) else value
     return scalar if lanes == 1 else tirx.Broadcast(scalar, lanes)
@@ -184,7 +201,8 @@ def _u8(value: int | tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.const(value, "uint8") if isinstance(value, int) else value.astype("uint8")
 
 
-def _u8x32(value: int) -> tirx.PrimExpr:
+def u8x32(value: int) -> tirx.PrimExpr:
+    """`value` in all 32 lanes of a uint8 vector (masks and shifts of packed codes)."""
     return tirx.Broadcast(tirx.const(value, "uint8"), 32)
 
 
@@ -223,12 +241,12 @@ def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool 
         that unrolling makes one."""
         if qtype in (Q.Q4_1, Q.Q5_0):  # words m and m + 4 are the low and high nibbles of the same bytes
             packed = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * (m % 4), 1, 32)])
-            codes = (packed >> tirx.Broadcast(_u8(m // 4 * 4), 32)) & _u8x32(15)
+            codes = (packed >> tirx.Broadcast(_u8(m // 4 * 4), 32)) & u8x32(15)
             if qtype == Q.Q4_1:
                 return codes, None
             plane = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.high, 1, 32)])
-            high = ((plane >> tirx.Broadcast(_u8(m), 32)) & _u8x32(1)) << _u8x32(4)
-            raw = (codes | high) - _u8x32(16)  # Q5_0: nibble | bit 4, less 16
+            high = ((plane >> tirx.Broadcast(_u8(m), 32)) & u8x32(1)) << u8x32(4)
+            raw = (codes | high) - u8x32(16)  # Q5_0: nibble | bit 4, less 16
         else:
             raw = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * m, 1, 32)])
         signed = tirx.reinterpret("int8x32", raw)
@@ -275,18 +293,9 @@ def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool 
                     T.Broadcast(x_sum[t, c], LANE_ROWS),
                     acc[T.Ramp(64, 1, LANE_ROWS)],
                 )
-        lanes = T.meta_var([acc[T.Ramp(8 * m, 1, LANE_ROWS)] for m in range(8)])
-        total = T.meta_var(
-            ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]))
-        )
+        total = T.meta_var(lane_sum([acc[T.Ramp(8 * m, 1, LANE_ROWS)] for m in range(8)]))
         result = T.meta_var(total + acc[T.Ramp(64, 1, LANE_ROWS)] if lay.minimum is not None else total)
-        if g * LANE_ROWS + LANE_ROWS <= n_out:
-            y[t, T.Ramp(g * LANE_ROWS, 1, LANE_ROWS)] = result
-        else:
-            acc[T.Ramp(0, 1, LANE_ROWS)] = result
-            for r in range(LANE_ROWS):
-                if g * LANE_ROWS + r < n_out:
-                    y[t, g * LANE_ROWS + r] = acc[r]
+        store_rows(y, t, g, n_out, result, acc, 0)
 
     @T.macro
     def group_times_tokens(y, data, xq, x_scale, x_sum, g, t0, count, acc, scales):
@@ -323,17 +332,10 @@ def exact_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool 
                         T.Broadcast(x_sum[t0 + i, c], LANE_ROWS),
                         rows(acc, (i * 9 + 8) * LANE_ROWS),
                     )
-            # hsum_float_8 for each row: ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)), then the mins.
-            v = T.meta_var([rows(acc, (i * 9 + m) * LANE_ROWS) for m in range(8)])
-            total = T.meta_var(((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])))
+            # hsum_float_8 for each row, then the mins.
+            total = T.meta_var(lane_sum([rows(acc, (i * 9 + m) * LANE_ROWS) for m in range(8)]))
             result = T.meta_var(total + rows(acc, (i * 9 + 8) * LANE_ROWS) if lay.minimum is not None else total)
-            if g * LANE_ROWS + LANE_ROWS <= n_out:
-                y[t0 + i, T.Ramp(g * LANE_ROWS, 1, LANE_ROWS)] = result
-            else:
-                acc[T.Ramp((i * 9 + 8) * LANE_ROWS, 1, LANE_ROWS)] = result
-                for r in range(LANE_ROWS):
-                    if g * LANE_ROWS + r < n_out:
-                        y[t0 + i, g * LANE_ROWS + r] = acc[(i * 9 + 8) * LANE_ROWS + r]
+            store_rows(y, t0 + i, g, n_out, result, acc, (i * 9 + 8) * LANE_ROWS)
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, data: T.Buffer((row_groups, chunks * gb), "uint8"), var_y: T.handle):
@@ -434,11 +436,19 @@ SQRT_2_OVER_PI = float(np.float32(0.79788456080286535587989211986876))
 
 
 @functools.cache
+def _libm() -> ctypes.CDLL:
+    """The C library's float functions ggml calls (tanhf, powf), for values computed at compile time."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.tanhf.restype, libm.tanhf.argtypes = ctypes.c_float, [ctypes.c_float]
+    libm.powf.restype, libm.powf.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
+    return libm
+
+
+@functools.cache
 def gelu_f16_table() -> np.ndarray:
     """ggml_table_gelu_f16 as float16 [65536]: ggml_gelu_f32 (1 + a*x*x fused, as GCC compiles it; libm's
     tanhf) of every float16, rounded to float16 (NaNs as F16C makes them: no payload, the sign kept)."""
-    libm = ctypes.CDLL(ctypes.util.find_library("m"))
-    libm.tanhf.restype, libm.tanhf.argtypes = ctypes.c_float, [ctypes.c_float]
+    libm = _libm()
     f32 = np.float32
     x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(f32)
     with np.errstate(all="ignore"):
@@ -478,10 +488,8 @@ def geglu_kernel(width: int) -> tirx.PrimFunc:
 
 def ggml_theta_scale(theta: float, rotary_dim: int) -> float:
     """powf(theta, -2.0f / n_dims) from the C library, as ggml computes it."""
-    libm = ctypes.CDLL(ctypes.util.find_library("m"))
-    libm.powf.restype, libm.powf.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
     exponent = float(np.float32(-2.0) / np.float32(rotary_dim))
-    return float(libm.powf(theta, exponent))
+    return float(_libm().powf(theta, exponent))
 
 
 @T.macro

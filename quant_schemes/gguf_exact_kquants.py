@@ -27,7 +27,7 @@ from gguf import GGMLQuantizationType
 from tvm import tirx
 from tvm.script import tirx as T
 
-from quant_schemes.gguf_exact import fma
+from quant_schemes.gguf_exact import fma, lane_sum, store_rows, u8x32
 from quant_schemes.gguf_int8 import LANE_ACTIVATION_BYTES, LANE_ROWS, TASKS, TOKENS, _intrin, row_group_blocks
 from quant_schemes.vector_exprs import concat, tree_sum
 
@@ -145,18 +145,11 @@ def kquant_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pr
 
     def codes(data, g, base, c, m: int) -> tirx.PrimExpr:
         packed = load(data, g, base + lay.low + c * 128 + 32 * (m % 4), 32)
-        low = (
-            packed & tirx.Broadcast(tirx.const(15, "uint8"), 32)
-            if m < 4
-            else packed >> tirx.Broadcast(tirx.const(4, "uint8"), 32)
-        )
+        low = packed & u8x32(15) if m < 4 else packed >> u8x32(4)
         if not q6:
             return low
-        bits = load(data, g, base + lay.high + c * 64 + 32 * (m % 2), 32) >> tirx.Broadcast(
-            tirx.const(2 * (m // 2), "uint8"), 32
-        )
-        high = (bits & tirx.Broadcast(tirx.const(3, "uint8"), 32)) << tirx.Broadcast(tirx.const(4, "uint8"), 32)
-        return low | high
+        bits = load(data, g, base + lay.high + c * 64 + 32 * (m % 2), 32) >> u8x32(2 * (m // 2))
+        return low | ((bits & u8x32(3)) << u8x32(4))
 
     def pairs(data, g, base, c, m: int, xq, t, s) -> tirx.PrimExpr:
         """int16x16: each row's codes times the activations, columns 4m..4m+3 of chunk c summed in pairs."""
@@ -238,18 +231,10 @@ def kquant_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pr
                         isum[T.Ramp(8, 1, 8)].astype("float32x8"), min_scale, acc[T.Ramp(8, 1, 8)]
                     )
         if q6 and not tiled:  # hsum_float_8 of each row's lanes
-            lanes = T.meta_var([acc[T.Ramp(8 * L, 1, LANE_ROWS)] for L in range(8)])
-            acc[T.Ramp(0, 1, 8)] = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + (
-                (lanes[1] + lanes[5]) + (lanes[3] + lanes[7])
-            )
+            acc[T.Ramp(0, 1, 8)] = lane_sum([acc[T.Ramp(8 * L, 1, LANE_ROWS)] for L in range(8)])
         if not q6:
             acc[T.Ramp(0, 1, 8)] = acc[T.Ramp(0, 1, 8)] - acc[T.Ramp(8, 1, 8)]
-        if g * LANE_ROWS + LANE_ROWS <= n_out:
-            y[t, T.Ramp(g * LANE_ROWS, 1, LANE_ROWS)] = acc[T.Ramp(0, 1, 8)]
-        else:
-            for r in range(LANE_ROWS):
-                if g * LANE_ROWS + r < n_out:
-                    y[t, g * LANE_ROWS + r] = acc[r]
+        store_rows(y, t, g, n_out, acc[T.Ramp(0, 1, 8)], acc, 0)
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, data: T.Buffer((row_groups, supers * lay.size), "uint8"), var_y: T.handle):
