@@ -61,10 +61,11 @@ def set_threads(n: int) -> None:
 class Result:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop", "length" or "abort"
+    finish_reason: str  # "stop", "length", "abort" or "error"
     prompt_tokens: int
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
+    error: str | None = None  # why it ended, when finish_reason is "error"
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Delta:
     token_ids: list[int]
     logprobs: list[TokenLogprob]
     finish_reason: str | None
+    error: str | None = None  # set on the last delta of a request that failed on its own
 
 
 @dataclass(eq=False)
@@ -99,6 +101,7 @@ class Request:
     emitted_chars: int = 0
     emitted_tokens: int = 0
     finish_reason: str | None = None
+    error: str | None = None
 
     @property
     def budget(self) -> int:
@@ -124,6 +127,7 @@ class Request:
             len(self.prompt_ids),
             self.cached_tokens,
             list(self.logprobs) if self.params.logprobs else None,
+            self.error,
         )
 
 
@@ -234,6 +238,16 @@ class Engine:
             for r in requests:
                 KV_REMOVE(self.kv, r.seq_id)
 
+    def self_check(self) -> None:
+        """Run the model once on a one-token prompt; a model that cannot run (e.g. weights that do not fit
+        its config) raises a one-line MlccError here rather than failing every request later."""
+        try:
+            logits = self.prefill_logits([[0]])
+        except Exception as e:
+            raise MlccError(f"the model cannot run: {type(e).__name__}: {str(e).strip().splitlines()[-1]}") from None
+        if not np.isfinite(logits).all():
+            raise MlccError("the model cannot run: it produced non-finite logits")
+
     def _default_kv_tokens(self, m: Manifest) -> int:
         """A full context for every batch slot, but no more than DEFAULT_KV_BYTES of K/V (a 32k-context model
         would otherwise reserve ~10 GB), and never less than one full-length sequence."""
@@ -321,13 +335,13 @@ class Engine:
         prefilling = sorted((r for r in self.running if r.prefilling), key=lambda r: r.arrival)
         if prefilling:
             for r, row in self._prefill_chunk(prefilling, self.prefill_chunk):
-                self._accept(r, row)
+                self._accept_or_fail(r, row)
         if decoding:
             ids = np.array([r.output_ids[-1] for r in decoding], dtype="int32")
             logits = self._forward(self._decode, [r.seq_id for r in decoding], [1] * len(decoding), ids)
             for r, row in zip(decoding, logits):
                 r.kv_len += 1
-                self._accept(r, row)
+                self._accept_or_fail(r, row)
         self.running = [r for r in self.running if r.finish_reason is None]
 
     # ---- admission and the prefix cache -------------------------------------------------------------
@@ -336,6 +350,7 @@ class Engine:
         """Completion 0 of a seeded request samples as a lone request with that seed would."""
         if seed is None:
             return np.random.default_rng()
+        seed %= 2**64  # negative seeds (e.g. -1) are valid 64-bit seeds too
         return np.random.default_rng(seed if index == 0 else [seed, index])
 
     def _pages_needed(self, tokens: int, cached: int) -> int:
@@ -454,8 +469,8 @@ class Engine:
         self.counters["cached_tokens"] += shared
 
     def _release(self, r: Request) -> None:
-        """Keep a finished sequence for its prefix, or drop it."""
-        if not self.prefix_cache:
+        """Keep a finished sequence for its prefix, or drop it (always, when the request failed)."""
+        if not self.prefix_cache or r.error is not None:
             KV_REMOVE(self.kv, r.seq_id)
             return
         self.cached[r.seq_id] = np.asarray(r.kv_ids())
@@ -516,6 +531,15 @@ class Engine:
         return done
 
     # ---- sampling, stop conditions, streaming ---------------------------------------------------------
+    def _accept_or_fail(self, r: Request, logits: np.ndarray) -> None:
+        """Sample for `r`; whatever goes wrong there ends `r` alone, never the batch."""
+        try:
+            self._accept(r, logits)
+        except Exception as e:
+            if r.finish_reason is None:
+                r.error = f"{type(e).__name__}: {e}" if not isinstance(e, MlccError) else str(e)
+                self._finish(r, "error")
+
     def _accept(self, r: Request, logits: np.ndarray) -> None:
         """Sample the next token of `r` and apply the stop conditions."""
         p = r.params
@@ -553,6 +577,7 @@ class Engine:
                     r.output_ids[r.emitted_tokens :],
                     r.logprobs[r.emitted_tokens :],
                     r.finish_reason if final else None,
+                    r.error if final else None,
                 )
             )
             r.emitted_chars, r.emitted_tokens = upto, len(r.output_ids)

@@ -5,6 +5,7 @@ Every request owns a seeded numpy generator, so its samples do not depend on wha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,6 +13,12 @@ import numpy as np
 from artifacts.errors import MlccError
 
 MAX_TOP_LOGPROBS = 20
+# Below this temperature sampling is greedy: dividing logits by a denormal overflows float64.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # beyond it the penalized logits overflow or vanish
+SEED_RANGE = (-(2**63), 2**64)  # signed or unsigned 64-bit; the generator takes the value modulo 2**64
+LOGPROB_FLOOR = -9999.0  # what OpenAI reports for impossible tokens: JSON has no -inf or NaN
 
 
 @dataclass
@@ -34,18 +41,32 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self, vocab_size: int | None = None) -> None:
+        floats = [
+            ("temperature", self.temperature),
+            ("top_p", self.top_p),
+            ("min_p", self.min_p),
+            ("repetition_penalty", self.repetition_penalty),
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+            *(("logit_bias", b) for b in self.logit_bias.values()),
+        ]
+        for name, value in floats:
+            if not math.isfinite(value):
+                raise MlccError(f"{name} must be a finite number")
+        low, high = REPETITION_PENALTY_RANGE
         checks = [
             (self.max_tokens > 0, "max_tokens must be positive"),
-            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 <= self.temperature <= MAX_TEMPERATURE, f"temperature must be in [0, {MAX_TEMPERATURE:g}]"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (low <= self.repetition_penalty <= high, f"repetition_penalty must be in [{low:g}, {high:g}]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.n >= 1, "n must be >= 1"),
             (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]"),
             (all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
+            (self.seed is None or SEED_RANGE[0] <= self.seed < SEED_RANGE[1], "seed must be a 64-bit integer"),
         ]
         for ok, message in checks:
             if not ok:
@@ -54,6 +75,10 @@ class SamplingParams:
             for token in [*self.logit_bias, *self.stop_token_ids]:
                 if not 0 <= token < vocab_size:
                     raise MlccError(f"token id {token} is outside the vocabulary (0..{vocab_size - 1})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def adjusts_logits(self) -> bool:
@@ -92,18 +117,24 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
+
+
 def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
     """What OpenAI reports: log-softmax of the adjusted logits, before temperature."""
     lp = log_softmax(logits)
     best = np.argsort(-lp, kind="stable")[:top] if top else []
-    return TokenLogprob(token, float(lp[token]), [(int(i), float(lp[i])) for i in best])
+    return TokenLogprob(token, _finite(float(lp[token])), [(int(i), _finite(float(lp[i]))) for i in best])
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """One token id from a float32 [vocab] row of (adjusted) logits."""
-    if params.temperature == 0:
+    if not np.isfinite(logits.max()):  # NaN, +inf, or every token banned
+        raise MlccError("the model produced non-finite logits")
+    if params.greedy:
         return int(np.argmax(logits))
-    x = logits.astype(np.float64) / params.temperature
+    x = (logits.astype(np.float64) - float(logits.max())) / params.temperature  # <= 0: exp cannot overflow
     if 0 < params.top_k < x.size:
         kth = np.partition(x, -params.top_k)[-params.top_k]
         x = np.where(x < kth, -np.inf, x)

@@ -1,7 +1,11 @@
 """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
 
 The engine runs in one background thread (ServingEngine); handlers submit requests and await their deltas.
-Streaming follows OpenAI's Server-Sent Events exactly, and a client that goes away aborts its request.
+Streaming follows OpenAI's Server-Sent Events exactly, and a client that goes away aborts its request, streamed
+or not. One client cannot harm another: bodies are capped (413), a request may ask for at most
+MAX_SEQUENCES_PER_REQUEST completions, the server holds a bounded number of sequences (429 beyond it),
+tokenizing runs off the event loop, a failure inside one request ends that request alone, and no error closes
+a keep-alive connection. With an API key every route but /health needs it.
 """
 
 from __future__ import annotations
@@ -15,18 +19,25 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from artifacts import MlccError
 from runtime.engine import Delta, Result
 from runtime.sampler import SamplingParams, TokenLogprob
-from runtime.serving import RequestHandle, ServingEngine
+from runtime.serving import QueueFull, RequestHandle, ServingEngine
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
+MAX_BODY_BYTES = 4 << 20  # a request body above this is refused with 413 before it is parsed
+MAX_SEQUENCES_PER_REQUEST = 128  # prompts x n of one request
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+SHUTDOWN_GRACE_S = 5  # on SIGTERM: in-flight work is aborted at once; connections get this long to close
 
 
 class ApiError(Exception):
@@ -41,9 +52,94 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": error}, status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def internal_error(e: BaseException) -> ApiError:
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+
+
+class BodyLimit:
+    """Refuse bodies over `limit` bytes with 413, counting what arrives (Content-Length may be absent or lie).
+    The body is read here whole, then handed on; later reads go to the client (to see a disconnect)."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._refuse(scope, send)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        error = ApiError(413, f"the request body is larger than {self.limit} bytes", code="request_too_large")
+        await error.response()(scope, _nothing, send)
+
+
+async def _nothing() -> Message:
+    return {"type": "http.disconnect"}
+
+
+class ApiKeyGuard:
+    """Every route but /health needs `Authorization: Bearer KEY` (/metrics and the schema too)."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope.get("headers", [])).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                error = ApiError(401, "invalid or missing API key", code="invalid_api_key")
+                return await error.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class CatchAll:
+    """The last line of defence: an unexpected exception becomes a 500 in OpenAI's shape, and the connection
+    stays open (Starlette's own handler re-raises, which makes the server drop keep-alive connections)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:
+            if scope["type"] == "http" and not started:
+                await internal_error(e).response()(scope, receive, send)
 
 
 # ---- request bodies ---------------------------------------------------------------------------------------
@@ -152,22 +248,25 @@ def create_app(serving: ServingEngine, model_name: str, api_key: str | None = No
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
         return ApiError(e.status_code, str(e.detail)).response()
 
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, e: Exception) -> JSONResponse:
-        return ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").response()
-
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return ApiError(401, "invalid or missing API key", code="invalid_api_key").response()
-        return await call_next(request)
+    # Plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide a client's disconnect from the routes.
+    if api_key:
+        app.add_middleware(ApiKeyGuard, api_key=api_key)
+    app.add_middleware(BodyLimit)
+    app.add_middleware(CatchAll)  # added last: the outermost of the app's own middleware
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if not serving.alive:
-            return ApiError(503, "the engine thread has stopped", kind="server_error").response()
+        problem = (
+            "the engine thread has stopped"
+            if not serving.alive
+            else "the server is shutting down"
+            if serving.closing
+            else f"the model failed to run: {serving.model_error}"
+            if serving.model_error
+            else None
+        )
+        if problem:
+            return ApiError(503, problem, kind="server_error").response()
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -196,7 +295,7 @@ def create_app(serving: ServingEngine, model_name: str, api_key: str | None = No
             )
 
     def submit(prompt_ids: list[int], params: SamplingParams, prompt_field: str) -> RequestHandle:
-        """Queue a prompt; what the user got wrong becomes a 400 naming the field."""
+        """Queue a prompt; what the user got wrong becomes a 400 naming the field, a full server a 429."""
         if len(prompt_ids) >= engine.context_window:
             raise ApiError(
                 400,
@@ -206,44 +305,67 @@ def create_app(serving: ServingEngine, model_name: str, api_key: str | None = No
             )
         try:
             return serving.submit(prompt_ids, params, asyncio.get_running_loop())
+        except QueueFull as e:
+            raise ApiError(429, str(e), kind="server_busy", code="rate_limit_exceeded") from None
         except MlccError as e:
+            if serving.closing:
+                raise ApiError(503, str(e), kind="server_error") from None
             field = str(e).split()[0]
             raise ApiError(400, str(e), param=field if field in SamplingParams.__dataclass_fields__ else None) from None
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        check_model(body.model)
+    async def tokenized(encode: Any, value: Any, field: str) -> list[int]:
+        """Token ids, computed off the event loop (a long text takes seconds); bad text is a 400."""
         try:
-            prompt_ids = engine.tokenizer.encode_chat([m.as_template_input() for m in body.messages])
+            return await run_in_threadpool(encode, value)
         except MlccError as e:
-            raise ApiError(400, str(e), param="messages") from None
+            raise ApiError(400, str(e), param=field) from None
+
+    def check_sequences(prompts: int, n: int) -> None:
+        if prompts * n > MAX_SEQUENCES_PER_REQUEST:
+            raise ApiError(
+                400,
+                f"{prompts} prompts x n={n} asks for {prompts * n} completions; at most {MAX_SEQUENCES_PER_REQUEST}",
+                param="n",
+            )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        check_sequences(1, body.n)
+        messages = [m.as_template_input() for m in body.messages]
+        prompt_ids = await tokenized(engine.tokenizer.encode_chat, messages, "messages")
         want_logprobs = body.logprobs or bool(body.top_logprobs)
         max_tokens = next((m for m in (body.max_completion_tokens, body.max_tokens) if m is not None), None)
-        params = body.sampling(max_tokens or engine.context_window, want_logprobs, body.top_logprobs or 0)
+        # Omitted: the rest of the context; 0 or less is a 400, as on /v1/completions.
+        params = body.sampling(
+            engine.context_window if max_tokens is None else max_tokens, want_logprobs, body.top_logprobs or 0
+        )
         handle = submit(prompt_ids, params, "messages")
         reply = ChatReply(engine, model_name, want_logprobs)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return event_stream(reply.chunks([handle], include_usage), [handle])
-        return reply.response(await collect([handle]), [handle])
+        return reply.response(await collect([handle], request), [handle])
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         if body.echo:
             raise ApiError(400, "echo is not supported", param="echo")
         prompts = body.prompt if isinstance(body.prompt, list) and body.prompt else [body.prompt]
         if isinstance(prompts[0], int):
             prompts = [prompts]
+        check_sequences(len(prompts), body.n)
         top = body.logprobs or 0
+        max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
+        params = body.sampling(max_tokens, body.logprobs is not None, top)
         handles = []
         try:
             for prompt in prompts:
-                ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
+                ids = await tokenized(engine.tokenizer.encode, prompt, "prompt") if isinstance(prompt, str) else prompt
                 if not ids:
                     raise ApiError(400, "the prompt is empty", param="prompt")
-                max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-                handles.append(submit(ids, body.sampling(max_tokens, body.logprobs is not None, top), "prompt"))
+                handles.append(submit(list(ids), params, "prompt"))  # type: ignore[arg-type]
         except ApiError:
             for handle in handles:
                 handle.abort()
@@ -252,7 +374,7 @@ def create_app(serving: ServingEngine, model_name: str, api_key: str | None = No
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return event_stream(reply.chunks(handles, include_usage), handles)
-        return reply.response(await collect(handles), handles)
+        return reply.response(await collect(handles, request), handles)
 
     return app
 
@@ -291,14 +413,30 @@ async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Delta
             task.cancel()
 
 
-async def collect(handles: list[RequestHandle]) -> list[Result]:
-    try:
+async def collect(handles: list[RequestHandle], request: Request) -> list[Result]:
+    """Wait for every completion; a client that disconnects meanwhile aborts them (as a stream's would)."""
+
+    async def drain() -> None:
         async for _ in merged(handles):
             pass
+
+    async def client_gone() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    work, watch = asyncio.create_task(drain()), asyncio.create_task(client_gone())
+    try:
+        await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
     finally:
+        watch.cancel()
         for handle in handles:
             handle.abort()
-    return [r for handle in handles for r in handle.results()]
+    await work  # after an abort the handles finish promptly
+    results = [r for handle in handles for r in handle.results()]
+    failed = next((r for r in results if r.finish_reason == "error"), None)
+    if failed is not None:
+        raise ApiError(500, f"the request failed: {failed.error}", kind="server_error")
+    return results
 
 
 def event_stream(chunks: AsyncIterator[dict[str, Any]], handles: list[RequestHandle]) -> StreamingResponse:
@@ -309,9 +447,10 @@ def event_stream(chunks: AsyncIterator[dict[str, Any]], handles: list[RequestHan
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
             yield "data: [DONE]\n\n"
-        except Exception as e:  # the status line is gone already: report it in the stream, as OpenAI does
-            error = {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error"}
-            yield f"data: {json.dumps({'error': {**error, 'param': None, 'code': None}})}\n\n"
+        except ApiError as e:  # the status line is gone already: report it in the stream, as OpenAI does
+            yield f"data: {json.dumps(e.body())}\n\n"
+        except Exception as e:
+            yield f"data: {json.dumps(internal_error(e).body())}\n\n"
         finally:
             for handle in handles:
                 handle.abort()
@@ -373,6 +512,8 @@ class Reply:
         for first in self.opening(sum(len(h.requests) for h in handles)):
             yield {**self.envelope([first], chunk=True), **extra}
         async for index, delta in merged(handles):
+            if delta.error is not None:
+                raise ApiError(500, f"the request failed: {delta.error}", kind="server_error")
             if delta.text or (self.logprobs and delta.logprobs):
                 choice = self.choice(index, delta.text, delta.logprobs, None, delta=True)
                 yield {**self.envelope([choice], chunk=True), **extra}
@@ -487,12 +628,27 @@ def serve(
     api_key: str | None = None,
     **engine_options: Any,
 ) -> None:
-    """Load the artifact and serve it until interrupted."""
-    import uvicorn
-
+    """Load the artifact, check that its model runs, and serve it until interrupted (SIGINT or SIGTERM)."""
     serving = ServingEngine(artifact, **engine_options)
     try:
+        serving.engine.self_check()
         app = create_app(serving, Path(artifact).resolve().name, api_key)
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S
+        )
+        PromptShutdownServer(config, serving).run()
     finally:
         serving.close()
+
+
+class PromptShutdownServer(uvicorn.Server):
+    """uvicorn's server, but a shutdown signal first aborts every queued and running request, so open
+    connections end within moments instead of after their generations."""
+
+    def __init__(self, config: Any, serving: ServingEngine):
+        super().__init__(config)
+        self.serving = serving
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.serving.abort_all()
+        super().handle_exit(sig, frame)

@@ -15,11 +15,17 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from artifacts import MlccError
 from runtime.engine import Delta, Engine, Request, Result, set_threads
 from runtime.sampler import SamplingParams
 
 _STOP = object()
 RATE_WINDOW_S = 10.0
+DEFAULT_MAX_QUEUED_PER_SLOT = 16  # sequences in flight per batch slot before new requests are refused
+
+
+class QueueFull(MlccError):
+    """The server holds as many sequences as it may; the client should retry later (HTTP 429)."""
 
 
 class RequestHandle:
@@ -45,7 +51,12 @@ class RequestHandle:
                 pass
 
     def _callback(self, index: int) -> Callable[[Delta], None]:
-        return lambda delta: self._deliver((index, delta))
+        def on_delta(delta: Delta) -> None:
+            if delta.finish_reason is not None:
+                self._server._sequences_done(1)
+            self._deliver((index, delta))
+
+        return on_delta
 
     def _take(self, item: tuple[int, Delta] | BaseException) -> tuple[int, Delta]:
         if isinstance(item, BaseException):
@@ -92,8 +103,15 @@ class ServingEngine:
     Async: `await generate(...)`, `async for piece in stream(...)`, `chat(...)`; blocking: the `_sync` twins.
     """
 
-    def __init__(self, engine: Engine | str | Path, **engine_options: Any):
+    def __init__(self, engine: Engine | str | Path, max_queued: int | None = None, **engine_options: Any):
+        """`max_queued`: the most sequences (prompts x n) in flight, running or waiting; beyond it `submit`
+        raises QueueFull, so that one client cannot queue unbounded work."""
         self.engine = engine if isinstance(engine, Engine) else Engine(engine, **engine_options)
+        self.max_queued = max_queued or DEFAULT_MAX_QUEUED_PER_SLOT * self.engine.max_batch_size
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self.closing = False
+        self.model_error: str | None = None  # set when a model step failed: the server is then unhealthy
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._handles: set[RequestHandle] = set()
         self._token_times: collections.deque[tuple[float, int]] = collections.deque()
@@ -112,16 +130,37 @@ class ServingEngine:
         """
         handle = RequestHandle(self, loop)
         handle.requests = self.engine.make_requests(prompt_ids, params)
+        self.reserve(len(handle.requests))
         for i, r in enumerate(handle.requests):
             r.on_delta = handle._callback(i)
         handle._open = len(handle.requests)
 
-        def start() -> None:
+        def start() -> None:  # an abort may have come first
             self._handles.add(handle)
-            self.engine.enqueue(handle.requests)
+            self.engine.enqueue([r for r in handle.requests if r.finish_reason is None])
 
         self._post(start)
         return handle
+
+    def reserve(self, sequences: int) -> None:
+        """Count `sequences` as in flight, or raise QueueFull (or MlccError when shutting down)."""
+        if self.closing:
+            raise MlccError("the server is shutting down")
+        with self._in_flight_lock:
+            if self._in_flight + sequences > self.max_queued:
+                raise QueueFull(
+                    f"the server is busy ({self._in_flight} sequences in flight, at most {self.max_queued}); "
+                    "retry later"
+                )
+            self._in_flight += sequences
+
+    def _sequences_done(self, sequences: int) -> None:
+        with self._in_flight_lock:
+            self._in_flight -= sequences
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
 
     def encode(self, prompt: str | list[int] | list[dict[str, Any]], raw: bool = True) -> list[int]:
         """Token ids of a prompt: text (raw, or as one user message), ids as they are, or chat messages."""
@@ -185,8 +224,14 @@ class ServingEngine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def abort_all(self) -> None:
+        """Refuse new requests and abort every queued and running one (e.g. on SIGTERM); returns at once."""
+        self.closing = True
+        self._post(lambda: self._abort_all(None))
+
     def close(self) -> None:
         """Abort what is in flight and stop the engine thread."""
+        self.closing = True
         if self.alive:
             self._inbox.put(_STOP)
             self._thread.join()
@@ -216,7 +261,9 @@ class ServingEngine:
                     command()
                 else:
                     self.engine.step()
+                    self.model_error = None
             except Exception as e:  # a failing step must not hang the callers: fail what is in flight
+                self.model_error = f"{type(e).__name__}: {e}"
                 self._abort_all(e)
             self._handles = {h for h in self._handles if any(r.finish_reason is None for r in h.requests)}
             self._update_stats()
@@ -229,7 +276,9 @@ class ServingEngine:
                 try:
                     self.engine.abort(r)
                 except Exception:  # the KV state may be broken; the request is over either way
-                    r.finish_reason = "abort"
+                    if r.finish_reason is None:
+                        r.finish_reason = "abort"
+                        self._sequences_done(1)
         self._handles.clear()
 
     def _update_stats(self) -> None:

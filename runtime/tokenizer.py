@@ -54,6 +54,10 @@ class Tokenizer:
         self.chat_template = ChatTemplate(chat_template, info.get("bos_token"), eos) if chat_template else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # e.g. a lone surrogate sent as "\ud800" in JSON
+            raise MlccError(f"the text is not valid Unicode (character {e.start}: {e.reason})") from None
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
