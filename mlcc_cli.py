@@ -51,9 +51,22 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
+def _arch_help() -> str:
+    """--arch help from the architecture registry (light: it imports no TVM); edge installs may lack it."""
+    try:
+        from model_defs import supported
+    except ImportError:
+        return "Architecture (read from config.json or the GGUF file when omitted)."
+    return f"Architecture: {', '.join(supported())} (read from config.json or the GGUF file when omitted)."
+
+
 @main.command()
 @click.option("--model", "model", required=True, help="Local Hugging Face folder, hub id, or .gguf file.")
-@click.option("--arch", default=None, help="Architecture (read from config.json when omitted).")
+@click.option(
+    "--arch",
+    default=None,
+    help=_arch_help(),
+)
 @click.option(
     "--quant",
     default=None,

@@ -24,10 +24,10 @@ from artifacts.errors import MlccError
 from artifacts.manifest import describe_files
 from artifacts.weights import ShardWriter
 from compiler.build import BuildJob, build_in_child_process
-from compiler.gguf_source import GGUF_ARCHS, GGUFSource
+from compiler.gguf_source import GGUFSource
 from compiler.source import ModelSource, resolve_model
 from compiler.targets import TargetRequest, resolve_target, strict_float
-from model_defs import ARCHITECTURES, get_arch
+from model_defs import arch_for_gguf, arch_for_model_type, get_arch, get_entry
 from quant_schemes import QuantScheme, convert_tensor, get_scheme
 from quant_schemes.gguf_native import GGUFNativeScheme
 
@@ -39,13 +39,7 @@ DEFAULT_MAX_BATCH = 8
 
 
 def detect_arch(config: dict[str, Any]) -> str:
-    model_type = str(config.get("model_type", "")).lower()
-    if model_type in ARCHITECTURES:
-        return model_type
-    raise MlccError(
-        f"unsupported architecture {model_type or 'unknown'!r} in config.json; "
-        f"supported: {', '.join(sorted(ARCHITECTURES))}"
-    )
+    return arch_for_model_type(str(config.get("model_type", ""))).name
 
 
 def compile_model(
@@ -133,7 +127,8 @@ def _plan_hf(model: str, arch: str | None, quant: str | None) -> Plan:
     scheme = get_scheme(quant or "q4")
     source = resolve_model(model)
     arch_name = (arch or detect_arch(source.config)).lower()
-    arch_module = get_arch(arch_name)
+    entry = get_entry(arch_name)
+    arch_module = entry.load()
     config = arch_module.config_from_hf(source.config)
     if "lm_head.weight" not in {name for name, _ in source.tensor_names()}:
         config.tie_embeddings = True
@@ -145,7 +140,7 @@ def _plan_hf(model: str, arch: str | None, quant: str | None) -> Plan:
             except KeyError:
                 raise MlccError(f"unexpected tensor {hf_name!r} in {source.folder}") from None
             if name is not None:
-                yield name, array
+                yield name, entry.convert_hf_tensor(name, array)
 
     return arch_name, config, scheme, tensors, lambda folder: _copy_tokenizer(source, folder)
 
@@ -154,9 +149,7 @@ def _plan_gguf(path: Path, arch: str | None, quant: str | None) -> Plan:
     if not path.is_file():
         raise MlccError(f"model not found: {path}")
     source = GGUFSource(path)
-    if source.arch not in GGUF_ARCHS:
-        raise MlccError(f"unsupported GGUF architecture {source.arch!r}; supported: {', '.join(sorted(GGUF_ARCHS))}")
-    arch_name = arch or GGUF_ARCHS[source.arch]
+    arch_name = arch or arch_for_gguf(source.arch).name
     config = get_arch(arch_name).config_from_gguf(source.arch_meta(), "output.weight" in source.tensors_by_name)
     native = quant in (None, "gguf", "gguf-fast", "gguf-f32")
     if native:

@@ -14,8 +14,6 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 
 from artifacts.errors import MlccError
 
-# GGUF architectures mlcc compiles, and the model_defs module that reads each.
-GGUF_ARCHS = {"llama": "llama", "gemma3": "gemma3"}
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 # End-of-turn markers of chat models, which stop generation like EOS does.
 END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")

@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
 from artifacts.errors import MlccError
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "yarn", "longrope")
+
+
+@dataclass
+class ModelConfig:
+    """The fields every architecture's config has: compile and the runtime (the manifest's model_config) read them."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_embeddings: bool = False
+    sliding_window: int | None = None  # tokens, for the layers that slide
+    context_window: int = 4096
 
 
 @dataclass
@@ -96,6 +116,20 @@ def hf_get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
+def hf_rotary_dim(cfg: dict[str, Any], head_dim: int) -> int:
+    """Dimensions of a head that RoPE rotates (`partial_rotary_factor`, top level or in rope_parameters)."""
+    params = cfg.get("rope_parameters") or {}
+    return int(head_dim * float(hf_get(cfg, "partial_rotary_factor", default=params.get("partial_rotary_factor", 1.0))))
+
+
+def map_name(table: list[tuple[str, str]], name: str) -> str:
+    """The model's name for an HF tensor name by a (pattern, replacement) table; KeyError for unknown names."""
+    for pattern, repl in table:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, repl, name)
+    raise KeyError(name)
+
+
 def hf_rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     """RoPE base and scaling from an HF config, in both the old (rope_theta + rope_scaling) and the
     transformers 5 (rope_parameters) spelling. Returns (theta, scaling dict or {})."""
@@ -104,9 +138,148 @@ def hf_rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     theta = float(hf_get(cfg, "rope_theta", default=params.get("rope_theta", 10000.0)))
     scaling.pop("rope_theta", None)
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = {"su": "longrope"}.get(kind, kind)  # Phi-3's first releases
     if kind not in SUPPORTED_ROPE_TYPES:
         raise MlccError(f"unsupported RoPE scaling {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if kind == "default":
         return theta, {}
     scaling["rope_type"] = kind
     return theta, scaling
+
+
+@dataclass
+class RopeTables:
+    """RoPE as transformers computes it, for a model that applies it itself: inverse frequencies of the first
+    `rotary_dim` dimensions (rotate-half layout), cos and sin multiplied by `attention_factor`. LongRoPE has a
+    second set, `long_inv_freq`, used for a whole sequence once it is longer than `switch_length`."""
+
+    rotary_dim: int
+    inv_freq: np.ndarray  # [rotary_dim / 2] float32
+    attention_factor: float = 1.0
+    long_inv_freq: np.ndarray | None = None
+    switch_length: int = 0
+
+    @classmethod
+    def from_config(
+        cls, theta: float, rotary_dim: int, scaling: dict[str, Any], max_positions: int, original_max: int | None = None
+    ) -> RopeTables:
+        """transformers' `_compute_default_rope_parameters` / `_compute_longrope_parameters` in float32."""
+        exponents = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(rotary_dim)
+        base = np.power(np.float32(theta), exponents, dtype=np.float32)  # [rotary_dim / 2]
+        kind = scaling.get("rope_type", "default")
+        if kind == "default":
+            return cls(rotary_dim, (np.float32(1) / base).astype(np.float32))
+        if kind != "longrope":
+            raise MlccError(f"RoPE scaling {kind!r} is not supported for this architecture")
+        original = int(scaling.get("original_max_position_embeddings") or original_max or max_positions)
+        factor = scaling.get("factor") or max_positions / original
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        short, long = (np.asarray(scaling[k], dtype=np.float32) for k in ("short_factor", "long_factor"))
+        if short.shape != base.shape or long.shape != base.shape:
+            raise MlccError(f"LongRoPE factors must have {len(base)} entries (rotary_dim / 2)")
+        return cls(rotary_dim, (1 / (short * base)).astype(np.float32), float(attention), 1 / (long * base), original)
+
+    def tables(self, positions: Tensor, batch: Any, seq: Any) -> tuple[Tensor, Tensor]:
+        """cos and sin [b, s, rotary_dim / 2] at the query positions [b*s] of this call."""
+        half = self.rotary_dim // 2
+        factor = self.attention_factor
+        long, switch = self.long_inv_freq, self.switch_length
+        freqs = [Tensor.from_const(self.inv_freq)]
+        if long is not None:
+            freqs.append(Tensor.from_const(long.astype(np.float32)))
+
+        def compute(pos: te.Tensor, short: te.Tensor, *long_freq: te.Tensor) -> list[te.Tensor]:
+            b, s = pos.shape
+            if long_freq:
+                # transformers picks the set by the sequence's length in this call (its last position + 1).
+                # A sequence is a run of consecutive positions within a row (prefill: one row of several
+                # sequences; decode: one token per row).
+                def is_last(r, j):
+                    return tirx.Or(j == s - 1, pos[r, tirx.min(j + 1, s - 1)] != pos[r, j] + 1)
+
+                k = te.reduce_axis((0, s), name="k")
+                last = te.compute(
+                    (b, s),
+                    lambda r, t: te.min(tirx.if_then_else(tirx.And(k >= t, is_last(r, k)), k, s - 1), axis=k),
+                    name="sequence_end",
+                )
+
+            def angle(r, t, i):
+                freq = short[i]
+                if long_freq:
+                    freq = tirx.if_then_else(pos[r, last[r, t]] + 1 > switch, long_freq[0][i], short[i])
+                return pos[r, t].astype("float32") * freq
+
+            cos = te.compute((b, s, half), lambda r, t, i: tirx.cos(angle(r, t, i)) * factor, name="rope_cos")
+            sin = te.compute((b, s, half), lambda r, t, i: tirx.sin(angle(r, t, i)) * factor, name="rope_sin")
+            return [cos, sin]
+
+        cos_sin = op.tensor_expr_op(compute, "rope_tables", [op.reshape(positions, (batch, seq)), *freqs])
+        return cos_sin[0], cos_sin[1]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE of the first 2 * cos.shape[-1] dims of x [b, s, h, d]; the rest pass through."""
+
+    def compute(xt: te.Tensor, c: te.Tensor, s: te.Tensor) -> te.Tensor:
+        half = int(c.shape[2])
+
+        def body(b, t, h, d):
+            x = xt[b, t, h, d].astype("float32")
+            partner = xt[b, t, h, tirx.min(tirx.if_then_else(d < half, d + half, d - half), 2 * half - 1)]
+            rotated = tirx.if_then_else(d < half, -partner, partner).astype("float32")
+            value = x * c[b, t, d % half] + rotated * s[b, t, d % half]
+            return tirx.if_then_else(d < 2 * half, value.astype(xt.dtype), xt[b, t, h, d])
+
+        return te.compute(xt.shape, body, name="rope")
+
+    return op.tensor_expr_op(compute, "rope", [x, cos, sin])
+
+
+def rope_attention(
+    kv: PagedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor], sm_scale: float
+) -> Tensor:
+    """Attention through the paged KV cache of q [b, s, hq, d], k and v [b, s, hkv, d], the model rotating q and
+    k with `rope` (cos, sin); returns [b, s, hq * d]."""
+    b, s, heads, dim = q.shape
+    qkv = op.concat([apply_rope(q, *rope), apply_rope(k, *rope), v], dim=2)  # [b, s, hq + 2 hkv, d]
+    out = kv.attention_with_fused_qkv(layer, qkv, int(heads), sm_scale=sm_scale)  # [b, s, hq, d]
+    return op.reshape(out, (b, s, heads * dim))
+
+
+class DecoderModel(nn.Module):
+    """The frame the newer architectures share: `token_embd`, blocks `blk` called as block(x, kv, layer, rope),
+    `output_norm` and `output`; the model applies RoPE (`self.rope`, tables computed once per call)."""
+
+    cfg: ModelConfig
+    rope: RopeTables
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.token_embd(ids)  # [n, h]
+
+    def body(self, x: Tensor, kv: PagedKVCache) -> Tensor:
+        b, s, _ = x.shape
+        rope = self.rope.tables(kv.get_query_positions(b * s), b, s)  # cos, sin [b, s, rotary_dim / 2]
+        for layer, block in enumerate(self.blk):
+            x = block(x, kv, layer, rope)
+        return self.output_norm(x)  # [b, s, h]
+
+    def head(self, x: Tensor) -> Tensor:
+        return self.output(x)  # [b, s, vocab]
+
+    def layer_window(self, layer: int) -> int | None:
+        return self.cfg.sliding_window
+
+    def attention_layout(self) -> AttentionLayout:
+        c = self.cfg
+        return AttentionLayout(
+            num_layers=c.num_layers,
+            num_heads=c.num_heads,
+            num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim,
+            rope_theta=10000.0,  # unused: the model applies RoPE
+            layer_windows=[self.layer_window(i) for i in range(c.num_layers)],
+            model_applies_rope=True,
+        )

@@ -18,6 +18,7 @@ VARIANTS = {
     "qwen2-f32": ("qwen2", "q0f32", {}),
     "llama-q4": ("llama", "q4", {}),
     "qwen2-f16": ("qwen2", "q0f16", {}),
+    "phi3-f32": ("phi3", "q0f32", {}),
     # 5 heads of 16, one KV head, tied embeddings, hidden and intermediate sizes not multiples of 32.
     "odd-tied-q4": (
         "llama",

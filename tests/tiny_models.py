@@ -40,6 +40,20 @@ ARCH_CONFIGS = {
     "llama": dict(model_type="llama", num_key_value_heads=2),
     "mistral": dict(model_type="mistral", num_key_value_heads=2, sliding_window=6),
     "qwen2": dict(model_type="qwen2", num_key_value_heads=1),
+    # LongRoPE whose switch (64 tokens) lies within the tests' prompts; factors differ per frequency.
+    "phi3": dict(
+        model_type="phi3",
+        pad_token_id=1,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        original_max_position_embeddings=64,
+        rope_scaling=dict(
+            type="longrope",
+            short_factor=[1.0 + 0.25 * i for i in range(8)],
+            long_factor=[3.0 + 2 * i for i in range(8)],
+        ),
+        sliding_window=None,
+    ),
 }
 
 

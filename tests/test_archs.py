@@ -1,0 +1,108 @@
+"""Each registered architecture from a tiny random HF checkpoint, compiled q0f32, against transformers:
+logits at every prompt position, 16 greedy tokens, and a batch of 4 equal to each sequence alone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerFast
+
+from artifacts import MANIFEST_NAME
+from runtime import Engine, SamplingParams
+
+SENTENCE = "def main():\n    print('hello, world')\n    return 42\nThe quick brown fox jumps over the lazy dog."
+# Token counts with the tiny tokenizer: 13, 3, 48 and 142 (the tiny Phi-3 switches RoPE factors beyond 64).
+PROMPTS = ["Hello! How are you today?", "Paris", SENTENCE, SENTENCE * 3]
+CROSSING = SENTENCE + " Paris, 0123456789"  # 58 tokens: passes 64 while decoding 16
+TOLERANCE = 1e-4
+
+
+def reference(folder):
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    return model, PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def reference_greedy(model, ids: list[int], n: int) -> list[int]:
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=1
+        )
+    return out[0, len(ids) :].tolist()
+
+
+ARCH_VARIANTS = ["phi3-f32"]
+
+
+@pytest.fixture(scope="session")
+def arch_engine(artifact):
+    """Engines of the variants. LongRoPE rotates a whole sequence by its length in the call, so KV computed for a
+    shorter prompt is not what a fresh transformers run of a longer one has: no prefix reuse there."""
+    engines: dict[str, Engine] = {}
+
+    def get(name: str) -> Engine:
+        if name not in engines:
+            folder = artifact(name)
+            config = json.loads((folder / MANIFEST_NAME).read_text())["model_config"]
+            longrope = config.get("rope_scaling", {}).get("rope_type") == "longrope"
+            engines[name] = Engine(folder, prefix_cache=not longrope)
+        return engines[name]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", ARCH_VARIANTS)
+def test_every_position_and_greedy_match_transformers(variant, hf_folder, arch_engine):
+    model, tokenizer = reference(hf_folder(variant))
+    eng = arch_engine(variant)
+    ids = [tokenizer(p).input_ids for p in PROMPTS]
+    assert [eng.tokenizer.encode(p) for p in PROMPTS] == ids
+    for prompt_ids in ids:
+        with torch.no_grad():
+            ref = model(torch.tensor([prompt_ids])).logits[0].numpy()  # [s, vocab]
+        assert np.abs(eng.prompt_logits(prompt_ids) - ref).max() <= TOLERANCE
+    results = eng.generate_ids(ids, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    for result, prompt_ids in zip(results, ids):
+        assert result.token_ids == reference_greedy(model, prompt_ids, 16)
+
+
+@pytest.mark.parametrize("variant", ARCH_VARIANTS)
+def test_batch_of_four_equals_each_alone(variant, arch_engine):
+    eng = arch_engine(variant)
+    ids = [eng.tokenizer.encode(p) for p in PROMPTS]
+    together = eng.prefill_logits(ids)
+    for row, prompt_ids in zip(together, ids):
+        np.testing.assert_allclose(row, eng.prefill_logits([prompt_ids])[0], atol=1e-5)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    batched = eng.generate_ids(ids, params)
+    alone = [eng.generate_ids([i], params)[0] for i in ids]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+
+
+def test_phi3_longrope_prompts_on_both_sides_of_the_switch(hf_folder):
+    """The tiny Phi-3's prompts lie on both sides of original_max_position_embeddings, so both factor sets run."""
+    model, tokenizer = reference(hf_folder("phi3-f32"))
+    original = model.config.rope_parameters["original_max_position_embeddings"]
+    lengths = [len(tokenizer(p).input_ids) for p in PROMPTS]
+    assert min(lengths) < original < max(lengths)
+    assert all(not n < original < n + 15 for n in lengths)  # generate() recomputes the cache at the switch
+
+
+def test_phi3_decode_across_the_longrope_switch(hf_folder, arch_engine):
+    """Decoding past original_max_position_embeddings: each step rotates with the factors of its sequence length,
+    earlier keys stay as they were, as transformers' forward with a cache does. (Its generate() instead
+    recomputes the whole cache once at the switch; mlcc's engine does not.)"""
+    model, tokenizer = reference(hf_folder("phi3-f32"))
+    ids = tokenizer(CROSSING).input_ids
+    assert len(ids) < model.config.rope_parameters["original_max_position_embeddings"] < len(ids) + 15
+    expected, cache = [], DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits
+        for _ in range(16):
+            expected.append(int(logits[0, -1].argmax()))
+            logits = model(torch.tensor([expected[-1:]]), past_key_values=cache, use_cache=True).logits
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    assert arch_engine("phi3-f32").generate_ids([ids], params)[0].token_ids == expected
