@@ -51,6 +51,7 @@ REGISTRY: list[Architecture] = [
     Architecture("qwen2", "model_defs.qwen2", ("qwen2",), None, "transformers"),
     Architecture("gemma3", "model_defs.gemma3", (), "gemma3", "llama.cpp"),
     Architecture("phi3", "model_defs.phi3", ("phi3",), None, "transformers (incl. LongRoPE)"),
+    Architecture("phi", "model_defs.phi", ("phi",), None, "transformers"),
 ]
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in REGISTRY}
 

@@ -19,6 +19,7 @@ VARIANTS = {
     "llama-q4": ("llama", "q4", {}),
     "qwen2-f16": ("qwen2", "q0f16", {}),
     "phi3-f32": ("phi3", "q0f32", {}),
+    "phi-f32": ("phi", "q0f32", {}),
     # 5 heads of 16, one KV head, tied embeddings, hidden and intermediate sizes not multiples of 32.
     "odd-tied-q4": (
         "llama",

@@ -54,6 +54,8 @@ ARCH_CONFIGS = {
         ),
         sliding_window=None,
     ),
+    # Phi-2: parallel attention and MLP, LayerNorm with bias, half of each head rotated (Phi-2 itself: 0.4).
+    "phi": dict(model_type="phi", partial_rotary_factor=0.5, max_position_embeddings=256),
 }
 
 
