@@ -52,6 +52,7 @@ REGISTRY: list[Architecture] = [
     Architecture("gemma3", "model_defs.gemma3", (), "gemma3", "llama.cpp"),
     Architecture("phi3", "model_defs.phi3", ("phi3",), None, "transformers (incl. LongRoPE)"),
     Architecture("phi", "model_defs.phi", ("phi",), None, "transformers"),
+    Architecture("gemma", "model_defs.gemma", ("gemma",), None, "transformers"),
 ]
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in REGISTRY}
 

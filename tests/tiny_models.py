@@ -56,6 +56,8 @@ ARCH_CONFIGS = {
     ),
     # Phi-2: parallel attention and MLP, LayerNorm with bias, half of each head rotated (Phi-2 itself: 0.4).
     "phi": dict(model_type="phi", partial_rotary_factor=0.5, max_position_embeddings=256),
+    # Gemma's 2B shape in small: multi-query attention, head_dim apart from hidden / heads.
+    "gemma": dict(model_type="gemma", num_key_value_heads=1, head_dim=32, max_position_embeddings=256),
 }
 
 
