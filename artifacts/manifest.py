@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,10 @@ from artifacts.errors import MlccError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "mlcc-manifest.json"
+# An artifact file is one plain name inside the artifact folder: no folders, no "..", no hidden files.
+FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,254}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+KV_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 @dataclass
@@ -68,19 +73,81 @@ def load_manifest(folder: str | Path) -> Manifest:
             f"artifact format {data['format_version']} is newer than this mlcc reads ({FORMAT_VERSION}); upgrade mlcc"
         )
     try:
-        return Manifest(**data)
+        manifest = Manifest(**data)
     except TypeError as e:
         raise MlccError(f"corrupted manifest {path}: {e}") from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise MlccError(f"corrupted manifest {path}: {problem}")
+    return manifest
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def manifest_problem(m: Manifest) -> str | None:
+    """What is wrong with a manifest's fields, or None. Every file the runtime opens (library, shards,
+    tokenizer.json) must be a plain name listed in `files` with its size and sha256, so it is checked first."""
+    if not _positive_int(m.format_version):
+        return f"format_version must be a positive integer, not {m.format_version!r}"
+    for name in ("model_config", "quant", "target", "weights", "tokenizer", "kv_cache", "versions", "files"):
+        if not isinstance(getattr(m, name), dict):
+            return f"{name} must be an object"
+    if not isinstance(m.arch, str) or not m.arch:
+        return "arch must be a name"
+    if not isinstance(m.target.get("device"), str):
+        return "target.device must be a name"
+    if not isinstance(m.chat_template, (str, type(None))):
+        return "chat_template must be text"
+    for name, info in m.files.items():
+        if not FILE_NAME.fullmatch(name):
+            return f"file {name!r} is not a plain file name inside the artifact"
+        if not isinstance(info, dict) or not (isinstance(info.get("size"), int) and info["size"] >= 0):
+            return f"file {name!r} has no valid size"
+        if not isinstance(info.get("sha256"), str) or not SHA256.fullmatch(info["sha256"]):
+            return f"file {name!r} has no valid sha256"
+    shards, params = m.weights.get("shards"), m.weights.get("params")
+    tokenizer_files = m.tokenizer.get("files")
+    if not (isinstance(shards, list) and isinstance(params, list) and all(isinstance(p, str) for p in params)):
+        return "weights must list shards and params"
+    if not isinstance(tokenizer_files, list):
+        return "tokenizer must list its files"
+    for role, names in (("library", [m.library]), ("weight shard", shards), ("tokenizer file", tokenizer_files)):
+        for name in names:
+            if not isinstance(name, str) or name not in m.files:
+                return f"{role} {name!r} is not one of the artifact's checksummed files"
+    if "tokenizer.json" not in tokenizer_files:
+        return "tokenizer files lack tokenizer.json"
+    if not _positive_int(m.context_window):
+        return f"context_window must be a positive integer, not {m.context_window!r}"
+    for key in ("page_size", "prefill_chunk_size", "max_batch_size"):
+        if not _positive_int(m.kv_cache.get(key)):
+            return f"kv_cache.{key} must be a positive integer, not {m.kv_cache.get(key)!r}"
+    if m.kv_cache.get("sliding_window") is not None and not _positive_int(m.kv_cache["sliding_window"]):
+        return f"kv_cache.sliding_window must be a positive integer or null, not {m.kv_cache['sliding_window']!r}"
+    if m.kv_cache.get("dtype") not in KV_DTYPES:
+        return f"kv_cache.dtype must be one of {', '.join(KV_DTYPES)}, not {m.kv_cache.get('dtype')!r}"
+    for key in ("num_layers", "num_kv_heads", "head_dim"):
+        if not _positive_int(m.model_config.get(key)):
+            return f"model_config.{key} must be a positive integer, not {m.model_config.get(key)!r}"
+    vocab = m.model_config.get("vocab_size")
+    if vocab is not None and not _positive_int(vocab):
+        return f"model_config.vocab_size must be a positive integer, not {vocab!r}"
+    return None
 
 
 def verify_files(folder: str | Path, manifest: Manifest, check_hashes: bool = True) -> None:
-    """Check every listed file exists with the right size (and sha256)."""
+    """Check every listed file is a plain file with the right size and sha256. Without `check_hashes` the
+    (large) weights are only sized, but the library, which is code, is always hashed."""
     folder = Path(folder)
     for name, info in manifest.files.items():
         path = folder / name
+        if path.is_symlink():
+            raise MlccError(f"artifact file is a symbolic link, not a file inside the artifact: {path}")
         if not path.is_file():
             raise MlccError(f"artifact file missing: {path}")
         if path.stat().st_size != info["size"]:
             raise MlccError(f"artifact file has the wrong size (truncated?): {path}")
-        if check_hashes and sha256_of(path) != info["sha256"]:
+        if (check_hashes or name == manifest.library) and sha256_of(path) != info["sha256"]:
             raise MlccError(f"artifact file checksum mismatch (corrupted): {path}")
