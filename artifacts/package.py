@@ -1,23 +1,29 @@
 """One-file packages of an artifact, for copying to edge devices: `model.mlcc`.
 
 A package is a tar (zstd-compressed when the `zstandard` module is there, else gzip) holding the artifact's
-files and its manifest, which lists the sha256 of every member. It is unpacked once into a cache folder
-named after the package's own sha256 and checked there; later runs reuse that folder.
+files and its manifest (the first member), which lists the size and sha256 of every other member. It is
+unpacked once into a cache folder named after the package's own sha256 and checked there; later runs reuse
+that folder. Only the members the manifest lists are unpacked, none larger than listed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
 from artifacts.errors import MlccError
 from artifacts.manifest import MANIFEST_NAME, load_manifest, sha256_of, verify_files
+from artifacts.partials import partial_path, remove_stale_partials
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 def _zstandard():
@@ -74,6 +80,19 @@ def _open_tar(path: Path, stream: IO[bytes]) -> tarfile.TarFile:
     return tarfile.open(fileobj=stream, mode="r|gz" if head.startswith(GZIP_MAGIC) else "r|")
 
 
+class CacheDiskError(MlccError):
+    """Unpacking failed on the cache's disk (full, read-only, no permission), not because of the package."""
+
+
+@contextmanager
+def _cache_disk() -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise CacheDiskError("no space left on the device" if full else (e.strerror or str(e))) from None
+
+
 def unpack_package(path: str | Path, check_hashes: bool = True) -> Path:
     """The folder a package unpacks to (unpacked and verified on first use); one-line errors if damaged."""
     path = Path(path)
@@ -83,17 +102,20 @@ def unpack_package(path: str | Path, check_hashes: bool = True) -> Path:
     if (folder / MANIFEST_NAME).is_file():
         verify_files(folder, load_manifest(folder), check_hashes=check_hashes)
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = folder.parent / f".{folder.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
+    partial = partial_path(folder)
     try:
+        with _cache_disk():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_partials(folder.parent)
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
         _extract(path, partial)
-        if not (partial / MANIFEST_NAME).is_file():
-            raise MlccError(f"not an mlcc package (no {MANIFEST_NAME}): {path}")
         verify_files(partial, load_manifest(partial))
-        shutil.rmtree(folder, ignore_errors=True)
-        partial.rename(folder)
+        with _cache_disk():
+            shutil.rmtree(folder, ignore_errors=True)
+            partial.rename(folder)
+    except CacheDiskError as e:
+        raise MlccError(f"cannot unpack {path} into {folder.parent}: {e}") from None
     except MlccError as e:
         raise MlccError(f"corrupted package {path}: {e}") from None
     finally:
@@ -102,14 +124,51 @@ def unpack_package(path: str | Path, check_hashes: bool = True) -> Path:
 
 
 def _extract(path: Path, into: Path) -> None:
+    """Unpack the manifest (the first member), then only the files it lists, each no larger than it says.
+
+    Anything else (an unlisted or oversized member, a link, a folder) is refused before its data is read,
+    so a package cannot fill the disk with more than its manifest declares."""
     zstandard = _zstandard()
     read_errors = (tarfile.TarError, EOFError, OSError) + ((zstandard.ZstdError,) if zstandard else ())
     try:
         with open(path, "rb") as f, _open_tar(path, f) as tar:
+            expected: dict[str, int] | None = None
             for member in tar:
-                if not member.isfile() or "/" in member.name or member.name.startswith("."):
-                    raise MlccError(f"unexpected member {member.name!r}")
-                with open(into / member.name, "wb") as out:
-                    shutil.copyfileobj(tar.extractfile(member), out)
+                if expected is None:
+                    if member.name != MANIFEST_NAME or not member.isfile():
+                        raise MlccError(f"not an mlcc package (its first member is not {MANIFEST_NAME})")
+                    if member.size > MAX_MANIFEST_BYTES:
+                        raise MlccError(f"its manifest is {member.size} bytes, more than a manifest can be")
+                    _copy_member(tar, member, into)
+                    manifest = load_manifest(into)
+                    expected = {name: info["size"] for name, info in manifest.files.items()}
+                    _check_free_space(into, sum(expected.values()))
+                    continue
+                if not member.isfile() or member.name not in expected:
+                    raise MlccError(f"member {member.name!r} is not listed in its manifest")
+                if member.size != expected.pop(member.name):
+                    raise MlccError(f"member {member.name!r} is {member.size} bytes, not the size its manifest lists")
+                _copy_member(tar, member, into)
+            if expected is None:
+                raise MlccError(f"not an mlcc package (no {MANIFEST_NAME})")
     except read_errors as e:
         raise MlccError(f"cannot read it (truncated?): {e}") from None
+
+
+def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, into: Path) -> None:
+    """Write one member's data; a read error is the package's fault, a write error the disk's."""
+    source = tar.extractfile(member)
+    with _cache_disk():
+        out = open(into / member.name, "wb")
+    with out:
+        while block := source.read(1 << 20):
+            with _cache_disk():
+                out.write(block)
+        with _cache_disk():
+            out.flush()
+
+
+def _check_free_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise CacheDiskError(f"no space left on the device ({needed >> 20} MiB needed, {free >> 20} MiB free)")
