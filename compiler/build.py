@@ -7,11 +7,16 @@ later compile in the same process does not pay for importing TVM again.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import signal
+import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,7 @@ from tvm import relax, tirx
 from tvm.s_tir import dlight as dl
 
 from artifacts.errors import MlccError
+from artifacts.partials import process_alive
 from compiler.cpu_attention import cpu_attention
 from compiler.cpu_rope import RopeSpec
 from compiler.cpu_schedule import cpu_schedule, fast_gelu
@@ -32,6 +38,7 @@ from quant_schemes import QuantScheme
 
 # Set by tests only: the build child kills itself with SIGSEGV, as a compiler crash would.
 CRASH_FOR_TEST_ENV = "MLCC_TEST_CRASH_IN_BUILD"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _cpu_pipeline(
@@ -144,7 +151,31 @@ def export_and_build(job: BuildJob) -> list[str]:
     return [name.removeprefix(PARAM_PREFIX) for name, _ in named_params]
 
 
-def _child_main(job: BuildJob, results: Connection, crash: bool) -> None:
+def _die_with(parent_pid: int) -> None:
+    """End this build child when the compiling process ends, even by SIGKILL, so it stops writing into the
+    staging folder. The child's parent is the forkserver, which exits once no process holds its "alive"
+    pipe: the child lets go of its copy, so the forkserver exits with the compiling process, and on Linux
+    the kernel then kills the child (PR_SET_PDEATHSIG). Elsewhere a thread polls the compiling process."""
+    alive_fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if alive_fd is not None:
+        os.close(alive_fd)
+        forkserver._forkserver._forkserver_alive_fd = None
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    else:
+        threading.Thread(target=_poll_parent, args=(parent_pid,), daemon=True).start()
+    if not process_alive(parent_pid):  # it died before the death signal was armed
+        os._exit(1)
+
+
+def _poll_parent(parent_pid: int) -> None:
+    while process_alive(parent_pid):
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _child_main(job: BuildJob, results: Connection, crash: bool, parent_pid: int) -> None:
+    _die_with(parent_pid)
     if crash:
         os.kill(os.getpid(), signal.SIGSEGV)
     try:
@@ -173,7 +204,8 @@ def build_in_child_process(job: BuildJob) -> list[str]:
     """`export_and_build` in a child process; a crash there is a one-line MlccError here."""
     context = _context()
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_child_main, args=(job, send, bool(os.environ.get(CRASH_FOR_TEST_ENV))))
+    crash = bool(os.environ.get(CRASH_FOR_TEST_ENV))
+    child = context.Process(target=_child_main, args=(job, send, crash, os.getpid()))
     child.start()
     send.close()
     status, payload = "crashed", None

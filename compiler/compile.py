@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -22,11 +21,13 @@ import tvm
 from artifacts import MANIFEST_NAME, Manifest
 from artifacts.errors import MlccError
 from artifacts.manifest import describe_files
+from artifacts.partials import partial_path, remove_stale_partials
 from artifacts.weights import ShardWriter
 from compiler.build import BuildJob, build_in_child_process
 from compiler.gguf_source import GGUFSource
 from compiler.source import ModelSource, resolve_model
 from compiler.targets import TargetRequest, resolve_target, strict_float
+from compiler.weight_shapes import SourceShapes, check_weight_shapes
 from model_defs import arch_for_gguf, arch_for_model_type, get_arch, get_entry
 from quant_schemes import QuantScheme, convert_tensor, get_scheme
 from quant_schemes.gguf_native import GGUFNativeScheme
@@ -57,23 +58,26 @@ def compile_model(
     output = Path(output)
     if output.exists() and not (output / MANIFEST_NAME).is_file():
         raise MlccError(f"output exists and is not an mlcc artifact, refusing to overwrite: {output}")
+    if output.parent.is_dir():
+        remove_stale_partials(output.parent)  # staging folders of compiles that were killed
     target_request = TargetRequest(target) if isinstance(target, str) else target
     target_spec = resolve_target(target_request)
     if str(model).endswith(".gguf"):
         plan = _plan_gguf(Path(model), arch, quant)
     else:
         plan = _plan_hf(model, arch, quant)
-    arch_name, config, scheme, tensors, write_tokenizer = plan
+    arch_name, config, scheme, tensors, write_tokenizer, shapes = plan
 
     scheme.prepare(target_spec.target)
     if getattr(scheme, "llamacpp_numerics", False):
         target_spec = strict_float(target_spec)  # as the build does (compiler/build.py)
     net = get_arch(arch_name).Model(config)
+    check_weight_shapes(net, shapes(), config.tie_embeddings)
     for note in scheme.quantize_model(net):  # tensors padded or kept wider, for the compile summary
         progress(note)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    staging = partial_path(output)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
@@ -120,7 +124,14 @@ def compile_model(
     return manifest
 
 
-Plan = tuple[str, Any, QuantScheme, Callable[[], Iterator[tuple[str, np.ndarray]]], Callable[[Path], dict]]
+Plan = tuple[
+    str,
+    Any,
+    QuantScheme,
+    Callable[[], Iterator[tuple[str, np.ndarray]]],
+    Callable[[Path], dict],
+    Callable[[], SourceShapes],
+]
 
 
 def _plan_hf(model: str, arch: str | None, quant: str | None) -> Plan:
@@ -142,7 +153,19 @@ def _plan_hf(model: str, arch: str | None, quant: str | None) -> Plan:
             if name is not None:
                 yield name, entry.convert_hf_tensor(name, array)
 
-    return arch_name, config, scheme, tensors, lambda folder: _copy_tokenizer(source, folder)
+    def shapes() -> SourceShapes:
+        """Model name -> (HF name, shape), from the headers; names the conversion refuses are left to it."""
+        named = {}
+        for hf_name, shape in source.tensor_shapes().items():
+            try:
+                name = arch_module.map_hf_name(hf_name)
+            except KeyError:
+                continue
+            if name is not None:
+                named[name] = (hf_name, shape)
+        return named
+
+    return arch_name, config, scheme, tensors, lambda folder: _copy_tokenizer(source, folder), shapes
 
 
 def _plan_gguf(path: Path, arch: str | None, quant: str | None) -> Plan:
@@ -159,7 +182,8 @@ def _plan_gguf(path: Path, arch: str | None, quant: str | None) -> Plan:
         )
     else:
         scheme = get_scheme(quant)
-    return arch_name, config, scheme, lambda: source.tensors(raw=native), source.write_tokenizer
+    shapes = {name: (name, shape) for name, shape in source.tensor_shapes().items()}
+    return arch_name, config, scheme, lambda: source.tensors(raw=native), source.write_tokenizer, lambda: shapes
 
 
 def _convert_weights(
@@ -231,7 +255,7 @@ def _copy_tokenizer(source: ModelSource, folder: Path) -> dict[str, Any]:
 def _replace(staging: Path, output: Path) -> None:
     """Move the finished artifact into place; an older artifact at `output` is replaced."""
     if output.exists():
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        old = partial_path(output, "old")
         output.rename(old)
         staging.rename(output)
         shutil.rmtree(old, ignore_errors=True)

@@ -76,6 +76,10 @@ class GGUFSource:
         """Rows (output features) of each tensor, as tensor_types names them."""
         return self._by_name(lambda t: int(t.shape[1]) if len(t.shape) > 1 else 1)
 
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape as [rows, cols] (GGUF lists the dimensions innermost first)."""
+        return {t.name: tuple(int(d) for d in reversed(t.shape)) for t in self.reader.tensors}
+
     def tensors(self, raw: bool) -> Iterator[tuple[str, np.ndarray]]:
         """(GGUF name, array): the raw blocks when `raw`, else float32 in [rows, cols]."""
         for t in self.reader.tensors:

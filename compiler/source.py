@@ -35,6 +35,17 @@ class ModelSource:
                 raise MlccError(f"cannot read {path}: {e}") from None
         return names
 
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the file headers alone."""
+        shapes = {}
+        for path in self.weight_files:
+            try:
+                with safe_open(str(path), framework="numpy") as f:
+                    shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+            except (SafetensorError, OSError) as e:
+                raise MlccError(f"cannot read {path}: {e}") from None
+        return shapes
+
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Every tensor as numpy (bfloat16 widened to float32), one at a time.
 
