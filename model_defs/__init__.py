@@ -49,7 +49,7 @@ REGISTRY: list[Architecture] = [
     Architecture("llama", "model_defs.llama", ("llama",), "llama", "transformers, llama.cpp"),
     Architecture("mistral", "model_defs.mistral", ("mistral",), None, "transformers"),
     Architecture("qwen2", "model_defs.qwen2", ("qwen2",), None, "transformers"),
-    Architecture("gemma3", "model_defs.gemma3", (), "gemma3", "llama.cpp"),
+    Architecture("gemma3", "model_defs.gemma3", ("gemma3_text",), "gemma3", "transformers (HF), llama.cpp (GGUF)"),
     Architecture("phi3", "model_defs.phi3", ("phi3",), None, "transformers (incl. LongRoPE)"),
     Architecture("phi", "model_defs.phi", ("phi",), None, "transformers"),
     Architecture("gemma", "model_defs.gemma", ("gemma",), None, "transformers"),

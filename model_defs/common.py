@@ -130,7 +130,7 @@ def map_name(table: list[tuple[str, str]], name: str) -> str:
     raise KeyError(name)
 
 
-def hf_rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+def hf_rope(cfg: dict[str, Any], kinds: tuple[str, ...] = SUPPORTED_ROPE_TYPES) -> tuple[float, dict[str, Any]]:
     """RoPE base and scaling from an HF config, in both the old (rope_theta + rope_scaling) and the
     transformers 5 (rope_parameters) spelling. Returns (theta, scaling dict or {})."""
     params = cfg.get("rope_parameters") or {}
@@ -139,8 +139,8 @@ def hf_rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     scaling.pop("rope_theta", None)
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     kind = {"su": "longrope"}.get(kind, kind)  # Phi-3's first releases
-    if kind not in SUPPORTED_ROPE_TYPES:
-        raise MlccError(f"unsupported RoPE scaling {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if kind not in kinds:
+        raise MlccError(f"unsupported RoPE scaling {kind!r}; supported: {', '.join(kinds)}")
     if kind == "default":
         return theta, {}
     scaling["rope_type"] = kind
@@ -169,6 +169,8 @@ class RopeTables:
         kind = scaling.get("rope_type", "default")
         if kind == "default":
             return cls(rotary_dim, (np.float32(1) / base).astype(np.float32))
+        if kind == "linear":
+            return cls(rotary_dim, ((np.float32(1) / base) / np.float32(scaling["factor"])).astype(np.float32))
         if kind != "longrope":
             raise MlccError(f"RoPE scaling {kind!r} is not supported for this architecture")
         original = int(scaling.get("original_max_position_embeddings") or original_max or max_positions)

@@ -1,8 +1,9 @@
 """Gemma 3 (text): interleaved sliding-window and global attention layers with their own RoPE bases,
 RMSNorm on q and k, GeLU-tanh MLP, norms after attention and MLP too, embeddings scaled by sqrt(hidden).
 
-The model applies RoPE itself (the KV cache's RoPE has one base for all layers). Norm weights follow the
-GGUF convention, where the converter has already folded Gemma's (1 + w) into w.
+The model applies RoPE itself (the KV cache's RoPE has one base for all layers): from a GGUF file in llama.cpp's
+arithmetic (q scaled before the dot products), from an HF checkpoint in transformers'. Norm weights follow the
+GGUF convention, where Gemma's (1 + w) is already folded into w (`convert_hf_tensor` folds it for HF).
 """
 
 from __future__ import annotations
@@ -15,19 +16,27 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
-from artifacts.errors import MlccError
-from model_defs.common import AttentionLayout, GeGLU, NeoxRope
+from model_defs.common import (
+    AttentionLayout,
+    GeGLU,
+    ModelConfig,
+    NeoxRope,
+    RopeTables,
+    hf_get,
+    hf_rope,
+    map_name,
+    rope_attention,
+)
+from model_defs.gemma import convert_hf_tensor, embedding_scale
+
+SLIDING = "sliding_attention"
+ROPE_KINDS = ("default", "linear")  # of the global layers (Gemma 3 4B and up: linear, factor 8)
+# The model rotates with `NeoxRope` at the positions (llama.cpp's arithmetic) or with precomputed tables.
+RopeInput = Tensor | tuple[Tensor, Tensor]
 
 
 @dataclass
-class Gemma3Config:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+class Gemma3Config(ModelConfig):
     rms_eps: float = 1e-6
     rope_theta: float = 1_000_000.0  # global layers
     rope_local_theta: float = 10_000.0  # sliding-window layers
@@ -36,10 +45,21 @@ class Gemma3Config:
     query_scale: float = 256**-0.5
     tie_embeddings: bool = True
     context_window: int = 32768
-    rope_scaling: dict[str, Any] = field(default_factory=dict)
+    rope_scaling: dict[str, Any] = field(default_factory=dict)  # global layers
+    layer_types: list[str] = field(default_factory=list)  # HF's per-layer kinds; else the pattern decides
+    hf_arithmetic: bool = False  # RoPE and query scaling as transformers computes them (HF checkpoints)
 
     def is_sliding(self, layer: int) -> bool:
-        return bool(self.sliding_window) and (layer + 1) % self.sliding_window_pattern != 0
+        if not self.sliding_window:
+            return False
+        if self.layer_types:
+            return self.layer_types[layer] == SLIDING
+        return (layer + 1) % self.sliding_window_pattern != 0
+
+    def rope(self, sliding: bool) -> RopeTables:
+        if sliding:
+            return RopeTables.from_config(self.rope_local_theta, self.head_dim, {}, self.context_window)
+        return RopeTables.from_config(self.rope_theta, self.head_dim, self.rope_scaling, self.context_window)
 
 
 def config_from_gguf(meta: dict[str, Any], has_output: bool) -> Gemma3Config:
@@ -64,11 +84,58 @@ def config_from_gguf(meta: dict[str, Any], has_output: bool) -> Gemma3Config:
 
 
 def config_from_hf(cfg: dict[str, Any]) -> Gemma3Config:
-    raise MlccError("Gemma 3 from safetensors is not supported yet; compile its GGUF file")
+    heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
+    head_dim = hf_get(cfg, "head_dim", default=cfg["hidden_size"] // heads)
+    params = cfg.get("rope_parameters") or {}
+    if SLIDING in params:  # transformers 5: RoPE parameters per layer kind
+        theta, scaling = hf_rope({"rope_parameters": params.get("full_attention", {})}, ROPE_KINDS)
+        local_theta, _ = hf_rope({"rope_parameters": params[SLIDING]}, ("default",))
+    else:
+        theta, scaling = hf_rope(cfg, ROPE_KINDS)
+        local_theta = float(cfg.get("rope_local_base_freq", 10_000.0))
+    pattern = int(hf_get(cfg, "sliding_window_pattern", "_sliding_window_pattern", default=6))
+    default_types = [SLIDING if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    config = Gemma3Config(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=hf_get(cfg, "num_key_value_heads", default=heads),
+        head_dim=head_dim,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        sliding_window=cfg.get("sliding_window") or None,
+        context_window=int(hf_get(cfg, "max_position_embeddings", default=32768)),
+        rms_eps=float(hf_get(cfg, "rms_norm_eps", default=1e-6)),
+        rope_theta=theta,
+        rope_local_theta=local_theta,
+        sliding_window_pattern=pattern,
+        query_scale=float(hf_get(cfg, "query_pre_attn_scalar", default=head_dim)) ** -0.5,
+        rope_scaling=scaling,
+        layer_types=list(cfg.get("layer_types") or default_types),
+        hf_arithmetic=True,
+    )
+    config.rope(sliding=False)  # a one-line error for RoPE scaling it does not know
+    return config
+
+
+HF_NAME_MAP: list[tuple[str, str]] = [
+    (r"model\.embed_tokens\.weight", "token_embd.weight"),
+    (r"model\.norm\.weight", "output_norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blk.\1.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blk.\1.post_attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", r"blk.\1.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_feedforward_layernorm\.weight", r"blk.\1.post_ffw_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight", r"blk.\1.attn_\2_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight", r"blk.\1.attn_\2.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"blk.\1.attn_output.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2.weight"),
+]
 
 
 def map_hf_name(name: str) -> str | None:
-    raise KeyError(name)
+    return map_name(HF_NAME_MAP, name)
 
 
 class Block(nn.Module):
@@ -92,19 +159,22 @@ class Block(nn.Module):
         self.rope = NeoxRope(cfg.rope_local_theta if cfg.is_sliding(layer) else cfg.rope_theta, hd)
         self.ffn_act = GeGLU()
 
-    def attention(self, x: Tensor, kv: PagedKVCache, positions: Tensor) -> Tensor:
+    def attention(self, x: Tensor, kv: PagedKVCache, rope: RopeInput) -> Tensor:
         c = self.cfg
         b, s, _ = x.shape
         q = self.attn_q_norm(op.reshape(self.attn_q(x), (b, s, c.num_heads, c.head_dim)))  # [b, s, hq, d]
         k = self.attn_k_norm(op.reshape(self.attn_k(x), (b, s, c.num_kv_heads, c.head_dim)))  # [b, s, hkv, d]
         v = op.reshape(self.attn_v(x), (b, s, c.num_kv_heads, c.head_dim))
+        if isinstance(rope, tuple):  # transformers' arithmetic
+            return self.attn_output(rope_attention(kv, self.layer, q, k, v, rope, c.query_scale))
+        positions = rope
         q = self.rope(q, positions) * c.query_scale  # scaled before the dot products, as llama.cpp does
         qkv = op.concat([q, self.rope(k, positions), v], dim=2)
         out = kv.attention_with_fused_qkv(self.layer, qkv, c.num_heads, sm_scale=1.0)  # [b, s, hq, d]
         return self.attn_output(op.reshape(out, (b, s, c.num_heads * c.head_dim)))
 
-    def forward(self, x: Tensor, kv: PagedKVCache, positions: Tensor) -> Tensor:
-        x = x + self.post_attention_norm(self.attention(self.attn_norm(x), kv, positions))
+    def forward(self, x: Tensor, kv: PagedKVCache, rope: RopeInput) -> Tensor:
+        x = x + self.post_attention_norm(self.attention(self.attn_norm(x), kv, rope))
         h = self.ffn_norm(x)
         h = self.ffn_down(self.ffn_act(self.ffn_gate(h), self.ffn_up(h)))
         return x + self.post_ffw_norm(h)
@@ -117,15 +187,22 @@ class Gemma3Model(nn.Module):
         self.blk = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_layers)])
         self.output_norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_eps, bias=False)
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.hf_arithmetic:
+            self.rope_local, self.rope_global = cfg.rope(sliding=True), cfg.rope(sliding=False)
 
     def embed(self, ids: Tensor) -> Tensor:
+        if self.cfg.hf_arithmetic:
+            return self.token_embd(ids) * embedding_scale(self.cfg.hidden_size)
         return self.token_embd(ids) * float(np.sqrt(np.float32(self.cfg.hidden_size)))  # [n, h], sqrtf's rounding
 
     def body(self, x: Tensor, kv: PagedKVCache) -> Tensor:
         b, s, _ = x.shape
         positions = kv.get_query_positions(b * s)  # [b*s]
-        for block in self.blk:
-            x = block(x, kv, positions)
+        if self.cfg.hf_arithmetic:
+            local, full = self.rope_local.tables(positions, b, s), self.rope_global.tables(positions, b, s)
+        for i, block in enumerate(self.blk):
+            rope = (local if self.cfg.is_sliding(i) else full) if self.cfg.hf_arithmetic else positions
+            x = block(x, kv, rope)
         return self.output_norm(x)
 
     def head(self, x: Tensor) -> Tensor:
@@ -145,3 +222,4 @@ class Gemma3Model(nn.Module):
 
 
 Model = Gemma3Model
+__all__ = ["Model", "config_from_gguf", "config_from_hf", "convert_hf_tensor", "map_hf_name"]

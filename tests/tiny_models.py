@@ -58,6 +58,21 @@ ARCH_CONFIGS = {
     "phi": dict(model_type="phi", partial_rotary_factor=0.5, max_position_embeddings=256),
     # Gemma's 2B shape in small: multi-query attention, head_dim apart from hidden / heads.
     "gemma": dict(model_type="gemma", num_key_value_heads=1, head_dim=32, max_position_embeddings=256),
+    # A sliding layer then a global one with linear RoPE scaling (as Gemma 3 4B+), a query scalar apart from
+    # head_dim, and a window far shorter than the tests' prompts.
+    "gemma3": dict(
+        model_type="gemma3_text",
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=24,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+    ),
 }
 
 
