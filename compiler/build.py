@@ -42,13 +42,13 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _cpu_pipeline(
-    target: tvm.target.Target, window_size: int | None, rope: RopeSpec | None, llamacpp: bool
+    target: tvm.target.Target, window_size: int | None, rope: RopeSpec | None, llamacpp: bool, softcap: float = 0.0
 ) -> tvm.transform.Pass:
     """TVM's CPU pipeline with mlcc's attention kernels and matmul schedule."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     passes = (
-        [cpu_attention(window_size, rope, llamacpp)]  # TVM's CPU attention and RoPE kernels are serial, scalar
+        [cpu_attention(window_size, rope, llamacpp, softcap)]  # TVM's CPU attention and RoPE kernels are serial, scalar
         + [fast_gelu]  # libm's tanh is scalar
         + cpu_generic.library_dispatch_passes(target)
         # x @ permute_dims(W) as one kernel reading W's rows, not a transposed copy of W on every call.
@@ -106,12 +106,16 @@ def build_library(
     window_size: int | None = None,
     rope: RopeSpec | None = None,
     llamacpp: bool = False,
+    softcap: float = 0.0,
 ) -> None:
     """Lower with the target's fusing pipeline and export the library to `out` (.so, or .tar of objects).
 
-    window_size: the sliding window of the module's KV cache kernels, if they have one."""
+    window_size: the sliding window of the module's KV cache kernels, if they have one; softcap: the
+    attention scores' soft cap (Gemma 2), which only mlcc's CPU kernels apply."""
     if spec.device == "cpu":
-        pipeline = _cpu_pipeline(spec.target, window_size, rope, llamacpp)
+        pipeline = _cpu_pipeline(spec.target, window_size, rope, llamacpp, softcap)
+    elif softcap:
+        raise MlccError(f"attention soft-capping (Gemma 2) is implemented for CPU targets only, not {spec.name}")
     else:
         pipeline = _gpu_pipeline(spec.target)
     executable = tvm.compile(mod, target=spec.target, relax_pipeline=pipeline)
@@ -147,20 +151,21 @@ def export_and_build(job: BuildJob) -> list[str]:
     job.scheme.quantize_model(net)
     entry = EntryPoints(net, spec.target, job.scheme.dtype, llamacpp)
     mod, named_params = entry.export_tvm(spec=entry.spec())
-    build_library(mod, spec, job.library, entry.kv_window, entry.cache_rope, llamacpp)
+    build_library(mod, spec, job.library, entry.kv_window, entry.cache_rope, llamacpp, entry.layout.attn_softcap)
     return [name.removeprefix(PARAM_PREFIX) for name, _ in named_params]
 
 
 def _die_with(parent_pid: int) -> None:
     """End this build child when the compiling process ends, even by SIGKILL, so it stops writing into the
-    staging folder. The child's parent is the forkserver, which exits once no process holds its "alive"
-    pipe: the child lets go of its copy, so the forkserver exits with the compiling process, and on Linux
-    the kernel then kills the child (PR_SET_PDEATHSIG). Elsewhere a thread polls the compiling process."""
+    staging folder. The child's parent is the forkserver, which exits once no process holds its "alive" pipe;
+    every child gets a copy (multiprocessing's private `_forkserver_alive_fd`). Letting go of it here, the
+    forkserver exits with the compiling process, and on Linux the kernel then kills this child
+    (PR_SET_PDEATHSIG). Elsewhere, or where that pipe is not found, a thread polls the compiling process."""
     alive_fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
     if alive_fd is not None:
         os.close(alive_fd)
         forkserver._forkserver._forkserver_alive_fd = None
-    if sys.platform.startswith("linux"):
+    if alive_fd is not None and sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     else:
         threading.Thread(target=_poll_parent, args=(parent_pid,), daemon=True).start()
