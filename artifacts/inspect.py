@@ -37,7 +37,8 @@ def inspect_artifact(path: str | Path) -> tuple[list[tuple[str, str]], bool]:
     target_text = f"{target.get('name')} (device {target.get('device')}; {target.get('tvm_target')})"
     if target.get("cuda_archs"):
         target_text += f"; CUDA fatbin for {', '.join(target['cuda_archs'])}"
-    quant = manifest.quant
+    # GGUF builds before mlcc recorded their bits per weight carry 0.0: say nothing rather than that.
+    quant = {k: v for k, v in manifest.quant.items() if not (k == "bits_per_weight" and not v)}
     cfg = manifest.model_config
     shape = ", ".join(f"{k} {cfg[k]}" for k in ("num_layers", "hidden_size", "vocab_size") if k in cfg)
     rows += [

@@ -178,7 +178,11 @@ def _plan_gguf(path: Path, arch: str | None, quant: str | None) -> Plan:
     if native:
         activations = "f32" if quant == "gguf-f32" else "q8"
         scheme: QuantScheme = GGUFNativeScheme(
-            source.tensor_types(), activations=activations, llamacpp=quant != "gguf-fast", rows=source.tensor_rows()
+            source.tensor_types(),
+            activations=activations,
+            llamacpp=quant != "gguf-fast",
+            rows=source.tensor_rows(),
+            elements={name: int(np.prod(shape)) for name, shape in source.tensor_shapes().items()},
         )
     else:
         scheme = get_scheme(quant)

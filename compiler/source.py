@@ -109,11 +109,17 @@ def resolve_model(spec: str) -> ModelSource:
 
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # network, auth, missing repo: all one line for the user
-        raise MlccError(f"cannot download {repo_id} from the Hugging Face hub: {type(e).__name__}: {e}") from None
+    except LocalEntryNotFoundError:  # no network (or offline mode) and not in the hub's cache
+        raise MlccError(
+            f"cannot download {repo_id}: the Hugging Face hub is unreachable and the model is not in its local cache"
+        ) from None
+    except Exception as e:  # auth, missing repo, ...: all one line for the user (hub messages span lines)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise MlccError(f"cannot download {repo_id} from the Hugging Face hub: {type(e).__name__}: {first}") from None
 
 
 def _load_folder(folder: Path) -> ModelSource:

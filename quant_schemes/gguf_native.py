@@ -290,11 +290,13 @@ class GGUFNativeScheme(QuantScheme):
         activations: str = "q8",
         llamacpp: bool = True,
         rows: dict[str, int] | None = None,
+        elements: dict[str, int] | None = None,
     ):
         self.name = ("gguf" if llamacpp else "gguf-fast") if activations == "q8" else f"gguf-{activations}"
         self.dtype, self.tensor_types, self.activations = dtype, tensor_types, activations
         self.llamacpp = llamacpp  # reproduce llama.cpp's numbers where the block types allow
         self.rows = rows or {}  # each tensor's rows, where known
+        self.elements = elements or {}  # each tensor's element count in the file, where known
         self.int8_activations = self.llamacpp_numerics = self.vnni = False  # decided per target by `prepare`
         counts: dict[str, int] = {}
         for t in tensor_types.values():
@@ -326,7 +328,14 @@ class GGUFNativeScheme(QuantScheme):
         }
 
     def bits_per_weight(self) -> float:
-        return 0.0  # mixed; the artifact's weight bytes tell the real figure
+        """Bits per weight of the file's tensors as stored, norms and embeddings included (llama.cpp's BPW)."""
+        from gguf import GGML_QUANT_SIZES
+
+        stored = sum(
+            n * 8 * GGML_QUANT_SIZES[self.tensor_types[name]][1] / GGML_QUANT_SIZES[self.tensor_types[name]][0]
+            for name, n in self.elements.items()
+        )
+        return round(stored / sum(self.elements.values()), 2) if self.elements else 0.0
 
     def quantize_model(self, model: nn.Module) -> list[str]:
         from quant_schemes.gguf_exact import LlamaCppGeGLU, LlamaCppNeoxRope, LlamaCppRMSNorm, LlamaCppSwiGLU

@@ -353,3 +353,20 @@ def test_version():
 
     proc = mlcc("--version")
     assert proc.returncode == 0 and proc.stdout == f"mlcc {version('mlcc')}\n"
+
+
+def test_gguf_build_reports_its_bits_per_weight():
+    from gguf import GGMLQuantizationType as Q
+
+    from quant_schemes.gguf_native import GGUFNativeScheme
+
+    types = {"token_embd.weight": Q.Q8_0, "blk.0.attn_q.weight": Q.Q4_1, "output.weight": Q.Q8_0}  # tied head
+    scheme = GGUFNativeScheme(types, elements={"token_embd.weight": 64, "blk.0.attn_q.weight": 64})
+    assert scheme.describe()["bits_per_weight"] == (64 * 8.5 + 64 * 5) / 128
+
+
+def test_hub_id_without_network_is_one_line(tmp_path):
+    offline = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens on port 9
+    proc = mlcc("compile", "--model", "someone/some-model", "-o", str(tmp_path / "out"), env=offline)
+    assert_one_line_error(proc, "cannot download someone/some-model", "unreachable")
+    assert proc.stderr.count("\n") == 1
