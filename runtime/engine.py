@@ -15,6 +15,18 @@ back to the front of the queue, to be recomputed later from their prompt and the
 Prefix caching: a finished request's sequence stays in the KV cache (least recently used first out, when
 pages or slots are needed). A new prompt that shares a prefix with a cached or running sequence forks it
 and prefills only the rest.
+
+Determinism: at temperature 0 a request's tokens and logits are bit-identical whether or not its prefix is
+cached, however the engine's steps chunk its prompt, and whatever else is in the batch. Attention over a
+prompt is computed in parts that TVM's cache merges (the new tokens among themselves, then the cached pages
+in up to two depths of its block tree), and each split rounds differently; so the engine makes the split a
+function of the positions alone. Prompts are prefilled in canonical chunks (CANONICAL_CHUNK tokens, aligned
+to position 0; one call never crosses a boundary of a sequence's chunk), every sequence's first chunk is its
+own block of the tree (depth 0; the rest is depth 1), and a cached prefix is reused only up to a chunk
+boundary and only where its KV came from such a prefill (not from decoding). Fresh or forked, a token then
+attends to the same keys in the same parts. The exception: a request preempted when the KV cache is full
+recomputes its generated tokens' KV by prefill, which rounds differently from the decode steps that first
+computed it.
 """
 
 from __future__ import annotations
@@ -46,6 +58,11 @@ KV_FREE_PAGES = _f("vm.builtin.attention_kv_cache_get_num_available_pages")
 
 
 DEFAULT_KV_BYTES = 2 << 30
+# Prompt tokens per canonical prefill chunk (see the module docstring): also the granularity of prefix reuse.
+# Small-context models use less (a quarter of the artifact's prefill chunk, in whole pages).
+# Smaller reuses more of a cached prefix; larger prefills long prompts in fewer calls (measured on SmolLM2,
+# 511 tokens: 128 costs ~7% over one call).
+CANONICAL_CHUNK = 128
 
 
 def set_threads(n: int) -> None:
@@ -93,6 +110,7 @@ class Request:
     kv_len: int = 0  # tokens of this sequence in the KV cache
     prefill_len: int = 0  # tokens the sequence must hold before it samples from prefill logits
     fork_base: int = 0  # first position of the first KV page this sequence owns (others are shared)
+    canonical_len: int = 0  # leading positions whose KV came from canonical prefill chunks (reusable)
     cached_tokens: int = 0
     preemptions: int = 0  # times its KV was dropped to free pages (then recomputed)
     output_ids: list[int] = field(default_factory=list)
@@ -116,8 +134,9 @@ class Request:
         """Prompt and generated tokens: what a recomputed sequence prefills."""
         return self.prompt_ids + self.output_ids
 
-    def kv_ids(self) -> list[int]:
-        return self.all_ids()[: self.kv_len]
+    def reusable_ids(self) -> list[int]:
+        """The tokens whose KV another request may fork (see the module docstring)."""
+        return self.all_ids()[: self.canonical_len]
 
     def result(self) -> Result:
         return Result(
@@ -153,8 +172,9 @@ class Engine:
         prefix_cache: bool = True,
         prefill_chunk: int | None = None,
     ):
-        """`prefill_chunk`: prompt tokens prefilled per step (default and maximum: the artifact's chunk size);
-        smaller keeps running requests' inter-token latency lower while long prompts arrive."""
+        """`prefill_chunk`: prompt tokens prefilled per step (default and maximum: the artifact's chunk size;
+        at least one canonical chunk of one prompt goes in every step); smaller keeps running requests'
+        inter-token latency lower while long prompts arrive."""
         self.threads = threads or os.cpu_count() or 1
         set_threads(self.threads)
         self.artifact = LoadedArtifact(artifact, verify=verify)
@@ -168,6 +188,9 @@ class Engine:
         if not 1 <= self.prefill_chunk <= self.kernel_prefill_chunk:
             raise MlccError(f"prefill_chunk must be in 1..{self.kernel_prefill_chunk} (the artifact's chunk size)")
         self.page_size = m.kv_cache["page_size"]
+        # Whole pages, and at most a quarter of a prefill call, so that small-context models reuse prefixes too.
+        quarter = self.kernel_prefill_chunk // 4 // self.page_size * self.page_size
+        self.canonical_chunk = min(max(self.page_size, min(CANONICAL_CHUNK, quarter)), self.kernel_prefill_chunk)
         self.kv_tokens = kv_cache_tokens or self._default_kv_tokens(m)
         self.kv = self.artifact.vm["create_paged_kv_cache"](
             ShapeTuple([self.max_batch_size]),
@@ -184,8 +207,9 @@ class Engine:
         self._arrivals = itertools.count()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        # TVM's forked (cascade) attention ignores sliding windows, so those models prefill every prompt whole.
-        self.prefix_cache = prefix_cache and not m.kv_cache.get("sliding_window")
+        # TVM's forked (cascade) attention ignores sliding windows: those models never fork a sequence.
+        self.can_fork = not m.kv_cache.get("sliding_window")
+        self.prefix_cache = prefix_cache and self.can_fork
         # Finished sequences kept for their prefixes: seq id -> token ids in the KV cache, least recent first.
         self.cached: OrderedDict[int, np.ndarray] = OrderedDict()
         self.max_cached_sequences = 4 * self.max_batch_size
@@ -223,17 +247,29 @@ class Engine:
         return self._stream(self.tokenizer.encode_chat(messages), params)
 
     def prefill_logits(self, prompt_ids: list[list[int]]) -> np.ndarray:
-        """Last-token logits [batch, vocab] of fresh sequences prefilled together; leaves no state."""
+        """Last-token logits [batch, vocab] of fresh sequences prefilled together as requests' prompts are (so
+        equal to a request's first-token logits); leaves no state."""
+        return np.stack([rows[-1] for rows in self._prefill_fresh(prompt_ids, every_position=False)])
+
+    def prompt_logits(self, ids: list[int]) -> np.ndarray:
+        """Logits [len(ids), vocab] at every position of one fresh sequence (for perplexity and references),
+        prefilled as a request's prompt is; leaves no state."""
+        return np.concatenate(self._prefill_fresh([ids], every_position=True)[0])
+
+    def _prefill_fresh(self, prompt_ids: list[list[int]], every_position: bool) -> list[list[np.ndarray]]:
+        """Per prompt, the logits of each prefill call of fresh sequences; they are removed afterwards."""
         requests = [self.make_requests(list(ids), SamplingParams(max_tokens=1))[0] for ids in prompt_ids]
         self._make_room(sum(self._pages_needed(len(r.prompt_ids), 0) for r in requests))
         for r in requests:
             r.seq_id, r.prefill_len = next(self._seq_ids), len(r.prompt_ids)
             KV_ADD(self.kv, r.seq_id)
-        last: dict[Request, np.ndarray] = {}
+        rows: dict[Request, list[np.ndarray]] = {r: [] for r in requests}
         try:
-            while len(last) < len(requests):
-                last.update(self._prefill_chunk([r for r in requests if r.prefilling], self.kernel_prefill_chunk))
-            return np.stack([last[r] for r in requests])
+            while any(r.prefilling for r in requests):
+                pending = [r for r in requests if r.prefilling]
+                for r, logits in self._prefill_call(pending, self.kernel_prefill_chunk, every_position):
+                    rows[r].append(logits)
+            return [rows[r] for r in requests]
         finally:
             for r in requests:
                 KV_REMOVE(self.kv, r.seq_id)
@@ -256,23 +292,6 @@ class Engine:
         per_token = 2 * cfg["num_layers"] * cfg["num_kv_heads"] * cfg["head_dim"] * itemsize  # K and V
         budget = max(self.context_window, DEFAULT_KV_BYTES // per_token)
         return min(self.context_window * self.max_batch_size, budget)
-
-    def prompt_logits(self, ids: list[int]) -> np.ndarray:
-        """Logits [len(ids), vocab] at every position of one fresh sequence (for perplexity and references),
-        prefilled in the engine's chunks; leaves no state."""
-        self.make_requests(list(ids), SamplingParams(max_tokens=1))  # the same checks as a request
-        self._make_room(self._pages_needed(len(ids), 0))
-        seq_id = next(self._seq_ids)
-        KV_ADD(self.kv, seq_id)
-        try:
-            rows = []
-            for start in range(0, len(ids), self.kernel_prefill_chunk):
-                chunk = np.asarray(ids[start : start + self.kernel_prefill_chunk], dtype="int32")
-                positions = np.arange(len(chunk), dtype="int32")
-                rows.append(self._forward(self._prefill, [seq_id], [len(chunk)], chunk, positions))
-            return np.concatenate(rows)
-        finally:
-            KV_REMOVE(self.kv, seq_id)
 
     def make_requests(
         self, prompt_ids: list[int], params: SamplingParams, on_delta: Callable[[Delta], None] | None = None
@@ -334,8 +353,9 @@ class Engine:
         decoding = [r for r in self.running if not r.prefilling]
         prefilling = sorted((r for r in self.running if r.prefilling), key=lambda r: r.arrival)
         if prefilling:
-            for r, row in self._prefill_chunk(prefilling, self.prefill_chunk):
-                self._accept_or_fail(r, row)
+            for r, row in self._prefill_call(prefilling, self.prefill_chunk):
+                if not r.prefilling:
+                    self._accept_or_fail(r, row)
         if decoding:
             ids = np.array([r.output_ids[-1] for r in decoding], dtype="int32")
             logits = self._forward(self._decode, [r.seq_id for r in decoding], [1] * len(decoding), ids)
@@ -372,17 +392,21 @@ class Engine:
         return self._pages_needed(min(len(r.all_ids()) + self.page_size, r.budget), shared)
 
     def _longest_prefix(self, prompt_ids: list[int]) -> tuple[int | None, int]:
-        """(sequence id, shared tokens) of the best sequence to fork; at least one prompt token stays to prefill."""
+        """(sequence id, shared tokens) of the best sequence to fork: shared tokens are whole canonical chunks of
+        its reusable KV, and at least one prompt token stays to prefill."""
         if not self.prefix_cache:
             return None, 0
         prompt = np.asarray(prompt_ids[:-1])
-        candidates = [*self.cached.items(), *((r.seq_id, np.asarray(r.kv_ids())) for r in self.running)]
+        candidates = [*self.cached.items(), *((r.seq_id, np.asarray(r.reusable_ids())) for r in self.running)]
         best: tuple[int | None, int] = (None, 0)
         for seq_id, tokens in candidates:
-            shared = _common_prefix(prompt, tokens)
-            if shared >= max(self.page_size, best[1] + 1):
+            shared = self._whole_chunks(_common_prefix(prompt, tokens))
+            if shared > best[1]:
                 best = (seq_id, shared)
         return best
+
+    def _whole_chunks(self, tokens: int) -> int:
+        return tokens - tokens % self.canonical_chunk
 
     def _evict(self, seq_id: int) -> None:
         del self.cached[seq_id]
@@ -411,7 +435,7 @@ class Engine:
         """Drop `r`'s KV and queue it first, to be recomputed from its prompt and generated tokens."""
         self.running.remove(r)
         KV_REMOVE(self.kv, r.seq_id)
-        r.seq_id, r.kv_len, r.prefill_len = -1, 0, 0
+        r.seq_id, r.kv_len, r.canonical_len, r.prefill_len = -1, 0, 0, 0
         r.preemptions += 1
         self.counters["preemptions"] += 1
         self.waiting.appendleft(r)
@@ -447,9 +471,10 @@ class Engine:
             return False
         tokens = np.asarray(r.all_ids()[:-1])
         longest = max(
-            (_common_prefix(tokens, np.asarray(a.all_ids())) for a in self.running if a.prefilling), default=0
+            (_common_prefix(tokens, np.asarray(a.all_ids()[: a.prefill_len])) for a in self.running if a.prefilling),
+            default=0,
         )
-        return longest >= max(self.page_size, shared + 1)
+        return self._whole_chunks(longest) > shared
 
     def _start_sequence(self, r: Request, parent: int | None, shared: int) -> None:
         r.seq_id = next(self._seq_ids)
@@ -459,7 +484,7 @@ class Engine:
             KV_FORK(self.kv, parent, r.seq_id, shared)
             if parent in self.cached:
                 self.cached.move_to_end(parent)
-        r.kv_len, r.prefill_len = shared, len(r.all_ids())
+        r.kv_len, r.canonical_len, r.prefill_len = shared, shared, len(r.all_ids())
         r.fork_base = shared - shared % self.page_size
         if r.preemptions:  # a recomputation: the request was counted when it first started
             return
@@ -470,10 +495,10 @@ class Engine:
 
     def _release(self, r: Request) -> None:
         """Keep a finished sequence for its prefix, or drop it (always, when the request failed)."""
-        if not self.prefix_cache or r.error is not None:
+        if not self.prefix_cache or r.error is not None or r.canonical_len < self.canonical_chunk:
             KV_REMOVE(self.kv, r.seq_id)
             return
-        self.cached[r.seq_id] = np.asarray(r.kv_ids())
+        self.cached[r.seq_id] = np.asarray(r.reusable_ids())
         while len(self.cached) > self.max_cached_sequences:
             self._evict(next(iter(self.cached)))
 
@@ -507,28 +532,43 @@ class Engine:
         KV_END(self.kv)
         return logits.numpy()
 
-    def _prefill_chunk(self, requests: list[Request], budget: int) -> list[tuple[Request, np.ndarray]]:
-        """One ragged prefill call: the next pending tokens of `requests`, in order, `budget` tokens at most.
-
-        Returns the requests whose prefill this completed, with their last-token logits.
-        """
+    def _prefill_call(
+        self, requests: list[Request], budget: int, every_position: bool = False
+    ) -> list[tuple[Request, np.ndarray]]:
+        """One ragged prefill call over the next pending tokens of `requests`, in order: for each, the rest of
+        its current canonical chunk, while `budget` tokens allow (the first always goes, so steps make
+        progress whatever the budget). Returns each request's logits: its last token's [vocab], or
+        [tokens, vocab] with `every_position`."""
         batch = []
         for r in requests:
-            take = min(budget, r.prefill_len - r.kv_len)
-            if take == 0:
+            chunk_end = (r.kv_len // self.canonical_chunk + 1) * self.canonical_chunk
+            take = min(chunk_end, r.prefill_len) - r.kv_len
+            if batch and take > budget:
                 break
             batch.append((r, take))
             budget -= take
         ids = np.concatenate([r.all_ids()[r.kv_len : r.kv_len + take] for r, take in batch]).astype("int32")
         lengths = [take for _, take in batch]
-        positions = np.cumsum(lengths).astype("int32") - 1  # each sequence's last token in the batch
+        ends = np.cumsum(lengths)
+        positions = np.arange(ends[-1], dtype="int32") if every_position else (ends - 1).astype("int32")
         logits = self._forward(self._prefill, [r.seq_id for r, _ in batch], lengths, ids, positions)
-        done = []
-        for row, (r, take) in zip(logits, batch):
+        out = []
+        for (r, take), end in zip(batch, ends):
             r.kv_len += take
-            if not r.prefilling:
-                done.append((r, row))
-        return done
+            r.canonical_len = r.kv_len
+            if r.kv_len == self.canonical_chunk and self.can_fork:
+                self._split_first_chunk(r)
+            out.append((r, logits[end - take : end] if every_position else logits[len(out)]))
+        return out
+
+    def _split_first_chunk(self, r: Request) -> None:
+        """Make the first canonical chunk of `r` a block of its own (depth 0 of TVM's block tree), as it is in
+        every sequence forked from a cached prefix: fork `r` at that boundary (no page is copied: the chunk
+        ends on a page boundary) and continue as the fork."""
+        child = next(self._seq_ids)
+        KV_FORK(self.kv, r.seq_id, child, self.canonical_chunk)
+        KV_REMOVE(self.kv, r.seq_id)
+        r.seq_id = child
 
     # ---- sampling, stop conditions, streaming ---------------------------------------------------------
     def _accept_or_fail(self, r: Request, logits: np.ndarray) -> None:

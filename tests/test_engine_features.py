@@ -149,11 +149,12 @@ def test_prefix_cache_gives_the_same_text_and_counts_cached_tokens(artifact, no_
     assert eng.page_size <= second.cached_tokens <= prefix_len + 1
     assert second.token_ids == no_cache_engine.generate(LONG_PREFIX + " Two more words", params)[0].token_ids
     again = eng.generate(LONG_PREFIX + " One", params)[0]  # the whole prompt is cached: the last token is prefilled
-    assert again.cached_tokens == first.prompt_tokens - 1
+    assert again.cached_tokens == (first.prompt_tokens - 1) // eng.canonical_chunk * eng.canonical_chunk
     assert again.token_ids == first.token_ids
-    # a prompt that continues a finished request's generated text forks past its prompt
+    # a prompt that continues a finished request's generated text forks only the whole chunks of its prompt:
+    # generated tokens' KV came from decode steps, which round differently from a prefill of the same tokens
     follow = eng.generate_ids([eng.tokenizer.encode(LONG_PREFIX + " One") + first.token_ids], params)[0]
-    assert follow.cached_tokens > first.prompt_tokens
+    assert follow.cached_tokens == again.cached_tokens
     assert (
         follow.token_ids
         == no_cache_engine.generate_ids([eng.tokenizer.encode(LONG_PREFIX + " One") + first.token_ids], params)[
@@ -201,16 +202,17 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_others_decode(artifac
         eng.step()
         prefill_steps += 1
         assert len(short.output_ids) == before + 1  # the decoding request never skips a step
-    assert prefill_steps == -(-len(long.prompt_ids) // 8)
+    assert prefill_steps == -(-len(long.prompt_ids) // eng.canonical_chunk)  # one canonical chunk a step
     while eng.has_work:
         eng.step()
     assert short.text == no_cache_engine.generate("Hello", params)[0].text
     assert long.text == no_cache_engine.generate(LONG_PREFIX, params)[0].text
 
-    # siblings wait until the first one's prompt is prefilled, then fork all of it
+    # siblings wait until the first one's prompt is prefilled, then fork its whole canonical chunks
     sampled = SamplingParams(max_tokens=8, temperature=1.0, seed=4, ignore_eos=True)
     many = eng.generate("Twice: " + LONG_PREFIX, SamplingParams(**{**vars(sampled), "n": 3}))
-    assert [r.cached_tokens for r in many] == [0] + [many[0].prompt_tokens - 1] * 2
+    reusable = (many[0].prompt_tokens - 1) // eng.canonical_chunk * eng.canonical_chunk
+    assert [r.cached_tokens for r in many] == [0] + [reusable] * 2
     assert many[0].token_ids == no_cache_engine.generate("Twice: " + LONG_PREFIX, sampled)[0].token_ids
 
     # an abort in the middle of a prefill frees the sequence

@@ -207,7 +207,7 @@ def test_client_disconnect_aborts_the_request(server):
 
 def test_metrics(server, client):
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0)
-    text = httpx.get(server[1] + "/metrics").text
+    text = httpx.get(server[1] + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
     for name in ["requests_running", "requests_waiting", "kv_cache_tokens_used", "generation_tokens_per_second"]:
         assert f"mlcc_{name}" in values
