@@ -22,6 +22,7 @@ from tvm import tirx
 from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _get_kv_chunk_len, _get_seq_offset
 from tvm.script import tirx as T
 
+from artifacts.errors import MlccError
 from compiler.cpu_rope import SYMBOL as ROPE_SYMBOL
 from compiler.cpu_rope import RopeSpec
 from compiler.cpu_rope import replacement as rope_replacement
@@ -37,14 +38,15 @@ RAGGED_PREFILL_SYMBOL = "batch_prefill_ragged_kv"  # the CPU pipeline only ever 
 
 
 @T.macro(hygienic=False)
-def _attend(first, heads, length, keys, scores, state, out, where, dim):
+def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap):
     """Online softmax (base 2) of `heads` queries that share their keys (the query heads of one KV head, or
     one query) over `length` keys, 16 keys per rescale; rows `first .. first + heads` of the scratch buffers.
 
     keys.locate(i): where key i is stored; keys.k_rows[*keys.key_index(loc), d]: element d of that key;
     keys.values(loc, d): LANES elements of its value from d. Dot products and output rows accumulate in
     registers, several independent chains at a time (one chain is bound by the add's latency). As TVM's
-    kernels, the running sum starts with a phantom 1 at score -5e4 that vanishes once a real score arrives."""
+    kernels, the running sum starts with a phantom 1 at score -5e4 that vanishes once a real score arrives.
+    softcap: scores (natural units) become softcap * tanh(score / softcap) first (Gemma 2); 0 for none."""
     chains = T.meta_var(_chains(dim))
     for g in range(heads):
         state[first + g, 0] = T.float32(-5e4)  # running max
@@ -64,7 +66,7 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim):
                         step = T.meta_var(_partial_dot(keys, loc, first + g, c * chains * LANES, chains))
                         dots[j, T.Ramp(0, 1, LANES)] = dots[j, T.Ramp(0, 1, LANES)] + step
                 valid = T.meta_var(T.Ramp(tile * TILE + part * LANES, 1, LANES) < T.Broadcast(length, LANES))
-                sums = T.meta_var(row_sums([dots[j, T.Ramp(0, 1, LANES)] for j in range(LANES)]))
+                sums = T.meta_var(_soft_cap(row_sums([dots[j, T.Ramp(0, 1, LANES)] for j in range(LANES)]), softcap))
                 scores[first + g, T.Ramp(part * LANES, 1, LANES)] = T.Select(
                     valid, sums, T.Broadcast(T.float32(-1e30), LANES)
                 )
@@ -358,7 +360,14 @@ class RaggedKeys:
 
 
 def decode_attention(
-    h_kv: int, h_qo: int, dim: int, page_size: int, dtype: str, sliding_window: bool, llamacpp: bool = False
+    h_kv: int,
+    h_qo: int,
+    dim: int,
+    page_size: int,
+    dtype: str,
+    sliding_window: bool,
+    llamacpp: bool = False,
+    softcap: float = 0.0,
 ):
     """Drop-in for TVM's `batch_decode_paged_kv_cpu`: one query per sequence against its paged K/V;
     `llamacpp`: llama.cpp's arithmetic (_attend_ggml)."""
@@ -433,13 +442,15 @@ def decode_attention(
                 keys = T.meta_var(
                     PagedKeys(pages, page_table_values, length_info, b, begin, h // group, q_scaled, sliding_window)
                 )
-                _attend(bh, 1, length, keys, scores, state, out, where, dim)
+                _attend(bh, 1, length, keys, scores, state, out, where, dim, softcap)
                 _finish(output, lse, b, h, bh, 1, out, state, dim)
 
     return kernel
 
 
-def prefill_ragged_attention(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, llamacpp: bool = False):
+def prefill_ragged_attention(
+    h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, llamacpp: bool = False, softcap: float = 0.0
+):
     """Drop-in for TVM's CPU `batch_prefill_ragged_kv`: the new tokens of each sequence attend to each
     other (causally when `causal`), K and V given as ragged arrays, not pages; `llamacpp`: llama.cpp's
     arithmetic (_attend_ggml, with the batch of one sequence's new tokens as llama.cpp's batch)."""
@@ -527,14 +538,21 @@ def prefill_ragged_attention(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: st
                 _start(q, q_scaled, out, row, kv_head * group, first, group, sm_scale, d_qk, d_v)
 
                 keys = T.meta_var(RaggedKeys(k, v, kv_indptr[b], kv_head, q_scaled))
-                _attend(first, group, length, keys, scores, state, out, where, d_v)
+                _attend(first, group, length, keys, scores, state, out, where, d_v, softcap)
                 _finish(output, lse, row, kv_head * group, first, group, out, state, d_v)
 
     return kernel
 
 
 def prefill_paged_attention(
-    h_kv: int, h_q: int, dim: int, page_size: int, dtype: str, sliding_window: bool, window_size: int
+    h_kv: int,
+    h_q: int,
+    dim: int,
+    page_size: int,
+    dtype: str,
+    sliding_window: bool,
+    window_size: int,
+    softcap: float = 0.0,
 ):
     """Drop-in for TVM's `batch_prefill_paged_kv_cpu`: each new token attends to its sequence's cached
     (paged) tokens, with TVM's masks (causal, or the sliding window's view of the past)."""
@@ -611,17 +629,28 @@ def prefill_paged_attention(
             keys = T.meta_var(
                 PagedKeys(pages, page_values, length_info, b, begin, kv_head, q_scaled, sliding_window, first)
             )
-            _attend(first_slot, group, T.max(last - first, 0), keys, scores, state, out, where, dim)
+            _attend(first_slot, group, T.max(last - first, 0), keys, scores, state, out, where, dim, softcap)
             _finish(output, lse, row, kv_head * group, first_slot, group, out, state, dim)
 
     return kernel
+
+
+def _soft_cap(scores: tirx.PrimExpr, softcap: float) -> tirx.PrimExpr:
+    """cap * tanh(s / cap) of base-2 scores s * LOG2E (q carries sm_scale * LOG2E), kept in base 2."""
+    if not softcap:
+        return scores
+    inner = tirx.Broadcast(tirx.const(1 / (softcap * LOG2E), "float32"), LANES)
+    outer = tirx.Broadcast(tirx.const(softcap * LOG2E, "float32"), LANES)
+    return outer * tirx.tanh(scores * inner)
 
 
 def _static(shape) -> list[int | None]:
     return [int(x) if isinstance(x, tirx.IntImm) else None for x in shape]
 
 
-def _replacement(func: tirx.PrimFunc, window_size: int | None, llamacpp: bool) -> tirx.PrimFunc | None:
+def _replacement(
+    func: tirx.PrimFunc, window_size: int | None, llamacpp: bool, softcap: float = 0.0
+) -> tirx.PrimFunc | None:
     """A fast kernel with the same signature as TVM's, or None when the kernel or its shapes don't suit.
 
     window_size: the sliding window the cache was made with (its kernels have it built in); llamacpp:
@@ -632,30 +661,40 @@ def _replacement(func: tirx.PrimFunc, window_size: int | None, llamacpp: bool) -
         q, pages = func.params[0], func.params[1]  # buffer-typed parameters
         (_, h_qo, dim), (_, _, h_kv, page_size, _) = _static(q.shape), _static(pages.shape)
         if None in (h_qo, dim, h_kv, page_size) or dim % LANES:
-            return None
+            return _unsuited(softcap)
         sliding = symbol.endswith("_sliding_window")
-        return decode_attention(h_kv, h_qo, dim, page_size, str(q.dtype), sliding, llamacpp)
+        return decode_attention(h_kv, h_qo, dim, page_size, str(q.dtype), sliding, llamacpp, softcap)
     if symbol.startswith(PAGED_PREFILL_SYMBOL) and len(func.params) == 15:
         q, pages = func.params[0], func.params[2]
         (_, h_q, dim), (_, _, h_kv, page_size, _) = _static(q.shape), _static(pages.shape)
         sliding = symbol.endswith("_sliding_window")
         if None in (h_q, dim, h_kv, page_size) or dim % LANES or (sliding and not window_size):
-            return None
-        faster = prefill_paged_attention(h_kv, h_q, dim, page_size, str(q.dtype), sliding, window_size or 0)
+            return _unsuited(softcap)
+        faster = prefill_paged_attention(h_kv, h_q, dim, page_size, str(q.dtype), sliding, window_size or 0, softcap)
         return faster.with_attrs(func.attrs)
     if symbol == RAGGED_PREFILL_SYMBOL and len(func.params) == 14:
         q, k, v = func.params[0], func.params[2], func.params[3]
         (_, h_q, d_qk), (_, h_kv, _), (_, _, d_v) = _static(q.shape), _static(k.shape), _static(v.shape)
         if None in (h_q, d_qk, h_kv, d_v) or d_qk % LANES:
-            return None
-        faster = prefill_ragged_attention(h_kv, h_q, d_qk, d_v, str(q.dtype), llamacpp and d_qk == d_v)
+            return _unsuited(softcap)
+        faster = prefill_ragged_attention(h_kv, h_q, d_qk, d_v, str(q.dtype), llamacpp and d_qk == d_v, softcap)
         return faster.with_attrs(func.attrs) if func.attrs else faster
     return None
 
 
-def cpu_attention(window_size: int | None, rope: RopeSpec | None = None, llamacpp: bool = False) -> tvm.transform.Pass:
+def _unsuited(softcap: float) -> None:
+    """TVM's kernel stays, unless the model needs soft-capping, which only these kernels have."""
+    if softcap:
+        raise MlccError("attention soft-capping needs head_dim a multiple of 8 and static head counts")
+    return None
+
+
+def cpu_attention(
+    window_size: int | None, rope: RopeSpec | None = None, llamacpp: bool = False, softcap: float = 0.0
+) -> tvm.transform.Pass:
     """Swap TVM's CPU attention kernels (decode, ragged and paged prefill) and, given the cache's RoPE, its
-    RoPE kernel for parallel, vectorized ones; `llamacpp`: attention as llama.cpp computes it."""
+    RoPE kernel for parallel, vectorized ones; `llamacpp`: attention as llama.cpp computes it; `softcap`:
+    attention scores soft-capped (Gemma 2), which TVM's kernels cannot do."""
 
     @tvm.transform.module_pass(opt_level=0, name="MlccCPUAttention")
     def swap(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -664,7 +703,7 @@ def cpu_attention(window_size: int | None, rope: RopeSpec | None = None, llamacp
                 if str((func.attrs or {}).get("global_symbol", "")) == ROPE_SYMBOL:
                     faster = rope_replacement(func, rope)
                 else:
-                    faster = _replacement(func, window_size, llamacpp)
+                    faster = _replacement(func, window_size, llamacpp and not softcap, softcap)
                 if faster is not None:
                     mod[gv] = faster
         return mod

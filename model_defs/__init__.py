@@ -53,6 +53,7 @@ REGISTRY: list[Architecture] = [
     Architecture("phi3", "model_defs.phi3", ("phi3",), None, "transformers (incl. LongRoPE)"),
     Architecture("phi", "model_defs.phi", ("phi",), None, "transformers"),
     Architecture("gemma", "model_defs.gemma", ("gemma",), None, "transformers"),
+    Architecture("gemma2", "model_defs.gemma2", ("gemma2",), None, "transformers (CPU targets: soft-capping)"),
 ]
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in REGISTRY}
 

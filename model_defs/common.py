@@ -49,6 +49,8 @@ class AttentionLayout:
     layer_windows: list[int | None] = field(default_factory=list)
     # True when the model rotates q and k itself (e.g. a RoPE base per layer); the cache then applies none.
     model_applies_rope: bool = False
+    # Attention scores become cap * tanh(score / cap) before the softmax (Gemma 2); 0 for none.
+    attn_softcap: float = 0.0
 
     @property
     def sliding_window(self) -> int | None:

@@ -48,6 +48,9 @@ class Gemma3Config(ModelConfig):
     rope_scaling: dict[str, Any] = field(default_factory=dict)  # global layers
     layer_types: list[str] = field(default_factory=list)  # HF's per-layer kinds; else the pattern decides
     hf_arithmetic: bool = False  # RoPE and query scaling as transformers computes them (HF checkpoints)
+    qk_norm: bool = True  # Gemma 2 has none
+    attn_softcap: float = 0.0  # Gemma 2: scores become cap * tanh(score / cap); 0 for none
+    final_softcap: float = 0.0  # Gemma 2: the same on the logits
 
     def is_sliding(self, layer: int) -> bool:
         if not self.sliding_window:
@@ -147,8 +150,9 @@ class Block(nn.Module):
         self.attn_q = nn.Linear(h, cfg.num_heads * hd, bias=False)
         self.attn_k = nn.Linear(h, cfg.num_kv_heads * hd, bias=False)
         self.attn_v = nn.Linear(h, cfg.num_kv_heads * hd, bias=False)
-        self.attn_q_norm = norm(hd)
-        self.attn_k_norm = norm(hd)
+        if cfg.qk_norm:
+            self.attn_q_norm = norm(hd)
+            self.attn_k_norm = norm(hd)
         self.attn_output = nn.Linear(cfg.num_heads * hd, h, bias=False)
         self.post_attention_norm = norm(h)
         self.ffn_norm = norm(h)
@@ -162,9 +166,11 @@ class Block(nn.Module):
     def attention(self, x: Tensor, kv: PagedKVCache, rope: RopeInput) -> Tensor:
         c = self.cfg
         b, s, _ = x.shape
-        q = self.attn_q_norm(op.reshape(self.attn_q(x), (b, s, c.num_heads, c.head_dim)))  # [b, s, hq, d]
-        k = self.attn_k_norm(op.reshape(self.attn_k(x), (b, s, c.num_kv_heads, c.head_dim)))  # [b, s, hkv, d]
+        q = op.reshape(self.attn_q(x), (b, s, c.num_heads, c.head_dim))  # [b, s, hq, d]
+        k = op.reshape(self.attn_k(x), (b, s, c.num_kv_heads, c.head_dim))  # [b, s, hkv, d]
         v = op.reshape(self.attn_v(x), (b, s, c.num_kv_heads, c.head_dim))
+        if c.qk_norm:
+            q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         if isinstance(rope, tuple):  # transformers' arithmetic
             return self.attn_output(rope_attention(kv, self.layer, q, k, v, rope, c.query_scale))
         positions = rope
@@ -206,7 +212,9 @@ class Gemma3Model(nn.Module):
         return self.output_norm(x)
 
     def head(self, x: Tensor) -> Tensor:
-        return self.output(x)
+        logits = self.output(x)  # [b, s, vocab]
+        cap = self.cfg.final_softcap
+        return op.tanh(logits / cap) * cap if cap else logits
 
     def attention_layout(self) -> AttentionLayout:
         c = self.cfg
@@ -218,6 +226,7 @@ class Gemma3Model(nn.Module):
             rope_theta=c.rope_theta,
             layer_windows=[c.sliding_window if c.is_sliding(i) else None for i in range(c.num_layers)],
             model_applies_rope=True,
+            attn_softcap=c.attn_softcap,
         )
 
 

@@ -21,6 +21,7 @@ VARIANTS = {
     "phi3-f32": ("phi3", "q0f32", {}),
     "phi-f32": ("phi", "q0f32", {}),
     "gemma-f32": ("gemma", "q0f32", {}),
+    "gemma2-f32": ("gemma2", "q0f32", {}),
     "gemma3-f32": ("gemma3", "q0f32", {}),
     # 5 heads of 16, one KV head, tied embeddings, hidden and intermediate sizes not multiples of 32.
     "odd-tied-q4": (

@@ -34,7 +34,7 @@ def reference_greedy(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-ARCH_VARIANTS = ["phi3-f32", "phi-f32", "gemma-f32", "gemma3-f32"]
+ARCH_VARIANTS = ["phi3-f32", "phi-f32", "gemma-f32", "gemma2-f32", "gemma3-f32"]
 
 
 @pytest.fixture(scope="session")

@@ -58,6 +58,17 @@ ARCH_CONFIGS = {
     "phi": dict(model_type="phi", partial_rotary_factor=0.5, max_position_embeddings=256),
     # Gemma's 2B shape in small: multi-query attention, head_dim apart from hidden / heads.
     "gemma": dict(model_type="gemma", num_key_value_heads=1, head_dim=32, max_position_embeddings=256),
+    # Gemma 2: a sliding layer then a global one, caps low enough to bend most scores and logits.
+    "gemma2": dict(
+        model_type="gemma2",
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        sliding_window=8,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=5.0,
+    ),
     # A sliding layer then a global one with linear RoPE scaling (as Gemma 3 4B+), a query scalar apart from
     # head_dim, and a window far shorter than the tests' prompts.
     "gemma3": dict(
