@@ -113,18 +113,20 @@ def compile(
 ):
     """Compile MODEL into an artifact folder."""
     from compiler.compile import compile_model
+    from compiler.progress import StageProgress
     from compiler.targets import TargetRequest
 
     archs = tuple(a.strip() for value in cuda_archs for a in value.split(",") if a.strip())
-    compile_model(
-        model,
-        output,
-        arch=arch,
-        quant=quant,
-        target=TargetRequest(target, archs, cpu),
-        context_window=context_window,
-        progress=lambda msg: click.echo(msg, err=True),
-    )
+    with StageProgress() as progress:
+        compile_model(
+            model,
+            output,
+            arch=arch,
+            quant=quant,
+            target=TargetRequest(target, archs, cpu),
+            context_window=context_window,
+            progress=progress,
+        )
 
 
 @main.command()

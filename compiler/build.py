@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass
 from multiprocessing import forkserver
 from multiprocessing.connection import Connection
@@ -32,6 +33,7 @@ from compiler.cpu_rope import RopeSpec
 from compiler.cpu_schedule import cpu_schedule, fast_gelu
 from compiler.cuda_aot import fatbin_packer
 from compiler.entry_points import PARAM_PREFIX, EntryPoints
+from compiler.progress import TVM_NOISE, stderr_without
 from compiler.targets import TargetRequest, TargetSpec, resolve_target, strict_float
 from model_defs import get_arch
 from quant_schemes import QuantScheme
@@ -184,7 +186,8 @@ def _child_main(job: BuildJob, results: Connection, crash: bool, parent_pid: int
     if crash:
         os.kill(os.getpid(), signal.SIGSEGV)
     try:
-        results.send(("ok", export_and_build(job)))
+        with nullcontext() if os.environ.get("MLCC_DEBUG") else stderr_without(TVM_NOISE):
+            results.send(("ok", export_and_build(job)))
     except MlccError as e:
         results.send(("error", str(e)))
     except BaseException as e:  # TVM errors do not always pickle: send their first line

