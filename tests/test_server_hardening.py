@@ -286,7 +286,7 @@ def test_a_failing_model_makes_health_503(artifact):
 
 
 # ---- fuzz: generated requests never get a 5xx and the server stays alive ------------------------------------
-FIELD_VALUES = st.one_of(
+ANY_VALUE = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(-(2**70), 2**70),
@@ -295,22 +295,52 @@ FIELD_VALUES = st.one_of(
     st.lists(st.integers(-5, 60000), max_size=4),
     st.dictionaries(st.text(max_size=5), st.integers(-200, 200), max_size=3),
 )
-SAMPLING_FIELDS = [
-    "temperature", "top_p", "top_k", "min_p", "n", "seed", "stop", "logit_bias", "logprobs", "top_logprobs",
-    "presence_penalty", "frequency_penalty", "repetition_penalty", "stream", "stop_token_ids", "ignore_eos",
-    "messages", "prompt", "model", "echo",
-]
+EDGE_FLOATS = st.one_of(
+    st.floats(-3, 3),
+    st.sampled_from([0.0, 1e-320, 1e-45, 1e-5, 1.0, 2.0, 1e300, -1e-320]),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+TEXTS = st.text(st.characters(codec="utf-8"), max_size=40) | st.sampled_from(["", "\ud800", "<|end|>", "\x00"])
+TOKEN_IDS = st.lists(st.integers(-3, 400), max_size=6)
+# Mostly well-typed values (edges included), so that requests get past the schema into the engine.
+FIELDS = {
+    "temperature": EDGE_FLOATS,
+    "top_p": EDGE_FLOATS,
+    "min_p": EDGE_FLOATS,
+    "presence_penalty": EDGE_FLOATS,
+    "frequency_penalty": EDGE_FLOATS,
+    "repetition_penalty": EDGE_FLOATS,
+    "top_k": st.integers(-2, 500),
+    "n": st.integers(-1, 4),
+    "seed": st.integers(-(2**64), 2**65),
+    "stop": st.none() | TEXTS | st.lists(TEXTS, max_size=3),
+    "logit_bias": st.dictionaries(st.integers(-2, 400).map(str), EDGE_FLOATS, max_size=3),
+    "logprobs": st.booleans() | st.integers(-1, 25),
+    "top_logprobs": st.integers(-1, 25),
+    "stream": st.booleans(),
+    "stop_token_ids": TOKEN_IDS,
+    "ignore_eos": st.booleans(),
+    "echo": st.booleans(),
+    "model": st.sampled_from([MODEL, "llama", "other", ""]),
+}
+CHAT_FIELDS = {
+    "messages": st.lists(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool"]), "content": TEXTS}),
+        max_size=3,
+    ),
+}
+COMPLETION_FIELDS = {"prompt": TEXTS | TOKEN_IDS | st.lists(TEXTS, max_size=3) | st.lists(TOKEN_IDS, max_size=2)}
 
 
 @st.composite
 def requests(draw):
-    route = draw(st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
-    body = chat() if route.endswith("chat/completions") else {"model": MODEL, "prompt": "Hi", "max_tokens": 8}
-    for name in draw(st.lists(st.sampled_from(SAMPLING_FIELDS), max_size=4, unique=True)):
-        body[name] = draw(FIELD_VALUES)
+    chat_route = draw(st.booleans())
+    route = "/v1/chat/completions" if chat_route else "/v1/completions"
+    body = chat() if chat_route else {"model": MODEL, "prompt": "Hi", "max_tokens": 8}
+    fields = {**FIELDS, **(CHAT_FIELDS if chat_route else COMPLETION_FIELDS)}
+    for name in draw(st.lists(st.sampled_from(sorted(fields)), max_size=5, unique=True)):
+        body[name] = draw(fields[name] | ANY_VALUE) if draw(st.integers(0, 9)) == 0 else draw(fields[name])
     body["max_tokens"] = draw(st.integers(-2, 3))  # keep each request short
-    if isinstance(body.get("n"), int) and body["n"] > 4:
-        body["n"] = 4
     return route, body
 
 
