@@ -139,7 +139,9 @@ def compile(
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the artifact files.")
+@click.option(
+    "--no-verify", is_flag=True, help="Skip sha256 checks of the weights and tokenizer (the library is always checked)."
+)
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @friendly_errors
 def run(
@@ -181,7 +183,7 @@ def run(
 @click.argument("artifact", required=False)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on /v1 routes.")
+@click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on every route but /health.")
 @click.option("--max-batch-size", type=int, default=None, help="Requests decoded together (default: the artifact's).")
 @click.option(
     "--kv-cache-tokens",
@@ -193,10 +195,20 @@ def run(
     "--prefill-chunk",
     type=int,
     default=None,
-    help="Prompt tokens prefilled per engine step, between decode steps (default and maximum: the artifact's).",
+    help="Prompt tokens prefilled per engine step, between decode steps (default and maximum: the artifact's; "
+    "at least one 128-token canonical chunk of one prompt).",
+)
+@click.option(
+    "--max-queued",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Sequences (prompts x n) in flight, running or waiting, before requests get 429 "
+    "(default: 16 per batch slot).",
 )
 @click.option("--no-prefix-cache", is_flag=True, help="Do not reuse the KV of earlier prompts' shared prefixes.")
-@click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the artifact files.")
+@click.option(
+    "--no-verify", is_flag=True, help="Skip sha256 checks of the weights and tokenizer (the library is always checked)."
+)
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @friendly_errors
 def serve(
@@ -207,6 +219,7 @@ def serve(
     max_batch_size: int | None,
     kv_cache_tokens: int | None,
     prefill_chunk: int | None,
+    max_queued: int | None,
     no_prefix_cache: bool,
     no_verify: bool,
     threads: int | None,
@@ -224,6 +237,7 @@ def serve(
         max_batch_size=max_batch_size,
         kv_cache_tokens=kv_cache_tokens,
         prefill_chunk=prefill_chunk,
+        max_queued=max_queued,
         prefix_cache=not no_prefix_cache,
         verify=not no_verify,
         threads=threads,
