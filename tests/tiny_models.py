@@ -40,12 +40,14 @@ ARCH_CONFIGS = {
     "llama": dict(model_type="llama", num_key_value_heads=2),
     "mistral": dict(model_type="mistral", num_key_value_heads=2, sliding_window=6),
     "qwen2": dict(model_type="qwen2", num_key_value_heads=1),
-    # LongRoPE whose switch (64 tokens) lies within the tests' prompts; factors differ per frequency.
+    # LongRoPE whose switch (64 tokens) lies within the tests' prompts; factors differ per frequency. The engine
+    # prefills in chunks of 128 here (a quarter of the 512-token kernel chunk), past the switch, so that every
+    # prefill call of a long prompt sees it long, as transformers' single call does.
     "phi3": dict(
         model_type="phi3",
         pad_token_id=1,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=1024,
         original_max_position_embeddings=64,
         rope_scaling=dict(
             type="longrope",
