@@ -46,14 +46,42 @@ class Architecture:
 
 
 REGISTRY: list[Architecture] = [
-    Architecture("llama", "model_defs.llama", ("llama",), "llama", "transformers, llama.cpp"),
-    Architecture("mistral", "model_defs.mistral", ("mistral",), None, "transformers"),
-    Architecture("qwen2", "model_defs.qwen2", ("qwen2",), None, "transformers"),
-    Architecture("gemma3", "model_defs.gemma3", ("gemma3_text",), "gemma3", "transformers (HF), llama.cpp (GGUF)"),
-    Architecture("phi3", "model_defs.phi3", ("phi3",), None, "transformers (incl. LongRoPE)"),
-    Architecture("phi", "model_defs.phi", ("phi",), None, "transformers"),
-    Architecture("gemma", "model_defs.gemma", ("gemma",), None, "transformers"),
-    Architecture("gemma2", "model_defs.gemma2", ("gemma2",), None, "transformers (CPU targets: soft-capping)"),
+    Architecture(
+        "llama",
+        "model_defs.llama",
+        ("llama",),
+        "llama",
+        "tiny HF models vs transformers; SmolLM2 GGUF vs transformers and llama.cpp",
+    ),
+    Architecture(
+        "mistral", "model_defs.mistral", ("mistral",), None, "tiny HF model vs transformers, prompts beyond the window"
+    ),
+    Architecture(
+        "qwen2", "model_defs.qwen2", ("qwen2",), None, "tiny HF models vs transformers (float32, float16, q4)"
+    ),
+    Architecture(
+        "phi3",
+        "model_defs.phi3",
+        ("phi3",),
+        None,
+        "tiny HF model vs transformers, LongRoPE on both sides of the switch",
+    ),
+    Architecture("phi", "model_defs.phi", ("phi",), None, "tiny HF model vs transformers"),
+    Architecture("gemma", "model_defs.gemma", ("gemma",), None, "tiny HF model vs transformers"),
+    Architecture(
+        "gemma2",
+        "model_defs.gemma2",
+        ("gemma2",),
+        None,
+        "tiny HF model vs transformers, beyond the window; CPU targets only (soft-capping)",
+    ),
+    Architecture(
+        "gemma3",
+        "model_defs.gemma3",
+        ("gemma3_text",),
+        "gemma3",
+        "tiny HF model vs transformers; Gemma 3 270M GGUF vs transformers and llama.cpp",
+    ),
 ]
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in REGISTRY}
 

@@ -4,6 +4,7 @@ logits at every prompt position, 16 greedy tokens, and a batch of 4 equal to eac
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerFast
 
 from artifacts import MANIFEST_NAME
+from model_defs import markdown_table
 from runtime import Engine, SamplingParams
 
 SENTENCE = "def main():\n    print('hello, world')\n    return 42\nThe quick brown fox jumps over the lazy dog."
@@ -106,3 +108,7 @@ def test_phi3_decode_across_the_longrope_switch(hf_folder, arch_engine):
             logits = model(torch.tensor([expected[-1:]]), past_key_values=cache, use_cache=True).logits
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     assert arch_engine("phi3-f32").generate_ids([ids], params)[0].token_ids == expected
+
+
+def test_readme_table_is_the_registry():
+    assert markdown_table() in (Path(__file__).parent.parent / "README.md").read_text()
