@@ -24,7 +24,8 @@ HELP = """commands:
   /help            this list
   /reset           forget the conversation and start over
   /exit, /quit     leave (also `exit` or `quit` alone, Ctrl-D, or Ctrl-C at an empty prompt)
-Ctrl-C while a reply is being written stops it; the conversation keeps what was written."""
+Ctrl-C while a reply is being written stops it; the conversation keeps what was written.
+Ctrl-C with a message typed drops the message."""
 
 
 @contextmanager
@@ -62,8 +63,9 @@ class TerminalChat:
         print(text, file=sys.stderr, flush=True)
 
     def run(self) -> None:
+        readline = None
         if sys.stdin.isatty():
-            import readline  # noqa: F401  (line editing and history; no 4096-character line limit)
+            import readline  # line editing and history; no 4096-character line limit
         self.note(f"mlcc chat ({'chat template' if self.use_template else 'plain completion'}); /help for commands.")
         while True:
             try:
@@ -71,8 +73,10 @@ class TerminalChat:
             except EOFError:  # Ctrl-D
                 self.out.write("\n")
                 return
-            except KeyboardInterrupt:  # Ctrl-C at the prompt
+            except KeyboardInterrupt:  # Ctrl-C: leave at an empty prompt, else drop what was typed
                 self.out.write("\n")
+                if readline is not None and readline.get_line_buffer().strip():
+                    continue
                 return
             if not self.handle(line):
                 return
