@@ -23,6 +23,7 @@ VARIANTS = {
     "gemma-f32": ("gemma", "q0f32", {}),
     "gemma2-f32": ("gemma2", "q0f32", {}),
     "gemma3-f32": ("gemma3", "q0f32", {}),
+    **{f"{arch}-q4": (arch, "q4", {}) for arch in ("phi3", "phi", "gemma", "gemma2", "gemma3")},
     # 5 heads of 16, one KV head, tied embeddings, hidden and intermediate sizes not multiples of 32.
     "odd-tied-q4": (
         "llama",
