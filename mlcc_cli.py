@@ -99,6 +99,13 @@ def _artifact_or_default(artifact: str | None) -> str:
 )
 @click.option("--cpu", default="host", show_default=True, help="For --target llvm: host, or aarch64 (cross-compile).")
 @click.option("--context-window", type=int, default=None, help="Override the model's context window.")
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    help="PEFT LoRA adapter folder to merge into the float weights before quantization (repeatable).",
+)
+@click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Multiplies every adapter's alpha/r.")
 @click.option("-o", "--output", required=True, help="Artifact folder to write.")
 @friendly_errors
 def compile(
@@ -109,6 +116,8 @@ def compile(
     cuda_archs: tuple[str, ...],
     cpu: str,
     context_window: int | None,
+    loras: tuple[str, ...],
+    lora_scale: float,
     output: str,
 ):
     """Compile MODEL into an artifact folder."""
@@ -126,6 +135,8 @@ def compile(
             target=TargetRequest(target, archs, cpu),
             context_window=context_window,
             progress=progress,
+            loras=loras,
+            lora_scale=lora_scale,
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from artifacts.partials import partial_path, remove_stale_partials
 from artifacts.weights import ShardWriter
 from compiler.build import BuildJob, build_in_child_process
 from compiler.gguf_source import GGUFSource
+from compiler.lora import Adapter, LoraMerge, load_adapter
 from compiler.source import ModelSource, resolve_model
 from compiler.targets import TargetRequest, resolve_target, strict_float
 from compiler.weight_shapes import SourceShapes, check_weight_shapes
@@ -50,10 +51,14 @@ def compile_model(
     target: str | TargetRequest = "llvm",
     context_window: int | None = None,
     progress: Callable[[str], None] = log.info,
+    loras: Sequence[str | Path] = (),
+    lora_scale: float = 1.0,
 ) -> Manifest:
     """Compile `model` (HF folder, hub id or .gguf file) into the artifact folder `output`.
 
-    `quant` defaults to q4 for float checkpoints and to the file's own block types ("gguf") for GGUF."""
+    `quant` defaults to q4 for float checkpoints and to the file's own block types ("gguf") for GGUF.
+    `loras`: PEFT LoRA adapter folders merged into the float weights before quantization, each scaled by
+    `lora_scale` on top of its own alpha / r."""
     output = Path(output)
     if output.exists() and not (output / MANIFEST_NAME).is_file():
         raise MlccError(f"output exists and is not an mlcc artifact, refusing to overwrite: {output}")
@@ -63,9 +68,11 @@ def compile_model(
     target_spec = resolve_target(target_request)
     progress(f"reading {model}")
     if str(model).endswith(".gguf"):
+        if loras:
+            raise MlccError("LoRA adapters merge into float checkpoints (an HF folder), not into a GGUF file")
         plan = _plan_gguf(Path(model), arch, quant)
     else:
-        plan = _plan_hf(model, arch, quant)
+        plan = _plan_hf(model, arch, quant, [load_adapter(path, lora_scale) for path in loras])
     arch_name, config, scheme, tensors, write_tokenizer, shapes = plan
 
     scheme.prepare(target_spec.target)
@@ -133,9 +140,10 @@ Plan = tuple[
 ]
 
 
-def _plan_hf(model: str, arch: str | None, quant: str | None) -> Plan:
+def _plan_hf(model: str, arch: str | None, quant: str | None, adapters: list[Adapter]) -> Plan:
     scheme = get_scheme(quant or "q4")
     source = resolve_model(model)
+    merge = LoraMerge(adapters, source.tensor_shapes())
     arch_name = (arch or detect_arch(source.config)).lower()
     entry = get_entry(arch_name)
     arch_module = entry.load()
@@ -150,7 +158,7 @@ def _plan_hf(model: str, arch: str | None, quant: str | None) -> Plan:
             except KeyError:
                 raise MlccError(f"unexpected tensor {hf_name!r} in {source.folder}") from None
             if name is not None:
-                yield name, entry.convert_hf_tensor(name, array)
+                yield name, entry.convert_hf_tensor(name, merge(hf_name, array))
 
     def shapes() -> SourceShapes:
         """Model name -> (HF name, shape), from the headers; names the conversion refuses are left to it."""
