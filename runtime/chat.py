@@ -12,14 +12,14 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import Any
 
 from artifacts.errors import MlccError
 from runtime.engine import Engine
 from runtime.sampler import SamplingParams
 
 PROMPT = ">>> "
-QUIT_WORDS = {"exit", "quit", "/exit", "/quit", "/bye"}
+QUIT_WORDS = {"exit", "quit", "/exit", "/quit"}
 HELP = """commands:
   /help            this list
   /reset           forget the conversation and start over
@@ -51,11 +51,11 @@ def _sigint_sets(event: threading.Event) -> Iterator[None]:
 class TerminalChat:
     """An interactive chat on stdin/stdout; notes and errors go to stderr."""
 
-    def __init__(self, engine: Engine, params: SamplingParams, raw: bool = False, out: TextIO | None = None):
+    def __init__(self, engine: Engine, params: SamplingParams, raw: bool = False):
         self.engine = engine
         self.params = params
         self.use_template = not raw and engine.tokenizer.chat_template is not None
-        self.out = out or sys.stdout
+        self.out = sys.stdout
         self.history: list[dict[str, str]] = []
         self.shown = ""  # the reply as far as it is on the terminal
 
