@@ -24,9 +24,13 @@ function of the positions alone. Prompts are prefilled in canonical chunks (CANO
 to position 0; one call never crosses a boundary of a sequence's chunk), every sequence's first chunk is its
 own block of the tree (depth 0; the rest is depth 1), and a cached prefix is reused only up to a chunk
 boundary and only where its KV came from such a prefill (not from decoding). Fresh or forked, a token then
-attends to the same keys in the same parts. The exception: a request preempted when the KV cache is full
-recomputes its generated tokens' KV by prefill, which rounds differently from the decode steps that first
-computed it.
+attends to the same keys in the same parts. A request preempted when the KV cache is full is recomputed the
+same way: its prompt by canonical prefill, its generated tokens replayed one decode step each (slower than one
+prefill, but bit-identical to how they were first computed).
+
+Structured output: a constrained request carries a matcher (runtime/constraints.py) whose token mask is
+applied to its logits before sampling. The masks of a step's constrained requests are computed in a helper
+thread while the model runs, and free requests sample exactly as they would alone.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import itertools
 import os
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,7 @@ from tvm.runtime import ShapeTuple
 
 from artifacts import Manifest, MlccError
 from runtime.artifact import LoadedArtifact
+from runtime.constraints import ConstraintCompiler, apply_mask, check, compute_mask, compute_masks
 from runtime.sampler import SamplingParams, TokenLogprob, adjust_logits, sample, token_logprob
 from runtime.tokenizer import IncrementalDecoder
 
@@ -120,6 +126,8 @@ class Request:
     emitted_tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None
+    matcher: Any = None  # llguidance's LLMatcher of a constrained request, at the tokens generated so far
+    mask: np.ndarray | None = None  # the matcher's mask for the next token, once computed
 
     @property
     def budget(self) -> int:
@@ -131,7 +139,7 @@ class Request:
         return self.kv_len < self.prefill_len
 
     def all_ids(self) -> list[int]:
-        """Prompt and generated tokens: what a recomputed sequence prefills."""
+        """Prompt and generated tokens: what a recomputed sequence puts back into its KV."""
         return self.prompt_ids + self.output_ids
 
     def reusable_ids(self) -> list[int]:
@@ -213,6 +221,10 @@ class Engine:
         # Finished sequences kept for their prefixes: seq id -> token ids in the KV cache, least recent first.
         self.cached: OrderedDict[int, np.ndarray] = OrderedDict()
         self.max_cached_sequences = 4 * self.max_batch_size
+        self.constraints = ConstraintCompiler(self.tokenizer, self.vocab_size)
+        self._mask_pool: ThreadPoolExecutor | None = None  # the helper thread, made on first use
+        self._mask_executor: Any = None  # llguidance's LLExecutor, likewise
+        self._masks_pending: Future | None = None
         self.counters = {
             "requests": 0,
             "prompt_tokens": 0,
@@ -311,9 +323,16 @@ class Engine:
             raise MlccError(
                 f"a request needing {n + capped.max_tokens} tokens does not fit the KV cache ({self.kv_tokens})"
             )
+        constraint = params.constraint
+        matcher = self.constraints.matcher(constraint) if constraint is not None else None
         return [
             Request(
-                prompt_ids, capped, on_delta, self._rng(params.seed, i), IncrementalDecoder(self.tokenizer, prompt_ids)
+                prompt_ids,
+                capped,
+                on_delta,
+                self._rng(params.seed, i),
+                IncrementalDecoder(self.tokenizer, prompt_ids),
+                matcher=matcher.deep_copy() if matcher is not None and i else matcher,
             )
             for i in range(params.n)
         ]
@@ -352,16 +371,22 @@ class Engine:
         self._admit()
         decoding = [r for r in self.running if not r.prefilling]
         prefilling = sorted((r for r in self.running if r.prefilling), key=lambda r: r.arrival)
-        if prefilling:
-            for r, row in self._prefill_call(prefilling, self.prefill_chunk):
-                if not r.prefilling:
-                    self._accept_or_fail(r, row)
-        if decoding:
-            ids = np.array([r.output_ids[-1] for r in decoding], dtype="int32")
-            logits = self._forward(self._decode, [r.seq_id for r in decoding], [1] * len(decoding), ids)
-            for r, row in zip(decoding, logits):
-                r.kv_len += 1
-                self._accept_or_fail(r, row)
+        self._start_masks()
+        try:
+            if prefilling:
+                for r, row in self._prefill_call(prefilling, self.prefill_chunk):
+                    if r.kv_len == len(r.all_ids()):  # prefilled (a recomputed request replays first)
+                        self._accept_or_fail(r, row)
+            if decoding:
+                # the next token each sequence has not yet in its KV: its last output, or one being replayed
+                ids = np.array([r.all_ids()[r.kv_len] for r in decoding], dtype="int32")
+                logits = self._forward(self._decode, [r.seq_id for r in decoding], [1] * len(decoding), ids)
+                for r, row in zip(decoding, logits):
+                    r.kv_len += 1
+                    if r.kv_len == len(r.all_ids()):
+                        self._accept_or_fail(r, row)
+        finally:
+            self._await_masks()  # no helper-thread work outlives the step
         self.running = [r for r in self.running if r.finish_reason is None]
 
     # ---- admission and the prefix cache -------------------------------------------------------------
@@ -432,7 +457,8 @@ class Engine:
                 self._preempt(max(self.running, key=lambda r: r.arrival))
 
     def _preempt(self, r: Request) -> None:
-        """Drop `r`'s KV and queue it first, to be recomputed from its prompt and generated tokens."""
+        """Drop `r`'s KV and queue it first, to be recomputed: its prompt by prefill, then its generated tokens
+        replayed by decode steps, as they were first computed (so its later tokens are what they would have been)."""
         self.running.remove(r)
         KV_REMOVE(self.kv, r.seq_id)
         r.seq_id, r.kv_len, r.canonical_len, r.prefill_len = -1, 0, 0, 0
@@ -458,18 +484,18 @@ class Engine:
 
     def _place(self, r: Request) -> tuple[int | None, int] | None:
         """(sequence to fork or None, shared tokens) for `r`, evicting cached sequences to fit; None if it can't."""
-        parent, shared = self._longest_prefix(r.all_ids())
+        parent, shared = self._longest_prefix(r.prompt_ids)
         while self._spare_pages() < self._admission_pages(r, shared):
             if not self._evict_one(keep=parent):
                 return None
-            parent, shared = self._longest_prefix(r.all_ids())
+            parent, shared = self._longest_prefix(r.prompt_ids)
         return parent, shared
 
     def _shares_more_later(self, r: Request, shared: int) -> bool:
         """Whether `r` shares a longer prefix with a prompt still being prefilled than with any sequence now."""
         if not self.prefix_cache:
             return False
-        tokens = np.asarray(r.all_ids()[:-1])
+        tokens = np.asarray(r.prompt_ids[:-1])
         longest = max(
             (_common_prefix(tokens, np.asarray(a.all_ids()[: a.prefill_len])) for a in self.running if a.prefilling),
             default=0,
@@ -484,7 +510,7 @@ class Engine:
             KV_FORK(self.kv, parent, r.seq_id, shared)
             if parent in self.cached:
                 self.cached.move_to_end(parent)
-        r.kv_len, r.canonical_len, r.prefill_len = shared, shared, len(r.all_ids())
+        r.kv_len, r.canonical_len, r.prefill_len = shared, shared, len(r.prompt_ids)
         r.fork_base = shared - shared % self.page_size
         if r.preemptions:  # a recomputation: the request was counted when it first started
             return
@@ -570,6 +596,42 @@ class Engine:
         KV_REMOVE(self.kv, r.seq_id)
         r.seq_id = child
 
+    # ---- structured output --------------------------------------------------------------------------
+    def _start_masks(self) -> None:
+        """Compute the next-token masks of the running constrained requests in the helper thread, while the
+        model runs (llguidance drops the GIL). A mask stays valid until its request takes a token."""
+        constrained = [r for r in self.running if r.matcher is not None and r.mask is None]
+        if not constrained:
+            return
+        if self._mask_pool is None:
+            from llguidance import LLExecutor
+
+            self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="mlcc-masks")
+            self._mask_executor = LLExecutor()
+
+        def compute() -> None:
+            masks = compute_masks(self._mask_executor, [r.matcher for r in constrained], self.constraints.mask_words)
+            for r, mask in zip(constrained, masks):
+                r.mask = mask
+
+        self._masks_pending = self._mask_pool.submit(compute)
+
+    def _await_masks(self) -> None:
+        """Wait for the helper thread's masks; should it fail, each request computes its own (and fails alone)."""
+        pending, self._masks_pending = self._masks_pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception:
+                pass
+
+    def _next_mask(self, r: Request) -> np.ndarray:
+        self._await_masks()
+        if r.mask is None:
+            r.mask = compute_mask(r.matcher, self.constraints.mask_words)
+        check(r.matcher)
+        return r.mask
+
     # ---- sampling, stop conditions, streaming ---------------------------------------------------------
     def _accept_or_fail(self, r: Request, logits: np.ndarray) -> None:
         """Sample for `r`; whatever goes wrong there ends `r` alone, never the batch."""
@@ -584,7 +646,13 @@ class Engine:
         """Sample the next token of `r` and apply the stop conditions."""
         p = r.params
         adjusted = adjust_logits(logits, p, r.prompt_ids, r.output_ids)
+        if r.matcher is not None:
+            adjusted = apply_mask(adjusted, self._next_mask(r))
         token = sample(adjusted, p, r.rng)
+        if r.matcher is not None:
+            r.mask = None
+            r.matcher.consume_token(token)
+            check(r.matcher)
         r.output_ids.append(token)
         if p.logprobs:
             r.logprobs.append(token_logprob(adjusted, token, p.top_logprobs))
@@ -602,6 +670,9 @@ class Engine:
                 r.text = r.text[:cut]
                 self._finish(r, "stop")
                 return
+        if r.matcher is not None and r.matcher.is_stopped():  # the constraint is complete: nothing may follow
+            self._finish(r, "stop")
+            return
         if len(r.output_ids) >= p.max_tokens:
             self._finish(r, "length")
             return

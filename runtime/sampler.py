@@ -1,4 +1,5 @@
-"""Token sampling on the host: penalties, logit bias, greedy, temperature, top-k, top-p, min-p, logprobs.
+"""Token sampling on the host: penalties, logit bias, greedy, temperature, top-k, top-p, min-p, logprobs;
+structured-output constraints (runtime/constraints.py) mask the logits first.
 
 Every request owns a seeded numpy generator, so its samples do not depend on what else is in the batch.
 """
@@ -7,10 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from artifacts.errors import MlccError
+from runtime.constraints import Constraint, constraint_of
 
 MAX_TOP_LOGPROBS = 20
 # Below this temperature sampling is greedy: dividing logits by a denormal overflows float64.
@@ -39,6 +42,12 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # Structured output, at most one: the output is JSON valid against this schema (a dict or its JSON text;
+    # {"type": "object"} for any JSON object), fully matches this regex, or follows this grammar (Lark/EBNF as
+    # llguidance reads it, or llama.cpp's GBNF). The request ends when the constraint is complete.
+    json_schema: dict[str, Any] | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
     def validate(self, vocab_size: int | None = None) -> None:
         floats = [
@@ -71,6 +80,7 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise MlccError(message)
+        constraint_of(self.json_schema, self.regex, self.grammar)  # at most one; its content is checked when compiled
         if vocab_size is not None:
             for token in [*self.logit_bias, *self.stop_token_ids]:
                 if not 0 <= token < vocab_size:
@@ -79,6 +89,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    @property
+    def constraint(self) -> Constraint | None:
+        return constraint_of(self.json_schema, self.regex, self.grammar)
 
     @property
     def adjusts_logits(self) -> bool:
