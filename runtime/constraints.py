@@ -27,6 +27,10 @@ from runtime.tokenizer import Tokenizer
 JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+class ConstraintError(MlccError):
+    """The request's schema, regex or grammar is invalid (HTTP 400 naming the field it came in)."""
+
+
 @dataclass(frozen=True)
 class Constraint:
     """What a request's output must match: kind "json_schema" (source: the schema as JSON text), "regex"
@@ -41,19 +45,19 @@ class Constraint:
             try:
                 schema = json.loads(self.source)
             except ValueError as e:
-                raise MlccError(f"invalid JSON schema: not JSON: {e}") from None
+                raise ConstraintError(f"invalid JSON schema: not JSON: {e}") from None
             if not isinstance(schema, (dict, bool)):
-                raise MlccError("invalid JSON schema: it must be a JSON object")
+                raise ConstraintError("invalid JSON schema: it must be a JSON object")
             try:
                 return LLMatcher.grammar_from_json_schema(closed(schema), defaults=JSON_DEFAULTS)  # type: ignore
             except ValueError as e:
-                raise MlccError(f"invalid JSON schema: {e}") from None
+                raise ConstraintError(f"invalid JSON schema: {e}") from None
         if self.kind == "regex":
             return LLMatcher.grammar_from_regex(self.source)
         try:
             return llguidance.grammar_from("grammar", self.source)  # Lark as it is; GBNF converted to Lark
         except ValueError as e:
-            raise MlccError(f"invalid grammar: {e}") from None
+            raise ConstraintError(f"invalid grammar: {e}") from None
 
 
 _SUBSCHEMA = ("items", "additionalProperties", "additionalItems", "not", "if", "then", "else", "contains")
@@ -137,10 +141,10 @@ class ConstraintCompiler:
         grammar = constraint.grammar()
         error = LLMatcher.validate_grammar(grammar, self.lltokenizer)
         if error:
-            raise MlccError(f"invalid {what}: {_first_line(error)}")
+            raise ConstraintError(f"invalid {what}: {_first_line(error)}")
         matcher = LLMatcher(self.lltokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise MlccError(f"invalid {what}: {_first_line(matcher.get_error())}")
+            raise ConstraintError(f"invalid {what}: {_first_line(matcher.get_error())}")
         return matcher
 
 

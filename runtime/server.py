@@ -29,9 +29,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from artifacts import MlccError
+from runtime.constraints import ConstraintError
 from runtime.engine import Delta, Result
 from runtime.sampler import SamplingParams, TokenLogprob
 from runtime.serving import QueueFull, RequestHandle, ServingEngine
+from runtime.tools import ToolCall, ToolCallParser, ToolSpec, template_messages
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
 MAX_BODY_BYTES = 4 << 20  # a request body above this is refused with 413 before it is parsed
@@ -147,6 +149,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class CommonFields(BaseModel):
     """Sampling fields both endpoints share; unknown fields (e.g. `user`) are accepted and ignored."""
 
@@ -170,6 +184,27 @@ class CommonFields(BaseModel):
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    # Structured output: OpenAI's response_format, or vLLM's guided_* fields (a regex, a Lark or GBNF grammar).
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+
+    def json_schema(self) -> dict[str, Any] | bool | str | None:
+        if self.guided_json is not None or self.response_format is None:
+            return self.guided_json
+        if self.response_format.type == "json_object":
+            return {"type": "object"}
+        if self.response_format.type == "json_schema":
+            given = self.response_format.json_schema
+            return given.schema_ if given is not None and given.schema_ is not None else {"type": "object"}
+        return None
+
+    def constraint_field(self) -> str | None:
+        """The field that holds the request's constraint (named by a 400 when it is invalid)."""
+        if self.guided_json is not None or self.guided_regex is not None or self.guided_grammar is not None:
+            return next(f for f in ("guided_json", "guided_regex", "guided_grammar") if getattr(self, f) is not None)
+        return "response_format" if self.json_schema() is not None else None
 
     def sampling(self, max_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
         return SamplingParams(
@@ -189,6 +224,9 @@ class CommonFields(BaseModel):
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
+            json_schema=self.json_schema(),  # type: ignore[arg-type]
+            regex=self.guided_regex,
+            grammar=self.guided_grammar,
         )
 
 
@@ -205,7 +243,20 @@ class ChatMessage(BaseModel):
 
     def as_template_input(self) -> dict[str, Any]:
         content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": content or ""}
+        extra = {k: v for k, v in (self.model_extra or {}).items() if k in ("tool_calls", "tool_call_id", "name")}
+        return {"role": self.role, "content": content or "", **extra}
+
+
+class FunctionDefinition(BaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class ChatCompletionRequest(CommonFields):
@@ -213,6 +264,16 @@ class ChatCompletionRequest(CommonFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+
+    def tool_spec(self) -> ToolSpec | None:
+        tools = [t.model_dump(exclude_none=True) for t in self.tools or []]
+        try:
+            return ToolSpec.parse(tools, self.tool_choice, self.parallel_tool_calls)
+        except MlccError as e:
+            raise ApiError(400, str(e), param="tool_choice" if "tool_choice" in str(e) else "tools") from None
 
 
 class CompletionRequest(CommonFields):
@@ -294,8 +355,11 @@ def create_app(serving: ServingEngine, model_name: str, api_key: str | None = No
                 code="model_not_found",
             )
 
-    def submit(prompt_ids: list[int], params: SamplingParams, prompt_field: str) -> RequestHandle:
-        """Queue a prompt; what the user got wrong becomes a 400 naming the field, a full server a 429."""
+    async def submit(
+        prompt_ids: list[int], params: SamplingParams, prompt_field: str, constraint_field: str | None = None
+    ) -> RequestHandle:
+        """Queue a prompt; what the user got wrong becomes a 400 naming the field, a full server a 429.
+        Runs off the event loop: compiling a grammar can take a while."""
         if len(prompt_ids) >= engine.context_window:
             raise ApiError(
                 400,
@@ -304,9 +368,11 @@ def create_app(serving: ServingEngine, model_name: str, api_key: str | None = No
                 code="context_length_exceeded",
             )
         try:
-            return serving.submit(prompt_ids, params, asyncio.get_running_loop())
+            return await run_in_threadpool(serving.submit, prompt_ids, params, asyncio.get_running_loop())
         except QueueFull as e:
             raise ApiError(429, str(e), kind="server_busy", code="rate_limit_exceeded") from None
+        except ConstraintError as e:
+            raise ApiError(400, str(e), param=constraint_field) from None
         except MlccError as e:
             if serving.closing:
                 raise ApiError(503, str(e), kind="server_error") from None
@@ -332,16 +398,36 @@ def create_app(serving: ServingEngine, model_name: str, api_key: str | None = No
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         check_sequences(1, body.n)
+        tools = body.tool_spec()
         messages = [m.as_template_input() for m in body.messages]
-        prompt_ids = await tokenized(engine.tokenizer.encode_chat, messages, "messages")
+        template = engine.tokenizer.chat_template
+        if template is not None and (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)):
+            try:
+                messages, rendered_tools = template_messages(messages, tools, template.source)
+            except MlccError as e:
+                raise ApiError(400, str(e), param="messages") from None
+            prompt_ids = await tokenized(
+                lambda m: engine.tokenizer.encode_chat(m, rendered_tools), messages, "messages"
+            )
+        else:
+            prompt_ids = await tokenized(engine.tokenizer.encode_chat, messages, "messages")
         want_logprobs = body.logprobs or bool(body.top_logprobs)
         max_tokens = next((m for m in (body.max_completion_tokens, body.max_tokens) if m is not None), None)
         # Omitted: the rest of the context; 0 or less is a 400, as on /v1/completions.
         params = body.sampling(
             engine.context_window if max_tokens is None else max_tokens, want_logprobs, body.top_logprobs or 0
         )
-        handle = submit(prompt_ids, params, "messages")
-        reply = ChatReply(engine, model_name, want_logprobs)
+        constraint_field = body.constraint_field()
+        if tools is not None and tools.forced:
+            if constraint_field is not None:
+                raise ApiError(
+                    400, f"tool_choice forces a tool call: {constraint_field} cannot apply", param="tool_choice"
+                )
+            params.grammar, constraint_field = tools.grammar(), "tools"
+        handle = await submit(prompt_ids, params, "messages", constraint_field)
+        reply = ChatReply(
+            engine, model_name, want_logprobs, tools if tools is not None and tools.parses_calls else None
+        )
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return event_stream(reply.chunks([handle], include_usage), [handle])
@@ -365,7 +451,7 @@ def create_app(serving: ServingEngine, model_name: str, api_key: str | None = No
                 ids = await tokenized(engine.tokenizer.encode, prompt, "prompt") if isinstance(prompt, str) else prompt
                 if not ids:
                     raise ApiError(400, "the prompt is empty", param="prompt")
-                handles.append(submit(list(ids), params, "prompt"))  # type: ignore[arg-type]
+                handles.append(await submit(list(ids), params, "prompt", body.constraint_field()))  # type: ignore
         except ApiError:
             for handle in handles:
                 handle.abort()
@@ -504,8 +590,20 @@ class Reply:
         raise NotImplementedError
 
     def response(self, results: list[Result], handles: list[RequestHandle]) -> dict[str, Any]:
-        choices = [self.choice(i, r.text, r.logprobs, r.finish_reason, delta=False) for i, r in enumerate(results)]
+        choices = [self.result_choice(i, r) for i, r in enumerate(results)]
         return {**self.envelope(choices), "usage": usage(handles, results)}
+
+    def result_choice(self, index: int, result: Result) -> dict[str, Any]:
+        return self.choice(index, result.text, result.logprobs, result.finish_reason, delta=False)
+
+    def delta_choices(self, index: int, delta: Delta) -> list[dict[str, Any]]:
+        """The chunks' choices for one delta: its text (and logprobs), then its finish reason on its own."""
+        out = []
+        if delta.text or (self.logprobs and delta.logprobs):
+            out.append(self.choice(index, delta.text, delta.logprobs, None, delta=True))
+        if delta.finish_reason:  # in a chunk of its own, as OpenAI sends it
+            out.append(self.choice(index, "", None, delta.finish_reason, delta=True))
+        return out
 
     async def chunks(self, handles: list[RequestHandle], include_usage: bool) -> AsyncIterator[dict[str, Any]]:
         extra = {"usage": None} if include_usage else {}
@@ -514,11 +612,7 @@ class Reply:
         async for index, delta in merged(handles):
             if delta.error is not None:
                 raise ApiError(500, f"the request failed: {delta.error}", kind="server_error")
-            if delta.text or (self.logprobs and delta.logprobs):
-                choice = self.choice(index, delta.text, delta.logprobs, None, delta=True)
-                yield {**self.envelope([choice], chunk=True), **extra}
-            if delta.finish_reason:  # in a chunk of its own, as OpenAI sends it
-                choice = self.choice(index, "", None, delta.finish_reason, delta=True)
+            for choice in self.delta_choices(index, delta):
                 yield {**self.envelope([choice], chunk=True), **extra}
         if include_usage:
             results = [r for h in handles for r in h.results()]
@@ -532,6 +626,54 @@ class Reply:
 class ChatReply(Reply):
     object_name = "chat.completion"
     id_prefix = "chatcmpl"
+
+    def __init__(self, engine: Any, model_name: str, logprobs: bool, tools: ToolSpec | None = None):
+        """`tools`: when set, the replies' tool calls are parsed out of their text into `tool_calls`."""
+        super().__init__(engine, model_name, logprobs)
+        self.tools = tools
+        self.parsers: dict[int, ToolCallParser] = {}
+
+    def result_choice(self, index: int, result: Result) -> dict[str, Any]:
+        if self.tools is None:
+            return super().result_choice(index, result)
+        parser = ToolCallParser(self.tools)
+        text, calls = parser.feed(result.text)
+        rest, more = parser.finish()
+        choice = self.choice(index, text + rest, result.logprobs, result.finish_reason, delta=False)
+        if calls + more:
+            choice["message"]["content"] = (text + rest) or None
+            choice["message"]["tool_calls"] = [c.as_openai() for c in calls + more]
+            choice["finish_reason"] = "tool_calls" if result.finish_reason == "stop" else result.finish_reason
+        return choice
+
+    def delta_choices(self, index: int, delta: Delta) -> list[dict[str, Any]]:
+        """With tools: text that may be a call is held back; a call goes out as OpenAI streams one (its id and
+        name with empty arguments, then its arguments), and the finish reason is then "tool_calls"."""
+        if self.tools is None:
+            return super().delta_choices(index, delta)
+        parser = self.parsers.setdefault(index, ToolCallParser(self.tools))
+        text, calls = parser.feed(delta.text)
+        if delta.finish_reason:
+            rest, more = parser.finish()
+            text, calls = text + rest, calls + more
+        out = []
+        if text or (self.logprobs and delta.logprobs):
+            out.append(self.choice(index, text, delta.logprobs, None, delta=True))
+        first = len(parser.calls) - len(calls)
+        for k, call in enumerate(calls, start=first):
+            out += [self.call_chunk(index, k, call, header=True), self.call_chunk(index, k, call, header=False)]
+        if delta.finish_reason:
+            reason = "tool_calls" if parser.calls and delta.finish_reason == "stop" else delta.finish_reason
+            out.append(self.choice(index, "", None, reason, delta=True))
+        return out
+
+    @staticmethod
+    def call_chunk(index: int, k: int, call: ToolCall, header: bool) -> dict[str, Any]:
+        entry: dict[str, Any] = {"index": k, "function": {"arguments": "" if header else call.arguments}}
+        if header:
+            entry.update(id=call.id, type="function")
+            entry["function"] = {"name": call.name, "arguments": ""}
+        return {"index": index, "delta": {"tool_calls": [entry]}, "logprobs": None, "finish_reason": None}
 
     def entry(self, token_id: int, logprob: float) -> dict[str, Any]:
         text = self.token_text(token_id)
@@ -633,9 +775,7 @@ def serve(
     try:
         serving.engine.self_check()
         app = create_app(serving, Path(artifact).resolve().name, api_key)
-        config = uvicorn.Config(
-            app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S
-        )
+        config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
         PromptShutdownServer(config, serving).run()
     finally:
         serving.close()

@@ -32,11 +32,20 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self.template = env.from_string(source)
+        self.source = source
         self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """`tools`: OpenAI's tool entries, for templates that render them (Hugging Face's convention)."""
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+            return self.template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, **self.special
+            )
         except TemplateError as e:
             raise MlccError(f"chat template error: {e}") from None
 
@@ -63,11 +72,11 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         if self.chat_template is None:
             raise MlccError("this model has no chat template; use a plain prompt (--raw)")
         # The template already writes the special tokens (BOS, role markers), as in transformers.
-        return self.encode(self.chat_template.render(messages), add_special_tokens=False)
+        return self.encode(self.chat_template.render(messages, tools=tools), add_special_tokens=False)
 
 
 class IncrementalDecoder:
