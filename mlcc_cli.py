@@ -150,6 +150,11 @@ def compile(
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--json-schema", "json_schema_file", default=None, help="Answer JSON valid against the schema in FILE.")
+@click.option("--regex", default=None, help="Answer text that fully matches the regular expression R.")
+@click.option(
+    "--grammar", "grammar_file", default=None, help="Answer text that follows the grammar in FILE (Lark/EBNF or GBNF)."
+)
 @click.option(
     "--no-verify", is_flag=True, help="Skip sha256 checks of the weights and tokenizer (the library is always checked)."
 )
@@ -165,6 +170,9 @@ def run(
     top_k: int,
     seed: int | None,
     stop: tuple[str, ...],
+    json_schema_file: str | None,
+    regex: str | None,
+    grammar_file: str | None,
     no_verify: bool,
     threads: int | None,
 ):
@@ -174,10 +182,21 @@ def run(
     In the chat, Ctrl-C stops a reply; /help lists the commands."""
     from runtime import Engine, SamplingParams
 
-    engine = Engine(_artifact_or_default(artifact), verify=not no_verify, threads=threads)
     params = SamplingParams(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=list(stop)
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=list(stop),
+        json_schema=_read_text(json_schema_file, "--json-schema"),
+        regex=regex,
+        grammar=_read_text(grammar_file, "--grammar"),
     )
+    from runtime.constraints import check_constraint
+
+    check_constraint(params.constraint)  # before the model loads
+    engine = Engine(_artifact_or_default(artifact), verify=not no_verify, threads=threads)
     if prompt is not None:
         pieces = engine.stream(prompt, params, raw=True) if raw else _chat_once(engine, prompt, params)
         for piece in pieces:
@@ -325,6 +344,16 @@ def _human_size(n: float) -> str:
             return f"{n:.0f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
+
+
+def _read_text(path: str | None, option: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MlccError(f"{option}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def _chat_once(engine: Any, prompt: str, params: Any):

@@ -103,6 +103,16 @@ def constraint_of(
     return Constraint(kind, value)
 
 
+def check_constraint(constraint: Constraint | None) -> None:
+    """Raise ConstraintError for a constraint that is invalid whatever the vocabulary (no tokenizer needed)."""
+    if constraint is None:
+        return
+    what = {"json_schema": "JSON schema", "regex": "regex", "grammar": "grammar"}[constraint.kind]
+    error = LLMatcher.validate_grammar(constraint.grammar())
+    if error:
+        raise ConstraintError(f"invalid {what}: {_first_line(error)}")
+
+
 def _first_line(message: str) -> str:
     """llguidance's multi-line message in one line: its first line, and the cause where it comes later."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
