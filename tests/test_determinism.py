@@ -95,3 +95,16 @@ def test_prompt_logits_equal_a_requests_first_logits(long_context_artifact):
     first = np.frombuffer(rows[0][0], dtype=np.float32)
     assert np.array_equal(engine.prompt_logits(prompt)[-1], first)
     assert np.array_equal(engine.prefill_logits([prompt])[0], first)
+
+
+def test_a_preempted_request_continues_bit_identically(long_context_artifact):
+    """KV pages run out: the newest requests are preempted, recomputed (prompt by prefill, generated tokens
+    replayed by decode steps) and continue with the logits they would have had undisturbed."""
+    probe = Engine(long_context_artifact)
+    # Generation crosses a canonical chunk boundary, where a prefill of the same tokens would split attention.
+    prompts = [probe.tokenizer.encode(TEXT[: 40 + 30 * i] + TEXT + str(i)) for i in range(5)]
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    alone = [run(Engine(long_context_artifact), [ids], params)[0] for ids in prompts]
+    tight = Engine(long_context_artifact, kv_cache_tokens=8 * probe.page_size * 4, max_batch_size=5)
+    assert run(tight, prompts, params) == alone
+    assert tight.counters["preemptions"] > 0
