@@ -15,6 +15,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from artifacts.errors import MlccError
 
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
+# Tensors that hold RoPE parameters, not weights (Phi-3's LongRoPE factors): read into the metadata.
+ROPE_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 # End-of-turn markers of chat models, which stop generation like EOS does.
 END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
 # llama.cpp pre-tokenizer names -> the equivalent `tokenizers` pre-tokenizer.
@@ -60,6 +62,9 @@ class GGUFSource:
         prefix = f"{self.arch}."
         meta = {k[len(prefix) :]: v for k, v in self.meta.items() if k.startswith(prefix)}
         meta.setdefault("vocab_size", len(self.array("tokenizer.ggml.tokens")))
+        for name in ROPE_TENSORS:
+            if name in self.tensors_by_name:
+                meta[name.removesuffix(".weight")] = np.asarray(self.tensors_by_name[name].data, np.float32).tolist()
         return meta
 
     def _by_name(self, value: Callable[[ReaderTensor], Any]) -> dict[str, Any]:
@@ -83,6 +88,8 @@ class GGUFSource:
     def tensors(self, raw: bool) -> Iterator[tuple[str, np.ndarray]]:
         """(GGUF name, array): the raw blocks when `raw`, else float32 in [rows, cols]."""
         for t in self.reader.tensors:
+            if t.name in ROPE_TENSORS:
+                continue
             qtype = GGMLQuantizationType(t.tensor_type)
             data = np.asarray(t.data)
             if qtype == GGMLQuantizationType.BF16:

@@ -63,17 +63,21 @@ REGISTRY: list[Architecture] = [
         "phi3",
         "model_defs.phi3",
         ("phi3",),
-        None,
-        "tiny HF model vs transformers, LongRoPE on both sides of the switch",
+        "phi3",
+        "tiny HF model vs transformers, LongRoPE on both sides of the switch; its GGUF equals the HF build",
     ),
-    Architecture("phi", "model_defs.phi", ("phi",), None, "tiny HF model vs transformers"),
-    Architecture("gemma", "model_defs.gemma", ("gemma",), None, "tiny HF model vs transformers"),
+    Architecture(
+        "phi", "model_defs.phi", ("phi",), "phi2", "tiny HF model vs transformers; its GGUF equals the HF build"
+    ),
+    Architecture(
+        "gemma", "model_defs.gemma", ("gemma",), "gemma", "tiny HF model vs transformers; its GGUF equals the HF build"
+    ),
     Architecture(
         "gemma2",
         "model_defs.gemma2",
         ("gemma2",),
-        None,
-        "tiny HF model vs transformers, beyond the window; CPU targets only (soft-capping)",
+        "gemma2",
+        "tiny HF model vs transformers, beyond the window; its GGUF equals the HF build; CPU targets only",
     ),
     Architecture(
         "gemma3",

@@ -47,6 +47,24 @@ def config_from_hf(cfg: dict[str, Any]) -> GemmaConfig:
     return config
 
 
+def config_from_gguf(meta: dict[str, Any], has_output: bool) -> GemmaConfig:
+    """Config from llama.cpp's `gemma` metadata (norms stored with the 1 folded in, as the model wants)."""
+    heads = meta["attention.head_count"]
+    return GemmaConfig(
+        vocab_size=meta["vocab_size"],
+        hidden_size=meta["embedding_length"],
+        intermediate_size=meta["feed_forward_length"],
+        num_layers=meta["block_count"],
+        num_heads=heads,
+        num_kv_heads=meta.get("attention.head_count_kv", heads),
+        head_dim=meta.get("attention.key_length", meta["embedding_length"] // heads),
+        tie_embeddings=not has_output,
+        context_window=int(meta.get("context_length", 8192)),
+        rms_eps=float(meta.get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(meta.get("rope.freq_base", 10000.0)),
+    )
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GemmaConfig):
         self.cfg = cfg

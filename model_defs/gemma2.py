@@ -22,5 +22,23 @@ def config_from_hf(cfg: dict[str, Any]) -> Gemma3Config:
     return config
 
 
+def config_from_gguf(meta: dict[str, Any], has_output: bool) -> Gemma3Config:
+    """Config from llama.cpp's `gemma2` metadata. The query scale is not stored: llama.cpp takes
+    1/sqrt(hidden / heads) for the 27B shape (46 layers) and 1/sqrt(head_dim) otherwise, as does this."""
+    config = gemma3.config_from_gguf(meta, has_output)
+    heads = meta["attention.head_count"]
+    scalar = config.hidden_size / heads if config.num_layers == 46 else config.head_dim
+    config.query_scale = float(scalar) ** -0.5
+    config.rope_local_theta = config.rope_theta = float(meta.get("rope.freq_base", 10000.0))
+    config.sliding_window_pattern = 2
+    config.layer_types = [gemma3.SLIDING if i % 2 == 0 else "full_attention" for i in range(config.num_layers)]
+    config.context_window = int(meta.get("context_length", 8192))
+    config.hf_arithmetic = True  # no llama.cpp-exact kernels for Gemma 2 yet
+    config.qk_norm = False
+    config.attn_softcap = float(meta.get("attn_logit_softcapping") or 0.0)
+    config.final_softcap = float(meta.get("final_logit_softcapping") or 0.0)
+    return config
+
+
 Model = Gemma3Model
-__all__ = ["Model", "config_from_hf", "convert_hf_tensor", "map_hf_name"]
+__all__ = ["Model", "config_from_gguf", "config_from_hf", "convert_hf_tensor", "map_hf_name"]

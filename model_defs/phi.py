@@ -54,6 +54,26 @@ def config_from_hf(cfg: dict[str, Any]) -> PhiConfig:
     )
 
 
+def config_from_gguf(meta: dict[str, Any], has_output: bool) -> PhiConfig:
+    """Config from llama.cpp's `phi2` metadata."""
+    heads, hidden = meta["attention.head_count"], meta["embedding_length"]
+    head_dim = hidden // heads
+    return PhiConfig(
+        vocab_size=meta["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=meta["feed_forward_length"],
+        num_layers=meta["block_count"],
+        num_heads=heads,
+        num_kv_heads=meta.get("attention.head_count_kv", heads),
+        head_dim=head_dim,
+        tie_embeddings=not has_output,
+        context_window=int(meta.get("context_length", 2048)),
+        norm_eps=float(meta.get("attention.layer_norm_epsilon", 1e-5)),
+        rope_theta=float(meta.get("rope.freq_base", 10000.0)),
+        rotary_dim=int(meta.get("rope.dimension_count", head_dim)),
+    )
+
+
 class Block(nn.Module):
     def __init__(self, cfg: PhiConfig):
         self.cfg = cfg

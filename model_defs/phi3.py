@@ -66,6 +66,39 @@ def config_from_hf(cfg: dict[str, Any]) -> Phi3Config:
     return config
 
 
+def config_from_gguf(meta: dict[str, Any], has_output: bool) -> Phi3Config:
+    """Config from llama.cpp's `phi3` metadata; LongRoPE's factors come from its `rope_factors_*` tensors."""
+    heads, hidden = meta["attention.head_count"], meta["embedding_length"]
+    head_dim = hidden // heads
+    scaling: dict[str, Any] = {}
+    if "rope_factors_long" in meta:
+        scaling = {
+            "rope_type": "longrope",
+            "long_factor": meta["rope_factors_long"],
+            "short_factor": meta["rope_factors_short"],
+            "attention_factor": float(meta.get("rope.scaling.attn_factor", 1.0)),
+        }
+    config = Phi3Config(
+        vocab_size=meta["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=meta["feed_forward_length"],
+        num_layers=meta["block_count"],
+        num_heads=heads,
+        num_kv_heads=meta.get("attention.head_count_kv", heads),
+        head_dim=head_dim,
+        tie_embeddings=not has_output,
+        sliding_window=meta.get("attention.sliding_window") or None,
+        context_window=int(meta.get("context_length", 4096)),
+        rms_eps=float(meta.get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(meta.get("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        rotary_dim=int(meta.get("rope.dimension_count", head_dim)),
+        original_context_window=meta.get("rope.scaling.original_context_length"),
+    )
+    config.rope()
+    return config
+
+
 class Block(nn.Module):
     def __init__(self, cfg: Phi3Config):
         self.cfg = cfg

@@ -58,16 +58,19 @@ ARCH_CONFIGS = {
     ),
     # Phi-2: parallel attention and MLP, LayerNorm with bias, half of each head rotated (Phi-2 itself: 0.4).
     "phi": dict(model_type="phi", partial_rotary_factor=0.5, max_position_embeddings=256),
-    # Gemma's 2B shape in small: multi-query attention, head_dim apart from hidden / heads.
-    "gemma": dict(model_type="gemma", num_key_value_heads=1, head_dim=32, max_position_embeddings=256),
+    # Gemma's 2B shape in small: multi-query attention, head_dim apart from hidden / heads, tied head.
+    "gemma": dict(
+        model_type="gemma", num_key_value_heads=1, head_dim=32, max_position_embeddings=256, tie_word_embeddings=True
+    ),
     # Gemma 2: a sliding layer then a global one, caps low enough to bend most scores and logits.
     "gemma2": dict(
         model_type="gemma2",
         num_key_value_heads=2,
         head_dim=32,
         max_position_embeddings=256,
+        tie_word_embeddings=True,  # as every Gemma 2, and as llama.cpp's converter assumes
         sliding_window=8,
-        query_pre_attn_scalar=24,
+        query_pre_attn_scalar=32,  # what llama.cpp assumes but for the 27B shape (Gemma 3's test has another)
         attn_logit_softcapping=2.0,
         final_logit_softcapping=5.0,
     ),
