@@ -24,6 +24,20 @@ VARIANTS = {
     "gemma2-f32": ("gemma2", "q0f32", {}),
     "gemma3-f32": ("gemma3", "q0f32", {}),
     **{f"{arch}-q4": (arch, "q4", {}) for arch in ("phi3", "phi", "gemma", "gemma2", "gemma3")},
+    # Odd shapes (slow tests): 5 heads sharing 1 KV head, tied; 5 heads with 6 of 16 dims rotated; 3 heads, untied.
+    "phi3-odd-f32": (
+        "phi3",
+        "q0f32",
+        dict(
+            hidden_size=80, num_attention_heads=5, num_key_value_heads=1, intermediate_size=72, tie_word_embeddings=True
+        ),
+    ),
+    "phi-odd-f32": ("phi", "q0f32", dict(hidden_size=80, num_attention_heads=5, partial_rotary_factor=0.4)),
+    "gemma2-odd-f32": (
+        "gemma2",
+        "q0f32",
+        dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=3, head_dim=16, tie_word_embeddings=False),
+    ),
     # 5 heads of 16, one KV head, tied embeddings, hidden and intermediate sizes not multiples of 32.
     "odd-tied-q4": (
         "llama",

@@ -44,7 +44,14 @@ def reference_greedy(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-ARCH_VARIANTS = ["phi3-f32", "phi-f32", "gemma-f32", "gemma2-f32", "gemma3-f32"]
+ARCH_VARIANTS = [
+    "phi3-f32",
+    "phi-f32",
+    "gemma-f32",
+    "gemma2-f32",
+    "gemma3-f32",
+    *(pytest.param(v, marks=pytest.mark.slow) for v in ("phi3-odd-f32", "phi-odd-f32", "gemma2-odd-f32")),
+]
 
 
 @pytest.fixture(scope="session")
