@@ -23,6 +23,7 @@ from artifacts.manifest import describe_files
 from artifacts.partials import partial_path, remove_stale_partials
 from artifacts.weights import ShardWriter
 from compiler.build import BuildJob, build_in_child_process
+from compiler.experts import stack_expert_shapes, stack_experts
 from compiler.gguf_source import GGUFSource
 from compiler.lora import Adapter, LoraMerge, load_adapter
 from compiler.source import ModelSource, resolve_model
@@ -151,7 +152,7 @@ def _plan_hf(model: str, arch: str | None, quant: str | None, adapters: list[Ada
     if "lm_head.weight" not in {name for name, _ in source.tensor_names()}:
         config.tie_embeddings = True
 
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+    def mapped() -> Iterator[tuple[str, np.ndarray]]:
         for hf_name, array in source.tensors():
             try:
                 name = arch_module.map_hf_name(hf_name)
@@ -159,6 +160,9 @@ def _plan_hf(model: str, arch: str | None, quant: str | None, adapters: list[Ada
                 raise MlccError(f"unexpected tensor {hf_name!r} in {source.folder}") from None
             if name is not None:
                 yield name, entry.convert_hf_tensor(name, merge(hf_name, array))
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        return stack_experts(mapped(), getattr(config, "num_experts", 0))  # one tensor per expert -> stacked
 
     def shapes() -> SourceShapes:
         """Model name -> (HF name, shape), from the headers; names the conversion refuses are left to it."""
@@ -170,7 +174,7 @@ def _plan_hf(model: str, arch: str | None, quant: str | None, adapters: list[Ada
                 continue
             if name is not None:
                 named[name] = (hf_name, shape)
-        return named
+        return stack_expert_shapes(named)
 
     return arch_name, config, scheme, tensors, lambda folder: _copy_tokenizer(source, folder), shapes
 
@@ -179,7 +183,7 @@ def _plan_gguf(path: Path, arch: str | None, quant: str | None) -> Plan:
     if not path.is_file():
         raise MlccError(f"model not found: {path}")
     source = GGUFSource(path)
-    arch_name = arch or arch_for_gguf(source.arch).name
+    arch_name = arch or arch_for_gguf(source.arch, source.arch_meta()).name
     config = get_arch(arch_name).config_from_gguf(source.arch_meta(), "output.weight" in source.tensors_by_name)
     native = quant in (None, "gguf", "gguf-fast", "gguf-f32")
     if native:

@@ -36,6 +36,9 @@ class Architecture:
     hf_model_types: tuple[str, ...] = ()  # config.json `model_type` values; () when compiled from GGUF only
     gguf_arch: str | None = None  # llama.cpp's `general.architecture`; None when not read from GGUF yet
     checked: str = ""  # what the tests compare it with, for the README
+    # A metadata key (without the architecture's prefix) whose non-zero value tells this architecture's files from
+    # others of the same `general.architecture` (llama.cpp writes Mixtral as `llama` with `expert_count`).
+    gguf_marker: str | None = None
 
     def load(self) -> ArchModule:
         return importlib.import_module(self.module)
@@ -86,6 +89,14 @@ REGISTRY: list[Architecture] = [
         "gemma3",
         "tiny HF model vs transformers; Gemma 3 270M GGUF vs transformers and llama.cpp",
     ),
+    Architecture(
+        "mixtral",
+        "model_defs.mixtral",
+        ("mixtral",),
+        "llama",
+        "tiny HF models (4 and 8 experts, top-2) vs transformers, beyond the window; the same as GGUF",
+        gguf_marker="expert_count",
+    ),
 ]
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in REGISTRY}
 
@@ -118,10 +129,12 @@ def arch_for_model_type(model_type: str) -> Architecture:
     )
 
 
-def arch_for_gguf(gguf_arch: str) -> Architecture:
-    for entry in REGISTRY:
-        if entry.gguf_arch == gguf_arch:
-            return entry
+def arch_for_gguf(gguf_arch: str, meta: dict[str, Any] | None = None) -> Architecture:
+    """The architecture of a GGUF file's `general.architecture` and metadata (keys without its prefix)."""
+    meta = meta or {}
+    found = [e for e in REGISTRY if e.gguf_arch == gguf_arch and (e.gguf_marker is None or meta.get(e.gguf_marker))]
+    if found:
+        return max(found, key=lambda e: e.gguf_marker is not None)  # a marked entry is the more specific
     raise MlccError(f"unsupported GGUF architecture {gguf_arch!r}; supported: {', '.join(supported('gguf'))}")
 
 
@@ -131,5 +144,6 @@ def markdown_table() -> str:
     rows.append("|---|---|---|---|")
     for a in REGISTRY:
         hf = ", ".join(f"`{t}`" for t in a.hf_model_types) or "—"
-        rows.append(f"| `{a.name}` | {hf} | {f'`{a.gguf_arch}`' if a.gguf_arch else '—'} | {a.checked} |")
+        gguf = f"`{a.gguf_arch}`" + (f" with `{a.gguf_marker}`" if a.gguf_marker else "") if a.gguf_arch else "—"
+        rows.append(f"| `{a.name}` | {hf} | {gguf} | {a.checked} |")
     return "\n".join(rows)

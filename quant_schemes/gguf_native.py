@@ -18,6 +18,7 @@ from tvm.target import Target
 
 from artifacts.errors import MlccError
 from model_defs.common import GeGLU, NeoxRope, SwiGLU
+from model_defs.moe import ExpertLinear, grouped_matmul
 from quant_schemes.base import PackedModule, QuantScheme
 
 Q = GGMLQuantizationType
@@ -247,6 +248,30 @@ class GGUFLinear(PackedModule):
         return op.tensor_expr_op(matmul, "gguf_matmul", [x, self.q_data])
 
 
+class GGUFExperts(PackedModule):
+    """A mixture's [experts, out, in] weights as GGUF blocks, [experts * out] rows, multiplied by grouped rows
+    (model_defs/moe.py) with each weight decoded to float32 as the kernel reads it."""
+
+    def __init__(self, fmt: BlockFormat, num_experts: int, in_features: int, out_features: int):
+        self.fmt, self.num_experts, self.in_features, self.out_features = fmt, num_experts, in_features, out_features
+        self.q_data = nn.Parameter((num_experts * out_features, fmt.row_bytes(in_features)), "uint8")
+
+    def to(self, dtype: str | None = None) -> None:
+        return
+
+    def pack_weight(self, weight: np.ndarray) -> dict[str, np.ndarray]:
+        return {"q_data": weight.view(np.uint8).reshape(self.num_experts * self.out_features, -1)}
+
+    def packed_params(self) -> list[nn.Parameter]:
+        return [self.q_data]
+
+    def weight_at(self, params: list, e: tirx.PrimExpr, o: tirx.PrimExpr, c: tirx.PrimExpr, dtype: str):
+        return self.fmt.weight_at_col(params[0], e * self.out_features + o, c).astype(dtype)
+
+    def forward(self, x: Tensor, starts: Tensor, order: Tensor, gather_k: int) -> Tensor:
+        return grouped_matmul(self, x, starts, order, gather_k)
+
+
 class GGUFEmbedding(PackedModule):
     def __init__(self, fmt: BlockFormat, num: int, dim: int, dtype: str):
         self.fmt, self.num, self.dim, self.dtype = fmt, num, dim, dtype
@@ -371,6 +396,8 @@ class GGUFNativeScheme(QuantScheme):
                 if isinstance(node, nn.Embedding):
                     num, dim = (int(d) for d in node.weight.shape)
                     return GGUFEmbedding(fmt, num, dim, scheme.dtype)
+                if isinstance(node, ExpertLinear):
+                    return GGUFExperts(fmt, node.num_experts, node.in_features, node.out_features)
                 return self.visit(name, node)
 
         model.to(self.dtype)

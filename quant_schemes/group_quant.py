@@ -28,6 +28,7 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
+from model_defs.moe import ExpertLinear, grouped_matmul
 from quant_schemes.base import PackedModule, QuantScheme
 
 # Bit widths of the planes a code is split into, low plane first.
@@ -280,6 +281,24 @@ class GroupQuantEmbedding(_GroupQuantWeight):
         return op.tensor_expr_op(gather, "q_embed", [ids, *self.packed_params()])
 
 
+class GroupQuantExperts(_GroupQuantWeight):
+    """A mixture's [experts, out, in] weights as one [experts * out, in] packed matrix, multiplied by grouped
+    rows (model_defs/moe.py), each element dequantized as the kernel reads it."""
+
+    def __init__(self, fmt: GroupQuantFormat, num_experts: int, in_features: int, out_features: int):
+        super().__init__(fmt, num_experts * out_features, in_features)
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+
+    def pack_weight(self, weight: np.ndarray) -> dict[str, np.ndarray]:
+        return super().pack_weight(weight.reshape(self.num_experts * self.out_features, self.in_features))
+
+    def weight_at(self, params: list, e: tirx.PrimExpr, o: tirx.PrimExpr, c: tirx.PrimExpr, dtype: str):
+        return self.fmt.weight_at(dict(zip(self.param_names, params)), e * self.out_features + o, c, dtype)
+
+    def forward(self, x: Tensor, starts: Tensor, order: Tensor, gather_k: int) -> Tensor:
+        return grouped_matmul(self, x, starts, order, gather_k)
+
+
 class GroupQuantScheme(QuantScheme):
     """Every linear layer and the embedding in groups of `fmt`; norms and biases stay float.
 
@@ -319,6 +338,9 @@ class GroupQuantScheme(QuantScheme):
                 if isinstance(node, nn.Linear):
                     rows, cols = node.out_features, node.in_features
                     new: nn.Module = GroupQuantLinear(fmt, cols, rows, node.bias is not None, scheme.dtype)
+                elif isinstance(node, ExpertLinear):  # ffn_down_exps takes ffn_down's format
+                    rows, cols, fmt = node.out_features, node.in_features, scheme.format_for(name.removesuffix("_exps"))
+                    new = GroupQuantExperts(fmt, node.num_experts, cols, rows)
                 elif isinstance(node, nn.Embedding):
                     rows, cols = (int(d) for d in node.weight.shape)
                     new = GroupQuantEmbedding(fmt, rows, cols, scheme.dtype)

@@ -89,6 +89,14 @@ ARCH_CONFIGS = {
             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
         },
     ),
+    # Mixtral: experts in every layer, top-2 routing; tests/test_mixtral.py sets the expert counts and sizes.
+    "mixtral": dict(
+        model_type="mixtral",
+        num_key_value_heads=2,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        sliding_window=None,
+    ),
 }
 
 
