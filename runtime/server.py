@@ -310,10 +310,11 @@ def create_app(serving: ServingEngine, model_name: str, api_key: str | None = No
         return ApiError(e.status_code, str(e.detail)).response()
 
     # Plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide a client's disconnect from the routes.
+    # Each one added wraps those before it: errors caught outermost, the key checked before a body is read.
+    app.add_middleware(BodyLimit)
     if api_key:
         app.add_middleware(ApiKeyGuard, api_key=api_key)
-    app.add_middleware(BodyLimit)
-    app.add_middleware(CatchAll)  # added last: the outermost of the app's own middleware
+    app.add_middleware(CatchAll)
 
     @app.get("/health")
     async def health() -> JSONResponse:
