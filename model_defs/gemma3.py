@@ -16,6 +16,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
+from artifacts.errors import MlccError
 from model_defs.common import (
     AttentionLayout,
     GeGLU,
@@ -68,6 +69,10 @@ class Gemma3Config(ModelConfig):
 def config_from_gguf(meta: dict[str, Any], has_output: bool) -> Gemma3Config:
     heads = meta["attention.head_count"]
     head_dim = meta.get("attention.key_length", meta["embedding_length"] // heads)
+    if float(meta.get("rope.scaling.factor") or 1.0) != 1.0:  # Gemma 3 4B and up: linear on the global layers
+        raise MlccError(
+            "Gemma 3 GGUF files with RoPE scaling (4B and larger) are not supported yet; compile the HF folder"
+        )
     return Gemma3Config(
         vocab_size=meta["vocab_size"],
         hidden_size=meta["embedding_length"],

@@ -38,6 +38,20 @@ VARIANTS = {
         "q0f32",
         dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=3, head_dim=16, tie_word_embeddings=False),
     ),
+    # Gemma 3 as llama.cpp's GGUF can state it: every 6th layer global (none of 2), query scale 1/sqrt(head_dim),
+    # no RoPE scaling.
+    "gemma3-gguf-f32": (
+        "gemma3",
+        "q0f32",
+        dict(
+            query_pre_attn_scalar=32,
+            layer_types=["sliding_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+        ),
+    ),
     # 5 heads of 16, one KV head, tied embeddings, hidden and intermediate sizes not multiples of 32.
     "odd-tied-q4": (
         "llama",

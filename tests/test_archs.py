@@ -118,17 +118,22 @@ def gguf_engine(workdir, hf_folder):
 
 
 @pytest.mark.parametrize(
-    "variant", ["phi3-f32", *(pytest.param(v, marks=pytest.mark.slow) for v in ("phi-f32", "gemma-f32", "gemma2-f32"))]
+    "variant",
+    [
+        "phi3-f32",
+        *(pytest.param(v, marks=pytest.mark.slow) for v in ("phi-f32", "gemma-f32", "gemma2-f32", "gemma3-gguf-f32")),
+    ],
 )
 def test_gguf_build_equals_hf_build(variant, gguf_engine, arch_engine):
     """The GGUF file's names, metadata (Phi-3's LongRoPE factors as tensors, Gemma's folded norms) and vocabulary
-    give the model and tokenizer the HF folder gives."""
+    give the model and tokenizer the HF folder gives (Gemma 3's GGUF build computes in llama.cpp's order, so
+    within float32 rounding, not bit for bit)."""
     hf, gguf = arch_engine(variant), gguf_engine(variant)
     ids = [hf.tokenizer.encode(p) for p in PROMPTS]
     assert [gguf.tokenizer.encode(p) for p in PROMPTS] == ids
     assert gguf.artifact.manifest.chat_template == hf.artifact.manifest.chat_template
     for prompt_ids in ids:
-        np.testing.assert_allclose(gguf.prompt_logits(prompt_ids), hf.prompt_logits(prompt_ids), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(gguf.prompt_logits(prompt_ids), hf.prompt_logits(prompt_ids), rtol=0, atol=1e-4)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     assert [r.token_ids for r in gguf.generate_ids(ids, params)] == [r.token_ids for r in hf.generate_ids(ids, params)]
 
