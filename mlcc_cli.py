@@ -97,7 +97,14 @@ def _artifact_or_default(artifact: str | None) -> str:
     multiple=True,
     help="CUDA architectures to compile for (repeatable or comma-separated; default sm_80,sm_86,sm_89,sm_90).",
 )
-@click.option("--cpu", default="host", show_default=True, help="For --target llvm: host, or aarch64 (cross-compile).")
+@click.option(
+    "--cpu",
+    default="host",
+    show_default=True,
+    help="For --target llvm: host (this CPU's instruction sets), aarch64 (cross-compile: Raspberry Pi 5, Android, "
+    "Apple silicon under Linux), or an x86-64 level: x86-64-v2 (any x86-64 CPU), x86-64-v3 (AVX2), "
+    "x86-64-v4 (AVX-512).",
+)
 @click.option("--context-window", type=int, default=None, help="Override the model's context window.")
 @click.option(
     "--lora",

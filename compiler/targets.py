@@ -6,6 +6,7 @@ resolve it again); `resolve_target` turns it into a `TargetSpec` or a one-line M
 
 from __future__ import annotations
 
+import platform
 import shutil
 from dataclasses import dataclass, field, replace
 
@@ -18,7 +19,26 @@ from artifacts.errors import MlccError
 CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 DEFAULT_METAL_TAG = "apple/m2-gpu"
 AARCH64_CROSS_CC = "aarch64-linux-gnu-gcc"
-CPUS = ("host", "aarch64")
+# x86-64 microarchitecture levels: v2 (SSE4.2, any x86-64 CPU of the last 15 years), v3 (AVX2, FMA), v4 (AVX-512).
+X86_LEVELS = ("x86-64-v2", "x86-64-v3", "x86-64-v4")
+CPUS = ("host", "aarch64", *X86_LEVELS)
+# LLVM's name of an x86 instruction set a CPU may lack -> Linux's /proc/cpuinfo flag for it.
+X86_FEATURE_FLAGS = {
+    "sse4.2": "sse4_2",
+    "popcnt": "popcnt",
+    "avx": "avx",
+    "avx2": "avx2",
+    "fma": "fma",
+    "f16c": "f16c",
+    "avx512f": "avx512f",
+    "avx512bw": "avx512bw",
+    "avx512dq": "avx512dq",
+    "avx512vl": "avx512vl",
+    "avx512vnni": "avx512_vnni",
+    "avx512bf16": "avx512_bf16",
+    "avx512fp16": "avx512_fp16",
+    "avxvnni": "avx_vnni",
+}
 # LLVM's fast-math reassociation lets it vectorize the dot products, as llama.cpp's SIMD sums do.
 FAST_MATH = {"fast-math-reassoc": True, "fast-math-contract": True}
 
@@ -27,7 +47,7 @@ FAST_MATH = {"fast-math-reassoc": True, "fast-math-contract": True}
 class TargetRequest:
     name: str = "llvm"  # llvm, cuda, metal, webgpu, vulkan, or an Apple GPU tag such as apple/m1-gpu
     cuda_archs: tuple[str, ...] = ()
-    cpu: str = "host"  # llvm only: host or aarch64
+    cpu: str = "host"  # llvm only: host, aarch64 or an x86-64 level (x86-64-v2, -v3, -v4)
 
 
 @dataclass
@@ -64,9 +84,28 @@ def _host_llvm() -> Target:
     return Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), **FAST_MATH})
 
 
+def x86_cpu_flags(target: Target) -> list[str]:
+    """The /proc/cpuinfo flags of the x86 instruction sets `target` lets LLVM use: the loader refuses the library
+    on a CPU without one of them (it would die of an illegal instruction mid-run)."""
+    from tvm.target import codegen
+
+    return [flag for feature, flag in X86_FEATURE_FLAGS.items() if codegen.target_has_features(feature, target)]
+
+
+def _x86_spec(target: Target, cpu: str) -> TargetSpec:
+    return TargetSpec("llvm", target, "cpu", "model.so", extra={"cpu": cpu, "cpu_flags": x86_cpu_flags(target)})
+
+
 def _llvm(request: TargetRequest) -> TargetSpec:
     if request.cpu == "host":
+        if platform.machine().lower() in ("x86_64", "amd64"):
+            return _x86_spec(_host_llvm(), "host")
         return TargetSpec("llvm", _host_llvm(), "cpu", "model.so", extra={"cpu": "host"})
+    if request.cpu in X86_LEVELS:
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            raise MlccError(f"--cpu {request.cpu} compiles for x86-64 and is supported on x86-64 machines only")
+        # The level's instruction sets only: kernels take their generic paths where an ISA (AVX2) is missing.
+        return _x86_spec(Target({"kind": "llvm", "mcpu": request.cpu, **FAST_MATH}), request.cpu)
     if request.cpu == "aarch64":
         if shutil.which(AARCH64_CROSS_CC) is None:
             raise MlccError(

@@ -42,6 +42,22 @@ def _check_library_loadable(library: Path, target: dict) -> None:
     names = ELF_MACHINES.get(machine, (f"ELF machine {machine}",))
     if host not in names:
         raise MlccError(f"{library.name} is machine code for {names[0]} and this host is {host}; run it on {names[0]}")
+    needed, present = target.get("cpu_flags") or [], _host_cpu_flags()
+    missing = [str(flag) for flag in needed if flag not in present] if isinstance(needed, list) and present else []
+    if missing:
+        raise MlccError(
+            f"{library.name} needs {', '.join(missing)} (compiled with --cpu {target.get('cpu')}), which this CPU "
+            "lacks; compile it here (--cpu host) or for any x86-64 CPU (--cpu x86-64-v2)"
+        )
+
+
+def _host_cpu_flags() -> set[str]:
+    """This CPU's instruction-set flags as Linux lists them (empty where /proc/cpuinfo is not there)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
 
 
 def _load_cuda_runtime() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,9 @@ from test_cli import assert_one_line_error, copy_with_corrupted_shard, mlcc
 from artifacts.errors import MlccError
 from compiler.compile import compile_model
 from compiler.cuda_aot import fatbin_architectures
-from compiler.targets import AARCH64_CROSS_CC, TargetRequest
+from compiler.targets import AARCH64_CROSS_CC, TargetRequest, resolve_target
+from quant_schemes.gguf_int8 import has_avx2
+from runtime import artifact as runtime_artifact
 from runtime.artifact import LoadedArtifact
 
 MACH_O_ARM64 = b"\xcf\xfa\xed\xfe\x0c\x00\x00\x01"
@@ -77,6 +80,39 @@ def test_aarch64_cross_compile(hf_folder, tmp_path):
     if os.uname().machine != "aarch64":
         with pytest.raises(MlccError, match="machine code for aarch64"):
             LoadedArtifact(tmp_path / "art")
+
+
+X86_HOST = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="needs an x86-64 host")
+RUN_ARGS = ("--raw", "--prompt", "Once upon a time", "--max-tokens", "8", "--temperature", "0")
+
+
+@X86_HOST
+def test_x86_64_v2_artifact_takes_the_generic_path(hf_folder, artifact, tmp_path):
+    """Built for any x86-64 CPU (SSE4.2, no AVX): it runs here and gives the host build's text. GGUF builds for
+    it take float activations, since the 8-bit activation kernels are AVX2 ones."""
+    manifest = compile_for(hf_folder, tmp_path / "art", TargetRequest("llvm", cpu="x86-64-v2"))
+    assert manifest["target"]["cpu"] == "x86-64-v2" and manifest["target"]["cpu_flags"] == ["sse4_2", "popcnt"]
+    assert not has_avx2(resolve_target(TargetRequest("llvm", cpu="x86-64-v2")).target)
+    generic = mlcc("run", str(tmp_path / "art"), *RUN_ARGS)
+    assert generic.returncode == 0, generic.stderr
+    assert generic.stdout == mlcc("run", str(artifact("llama-q4")), *RUN_ARGS).stdout
+
+
+@X86_HOST
+def test_avx512_artifact_is_refused_in_one_line_on_a_cpu_without_it(hf_folder, artifact, tmp_path, monkeypatch):
+    manifest = compile_for(hf_folder, tmp_path / "art", TargetRequest("llvm", cpu="x86-64-v4"))
+    assert {"avx2", "avx512f", "avx512bw", "avx512vl"} <= set(manifest["target"]["cpu_flags"])
+    proc = mlcc("run", str(tmp_path / "art"), *RUN_ARGS)
+    if "avx512f" in runtime_artifact._host_cpu_flags():  # runs here; refused on a CPU like this one minus AVX-512
+        assert proc.returncode == 0 and proc.stdout == mlcc("run", str(artifact("llama-q4")), *RUN_ARGS).stdout
+        without = {flag for flag in runtime_artifact._host_cpu_flags() if not flag.startswith("avx512")}
+        monkeypatch.setattr(runtime_artifact, "_host_cpu_flags", lambda: without)
+        refusal = r"needs avx512f, avx512bw.* \(compiled with --cpu x86-64-v4\), which this CPU lacks"
+        with pytest.raises(MlccError, match=refusal) as e:
+            LoadedArtifact(tmp_path / "art")
+        assert "\n" not in str(e.value)
+    else:
+        assert_one_line_error(proc, "needs", "avx512f", "this CPU lacks", "--cpu x86-64-v2")
 
 
 def test_compiler_crash_in_child_is_a_one_line_error(hf_folder, tmp_path):
