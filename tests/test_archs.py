@@ -138,9 +138,8 @@ def test_gguf_build_equals_hf_build(variant, gguf_engine, arch_engine):
     assert [r.token_ids for r in gguf.generate_ids(ids, params)] == [r.token_ids for r in hf.generate_ids(ids, params)]
 
 
-@pytest.mark.parametrize(
-    "arch", ["phi3", *(pytest.param(a, marks=pytest.mark.slow) for a in ("phi", "gemma", "gemma2", "gemma3"))]
-)
+@pytest.mark.slow  # a compile each; the default suite has q4 on the llama-family models (test_models.py)
+@pytest.mark.parametrize("arch", ["phi3", "phi", "gemma", "gemma2", "gemma3"])
 def test_q4_matches_transformers_on_its_dequantized_weights(arch, hf_folder, arch_engine):
     """A q4 build computes what transformers computes with each matrix quantized and dequantized as the scheme
     stores it (fused matrices such as Phi-3's qkv included); the tiny random models' argmax against the float
