@@ -17,6 +17,8 @@ VARIANTS = {
     "mistral-f32": ("mistral", "q0f32", {}),
     "qwen2-f32": ("qwen2", "q0f32", {}),
     "llama-q4": ("llama", "q4", {}),
+    # Room for prompts that describe tools (the tiny tokenizer spends a token on every few characters).
+    "llama-q4-long": ("llama", "q4", {"max_position_embeddings": 1024}),
     "qwen2-f16": ("qwen2", "q0f16", {}),
     "phi3-f32": ("phi3", "q0f32", {}),
     "phi-f32": ("phi", "q0f32", {}),
