@@ -180,5 +180,5 @@ def check(matcher: LLMatcher) -> None:
 
 def apply_mask(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """A copy of a [vocab] logits row with every token outside the mask at -inf."""
-    allowed = np.unpackbits(mask.view(np.uint8), bitorder="little", count=logits.size).astype(bool)
-    return np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
+    allowed = np.unpackbits(mask.view(np.uint8), bitorder="little", count=logits.size).view(bool)
+    return np.where(allowed, logits.astype(np.float32, copy=False), np.float32(-np.inf))
