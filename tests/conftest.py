@@ -35,6 +35,8 @@ VARIANTS = {
         ),
     ),
     "phi-odd-f32": ("phi", "q0f32", dict(hidden_size=80, num_attention_heads=5, partial_rotary_factor=0.4)),
+    # Phi-3-mini-4k's shape of attention: a sliding window (here 8 tokens), plain RoPE.
+    "phi3-window-f32": ("phi3", "q0f32", dict(sliding_window=8, rope_scaling=None)),
     "gemma2-odd-f32": (
         "gemma2",
         "q0f32",

@@ -50,7 +50,10 @@ ARCH_VARIANTS = [
     "gemma-f32",
     "gemma2-f32",
     "gemma3-f32",
-    *(pytest.param(v, marks=pytest.mark.slow) for v in ("phi3-odd-f32", "phi-odd-f32", "gemma2-odd-f32")),
+    *(
+        pytest.param(v, marks=pytest.mark.slow)
+        for v in ("phi3-odd-f32", "phi3-window-f32", "phi-odd-f32", "gemma2-odd-f32")
+    ),
 ]
 
 
