@@ -22,7 +22,7 @@ from tvm.script import tirx as T
 TASKS = 64
 LANES = 8  # float32 lanes of the dot products' accumulators (an AVX2 register)
 
-# (params, expert, row, col, dtype) -> one weight element as `dtype`.
+# (params, expert, row, run j, i, dtype) -> the weight element at column j * run + i, as `dtype`.
 WeightAt = Callable[..., Any]
 
 
@@ -107,15 +107,18 @@ def grouped_matmul_kernel(
     n_out: int,
     param_specs: Sequence[tuple[tuple[int, ...], str]],
     weight_at: WeightAt,
+    run: int,
     gather_k: int,
 ) -> tirx.PrimFunc:
     """y[r] = W[e] @ x_r for every sorted pair row r of expert e, in float32.
 
     x_r is x[order[r] // gather_k] (the pair's token) when gather_k > 0, else x[r] (rows already sorted). Each
-    task decodes one weight row of an expert into a float32 buffer once, then multiplies it with every row
-    routed to that expert; experts no row is routed to are skipped, their weights never read."""
+    task decodes one weight row of an expert into a float32 buffer once, `run` contiguous columns per (vector)
+    inner loop, then multiplies it with every row routed to that expert; experts no row is routed to are
+    skipped, their weights never read."""
     rows_per_task = (n_out + TASKS - 1) // TASKS
     vector_cols = n_in // LANES * LANES
+    runs = (n_in + run - 1) // run  # the decoded row, padded to whole runs
 
     def source_row(order: tirx.Buffer, r: Any) -> Any:
         return order[r] // gather_k if gather_k else r
@@ -123,30 +126,31 @@ def grouped_matmul_kernel(
     @T.macro
     def body(x, starts, order, params, y):
         with T.sblock("root"):
-            decoded = T.alloc_buffer((TASKS, n_in), "float32")
-            acc = T.alloc_buffer((TASKS, LANES), "float32")
+            decoded = T.alloc_buffer((TASKS, runs * run), "float32")
             for e in range(num_experts):
                 if starts[e + 1] > starts[e]:
                     for task in T.parallel(TASKS):
-                        for i in range(rows_per_task):
-                            if task * rows_per_task + i < n_out:
-                                o = T.meta_var(task * rows_per_task + i)
-                                for c in range(n_in):
-                                    decoded[task, c] = weight_at(params, e, o, c, "float32")
+                        acc = T.alloc_buffer((LANES,), "float32", scope="local")
+                        for row in range(rows_per_task):
+                            if task * rows_per_task + row < n_out:
+                                o = T.meta_var(task * rows_per_task + row)
+                                for j in range(runs):
+                                    for i in T.vectorized(run):
+                                        decoded[task, j * run + i] = weight_at(params, e, o, j, i, "float32")
                                 for r in range(starts[e], starts[e + 1]):
                                     src = T.meta_var(source_row(order, r))
-                                    acc[task, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+                                    acc[T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
                                     for c8 in range(vector_cols // LANES):
-                                        acc[task, T.Ramp(0, 1, LANES)] = (
-                                            acc[task, T.Ramp(0, 1, LANES)]
+                                        acc[T.Ramp(0, 1, LANES)] = (
+                                            acc[T.Ramp(0, 1, LANES)]
                                             + x[src, T.Ramp(c8 * LANES, 1, LANES)]
                                             * decoded[task, T.Ramp(c8 * LANES, 1, LANES)]
                                         )
                                     for c in range(vector_cols, n_in):
-                                        acc[task, 0] = acc[task, 0] + x[src, c] * decoded[task, c]
+                                        acc[0] = acc[0] + x[src, c] * decoded[task, c]
                                     y[r, o] = T.float32(0)
                                     for lane in range(LANES):
-                                        y[r, o] = y[r, o] + acc[task, lane]
+                                        y[r, o] = y[r, o] + acc[lane]
 
     specs = list(param_specs)
     # TVMScript has no variadic parameters: one signature per count of packed weight arrays.
@@ -216,12 +220,13 @@ class ExpertLinear(nn.Module):
     def __init__(self, num_experts: int, in_features: int, out_features: int):
         self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
         self.weight = nn.Parameter((num_experts, out_features, in_features))
+        self.run = LANES if in_features % LANES == 0 else 1  # columns the kernel copies per inner loop
 
     def packed_params(self) -> list[nn.Parameter]:
         return [self.weight]
 
-    def weight_at(self, params: Sequence[tirx.Buffer], e: Any, o: Any, c: Any, dtype: str) -> tirx.PrimExpr:
-        return params[0][e, o, c].astype(dtype)
+    def weight_at(self, params: Sequence[tirx.Buffer], e: Any, o: Any, j: Any, i: Any, dtype: str) -> tirx.PrimExpr:
+        return params[0][e, o, j * self.run + i].astype(dtype)
 
     def forward(self, x: Tensor, starts: Tensor, order: Tensor, gather_k: int) -> Tensor:
         return grouped_matmul(self, x, starts, order, gather_k)
@@ -233,7 +238,13 @@ def grouped_matmul(experts: Any, x: Tensor, starts: Tensor, order: Tensor, gathe
     params = experts.packed_params()
     specs = [(tuple(int(d) for d in p.shape), p.dtype) for p in params]
     kernel = grouped_matmul_kernel(
-        experts.num_experts, experts.in_features, experts.out_features, specs, experts.weight_at, gather_k
+        experts.num_experts,
+        experts.in_features,
+        experts.out_features,
+        specs,
+        experts.weight_at,
+        experts.run,
+        gather_k,
     )
     out = Tensor.placeholder([order.shape[0], experts.out_features], "float32")
     return op.tensor_ir_op(kernel, "moe_matmul", [x, starts, order, *params], out)

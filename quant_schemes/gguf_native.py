@@ -255,6 +255,7 @@ class GGUFExperts(PackedModule):
     def __init__(self, fmt: BlockFormat, num_experts: int, in_features: int, out_features: int):
         self.fmt, self.num_experts, self.in_features, self.out_features = fmt, num_experts, in_features, out_features
         self.q_data = nn.Parameter((num_experts * out_features, fmt.row_bytes(in_features)), "uint8")
+        self.run = 16  # columns decoded per (vector) inner loop: 16 consecutive columns share a block's bytes
 
     def to(self, dtype: str | None = None) -> None:
         return
@@ -265,8 +266,10 @@ class GGUFExperts(PackedModule):
     def packed_params(self) -> list[nn.Parameter]:
         return [self.q_data]
 
-    def weight_at(self, params: list, e: tirx.PrimExpr, o: tirx.PrimExpr, c: tirx.PrimExpr, dtype: str):
-        return self.fmt.weight_at_col(params[0], e * self.out_features + o, c).astype(dtype)
+    def weight_at(
+        self, params: list, e: tirx.PrimExpr, o: tirx.PrimExpr, j: tirx.PrimExpr, i: tirx.PrimExpr, dtype: str
+    ):
+        return self.fmt.weight_at(params[0], e * self.out_features + o, j, i).astype(dtype)
 
     def forward(self, x: Tensor, starts: Tensor, order: Tensor, gather_k: int) -> Tensor:
         return grouped_matmul(self, x, starts, order, gather_k)

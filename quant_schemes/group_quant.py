@@ -288,12 +288,17 @@ class GroupQuantExperts(_GroupQuantWeight):
     def __init__(self, fmt: GroupQuantFormat, num_experts: int, in_features: int, out_features: int):
         super().__init__(fmt, num_experts * out_features, in_features)
         self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.run = fmt.run  # columns decoded per (vector) inner loop
 
     def pack_weight(self, weight: np.ndarray) -> dict[str, np.ndarray]:
         return super().pack_weight(weight.reshape(self.num_experts * self.out_features, self.in_features))
 
-    def weight_at(self, params: list, e: tirx.PrimExpr, o: tirx.PrimExpr, c: tirx.PrimExpr, dtype: str):
-        return self.fmt.weight_at(dict(zip(self.param_names, params)), e * self.out_features + o, c, dtype)
+    def weight_at(
+        self, params: list, e: tirx.PrimExpr, o: tirx.PrimExpr, j: tirx.PrimExpr, i: tirx.PrimExpr, dtype: str
+    ):
+        """The weight at column j * run + i (past in_features: the zero padding)."""
+        row = e * self.out_features + o
+        return self.fmt.weight_at(dict(zip(self.param_names, params)), row, j * self.run + i, dtype)
 
     def forward(self, x: Tensor, starts: Tensor, order: Tensor, gather_k: int) -> Tensor:
         return grouped_matmul(self, x, starts, order, gather_k)
