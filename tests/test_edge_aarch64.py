@@ -86,8 +86,7 @@ def assert_same_tokens_on_device(device: Path, package: Path, x86_artifact: Path
     ids = prompt_ids + greedy
     x86_logits = x86.prompt_logits(ids)
 
-    spec = {"run_args": [str(package), *run_args], "package": str(package), "ids": ids}
-    spec["logits"] = str(tmp_path / "device-logits.npy")
+    spec = {"run_args": [str(package), *run_args], "ids": ids, "logits": str(tmp_path / "device-logits.npy")}
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MLCC_CACHE": str(tmp_path / "device-cache")}
     started = time.monotonic()
     proc = subprocess.run(
