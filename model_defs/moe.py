@@ -21,6 +21,7 @@ from tvm.script import tirx as T
 # Weight rows are split into this many contiguous ranges, run in parallel (each with its own decoded row).
 TASKS = 64
 LANES = 8  # float32 lanes of the dot products' accumulators (an AVX2 register)
+TOKENS = 4  # rows of one expert multiplied together in prefill, sharing each load of the decoded weights
 
 # (params, expert, row, run j, i, dtype) -> the weight element at column j * run + i, as `dtype`.
 WeightAt = Callable[..., Any]
@@ -130,27 +131,47 @@ def grouped_matmul_kernel(
             for e in range(num_experts):
                 if starts[e + 1] > starts[e]:
                     for task in T.parallel(TASKS):
-                        acc = T.alloc_buffer((LANES,), "float32", scope="local")
+                        acc = T.alloc_buffer((TOKENS, LANES), "float32", scope="local")
                         for row in range(rows_per_task):
                             if task * rows_per_task + row < n_out:
                                 o = T.meta_var(task * rows_per_task + row)
                                 for j in range(runs):
                                     for i in T.vectorized(run):
                                         decoded[task, j * run + i] = weight_at(params, e, o, j, i, "float32")
-                                for r in range(starts[e], starts[e + 1]):
-                                    src = T.meta_var(source_row(order, r))
-                                    acc[T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+                                full = T.meta_var((starts[e + 1] - starts[e]) // TOKENS)
+                                for block in range(full):  # TOKENS rows at a time share each load of the row
+                                    for u in T.unroll(TOKENS):
+                                        acc[u, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
                                     for c8 in range(vector_cols // LANES):
-                                        acc[T.Ramp(0, 1, LANES)] = (
-                                            acc[T.Ramp(0, 1, LANES)]
+                                        for u in T.unroll(TOKENS):
+                                            src = T.meta_var(source_row(order, starts[e] + block * TOKENS + u))
+                                            acc[u, T.Ramp(0, 1, LANES)] = (
+                                                acc[u, T.Ramp(0, 1, LANES)]
+                                                + x[src, T.Ramp(c8 * LANES, 1, LANES)]
+                                                * decoded[task, T.Ramp(c8 * LANES, 1, LANES)]
+                                            )
+                                    for u in T.unroll(TOKENS):
+                                        r = T.meta_var(starts[e] + block * TOKENS + u)
+                                        src = T.meta_var(source_row(order, r))
+                                        for c in range(vector_cols, n_in):
+                                            acc[u, 0] = acc[u, 0] + x[src, c] * decoded[task, c]
+                                        y[r, o] = T.float32(0)
+                                        for lane in range(LANES):
+                                            y[r, o] = y[r, o] + acc[u, lane]
+                                for r in range(starts[e] + full * TOKENS, starts[e + 1]):  # the rest one by one
+                                    src = T.meta_var(source_row(order, r))
+                                    acc[0, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+                                    for c8 in range(vector_cols // LANES):
+                                        acc[0, T.Ramp(0, 1, LANES)] = (
+                                            acc[0, T.Ramp(0, 1, LANES)]
                                             + x[src, T.Ramp(c8 * LANES, 1, LANES)]
                                             * decoded[task, T.Ramp(c8 * LANES, 1, LANES)]
                                         )
                                     for c in range(vector_cols, n_in):
-                                        acc[0] = acc[0] + x[src, c] * decoded[task, c]
+                                        acc[0, 0] = acc[0, 0] + x[src, c] * decoded[task, c]
                                     y[r, o] = T.float32(0)
                                     for lane in range(LANES):
-                                        y[r, o] = y[r, o] + acc[lane]
+                                        y[r, o] = y[r, o] + acc[0, lane]
 
     specs = list(param_specs)
     # TVMScript has no variadic parameters: one signature per count of packed weight arrays.

@@ -287,3 +287,31 @@ def test_gguf_block_type_experts_match_transformers_on_their_dequantized_weights
         with torch.no_grad():
             ref = model(torch.tensor([ids])).logits[0].numpy()
         assert np.abs(eng.prompt_logits(ids) - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_experts_no_token_is_routed_to_are_never_used(mixtral, workdir):
+    """A one-token prompt routes to 2 of 8 experts per layer: with every other expert's weights NaN, the logits
+    are still transformers' (a kernel multiplying all experts and weighting the unchosen by 0 would give NaN)."""
+    from compiler.compile import compile_model
+
+    folder, _ = mixtral("mixtral8-f32")
+    model, _ = reference(folder)
+    ids = [0]
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_router_logits=True)
+    chosen = [set(layer.topk(2, dim=-1).indices.flatten().tolist()) for layer in out.router_logits]
+    poisoned = workdir / "hf-mixtral8-poisoned"
+    shutil.copytree(folder, poisoned)
+    tensors = load_file(str(folder / "model.safetensors"))
+    poisoned_count = 0
+    for name in tensors:
+        expert = re.fullmatch(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\..*", name)
+        if expert and int(expert.group(2)) not in chosen[int(expert.group(1))]:
+            tensors[name] = np.full_like(tensors[name], np.nan)
+            poisoned_count += 1
+    assert poisoned_count == len(chosen) * 6 * 3  # 6 unchosen experts per layer, 3 matrices each
+    save_file(tensors, str(poisoned / "model.safetensors"), metadata={"format": "pt"})
+    art = workdir / "art-mixtral8-poisoned"
+    compile_model(str(poisoned), art, quant="q0f32", progress=lambda _: None)
+    logits = Engine(art).prompt_logits(ids)
+    assert np.abs(logits - out.logits[0].numpy()).max() <= TOLERANCE
