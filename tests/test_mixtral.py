@@ -261,6 +261,7 @@ def test_the_same_weights_as_gguf_equal_the_hf_build(mixtral, mixtral_engine, wo
         np.testing.assert_allclose(from_gguf.prompt_logits(ids), from_hf.prompt_logits(ids), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_gguf_block_type_experts_match_transformers_on_their_dequantized_weights(workdir):
     """Experts kept in the file's Q4_0 blocks, decoded in the grouped kernels: equal to transformers on the same
     blocks dequantized (gguf-f32); with llama.cpp's 8-bit activations for the dense layers (gguf) close to it."""
