@@ -134,7 +134,6 @@ class ConstraintCompiler:
         self._lock = threading.Lock()
         self._lltokenizer: LLTokenizer | None = None
 
-    @property
     def lltokenizer(self) -> LLTokenizer:
         with self._lock:
             if self._lltokenizer is None:
@@ -145,14 +144,26 @@ class ConstraintCompiler:
                     raise MlccError(f"structured output does not support this tokenizer: {e}") from None
             return self._lltokenizer
 
+    def warm_up(self) -> None:
+        """Build the token table in a background thread (seconds for a 262k vocabulary), so that the first
+        constrained request does not wait for it; a tokenizer llguidance cannot read fails its requests later."""
+
+        def build() -> None:
+            try:
+                self.lltokenizer()
+            except MlccError:
+                pass
+
+        threading.Thread(target=build, name="mlcc-constraints-vocab", daemon=True).start()
+
     def matcher(self, constraint: Constraint) -> LLMatcher:
         """A fresh matcher at the start of the output; an invalid constraint raises MlccError (one line)."""
         what = {"json_schema": "JSON schema", "regex": "regex", "grammar": "grammar"}[constraint.kind]
         grammar = constraint.grammar()
-        error = LLMatcher.validate_grammar(grammar, self.lltokenizer)
+        error = LLMatcher.validate_grammar(grammar, self.lltokenizer())
         if error:
             raise ConstraintError(f"invalid {what}: {_first_line(error)}")
-        matcher = LLMatcher(self.lltokenizer, grammar, log_level=0)
+        matcher = LLMatcher(self.lltokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise ConstraintError(f"invalid {what}: {_first_line(matcher.get_error())}")
         return matcher

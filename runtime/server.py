@@ -775,6 +775,7 @@ def serve(
     serving = ServingEngine(artifact, **engine_options)
     try:
         serving.engine.self_check()
+        serving.engine.constraints.warm_up()
         app = create_app(serving, Path(artifact).resolve().name, api_key)
         config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
         PromptShutdownServer(config, serving).run()
