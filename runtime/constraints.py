@@ -46,8 +46,10 @@ class Constraint:
                 schema = json.loads(self.source)
             except ValueError as e:
                 raise ConstraintError(f"invalid JSON schema: not JSON: {e}") from None
-            if not isinstance(schema, (dict, bool)):
-                raise ConstraintError("invalid JSON schema: it must be a JSON object")
+            if schema is True:  # any JSON value
+                schema = {}
+            if not isinstance(schema, dict):
+                raise ConstraintError("invalid JSON schema: it must be a JSON object (or true)")
             try:
                 return LLMatcher.grammar_from_json_schema(closed(schema), defaults=JSON_DEFAULTS)  # type: ignore
             except ValueError as e:
@@ -164,8 +166,12 @@ class ConstraintCompiler:
         if error:
             raise ConstraintError(f"invalid {what}: {_first_line(error)}")
         matcher = LLMatcher(self.lltokenizer(), grammar, log_level=0)
+        first = np.zeros((1, self.mask_words), dtype=np.int32)
+        fill_next_token_bitmask(matcher, first)  # a constraint that allows nothing is invalid too
         if matcher.is_error():
             raise ConstraintError(f"invalid {what}: {_first_line(matcher.get_error())}")
+        if not first.any():
+            raise ConstraintError(f"invalid {what}: it allows no output")
         return matcher
 
 
@@ -175,6 +181,11 @@ def compute_mask(matcher: LLMatcher, words: int) -> np.ndarray:
     fill_next_token_bitmask(matcher, mask)
     check(matcher)
     return mask[0]
+
+
+def check_mask(mask: np.ndarray) -> None:
+    if not mask.any():  # e.g. a grammar whose language is empty
+        raise MlccError("the constraint allows no next token")
 
 
 def compute_masks(executor: LLExecutor, matchers: list[LLMatcher], words: int) -> np.ndarray:

@@ -50,7 +50,7 @@ from tvm.runtime import ShapeTuple
 
 from artifacts import Manifest, MlccError
 from runtime.artifact import LoadedArtifact
-from runtime.constraints import ConstraintCompiler, apply_mask, check, compute_mask, compute_masks
+from runtime.constraints import ConstraintCompiler, apply_mask, check, check_mask, compute_mask, compute_masks
 from runtime.sampler import SamplingParams, TokenLogprob, adjust_logits, sample, token_logprob
 from runtime.tokenizer import IncrementalDecoder
 
@@ -630,6 +630,7 @@ class Engine:
         if r.mask is None:
             r.mask = compute_mask(r.matcher, self.constraints.mask_words)
         check(r.matcher)
+        check_mask(r.mask)
         return r.mask
 
     # ---- sampling, stop conditions, streaming ---------------------------------------------------------

@@ -122,6 +122,8 @@ def test_free_requests_keep_their_solo_text_in_a_mixed_batch(engine):
         (dict(regex="a(b"), "invalid regex"),
         (dict(grammar="start: undefined_rule"), "invalid grammar"),
         (dict(grammar="root ::= ["), "invalid grammar"),
+        (dict(grammar="start: start"), "invalid grammar"),  # valid syntax, but no output can satisfy it
+        (dict(json_schema=False), "invalid JSON schema"),
         (dict(regex="a", grammar=LARK), "at most one"),
     ],
 )
