@@ -25,4 +25,7 @@ if ! command -v aarch64-linux-gnu-gcc >/dev/null; then
         echo "note: could not install gcc-aarch64-linux-gnu (needs apt and root); the aarch64 cross-compile test will be skipped" >&2
     fi
 fi
+# The emulated aarch64 device the edge tests (tests/test_edge_aarch64.py) run artifacts on; skipped, and saying why,
+# where it cannot be installed.
+scripts/setup_aarch64.sh
 echo "set up: . .venv/bin/activate, then mlcc run (chat) or python -m pytest -q (tests)" >&2

@@ -2,7 +2,7 @@
 # An emulated aarch64 Linux device for the edge tests (tests/test_edge_aarch64.py): Debian's qemu-user runs an
 # arm64 Debian Python (its packages extracted by mmdebstrap, nothing run) with the aarch64 wheels of mlcc's
 # dependencies, which pip fetches with --platform from pyproject.toml. Nothing of mlcc is installed there: the
-# tests copy in the runtime alone. Run after scripts/setup.sh; .ci/run does.
+# tests copy in the runtime alone. scripts/setup.sh runs it last (after .venv exists).
 #
 # Kept in $MLCC_AARCH64_DEVICE (default ~/.cache/mlcc-aarch64-device): a rerun does nothing unless
 # pyproject.toml's dependencies changed (then only the wheels are fetched again). Where apt, root or the
