@@ -30,6 +30,7 @@ from quant_schemes.gguf_exact import fma, hsum8, lane_sum, v_expf
 from quant_schemes.vector_exprs import row_sums, tree_sum
 
 TILE = 16  # cached tokens scored per softmax update
+EMPTY_LSE = -5e4  # the log-sum-exp of no keys, as TVM's kernels leave it: its merge weight is exactly 0
 LANES = 8
 LOG2E = math.log2(math.e)
 DECODE_SYMBOL = "batch_decode_paged_kv_cpu"
@@ -428,6 +429,10 @@ def decode_attention(
                         PagedKeys(pages, page_table_values, length_info, b, begin, h // group, None, sliding_window)
                     )
                     _attend_ggml(Q, b, h, keys, length, sm_scale, output, lse, dim, True, True, scores_of, bh)
+                else:  # no keys at this depth of the block tree: a part that merges in with weight 0
+                    for d in range(dim):
+                        output[b, h, d] = T.Cast(dtype, T.float32(0))
+                    lse[b, h] = T.float32(EMPTY_LSE)
         else:
             for bh in T.parallel(B * h_qo):  # one task per query head: batch-1 decode still uses every core
                 b: T.let[T.int32] = bh // h_qo

@@ -62,8 +62,12 @@ def check_deterministic(artifact: Path, prompt_text: str, other_texts: list[str]
     busy = Engine(artifact, max_batch_size=8)
     others = [busy.tokenizer.encode(t) for t in other_texts]
     sibling = prompt[: busy.canonical_chunk + 5] + others[0][:20]  # shares the first canonical chunk
-    results = run(busy, [others[0], sibling, prompt, *others[1:]])
-    assert results[2] == expected
+    batch = [others[0], sibling, prompt, *others[1:]]
+    # Every request of the busy batch equals its solo run: short ones decode beside long ones whose KV has
+    # two block-tree depths (an empty depth must add nothing to their attention).
+    assert run(busy, batch) == [run(Engine(artifact), [ids])[0] for ids in batch[:2]] + [expected] + [
+        run(Engine(artifact), [ids])[0] for ids in others[1:]
+    ]
     # ... and forked from a running request that shares its prompt, inside that same busy batch.
     results = run(busy, [prompt, others[1], prompt])
     assert results[0] == expected and results[2] == expected

@@ -382,3 +382,11 @@ def test_smollm2_regex_tools_and_a_mixed_batch(smollm_client):
         assert message.tool_calls and all(c.function.name == "get_weather" for c in message.tool_calls)
         for call in message.tool_calls:
             jsonschema.validate(json.loads(call.function.arguments), closed(WEATHER_TOOL["function"]["parameters"]))
+
+
+def test_smollm2_greedy_output_does_not_depend_on_cache_chunking_or_batch(real_engine):
+    """The default (llama.cpp-exact) build: fresh, cached, chunked and batched runs give identical logits."""
+    from test_determinism import TEXT, check_deterministic
+
+    engine = real_engine("smollm2")
+    check_deterministic(engine.artifact.path, TEXT * 8, [TEXT[::-1] * 2, "Hello! " * 30, TEXT[40:] * 3])
