@@ -116,6 +116,8 @@ def compile_model(
                 "max_batch_size": DEFAULT_MAX_BATCH,
                 "sliding_window": config.sliding_window,
                 "dtype": scheme.dtype,
+                # batch_prefill then takes each token's prompt length (LongRoPE); see compiler/entry_points.py
+                "rope_switch_length": net.attention_layout().rope_switch_length,
             },
             chat_template=tokenizer.pop("chat_template"),
             versions={"mlcc": _mlcc_version(), "tvm": tvm.__version__},

@@ -36,12 +36,22 @@ class EntryPoints(nn.Module):
 
     def batch_prefill(self, input_ids: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
         """Prefill several sequences concatenated into one ragged row; logits at `logit_positions`."""
+        return self._prefill(input_ids, logit_positions, paged_kv_cache)
+
+    def batch_prefill_by_length(
+        self, input_ids: Tensor, logit_positions: Tensor, sequence_lengths: Tensor, paged_kv_cache: PagedKVCache
+    ):
+        """batch_prefill of a model whose RoPE depends on a sequence's length (LongRoPE, exported under the same
+        name): `sequence_lengths` [n] holds each token's whole prompt length."""
+        return self._prefill(input_ids, logit_positions, paged_kv_cache, sequence_lengths)
+
+    def _prefill(self, input_ids: Tensor, logit_positions: Tensor, kv: PagedKVCache, lengths: Tensor | None = None):
         x = self.model.embed(input_ids)  # [n, h]
         x = op.reshape(x, (1, x.shape[0], x.shape[1]))  # [1, n, h]
-        x = self.model.body(x, paged_kv_cache)  # [1, n, h]
+        x = self.model.body(x, kv) if lengths is None else self.model.body(x, kv, lengths)  # [1, n, h]
         x = op.take(x, logit_positions, axis=1)  # [1, b, h]
         logits = self._logits(x)  # [1, b, vocab]
-        return op.reshape(logits, (logits.shape[1], logits.shape[2])), paged_kv_cache  # [b, vocab]
+        return op.reshape(logits, (logits.shape[1], logits.shape[2])), kv  # [b, vocab]
 
     def batch_decode(self, input_ids: Tensor, paged_kv_cache: PagedKVCache):
         """One new token for each of b sequences."""
@@ -113,13 +123,18 @@ class EntryPoints(nn.Module):
     def spec(self) -> dict[str, Any]:
         packed = {"param_mode": "packed", "effect_mode": "none"}
         kv = nn.spec.Object(object_type=PagedKVCache)
+        prefill = {
+            "input_ids": nn.spec.Tensor(["seq_len"], "int32"),
+            "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+            "paged_kv_cache": kv,
+            "$": packed,
+        }
+        if self.layout.rope_switch_length:
+            prefill = nn.spec.MethodSpec.from_raw(
+                {**prefill, "sequence_lengths": nn.spec.Tensor(["seq_len"], "int32")}, self.batch_prefill_by_length
+            )
         return {
-            "batch_prefill": {
-                "input_ids": nn.spec.Tensor(["seq_len"], "int32"),
-                "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
-                "paged_kv_cache": kv,
-                "$": packed,
-            },
+            "batch_prefill": prefill,
             "batch_decode": {
                 "input_ids": nn.spec.Tensor(["batch_size"], "int32"),
                 "paged_kv_cache": kv,

@@ -51,6 +51,9 @@ class AttentionLayout:
     model_applies_rope: bool = False
     # Attention scores become cap * tanh(score / cap) before the softmax (Gemma 2); 0 for none.
     attn_softcap: float = 0.0
+    # LongRoPE: a sequence longer than this is rotated with other factors, so prefill takes each token's
+    # sequence length (see RopeTables.tables); 0 for none.
+    rope_switch_length: int = 0
 
     @property
     def sliding_window(self) -> int | None:
@@ -185,42 +188,36 @@ class RopeTables:
             raise MlccError(f"LongRoPE factors must have {len(base)} entries (rotary_dim / 2)")
         return cls(rotary_dim, (1 / (short * base)).astype(np.float32), float(attention), 1 / (long * base), original)
 
-    def tables(self, positions: Tensor, batch: Any, seq: Any) -> tuple[Tensor, Tensor]:
-        """cos and sin [b, s, rotary_dim / 2] at the query positions [b*s] of this call."""
+    def tables(self, positions: Tensor, batch: Any, seq: Any, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """cos and sin [b, s, rotary_dim / 2] at the query positions [b*s] of this call.
+
+        LongRoPE uses the long factors for a token whose sequence is longer than `switch_length` in the forward
+        that computes it (transformers chooses per forward call by its length): `lengths` [b*s] gives each token
+        that length (in prefill, its whole prompt's, however the engine chunks it); without `lengths` (decode)
+        it is the token's position + 1."""
         half = self.rotary_dim // 2
         factor = self.attention_factor
         long, switch = self.long_inv_freq, self.switch_length
-        freqs = [Tensor.from_const(self.inv_freq)]
+        inputs = [op.reshape(positions, (batch, seq)), Tensor.from_const(self.inv_freq)]
         if long is not None:
-            freqs.append(Tensor.from_const(long.astype(np.float32)))
+            inputs.append(Tensor.from_const(long.astype(np.float32)))
+            if lengths is not None:
+                inputs.append(op.reshape(lengths, (batch, seq)))
 
-        def compute(pos: te.Tensor, short: te.Tensor, *long_freq: te.Tensor) -> list[te.Tensor]:
-            b, s = pos.shape
-            if long_freq:
-                # transformers picks the set by the sequence's length in this call (its last position + 1).
-                # A sequence is a run of consecutive positions within a row (prefill: one row of several
-                # sequences; decode: one token per row).
-                def is_last(r, j):
-                    return tirx.Or(j == s - 1, pos[r, tirx.min(j + 1, s - 1)] != pos[r, j] + 1)
-
-                k = te.reduce_axis((0, s), name="k")
-                last = te.compute(
-                    (b, s),
-                    lambda r, t: te.min(tirx.if_then_else(tirx.And(k >= t, is_last(r, k)), k, s - 1), axis=k),
-                    name="sequence_end",
-                )
-
+        def compute(pos: te.Tensor, short: te.Tensor, *long_rope: te.Tensor) -> list[te.Tensor]:
             def angle(r, t, i):
                 freq = short[i]
-                if long_freq:
-                    freq = tirx.if_then_else(pos[r, last[r, t]] + 1 > switch, long_freq[0][i], short[i])
+                if long_rope:
+                    length = long_rope[1][r, t] if len(long_rope) > 1 else pos[r, t] + 1
+                    freq = tirx.if_then_else(length > switch, long_rope[0][i], short[i])
                 return pos[r, t].astype("float32") * freq
 
-            cos = te.compute((b, s, half), lambda r, t, i: tirx.cos(angle(r, t, i)) * factor, name="rope_cos")
-            sin = te.compute((b, s, half), lambda r, t, i: tirx.sin(angle(r, t, i)) * factor, name="rope_sin")
+            shape = (*pos.shape, half)
+            cos = te.compute(shape, lambda r, t, i: tirx.cos(angle(r, t, i)) * factor, name="rope_cos")
+            sin = te.compute(shape, lambda r, t, i: tirx.sin(angle(r, t, i)) * factor, name="rope_sin")
             return [cos, sin]
 
-        cos_sin = op.tensor_expr_op(compute, "rope_tables", [op.reshape(positions, (batch, seq)), *freqs])
+        cos_sin = op.tensor_expr_op(compute, "rope_tables", inputs)
         return cos_sin[0], cos_sin[1]
 
 
@@ -263,9 +260,10 @@ class DecoderModel(nn.Module):
     def embed(self, ids: Tensor) -> Tensor:
         return self.token_embd(ids)  # [n, h]
 
-    def body(self, x: Tensor, kv: PagedKVCache) -> Tensor:
+    def body(self, x: Tensor, kv: PagedKVCache, lengths: Tensor | None = None) -> Tensor:
+        """`lengths`: see RopeTables.tables (only models with `rope_switch_length` in their layout take it)."""
         b, s, _ = x.shape
-        rope = self.rope.tables(kv.get_query_positions(b * s), b, s)  # cos, sin [b, s, rotary_dim / 2]
+        rope = self.rope.tables(kv.get_query_positions(b * s), b, s, lengths)  # cos, sin [b, s, rotary_dim / 2]
         for layer, block in enumerate(self.blk):
             x = block(x, kv, layer, rope)
         return self.output_norm(x)  # [b, s, h]
@@ -286,4 +284,5 @@ class DecoderModel(nn.Module):
             rope_theta=10000.0,  # unused: the model applies RoPE
             layer_windows=[self.layer_window(i) for i in range(c.num_layers)],
             model_applies_rope=True,
+            rope_switch_length=self.rope.switch_length if self.rope.long_inv_freq is not None else 0,
         )

@@ -14,7 +14,8 @@ back to the front of the queue, to be recomputed later from their prompt and the
 
 Prefix caching: a finished request's sequence stays in the KV cache (least recently used first out, when
 pages or slots are needed). A new prompt that shares a prefix with a cached or running sequence forks it
-and prefills only the rest.
+and prefills only the rest. A LongRoPE model rotates a whole prompt with the factors its length selects, so
+its prefixes are shared only between prompts on the same side of that switch.
 
 Determinism: at temperature 0 a request's tokens and logits are bit-identical whether or not its prefix is
 cached, however the engine's steps chunk its prompt, and whatever else is in the batch. Attention over a
@@ -218,8 +219,12 @@ class Engine:
         # TVM's forked (cascade) attention ignores sliding windows: those models never fork a sequence.
         self.can_fork = not m.kv_cache.get("sliding_window")
         self.prefix_cache = prefix_cache and self.can_fork
-        # Finished sequences kept for their prefixes: seq id -> token ids in the KV cache, least recent first.
-        self.cached: OrderedDict[int, np.ndarray] = OrderedDict()
+        # LongRoPE: prompts longer than this are rotated with other factors, so prefill passes prompt lengths
+        # and a prefix is reused only between prompts on the same side of it (0: no such model).
+        self.rope_switch_length = int(m.kv_cache.get("rope_switch_length") or 0)
+        # Finished sequences kept for their prefixes: seq id -> (token ids in the KV cache, rope set), least
+        # recent first.
+        self.cached: OrderedDict[int, tuple[np.ndarray, bool]] = OrderedDict()
         self.max_cached_sequences = 4 * self.max_batch_size
         self.constraints = ConstraintCompiler(self.tokenizer, self.vocab_size)
         self._mask_pool: ThreadPoolExecutor | None = None  # the helper thread, made on first use
@@ -422,13 +427,22 @@ class Engine:
         if not self.prefix_cache:
             return None, 0
         prompt = np.asarray(prompt_ids[:-1])
-        candidates = [*self.cached.items(), *((r.seq_id, np.asarray(r.reusable_ids())) for r in self.running)]
+        rope_set = self._rope_set(prompt_ids)
+        running = [r for r in self.running if self._rope_set(r.prompt_ids) == rope_set]
+        candidates = [
+            *((seq_id, tokens) for seq_id, (tokens, s) in self.cached.items() if s == rope_set),
+            *((r.seq_id, np.asarray(r.reusable_ids())) for r in running),
+        ]
         best: tuple[int | None, int] = (None, 0)
         for seq_id, tokens in candidates:
             shared = self._whole_chunks(_common_prefix(prompt, tokens))
             if shared > best[1]:
                 best = (seq_id, shared)
         return best
+
+    def _rope_set(self, prompt_ids: list[int]) -> bool:
+        """Whether a prompt's KV is rotated with LongRoPE's long factors (KV of the other set is not reusable)."""
+        return 0 < self.rope_switch_length < len(prompt_ids)
 
     def _whole_chunks(self, tokens: int) -> int:
         return tokens - tokens % self.canonical_chunk
@@ -496,8 +510,13 @@ class Engine:
         if not self.prefix_cache:
             return False
         tokens = np.asarray(r.prompt_ids[:-1])
+        rope_set = self._rope_set(r.prompt_ids)
         longest = max(
-            (_common_prefix(tokens, np.asarray(a.all_ids()[: a.prefill_len])) for a in self.running if a.prefilling),
+            (
+                _common_prefix(tokens, np.asarray(a.all_ids()[: a.prefill_len]))
+                for a in self.running
+                if a.prefilling and self._rope_set(a.prompt_ids) == rope_set
+            ),
             default=0,
         )
         return self._whole_chunks(longest) > shared
@@ -524,7 +543,7 @@ class Engine:
         if not self.prefix_cache or r.error is not None or r.canonical_len < self.canonical_chunk:
             KV_REMOVE(self.kv, r.seq_id)
             return
-        self.cached[r.seq_id] = np.asarray(r.reusable_ids())
+        self.cached[r.seq_id] = (np.asarray(r.reusable_ids()), self._rope_set(r.prompt_ids))
         while len(self.cached) > self.max_cached_sequences:
             self._evict(next(iter(self.cached)))
 
@@ -577,7 +596,10 @@ class Engine:
         lengths = [take for _, take in batch]
         ends = np.cumsum(lengths)
         positions = np.arange(ends[-1], dtype="int32") if every_position else (ends - 1).astype("int32")
-        logits = self._forward(self._prefill, [r.seq_id for r, _ in batch], lengths, ids, positions)
+        extra = [positions]
+        if self.rope_switch_length:  # each token's whole prompt length (see rope_switch_length)
+            extra.append(np.repeat([len(r.prompt_ids) for r, _ in batch], lengths).astype("int32"))
+        logits = self._forward(self._prefill, [r.seq_id for r, _ in batch], lengths, ids, *extra)
         out = []
         for (r, take), end in zip(batch, ends):
             r.kv_len += take
