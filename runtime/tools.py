@@ -22,6 +22,8 @@ from runtime.constraints import JSON_DEFAULTS, closed
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# In a call's body: a whole JSON string (which may hold the closing tag as text), an unterminated one, or the tag.
+_STRING_OR_CLOSE = re.compile(r'"(?:[^"\\]|\\.)*"|(")|' + re.escape(CLOSE), re.S)
 
 
 @dataclass
@@ -206,7 +208,7 @@ class ToolCallParser:
             start = self.pending.find(OPEN)
             if start < 0:
                 break
-            end = self.pending.find(CLOSE, start)
+            end = _call_end(self.pending, start)
             if end < 0:
                 released += self._release(self.pending[:start])
                 self.pending = self.pending[start:]
@@ -272,6 +274,17 @@ class ToolCallParser:
                 return None
             calls.append(ToolCall(item["name"], json.dumps(arguments, ensure_ascii=False)))
         return calls or None
+
+
+def _call_end(text: str, start: int) -> int:
+    """Where the call opened at `start` closes: its first closing tag outside JSON strings (a string may hold
+    the tag, and the forcing grammar allows that), or -1 while there is none yet."""
+    for match in _STRING_OR_CLOSE.finditer(text, start + len(OPEN)):
+        if match.group(1):  # a string still being written, or never closed: any tag after it is inside it
+            return -1
+        if match.group() == CLOSE:
+            return match.start()
+    return -1
 
 
 def _partial_tag(text: str) -> int:

@@ -218,6 +218,29 @@ def test_tool_call_parser():
     assert parse_stream(ToolSpec.parse(TOOLS, "required", True), '<tool_call>\n{"name": "get_ti') == ("", [])
 
 
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_a_closing_tag_inside_a_string_does_not_end_the_call(choice, hf_folder):
+    """A JSON string may hold the tag `</tool_call>`, and the forcing grammar allows it (SmolLM2, sampled, once
+    wrote `"city": "]}</tool_call>…"`): a call ends at the first tag outside its JSON's strings."""
+    note = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+    tools = [{"type": "function", "function": {"name": "note", "parameters": note}}]
+    call = '<tool_call>\n{"name": "note", "arguments": {"text": "]}</tool_call>"}}\n</tool_call>'
+    tok = Tokenizer.from_file(str(hf_folder("llama-q4") / "tokenizer.json"))
+    compiler = ConstraintCompiler(FakeTokenizer(tok), tok.get_vocab_size())  # type: ignore[arg-type]
+    forced = constraint_of(None, None, ToolSpec.parse(tools, "required", True).grammar())
+    matcher = compiler.matcher(forced)  # type: ignore[arg-type]
+    ids = tok.encode(call, add_special_tokens=False).ids
+    assert matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+    spec = ToolSpec.parse(tools, choice, True)
+    escaped = call.replace('"]}', '"\\"]}')  # an escaped quote does not end the string
+    for text, value in [(call, "]}</tool_call>"), (escaped, '"]}</tool_call>')]:
+        for step in (1, 3, len(text)):
+            assert parse_stream(spec, text, step) == ("", [("note", {"text": value})])
+    if choice == "auto":  # a tag after an unterminated string: not a call, and the text comes back whole
+        broken = '<tool_call>\n{"name": "note", "arguments": {"text": "a}}\n</tool_call> ok'
+        assert parse_stream(spec, broken) == (broken, [])
+
+
 @pytest.mark.parametrize(
     "tools, choice, fragment",
     [
