@@ -78,27 +78,18 @@ class Scorer:
 def mlcc_logits(artifact: Path, window: int) -> tuple[Callable[[list[int]], np.ndarray], object]:
     """All-position logits of one prefill through the artifact (as tests/test_real_models.py does)."""
     import tvm
-    from tvm.runtime import ShapeTuple
 
     from runtime import Engine
-    from runtime.engine import KV_ADD, KV_BEGIN, KV_END, KV_REMOVE
 
     engine = Engine(artifact, max_batch_size=1, kv_cache_tokens=window, verify=False)
 
     def logits(ids: list[int]) -> np.ndarray:
-        KV_ADD(engine.kv, 0)
+        seq_id = engine.kv.add()
         try:
-            KV_BEGIN(engine.kv, ShapeTuple([0]), ShapeTuple([len(ids)]))
-            out, engine.kv = engine._prefill(
-                tvm.runtime.tensor(np.array(ids, "int32")),
-                tvm.runtime.tensor(np.arange(len(ids), dtype="int32")),
-                engine.kv,
-                engine._params,
-            )
-            KV_END(engine.kv)
-            return out.numpy()
+            args = [tvm.runtime.tensor(np.array(ids, "int32")), tvm.runtime.tensor(np.arange(len(ids), dtype="int32"))]
+            return engine.kv.forward(engine._prefill, [seq_id], [len(ids)], args, engine._params).numpy()
         finally:
-            KV_REMOVE(engine.kv, 0)
+            engine.kv.remove(seq_id)
 
     return logits, engine
 

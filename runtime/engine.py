@@ -15,7 +15,8 @@ back to the front of the queue, to be recomputed later from their prompt and the
 Prefix caching: a finished request's sequence stays in the KV cache (least recently used first out, when
 pages or slots are needed). A new prompt that shares a prefix with a cached or running sequence forks it
 and prefills only the rest. A LongRoPE model rotates a whole prompt with the factors its length selects, so
-its prefixes are shared only between prompts on the same side of that switch.
+its prefixes are shared only between prompts on the same side of that switch. The pages and the cached
+sequences are kept by runtime/kv_cache.py (PagedKV, PrefixCache); what may be reused is decided here.
 
 Determinism: at temperature 0 a request's tokens and logits are bit-identical whether or not its prefix is
 cached, however the engine's steps chunk its prompt, and whatever else is in the batch. Attention over a
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,22 +48,13 @@ from typing import Any
 
 import numpy as np
 import tvm
-from tvm.runtime import ShapeTuple
 
 from artifacts import Manifest, MlccError
 from runtime.artifact import LoadedArtifact
 from runtime.constraints import ConstraintCompiler, apply_mask, check, check_mask, compute_mask, compute_masks
+from runtime.kv_cache import PagedKV, PrefixCache, common_prefix
 from runtime.sampler import SamplingParams, TokenLogprob, adjust_logits, sample, token_logprob
 from runtime.tokenizer import IncrementalDecoder
-
-_f = tvm.get_global_func
-KV_ADD = _f("vm.builtin.kv_state_add_sequence")
-KV_REMOVE = _f("vm.builtin.kv_state_remove_sequence")
-KV_FORK = _f("vm.builtin.kv_state_fork_sequence")
-KV_BEGIN = _f("vm.builtin.kv_state_begin_forward")
-KV_END = _f("vm.builtin.kv_state_end_forward")
-KV_FREE_PAGES = _f("vm.builtin.attention_kv_cache_get_num_available_pages")
-
 
 DEFAULT_KV_BYTES = 2 << 30
 # Prompt tokens per canonical prefill chunk (see the module docstring): also the granularity of prefix reuse.
@@ -159,12 +151,6 @@ class Request:
         )
 
 
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(a.size, b.size)
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if differ.size else n
-
-
 class Engine:
     """Runs an artifact. `generate`, `stream` and `chat` are the Python API the CLI uses.
 
@@ -201,18 +187,16 @@ class Engine:
         quarter = self.kernel_prefill_chunk // 4 // self.page_size * self.page_size
         self.canonical_chunk = min(max(self.page_size, min(CANONICAL_CHUNK, quarter)), self.kernel_prefill_chunk)
         self.kv_tokens = kv_cache_tokens or self._default_kv_tokens(m)
-        self.kv = self.artifact.vm["create_paged_kv_cache"](
-            ShapeTuple([self.max_batch_size]),
-            ShapeTuple([self.kv_tokens]),
-            ShapeTuple([self.kernel_prefill_chunk]),
-            ShapeTuple([self.page_size]),
-            ShapeTuple([0]),
+        self.kv = PagedKV(
+            self.artifact.vm["create_paged_kv_cache"],
+            self.max_batch_size,
+            self.kv_tokens,
+            self.kernel_prefill_chunk,
+            self.page_size,
         )
-        self.total_pages = int(KV_FREE_PAGES(self.kv))
         self._prefill = self.artifact.vm["batch_prefill"]
         self._decode = self.artifact.vm["batch_decode"]
         self._params = self.artifact.params
-        self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -222,10 +206,8 @@ class Engine:
         # LongRoPE: prompts longer than this are rotated with other factors, so prefill passes prompt lengths
         # and a prefix is reused only between prompts on the same side of it (0: no such model).
         self.rope_switch_length = int(m.kv_cache.get("rope_switch_length") or 0)
-        # Finished sequences kept for their prefixes: seq id -> (token ids in the KV cache, rope set), least
-        # recent first.
-        self.cached: OrderedDict[int, tuple[np.ndarray, bool]] = OrderedDict()
-        self.max_cached_sequences = 4 * self.max_batch_size
+        # Finished sequences kept for their prefixes.
+        self.cached = PrefixCache(self.kv, 4 * self.max_batch_size, self.canonical_chunk)
         self.constraints = ConstraintCompiler(self.tokenizer, self.vocab_size)
         self._mask_pool: ThreadPoolExecutor | None = None  # the helper thread, made on first use
         self._mask_executor: Any = None  # llguidance's LLExecutor, likewise
@@ -276,10 +258,9 @@ class Engine:
     def _prefill_fresh(self, prompt_ids: list[list[int]], every_position: bool) -> list[list[np.ndarray]]:
         """Per prompt, the logits of each prefill call of fresh sequences; they are removed afterwards."""
         requests = [self.make_requests(list(ids), SamplingParams(max_tokens=1))[0] for ids in prompt_ids]
-        self._make_room(sum(self._pages_needed(len(r.prompt_ids), 0) for r in requests))
+        self._make_room(sum(self.kv.pages_needed(len(r.prompt_ids), 0) for r in requests))
         for r in requests:
-            r.seq_id, r.prefill_len = next(self._seq_ids), len(r.prompt_ids)
-            KV_ADD(self.kv, r.seq_id)
+            r.seq_id, r.prefill_len = self.kv.add(), len(r.prompt_ids)
         rows: dict[Request, list[np.ndarray]] = {r: [] for r in requests}
         try:
             while any(r.prefilling for r in requests):
@@ -289,7 +270,7 @@ class Engine:
             return [rows[r] for r in requests]
         finally:
             for r in requests:
-                KV_REMOVE(self.kv, r.seq_id)
+                self.kv.remove(r.seq_id)
 
     def self_check(self) -> None:
         """Run the model once on a one-token prompt; a model that cannot run (e.g. weights that do not fit
@@ -324,7 +305,7 @@ class Engine:
             raise MlccError(f"prompt token ids must be in 0..{self.vocab_size - 1}")
         # Never let a sequence outgrow the context window.
         capped = SamplingParams(**{**vars(params), "max_tokens": min(params.max_tokens, self.context_window - n)})
-        if self._pages_needed(n + capped.max_tokens, 0) > self.total_pages:
+        if self.kv.pages_needed(n + capped.max_tokens, 0) > self.kv.total_pages:
             raise MlccError(
                 f"a request needing {n + capped.max_tokens} tokens does not fit the KV cache ({self.kv_tokens})"
             )
@@ -355,7 +336,7 @@ class Engine:
             self.waiting.remove(request)
         elif request in self.running:
             self.running.remove(request)
-            KV_REMOVE(self.kv, request.seq_id)
+            self.kv.remove(request.seq_id)
         request.finish_reason = "abort"
         self.counters["aborted"] += 1
         self._emit(request, final=True)
@@ -366,7 +347,7 @@ class Engine:
 
     @property
     def kv_tokens_used(self) -> int:
-        return (self.total_pages - int(KV_FREE_PAGES(self.kv))) * self.page_size
+        return self.kv.used_tokens
 
     def step(self) -> None:
         """Free pages for this step's decode (evicting, then preempting), admit what fits, prefill one chunk of
@@ -403,78 +384,50 @@ class Engine:
         seed %= 2**64  # negative seeds (e.g. -1) are valid 64-bit seeds too
         return np.random.default_rng(seed if index == 0 else [seed, index])
 
-    def _pages_needed(self, tokens: int, cached: int) -> int:
-        """Pages a sequence of `tokens` owns when its first `cached` tokens are forked from another."""
-        base = cached - cached % self.page_size
-        return -(-(tokens - base) // self.page_size)
-
     def _spare_pages(self) -> int:
         """Free pages beyond the rest of the running requests' prompts and their next decoded token."""
         claimed = sum(
-            self._pages_needed(r.prefill_len if r.prefilling else r.kv_len + 1, r.fork_base)
-            - self._pages_needed(r.kv_len, r.fork_base)
+            self.kv.pages_needed(r.prefill_len if r.prefilling else r.kv_len + 1, r.fork_base)
+            - self.kv.pages_needed(r.kv_len, r.fork_base)
             for r in self.running
         )
-        return int(KV_FREE_PAGES(self.kv)) - claimed
+        return self.kv.free_pages() - claimed
 
     def _admission_pages(self, r: Request, shared: int) -> int:
         """Pages `r` needs to start: what it prefills plus a page of output (no more than it can ever hold)."""
-        return self._pages_needed(min(len(r.all_ids()) + self.page_size, r.budget), shared)
+        return self.kv.pages_needed(min(len(r.all_ids()) + self.page_size, r.budget), shared)
 
     def _longest_prefix(self, prompt_ids: list[int]) -> tuple[int | None, int]:
         """(sequence id, shared tokens) of the best sequence to fork: shared tokens are whole canonical chunks of
         its reusable KV, and at least one prompt token stays to prefill."""
         if not self.prefix_cache:
             return None, 0
-        prompt = np.asarray(prompt_ids[:-1])
         rope_set = self._rope_set(prompt_ids)
-        running = [r for r in self.running if self._rope_set(r.prompt_ids) == rope_set]
-        candidates = [
-            *((seq_id, tokens) for seq_id, (tokens, s) in self.cached.items() if s == rope_set),
-            *((r.seq_id, np.asarray(r.reusable_ids())) for r in running),
+        running = [
+            (r.seq_id, np.asarray(r.reusable_ids())) for r in self.running if self._rope_set(r.prompt_ids) == rope_set
         ]
-        best: tuple[int | None, int] = (None, 0)
-        for seq_id, tokens in candidates:
-            shared = self._whole_chunks(_common_prefix(prompt, tokens))
-            if shared > best[1]:
-                best = (seq_id, shared)
-        return best
+        return self.cached.longest_prefix(np.asarray(prompt_ids[:-1]), rope_set, running)
 
     def _rope_set(self, prompt_ids: list[int]) -> bool:
         """Whether a prompt's KV is rotated with LongRoPE's long factors (KV of the other set is not reusable)."""
         return 0 < self.rope_switch_length < len(prompt_ids)
 
-    def _whole_chunks(self, tokens: int) -> int:
-        return tokens - tokens % self.canonical_chunk
-
-    def _evict(self, seq_id: int) -> None:
-        del self.cached[seq_id]
-        KV_REMOVE(self.kv, seq_id)
-
-    def _evict_one(self, keep: int | None = None) -> bool:
-        """Drop the least recently used cached sequence, `keep` only when it is the last; False if none."""
-        victim = next((s for s in self.cached if s != keep), keep if keep in self.cached else None)
-        if victim is None:
-            return False
-        self._evict(victim)
-        return True
-
     def _make_room(self, pages: int) -> None:
         while self._spare_pages() < pages:
-            if not self._evict_one():
+            if not self.cached.evict_one():
                 raise MlccError(f"{pages} KV pages are needed and only {self._spare_pages()} are free")
 
     def _make_decode_room(self) -> None:
         """Evict cached sequences, then preempt the newest running requests, until this step's decode fits."""
         while self._spare_pages() < 0:
-            if not self._evict_one():
+            if not self.cached.evict_one():
                 self._preempt(max(self.running, key=lambda r: r.arrival))
 
     def _preempt(self, r: Request) -> None:
         """Drop `r`'s KV and queue it first, to be recomputed: its prompt by prefill, then its generated tokens
         replayed by decode steps, as they were first computed (so its later tokens are what they would have been)."""
         self.running.remove(r)
-        KV_REMOVE(self.kv, r.seq_id)
+        self.kv.remove(r.seq_id)
         r.seq_id, r.kv_len, r.canonical_len, r.prefill_len = -1, 0, 0, 0
         r.preemptions += 1
         self.counters["preemptions"] += 1
@@ -500,7 +453,7 @@ class Engine:
         """(sequence to fork or None, shared tokens) for `r`, evicting cached sequences to fit; None if it can't."""
         parent, shared = self._longest_prefix(r.prompt_ids)
         while self._spare_pages() < self._admission_pages(r, shared):
-            if not self._evict_one(keep=parent):
+            if not self.cached.evict_one(keep=parent):
                 return None
             parent, shared = self._longest_prefix(r.prompt_ids)
         return parent, shared
@@ -513,22 +466,20 @@ class Engine:
         rope_set = self._rope_set(r.prompt_ids)
         longest = max(
             (
-                _common_prefix(tokens, np.asarray(a.all_ids()[: a.prefill_len]))
+                common_prefix(tokens, np.asarray(a.all_ids()[: a.prefill_len]))
                 for a in self.running
                 if a.prefilling and self._rope_set(a.prompt_ids) == rope_set
             ),
             default=0,
         )
-        return self._whole_chunks(longest) > shared
+        return self.cached.whole_chunks(longest) > shared
 
     def _start_sequence(self, r: Request, parent: int | None, shared: int) -> None:
-        r.seq_id = next(self._seq_ids)
         if parent is None:
-            KV_ADD(self.kv, r.seq_id)
+            r.seq_id = self.kv.add()
         else:
-            KV_FORK(self.kv, parent, r.seq_id, shared)
-            if parent in self.cached:
-                self.cached.move_to_end(parent)
+            r.seq_id = self.kv.fork(parent, shared)
+            self.cached.touch(parent)
         r.kv_len, r.canonical_len, r.prefill_len = shared, shared, len(r.prompt_ids)
         r.fork_base = shared - shared % self.page_size
         if r.preemptions:  # a recomputation: the request was counted when it first started
@@ -541,11 +492,9 @@ class Engine:
     def _release(self, r: Request) -> None:
         """Keep a finished sequence for its prefix, or drop it (always, when the request failed)."""
         if not self.prefix_cache or r.error is not None or r.canonical_len < self.canonical_chunk:
-            KV_REMOVE(self.kv, r.seq_id)
+            self.kv.remove(r.seq_id)
             return
-        self.cached[r.seq_id] = (np.asarray(r.reusable_ids()), self._rope_set(r.prompt_ids))
-        while len(self.cached) > self.max_cached_sequences:
-            self._evict(next(iter(self.cached)))
+        self.cached.keep(r.seq_id, np.asarray(r.reusable_ids()), self._rope_set(r.prompt_ids))
 
     # ---- model calls --------------------------------------------------------------------------------
     def _encode(self, prompt: str, raw: bool) -> list[int]:
@@ -571,11 +520,8 @@ class Engine:
 
     def _forward(self, fn, seq_ids: list[int], lengths: list[int], ids: np.ndarray, *extra) -> np.ndarray:
         dev = self.artifact.device
-        KV_BEGIN(self.kv, ShapeTuple(seq_ids), ShapeTuple(lengths))
         args = [tvm.runtime.tensor(ids, dev), *[tvm.runtime.tensor(e, dev) for e in extra]]
-        logits, self.kv = fn(*args, self.kv, self._params)
-        KV_END(self.kv)
-        return logits.numpy()
+        return self.kv.forward(fn, seq_ids, lengths, args, self._params).numpy()
 
     def _prefill_call(
         self, requests: list[Request], budget: int, every_position: bool = False
@@ -613,9 +559,8 @@ class Engine:
         """Make the first canonical chunk of `r` a block of its own (depth 0 of TVM's block tree), as it is in
         every sequence forked from a cached prefix: fork `r` at that boundary (no page is copied: the chunk
         ends on a page boundary) and continue as the fork."""
-        child = next(self._seq_ids)
-        KV_FORK(self.kv, r.seq_id, child, self.canonical_chunk)
-        KV_REMOVE(self.kv, r.seq_id)
+        child = self.kv.fork(r.seq_id, self.canonical_chunk)
+        self.kv.remove(r.seq_id)
         r.seq_id = child
 
     # ---- structured output --------------------------------------------------------------------------

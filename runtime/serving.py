@@ -293,7 +293,7 @@ class ServingEngine:
             "requests_running": len(e.running),
             "requests_waiting": len(e.waiting),
             "kv_cache_tokens_used": e.kv_tokens_used,
-            "kv_cache_tokens_total": e.total_pages * e.page_size,
+            "kv_cache_tokens_total": e.kv.total_pages * e.page_size,
             "cached_sequences": len(e.cached),
             "requests_total": e.counters["requests"],
             "prompt_tokens_total": e.counters["prompt_tokens"],

@@ -180,7 +180,7 @@ def test_small_kv_cache_queues_and_evicts_without_changing_results(artifact, no_
     while eng.has_work:
         eng.step()
         peak = max(peak, len(eng.running))
-        assert eng.kv_tokens_used <= eng.total_pages * eng.page_size
+        assert eng.kv_tokens_used <= eng.kv.total_pages * eng.page_size
     assert 1 < peak < len(prompts)
     assert [r.output_ids for r in requests] == [no_cache_engine.generate(p, params)[0].token_ids for p in prompts]
     assert len(eng.cached) > 0
@@ -240,7 +240,7 @@ def test_running_out_of_kv_pages_preempts_and_recomputes_without_changing_result
     eng.enqueue(requests)
     while eng.has_work:
         eng.step()
-        assert eng.kv_tokens_used <= eng.total_pages * eng.page_size
+        assert eng.kv_tokens_used <= eng.kv.total_pages * eng.page_size
     assert eng.counters["preemptions"] > 0 and any(r.preemptions for r in requests)
     for r, got, (prompt, params) in zip(requests, deltas, jobs):
         alone = no_cache_engine.generate(prompt, params)[0]
