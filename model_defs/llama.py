@@ -14,27 +14,17 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
-from model_defs.common import AttentionLayout, SwiGLU, hf_get, hf_rope
+from model_defs.common import AttentionLayout, ModelConfig, SwiGLU, hf_get, hf_rope, map_name
 
 
 @dataclass
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+class LlamaConfig(ModelConfig):
     rms_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] = field(default_factory=dict)
-    tie_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    sliding_window: int | None = None
-    context_window: int = 4096
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
@@ -145,10 +135,7 @@ def map_hf_name(name: str) -> str | None:
     """GGUF name for an HF tensor name; None for tensors to skip. Raises KeyError for unknown names."""
     if any(re.fullmatch(p, name) for p in HF_IGNORED):
         return None
-    for pattern, repl in HF_NAME_MAP:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, repl, name)
-    raise KeyError(name)
+    return map_name(HF_NAME_MAP, name)
 
 
 def config_from_gguf(meta: dict[str, Any], has_output: bool) -> LlamaConfig:
