@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from artifacts.errors import MlccError
 from model_defs import gemma3
 from model_defs.gemma import convert_hf_tensor
 from model_defs.gemma3 import Gemma3Config, Gemma3Model, map_hf_name
@@ -19,6 +20,14 @@ def config_from_hf(cfg: dict[str, Any]) -> Gemma3Config:
     config.qk_norm = False
     config.attn_softcap = float(cfg.get("attn_logit_softcapping") or 0.0)
     config.final_softcap = float(cfg.get("final_logit_softcapping") or 0.0)
+    return refuse_rope_scaling(config)
+
+
+def refuse_rope_scaling(config: Gemma3Config) -> Gemma3Config:
+    """Gemma 2 would scale every layer's RoPE (one rotary embedding), Gemma 3's config only the global ones';
+    no Gemma 2 release scales."""
+    if config.rope_scaling:
+        raise MlccError(f"Gemma 2 with RoPE scaling ({config.rope_scaling['rope_type']}) is not supported")
     return config
 
 
@@ -37,7 +46,7 @@ def config_from_gguf(meta: dict[str, Any], has_output: bool) -> Gemma3Config:
     config.qk_norm = False
     config.attn_softcap = float(meta.get("attn_logit_softcapping") or 0.0)
     config.final_softcap = float(meta.get("final_logit_softcapping") or 0.0)
-    return config
+    return refuse_rope_scaling(config)
 
 
 Model = Gemma3Model

@@ -56,6 +56,21 @@ VARIANTS = {
             },
         ),
     ),
+    # Gemma 3 4B's RoPE as llama.cpp's GGUF states it: every 6th layer global, its frequencies scaled linearly by
+    # 1/8 (the sliding layers' unscaled), query scale 1/sqrt(head_dim).
+    "gemma3-linear-f32": (
+        "gemma3",
+        "q0f32",
+        dict(
+            num_hidden_layers=6,
+            query_pre_attn_scalar=32,
+            layer_types=["sliding_attention"] * 5 + ["full_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+        ),
+    ),
     # 5 heads of 16, one KV head, tied embeddings, hidden and intermediate sizes not multiples of 32.
     "odd-tied-q4": (
         "llama",

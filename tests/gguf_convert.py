@@ -1,6 +1,7 @@
 """Tiny HF checkpoints written as GGUF files the way llama.cpp's convert_hf_to_gguf.py writes them: gguf-py's
-tensor name map, llama.cpp's metadata keys per architecture, Gemma's norms with the 1 folded in, Phi-3's LongRoPE
-factors as `rope_factors_*` tensors, the tokenizer as a `gpt2` BPE vocabulary. Float32 tensors throughout.
+tensor name map, llama.cpp's metadata keys per architecture (Gemma 3's linear RoPE scaling included), Gemma's norms
+with the 1 folded in, Phi-3's LongRoPE factors as `rope_factors_*` tensors, the tokenizer as a `gpt2` BPE
+vocabulary. Float32 tensors throughout.
 
 Where llama.cpp's converter would do otherwise for these tiny models (Gemma's SentencePiece vocabulary, Phi-2's
 feed-forward length fixed at 4 * hidden), the file follows the checkpoint instead.
@@ -49,6 +50,9 @@ def write_gguf(folder: Path, out: Path) -> Path:
     if model_type == "gemma2":
         writer.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
         writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    if model_type == "gemma3_text" and rope.get("full_attention", {}).get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)  # of the global layers
+        writer.add_rope_scaling_factor(rope["full_attention"]["factor"])
     theta = rope.get("full_attention", rope).get("rope_theta")
     if theta is not None:
         writer.add_rope_freq_base(theta)
