@@ -33,6 +33,8 @@ class Manifest:
     context_window: int
     kv_cache: dict[str, Any]  # page_size, prefill_chunk_size, sliding_window, ...
     chat_template: str | None = None
+    # Adapter slots (`mlcc compile --lora-slots`): slots, rank, dtype, modules {path: {in, out, source}}.
+    lora_slots: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"sha256", "size"}
     format_version: int = FORMAT_VERSION
@@ -134,6 +136,25 @@ def manifest_problem(m: Manifest) -> str | None:
     vocab = m.model_config.get("vocab_size")
     if vocab is not None and not _positive_int(vocab):
         return f"model_config.vocab_size must be a positive integer, not {vocab!r}"
+    return _lora_slots_problem(m.lora_slots)
+
+
+def _lora_slots_problem(section: Any) -> str | None:
+    if section is None:
+        return None
+    if not isinstance(section, dict) or not (
+        _positive_int(section.get("slots")) and _positive_int(section.get("rank"))
+    ):
+        return "lora_slots must give positive integer slots and rank"
+    modules = section.get("modules")
+    if not isinstance(modules, dict) or not all(
+        isinstance(v, dict)
+        and _positive_int(v.get("in"))
+        and _positive_int(v.get("out"))
+        and isinstance(v.get("source"), str)
+        for v in modules.values()
+    ):
+        return "lora_slots.modules must give each module's in, out and source name"
     return None
 
 

@@ -108,7 +108,21 @@ class LoadedArtifact:
                     arrays.update({name: f.get_tensor(name) for name in f.keys()})
             except (SafetensorError, OSError) as e:
                 raise MlccError(f"cannot read weight shard {shard}: {e}") from None
+        arrays.update(_empty_adapter_slots(self.manifest.lora_slots))
         missing = [n for n in self.manifest.weights["params"] if n not in arrays]
         if missing:
             raise MlccError(f"weight shards lack {len(missing)} parameters (e.g. {missing[0]})")
         return [tvm.runtime.tensor(arrays.pop(name), self.device) for name in self.manifest.weights["params"]]
+
+
+def _empty_adapter_slots(section: dict | None) -> dict[str, np.ndarray]:
+    """Zero LoRA factors for every slotted module (the artifact ships none; runtime/adapters.py fills slots)."""
+    if not section:
+        return {}
+    columns = section["slots"] * section["rank"]
+    dtype = np.dtype(section.get("dtype", "float32"))
+    arrays = {}
+    for path, shape in section["modules"].items():
+        arrays[f"{path}.lora.a"] = np.zeros((columns, shape["in"]), dtype)
+        arrays[f"{path}.lora.b"] = np.zeros((shape["out"], columns), dtype)
+    return arrays

@@ -50,6 +50,7 @@ import numpy as np
 import tvm
 
 from artifacts import Manifest, MlccError
+from runtime.adapters import AdapterSlots
 from runtime.artifact import LoadedArtifact
 from runtime.constraints import ConstraintCompiler, apply_mask, check, check_mask, compute_mask, compute_masks
 from runtime.kv_cache import PagedKV, PrefixCache, common_prefix
@@ -121,6 +122,7 @@ class Request:
     error: str | None = None
     matcher: Any = None  # llguidance's LLMatcher of a constrained request, at the tokens generated so far
     mask: np.ndarray | None = None  # the matcher's mask for the next token, once computed
+    adapter: int = -1  # the adapter slot it runs with (-1: the base model); see runtime/adapters.py
 
     @property
     def budget(self) -> int:
@@ -166,10 +168,12 @@ class Engine:
         threads: int | None = None,
         prefix_cache: bool = True,
         prefill_chunk: int | None = None,
+        adapters: dict[str, str | Path] | None = None,
     ):
         """`prefill_chunk`: prompt tokens prefilled per step (default and maximum: the artifact's chunk size;
         at least one canonical chunk of one prompt goes in every step); smaller keeps running requests'
-        inter-token latency lower while long prompts arrive."""
+        inter-token latency lower while long prompts arrive. `adapters`: name -> PEFT LoRA adapter folder,
+        loaded into the artifact's adapter slots (`mlcc compile --lora-slots`); requests pick one by name."""
         self.threads = threads or os.cpu_count() or 1
         set_threads(self.threads)
         self.artifact = LoadedArtifact(artifact, verify=verify)
@@ -197,6 +201,9 @@ class Engine:
         self._prefill = self.artifact.vm["batch_prefill"]
         self._decode = self.artifact.vm["batch_decode"]
         self._params = self.artifact.params
+        self.adapters = AdapterSlots(m.lora_slots, m.weights["params"], self._params, self.artifact.device)
+        for name, path in (adapters or {}).items():
+            self.adapters.load(name, path)
         self._arrivals = itertools.count()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -204,7 +211,8 @@ class Engine:
         self.can_fork = not m.kv_cache.get("sliding_window")
         self.prefix_cache = prefix_cache and self.can_fork
         # LongRoPE: prompts longer than this are rotated with other factors, so prefill passes prompt lengths
-        # and a prefix is reused only between prompts on the same side of it (0: no such model).
+        # and a prefix is reused only between prompts on the same side of it (0: no such model). Likewise
+        # only between requests of the same adapter.
         self.rope_switch_length = int(m.kv_cache.get("rope_switch_length") or 0)
         # Finished sequences kept for their prefixes.
         self.cached = PrefixCache(self.kv, 4 * self.max_batch_size, self.canonical_chunk)
@@ -229,9 +237,11 @@ class Engine:
         prompts = [prompts] if isinstance(prompts, str) else prompts
         return self.generate_ids([self._encode(p, raw) for p in prompts], params)
 
-    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams | None = None) -> list[Result]:
+    def generate_ids(
+        self, prompt_ids: list[list[int]], params: SamplingParams | None = None, adapter: str | None = None
+    ) -> list[Result]:
         params = params or SamplingParams()
-        requests = [r for ids in prompt_ids for r in self.make_requests(list(ids), params)]
+        requests = [r for ids in prompt_ids for r in self.make_requests(list(ids), params, adapter=adapter)]
         self.enqueue(requests)
         while any(r.finish_reason is None for r in requests):
             self.step()
@@ -245,19 +255,26 @@ class Engine:
         """Streams the assistant's reply to a conversation, rendered with the model's chat template."""
         return self._stream(self.tokenizer.encode_chat(messages), params)
 
-    def prefill_logits(self, prompt_ids: list[list[int]]) -> np.ndarray:
+    def load_adapter(self, name: str, path: str | Path, scale: float = 1.0) -> None:
+        """Load a PEFT LoRA adapter into a free adapter slot; requests then pick it by `name`."""
+        self.adapters.load(name, path, scale)
+
+    def prefill_logits(self, prompt_ids: list[list[int]], adapter: str | None = None) -> np.ndarray:
         """Last-token logits [batch, vocab] of fresh sequences prefilled together as requests' prompts are (so
         equal to a request's first-token logits); leaves no state."""
-        return np.stack([rows[-1] for rows in self._prefill_fresh(prompt_ids, every_position=False)])
+        return np.stack([rows[-1] for rows in self._prefill_fresh(prompt_ids, False, adapter)])
 
-    def prompt_logits(self, ids: list[int]) -> np.ndarray:
+    def prompt_logits(self, ids: list[int], adapter: str | None = None) -> np.ndarray:
         """Logits [len(ids), vocab] at every position of one fresh sequence (for perplexity and references),
         prefilled as a request's prompt is; leaves no state."""
-        return np.concatenate(self._prefill_fresh([ids], every_position=True)[0])
+        return np.concatenate(self._prefill_fresh([ids], True, adapter)[0])
 
-    def _prefill_fresh(self, prompt_ids: list[list[int]], every_position: bool) -> list[list[np.ndarray]]:
+    def _prefill_fresh(
+        self, prompt_ids: list[list[int]], every_position: bool, adapter: str | None = None
+    ) -> list[list[np.ndarray]]:
         """Per prompt, the logits of each prefill call of fresh sequences; they are removed afterwards."""
-        requests = [self.make_requests(list(ids), SamplingParams(max_tokens=1))[0] for ids in prompt_ids]
+        params = SamplingParams(max_tokens=1)
+        requests = [self.make_requests(list(ids), params, adapter=adapter)[0] for ids in prompt_ids]
         self._make_room(sum(self.kv.pages_needed(len(r.prompt_ids), 0) for r in requests))
         for r in requests:
             r.seq_id, r.prefill_len = self.kv.add(), len(r.prompt_ids)
@@ -292,10 +309,16 @@ class Engine:
         return min(self.context_window * self.max_batch_size, budget)
 
     def make_requests(
-        self, prompt_ids: list[int], params: SamplingParams, on_delta: Callable[[Delta], None] | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_delta: Callable[[Delta], None] | None = None,
+        adapter: str | None = None,
     ) -> list[Request]:
-        """Checked requests for `params.n` completions of one prompt; touches no engine state (any thread)."""
+        """Checked requests for `params.n` completions of one prompt, with the adapter named `adapter` (None: the
+        base model); touches no engine state (any thread)."""
         params.validate(self.vocab_size)
+        slot = self.adapters.slot(adapter)
         n = len(prompt_ids)
         if n == 0:
             raise MlccError("the prompt is empty")
@@ -319,6 +342,7 @@ class Engine:
                 self._rng(params.seed, i),
                 IncrementalDecoder(self.tokenizer, prompt_ids),
                 matcher=matcher.deep_copy() if matcher is not None and i else matcher,
+                adapter=slot,
             )
             for i in range(params.n)
         ]
@@ -366,7 +390,8 @@ class Engine:
             if decoding:
                 # the next token each sequence has not yet in its KV: its last output, or one being replayed
                 ids = np.array([r.all_ids()[r.kv_len] for r in decoding], dtype="int32")
-                logits = self._forward(self._decode, [r.seq_id for r in decoding], [1] * len(decoding), ids)
+                slots = [np.array([r.adapter for r in decoding], dtype="int32")] if self.adapters.capacity else []
+                logits = self._forward(self._decode, [r.seq_id for r in decoding], [1] * len(decoding), ids, *slots)
                 for r, row in zip(decoding, logits):
                     r.kv_len += 1
                     if r.kv_len == len(r.all_ids()):
@@ -397,20 +422,19 @@ class Engine:
         """Pages `r` needs to start: what it prefills plus a page of output (no more than it can ever hold)."""
         return self.kv.pages_needed(min(len(r.all_ids()) + self.page_size, r.budget), shared)
 
-    def _longest_prefix(self, prompt_ids: list[int]) -> tuple[int | None, int]:
+    def _longest_prefix(self, r: Request) -> tuple[int | None, int]:
         """(sequence id, shared tokens) of the best sequence to fork: shared tokens are whole canonical chunks of
         its reusable KV, and at least one prompt token stays to prefill."""
         if not self.prefix_cache:
             return None, 0
-        rope_set = self._rope_set(prompt_ids)
-        running = [
-            (r.seq_id, np.asarray(r.reusable_ids())) for r in self.running if self._rope_set(r.prompt_ids) == rope_set
-        ]
-        return self.cached.longest_prefix(np.asarray(prompt_ids[:-1]), rope_set, running)
+        kind = self._kv_kind(r)
+        running = [(a.seq_id, np.asarray(a.reusable_ids())) for a in self.running if self._kv_kind(a) == kind]
+        return self.cached.longest_prefix(np.asarray(r.prompt_ids[:-1]), kind, running)
 
-    def _rope_set(self, prompt_ids: list[int]) -> bool:
-        """Whether a prompt's KV is rotated with LongRoPE's long factors (KV of the other set is not reusable)."""
-        return 0 < self.rope_switch_length < len(prompt_ids)
+    def _kv_kind(self, r: Request) -> tuple[bool, int]:
+        """What a sequence's KV was computed with besides its tokens: LongRoPE's factor set (long or short) and
+        the adapter. Prefixes are shared only between sequences of one kind."""
+        return 0 < self.rope_switch_length < len(r.prompt_ids), r.adapter
 
     def _make_room(self, pages: int) -> None:
         while self._spare_pages() < pages:
@@ -451,11 +475,11 @@ class Engine:
 
     def _place(self, r: Request) -> tuple[int | None, int] | None:
         """(sequence to fork or None, shared tokens) for `r`, evicting cached sequences to fit; None if it can't."""
-        parent, shared = self._longest_prefix(r.prompt_ids)
+        parent, shared = self._longest_prefix(r)
         while self._spare_pages() < self._admission_pages(r, shared):
             if not self.cached.evict_one(keep=parent):
                 return None
-            parent, shared = self._longest_prefix(r.prompt_ids)
+            parent, shared = self._longest_prefix(r)
         return parent, shared
 
     def _shares_more_later(self, r: Request, shared: int) -> bool:
@@ -463,12 +487,12 @@ class Engine:
         if not self.prefix_cache:
             return False
         tokens = np.asarray(r.prompt_ids[:-1])
-        rope_set = self._rope_set(r.prompt_ids)
+        kind = self._kv_kind(r)
         longest = max(
             (
                 common_prefix(tokens, np.asarray(a.all_ids()[: a.prefill_len]))
                 for a in self.running
-                if a.prefilling and self._rope_set(a.prompt_ids) == rope_set
+                if a.prefilling and self._kv_kind(a) == kind
             ),
             default=0,
         )
@@ -494,7 +518,7 @@ class Engine:
         if not self.prefix_cache or r.error is not None or r.canonical_len < self.canonical_chunk:
             self.kv.remove(r.seq_id)
             return
-        self.cached.keep(r.seq_id, np.asarray(r.reusable_ids()), self._rope_set(r.prompt_ids))
+        self.cached.keep(r.seq_id, np.asarray(r.reusable_ids()), self._kv_kind(r))
 
     # ---- model calls --------------------------------------------------------------------------------
     def _encode(self, prompt: str, raw: bool) -> list[int]:
@@ -545,6 +569,8 @@ class Engine:
         extra = [positions]
         if self.rope_switch_length:  # each token's whole prompt length (see rope_switch_length)
             extra.append(np.repeat([len(r.prompt_ids) for r, _ in batch], lengths).astype("int32"))
+        if self.adapters.capacity:  # each token's adapter slot
+            extra.append(np.repeat([r.adapter for r, _ in batch], lengths).astype("int32"))
         logits = self._forward(self._prefill, [r.seq_id for r, _ in batch], lengths, ids, *extra)
         out = []
         for (r, take), end in zip(batch, ends):

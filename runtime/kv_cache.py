@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import numpy as np
@@ -88,12 +88,13 @@ class PagedKV:
 
 class PrefixCache:
     """Finished sequences kept in `kv` for their prefixes, at most `max_sequences`, least recently used first
-    out. Each is kept with its reusable token ids and its rope set (KV of one set is not reusable by the other);
-    prefixes are shared in whole chunks of `chunk` tokens."""
+    out. Each is kept with its reusable token ids and its kind (what else its KV was computed with: see
+    Engine._kv_kind; KV of one kind is not reusable by another); prefixes are shared in whole chunks of `chunk`
+    tokens."""
 
     def __init__(self, kv: PagedKV, max_sequences: int, chunk: int):
         self.kv, self.max_sequences, self.chunk = kv, max_sequences, chunk
-        self.sequences: OrderedDict[int, tuple[np.ndarray, bool]] = OrderedDict()  # seq id -> (tokens, rope set)
+        self.sequences: OrderedDict[int, tuple[np.ndarray, Hashable]] = OrderedDict()  # seq id -> (tokens, kind)
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -101,9 +102,9 @@ class PrefixCache:
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self.sequences
 
-    def keep(self, seq_id: int, tokens: np.ndarray, rope_set: bool) -> None:
+    def keep(self, seq_id: int, tokens: np.ndarray, kind: Hashable) -> None:
         """Keep a finished sequence whose first `tokens` may be forked; the oldest go beyond `max_sequences`."""
-        self.sequences[seq_id] = (tokens, rope_set)
+        self.sequences[seq_id] = (tokens, kind)
         while len(self.sequences) > self.max_sequences:
             self._evict(next(iter(self.sequences)))
 
@@ -128,13 +129,13 @@ class PrefixCache:
         return tokens - tokens % self.chunk
 
     def longest_prefix(
-        self, prompt: np.ndarray, rope_set: bool, running: Iterable[tuple[int, np.ndarray]] = ()
+        self, prompt: np.ndarray, kind: Hashable, running: Iterable[tuple[int, np.ndarray]] = ()
     ) -> tuple[int | None, int]:
         """(sequence id, shared tokens) of the sequence sharing the most whole chunks with `prompt`: a cached one
-        of `rope_set`, or one of `running` ((seq id, reusable tokens) of live sequences); (None, 0) if none.
+        of `kind`, or one of `running` ((seq id, reusable tokens) of live sequences); (None, 0) if none.
         On a tie the least recently used cached sequence wins, then the first running one."""
         candidates = itertools.chain(
-            ((seq_id, tokens) for seq_id, (tokens, s) in self.sequences.items() if s == rope_set), running
+            ((seq_id, tokens) for seq_id, (tokens, k) in self.sequences.items() if k == kind), running
         )
         best: tuple[int | None, int] = (None, 0)
         for seq_id, tokens in candidates:

@@ -11,27 +11,15 @@ import torch
 
 peft = pytest.importorskip("peft")
 
-from transformers import AutoModelForCausalLM  # noqa: E402
+from tiny_models import make_adapter, merged_reference  # noqa: E402
 
 from artifacts.errors import MlccError  # noqa: E402
-from compiler.lora import LoraMerge, load_adapter  # noqa: E402
+from artifacts.peft import load_adapter  # noqa: E402
+from compiler.lora import LoraMerge  # noqa: E402
 from compiler.source import resolve_model  # noqa: E402
 from runtime import Engine, SamplingParams  # noqa: E402
 
 PROMPTS = ["Once upon a time there was", "def main():\n    print("]
-
-
-def make_adapter(base: Path, folder: Path, seed: int, **config) -> Path:
-    """A PEFT LoRA adapter with random A and B (PEFT starts B at zero, which would change nothing)."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    lora = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **config))
-    with torch.no_grad():
-        for name, param in lora.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                param.copy_(torch.randn_like(param) * 0.2)
-    lora.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +41,6 @@ def adapters(hf_folder, tmp_path_factory) -> tuple[Path, list[Path]]:
         base, root / "b", 2, r=3, lora_alpha=5, target_modules=["k_proj", "up_proj"], modules_to_save=["lm_head"]
     )
     return base, [first, second]
-
-
-def merged_reference(base: Path, adapters: list[Path]) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    for adapter in adapters:
-        model = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return model.eval()
 
 
 def test_merged_tensors_equal_peft_merge(adapters):

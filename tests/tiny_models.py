@@ -130,3 +130,28 @@ def make_model(arch: str, folder: Path, seed: int = 0, **overrides) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def make_adapter(base: Path, folder: Path, seed: int, **config) -> Path:
+    """A PEFT LoRA adapter with random A and B (PEFT starts B at zero, which would change nothing)."""
+    import peft
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    lora = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **config))
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                param.copy_(torch.randn_like(param) * 0.2)
+    lora.save_pretrained(folder)
+    return folder
+
+
+def merged_reference(base: Path, adapters: list[Path]) -> torch.nn.Module:
+    """transformers + PEFT with `adapters` merged in, in order."""
+    import peft
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    for adapter in adapters:
+        model = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.eval()

@@ -1,0 +1,80 @@
+"""LoRA adapters loaded into the adapter slots of an artifact built with `mlcc compile --lora-slots N`.
+
+Each slotted linear holds `lora.a` [slots * rank, in] and `lora.b` [out, slots * rank] (see compiler/lora_slots.py).
+Loading a PEFT adapter into slot k writes its A into rows k*rank.. of `a` and its scaled B into the same columns
+of `b`; a lower rank leaves the rest zero. Requests then name the adapter, and sequences with different
+adapters (or none) share a batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+
+from artifacts.errors import MlccError
+from artifacts.peft import load_adapter
+
+
+class AdapterSlots:
+    """Adapter name -> slot, and the slot contents inside an artifact's parameter list."""
+
+    def __init__(self, section: dict[str, Any] | None, param_names: list[str], params: list, device: Any):
+        self.section = section or {}
+        self.params, self.device = params, device
+        self.index = {name: i for i, name in enumerate(param_names)}
+        self.slots: dict[str, int] = {}
+        # checkpoint module name (PEFT's) -> the model's module path
+        self.by_source = {info["source"]: path for path, info in self.section.get("modules", {}).items()}
+
+    @property
+    def capacity(self) -> int:
+        return int(self.section.get("slots", 0))
+
+    def slot(self, name: str | None) -> int:
+        """The slot of adapter `name` (-1: the base model, for None)."""
+        if name is None:
+            return -1
+        if name not in self.slots:
+            known = ", ".join(self.slots) or "none loaded"
+            raise MlccError(f"unknown adapter {name!r} (adapters: {known})")
+        return self.slots[name]
+
+    def load(self, name: str, path: str | Path, scale: float = 1.0) -> int:
+        """Load the PEFT LoRA adapter at `path` into the next free slot as `name`; returns the slot."""
+        if not self.capacity:
+            raise MlccError("this artifact has no adapter slots; compile it with --lora-slots N")
+        if name in self.slots:
+            raise MlccError(f"adapter {name!r} is loaded already")
+        if len(self.slots) == self.capacity:
+            raise MlccError(f"all {self.capacity} adapter slots are taken")
+        adapter = load_adapter(path, scale)
+        unsupported = [*adapter.bias_deltas, *adapter.replacements]
+        if unsupported:
+            raise MlccError(
+                f"{adapter.path}: changes {unsupported[0]} (saved modules and bias LoRA need merging: mlcc compile "
+                "--lora)"
+            )
+        slot, rank = len(self.slots), int(self.section["rank"])
+        updates: dict[str, np.ndarray] = {}
+        for tensor, (a, b, s) in adapter.factors.items():
+            path = self.by_source.get(tensor.removesuffix(".weight"))
+            if path is None:
+                raise MlccError(f"{adapter.path}: adapts {tensor}, which has no adapter slot (block linears only)")
+            if a.shape[0] > rank:
+                raise MlccError(f"{adapter.path}: {tensor} has rank {a.shape[0]}; the slots hold up to {rank}")
+            a_name, b_name = f"{path}.lora.a", f"{path}.lora.b"
+            a_all = updates.get(a_name, self.params[self.index[a_name]].numpy())
+            b_all = updates.get(b_name, self.params[self.index[b_name]].numpy())
+            if a.shape[1] != a_all.shape[1] or b.shape[0] != b_all.shape[0]:
+                raise MlccError(f"{adapter.path}: {tensor}'s factors do not fit the model's {path}")
+            columns = slice(slot * rank, slot * rank + a.shape[0])
+            a_all[columns] = a
+            b_all[:, columns] = s * b
+            updates[a_name], updates[b_name] = a_all, b_all
+        for param, value in updates.items():
+            self.params[self.index[param]] = tvm.runtime.tensor(value, self.device)
+        self.slots[name] = slot
+        return slot
