@@ -87,7 +87,8 @@ REGISTRY: list[Architecture] = [
         "model_defs.gemma3",
         ("gemma3_text",),
         "gemma3",
-        "tiny HF model vs transformers; Gemma 3 270M GGUF vs transformers and llama.cpp",
+        "tiny HF models vs transformers, linear RoPE scaling as 4B+; its GGUF equals the HF build; Gemma 3 270M GGUF"
+        " vs transformers and llama.cpp",
     ),
     Architecture(
         "mixtral",

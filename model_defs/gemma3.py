@@ -10,6 +10,8 @@ llama.cpp. Norm weights follow the GGUF convention, where Gemma's (1 + w) is alr
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,13 +182,23 @@ class LinearScaledRope(nn.Module):
         return op.reshape(out, x.shape)
 
 
+def powf(x: float, y: float) -> float:
+    """The C library's powf, which ggml calls for the angle step."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.powf.restype, libm.powf.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
+    return float(libm.powf(x, y))
+
+
+def fma(a: tirx.PrimExpr, b: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
+    """a * b + c in float32, rounded once (GCC contracts ggml's rotation so)."""
+    return tirx.call_llvm_pure_intrin("float32", "llvm.fma.f32", a, b, c)
+
+
 @functools.cache
 def scaled_rope_kernel(heads: int, dim: int, theta: float, freq_scale: float, dtype: str) -> tirx.PrimFunc:
     """x [n, heads, dim] rotated at positions [n]; see LinearScaledRope."""
-    from quant_schemes.gguf_exact import fma, ggml_theta_scale  # llama.cpp's arithmetic lives there
-
     half = dim // 2
-    theta_scale = ggml_theta_scale(theta, dim)
+    theta_scale = powf(theta, float(np.float32(-2.0) / np.float32(dim)))  # powf(base, -2.0f / n_dims)
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, var_pos: T.handle, var_y: T.handle):
