@@ -76,6 +76,8 @@ class Gemma3Config(ModelConfig):
 def config_from_gguf(meta: dict[str, Any], has_output: bool) -> Gemma3Config:
     heads = meta["attention.head_count"]
     head_dim = meta.get("attention.key_length", meta["embedding_length"] // heads)
+    # not stored: llama.cpp takes hidden / heads for the 27B shape (62 layers), head_dim otherwise, as does this
+    query_scalar = meta["embedding_length"] // heads if meta["block_count"] == 62 else head_dim
     return Gemma3Config(
         vocab_size=meta["vocab_size"],
         hidden_size=meta["embedding_length"],
@@ -88,7 +90,7 @@ def config_from_gguf(meta: dict[str, Any], has_output: bool) -> Gemma3Config:
         rope_theta=float(meta.get("rope.freq_base", 1_000_000.0)),
         rope_local_theta=float(meta.get("rope.freq_base_swa", 10_000.0)),
         sliding_window=meta.get("attention.sliding_window"),
-        query_scale=float(np.float32(1) / np.sqrt(np.float32(head_dim))),  # as llama.cpp rounds it
+        query_scale=float(np.float32(1) / np.sqrt(np.float32(query_scalar))),  # as llama.cpp rounds it
         tie_embeddings=not has_output,
         context_window=int(meta.get("context_length", 32768)),
         rope_scaling=gguf_rope_scaling(meta),

@@ -179,7 +179,8 @@ def test_gguf_default_numerics_stay_close_to_the_hf_build(variant, gguf_engine, 
 
 def test_gemma3_rope_scaling_from_gguf_and_hf():
     """Gemma 3 4B+: linear RoPE scaling of the global layers only, as llama.cpp's metadata and transformers'
-    config (older top-level `rope_scaling` or per-layer-kind `rope_parameters`) state it."""
+    config (older top-level `rope_scaling` or per-layer-kind `rope_parameters`) state it; the 27B's query scale,
+    which its GGUF file does not store."""
     gemma3 = get_arch("gemma3")
     meta = {
         "vocab_size": 384,
@@ -198,6 +199,10 @@ def test_gemma3_rope_scaling_from_gguf_and_hf():
         assert gemma3.config_from_gguf({**meta, **keys}, False).rope_scaling == scaling
     with pytest.raises(MlccError, match="unsupported RoPE scaling 'yarn'"):
         gemma3.config_from_gguf({**meta, "rope.scaling.type": "yarn", "rope.scaling.factor": 8.0}, False)
+    big = {**meta, "embedding_length": 5376, "attention.head_count": 32, "attention.key_length": 128}
+    for layers, scalar in [(48, 128), (62, 168)]:  # 12B: head_dim; 27B: hidden / heads
+        scale = gemma3.config_from_gguf({**big, "block_count": layers}, False).query_scale
+        assert scale == pytest.approx(scalar**-0.5, rel=1e-6)
     with pytest.raises(MlccError, match="Gemma 2 with RoPE scaling"):  # it would scale every layer
         get_arch("gemma2").config_from_gguf({**meta, "rope.scaling.factor": 8.0}, False)
     hf = dict(  # Gemma 3 4B's config.json, shrunk
