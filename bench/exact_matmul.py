@@ -1,4 +1,4 @@
-"""Speed of the llama.cpp-exact GGUF matmul kernels (quant_schemes/gguf_exact*.py) next to the `gguf-fast` ones.
+"""Speed of the llama.cpp-exact GGUF matmul kernels (kernels/matmul_llamacpp*.py) next to the `gguf-fast` ones.
 
     TVM_NUM_THREADS=1 python bench/exact_matmul.py [--tokens 1 128]
 
@@ -25,16 +25,18 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_gguf_exact import _blocks  # noqa: E402
 
 from compiler.targets import TargetRequest, resolve_target, strict_float  # noqa: E402
-from quant_schemes import gguf_exact  # noqa: E402
-from quant_schemes.gguf_int8 import INTERLEAVED, has_vnni, int8_matmul, interleave_rows  # noqa: E402
+from kernels.matmul_int8 import int8_matmul  # noqa: E402
+from kernels.matmul_llamacpp import llamacpp_matmul  # noqa: E402
+from kernels.repack import GROUP_LAYOUTS, INTERLEAVED, group_rows, interleave_rows  # noqa: E402
+from kernels.simd import has_vnni  # noqa: E402
 
 SHAPES = [(Q.Q5_0, 640, 2048), (Q.Q8_0, 640, 256), (Q.Q4_1, 576, 1536), (Q.Q4_K, 2048, 640), (Q.Q6_K, 2048, 640)]
 
 
 def kernels(qtype: Q, n_in: int, n_out: int, raw: np.ndarray, vnni: bool):
-    yield "exact", gguf_exact.exact_matmul(qtype, n_in, n_out), gguf_exact.group_rows(raw, qtype)
-    if vnni and qtype in gguf_exact.GROUP_LAYOUTS:
-        yield "exact+vnni", gguf_exact.exact_matmul(qtype, n_in, n_out, True), gguf_exact.group_rows(raw, qtype)
+    yield "exact", llamacpp_matmul(qtype, n_in, n_out), group_rows(raw, qtype)
+    if vnni and qtype in GROUP_LAYOUTS:
+        yield "exact+vnni", llamacpp_matmul(qtype, n_in, n_out, True), group_rows(raw, qtype)
     interleaved = qtype in INTERLEAVED
     data = interleave_rows(raw, qtype) if interleaved else raw
     yield "fast", int8_matmul(qtype, n_in, n_out, raw.shape[1], interleaved), data

@@ -29,12 +29,14 @@ from tvm.s_tir import dlight as dl
 from artifacts.errors import MlccError
 from artifacts.partials import process_alive
 from compiler.cpu_attention import cpu_attention
-from compiler.cpu_rope import RopeSpec
 from compiler.cpu_schedule import cpu_schedule, fast_gelu
 from compiler.cuda_aot import fatbin_packer
 from compiler.entry_points import PARAM_PREFIX, EntryPoints
+from compiler.numerics import numerics_target, use_numerics
 from compiler.progress import TVM_NOISE, stderr_without
-from compiler.targets import TargetRequest, TargetSpec, resolve_target, strict_float
+from compiler.targets import TargetRequest, TargetSpec, resolve_target
+from kernels.numerics import Numerics
+from kernels.rope import RopeSpec
 from model_defs import get_arch
 from quant_schemes import QuantScheme
 
@@ -44,13 +46,13 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _cpu_pipeline(
-    target: tvm.target.Target, window_size: int | None, rope: RopeSpec | None, llamacpp: bool, softcap: float = 0.0
+    target: tvm.target.Target, window_size: int | None, rope: RopeSpec | None, numerics: Numerics, softcap: float = 0.0
 ) -> tvm.transform.Pass:
     """TVM's CPU pipeline with mlcc's attention kernels and matmul schedule."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     passes = (
-        [cpu_attention(window_size, rope, llamacpp, softcap)]  # TVM's CPU attention and RoPE kernels are serial, scalar
+        [cpu_attention(window_size, rope, numerics, softcap)]  # TVM's CPU attention and RoPE kernels are serial, scalar
         + [fast_gelu]  # libm's tanh is scalar
         + cpu_generic.library_dispatch_passes(target)
         # x @ permute_dims(W) as one kernel reading W's rows, not a transposed copy of W on every call.
@@ -107,7 +109,7 @@ def build_library(
     out: Path,
     window_size: int | None = None,
     rope: RopeSpec | None = None,
-    llamacpp: bool = False,
+    numerics: Numerics = Numerics.MLCC,
     softcap: float = 0.0,
 ) -> None:
     """Lower with the target's fusing pipeline and export the library to `out` (.so, or .tar of objects).
@@ -115,7 +117,7 @@ def build_library(
     window_size: the sliding window of the module's KV cache kernels, if they have one; softcap: the
     attention scores' soft cap (Gemma 2), which only mlcc's CPU kernels apply."""
     if spec.device == "cpu":
-        pipeline = _cpu_pipeline(spec.target, window_size, rope, llamacpp, softcap)
+        pipeline = _cpu_pipeline(spec.target, window_size, rope, numerics, softcap)
     elif softcap:
         raise MlccError(f"attention soft-capping (Gemma 2) is implemented for CPU targets only, not {spec.name}")
     else:
@@ -133,27 +135,27 @@ def build_library(
 
 @dataclass
 class BuildJob:
-    """Everything the child needs to rebuild the model and compile it; plain picklable data."""
+    """Everything the child needs to rebuild the model and compile it; plain picklable data. `scheme` is
+    prepared for the target already, and `numerics` is what compile decided."""
 
     arch: str
     config: Any
     scheme: QuantScheme
     target: TargetRequest
     library: Path
+    numerics: Numerics = Numerics.MLCC
 
 
 def export_and_build(job: BuildJob) -> list[str]:
     """Export the model's entry points and build the library; returns the parameter order."""
-    spec = resolve_target(job.target)
-    job.scheme.prepare(spec.target)
-    llamacpp = bool(getattr(job.scheme, "llamacpp_numerics", False))
-    if llamacpp:
-        spec = strict_float(spec)
+    spec = numerics_target(resolve_target(job.target), job.numerics)
     net = get_arch(job.arch).Model(job.config)
     job.scheme.quantize_model(net)
-    entry = EntryPoints(net, spec.target, job.scheme.dtype, llamacpp)
+    use_numerics(net, job.numerics)
+    entry = EntryPoints(net, spec.target, job.scheme.dtype, job.numerics)
     mod, named_params = entry.export_tvm(spec=entry.spec())
-    build_library(mod, spec, job.library, entry.kv_window, entry.cache_rope, llamacpp, entry.layout.attn_softcap)
+    softcap = entry.layout.attn_softcap
+    build_library(mod, spec, job.library, entry.kv_window, entry.cache_rope, job.numerics, softcap)
     return [name.removeprefix(PARAM_PREFIX) for name, _ in named_params]
 
 

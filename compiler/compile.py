@@ -26,9 +26,11 @@ from compiler.build import BuildJob, build_in_child_process
 from compiler.experts import stack_expert_shapes, stack_experts
 from compiler.gguf_source import GGUFSource
 from compiler.lora import Adapter, LoraMerge, load_adapter
+from compiler.numerics import numerics_target, use_numerics
 from compiler.source import ModelSource, resolve_model
-from compiler.targets import TargetRequest, resolve_target, strict_float
+from compiler.targets import TargetRequest, resolve_target
 from compiler.weight_shapes import SourceShapes, check_weight_shapes
+from kernels.numerics import Numerics
 from model_defs import arch_for_gguf, arch_for_model_type, get_arch, get_entry
 from quant_schemes import QuantScheme, convert_tensor, get_scheme
 from quant_schemes.gguf_native import GGUFNativeScheme
@@ -77,12 +79,13 @@ def compile_model(
     arch_name, config, scheme, tensors, write_tokenizer, shapes = plan
 
     scheme.prepare(target_spec.target)
-    if getattr(scheme, "llamacpp_numerics", False):
-        target_spec = strict_float(target_spec)  # as the build does (compiler/build.py)
+    numerics = scheme.numerics  # decided here, once: the build job and the manifest carry it
+    target_spec = numerics_target(target_spec, numerics)
     net = get_arch(arch_name).Model(config)
     check_weight_shapes(net, shapes(), config.tie_embeddings)
     for note in scheme.quantize_model(net):  # tensors padded or kept wider, for the compile summary
         progress(note)
+    use_numerics(net, numerics)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = partial_path(output)
@@ -90,7 +93,7 @@ def compile_model(
     staging.mkdir()
     try:
         progress(f"building the library: {arch_name} ({scheme.name}) for {target_spec.name}, with TVM")
-        job = BuildJob(arch_name, config, scheme, target_request, staging / target_spec.library_name)
+        job = BuildJob(arch_name, config, scheme, target_request, staging / target_spec.library_name, numerics)
         param_names = build_in_child_process(job)
         progress("converting the weights")
         shards = _convert_weights(tensors, net, param_names, staging, config.tie_embeddings)
@@ -193,7 +196,7 @@ def _plan_gguf(path: Path, arch: str | None, quant: str | None) -> Plan:
         scheme: QuantScheme = GGUFNativeScheme(
             source.tensor_types(),
             activations=activations,
-            llamacpp=quant != "gguf-fast",
+            numerics=Numerics.MLCC if quant == "gguf-fast" else Numerics.LLAMACPP,
             rows=source.tensor_rows(),
             elements={name: int(np.prod(shape)) for name, shape in source.tensor_shapes().items()},
         )

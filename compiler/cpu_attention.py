@@ -1,716 +1,120 @@
-"""Faster CPU attention kernels for TVM's paged KV cache: decode, prefill against the cache, and prefill of
-the new tokens among themselves (ragged).
+"""A compiler pass that swaps TVM 0.27's serial, scalar CPU kernels of the paged KV cache (decode attention,
+paged and ragged prefill attention, the RoPE applied to q and k) for mlcc's (kernels/attention.py,
+kernels/rope.py), in the build's numerics.
 
-TVM 0.27's CPU kernels walk one (sequence, head) at a time on one thread, with scalar loops and a softmax
-rescale of the whole output row after every key; at a context of a few hundred tokens decode attention costs
-as much as all the model's matmuls. These keep TVM's signatures and arithmetic (online softmax in base 2)
-but run in parallel (prefill: a token's query heads that share a KV head, so each K/V row is read once for
-all of them; decode: each query head), score 8 keys at a time with their dot products accumulated side by
-side in vector registers, take exp2 with vector instructions, and rescale once per 16 keys.
-
-mlcc's caches apply RoPE when K is appended (or the model applies it), never inside attention, so the kernel
-reads K as stored and ignores `rotary_mode`.
+A kernel is swapped only where mlcc's has TVM's kernel's very signature (the same parameters, of the same
+kinds, in the same order); otherwise TVM's stays.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-
 import tvm
 from tvm import tirx
-from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _get_kv_chunk_len, _get_seq_offset
-from tvm.script import tirx as T
 
 from artifacts.errors import MlccError
-from compiler.cpu_rope import SYMBOL as ROPE_SYMBOL
-from compiler.cpu_rope import RopeSpec
-from compiler.cpu_rope import replacement as rope_replacement
-from quant_schemes.gguf_exact import fma, hsum8, lane_sum, v_expf
-from quant_schemes.vector_exprs import row_sums, tree_sum
-
-TILE = 16  # cached tokens scored per softmax update
-EMPTY_LSE = -5e4  # the log-sum-exp of no keys, as TVM's kernels leave it: its merge weight is exactly 0
-LANES = 8
-LOG2E = math.log2(math.e)
-DECODE_SYMBOL = "batch_decode_paged_kv_cpu"
-PAGED_PREFILL_SYMBOL = "batch_prefill_paged_kv_cpu"
-RAGGED_PREFILL_SYMBOL = "batch_prefill_ragged_kv"  # the CPU pipeline only ever sees TVM's CPU variant
-
-
-@T.macro(hygienic=False)
-def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap):
-    """Online softmax (base 2) of `heads` queries that share their keys (the query heads of one KV head, or
-    one query) over `length` keys, 16 keys per rescale; rows `first .. first + heads` of the scratch buffers.
-
-    keys.locate(i): where key i is stored; keys.k_rows[*keys.key_index(loc), d]: element d of that key;
-    keys.values(loc, d): LANES elements of its value from d. Dot products and output rows accumulate in
-    registers, several independent chains at a time (one chain is bound by the add's latency). As TVM's
-    kernels, the running sum starts with a phantom 1 at score -5e4 that vanishes once a real score arrives.
-    softcap: scores (natural units) become softcap * tanh(score / softcap) first (Gemma 2); 0 for none."""
-    chains = T.meta_var(_chains(dim))
-    for g in range(heads):
-        state[first + g, 0] = T.float32(-5e4)  # running max
-        state[first + g, 1] = T.float32(1)  # running sum
-    for tile in range((length + TILE - 1) // TILE):
-        for r in range(TILE):  # keys past the end repeat the last one (scored -inf below, so weight 0)
-            where[first, r] = keys.locate(T.min(tile * TILE + r, length - 1))
-        for g in range(heads):
-            state[first + g, 2] = state[first + g, 0]  # the tile's new max
-            for part in range(TILE // LANES):
-                dots = T.alloc_buffer((LANES, LANES), "float32", scope="local")  # 8 keys' partial dots
-                for j in T.unroll(LANES):
-                    dots[j, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-                for c in range(dim // (LANES * chains)):
-                    for j in T.unroll(LANES):
-                        loc = T.meta_var(where[first, part * LANES + j])
-                        step = T.meta_var(_partial_dot(keys, loc, first + g, c * chains * LANES, chains))
-                        dots[j, T.Ramp(0, 1, LANES)] = dots[j, T.Ramp(0, 1, LANES)] + step
-                valid = T.meta_var(T.Ramp(tile * TILE + part * LANES, 1, LANES) < T.Broadcast(length, LANES))
-                sums = T.meta_var(_soft_cap(row_sums([dots[j, T.Ramp(0, 1, LANES)] for j in range(LANES)]), softcap))
-                scores[first + g, T.Ramp(part * LANES, 1, LANES)] = T.Select(
-                    valid, sums, T.Broadcast(T.float32(-1e30), LANES)
-                )
-            parts = T.meta_var([scores[first + g, T.Ramp(i * LANES, 1, LANES)] for i in range(TILE // LANES)])
-            state[first + g, 2] = T.max(state[first + g, 0], _lane_reduce(functools.reduce(tirx.max, parts), tirx.max))
-            state[first + g, 3] = T.exp2(state[first + g, 0] - state[first + g, 2])  # rescale of the past
-            for i in range(TILE // LANES):
-                row = T.meta_var(T.Ramp(i * LANES, 1, LANES))
-                scores[first + g, row] = _exp2(scores[first + g, row] - T.Broadcast(state[first + g, 2], LANES))
-            weights = T.meta_var(
-                tree_sum([scores[first + g, T.Ramp(i * LANES, 1, LANES)] for i in range(TILE // LANES)])
-            )
-            state[first + g, 1] = state[first + g, 1] * state[first + g, 3] + _lane_reduce(weights, _add)
-            state[first + g, 0] = state[first + g, 2]
-        for block in range(dim // (LANES * chains)):
-            for g in range(heads):
-                acc = T.alloc_buffer((chains, LANES), "float32", scope="local")
-                for u in T.unroll(chains):
-                    acc[u, T.Ramp(0, 1, LANES)] = out[
-                        first + g, T.Ramp((block * chains + u) * LANES, 1, LANES)
-                    ] * T.Broadcast(state[first + g, 3], LANES)
-                for r in T.unroll(TILE):
-                    for u in T.unroll(chains):
-                        weight = T.meta_var(T.Broadcast(scores[first + g, r], LANES))
-                        value = T.meta_var(keys.values(where[first, r], (block * chains + u) * LANES))
-                        acc[u, T.Ramp(0, 1, LANES)] = acc[u, T.Ramp(0, 1, LANES)] + weight * value
-                for u in T.unroll(chains):
-                    out[first + g, T.Ramp((block * chains + u) * LANES, 1, LANES)] = acc[u, T.Ramp(0, 1, LANES)]
-
-
-@T.macro(hygienic=False)
-def _ggml_score(keys, loc, q16, acc, total, dim, sm_scale, vec_kq):
-    """total[0] = K[loc] . q16 * sm_scale in ggml_vec_dot_f16's order (`vec_kq`) or tinyBLAS's."""
-    if vec_kq:
-        for j in range(4):
-            acc[j, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-        for step in range(dim // 32):
-            for j in T.unroll(4):
-                key = T.meta_var(_key(keys, loc, step * 32 + j * LANES))
-                query = T.meta_var(q16[T.Ramp(step * 32 + j * LANES, 1, LANES)])
-                acc[j, T.Ramp(0, 1, LANES)] = fma(key, query, acc[j, T.Ramp(0, 1, LANES)])
-        wide = T.alloc_buffer((1,), "float64", scope="local")
-        wide[0] = T.Cast("float64", _f16_dot_reduce([acc[j, T.Ramp(0, 1, LANES)] for j in range(4)]))
-        for d in range(dim // 32 * 32, dim):  # leftovers, in float64
-            wide[0] = wide[0] + T.Cast("float64", _key_at(keys, loc, d) * q16[d])
-        total[0] = T.Cast("float32", wide[0]) * sm_scale
-    else:
-        acc[0, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-        for step in range(dim // LANES):
-            key = T.meta_var(_key(keys, loc, step * LANES))
-            acc[0, T.Ramp(0, 1, LANES)] = fma(key, q16[T.Ramp(step * LANES, 1, LANES)], acc[0, T.Ramp(0, 1, LANES)])
-        total[0] = hsum8(acc[0, T.Ramp(0, 1, LANES)]) * sm_scale
-
-
-@T.macro(hygienic=False)
-def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single, vec_kq, probs, slot):
-    """llama.cpp's attention without flash attention (CPU, AVX2), for one query head: K.q with q rounded to
-    float16 (K and V are stored rounded), softmax of the scaled scores with ggml's vector exp summed 8 at a
-    time in float64, probabilities rounded to float16, then P.V. A batch of one token (`single`) takes
-    ggml_vec_dot_f16's order (4 x 8 partial sums per 32 elements), a larger one tinyBLAS's (8 lanes);
-    `vec_kq`: K.q in the former order (also where tinyBLAS declines: a head size not a multiple of 8).
-    probs[slot]: room for the scores of `length` keys rounded up to 8."""
-    q16 = T.decl_buffer((dim,), "float32")
-    acc = T.decl_buffer((32, dim), "float32")  # P.V partial sums
-    dots = T.decl_buffer((4, LANES), "float32")  # K.q partial sums
-    score = T.alloc_buffer((1,), "float32", scope="local")
-    peak = T.alloc_buffer((1,), "float32", scope="local")
-    weight = T.alloc_buffer((1,), "float64", scope="local")
-    for d in range(dim):
-        q16[d] = T.Cast("float32", T.Cast("float16", T.Cast("float32", q[row, head, d])))
-    where = T.alloc_buffer((4,), "int32", scope="local")
-    peak[0] = T.float32(-3.0e38)
-    if vec_kq:
-        for i in range(length):
-            _ggml_score(keys, keys.locate(i), q16, dots, score, dim, sm_scale, True)
-            probs[slot, i] = score[0]
-            peak[0] = T.max(peak[0], score[0])
-    else:  # tinyBLAS's order, one 8-lane chain per key: 4 keys side by side so their chains overlap
-        for quad in range(length // 4):
-            for j in T.unroll(4):
-                where[j] = keys.locate(quad * 4 + j)
-                dots[j, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-            for step in range(dim // LANES):
-                for j in T.unroll(4):
-                    dots[j, T.Ramp(0, 1, LANES)] = fma(
-                        _key(keys, where[j], step * LANES),
-                        q16[T.Ramp(step * LANES, 1, LANES)],
-                        dots[j, T.Ramp(0, 1, LANES)],
-                    )
-            for j in T.unroll(4):
-                probs[slot, quad * 4 + j] = hsum8(dots[j, T.Ramp(0, 1, LANES)]) * sm_scale
-                peak[0] = T.max(peak[0], probs[slot, quad * 4 + j])
-        for i in range(length // 4 * 4, length):
-            _ggml_score(keys, keys.locate(i), q16, dots, score, dim, sm_scale, False)
-            probs[slot, i] = score[0]
-            peak[0] = T.max(peak[0], score[0])
-    weight[0] = T.float64(0)
-    for c in range((length + LANES - 1) // LANES):
-        span = T.meta_var(T.Ramp(c * LANES, 1, LANES))
-        valid = T.meta_var(span < T.Broadcast(length, LANES))
-        exps = T.meta_var(v_expf(probs[slot, span] - T.Broadcast(peak[0], LANES)))
-        probs[slot, span] = T.Select(valid, exps, T.Broadcast(T.float32(0), LANES))
-        weight[0] = weight[0] + T.Cast("float64", hsum8(probs[slot, span]))
-    inverse = T.meta_var(T.Cast("float32", T.float64(1) / weight[0]))
-    for c in range((length + LANES - 1) // LANES):
-        span = T.meta_var(T.Ramp(c * LANES, 1, LANES))
-        probs[slot, span] = (probs[slot, span] * T.Broadcast(inverse, LANES)).astype("float16x8").astype("float32x8")
-    slots = T.meta_var(T.if_then_else(single, 32, LANES))
-    for j, d in T.grid(32, dim):
-        acc[j, d] = T.float32(0)
-    for i in range(length):
-        for dv in range(dim // LANES):
-            part = T.meta_var(T.Ramp(dv * LANES, 1, LANES))
-            value = T.meta_var(keys.values(keys.locate(i), dv * LANES))
-            acc[i % slots, part] = fma(T.Broadcast(probs[slot, i], LANES), value, acc[i % slots, part])
-    for dv in range(dim // LANES):
-        part = T.meta_var(T.Ramp(dv * LANES, 1, LANES))
-        if single:
-            output[row, head, part] = _f16_dot_reduce_slots(acc, part)
-        else:
-            output[row, head, part] = _hsum8_slots(acc, part)
-    lse[row, head] = peak[0] * T.float32(LOG2E) + T.log2(T.Cast("float32", weight[0]))
-
-
-def _vec_kq(single, dim: int):
-    """Whether K.q takes ggml_vec_dot_f16's order: one token, or a head size tinyBLAS does not take."""
-    return single if dim % LANES == 0 else True
-
-
-def _key(keys, loc, d) -> tirx.PrimExpr:
-    return tirx.BufferLoad(keys.k_rows, [*keys.key_index(loc), tirx.Ramp(d, 1, LANES)]).astype(f"float32x{LANES}")
-
-
-def _key_at(keys, loc, d) -> tirx.PrimExpr:
-    return tirx.BufferLoad(keys.k_rows, [*keys.key_index(loc), d]).astype("float32")
-
-
-def _f16_dot_reduce_slots(acc: tirx.Buffer, part: tirx.PrimExpr) -> tirx.PrimExpr:
-    """_f16_dot_reduce for every element of `part` at once: slot 8 j + l is accumulator j's lane l."""
-    x = [(acc[i, part] + acc[16 + i, part]) + (acc[8 + i, part] + acc[24 + i, part]) for i in range(LANES)]
-    t = [x[k] + x[k + 4] for k in range(4)]
-    return (t[0] + t[1]) + (t[2] + t[3])
-
-
-def _hsum8_slots(acc: tirx.Buffer, part: tirx.PrimExpr) -> tirx.PrimExpr:
-    """hsum8 for every element of `part` at once: slot l is lane l."""
-    return lane_sum([acc[i, part] for i in range(LANES)])
-
-
-def _f16_dot_reduce(parts: list[tirx.PrimExpr]) -> tirx.PrimExpr:
-    """ggml_vec_dot_f16's reduction of its 4 accumulators: (a0 + a2) + (a1 + a3), halves added, hadd twice."""
-    x = (parts[0] + parts[2]) + (parts[1] + parts[3])
-    lanes = [tirx.Shuffle([x], [tirx.IntImm("int32", k)]) for k in range(LANES)]
-    t = [lanes[k] + lanes[k + 4] for k in range(4)]
-    return (t[0] + t[1]) + (t[2] + t[3])
-
-
-def _lane_reduce(v: tirx.PrimExpr, combine) -> tirx.PrimExpr:
-    """combine(...) of the LANES lanes of v, halving the vector three times."""
-    width = LANES
-    while width > 1:
-        width //= 2
-        v = combine(
-            tirx.Shuffle([v], [tirx.IntImm("int32", i) for i in range(width)]),
-            tirx.Shuffle([v], [tirx.IntImm("int32", i + width) for i in range(width)]),
-        )
-    return v
-
-
-def _add(a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
-    return a + b
-
-
-# 2^x = 2^n * 2^f with n = round(x), f in [-0.5, 0.5]: 2^f = 1 + f * P(f) (Cephes' exp2f, ~2 ulp).
-EXP2_POLY = (
-    1.535336188319500e-4,
-    1.339887440266574e-3,
-    9.618437357674640e-3,
-    5.550332471162809e-2,
-    2.402264791363012e-1,
-    6.931472028550421e-1,
+from kernels.attention import (
+    DECODE_SYMBOL,
+    LANES,
+    PAGED_PREFILL_SYMBOL,
+    RAGGED_PREFILL_SYMBOL,
+    decode_attention,
+    prefill_paged_attention,
+    prefill_ragged_attention,
 )
-
-
-def _exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """2^x for a vector of x <= 0, in vector instructions (libm's exp2f is one call per lane); 0 below -126."""
-    lanes = x.ty.dtype.lanes
-
-    def splat(value, dtype="float32"):
-        return tirx.Broadcast(tirx.const(value, dtype), lanes)
-
-    clamped = tirx.max(x, splat(-126.0))
-    n = tirx.floor(clamped + splat(0.5))
-    f = clamped - n
-    poly = splat(EXP2_POLY[0])
-    for c in EXP2_POLY[1:]:
-        poly = poly * f + splat(c)
-    power = tirx.reinterpret(
-        f"float32x{lanes}", (n.astype(f"int32x{lanes}") + splat(127, "int32")) << splat(23, "int32")
-    )
-    return tirx.Select(x > splat(-126.0), (splat(1.0) + f * poly) * power, splat(0.0))
-
-
-def _balanced(order: tirx.PrimExpr, count: tirx.PrimExpr) -> tirx.PrimExpr:
-    """Tasks 0, n-1, 1, n-2, ... in that order. Causal rows grow in cost with their position and the
-    parallel loop hands each thread a contiguous range: interleaving short and long rows evens it out."""
-    return tirx.if_then_else(order % 2 == 0, order // 2, count - 1 - order // 2)
-
-
-def _chains(dim: int) -> int:
-    """Output vectors accumulated side by side: 4 when the head dimension allows."""
-    return next(n for n in (4, 2, 1) if (dim // LANES) % n == 0)
-
-
-def _partial_dot(keys, loc, slot, d, count: int) -> tirx.PrimExpr:
-    """LANES partial sums of query `slot` times the key at `loc`, over `count` vectors from element d."""
-    terms = []
-    for i in range(count):
-        key = tirx.BufferLoad(keys.k_rows, [*keys.key_index(loc), tirx.Ramp(d + i * LANES, 1, LANES)])
-        query = tirx.BufferLoad(keys.q_scaled, [slot, tirx.Ramp(d + i * LANES, 1, LANES)])
-        terms.append(query * key.astype(f"float32x{LANES}"))
-    return tree_sum(terms)
-
-
-@T.macro
-def _start(q, q_scaled, out, row, head, first, heads, sm_scale, d_qk, d_v):
-    """Query heads `head ..` of a row, scaled for base-2 scores, into scratch rows `first ..`; outputs zeroed."""
-    for g in range(heads):
-        for d in T.vectorized(d_qk):
-            q_scaled[first + g, d] = T.Cast("float32", q[row, head + g, d]) * (sm_scale * LOG2E)
-        for d in T.vectorized(d_v):
-            out[first + g, d] = T.float32(0)
-
-
-@T.macro
-def _finish(output, lse, row, head, first, heads, out, state, dim):
-    """The normalized output rows and their log2-sum-exp, for merging with other partial attentions."""
-    for g in range(heads):
-        for d in T.vectorized(dim):
-            output[row, head + g, d] = T.Cast(output.dtype, out[first + g, d] / state[first + g, 1])
-        lse[row, head + g] = state[first + g, 0] + T.log2(state[first + g, 1])
-
-
-@T.macro
-def _rows_to_sequences(q_indptr, batch_size, sequence_of):
-    """sequence_of[row]: the sequence a row of a ragged batch belongs to."""
-    for b in range(batch_size):
-        for i in range(q_indptr[b + 1] - q_indptr[b]):
-            sequence_of[q_indptr[b] + i] = b
-
-
-class PagedKeys:
-    """Keys and values of one sequence and KV head in the paged cache (sliding window aware); a key's
-    location is page * page_size + offset."""
-
-    def __init__(self, pages, page_table, length_info, seq, first_page, kv_head, q_scaled, sliding_window, skip=0):
-        self.pages, self.page_table, self.length_info, self.seq = pages, page_table, length_info, seq
-        self.first_page, self.kv_head, self.q_scaled = first_page, kv_head, q_scaled
-        self.sliding_window, self.skip = sliding_window, skip  # skip: cached tokens before key 0
-        self.page_size = int(pages.shape[3])
-        self.k_rows = pages
-
-    def locate(self, i):
-        pos = _get_seq_offset(self.skip + i, self.seq, self.length_info, self.sliding_window)
-        return self.page_table[self.first_page + pos // self.page_size] * self.page_size + pos % self.page_size
-
-    def key_index(self, loc):
-        return (loc // self.page_size, 0, self.kv_head, loc % self.page_size)
-
-    def values(self, loc, d):
-        page, offset = loc // self.page_size, loc % self.page_size
-        row = tirx.BufferLoad(self.pages, [page, 1, self.kv_head, offset, tirx.Ramp(d, 1, LANES)])
-        return row.astype(f"float32x{LANES}")
-
-
-class RaggedKeys:
-    """Keys and values of one sequence and KV head given as ragged [tokens, heads, dim] arrays; a key's
-    location is its token index."""
-
-    def __init__(self, k, v, first, kv_head, q_scaled):
-        self.k_rows, self.v, self.first, self.kv_head, self.q_scaled = k, v, first, kv_head, q_scaled
-
-    def locate(self, i):
-        return self.first + i
-
-    def key_index(self, loc):
-        return (loc, self.kv_head)
-
-    def values(self, loc, d):
-        return tirx.BufferLoad(self.v, [loc, self.kv_head, tirx.Ramp(d, 1, LANES)]).astype(f"float32x{LANES}")
-
-
-def decode_attention(
-    h_kv: int,
-    h_qo: int,
-    dim: int,
-    page_size: int,
-    dtype: str,
-    sliding_window: bool,
-    llamacpp: bool = False,
-    softcap: float = 0.0,
-):
-    """Drop-in for TVM's `batch_decode_paged_kv_cpu`: one query per sequence against its paged K/V;
-    `llamacpp`: llama.cpp's arithmetic (_attend_ggml)."""
-    group = h_qo // h_kv
-    symbol = DECODE_SYMBOL + ("_sliding_window" if sliding_window else "")
-
-    @T.prim_func(s_tir=True)
-    def kernel(
-        Q_handle: T.handle,
-        pages_handle: T.handle,
-        page_table_indptr_handle: T.handle,
-        page_table_values_handle: T.handle,
-        var_length_info: T.handle,
-        k_rope_pos_offset_handle: T.handle,
-        q_rope_position_handle: T.handle,
-        output_handle: T.handle,
-        lse_handle: T.handle,
-        rotary_mode: T.int32,
-        rope_scale: T.float32,
-        rope_theta: T.float32,
-        sm_scale: T.float32,
-    ):
-        T.func_attr({"tirx.is_scheduled": True, "global_symbol": symbol})
-        B = T.int32()
-        nnz_pages = T.int32()
-        max_num_pages = T.int32()
-        indptr_offset = T.int32()
-        values_offset = T.int32()
-        k_rope_offset = T.int32()
-        q_rope_offset = T.int32()
-        length_offset = T.int32()
-        Q = T.match_buffer(Q_handle, (B, h_qo, dim), dtype)
-        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, dim), dtype)
-        page_table_indptr = T.match_buffer(page_table_indptr_handle, (B + 1,), "int32", elem_offset=indptr_offset)
-        page_table_values = T.match_buffer(page_table_values_handle, (nnz_pages,), "int32", elem_offset=values_offset)
-        T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=k_rope_offset)
-        T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=q_rope_offset)
-        output = T.match_buffer(output_handle, (B, h_qo, dim), dtype)
-        lse = T.match_buffer(lse_handle, (B, h_qo), "float32")
-        length_info = _declare_length_info(var_length_info, B, sliding_window, length_offset)
-        # Per (sequence, head) state, allocated once outside the parallel loop (a buffer allocated inside it
-        # costs a workspace call per iteration).
-        q_scaled = T.alloc_buffer((B * h_qo, dim), "float32")
-        out = T.alloc_buffer((B * h_qo, dim), "float32")
-        scores = T.alloc_buffer((B * h_qo, TILE), "float32")
-        state = T.alloc_buffer((B * h_qo, 4), "float32")
-        where = T.alloc_buffer((B * h_qo, TILE), "int32")
-        if llamacpp:  # each task's scores: room for the whole cache (a buffer sized by a loop variable can't be)
-            scores_of = T.alloc_buffer((B * h_qo, max_num_pages * page_size + LANES), "float32")
-            for bh in T.parallel(B * h_qo):
-                b: T.let[T.int32] = bh // h_qo
-                h: T.let[T.int32] = bh % h_qo
-                begin: T.let[T.int32] = page_table_indptr[b]
-                end: T.let[T.int32] = page_table_indptr[b + 1]
-                if begin != end:
-                    length: T.let[T.int32] = _get_kv_chunk_len(end - begin, page_size, b, length_info, sliding_window)
-                    keys = T.meta_var(
-                        PagedKeys(pages, page_table_values, length_info, b, begin, h // group, None, sliding_window)
-                    )
-                    _attend_ggml(Q, b, h, keys, length, sm_scale, output, lse, dim, True, True, scores_of, bh)
-                else:  # no keys at this depth of the block tree: a part that merges in with weight 0
-                    for d in range(dim):
-                        output[b, h, d] = T.Cast(dtype, T.float32(0))
-                    lse[b, h] = T.float32(EMPTY_LSE)
-        else:
-            for bh in T.parallel(B * h_qo):  # one task per query head: batch-1 decode still uses every core
-                b: T.let[T.int32] = bh // h_qo
-                h: T.let[T.int32] = bh % h_qo
-                begin: T.let[T.int32] = page_table_indptr[b]
-                end: T.let[T.int32] = page_table_indptr[b + 1]
-                length: T.let[T.int32] = T.if_then_else(
-                    begin != end, _get_kv_chunk_len(end - begin, page_size, b, length_info, sliding_window), 0
-                )
-                _start(Q, q_scaled, out, b, h, bh, 1, sm_scale, dim, dim)
-
-                keys = T.meta_var(
-                    PagedKeys(pages, page_table_values, length_info, b, begin, h // group, q_scaled, sliding_window)
-                )
-                _attend(bh, 1, length, keys, scores, state, out, where, dim, softcap)
-                _finish(output, lse, b, h, bh, 1, out, state, dim)
-
-    return kernel
-
-
-def prefill_ragged_attention(
-    h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, llamacpp: bool = False, softcap: float = 0.0
-):
-    """Drop-in for TVM's CPU `batch_prefill_ragged_kv`: the new tokens of each sequence attend to each
-    other (causally when `causal`), K and V given as ragged arrays, not pages; `llamacpp`: llama.cpp's
-    arithmetic (_attend_ggml, with the batch of one sequence's new tokens as llama.cpp's batch)."""
-    group = h_q // h_kv
-
-    @T.prim_func(s_tir=True)
-    def kernel(
-        var_q: T.handle,
-        var_q_indptr: T.handle,
-        var_k: T.handle,
-        var_v: T.handle,
-        var_kv_indptr: T.handle,
-        var_q_rope_position: T.handle,
-        var_k_rope_pos_offset: T.handle,
-        var_output: T.handle,
-        var_lse: T.handle,
-        causal: T.int32,
-        rotary_mode: T.int32,
-        rope_scale: T.float32,
-        rope_theta: T.float32,
-        sm_scale: T.float32,
-    ):
-        T.func_attr({"tirx.is_scheduled": True})
-        batch_size = T.int32()
-        qo_len = T.int32()
-        kv_len = T.int32()
-        q_indptr_offset = T.int32()
-        kv_indptr_offset = T.int32()
-        q_rope_offset = T.int32()
-        k_rope_offset = T.int32()
-        q = T.match_buffer(var_q, (qo_len, h_q, d_qk), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_offset)
-        k = T.match_buffer(var_k, (kv_len, h_kv, d_qk), dtype)
-        v = T.match_buffer(var_v, (kv_len, h_kv, d_v), dtype)
-        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=kv_indptr_offset)
-        T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_offset)
-        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
-        output = T.match_buffer(var_output, (qo_len, h_q, d_v), dtype)
-        lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
-        sequence_of = T.alloc_buffer((qo_len,), "int32")
-        q_scaled = T.alloc_buffer((qo_len * h_q, d_qk), "float32")
-        out = T.alloc_buffer((qo_len * h_q, d_v), "float32")
-        scores = T.alloc_buffer((qo_len * h_q, TILE), "float32")
-        state = T.alloc_buffer((qo_len * h_q, 4), "float32")
-        where = T.alloc_buffer((qo_len * h_q, TILE), "int32")
-        _rows_to_sequences(q_indptr, batch_size, sequence_of)
-        if llamacpp:
-            scores_of = T.alloc_buffer((qo_len * h_q, kv_len + LANES), "float32")  # each task's scores
-            for order in T.parallel(qo_len * h_q):
-                task: T.let[T.int32] = _balanced(order, qo_len * h_q)
-                row: T.let[T.int32] = task // h_q
-                head: T.let[T.int32] = task % h_q
-                b: T.let[T.int32] = sequence_of[row]
-                q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-                k_len: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
-                length: T.let[T.int32] = T.if_then_else(causal > 0, k_len - q_len + (row - q_indptr[b]) + 1, k_len)
-                keys = T.meta_var(RaggedKeys(k, v, kv_indptr[b], head // group, None))
-                single = T.meta_var(q_len == 1)
-                _attend_ggml(
-                    q,
-                    row,
-                    head,
-                    keys,
-                    length,
-                    sm_scale,
-                    output,
-                    lse,
-                    d_v,
-                    single,
-                    _vec_kq(single, d_qk),
-                    scores_of,
-                    task,
-                )
-        else:
-            for order in T.parallel(qo_len * h_kv):  # a token's query heads sharing a KV head
-                task: T.let[T.int32] = _balanced(order, qo_len * h_kv)
-                row: T.let[T.int32] = task // h_kv
-                kv_head: T.let[T.int32] = task % h_kv
-                first: T.let[T.int32] = row * h_q + kv_head * group
-                b: T.let[T.int32] = sequence_of[row]
-                q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-                k_len: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
-                # Causal: query i of the chunk sees the cached prefix and the chunk's first i + 1 tokens.
-                length: T.let[T.int32] = T.if_then_else(causal > 0, k_len - q_len + (row - q_indptr[b]) + 1, k_len)
-                _start(q, q_scaled, out, row, kv_head * group, first, group, sm_scale, d_qk, d_v)
-
-                keys = T.meta_var(RaggedKeys(k, v, kv_indptr[b], kv_head, q_scaled))
-                _attend(first, group, length, keys, scores, state, out, where, d_v, softcap)
-                _finish(output, lse, row, kv_head * group, first, group, out, state, d_v)
-
-    return kernel
-
-
-def prefill_paged_attention(
-    h_kv: int,
-    h_q: int,
-    dim: int,
-    page_size: int,
-    dtype: str,
-    sliding_window: bool,
-    window_size: int,
-    softcap: float = 0.0,
-):
-    """Drop-in for TVM's `batch_prefill_paged_kv_cpu`: each new token attends to its sequence's cached
-    (paged) tokens, with TVM's masks (causal, or the sliding window's view of the past)."""
-    group = h_q // h_kv
-    window = window_size if sliding_window else 0
-
-    @T.prim_func(s_tir=True)
-    def kernel(
-        var_q: T.handle,
-        var_q_indptr: T.handle,
-        var_pages: T.handle,
-        var_page_indptr: T.handle,
-        var_page_values: T.handle,
-        var_length_info: T.handle,
-        var_k_rope_pos_offset: T.handle,
-        var_q_rope_position: T.handle,
-        var_output: T.handle,
-        var_lse: T.handle,
-        causal: T.int32,
-        rotary_mode: T.int32,
-        rope_scale: T.float32,
-        rope_theta: T.float32,
-        sm_scale: T.float32,
-    ):
-        batch_size = T.int32()
-        total_len = T.int32()
-        nnz_pages = T.int32()
-        max_num_pages = T.int32()
-        q_indptr_offset = T.int32()
-        page_indptr_offset = T.int32()
-        page_values_offset = T.int32()
-        k_rope_offset = T.int32()
-        q_rope_offset = T.int32()
-        length_offset = T.int32()
-        q = T.match_buffer(var_q, (total_len, h_q, dim), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_offset)
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, dim), dtype)
-        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_offset)
-        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_offset)
-        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
-        T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_offset)
-        output = T.match_buffer(var_output, (total_len, h_q, dim), dtype)
-        lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
-        length_info = _declare_length_info(var_length_info, batch_size, sliding_window, length_offset)
-        sequence_of = T.alloc_buffer((total_len,), "int32")
-        q_scaled = T.alloc_buffer((total_len * h_q, dim), "float32")
-        out = T.alloc_buffer((total_len * h_q, dim), "float32")
-        scores = T.alloc_buffer((total_len * h_q, TILE), "float32")
-        state = T.alloc_buffer((total_len * h_q, 4), "float32")
-        where = T.alloc_buffer((total_len * h_q, TILE), "int32")
-        _rows_to_sequences(q_indptr, batch_size, sequence_of)
-        for order in T.parallel(total_len * h_kv):  # a token's query heads that share a KV head
-            task: T.let[T.int32] = _balanced(order, total_len * h_kv)
-            row: T.let[T.int32] = task // h_kv
-            kv_head: T.let[T.int32] = task % h_kv
-            first_slot: T.let[T.int32] = row * h_q + kv_head * group
-            b: T.let[T.int32] = sequence_of[row]
-            i: T.let[T.int32] = row - q_indptr[b]
-            q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-            begin: T.let[T.int32] = page_indptr[b]
-            end: T.let[T.int32] = page_indptr[b + 1]
-            kv_len: T.let[T.int32] = T.if_then_else(
-                begin != end, _get_kv_chunk_len(end - begin, page_size, b, length_info, sliding_window), 0
-            )
-            # TVM's masks as a key range [first, last): a sliding window sees its last `window - i - 1`
-            # cached tokens; causal sees the cache up to its own position; otherwise all of it.
-            first: T.let[T.int32] = T.if_then_else(
-                causal > 0 and window > 0, T.max(kv_len - T.max(window - i - 1, 0), 0), 0
-            )
-            last: T.let[T.int32] = T.if_then_else(
-                causal > 0 and window == 0, T.min(kv_len, kv_len - q_len + i + 1), kv_len
-            )
-            _start(q, q_scaled, out, row, kv_head * group, first_slot, group, sm_scale, dim, dim)
-            keys = T.meta_var(
-                PagedKeys(pages, page_values, length_info, b, begin, kv_head, q_scaled, sliding_window, first)
-            )
-            _attend(first_slot, group, T.max(last - first, 0), keys, scores, state, out, where, dim, softcap)
-            _finish(output, lse, row, kv_head * group, first_slot, group, out, state, dim)
-
-    return kernel
-
-
-def _soft_cap(scores: tirx.PrimExpr, softcap: float) -> tirx.PrimExpr:
-    """cap * tanh(s / cap) of base-2 scores s * LOG2E (q carries sm_scale * LOG2E), kept in base 2."""
-    if not softcap:
-        return scores
-    inner = tirx.Broadcast(tirx.const(1 / (softcap * LOG2E), "float32"), LANES)
-    outer = tirx.Broadcast(tirx.const(softcap * LOG2E, "float32"), LANES)
-    return outer * tirx.tanh(scores * inner)
+from kernels.numerics import Numerics
+from kernels.rope import SYMBOL as ROPE_SYMBOL
+from kernels.rope import RopeSpec, split_rotary
 
 
 def _static(shape) -> list[int | None]:
     return [int(x) if isinstance(x, tirx.IntImm) else None for x in shape]
 
 
-def _replacement(
-    func: tirx.PrimFunc, window_size: int | None, llamacpp: bool, softcap: float = 0.0
-) -> tirx.PrimFunc | None:
-    """A fast kernel with the same signature as TVM's, or None when the kernel or its shapes don't suit.
+def _same_signature(theirs: tirx.PrimFunc, ours: tirx.PrimFunc) -> bool:
+    """The same parameters in the same order: scalars of the same type, buffers of the same rank and type."""
+    if len(theirs.params) != len(ours.params):
+        return False
+    return all(_kind(a) == _kind(b) for a, b in zip(theirs.params, ours.params))
 
-    window_size: the sliding window the cache was made with (its kernels have it built in); llamacpp:
+
+def _kind(param) -> tuple:
+    """A parameter's kind: ("buffer", dtype, rank), or its scalar type."""
+    if type(param.ty).__name__ == "BufferType":
+        return ("buffer", str(param.dtype), len(param.shape))
+    return ("scalar", str(param.ty))
+
+
+def _attention(
+    func: tirx.PrimFunc, symbol: str, window_size: int | None, numerics: Numerics, softcap: float
+) -> tirx.PrimFunc | None:
+    """mlcc's kernel for TVM's attention kernel `func`, or None when it is none of them or its shapes don't suit.
+
+    window_size: the sliding window the cache was made with (its kernels have it built in); LLAMACPP numerics:
     decode and ragged prefill compute as llama.cpp does (paged prefill, a continuation of a cached prefix,
     keeps the fast kernel)."""
-    symbol = str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else ""
+    sliding = symbol.endswith("_sliding_window")
     if symbol.startswith(DECODE_SYMBOL):
         q, pages = func.params[0], func.params[1]  # buffer-typed parameters
         (_, h_qo, dim), (_, _, h_kv, page_size, _) = _static(q.shape), _static(pages.shape)
         if None in (h_qo, dim, h_kv, page_size) or dim % LANES:
-            return _unsuited(softcap)
-        sliding = symbol.endswith("_sliding_window")
-        return decode_attention(h_kv, h_qo, dim, page_size, str(q.dtype), sliding, llamacpp, softcap)
-    if symbol.startswith(PAGED_PREFILL_SYMBOL) and len(func.params) == 15:
+            return None
+        return decode_attention(h_kv, h_qo, dim, page_size, str(q.dtype), sliding, numerics, softcap)
+    if symbol.startswith(PAGED_PREFILL_SYMBOL):
         q, pages = func.params[0], func.params[2]
         (_, h_q, dim), (_, _, h_kv, page_size, _) = _static(q.shape), _static(pages.shape)
-        sliding = symbol.endswith("_sliding_window")
         if None in (h_q, dim, h_kv, page_size) or dim % LANES or (sliding and not window_size):
-            return _unsuited(softcap)
+            return None
         faster = prefill_paged_attention(h_kv, h_q, dim, page_size, str(q.dtype), sliding, window_size or 0, softcap)
         return faster.with_attrs(func.attrs)
-    if symbol == RAGGED_PREFILL_SYMBOL and len(func.params) == 14:
+    if symbol == RAGGED_PREFILL_SYMBOL:
         q, k, v = func.params[0], func.params[2], func.params[3]
         (_, h_q, d_qk), (_, h_kv, _), (_, _, d_v) = _static(q.shape), _static(k.shape), _static(v.shape)
         if None in (h_q, d_qk, h_kv, d_v) or d_qk % LANES:
-            return _unsuited(softcap)
-        faster = prefill_ragged_attention(h_kv, h_q, d_qk, d_v, str(q.dtype), llamacpp and d_qk == d_v, softcap)
+            return None
+        ragged_numerics = numerics if d_qk == d_v else Numerics.MLCC
+        faster = prefill_ragged_attention(h_kv, h_q, d_qk, d_v, str(q.dtype), ragged_numerics, softcap)
         return faster.with_attrs(func.attrs) if func.attrs else faster
     return None
 
 
-def _unsuited(softcap: float) -> None:
-    """TVM's kernel stays, unless the model needs soft-capping, which only these kernels have."""
-    if softcap:
-        raise MlccError("attention soft-capping needs head_dim a multiple of 8 and static head counts")
-    return None
+def _rope(func: tirx.PrimFunc, spec: RopeSpec | None) -> tirx.PrimFunc | None:
+    """mlcc's kernel for TVM's RoPE kernel `func`, or None when it does not apply."""
+    if spec is None or spec.rotary_dim % 2 or spec.rotary_dim > spec.head_dim:
+        return None
+    return split_rotary(spec)
 
 
 def cpu_attention(
-    window_size: int | None, rope: RopeSpec | None = None, llamacpp: bool = False, softcap: float = 0.0
+    window_size: int | None,
+    rope: RopeSpec | None = None,
+    numerics: Numerics = Numerics.MLCC,
+    softcap: float = 0.0,
 ) -> tvm.transform.Pass:
     """Swap TVM's CPU attention kernels (decode, ragged and paged prefill) and, given the cache's RoPE, its
-    RoPE kernel for parallel, vectorized ones; `llamacpp`: attention as llama.cpp computes it; `softcap`:
-    attention scores soft-capped (Gemma 2), which TVM's kernels cannot do."""
+    RoPE kernel for parallel, vectorized ones; `numerics`: LLAMACPP for attention as llama.cpp computes it
+    (not with soft-capping, which llama.cpp's order does not have); `softcap`: attention scores soft-capped
+    (Gemma 2), which TVM's kernels cannot do."""
+    attention_numerics = Numerics.MLCC if softcap else numerics
 
     @tvm.transform.module_pass(opt_level=0, name="MlccCPUAttention")
     def swap(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         for gv, func in list(mod.functions.items()):
-            if isinstance(func, tirx.PrimFunc):
-                if str((func.attrs or {}).get("global_symbol", "")) == ROPE_SYMBOL:
-                    faster = rope_replacement(func, rope)
-                else:
-                    faster = _replacement(func, window_size, llamacpp and not softcap, softcap)
-                if faster is not None:
-                    mod[gv] = faster
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            symbol = str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else ""
+            is_attention = symbol.startswith((DECODE_SYMBOL, PAGED_PREFILL_SYMBOL)) or symbol == RAGGED_PREFILL_SYMBOL
+            if symbol == ROPE_SYMBOL:
+                faster = _rope(func, rope)
+            elif is_attention:
+                faster = _attention(func, symbol, window_size, attention_numerics, softcap)
+            else:
+                continue
+            if faster is not None and not _same_signature(func, faster):
+                faster = None
+            if faster is None and softcap and is_attention:
+                raise MlccError("attention soft-capping needs head_dim a multiple of 8 and static head counts")
+            if faster is not None:
+                mod[gv] = faster
         return mod
 
     return swap

@@ -15,7 +15,8 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
-from compiler.cpu_rope import RopeSpec
+from kernels.numerics import Numerics
+from kernels.rope import RopeSpec
 from model_defs.common import AttentionLayout
 
 # Parameters are passed as one packed tuple, in the order the manifest lists them.
@@ -23,11 +24,11 @@ PARAM_PREFIX = "model."
 
 
 class EntryPoints(nn.Module):
-    def __init__(self, model: nn.Module, target: Target, dtype: str, llamacpp: bool = False):
+    def __init__(self, model: nn.Module, target: Target, dtype: str, numerics: Numerics = Numerics.MLCC):
         self.model = model
         self.target = target
         self.dtype = dtype
-        self.llamacpp = llamacpp  # llama.cpp's arithmetic in the cache's RoPE and attention kernels
+        self.numerics = numerics  # LLAMACPP: llama.cpp's arithmetic in the cache's RoPE and attention kernels
         self.layout: AttentionLayout = model.attention_layout()
 
     def _logits(self, x: Tensor) -> Tensor:
@@ -72,11 +73,11 @@ class EntryPoints(nn.Module):
         kind = lay.rope_scaling.get("rope_type", "default")
         rotary_dim = lay.rotary_dim or lay.head_dim
         heads = (lay.head_dim, lay.num_heads, lay.num_kv_heads)
-        if lay.model_applies_rope and self.llamacpp:  # the kernel only splits q, k, v and rounds K, V to float16
-            return RopeSpec(lay.rope_theta, rotary_dim, *heads, self.dtype, llamacpp=True)
+        if lay.model_applies_rope and self.numerics == Numerics.LLAMACPP:  # only splits q, k, v; K, V to float16
+            return RopeSpec(lay.rope_theta, rotary_dim, *heads, self.dtype, numerics=self.numerics)
         if lay.model_applies_rope or kind not in ("default", "gptj"):
             return None
-        return RopeSpec(lay.rope_theta, rotary_dim, *heads, self.dtype, gptj=kind == "gptj", llamacpp=self.llamacpp)
+        return RopeSpec(lay.rope_theta, rotary_dim, *heads, self.dtype, gptj=kind == "gptj", numerics=self.numerics)
 
     def create_paged_kv_cache(
         self,

@@ -14,6 +14,8 @@ import numpy as np
 from tvm.relax.frontend import nn
 from tvm.target import Target
 
+from kernels.numerics import Numerics
+
 
 class PackedModule(nn.Module):
     """A module whose parameters are a packed encoding of one float tensor (its `weight`)."""
@@ -28,13 +30,15 @@ class QuantScheme(ABC):
     description: str
     # Activation / float-parameter dtype of the compiled model.
     dtype: str
+    # Whose order of float operations the build computes in; a scheme with a choice decides it in `prepare`.
+    numerics: Numerics = Numerics.MLCC
 
     @abstractmethod
     def quantize_model(self, model: nn.Module) -> list[str]:
         """Replace modules in place; returns the names of tensors kept in float, for the summary."""
 
     def prepare(self, target: Target) -> None:  # noqa: B027 - most schemes have one kind of kernel
-        """Pick kernels for the compilation target, before `quantize_model`."""
+        """Pick kernels (and `numerics`) for the compilation target, before `quantize_model`."""
 
     def bits_per_weight(self) -> float:
         """Nominal storage per weight of a quantized matrix, scales included."""

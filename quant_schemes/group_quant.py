@@ -28,7 +28,7 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from model_defs.moe import ExpertLinear, grouped_matmul
+from kernels.experts import ExpertLinear, grouped_matmul
 from quant_schemes.base import PackedModule, QuantScheme
 
 # Bit widths of the planes a code is split into, low plane first.
@@ -283,7 +283,7 @@ class GroupQuantEmbedding(_GroupQuantWeight):
 
 class GroupQuantExperts(_GroupQuantWeight):
     """A mixture's [experts, out, in] weights as one [experts * out, in] packed matrix, multiplied by grouped
-    rows (model_defs/moe.py), each element dequantized as the kernel reads it."""
+    rows (kernels/experts.py), each element dequantized as the kernel reads it."""
 
     def __init__(self, fmt: GroupQuantFormat, num_experts: int, in_features: int, out_features: int):
         super().__init__(fmt, num_experts * out_features, in_features)

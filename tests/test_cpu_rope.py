@@ -7,7 +7,8 @@ import pytest
 import tvm
 from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
 
-from compiler.cpu_rope import RopeSpec, split_rotary
+from kernels.numerics import Numerics
+from kernels.rope import RopeSpec, split_rotary
 
 
 @pytest.mark.parametrize(("head_dim", "rotary_dim", "heads", "kv_heads"), [(64, 64, 9, 3), (48, 32, 3, 1)])
@@ -43,10 +44,10 @@ def test_split_rotary_llamacpp_is_ggml_bit_for_bit(gptj: bool):
     rotation as GCC contracts it (fma(x0, cos, -(x1 sin)), fma(x0, sin, x1 cos)), K and V rounded to float16."""
     from ggml_reference import LIBM, f16, fma
 
-    from quant_schemes.gguf_exact import ggml_theta_scale
+    from kernels.ggml_math import ggml_theta_scale
 
     theta, dim, heads, kv_heads, tokens = 100_000.0, 64, 3, 1, 29
-    spec = RopeSpec(theta, dim, dim, heads, kv_heads, "float32", gptj, llamacpp=True)
+    spec = RopeSpec(theta, dim, dim, heads, kv_heads, "float32", gptj, numerics=Numerics.LLAMACPP)
     rng = np.random.default_rng(1)
     qkv = rng.standard_normal((tokens, heads + 2 * kv_heads, dim)).astype(np.float32)
     positions = rng.permutation(8192)[:tokens].astype(np.int32)

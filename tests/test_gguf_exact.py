@@ -1,5 +1,6 @@
-"""llama.cpp numerics (quant_schemes/gguf_exact.py): each kernel gives ggml's numbers bit for bit, checked
-against tests/ggml_reference.py (ggml's AVX2 arithmetic in numpy, itself checked against llama.cpp)."""
+"""llama.cpp numerics (kernels/matmul_llamacpp*.py, norms_activations.py, rope.py): each kernel gives ggml's
+numbers bit for bit, checked against tests/ggml_reference.py (ggml's AVX2 arithmetic in numpy, itself checked
+against llama.cpp)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from gguf import GGMLQuantizationType as Q
 from tvm.script import tirx as T
 
 from compiler.targets import TargetRequest, resolve_target, strict_float
-from quant_schemes import gguf_exact
-from quant_schemes.gguf_int8 import has_avx2, has_vnni
+from kernels import ggml_math, matmul_llamacpp, norms_activations, repack, rope
+from kernels.numerics import Numerics
+from kernels.simd import has_avx2, has_vnni
 
 TARGET = strict_float(resolve_target(TargetRequest())).target
 pytestmark = pytest.mark.skipif(not has_avx2(TARGET), reason="llama.cpp numerics are built for AVX2 CPUs")
@@ -59,8 +61,8 @@ def test_matmul_is_ggml_vec_dot(qtype: Q, n_in: int, n_out: int, vnni: bool):
         pytest.skip("this CPU has no vpdpbusd")
     rng = np.random.default_rng(0)
     raw = _blocks(qtype, n_out, n_in, rng)
-    kernel = gguf_exact.exact_matmul(qtype, n_in, n_out, vnni)
-    data = tvm.runtime.tensor(gguf_exact.group_rows(raw, qtype))
+    kernel = matmul_llamacpp.llamacpp_matmul(qtype, n_in, n_out, vnni)
+    data = tvm.runtime.tensor(repack.group_rows(raw, qtype))
     lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=TARGET)
     for tokens in (1, 3, 8, 19, 70):  # 70: two blocks of tokens at 4096 columns
         x = (rng.standard_normal((tokens, n_in)) * rng.uniform(0.01, 5, (tokens, 1))).astype(np.float32)
@@ -79,7 +81,7 @@ def test_v_expf_is_ggml():
     @T.prim_func
     def func(a: T.Buffer((n,), "float32"), out: T.Buffer((n,), "float32")):
         for v in range(n // 8):
-            out[T.Ramp(v * 8, 1, 8)] = gguf_exact.v_expf(a[T.Ramp(v * 8, 1, 8)])
+            out[T.Ramp(v * 8, 1, 8)] = ggml_math.v_expf(a[T.Ramp(v * 8, 1, 8)])
 
     (ours,) = _run(func, x, outputs=[(n,)])
     np.testing.assert_array_equal(ours, v_expf(x))
@@ -92,7 +94,7 @@ def test_rms_norm_is_ggml(hidden: int):
     rng = np.random.default_rng(2)
     x = (rng.standard_normal((6, hidden)) * 4).astype(np.float32)
     w = rng.standard_normal(hidden).astype(np.float32)
-    (ours,) = _run(gguf_exact.rms_norm_kernel(hidden, 1e-5), x, w, outputs=[x.shape])
+    (ours,) = _run(norms_activations.rms_norm_kernel(hidden, 1e-5), x, w, outputs=[x.shape])
     np.testing.assert_array_equal(ours, rms_norm(x, w, 1e-5))
 
 
@@ -102,7 +104,7 @@ def test_swiglu_is_ggml(width: int):
     g = (rng.standard_normal((5, width)) * 6).astype(np.float32)
     g[0, :8] = [-100, -90, 89, 95, 120, 0, -0.0, 3]  # the exp's special cases
     u = rng.standard_normal((5, width)).astype(np.float32)
-    (ours,) = _run(gguf_exact.swiglu_kernel(width), g, u, outputs=[g.shape])
+    (ours,) = _run(norms_activations.swiglu_kernel(width), g, u, outputs=[g.shape])
     np.testing.assert_array_equal(ours, swiglu(g, u))
 
 
@@ -111,7 +113,7 @@ LLAMACPP_GELU_TABLE_SHA256 = "5eceda6f287dec9dc0bcfa24516d6744a031a5c52d1984688b
 
 
 def test_gelu_table_is_llamacpps():
-    table = gguf_exact.gelu_f16_table()
+    table = ggml_math.gelu_f16_table()
     assert hashlib.sha256(table.view(np.uint16).tobytes()).hexdigest() == LLAMACPP_GELU_TABLE_SHA256
 
 
@@ -121,8 +123,8 @@ def test_geglu_is_ggml(width: int):
     g = (rng.standard_normal((5, width)) * 4).astype(np.float32)
     g[0, :10] = [-10, 10, -10.5, 9.999, 0, -0.0, 1e-7, 65504, 7e4, -3e38]  # the cut-offs, float16's edges
     u = rng.standard_normal((5, width)).astype(np.float32)
-    table = gguf_exact.gelu_f16_table()
-    (ours,) = _run(gguf_exact.geglu_kernel(width), g, u, table, outputs=[g.shape])
+    table = ggml_math.gelu_f16_table()
+    (ours,) = _run(norms_activations.geglu_kernel(width), g, u, table, outputs=[g.shape])
     np.testing.assert_array_equal(ours, geglu(g, u, table))
     x = g[1:].astype(np.float64)
     exact = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))) * u[1:]
@@ -134,7 +136,7 @@ def test_neox_rope_is_ggml(heads: int, dim: int, base: float):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((7, heads, dim)).astype(np.float32)
     positions = np.array([0, 1, 2, 17, 300, 511, 4000], np.int32)
-    (ours,) = _run(gguf_exact.neox_rope_kernel(heads, dim, base), x, positions, outputs=[x.shape])
+    (ours,) = _run(rope.neox_rope_kernel(heads, dim, base), x, positions, outputs=[x.shape])
     np.testing.assert_array_equal(ours, rope_neox(x, positions, base))
     angle = positions[:, None, None] * base ** (-2 * np.arange(dim // 2) / dim)
     rotated = np.concatenate([x[..., : dim // 2], x[..., dim // 2 :]], -1)  # the same halves, rotated in float64
@@ -156,4 +158,4 @@ def test_q4_k_is_exact_only_in_whole_row_groups(rows: int, exact: bool):
     types = {"blk.0.ffn_down.weight": Q.Q4_K, "blk.0.ffn_up.weight": Q.Q5_0}
     scheme = GGUFNativeScheme(types, rows={"blk.0.ffn_down.weight": rows, "blk.0.ffn_up.weight": 2048})
     scheme.prepare(TARGET)
-    assert scheme.llamacpp_numerics == exact
+    assert (scheme.numerics == Numerics.LLAMACPP) == exact

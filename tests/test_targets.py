@@ -20,7 +20,7 @@ from artifacts.errors import MlccError
 from compiler.compile import compile_model
 from compiler.cuda_aot import fatbin_architectures
 from compiler.targets import AARCH64_CROSS_CC, TargetRequest, resolve_target
-from quant_schemes.gguf_int8 import has_avx2
+from kernels.simd import has_avx2
 from runtime import artifact as runtime_artifact
 from runtime.artifact import LoadedArtifact
 

@@ -1,4 +1,4 @@
-"""GGUF matmuls with 8-bit activations for x86 CPUs with AVX2, the way llama.cpp computes them.
+"""GGUF matmuls with 8-bit activations for x86 CPUs with AVX2 in mlcc's summation order ("gguf-fast").
 
 Each token's activations are quantized per 32 columns to int8 with one float scale (llama.cpp's Q8_0/Q8_1
 activations). A weight row is read 32 columns at a time as 32 small integers (its block's codes, unpacked in
@@ -18,207 +18,40 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import numpy as np
-import tvm
 from gguf import GGMLQuantizationType
 from tvm import tirx
 from tvm.script import tirx as T
 
-from quant_schemes.gguf_native import _f16, _k_scale_min
-from quant_schemes.vector_exprs import concat, row_sums, tree_sum
+from kernels.activation_quant import quantize_mlcc
+from kernels.gguf_blocks import CHUNK, CHUNK_DECODERS, Chunk
+from kernels.repack import INTERLEAVED, LANE_ROWS, InterleavedLayout
+from kernels.simd import (
+    LANE_ACTIVATION_BYTES,
+    STREAM_AHEAD,
+    TASKS,
+    TOKENS,
+    bcast,
+    concat,
+    llvm_intrin,
+    load,
+    prefetch,
+    row_sums,
+    span,
+    splat,
+    tree_sum,
+)
 
 Q = GGMLQuantizationType
-CHUNK = 32
 PREFETCH_ROWS = 4  # rows ahead to prefetch
-TASKS = 64  # parallel row ranges: enough to balance 16 threads, few accumulators
-TOKENS = 8  # tokens per pass over a weight row (prefill and batched decode); 8 accumulators of 8 lanes
 ACTIVATION_BLOCK_BYTES = 128 * 1024  # int8 activations a task's rows pass over at a time (L2-resident)
 GROUP = 8  # chunks summed in registers between accumulator updates (a K-quant super-block)
-LANE_ROWS = 8  # rows side by side in one vector in the prefill kernel of ROW_LANE_TYPES
-LANE_ACTIVATION_BYTES = 256 * 1024  # int8 activations that pass over one unpacked group of rows
-STREAM_AHEAD = 3072  # bytes of interleaved weights prefetched ahead of the chunk being multiplied
-
-
-def _vec(data: tirx.Buffer, row: tirx.PrimExpr, start: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
-    return tirx.BufferLoad(data, [row, tirx.Ramp(start, 1, lanes)])
-
-
-def _bcast(value: int, dtype: str, lanes: int) -> tirx.PrimExpr:
-    return tirx.Broadcast(tirx.const(value, dtype), lanes)
-
-
-def _nibbles(data, row, start) -> tirx.PrimExpr:
-    """32 codes from 16 bytes: low nibbles are columns 0..15, high nibbles 16..31 (Q4_0/Q4_1/Q5_x)."""
-    v = _vec(data, row, start, 16)
-    return concat([v & _bcast(15, "uint8", 16), v >> _bcast(4, "uint8", 16)])
-
-
-def _bits(data, row, start) -> tirx.PrimExpr:
-    """Bit i of the little-endian 32-bit field at `start`, as 16 or 0, for columns i = 0..31 (Q5_0/Q5_1):
-    byte i // 8 of the field spread to lane i, tested against bit i % 8."""
-    field = _vec(data, row, start, 4)  # (a shuffle picks from its inputs' lanes, so give it 32 of them)
-    spread = tirx.Shuffle([field] * 8, [tirx.IntImm("int32", i // 8) for i in range(32)])
-    mask = _vec_const([1 << (i % 8) for i in range(32)], "uint8")
-    return tirx.Select((spread & mask) != _bcast(0, "uint8", 32), _bcast(16, "uint8", 32), _bcast(0, "uint8", 32))
-
-
-def _vec_const(values: list[int], dtype: str) -> tirx.PrimExpr:
-    """A constant vector, built from broadcasts so no buffer is needed."""
-    return tirx.Shuffle([tirx.const(v, dtype) for v in values], [tirx.IntImm("int32", i) for i in range(len(values))])
-
-
-@dataclass
-class Chunk:
-    """The 32 codes of a chunk and how to scale their integer dot product with the activations."""
-
-    codes: tirx.PrimExpr  # uint8x32
-    scale: tirx.PrimExpr  # float32
-    zero: int = 0  # subtracted from the codes (then signed)
-    offset: tirx.PrimExpr | None = None  # float32 factor of the chunk's activation sum
-    sub_scales: tirx.PrimExpr | None = None  # int16x16: per-16-column integer scales (Q6_K)
-
-
-def _q4_0(d, r, c):
-    o = c * 18
-    return Chunk(_nibbles(d, r, o + 2), _f16(d, r, o), offset=-8 * _f16(d, r, o))
-
-
-def _q4_1(d, r, c):
-    o = c * 20
-    return Chunk(_nibbles(d, r, o + 4), _f16(d, r, o), offset=_f16(d, r, o + 2))
-
-
-def _q5_0(d, r, c):
-    o = c * 22
-    return Chunk(_nibbles(d, r, o + 6) | _bits(d, r, o + 2), _f16(d, r, o), offset=-16 * _f16(d, r, o))
-
-
-def _q5_1(d, r, c):
-    o = c * 24
-    return Chunk(_nibbles(d, r, o + 8) | _bits(d, r, o + 4), _f16(d, r, o), offset=_f16(d, r, o + 2))
-
-
-def _q8_0(d, r, c):
-    o = c * 34
-    return Chunk(_vec(d, r, o + 2, 32) ^ _bcast(128, "uint8", 32), _f16(d, r, o), zero=128)
-
-
-def _int_scale(scale: tirx.PrimExpr) -> tirx.PrimExpr:
-    """A K-quant sub-block's 6-bit scale as `pmaddwd`'s multiplier."""
-    return tirx.Broadcast(scale.astype("int16"), 16)
-
-
-def _q4_k(d, r, c):
-    """Super-blocks of 256: chunk j (0..7) is the low (even j) or high nibbles of 32 bytes j // 2."""
-    o, j = (c // 8) * 144, c % 8
-    scale, minimum = _k_scale_min(d, r, o + 4, j)
-    codes = (_vec(d, r, o + 16 + (j // 2) * 32, 32) >> tirx.Broadcast(((j % 2) * 4).astype("uint8"), 32)) & _bcast(
-        15, "uint8", 32
-    )
-    return Chunk(codes, _f16(d, r, o), offset=-_f16(d, r, o + 2) * minimum, sub_scales=_int_scale(scale))
-
-
-def _q5_k(d, r, c):
-    """Like Q4_K, plus bit j of each of the 32 `qh` bytes as bit 4."""
-    o, j = (c // 8) * 176, c % 8
-    scale, minimum = _k_scale_min(d, r, o + 4, j)
-    low = (_vec(d, r, o + 48 + (j // 2) * 32, 32) >> tirx.Broadcast(((j % 2) * 4).astype("uint8"), 32)) & _bcast(
-        15, "uint8", 32
-    )
-    high = ((_vec(d, r, o + 16, 32) >> tirx.Broadcast(j.astype("uint8"), 32)) & _bcast(1, "uint8", 32)) << _bcast(
-        4, "uint8", 32
-    )
-    return Chunk(low | high, _f16(d, r, o), offset=-_f16(d, r, o + 2) * minimum, sub_scales=_int_scale(scale))
-
-
-def _q6_k(d, r, c):
-    """Super-blocks of 256: chunk j = 4n + g takes low nibbles from ql (half n, quarter g) and two high bits
-    from qh; each 16 columns have an int8 scale."""
-    o, j = (c // 8) * 210, c % 8
-    n, g = j // 4, j % 4
-    low = (_vec(d, r, o + n * 64 + (g % 2) * 32, 32) >> tirx.Broadcast(((g // 2) * 4).astype("uint8"), 32)) & _bcast(
-        15, "uint8", 32
-    )
-    high = (_vec(d, r, o + 128 + n * 32, 32) >> tirx.Broadcast((g * 2).astype("uint8"), 32)) & _bcast(3, "uint8", 32)
-    s0 = d[r, o + 192 + n * 8 + 2 * g].astype("int8").astype("int16")
-    s1 = d[r, o + 192 + n * 8 + 2 * g + 1].astype("int8").astype("int16")
-    sub = tirx.Shuffle([tirx.Broadcast(s0, 8), tirx.Broadcast(s1, 8)], [tirx.IntImm("int32", i) for i in range(16)])
-    return Chunk(low | (high << _bcast(4, "uint8", 32)), _f16(d, r, o + 208), zero=32, sub_scales=sub)
-
 
 # Types with 256-column super-blocks and integer sub-block scales: their activations are quantized per 256
 # columns (llama.cpp's Q8_K) and a super-block's 8 chunks are summed as integers before one float scale.
 SUPER_BLOCK_TYPES = {Q.Q4_K, Q.Q5_K, Q.Q6_K}
-SUPER_BLOCK = 256
 # Types whose codes are below 32 with the zero point as an offset: 4 `pmaddubsw` results add up in int16
 # without overflow (4 * 2 * 31 * 127 < 2^15), so 8 rows' chunks reduce in integers (see int8_matmul).
 ROW_LANE_TYPES = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K}
-
-CHUNK_DECODERS = {
-    Q.Q4_0: _q4_0,
-    Q.Q4_1: _q4_1,
-    Q.Q5_0: _q5_0,
-    Q.Q5_1: _q5_1,
-    Q.Q8_0: _q8_0,
-    Q.Q4_K: _q4_k,
-    Q.Q5_K: _q5_k,
-    Q.Q6_K: _q6_k,
-}
-
-
-@dataclass(frozen=True)
-class InterleavedLayout:
-    """Byte offsets in the interleaved form of a group of 8 rows' blocks of one chunk (8 * block bytes):
-    the rows' float16 scales (and mins), a high-bit plane (5-bit types) and the codes in word order: the 4
-    columns 4m..4m+3 of each row side by side, so one 32-byte load is a `pmaddubsw` operand for 8 rows."""
-
-    block_bytes: int
-    minimum: int | None  # the rows' float16 mins (Q4_1/Q5_1)
-    high: int | None  # 32 bytes: bit m of byte 4r + k is the high bit of row r's column 4m + k
-    codes: int  # 128 bytes: for word w in 0..3, the 8 rows' qs bytes 4w..4w+3 (low nibbles: word w, high: w + 4)
-    zero: int  # subtracted from codes without a min
-
-    @property
-    def group_bytes(self) -> int:
-        return LANE_ROWS * self.block_bytes
-
-
-INTERLEAVED = {
-    Q.Q4_0: InterleavedLayout(18, None, None, 16, 8),
-    Q.Q4_1: InterleavedLayout(20, 16, None, 32, 0),
-    Q.Q5_0: InterleavedLayout(22, None, 16, 48, 16),
-    Q.Q5_1: InterleavedLayout(24, 16, 32, 64, 0),
-}
-
-
-def row_group_blocks(raw: np.ndarray, block_bytes: int) -> np.ndarray:
-    """GGUF rows [n_out, row_bytes] as blocks [ceil(n_out / 8), chunks, 8, block_bytes] (rows past n_out zero)."""
-    n_out, row_bytes = raw.shape
-    groups = -(-n_out // LANE_ROWS)
-    padded = np.zeros((groups * LANE_ROWS, row_bytes), np.uint8)
-    padded[:n_out] = raw
-    return padded.reshape(groups, LANE_ROWS, row_bytes // block_bytes, block_bytes).transpose(0, 2, 1, 3)
-
-
-def interleave_rows(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """GGUF rows [n_out, row_bytes] -> [ceil(n_out / 8), chunks * 8 * block_bytes] in the InterleavedLayout
-    (rows past n_out are zero). The same bits, reordered; done once when weights are converted."""
-    lay = INTERLEAVED[qtype]
-    blocks = row_group_blocks(raw, lay.block_bytes)
-    groups, chunks = blocks.shape[:2]
-    parts, at = [blocks[..., 0:2]], 2
-    if lay.minimum is not None:
-        parts.append(blocks[..., 2:4])
-        at = 4
-    if lay.high is not None:
-        bits = np.unpackbits(blocks[..., at : at + 4], axis=-1, bitorder="little")  # [G, C, 8, 32]: column i
-        words = bits.reshape(groups, chunks, LANE_ROWS, 8, 4).transpose(0, 1, 2, 4, 3)  # [.., r, k, m]
-        parts.append(np.packbits(words, axis=-1, bitorder="little"))
-        at += 4
-    qs = blocks[..., at : at + 16].reshape(groups, chunks, LANE_ROWS, 4, 4).transpose(0, 1, 3, 2, 4)
-    parts.append(qs)
-    flat = [part.reshape(groups, chunks, -1) for part in parts]
-    return np.ascontiguousarray(np.concatenate(flat, axis=-1).reshape(groups, -1))
 
 
 @dataclass
@@ -231,16 +64,16 @@ class ScratchRows:
     multipliers: tirx.Buffer
 
     def word(self, c, m: int) -> tirx.PrimExpr:
-        return tirx.reinterpret("uint8x32", _vec(self.words, 0, (c * 8 + m) * LANE_ROWS, LANE_ROWS))
+        return tirx.reinterpret("uint8x32", load(self.words, 0, (c * 8 + m) * LANE_ROWS, LANE_ROWS))
 
     def scale(self, c) -> tirx.PrimExpr:
-        return _vec(self.scales, 0, c * LANE_ROWS, LANE_ROWS)
+        return load(self.scales, 0, c * LANE_ROWS, LANE_ROWS)
 
     def offset(self, c) -> tirx.PrimExpr:
-        return _vec(self.offsets, 0, c * LANE_ROWS, LANE_ROWS)
+        return load(self.offsets, 0, c * LANE_ROWS, LANE_ROWS)
 
     def multiplier(self, c) -> tirx.PrimExpr:
-        return tirx.reinterpret("int16x16", _vec(self.multipliers, 0, c * LANE_ROWS, LANE_ROWS))
+        return tirx.reinterpret("int16x16", load(self.multipliers, 0, c * LANE_ROWS, LANE_ROWS))
 
 
 @dataclass
@@ -252,18 +85,18 @@ class InterleavedRows:
     layout: InterleavedLayout
 
     def _half8(self, c, at: int) -> tirx.PrimExpr:
-        raw = _vec(self.data, self.group, c * self.layout.group_bytes + at, 16)
+        raw = load(self.data, self.group, c * self.layout.group_bytes + at, 16)
         return tirx.reinterpret("float16x8", raw).astype("float32x8")
 
     def word(self, c, m: int) -> tirx.PrimExpr:
         lay = self.layout
-        packed = _vec(self.data, self.group, c * lay.group_bytes + lay.codes + 32 * (m % 4), 32)
-        code = packed & _bcast(15, "uint8", 32) if m < 4 else packed >> _bcast(4, "uint8", 32)
+        packed = load(self.data, self.group, c * lay.group_bytes + lay.codes + 32 * (m % 4), 32)
+        code = packed & bcast(15, "uint8", 32) if m < 4 else packed >> bcast(4, "uint8", 32)
         if lay.high is None:
             return code
-        plane = _vec(self.data, self.group, c * lay.group_bytes + lay.high, 32)
-        moved = plane << _bcast(4 - m, "uint8", 32) if m <= 4 else plane >> _bcast(m - 4, "uint8", 32)
-        return code | (moved & _bcast(16, "uint8", 32))
+        plane = load(self.data, self.group, c * lay.group_bytes + lay.high, 32)
+        moved = plane << bcast(4 - m, "uint8", 32) if m <= 4 else plane >> bcast(m - 4, "uint8", 32)
+        return code | (moved & bcast(16, "uint8", 32))
 
     def scale(self, c) -> tirx.PrimExpr:
         return self._half8(c, 0)
@@ -278,25 +111,22 @@ class InterleavedRows:
         return concat([tirx.reinterpret("int32x8", self.word(c, m)) for m in range(8)])
 
 
-def _intrin(dtype: str, name: str, *args: tirx.PrimExpr) -> tirx.PrimExpr:
-    return tirx.call_llvm_pure_intrin(dtype, name, *args)
-
-
 def chunk_dot(ch: Chunk, xq: tirx.PrimExpr) -> tirx.PrimExpr:
     """int32x8 partial sums of codes (minus the zero point) times 32 int8 activations."""
     if ch.zero:  # signed codes: |q| (unsigned) times the activations carrying q's sign
-        signed = tirx.reinterpret("int8x32", ch.codes - _bcast(ch.zero, "uint8", 32))
-        magnitude = tirx.reinterpret("uint8x32", _intrin("int8x32", "llvm.abs.v32i8", signed, tirx.const(0, "bool")))
-        pairs = _intrin(
+        signed = tirx.reinterpret("int8x32", ch.codes - bcast(ch.zero, "uint8", 32))
+        absolute = llvm_intrin("int8x32", "llvm.abs.v32i8", signed, tirx.const(0, "bool"))
+        magnitude = tirx.reinterpret("uint8x32", absolute)
+        pairs = llvm_intrin(
             "int16x16",
             "llvm.x86.avx2.pmadd.ub.sw",
             magnitude,
-            _intrin("int8x32", "llvm.x86.avx2.psign.b", xq, signed),
+            llvm_intrin("int8x32", "llvm.x86.avx2.psign.b", xq, signed),
         )
     else:
-        pairs = _intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", ch.codes, xq)
-    multiplier = ch.sub_scales if ch.sub_scales is not None else _bcast(1, "int16", 16)
-    return _intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, multiplier)
+        pairs = llvm_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", ch.codes, xq)
+    multiplier = ch.sub_scales if ch.sub_scales is not None else bcast(1, "int16", 16)
+    return llvm_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, multiplier)
 
 
 @dataclass
@@ -327,7 +157,6 @@ def int8_matmul(
     `interleaved`: W in the InterleavedLayout of its type (`interleave_rows`)."""
     decode = CHUNK_DECODERS[qtype]
     super_block = qtype in SUPER_BLOCK_TYPES
-    block_columns = SUPER_BLOCK if super_block else CHUNK  # columns per activation scale
     chunks = n_in // CHUNK
     groups, tail = divmod(chunks, GROUP)
     rows_per_task = -(-n_out // TASKS)
@@ -351,7 +180,7 @@ def int8_matmul(
         chunk (per super-block), and the kernel's per-token factors become broadcast loads."""
         return concat(
             [
-                _splat(decode(data, o, first + j).scale, tokens) * stats.scale(first + j, t0, tokens)
+                splat(decode(data, o, first + j).scale, tokens) * stats.scale(first + j, t0, tokens)
                 for j in range(scale_count(count))
             ]
         )
@@ -385,9 +214,9 @@ def int8_matmul(
         (a chunk's sums over consecutive tokens are one vector)."""
         offsets = [decode(data, o, first + j).offset for j in range(count)]
         if all(off is None for off in offsets):
-            return _splat(0.0, tokens)
+            return splat(0.0, tokens)
         terms = [
-            _splat(off, tokens) * stats.sum(first + j, t0, tokens) for j, off in enumerate(offsets) if off is not None
+            splat(off, tokens) * stats.sum(first + j, t0, tokens) for j, off in enumerate(offsets) if off is not None
         ]
         return tree_sum(terms)
 
@@ -413,12 +242,12 @@ def int8_matmul(
             for h in range(2):
                 pairs = []
                 for m in range(4 * h, 4 * h + 4):
-                    x4 = tirx.reinterpret("int32", _vec(xq, t, c * CHUNK + 4 * m, 4))
+                    x4 = tirx.reinterpret("int32", load(xq, t, c * CHUNK + 4 * m, 4))
                     xb = tirx.reinterpret("int8x32", tirx.Broadcast(x4, LANE_ROWS))
-                    pairs.append(_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", rows.word(c, m), xb))
+                    pairs.append(llvm_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", rows.word(c, m), xb))
                 halves.append(tree_sum(pairs))
-            mult = rows.multiplier(c) if super_block else _bcast(1, "int16", 16)
-            sums.append(tree_sum([_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", half, mult) for half in halves]))
+            mult = rows.multiplier(c) if super_block else bcast(1, "int16", 16)
+            sums.append(tree_sum([llvm_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", half, mult) for half in halves]))
         if super_block:
             sums = [tree_sum(sums)]
         terms = []
@@ -434,15 +263,15 @@ def int8_matmul(
     def rows_times_tokens(y, data, xq, stats, o, t0, tokens, acc, off, scales, slot):
         """y[t0 : t0 + tokens, o], accumulating in acc[slot, 8 * tokens] and off[slot, tokens]; the group's
         scales go through scales[slot, GROUP * tokens]."""
-        a = T.meta_var(_span(8 * tokens))
-        b = T.meta_var(_span(tokens))
-        zeros_a = T.meta_var(_splat(0.0, 8 * tokens))
-        zeros_b = T.meta_var(_splat(0.0, tokens))
+        a = T.meta_var(span(8 * tokens))
+        b = T.meta_var(span(tokens))
+        zeros_a = T.meta_var(splat(0.0, 8 * tokens))
+        zeros_b = T.meta_var(splat(0.0, tokens))
         acc[slot, a] = zeros_a
         off[slot, b] = zeros_b
         for g in range(groups):
             if tokens > 1:
-                scales[slot, _span(scale_count(GROUP) * tokens)] = chunk_scales(
+                scales[slot, span(scale_count(GROUP) * tokens)] = chunk_scales(
                     data, o, stats, t0, tokens, g * GROUP, GROUP
                 )
             vec = T.meta_var(group_dot(data, o, xq, stats, scales, slot, t0, tokens, g * GROUP, GROUP))
@@ -451,7 +280,7 @@ def int8_matmul(
             off[slot, b] = off[slot, b] + shift
         if tail > 0:
             if tokens > 1:
-                scales[slot, _span(scale_count(tail) * tokens)] = chunk_scales(
+                scales[slot, span(scale_count(tail) * tokens)] = chunk_scales(
                     data, o, stats, t0, tokens, groups * GROUP, tail
                 )
             vec = T.meta_var(group_dot(data, o, xq, stats, scales, slot, t0, tokens, groups * GROUP, tail))
@@ -472,7 +301,7 @@ def int8_matmul(
         """Weights stream from memory: ask for a later row early."""
         if o + PREFETCH_ROWS < n_out:
             for line in range(lines_per_row):
-                hint = T.meta_var(_prefetch(data, o + PREFETCH_ROWS, line * 64))
+                hint = T.meta_var(prefetch(data, o + PREFETCH_ROWS, line * 64))
                 T.evaluate(hint)
 
     @T.macro
@@ -507,7 +336,7 @@ def int8_matmul(
         if stream:
             for c in range(chunks):
                 for line in range((chunk_bytes + 63) // 64):
-                    hint = T.meta_var(_prefetch(data, g, c * chunk_bytes + STREAM_AHEAD + line * 64))
+                    hint = T.meta_var(prefetch(data, g, c * chunk_bytes + STREAM_AHEAD + line * 64))
                     T.evaluate(hint)
                 acc[0, lanes] = acc[0, lanes] + lane_dot(xq, stats, rows, t, c, 1)
         else:
@@ -558,27 +387,7 @@ def int8_matmul(
         by_token = T.alloc_buffer((n, 2, chunks), "float32")  # each token's chunk scales, then sums
         by_chunk = T.alloc_buffer((2, chunks, n), "float32")  # the same, chunk-major: vectors over tokens
         stats = T.meta_var(ActivationStats(by_token, by_chunk))
-        # Activations to int8 per block of 32 columns (scale max|x| / 127 as float16, llama.cpp's Q8_0/Q8_1)
-        # or, for super-block types, of 256 columns (scale 1 / (127 / max|x|) as float32, llama.cpp's Q8_K).
-        for t in T.parallel(n):
-            for blk in range(n_in // block_columns):
-                amax = T.alloc_buffer((1,), "float32", scope="local")
-                total = T.alloc_buffer((1,), "int32", scope="local")
-                amax[0] = T.float32(0)
-                for i in range(block_columns):
-                    amax[0] = T.max(amax[0], T.fabs(x[t, blk * block_columns + i]))
-                d = T.meta_var(_activation_scale(amax[0], super_block))
-                inv = T.meta_var(T.if_then_else(amax[0] > T.float32(0), T.float32(1) / d, T.float32(0)))
-                for k in range(block_columns // CHUNK):
-                    c = T.meta_var(blk * (block_columns // CHUNK) + k)
-                    total[0] = 0
-                    for i in range(CHUNK):
-                        xq[t, c * CHUNK + i] = T.Cast("int8", T.round(x[t, c * CHUNK + i] * inv))
-                        total[0] = total[0] + T.Cast("int32", xq[t, c * CHUNK + i])
-                    by_token[t, 0, c] = d
-                    by_token[t, 1, c] = d * T.Cast("float32", total[0])
-                    by_chunk[0, c, t] = by_token[t, 0, c]
-                    by_chunk[1, c, t] = by_token[t, 1, c]
+        quantize_mlcc(x, xq, by_token, by_chunk, n, n_in, super_block)
         # Rows are split into TASKS contiguous ranges run in parallel, each with its accumulators allocated
         # here (inside the parallel loop each would cost a workspace call). Tokens go TOKENS at a time
         # (sharing each chunk's decoded codes), the last tile ending at the last token (overlapping the one
@@ -621,42 +430,3 @@ def int8_matmul(
 
     return kernel
 
-
-def _activation_scale(amax: tirx.PrimExpr, super_block: bool) -> tirx.PrimExpr:
-    if super_block:
-        return tirx.const(1, "float32") / (tirx.const(127, "float32") / amax)
-    return (amax / tirx.const(127, "float32")).astype("float16").astype("float32")
-
-
-def _prefetch(data: tirx.Buffer, row: tirx.PrimExpr, byte: tirx.PrimExpr) -> tirx.PrimExpr:
-    """A hint to load the cache line holding data[row, byte] (read, keep in all cache levels)."""
-    address = tirx.address_of(tirx.BufferLoad(data, [row, byte]))
-    args = (address, tirx.const(0, "int32"), tirx.const(3, "int32"), tirx.const(1, "int32"))
-    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", *args)
-
-
-def _span(lanes: int, start: tirx.PrimExpr | int = 0) -> tirx.PrimExpr:
-    """Index of `lanes` consecutive elements from `start` (a plain index for one)."""
-    return tirx.Ramp(start, 1, lanes) if lanes > 1 else tirx.convert(start)
-
-
-def _splat(value: float | tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
-    """`value` in each of `lanes` lanes (itself for one); a Python float becomes a float32 constant."""
-    scalar = tirx.const(value, "float32") if isinstance(value, float) else value
-    return tirx.Broadcast(scalar, lanes) if lanes > 1 else scalar
-
-
-def has_avx2(target: tvm.target.Target) -> bool:
-    from tvm.target import codegen
-
-    return target.kind.name == "llvm" and bool(codegen.target_has_features("avx2", target))
-
-
-def has_vnni(target: tvm.target.Target) -> bool:
-    """`vpdpbusd` on 256-bit vectors (AVX512-VNNI with AVX512-VL, or AVX-VNNI): pmaddubsw + pmaddwd in one."""
-    from tvm.target import codegen
-
-    def has(feature: str) -> bool:
-        return bool(codegen.target_has_features(feature, target))
-
-    return has_avx2(target) and (has("avxvnni") or (has("avx512vnni") and has("avx512vl")))

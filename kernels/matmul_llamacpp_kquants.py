@@ -1,4 +1,4 @@
-"""llama.cpp's K-quant matmuls on x86 CPUs with AVX2, op for op (see quant_schemes/gguf_exact.py for why):
+"""llama.cpp's K-quant matmuls on x86 CPUs with AVX2, op for op (see kernels/matmul_llamacpp.py for why):
 
 - Q4_K goes through llama.cpp's repacked 8-row kernels (`ggml_gemv_q4_K_8x8_q8_K`, `ggml_gemm_..._q8_K`): the
   integer sums of sub-blocks times their 6-bit scales (and the activations' sums times the 6-bit mins) are
@@ -13,103 +13,35 @@
   super-block's exact integer sum.
 
 Activations are quantized per 256 columns as `quantize_row_q8_K`: multiplier 127 / max|x|, codes rounded half
-to even, scale 1 / multiplier. As in gguf_exact.py, 8 rows go side by side (row r in vector lane r), so each
-vector instruction does, lane for lane, what llama.cpp does for one row.
+to even, scale 1 / multiplier. As in kernels/matmul_llamacpp.py, 8 rows go side by side (row r in vector lane r),
+so each vector instruction does, lane for lane, what llama.cpp does for one row.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
-import numpy as np
 from gguf import GGMLQuantizationType
 from tvm import tirx
 from tvm.script import tirx as T
 
-from quant_schemes.gguf_exact import fma, lane_sum, store_rows, u8x32
-from quant_schemes.gguf_int8 import LANE_ACTIVATION_BYTES, LANE_ROWS, TASKS, TOKENS, _intrin, row_group_blocks
-from quant_schemes.vector_exprs import concat, tree_sum
+from kernels.activation_quant import quantize_q8_k
+from kernels.gguf_blocks import CHUNK, SUPER_BLOCK
+from kernels.repack import LANE_ROWS, SUPER_LAYOUTS
+from kernels.simd import (
+    LANE_ACTIVATION_BYTES,
+    TASKS,
+    TOKENS,
+    concat,
+    fma,
+    lane_sum,
+    llvm_intrin,
+    store_rows,
+    tree_sum,
+    u8x32,
+)
 
 Q = GGMLQuantizationType
-SUPER = 256  # columns per super-block (and per activation scale)
-CHUNK = 32
-
-
-@dataclass(frozen=True)
-class SuperLayout:
-    """Byte offsets in one super-block of 8 rows stored side by side: the rows' float16 d (and dmin), their
-    sub-block scales (and mins) as [sub-block][row], then per 32-column chunk the 4-bit codes of words m and
-    m + 4 (columns 4m..4m+3 of 8 rows, [row][column]) as low and high nibbles of 32 bytes, and for Q6_K per
-    chunk bits 4-5 of words m, m + 2, m + 4, m + 6 as the 2-bit fields of 32 bytes. The GGUF bits, reordered."""
-
-    minimum: int | None
-    sub_scales: int
-    sub_mins: int | None
-    low: int
-    high: int | None
-    size: int
-    sub_blocks: int
-    block_bytes: int  # the GGUF block
-
-
-LAYOUTS = {
-    Q.Q4_K: SuperLayout(
-        minimum=16, sub_scales=32, sub_mins=96, low=160, high=None, size=1184, sub_blocks=8, block_bytes=144
-    ),  # fmt: skip
-    Q.Q6_K: SuperLayout(
-        minimum=None, sub_scales=16, sub_mins=None, low=144, high=1168, size=1680, sub_blocks=16, block_bytes=210
-    ),  # fmt: skip
-}
-
-
-def decode_q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_K blocks [..., 144] -> d, dmin (float16 bytes [..., 2]), scales, mins [..., 8], codes [..., 256]."""
-    s = blocks[..., 4:16].astype(np.uint8)  # get_scale_min_k4
-    scales = [s[..., j] & 63 for j in range(4)] + [
-        (s[..., j + 4] & 15) | (s[..., j - 4] >> 6 << 4) for j in range(4, 8)
-    ]
-    mins = [s[..., j + 4] & 63 for j in range(4)] + [(s[..., j + 4] >> 4) | (s[..., j] >> 6 << 4) for j in range(4, 8)]
-    qs = blocks[..., 16:144].reshape(*blocks.shape[:-1], 4, 32)
-    codes = np.stack([qs & 15, qs >> 4], axis=-2).reshape(*blocks.shape[:-1], SUPER)
-    return blocks[..., 0:2], blocks[..., 2:4], np.stack(scales, -1), np.stack(mins, -1), codes
-
-
-def decode_q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Q6_K blocks [..., 210] -> d (float16 bytes [..., 2]), int8 scales [..., 16], codes 0..63 [..., 256]."""
-    lead = blocks.shape[:-1]
-    ql = blocks[..., 0:128].reshape(*lead, 2, 64)
-    qh = blocks[..., 128:192].reshape(*lead, 2, 32)
-    quarters = [
-        (ql[..., :32] & 15) | ((qh & 3) << 4),
-        (ql[..., 32:] & 15) | (((qh >> 2) & 3) << 4),
-        (ql[..., :32] >> 4) | (((qh >> 4) & 3) << 4),
-        (ql[..., 32:] >> 4) | (((qh >> 6) & 3) << 4),
-    ]
-    codes = np.stack(quarters, axis=-2).reshape(*lead, SUPER)
-    return blocks[..., 208:210], blocks[..., 192:208], codes
-
-
-def group_rows_k(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """GGUF rows [n_out, row_bytes] -> [ceil(n_out / 8), super-blocks * size] in the SuperLayout."""
-    lay = LAYOUTS[qtype]
-    blocks = row_group_blocks(raw, lay.block_bytes)  # [G, S, 8, bb]
-    groups, supers = blocks.shape[:2]
-    if qtype == Q.Q4_K:
-        d, dmin, scales, mins, codes = decode_q4_k(blocks)
-        heads = [d, dmin, scales.swapaxes(-1, -2), mins.swapaxes(-1, -2)]
-    else:
-        d, scales, codes = decode_q6_k(blocks)
-        heads = [d, scales.swapaxes(-1, -2)]
-    words = codes.reshape(groups, supers, LANE_ROWS, 8, 8, 4).transpose(0, 1, 3, 4, 2, 5)  # [G, S, c, m, r, k]
-    low = words & 15
-    parts = [*heads, low[:, :, :, :4] | (low[:, :, :, 4:] << 4)]  # [G, S, c, 4, r, k]
-    if lay.high is not None:
-        high = (words >> 4).reshape(groups, supers, 8, 4, 2, LANE_ROWS, 4)  # m = 2 q + m2: [.., q, m2, r, k]
-        parts.append(sum(high[:, :, :, q] << (2 * q) for q in range(4)).astype(np.uint8))  # [G, S, c, 2, r, k]
-    flat = np.concatenate([p.astype(np.uint8).reshape(groups, supers, -1) for p in parts], axis=-1)
-    assert flat.shape[-1] == lay.size
-    return np.ascontiguousarray(flat.reshape(groups, -1))
 
 
 def _pairs_to_int16(v: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -119,16 +51,15 @@ def _pairs_to_int16(v: tirx.PrimExpr) -> tirx.PrimExpr:
 
 @functools.cache
 def kquant_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.PrimFunc:
-    """y[t, o] = sum_k x[t, k] * W[o, k] as llama.cpp's AVX2 build computes it, W in `group_rows_k` form."""
-    lay = LAYOUTS[qtype]
+    """y[t, o] = sum_k x[t, k] * W[o, k] as llama.cpp's AVX2 build computes it, W in `repack.group_rows` form."""
+    lay = SUPER_LAYOUTS[qtype]
     q6 = qtype == Q.Q6_K
-    supers = n_in // SUPER
+    supers = n_in // SUPER_BLOCK
     row_groups = -(-n_out // LANE_ROWS)
     tasks = min(TASKS, row_groups)
     groups_per_task = -(-row_groups // tasks)
     block_tokens = max(TOKENS, LANE_ACTIVATION_BYTES // n_in)
     sums_per_super = 16 if q6 else 8  # activation sums per super-block: Q6_K per 16 columns, Q4_K per 32
-    sum_width = SUPER // sums_per_super
 
     def load(data, g, at, lanes: int) -> tirx.PrimExpr:
         return tirx.BufferLoad(data, [g, tirx.Ramp(at, 1, lanes)])
@@ -153,22 +84,22 @@ def kquant_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pr
 
     def pairs(data, g, base, c, m: int, xq, t, s) -> tirx.PrimExpr:
         """int16x16: each row's codes times the activations, columns 4m..4m+3 of chunk c summed in pairs."""
-        x4 = tirx.reinterpret("int32", tirx.BufferLoad(xq, [t, tirx.Ramp(s * SUPER + c * CHUNK + 4 * m, 1, 4)]))
+        x4 = tirx.reinterpret("int32", tirx.BufferLoad(xq, [t, tirx.Ramp(s * SUPER_BLOCK + c * CHUNK + 4 * m, 1, 4)]))
         xb = tirx.reinterpret("int8x32", tirx.Broadcast(x4, LANE_ROWS))
-        return _intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", codes(data, g, base, c, m), xb)
+        return llvm_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", codes(data, g, base, c, m), xb)
 
     def chunk_lanes(data, g, base, c, xq, t, s) -> tirx.PrimExpr:
         """int32 sums of chunk c: Q4_K one per row (x8; its 8 words' int16 pair sums add up without overflow,
         8 * 2 * 15 * 127 < 2^15), Q6_K the 8 lanes of each row (lane L of 8 rows at 8L)."""
         if not q6:
             scales = _pairs_to_int16(row_bytes(data, g, base + lay.sub_scales + 8 * c, "int16"))
-            return _intrin("int32x8", "llvm.x86.avx2.pmadd.wd", tree_sum([pairs(data, g, base, c, m, xq, t, s)
+            return llvm_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", tree_sum([pairs(data, g, base, c, m, xq, t, s)
                                                                           for m in range(8)]), scales)  # fmt: skip
         lanes = []
         for m in range(8):
             sub = base + lay.sub_scales + 8 * (2 * c + m // 4)
             scales = _pairs_to_int16(row_bytes(data, g, sub, "int16"))
-            lanes.append(_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs(data, g, base, c, m, xq, t, s), scales))
+            lanes.append(llvm_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs(data, g, base, c, m, xq, t, s), scales))
         return concat(lanes)
 
     def offsets(data, g, base, x_sum, t, s, pair=None) -> tirx.PrimExpr:
@@ -245,23 +176,7 @@ def kquant_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pr
         xq = T.alloc_buffer((n, n_in), "int8")
         x_scale = T.alloc_buffer((n, supers), "float32")
         x_sum = T.alloc_buffer((n, supers * sums_per_super), "int32")
-        # quantize_row_q8_K: multiplier 127 / max|x|, codes rounded half to even, d = 1 / multiplier.
-        for t in T.parallel(n):
-            for s in range(supers):
-                amax = T.alloc_buffer((1,), "float32", scope="local")
-                amax[0] = T.float32(0)
-                for i in range(SUPER):
-                    amax[0] = T.max(amax[0], T.fabs(x[t, s * SUPER + i]))
-                inv = T.meta_var(T.if_then_else(amax[0] != T.float32(0), T.float32(127) / amax[0], T.float32(0)))
-                for i in range(SUPER):
-                    xq[t, s * SUPER + i] = T.Cast("int8", T.nearbyint(x[t, s * SUPER + i] * inv))
-                x_scale[t, s] = T.if_then_else(amax[0] != T.float32(0), T.float32(1) / inv, T.float32(0))
-                for k in range(sums_per_super):
-                    total = T.alloc_buffer((1,), "int32", scope="local")
-                    total[0] = 0
-                    for i in range(sum_width):
-                        total[0] = total[0] + T.Cast("int32", xq[t, s * SUPER + k * sum_width + i])
-                    x_sum[t, s * sums_per_super + k] = total[0]
+        quantize_q8_k(x, xq, x_scale, x_sum, n, supers, sums_per_super)
         for task in T.parallel(tasks):
             acc = T.alloc_buffer((64,), "float32", scope="local")
             isum = T.alloc_buffer((64,), "int32", scope="local")

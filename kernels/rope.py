@@ -1,4 +1,4 @@
-"""A faster CPU kernel for the RoPE that TVM's paged KV cache applies to q and k (`tir_split_rotary`).
+"""RoPE kernels. A faster CPU kernel for the RoPE that TVM's paged KV cache applies to q and k (`tir_split_rotary`).
 
 TVM's kernel is one serial loop over (token, head, dim) that evaluates pow, cos and sin for every element
 (SmolLM2: 17.5 us per decoded token and layer; this one takes 1.5, and prefill of 512 tokens gets ~7%
@@ -6,16 +6,25 @@ faster). This one has
 the same signature and arithmetic (angle = position / theta ** (2i / rotary_dim) in float32) but computes
 the rotary_dim / 2 cosines and sines once per token, runs tokens in parallel and rotates each head's halves
 (or GPT-J pairs) as vectors. Only RoPE without frequency scaling is replaced; other kinds keep TVM's kernel.
+
+For llama.cpp numerics, the same kernel with ggml's arithmetic, and `LlamaCppNeoxRope`: the RoPE a model applies
+itself (rotate-half, "NEOX") as ggml_rope_ext computes it: ggml's angle cache (position times
+powf(base, -2 / d) once per pair, libm's cosf and sinf) and its rotation as GCC contracts it.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from tvm import tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 
-from quant_schemes.gguf_exact import fma, ggml_rope_cache, ggml_theta_scale
+from kernels.ggml_math import ggml_rope_cache, ggml_theta_scale
+from kernels.numerics import Numerics
+from kernels.simd import fma
 
 SYMBOL = "fused_rope"  # the kernel's name in TVM's llama_rope_with_position_map
 
@@ -31,14 +40,15 @@ class RopeSpec:
     num_kv_heads: int
     dtype: str
     gptj: bool = False  # rotate pairs (2i, 2i + 1) instead of halves (i, i + rotary_dim / 2)
-    # ggml's arithmetic (quant_schemes/gguf_exact.py): angles by repeated multiplication, rotation with
-    # fused multiply-adds, K and V rounded to float16 as llama.cpp's cache stores them.
-    llamacpp: bool = False
+    # LLAMACPP: ggml's arithmetic (angles by repeated multiplication, rotation with fused multiply-adds, K and V
+    # rounded to float16 as llama.cpp's cache stores them).
+    numerics: Numerics = Numerics.MLCC
 
 
 def split_rotary(spec: RopeSpec) -> tirx.PrimFunc:
     """qkv [n, hq + 2 * hkv, d] -> q [n, hq, d], k [n, hkv, d] (rotated when apply_rope > 0), v."""
     head_dim, num_q_heads, num_kv_heads, dtype = spec.head_dim, spec.num_q_heads, spec.num_kv_heads, spec.dtype
+    llamacpp = spec.numerics is Numerics.LLAMACPP
     fused_heads = num_q_heads + 2 * num_kv_heads
     half = spec.rotary_dim // 2
     theta_scale = ggml_theta_scale(spec.theta, spec.rotary_dim)
@@ -56,7 +66,7 @@ def split_rotary(spec: RopeSpec) -> tirx.PrimFunc:
                 b = T.meta_var(2 * i + 1 if spec.gptj else i + half)
                 x1 = T.meta_var(qkv[s, first + h, a].astype("float32"))
                 x2 = T.meta_var(qkv[s, first + h, b].astype("float32"))
-                if spec.llamacpp:  # ggml's rotate_pairs as GCC contracts it
+                if llamacpp:  # ggml's rotate_pairs as GCC contracts it
                     out[s, h, a] = fma(x1, cos[i], -(x2 * sin[i]))
                     out[s, h, b] = fma(x1, sin[i], x2 * cos[i])
                 else:
@@ -89,7 +99,7 @@ def split_rotary(spec: RopeSpec) -> tirx.PrimFunc:
         for s in T.parallel(seq_len):
             cos = T.alloc_buffer((half,), "float32", scope="local")
             sin = T.alloc_buffer((half,), "float32", scope="local")
-            if spec.llamacpp:
+            if llamacpp:
                 angle_now = T.alloc_buffer((1,), "float32", scope="local")
                 ggml_rope_cache(cos, sin, angle_now, position_map[s], half, theta_scale)
             else:
@@ -102,7 +112,7 @@ def split_rotary(spec: RopeSpec) -> tirx.PrimFunc:
                 rotate(qkv, k, cos, sin, s, h, num_q_heads, apply_rope)
             for h, d in T.grid(num_kv_heads, head_dim):
                 v[s, h, d] = qkv[s, num_q_heads + num_kv_heads + h, d]
-            if spec.llamacpp:  # llama.cpp's cache holds K and V as float16
+            if llamacpp:  # llama.cpp's cache holds K and V as float16
                 for h, d in T.grid(num_kv_heads, head_dim):
                     k[s, h, d] = T.Cast(dtype, T.Cast("float16", k[s, h, d]))
                     v[s, h, d] = T.Cast(dtype, T.Cast("float16", v[s, h, d]))
@@ -110,8 +120,43 @@ def split_rotary(spec: RopeSpec) -> tirx.PrimFunc:
     return kernel
 
 
-def replacement(func: tirx.PrimFunc, spec: RopeSpec | None) -> tirx.PrimFunc | None:
-    """This module's kernel for TVM's RoPE kernel `func`, or None when it does not apply."""
-    if spec is None or len(func.params) != 6 or spec.rotary_dim % 2 or spec.rotary_dim > spec.head_dim:
-        return None
-    return split_rotary(spec)
+@functools.cache
+def neox_rope_kernel(heads: int, dim: int, theta: float) -> tirx.PrimFunc:
+    """ggml_rope_ext (NEOX) of x [n, heads, dim] at positions [n]: ggml_rope_cache_init's angles (theta
+    multiplied by powf(base, -2 / dim) pair by pair, cosf and sinf), rotate_pairs as GCC contracts it."""
+    half = dim // 2
+    theta_scale = ggml_theta_scale(theta, dim)
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(var_x: T.handle, var_pos: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n = T.int64()
+        x = T.match_buffer(var_x, (n, heads, dim), "float32")
+        pos = T.match_buffer(var_pos, (n,), "int32")
+        y = T.match_buffer(var_y, (n, heads, dim), "float32")
+        for t in T.parallel(n):
+            cos = T.alloc_buffer((half,), "float32", scope="local")
+            sin = T.alloc_buffer((half,), "float32", scope="local")
+            angle = T.alloc_buffer((1,), "float32", scope="local")
+            ggml_rope_cache(cos, sin, angle, pos[t], half, theta_scale)
+            for h in range(heads):
+                for i in T.vectorized(half):
+                    y[t, h, i] = fma(x[t, h, i], cos[i], -(x[t, h, i + half] * sin[i]))
+                    y[t, h, i + half] = fma(x[t, h, i], sin[i], x[t, h, i + half] * cos[i])
+
+    return kernel
+
+
+
+class LlamaCppNeoxRope(nn.Module):
+    """model_defs.common.NeoxRope computed as llama.cpp does."""
+
+    def __init__(self, theta: float, head_dim: int):
+        self.theta, self.head_dim = theta, head_dim
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        b, s, heads, dim = x.shape
+        rows = op.reshape(x, (-1, heads, dim))
+        out = Tensor.placeholder(list(rows.shape), "float32")
+        kernel = neox_rope_kernel(int(heads), int(dim), float(self.theta))
+        return op.reshape(op.tensor_ir_op(kernel, "rope_llamacpp", [rows, positions], out), x.shape)

@@ -1,0 +1,39 @@
+"""What a build's numerics (kernels/numerics.py) change beyond its quantized matmuls: the model's RMSNorm,
+SwiGLU, GeGLU and model-applied RoPE modules (llama.cpp's kernels for LLAMACPP) and the float flags the target
+compiles with (strict: no reassociation, no contraction LLVM chooses itself). The KV cache's RoPE and attention
+kernels take the setting in compiler/cpu_attention.py; the quantization scheme decides it (`prepare`)."""
+
+from __future__ import annotations
+
+from tvm.relax.frontend import nn
+
+from compiler.targets import TargetSpec, strict_float
+from kernels.norms_activations import LlamaCppGeGLU, LlamaCppRMSNorm, LlamaCppSwiGLU
+from kernels.numerics import Numerics
+from kernels.rope import LlamaCppNeoxRope
+from model_defs.common import GeGLU, NeoxRope, SwiGLU
+
+
+def numerics_target(spec: TargetSpec, numerics: Numerics) -> TargetSpec:
+    """The target a build in `numerics` compiles for: strict float flags for llama.cpp's numbers."""
+    return strict_float(spec) if numerics == Numerics.LLAMACPP else spec
+
+
+def use_numerics(model: nn.Module, numerics: Numerics) -> None:
+    """Swap the model's norms, gated activations and RoPE for the kernels of `numerics` (in place)."""
+    if numerics != Numerics.LLAMACPP:
+        return
+
+    class Swap(nn.Mutator):
+        def visit_module(self, name: str, node: nn.Module) -> nn.Module:
+            if isinstance(node, nn.RMSNorm) and node.bias is None:
+                return LlamaCppRMSNorm(int(node.weight.shape[0]), float(node.epsilon))
+            if isinstance(node, SwiGLU):
+                return LlamaCppSwiGLU()
+            if isinstance(node, GeGLU):
+                return LlamaCppGeGLU()
+            if isinstance(node, NeoxRope):
+                return LlamaCppNeoxRope(node.theta, node.head_dim)
+            return self.visit(name, node)
+
+    Swap().visit("", model)

@@ -1,0 +1,44 @@
+"""GGUF weights decoded to float inside the kernel (no int8 activations: other CPUs, GPUs, "gguf-f32"), as TE
+compute definitions for `op.tensor_expr_op`: a matmul and a row gather (embeddings)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tvm import te
+
+from kernels.gguf_blocks import BlockFormat
+
+
+def decoded_matmul(fmt: BlockFormat, n_in: int, n_out: int, dtype: str) -> Callable[[te.Tensor, te.Tensor], te.Tensor]:
+    """(x [..., n_in], GGUF rows [n_out, row bytes]) -> x @ W.T [..., n_out] in `dtype`, float32 accumulation."""
+
+    def matmul(xt: te.Tensor, data: te.Tensor) -> te.Tensor:
+        # A decode stage the CPU schedule computes one weight row at a time into a small local buffer, then a
+        # plain dot product of that row with every token. The decode stage runs over 16-column runs that sit
+        # in contiguous bytes, so its inner loop vectorizes; flattened, its index is just k.
+        w = te.compute((n_out, n_in // 16, 16), lambda o, t, i: fmt.weight_at(data, o, t, i), name="gguf_dequant")
+        k = te.reduce_axis((0, n_in), name="k")
+
+        def dot(*idx):
+            return te.sum(xt[(*idx[:-1], k)].astype("float32") * w[idx[-1], k // 16, k % 16], axis=k)
+
+        y = te.compute((*xt.shape[:-1], n_out), dot, name="gguf_matmul")
+        if dtype == "float32":
+            return y
+        return te.compute(y.shape, lambda *i: y[i].astype(dtype), name="gguf_matmul_cast")
+
+    return matmul
+
+
+def decoded_gather(fmt: BlockFormat, dim: int, dtype: str) -> Callable[[te.Tensor, te.Tensor], te.Tensor]:
+    """(ids [...], GGUF rows [num, row bytes]) -> the rows decoded, [..., dim] in `dtype`."""
+
+    def gather(idx: te.Tensor, data: te.Tensor) -> te.Tensor:
+        return te.compute(
+            (*idx.shape, dim),
+            lambda *i: fmt.weight_at_col(data, idx[i[:-1]], i[-1]).astype(dtype),
+            name="gguf_embed",
+        )
+
+    return gather

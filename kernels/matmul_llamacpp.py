@@ -1,0 +1,220 @@
+"""llama.cpp's own float arithmetic on x86 CPUs with AVX2, op for op, so that a GGUF model's logits are the
+very numbers llama.cpp computes (not just close: a greedy continuation follows llama.cpp's token for token).
+
+Near-ties decide greedy text, and llama.cpp's 8-bit activations amplify any rounding difference: two builds
+that differ only in summation order part within a few tokens (llama.cpp against itself with flash attention
+on and off: after 14, 2 and 2 tokens on SmolLM2). So these kernels reproduce ggml's CPU code (the version
+llama-cpp-python 0.3.36 vendors) including its order of float operations and where it fuses multiply-adds:
+
+- matmuls (`ggml_vec_dot_q4_1_q8_1`, `..._q8_0_q8_0`, tinyBLAS for Q8_0): activations quantized per 32
+  columns with scale max/127 (stored as float16) and multiplier 127/max, rounded half to even; per block,
+  8 int32 sums of 4 columns each are scaled by d_w * d_x and fused into 8 float accumulators; the 8 lanes
+  are summed as `hsum_float_8` does, then the blocks' min terms (summed with fused multiply-adds) added.
+- RMSNorm, SwiGLU and GeGLU (kernels/norms_activations.py), RoPE (kernels/rope.py) and attention
+  (kernels/attention.py) likewise.
+
+The float operations here use explicit fused multiply-adds where ggml has them and plain ones elsewhere:
+TVM's LLVM backend fuses a * b + c on its own (it allows FP contraction), which must not happen where ggml
+rounds twice, so no kernel here leaves a multiply feeding an add.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from gguf import GGMLQuantizationType
+from tvm import tirx
+from tvm.script import tirx as T
+
+from kernels.activation_quant import quantize_q8_0
+from kernels.gguf_blocks import CHUNK
+from kernels.matmul_llamacpp_kquants import kquant_matmul
+from kernels.repack import GROUP_LAYOUTS, LANE_ROWS, SUPER_LAYOUTS
+from kernels.simd import (
+    LANE_ACTIVATION_BYTES,
+    STREAM_AHEAD,
+    TASKS,
+    TOKENS,
+    concat,
+    fma,
+    lane_sum,
+    llvm_intrin,
+    prefetch,
+    store_rows,
+    u8x32,
+)
+
+Q = GGMLQuantizationType
+# Block types whose llama.cpp AVX2 matmul this module (or matmul_llamacpp_kquants.py) reproduces (Q4_0 is repacked
+# by llama.cpp into kernels of another order).
+EXACT_TYPES = {Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K}
+
+
+QUAD = 4  # tokens that share each decoded word of the weights
+
+
+def _u8(value: int | tirx.PrimExpr) -> tirx.PrimExpr:
+    return tirx.const(value, "uint8") if isinstance(value, int) else value.astype("uint8")
+
+
+
+@functools.cache
+def llamacpp_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool = False) -> tirx.PrimFunc:
+    """y[t, o] = sum_k x[t, k] * W[o, k] exactly as llama.cpp's AVX2 build computes it, W in
+    `kernels.repack.group_rows` form.
+
+    llama.cpp keeps 8 float accumulators per row, lane m summing columns 4m..4m+3 of every block; here 8 rows
+    go side by side, so accumulator m holds lane m of 8 rows and each vector operation is, lane for lane, the
+    operation llama.cpp does for that row: the same results, with 8 rows' work in one instruction and the
+    weights read as one stream. K-quants: `kquant_matmul`. `vnni`: each word's integer sums in one `vpdpbusd`
+    instead of `pmaddubsw` + `pmaddwd` (the same integers: no pair of products here reaches int16's limit).
+    """
+    if qtype in SUPER_LAYOUTS:
+        return kquant_matmul(qtype, n_in, n_out)
+    lay = GROUP_LAYOUTS[qtype]
+    chunks = n_in // CHUNK
+    row_groups = -(-n_out // LANE_ROWS)
+    tasks = min(TASKS, row_groups)
+    groups_per_task = -(-row_groups // tasks)
+    gb = lay.group_bytes
+    block_tokens = max(TOKENS, LANE_ACTIVATION_BYTES // n_in)  # tokens that pass over a row group at a time
+    ones = tirx.Broadcast(tirx.const(1, "int16"), 16)
+    zeros = tirx.Broadcast(tirx.const(0, "int32"), LANE_ROWS)
+
+    def halves(data, g, c, at: int) -> tirx.PrimExpr:
+        """8 float16 values of chunk c (the rows' scales or mins) as float32x8."""
+        raw = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + at, 1, 16)])
+        return tirx.reinterpret("float16x8", raw).astype("float32x8")
+
+    def weight_word(data, g, c, m) -> tuple[tirx.PrimExpr, tirx.PrimExpr | None]:
+        """Word m of chunk c for 8 rows as pmaddubsw's unsigned operand, and for signed codes the codes whose
+        signs the activations take (|w| times x carrying w's sign, as llama.cpp). m: an int, or a loop variable
+        that unrolling makes one."""
+        if qtype in (Q.Q4_1, Q.Q5_0):  # words m and m + 4 are the low and high nibbles of the same bytes
+            packed = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * (m % 4), 1, 32)])
+            codes = (packed >> tirx.Broadcast(_u8(m // 4 * 4), 32)) & u8x32(15)
+            if qtype == Q.Q4_1:
+                return codes, None
+            plane = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.high, 1, 32)])
+            high = ((plane >> tirx.Broadcast(_u8(m), 32)) & u8x32(1)) << u8x32(4)
+            raw = (codes | high) - u8x32(16)  # Q5_0: nibble | bit 4, less 16
+        else:
+            raw = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * m, 1, 32)])
+        signed = tirx.reinterpret("int8x32", raw)
+        absolute = llvm_intrin("int8x32", "llvm.abs.v32i8", signed, tirx.const(0, "bool"))
+        magnitude = tirx.reinterpret("uint8x32", absolute)
+        return magnitude, signed
+
+    def word_sums(data, g, c, m, xq, t) -> tirx.PrimExpr:
+        """int32x8: each row's sum of columns 4m..4m+3 of chunk c times token t's int8 activations there."""
+        x4 = tirx.reinterpret("int32", tirx.BufferLoad(xq, [t, tirx.Ramp(c * CHUNK + 4 * m, 1, 4)]))
+        xb = tirx.reinterpret("int8x32", tirx.Broadcast(x4, LANE_ROWS))
+        operand, signs = weight_word(data, g, c, m)
+        if signs is not None:
+            xb = llvm_intrin("int8x32", "llvm.x86.avx2.psign.b", xb, signs)
+        if vnni:
+            return llvm_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", zeros, operand, xb)
+        pairs = llvm_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", operand, xb)
+        return llvm_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, ones)
+
+    def rows(buf, at) -> tirx.PrimExpr:
+        return tirx.BufferLoad(buf, [tirx.Ramp(at, 1, LANE_ROWS)])
+
+    def chunk_sums(data, g, c, xq, t) -> tirx.PrimExpr:
+        """float32x64: words 0..7 of chunk c, each 8 rows' integer sums (the rows' lane m) as floats."""
+        return concat([word_sums(data, g, c, m, xq, t).astype("float32x8") for m in range(8)])
+
+    def chunk_scale(data, g, c, x_scale, t) -> tirx.PrimExpr:
+        """float32x64: each row's d_w * d_x for chunk c, for all 8 words."""
+        return concat([halves(data, g, c, 0) * tirx.Broadcast(x_scale[t, c], LANE_ROWS)] * 8)
+
+    @T.macro
+    def group_times_token(y, data, xq, x_scale, x_sum, g, t, acc):
+        """y[t, g*8 .. g*8+7] for one token (decode, and a block's last n % 4): all 8 words of a chunk at
+        once, lane m's accumulator of 8 rows at acc[8m], the mins' sums at acc[64]: 8 independent chains."""
+        acc[T.Ramp(0, 1, 9 * LANE_ROWS)] = T.Broadcast(T.float32(0), 9 * LANE_ROWS)
+        for c in range(chunks):
+            for line in range((gb + 63) // 64):
+                T.evaluate(prefetch(data, g, c * gb + STREAM_AHEAD + line * 64))
+            acc[T.Ramp(0, 1, 64)] = fma(
+                chunk_scale(data, g, c, x_scale, t), chunk_sums(data, g, c, xq, t), acc[T.Ramp(0, 1, 64)]
+            )
+            if lay.minimum is not None:
+                acc[T.Ramp(64, 1, LANE_ROWS)] = fma(
+                    halves(data, g, c, lay.minimum),
+                    T.Broadcast(x_sum[t, c], LANE_ROWS),
+                    acc[T.Ramp(64, 1, LANE_ROWS)],
+                )
+        total = T.meta_var(lane_sum([acc[T.Ramp(8 * m, 1, LANE_ROWS)] for m in range(8)]))
+        result = T.meta_var(total + acc[T.Ramp(64, 1, LANE_ROWS)] if lay.minimum is not None else total)
+        store_rows(y, t, g, n_out, result, acc, 0)
+
+    @T.macro
+    def group_times_tokens(y, data, xq, x_scale, x_sum, g, t0, count, acc, scales):
+        """y[t0 .. t0+count, g*8 .. g*8+7] (rows past n_out not stored). llama.cpp keeps, per row and token, 8
+        float accumulators (lane m sums columns 4m..4m+3 of every block) and the min terms; here word m is
+        one pass over the chunks in which each of the `count` tokens' lane-m accumulators of 8 rows takes
+        each chunk in turn, so a word's codes are decoded once for all tokens. acc: [count, 9, 8] (lanes,
+        then mins), scales: [count, chunks, 8] the rows' d_w * d_x. The first pass asks for the weights
+        STREAM_AHEAD bytes on."""
+        for i in T.unroll(count):
+            for c in range(chunks):
+                scales[T.Ramp((i * chunks + c) * LANE_ROWS, 1, LANE_ROWS)] = halves(data, g, c, 0) * T.Broadcast(
+                    x_scale[t0 + i, c], LANE_ROWS
+                )
+        for m in T.unroll(8):
+            for i in T.unroll(count):
+                acc[T.Ramp((i * 9 + m) * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(T.float32(0), LANE_ROWS)
+            for c in range(chunks):
+                if m == 0:
+                    for line in T.unroll((gb + 63) // 64):
+                        T.evaluate(prefetch(data, g, c * gb + STREAM_AHEAD + line * 64))
+                for i in T.unroll(count):
+                    acc[T.Ramp((i * 9 + m) * LANE_ROWS, 1, LANE_ROWS)] = fma(
+                        rows(scales, (i * chunks + c) * LANE_ROWS),
+                        word_sums(data, g, c, m, xq, t0 + i).astype("float32x8"),
+                        rows(acc, (i * 9 + m) * LANE_ROWS),
+                    )
+        for i in T.unroll(count):
+            acc[T.Ramp((i * 9 + 8) * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(T.float32(0), LANE_ROWS)
+            if lay.minimum is not None:
+                for c in range(chunks):
+                    acc[T.Ramp((i * 9 + 8) * LANE_ROWS, 1, LANE_ROWS)] = fma(
+                        halves(data, g, c, lay.minimum),
+                        T.Broadcast(x_sum[t0 + i, c], LANE_ROWS),
+                        rows(acc, (i * 9 + 8) * LANE_ROWS),
+                    )
+            # hsum_float_8 for each row, then the mins.
+            total = T.meta_var(lane_sum([rows(acc, (i * 9 + m) * LANE_ROWS) for m in range(8)]))
+            result = T.meta_var(total + rows(acc, (i * 9 + 8) * LANE_ROWS) if lay.minimum is not None else total)
+            store_rows(y, t0 + i, g, n_out, result, acc, (i * 9 + 8) * LANE_ROWS)
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(var_x: T.handle, data: T.Buffer((row_groups, chunks * gb), "uint8"), var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n = T.int64()
+        x = T.match_buffer(var_x, (n, n_in), "float32")
+        y = T.match_buffer(var_y, (n, n_out), "float32")
+        xq = T.alloc_buffer((n, n_in), "int8")
+        x_scale = T.alloc_buffer((n, chunks), "float32")  # float16 d of the block, as float32
+        x_sum = T.alloc_buffer((n, chunks), "float32")  # float16 d * sum(q) (Q8_1's s)
+        quantize_q8_0(x, xq, x_scale, x_sum, n, chunks)
+        # Row groups in `tasks` parallel ranges; tokens `block_tokens` at a time (their activations stay in L2)
+        # pass over each group in fours, the first four streaming its weights in.
+        for task in T.parallel(tasks):
+            acc = T.alloc_buffer((QUAD * 9 * LANE_ROWS,), "float32", scope="local")
+            single = T.alloc_buffer((9 * LANE_ROWS,), "float32", scope="local")
+            scales = T.alloc_buffer((QUAD * chunks * LANE_ROWS,), "float32", scope="local")
+            for tb in range((n + block_tokens - 1) // block_tokens):
+                for gi in range(groups_per_task):
+                    if task * groups_per_task + gi < row_groups:
+                        g = T.meta_var(task * groups_per_task + gi)
+                        first = T.meta_var(tb * block_tokens)
+                        count = T.meta_var(T.min(n, first + block_tokens) - first)
+                        for q in range(count // QUAD):
+                            group_times_tokens(y, data, xq, x_scale, x_sum, g, first + q * QUAD, QUAD, acc, scales)
+                        for r in range(count % QUAD):
+                            group_times_token(y, data, xq, x_scale, x_sum, g, first + count // QUAD * QUAD + r, single)
+
+    return kernel
+

@@ -1,0 +1,131 @@
+"""RMSNorm, SwiGLU and GeGLU computed as llama.cpp's CPU backend computes them (ggml_rms_norm,
+ggml_vec_swiglu_f32, ggml_vec_geglu_f32), each a row-wise kernel and the nn module that runs it in place of
+the model's own (compiler/numerics.py swaps them in for llama.cpp numerics):
+
+- RMSNorm: the sum of squares in float64, one element at a time.
+- SwiGLU: silu(g) * u with ggml's vector exp (`ggml_v_expf`), libm's expf for a row's last n % 8 elements.
+- GeGLU: ggml's table of GeLU-tanh at every float16 (libm's tanhf, rounded to float16; a constant of the
+  compiled library) at x rounded to float16, times u; 0 below -10 and x * u above 10.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from tvm import tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.script import tirx as T
+
+from kernels.ggml_math import gelu_f16_table, v_expf
+from kernels.simd import LANES
+
+
+@functools.cache
+def rms_norm_kernel(hidden: int, eps: float) -> tirx.PrimFunc:
+    """ggml_rms_norm + ggml_mul: sum of squares in float64 in order, scale = 1 / sqrtf(mean + eps)."""
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(var_x: T.handle, weight: T.Buffer((hidden,), "float32"), var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n = T.int64()
+        x = T.match_buffer(var_x, (n, hidden), "float32")
+        y = T.match_buffer(var_y, (n, hidden), "float32")
+        for r in T.parallel(n):
+            total = T.alloc_buffer((1,), "float64", scope="local")
+            total[0] = T.float64(0)
+            for i in range(hidden):
+                total[0] = total[0] + T.Cast("float64", x[r, i] * x[r, i])
+            mean = T.meta_var(T.Cast("float32", total[0] / T.float64(hidden)))
+            scale = T.meta_var(T.float32(1) / T.sqrt(mean + T.float32(eps)))
+            for i in T.vectorized(hidden):
+                y[r, i] = x[r, i] * scale * weight[i]
+
+    return kernel
+
+
+@functools.cache
+def swiglu_kernel(width: int) -> tirx.PrimFunc:
+    """ggml_vec_swiglu_f32 per row: ggml_v_silu(g) * u in 8-wide vectors, x / (1 + expf(-x)) * u for the rest."""
+    vectors = width // LANES
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(var_g: T.handle, var_u: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n = T.int64()
+        g = T.match_buffer(var_g, (n, width), "float32")
+        u = T.match_buffer(var_u, (n, width), "float32")
+        y = T.match_buffer(var_y, (n, width), "float32")
+        for r in T.parallel(n):
+            for v in range(vectors):
+                lanes = T.meta_var(T.Ramp(v * LANES, 1, LANES))
+                gate = T.meta_var(g[r, lanes])
+                zero = T.meta_var(T.Broadcast(T.float32(0), LANES))
+                one = T.meta_var(T.Broadcast(T.float32(1), LANES))
+                y[r, lanes] = gate / (one + v_expf(zero - gate)) * u[r, lanes]
+            for i in range(vectors * LANES, width):
+                y[r, i] = g[r, i] / (T.float32(1) + T.exp(-g[r, i])) * u[r, i]
+
+    return kernel
+
+
+
+@functools.cache
+def geglu_kernel(width: int) -> tirx.PrimFunc:
+    """ggml_vec_geglu_f32 per row (GGML_GELU_FP16): the float16 GeLU table at g rounded to float16, times u;
+    0 below -10, g * u above 10."""
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(var_g: T.handle, var_u: T.handle, table: T.Buffer((1 << 16,), "float16"), var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n = T.int64()
+        g = T.match_buffer(var_g, (n, width), "float32")
+        u = T.match_buffer(var_u, (n, width), "float32")
+        y = T.match_buffer(var_y, (n, width), "float32")
+        for r in T.parallel(n):
+            for i in range(width):
+                x = T.meta_var(g[r, i])
+                gelu = T.meta_var(table[T.Cast("int32", T.reinterpret("uint16", T.Cast("float16", x)))])
+                y[r, i] = T.Select(
+                    x <= T.float32(-10),
+                    T.float32(0),
+                    T.Select(x >= T.float32(10), x * u[r, i], T.Cast("float32", gelu) * u[r, i]),
+                )
+
+    return kernel
+
+
+
+def _rows_op(kernel: tirx.PrimFunc, name: str, inputs: list[Tensor], like: Tensor) -> Tensor:
+    """Run a row-wise kernel on [..., width] tensors flattened to rows; the result has `like`'s shape."""
+    width = like.shape[-1]
+    rows = [op.reshape(t, (-1, width)) if t.ndim != 1 else t for t in inputs]
+    out = Tensor.placeholder([rows[0].shape[0], width], "float32")
+    return op.reshape(op.tensor_ir_op(kernel, name, rows, out), like.shape)
+
+
+class LlamaCppRMSNorm(nn.Module):
+    """nn.RMSNorm (no bias) computed as llama.cpp does; the same `weight` parameter."""
+
+    def __init__(self, hidden: int, eps: float):
+        self.hidden, self.eps = hidden, eps
+        self.weight = nn.Parameter((hidden,), "float32")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _rows_op(rms_norm_kernel(self.hidden, float(self.eps)), "rms_norm_llamacpp", [x, self.weight], x)
+
+
+class LlamaCppSwiGLU(nn.Module):
+    """silu(gate) * up computed as llama.cpp's fused swiglu does."""
+
+    def forward(self, gate: Tensor, up: Tensor) -> Tensor:
+        return _rows_op(swiglu_kernel(int(gate.shape[-1])), "swiglu_llamacpp", [gate, up], gate)
+
+
+class LlamaCppGeGLU(nn.Module):
+    """gelu_tanh(gate) * up computed as llama.cpp's fused geglu does."""
+
+    def forward(self, gate: Tensor, up: Tensor) -> Tensor:
+        table = Tensor.from_const(gelu_f16_table())  # 128 KB, a constant of the compiled library
+        return _rows_op(geglu_kernel(int(gate.shape[-1])), "geglu_llamacpp", [gate, up, table], gate)
+

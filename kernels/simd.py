@@ -1,0 +1,148 @@
+"""Builders of vector TIR expressions shared by the hand-written CPU kernels: loads, splats, lane shuffles,
+sums in a fixed order, LLVM intrinsics (x86 AVX2 integer dot products, fused multiply-adds, prefetches), and
+which of those the target CPU has."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+from tvm.target import codegen
+
+LANES = 8  # float32 lanes of an AVX2 register: the vector width every CPU kernel here is written for
+
+
+def tree_sum(terms: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """The sum of `terms` as a balanced tree: independent chains the CPU can overlap."""
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def concat(parts: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """The lanes of `parts` side by side in one vector (a single part as it is)."""
+    if len(parts) == 1:
+        return parts[0]
+    lanes = sum(p.ty.dtype.lanes for p in parts)
+    return tirx.Shuffle(parts, [tirx.IntImm("int32", i) for i in range(lanes)])
+
+
+def row_sums(rows: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """[sum(rows[0]), ..., sum(rows[n - 1])] for n vectors of n lanes (n a power of two): pairs of vectors are
+    halved by adding their even and odd lanes until one is left, which holds the sums in order
+    (3n - 3 vector ops for n = 8, instead of n horizontal sums)."""
+    lanes = rows[0].ty.dtype.lanes
+    even = [tirx.IntImm("int32", i) for i in range(0, 2 * lanes, 2)]
+    odd = [tirx.IntImm("int32", i) for i in range(1, 2 * lanes, 2)]
+    while len(rows) > 1:
+        rows = [tirx.Shuffle([a, b], even) + tirx.Shuffle([a, b], odd) for a, b in zip(rows[0::2], rows[1::2])]
+    return rows[0]
+
+
+def lanes_of(v: tirx.PrimExpr, first: int, count: int) -> tirx.PrimExpr:
+    """Lanes first .. first + count of vector v."""
+    if count == 1:
+        return tirx.Shuffle([v], [tirx.IntImm("int32", first)])
+    return tirx.Shuffle([v], [tirx.IntImm("int32", first + i) for i in range(count)])
+
+
+def hsum8(v: tirx.PrimExpr) -> tirx.PrimExpr:
+    """ggml's `hsum_float_8` (and tinyBLAS's hsum): ((v0+v4) + (v2+v6)) + ((v1+v5) + (v3+v7))."""
+    r = lanes_of(v, 4, 4) + lanes_of(v, 0, 4)
+    s = lanes_of(r, 0, 2) + lanes_of(r, 2, 2)
+    return lanes_of(s, 0, 1) + lanes_of(s, 1, 1)
+
+
+def lane_sum(v: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """hsum_float_8's order across 8 vectors (lane m of each row in v[m]): ((v0+v4) + (v2+v6)) + ((v1+v5) + (v3+v7))."""
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
+
+
+def load(data: tirx.Buffer, row: tirx.PrimExpr, start: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
+    """data[row, start : start + lanes] as one vector."""
+    return tirx.BufferLoad(data, [row, tirx.Ramp(start, 1, lanes)])
+
+
+def splat(value: float | int | tirx.PrimExpr, lanes: int, dtype: str = "float32") -> tirx.PrimExpr:
+    """`value` in each of `lanes` lanes (itself for one); a Python number becomes a `dtype` constant."""
+    scalar = tirx.const(value, dtype) if isinstance(value, (int, float)) else value
+    return scalar if lanes == 1 else tirx.Broadcast(scalar, lanes)
+
+
+def bcast(value: int, dtype: str, lanes: int) -> tirx.PrimExpr:
+    """An integer constant in all `lanes` lanes of a vector (masks and shifts)."""
+    return tirx.Broadcast(tirx.const(value, dtype), lanes)
+
+
+def u8x32(value: int) -> tirx.PrimExpr:
+    """`value` in all 32 lanes of a uint8 vector (masks and shifts of packed codes)."""
+    return bcast(value, "uint8", 32)
+
+
+def vec_const(values: list[int], dtype: str) -> tirx.PrimExpr:
+    """A constant vector, built from broadcasts so no buffer is needed."""
+    return tirx.Shuffle([tirx.const(v, dtype) for v in values], [tirx.IntImm("int32", i) for i in range(len(values))])
+
+
+def span(lanes: int, start: tirx.PrimExpr | int = 0) -> tirx.PrimExpr:
+    """Index of `lanes` consecutive elements from `start` (a plain index for one)."""
+    return tirx.Ramp(start, 1, lanes) if lanes > 1 else tirx.convert(start)
+
+
+def f16_round(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """x rounded to float16 and back (scalar or vector)."""
+    lanes = x.ty.dtype.lanes
+    half = "float16" if lanes == 1 else f"float16x{lanes}"
+    return x.astype(half).astype(x.ty.dtype)
+
+
+def llvm_intrin(dtype: str, name: str, *args: tirx.PrimExpr) -> tirx.PrimExpr:
+    """A pure LLVM intrinsic call (x86 `pmaddubsw`, `pmaddwd`, `psign`, `vpdpbusd`, abs, ...)."""
+    return tirx.call_llvm_pure_intrin(dtype, name, *args)
+
+
+def fma(a: tirx.PrimExpr, b: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
+    """a * b + c rounded once (scalar or float32 vector)."""
+    lanes = c.ty.dtype.lanes
+    name, dtype = ("llvm.fma.f32", "float32") if lanes == 1 else (f"llvm.fma.v{lanes}f32", f"float32x{lanes}")
+    return tirx.call_llvm_pure_intrin(dtype, name, a, b, c)
+
+
+def prefetch(data: tirx.Buffer, row: tirx.PrimExpr, byte: tirx.PrimExpr) -> tirx.PrimExpr:
+    """A hint to load the cache line holding data[row, byte] (read, keep in all cache levels)."""
+    address = tirx.address_of(tirx.BufferLoad(data, [row, byte]))
+    args = (address, tirx.const(0, "int32"), tirx.const(3, "int32"), tirx.const(1, "int32"))
+    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", *args)
+
+
+def has_avx2(target: tvm.target.Target) -> bool:
+    return target.kind.name == "llvm" and bool(codegen.target_has_features("avx2", target))
+
+
+def has_vnni(target: tvm.target.Target) -> bool:
+    """`vpdpbusd` on 256-bit vectors (AVX512-VNNI with AVX512-VL, or AVX-VNNI): pmaddubsw + pmaddwd in one."""
+
+    def has(feature: str) -> bool:
+        return bool(codegen.target_has_features(feature, target))
+
+    return has_avx2(target) and (has("avxvnni") or (has("avx512vnni") and has("avx512vl")))
+
+
+# How the CPU matmuls split their work (mlcc's and llama.cpp's orders alike).
+TASKS = 64  # parallel row ranges: enough to balance 16 threads, few accumulators
+TOKENS = 8  # tokens per pass over a weight row (prefill and batched decode); 8 accumulators of 8 lanes
+LANE_ACTIVATION_BYTES = 256 * 1024  # int8 activations that pass over one unpacked group of rows
+STREAM_AHEAD = 3072  # bytes of interleaved weights prefetched ahead of the chunk being multiplied
+
+
+@T.macro
+def store_rows(y, t, g, n_out: int, result, spill, at):
+    """y[t, g*8 .. g*8+7] = result (float32x8, row r in lane r), rows past n_out dropped: those go through
+    spill[at .. at+8]."""
+    if g * LANES + LANES <= n_out:
+        y[t, T.Ramp(g * LANES, 1, LANES)] = result
+    else:
+        spill[T.Ramp(at, 1, LANES)] = result
+        for r in range(LANES):
+            if g * LANES + r < n_out:
+                y[t, g * LANES + r] = spill[at + r]
