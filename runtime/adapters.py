@@ -51,12 +51,6 @@ class AdapterSlots:
         if len(self.slots) == self.capacity:
             raise MlccError(f"all {self.capacity} adapter slots are taken")
         adapter = load_adapter(path, scale)
-        unsupported = [*adapter.bias_deltas, *adapter.replacements]
-        if unsupported:
-            raise MlccError(
-                f"{adapter.path}: changes {unsupported[0]} (saved modules and bias LoRA need merging: mlcc compile "
-                "--lora)"
-            )
         slot, rank = len(self.slots), int(self.section["rank"])
         updates: dict[str, np.ndarray] = {}
         for tensor, (a, b, s) in adapter.factors.items():
@@ -74,6 +68,12 @@ class AdapterSlots:
             a_all[columns] = a
             b_all[:, columns] = s * b
             updates[a_name], updates[b_name] = a_all, b_all
+        unsupported = [*adapter.bias_deltas, *adapter.replacements]
+        if unsupported:
+            raise MlccError(
+                f"{adapter.path}: changes {unsupported[0]} (saved modules and bias LoRA need merging: mlcc compile "
+                "--lora)"
+            )
         for param, value in updates.items():
             self.params[self.index[param]] = tvm.runtime.tensor(value, self.device)
         self.slots[name] = slot

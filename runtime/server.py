@@ -101,29 +101,39 @@ def create_app(serving: ServingEngine, model_name: str, api_key: str | None = No
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(prometheus_text(serving), media_type="text/plain; version=0.0.4")
 
-    def model_card() -> dict[str, Any]:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "mlcc"}
+    def model_card(name: str) -> dict[str, Any]:
+        """The base model, or a LoRA adapter loaded on it (its parent)."""
+        card = {"id": name, "object": "model", "created": created, "owned_by": "mlcc"}
+        return card if name == model_name else {**card, "parent": model_name}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in [model_name, *engine.adapters.slots]]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str) -> dict[str, Any]:
-        check_model(name)
-        return model_card()
+        return model_card(model_name if check_model(name) is None else name)
 
-    def check_model(name: str) -> None:
+    def check_model(name: str) -> str | None:
+        """The adapter a request's `model` names (None: the base model); a 404 for other names."""
+        if name in engine.adapters.slots:
+            return name
         if name not in names:
+            adapters = "".join(f", {a!r}" for a in engine.adapters.slots)
             raise ApiError(
                 404,
-                f"the model {name!r} does not exist; this server has {model_name!r}",
+                f"the model {name!r} does not exist; this server has {model_name!r}{adapters}",
                 param="model",
                 code="model_not_found",
             )
+        return None
 
     async def submit(
-        prompt_ids: list[int], params: SamplingParams, prompt_field: str, constraint_field: str | None = None
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prompt_field: str,
+        constraint_field: str | None = None,
+        adapter: str | None = None,
     ) -> RequestHandle:
         """Queue a prompt; what the user got wrong becomes a 400 naming the field, a full server a 429.
         Runs off the event loop: compiling a grammar can take a while."""
@@ -135,7 +145,7 @@ def create_app(serving: ServingEngine, model_name: str, api_key: str | None = No
                 code="context_length_exceeded",
             )
         try:
-            return await run_in_threadpool(serving.submit, prompt_ids, params, asyncio.get_running_loop())
+            return await run_in_threadpool(serving.submit, prompt_ids, params, asyncio.get_running_loop(), adapter)
         except QueueFull as e:
             raise ApiError(429, str(e), kind="server_busy", code="rate_limit_exceeded") from None
         except ConstraintError as e:
@@ -163,7 +173,7 @@ def create_app(serving: ServingEngine, model_name: str, api_key: str | None = No
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        check_model(body.model)
+        adapter = check_model(body.model)
         check_sequences(1, body.n)
         tools = body.tool_spec()
         messages = [m.as_template_input() for m in body.messages]
@@ -191,9 +201,9 @@ def create_app(serving: ServingEngine, model_name: str, api_key: str | None = No
                     400, f"tool_choice forces a tool call: {constraint_field} cannot apply", param="tool_choice"
                 )
             params.grammar, constraint_field = tools.grammar(), "tools"
-        handle = await submit(prompt_ids, params, "messages", constraint_field)
+        handle = await submit(prompt_ids, params, "messages", constraint_field, adapter)
         reply = ChatReply(
-            engine, model_name, want_logprobs, tools if tools is not None and tools.parses_calls else None
+            engine, adapter or model_name, want_logprobs, tools if tools is not None and tools.parses_calls else None
         )
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -202,7 +212,7 @@ def create_app(serving: ServingEngine, model_name: str, api_key: str | None = No
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
+        adapter = check_model(body.model)
         if body.echo:
             raise ApiError(400, "echo is not supported", param="echo")
         prompts = body.prompt if isinstance(body.prompt, list) and body.prompt else [body.prompt]
@@ -218,12 +228,13 @@ def create_app(serving: ServingEngine, model_name: str, api_key: str | None = No
                 ids = await tokenized(engine.tokenizer.encode, prompt, "prompt") if isinstance(prompt, str) else prompt
                 if not ids:
                     raise ApiError(400, "the prompt is empty", param="prompt")
-                handles.append(await submit(list(ids), params, "prompt", body.constraint_field()))  # type: ignore
+                field = body.constraint_field()
+                handles.append(await submit(list(ids), params, "prompt", field, adapter))  # type: ignore
         except ApiError:
             for handle in handles:
                 handle.abort()
             raise
-        reply = CompletionReply(engine, model_name, body.logprobs is not None)
+        reply = CompletionReply(engine, adapter or model_name, body.logprobs is not None)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return event_stream(reply.chunks(merged(handles), handles, include_usage), handles)

@@ -122,14 +122,19 @@ class ServingEngine:
 
     # ---- submitting ---------------------------------------------------------------------------------
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop | None = None,
+        adapter: str | None = None,
     ) -> RequestHandle:
-        """Queue `params.n` completions of a prompt; deltas go to `loop` when given, else to a blocking queue.
+        """Queue `params.n` completions of a prompt (with the LoRA adapter named `adapter`, if any); deltas go to
+        `loop` when given, else to a blocking queue.
 
         Bad input raises MlccError here, in the caller's thread.
         """
         handle = RequestHandle(self, loop)
-        handle.requests = self.engine.make_requests(prompt_ids, params)
+        handle.requests = self.engine.make_requests(prompt_ids, params, adapter=adapter)
         self.reserve(len(handle.requests))
         for i, r in enumerate(handle.requests):
             r.on_delta = handle._callback(i)
