@@ -10,8 +10,6 @@ llama.cpp. Norm weights follow the GGUF convention, where Gemma's (1 + w) is alr
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +22,8 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from tvm.script import tirx as T
 
 from artifacts.errors import MlccError
+from kernels.ggml_math import ggml_theta_scale
+from kernels.simd import fma
 from model_defs.common import (
     AttentionLayout,
     GeGLU,
@@ -169,7 +169,8 @@ class LinearScaledRope(nn.Module):
     ggml_rope_cache_init (the position multiplied by powf(base, -2 / d) pair by pair, each angle times
     freq_scale = 1.0f / factor before cosf and sinf), the rotation as GCC contracts ggml's rotate_pairs.
 
-    Not a NeoxRope: the GGUF schemes swap NeoxRope for a llama.cpp kernel without a frequency scale."""
+    Not a NeoxRope: compiler/numerics.py swaps NeoxRope for kernels/rope.py's llama.cpp kernel, which has no
+    frequency scale."""
 
     def __init__(self, theta: float, head_dim: int, factor: float):
         self.theta, self.head_dim = theta, head_dim
@@ -184,23 +185,11 @@ class LinearScaledRope(nn.Module):
         return op.reshape(out, x.shape)
 
 
-def powf(x: float, y: float) -> float:
-    """The C library's powf, which ggml calls for the angle step."""
-    libm = ctypes.CDLL(ctypes.util.find_library("m"))
-    libm.powf.restype, libm.powf.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
-    return float(libm.powf(x, y))
-
-
-def fma(a: tirx.PrimExpr, b: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
-    """a * b + c in float32, rounded once (GCC contracts ggml's rotation so)."""
-    return tirx.call_llvm_pure_intrin("float32", "llvm.fma.f32", a, b, c)
-
-
 @functools.cache
 def scaled_rope_kernel(heads: int, dim: int, theta: float, freq_scale: float, dtype: str) -> tirx.PrimFunc:
     """x [n, heads, dim] rotated at positions [n]; see LinearScaledRope."""
     half = dim // 2
-    theta_scale = powf(theta, float(np.float32(-2.0) / np.float32(dim)))  # powf(base, -2.0f / n_dims)
+    theta_scale = ggml_theta_scale(theta, dim)
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, var_pos: T.handle, var_y: T.handle):

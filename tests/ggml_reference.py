@@ -209,9 +209,10 @@ def geglu(g: np.ndarray, u: np.ndarray, table: np.ndarray) -> np.ndarray:
     return np.where(g <= -10, f32(0), np.where(g >= 10, g * u, gelu * u)).astype(f32)
 
 
-def rope_neox(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
+def rope_neox(x: np.ndarray, positions: np.ndarray, base: float, freq_scale: float = 1.0) -> np.ndarray:
     """ggml_rope_ext, NEOX mode, of x [n, heads, dim]: angles position * theta_scale^i by repeated float
-    multiplication, libm's cosf and sinf, the rotation as GCC contracts it."""
+    multiplication, each times freq_scale (rope_yarn without extrapolation: linear scaling), libm's cosf and
+    sinf, the rotation as GCC contracts it."""
     n, _, dim = x.shape
     half = dim // 2
     theta_scale = f32(LIBM.powf(base, float(f32(-2.0) / f32(dim))))
@@ -219,7 +220,8 @@ def rope_neox(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
     for t in range(n):
         theta = f32(positions[t])
         for i in range(half):
-            cos[t, i], sin[t, i] = LIBM.cosf(float(theta)), LIBM.sinf(float(theta))
+            angle = float(f32(f32(freq_scale) * theta))
+            cos[t, i], sin[t, i] = LIBM.cosf(angle), LIBM.sinf(angle)
             theta = f32(theta * theta_scale)
     x0, x1, c, s = x[..., :half], x[..., half:], cos[:, None], sin[:, None]
     return np.concatenate([fma(x0, c, -(x1 * s).astype(f32)), fma(x0, s, (x1 * c).astype(f32))], -1)

@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import tvm
 from gguf_convert import write_gguf
 from transformers import AutoModelForCausalLM, DynamicCache, Gemma3TextConfig, PreTrainedTokenizerFast
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
 
 from artifacts import MANIFEST_NAME
 from artifacts.errors import MlccError
+from compiler.targets import TargetRequest, resolve_target, strict_float
 from model_defs import get_arch, markdown_table
 from quant_schemes import get_scheme
 from runtime import Engine, SamplingParams
@@ -225,6 +227,24 @@ def test_gemma3_rope_scaling_from_gguf_and_hf():
     for sliding, kind in [(True, "sliding_attention"), (False, "full_attention")]:
         expected = getattr(rotary, f"{kind}_inv_freq").numpy()
         np.testing.assert_allclose(config.rope(sliding).inv_freq, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("factor", [8.0, 3.0])
+def test_gemma3_scaled_rope_is_ggml(factor: float):
+    """The scaled RoPE of Gemma 3's global layers from GGUF gives ggml_rope_ext's numbers bit for bit with
+    freq_scale = 1.0f / factor times each angle (3 is no power of 2: there the order of the products matters)."""
+    from ggml_reference import rope_neox
+
+    freq_scale = float(np.float32(1) / np.float32(factor))
+    kernel = get_arch("gemma3").scaled_rope_kernel(4, 32, 1e6, freq_scale, "float32")
+    target = strict_float(resolve_target(TargetRequest())).target  # as a build in llama.cpp's numerics
+    lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=target)
+    x = np.random.default_rng(5).standard_normal((7, 4, 32)).astype(np.float32)
+    positions = np.array([0, 1, 2, 17, 300, 511, 4000], np.int32)
+    out = tvm.runtime.tensor(np.zeros_like(x))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(positions), out)
+    np.testing.assert_array_equal(out.numpy(), rope_neox(x, positions, 1e6, freq_scale))
+    assert np.abs(out.numpy() - rope_neox(x, positions, 1e6)).max() > 0.1  # the scale is there
 
 
 @pytest.mark.slow  # a compile each; the default suite has q4 on the llama-family models (test_models.py)
