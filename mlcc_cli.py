@@ -113,6 +113,14 @@ def _artifact_or_default(artifact: str | None) -> str:
     help="PEFT LoRA adapter folder to merge into the float weights before quantization (repeatable).",
 )
 @click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Multiplies every adapter's alpha/r.")
+@click.option(
+    "--lora-slots",
+    type=int,
+    default=0,
+    help="Serve up to N LoRA adapters over these weights without merging them (mlcc serve --adapter NAME=PATH); "
+    "each request picks one by its model name.",
+)
+@click.option("--lora-rank", type=int, default=16, show_default=True, help="The highest adapter rank the slots hold.")
 @click.option("-o", "--output", required=True, help="Artifact folder to write.")
 @friendly_errors
 def compile(
@@ -125,6 +133,8 @@ def compile(
     context_window: int | None,
     loras: tuple[str, ...],
     lora_scale: float,
+    lora_slots: int,
+    lora_rank: int,
     output: str,
 ):
     """Compile MODEL into an artifact folder."""
@@ -144,6 +154,8 @@ def compile(
             progress=progress,
             loras=loras,
             lora_scale=lora_scale,
+            lora_slots=lora_slots,
+            lora_rank=lora_rank,
         )
 
 
@@ -244,6 +256,13 @@ def run(
 )
 @click.option("--no-prefix-cache", is_flag=True, help="Do not reuse the KV of earlier prompts' shared prefixes.")
 @click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="A PEFT LoRA adapter to serve as model NAME (repeatable; the artifact needs --lora-slots).",
+)
+@click.option(
     "--no-verify", is_flag=True, help="Skip sha256 checks of the weights and tokenizer (the library is always checked)."
 )
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
@@ -258,6 +277,7 @@ def serve(
     prefill_chunk: int | None,
     max_queued: int | None,
     no_prefix_cache: bool,
+    adapters: tuple[str, ...],
     no_verify: bool,
     threads: int | None,
 ):
@@ -276,9 +296,22 @@ def serve(
         prefill_chunk=prefill_chunk,
         max_queued=max_queued,
         prefix_cache=not no_prefix_cache,
+        adapters=_named_paths(adapters),
         verify=not no_verify,
         threads=threads,
     )
+
+
+def _named_paths(values: tuple[str, ...]) -> dict[str, str]:
+    named: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise MlccError(f"--adapter takes NAME=PATH, not {value!r}")
+        if name in named:
+            raise MlccError(f"--adapter {name} is given twice")
+        named[name] = path
+    return named
 
 
 @main.command()

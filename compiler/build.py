@@ -32,6 +32,7 @@ from compiler.cpu_attention import cpu_attention
 from compiler.cpu_schedule import cpu_schedule, fast_gelu
 from compiler.cuda_aot import fatbin_packer
 from compiler.entry_points import PARAM_PREFIX, EntryPoints
+from compiler.lora_slots import add_lora_slots, block_linears
 from compiler.numerics import numerics_target, use_numerics
 from compiler.progress import TVM_NOISE, stderr_without
 from compiler.targets import TargetRequest, TargetSpec, resolve_target
@@ -144,14 +145,18 @@ class BuildJob:
     target: TargetRequest
     library: Path
     numerics: Numerics = Numerics.MLCC
+    lora_slots: tuple[int, int] = (0, 0)  # (slots, rank): adapter slots in the block linears; (0, 0) for none
 
 
 def export_and_build(job: BuildJob) -> list[str]:
     """Export the model's entry points and build the library; returns the parameter order."""
     spec = numerics_target(resolve_target(job.target), job.numerics)
     net = get_arch(job.arch).Model(job.config)
+    linears = block_linears(net)
     job.scheme.quantize_model(net)
     use_numerics(net, job.numerics)
+    if job.lora_slots[0]:
+        add_lora_slots(net, linears, *job.lora_slots, job.scheme.dtype)
     entry = EntryPoints(net, spec.target, job.scheme.dtype, job.numerics)
     mod, named_params = entry.export_tvm(spec=entry.spec())
     softcap = entry.layout.attn_softcap

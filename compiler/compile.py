@@ -21,11 +21,13 @@ from artifacts import MANIFEST_NAME, Manifest
 from artifacts.errors import MlccError
 from artifacts.manifest import describe_files
 from artifacts.partials import partial_path, remove_stale_partials
+from artifacts.peft import Adapter, load_adapter
 from artifacts.weights import ShardWriter
 from compiler.build import BuildJob, build_in_child_process
 from compiler.experts import stack_expert_shapes, stack_experts
 from compiler.gguf_source import GGUFSource
-from compiler.lora import Adapter, LoraMerge, load_adapter
+from compiler.lora import LoraMerge
+from compiler.lora_slots import block_linears, check_slots, lora_param_names, manifest_section, source_modules
 from compiler.numerics import numerics_target, use_numerics
 from compiler.source import ModelSource, resolve_model
 from compiler.targets import TargetRequest, resolve_target
@@ -56,12 +58,15 @@ def compile_model(
     progress: Callable[[str], None] = log.info,
     loras: Sequence[str | Path] = (),
     lora_scale: float = 1.0,
+    lora_slots: int = 0,
+    lora_rank: int = 16,
 ) -> Manifest:
     """Compile `model` (HF folder, hub id or .gguf file) into the artifact folder `output`.
 
     `quant` defaults to q4 for float checkpoints and to the file's own block types ("gguf") for GGUF.
     `loras`: PEFT LoRA adapter folders merged into the float weights before quantization, each scaled by
-    `lora_scale` on top of its own alpha / r."""
+    `lora_scale` on top of its own alpha / r. `lora_slots`: serve up to that many adapters of rank <= `lora_rank`
+    over the weights, chosen per request (compiler/lora_slots.py)."""
     output = Path(output)
     if output.exists() and not (output / MANIFEST_NAME).is_file():
         raise MlccError(f"output exists and is not an mlcc artifact, refusing to overwrite: {output}")
@@ -73,6 +78,8 @@ def compile_model(
     if str(model).endswith(".gguf"):
         if loras:
             raise MlccError("LoRA adapters merge into float checkpoints (an HF folder), not into a GGUF file")
+        if lora_slots:
+            raise MlccError("adapter slots need an HF checkpoint (PEFT adapters name its modules), not a GGUF file")
         plan = _plan_gguf(Path(model), arch, quant)
     else:
         plan = _plan_hf(model, arch, quant, [load_adapter(path, lora_scale) for path in loras])
@@ -83,6 +90,8 @@ def compile_model(
     target_spec = numerics_target(target_spec, numerics)
     net = get_arch(arch_name).Model(config)
     check_weight_shapes(net, shapes(), config.tie_embeddings)
+    slotted = block_linears(net) if lora_slots else {}
+    check_slots(slotted, lora_slots, lora_rank)
     for note in scheme.quantize_model(net):  # tensors padded or kept wider, for the compile summary
         progress(note)
     use_numerics(net, numerics)
@@ -93,10 +102,13 @@ def compile_model(
     staging.mkdir()
     try:
         progress(f"building the library: {arch_name} ({scheme.name}) for {target_spec.name}, with TVM")
-        job = BuildJob(arch_name, config, scheme, target_request, staging / target_spec.library_name, numerics)
+        slots = (lora_slots, lora_rank) if lora_slots else (0, 0)
+        library = staging / target_spec.library_name
+        job = BuildJob(arch_name, config, scheme, target_request, library, numerics, slots)
         param_names = build_in_child_process(job)
         progress("converting the weights")
-        shards = _convert_weights(tensors, net, param_names, staging, config.tie_embeddings)
+        converted = [name for name in param_names if name not in lora_param_names(slotted)]  # runtime-made
+        shards = _convert_weights(tensors, net, converted, staging, config.tie_embeddings)
         tokenizer = write_tokenizer(staging)
         window = context_window or config.context_window
         chunk = min(DEFAULT_PREFILL_CHUNK, window)
@@ -123,6 +135,9 @@ def compile_model(
                 "rope_switch_length": net.attention_layout().rope_switch_length,
             },
             chat_template=tokenizer.pop("chat_template"),
+            lora_slots=manifest_section(slotted, source_modules(shapes()), lora_slots, lora_rank, scheme.dtype)
+            if lora_slots
+            else None,
             versions={"mlcc": _mlcc_version(), "tvm": tvm.__version__},
         )
         files = [target_spec.library_name, *shards.shards, *tokenizer["files"]]

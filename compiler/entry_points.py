@@ -6,6 +6,7 @@ A model provides `embed(ids)`, `body(x, kv)`, `head(x)` and `attention_layout()`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tvm import relax as rx
@@ -35,31 +36,42 @@ class EntryPoints(nn.Module):
         logits = self.model.head(x)
         return logits.astype("float32") if logits.dtype != "float32" else logits
 
-    def batch_prefill(self, input_ids: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
-        """Prefill several sequences concatenated into one ragged row; logits at `logit_positions`."""
-        return self._prefill(input_ids, logit_positions, paged_kv_cache)
-
-    def batch_prefill_by_length(
-        self, input_ids: Tensor, logit_positions: Tensor, sequence_lengths: Tensor, paged_kv_cache: PagedKVCache
+    def batch_prefill(
+        self,
+        input_ids: Tensor,
+        logit_positions: Tensor,
+        paged_kv_cache: PagedKVCache,
+        sequence_lengths: Tensor | None = None,
+        adapter_ids: Tensor | None = None,
     ):
-        """batch_prefill of a model whose RoPE depends on a sequence's length (LongRoPE, exported under the same
-        name): `sequence_lengths` [n] holds each token's whole prompt length."""
-        return self._prefill(input_ids, logit_positions, paged_kv_cache, sequence_lengths)
-
-    def _prefill(self, input_ids: Tensor, logit_positions: Tensor, kv: PagedKVCache, lengths: Tensor | None = None):
+        """Prefill several sequences concatenated into one ragged row; logits at `logit_positions`.
+        `sequence_lengths` [n]: each token's whole prompt length, for a model whose RoPE depends on it (LongRoPE);
+        `adapter_ids` [n]: each token's adapter slot, for a library with adapter slots."""
+        self._set_adapters(adapter_ids)
         x = self.model.embed(input_ids)  # [n, h]
         x = op.reshape(x, (1, x.shape[0], x.shape[1]))  # [1, n, h]
-        x = self.model.body(x, kv) if lengths is None else self.model.body(x, kv, lengths)  # [1, n, h]
+        lengths = () if sequence_lengths is None else (sequence_lengths,)
+        x = self.model.body(x, paged_kv_cache, *lengths)  # [1, n, h]
         x = op.take(x, logit_positions, axis=1)  # [1, b, h]
         logits = self._logits(x)  # [1, b, vocab]
-        return op.reshape(logits, (logits.shape[1], logits.shape[2])), kv  # [b, vocab]
+        return op.reshape(logits, (logits.shape[1], logits.shape[2])), paged_kv_cache  # [b, vocab]
 
-    def batch_decode(self, input_ids: Tensor, paged_kv_cache: PagedKVCache):
-        """One new token for each of b sequences."""
+    def batch_decode(self, input_ids: Tensor, paged_kv_cache: PagedKVCache, adapter_ids: Tensor | None = None):
+        """One new token for each of b sequences (`adapter_ids` [b]: their adapter slots, as in batch_prefill)."""
+        self._set_adapters(adapter_ids)
         x = self.model.embed(input_ids)  # [b, h]
         x = op.reshape(x, (x.shape[0], 1, x.shape[1]))  # [b, 1, h]
         logits = self._logits(self.model.body(x, paged_kv_cache))  # [b, 1, vocab]
         return op.reshape(logits, (logits.shape[0], logits.shape[2])), paged_kv_cache  # [b, vocab]
+
+    @property
+    def adapter_slots(self) -> Any:
+        """The model's adapter slots (compiler/lora_slots.py), or None."""
+        return getattr(self.model, "lora_slots", None)
+
+    def _set_adapters(self, adapter_ids: Tensor | None) -> None:
+        if adapter_ids is not None:
+            self.adapter_slots.set_ids(adapter_ids)
 
     @property
     def kv_window(self) -> int:
@@ -122,25 +134,19 @@ class EntryPoints(nn.Module):
         )
 
     def spec(self) -> dict[str, Any]:
-        packed = {"param_mode": "packed", "effect_mode": "none"}
+        """The runtime's calls. Optional inputs come before the cache, in the order the methods declare them,
+        and only where the model needs them (the runtime passes them by the manifest)."""
         kv = nn.spec.Object(object_type=PagedKVCache)
-        prefill = {
-            "input_ids": nn.spec.Tensor(["seq_len"], "int32"),
-            "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
-            "paged_kv_cache": kv,
-            "$": packed,
-        }
+        tokens, sequences = nn.spec.Tensor(["seq_len"], "int32"), nn.spec.Tensor(["batch_size"], "int32")
+        prefill = {"input_ids": tokens, "logit_positions": sequences}
         if self.layout.rope_switch_length:
-            prefill = nn.spec.MethodSpec.from_raw(
-                {**prefill, "sequence_lengths": nn.spec.Tensor(["seq_len"], "int32")}, self.batch_prefill_by_length
-            )
+            prefill["sequence_lengths"] = tokens
+        decode = {"input_ids": sequences}
+        if self.adapter_slots is not None:
+            prefill["adapter_ids"], decode["adapter_ids"] = tokens, sequences
         return {
-            "batch_prefill": prefill,
-            "batch_decode": {
-                "input_ids": nn.spec.Tensor(["batch_size"], "int32"),
-                "paged_kv_cache": kv,
-                "$": packed,
-            },
+            "batch_prefill": self._method(self.batch_prefill, prefill, kv),
+            "batch_decode": self._method(self.batch_decode, decode, kv),
             "create_paged_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,
@@ -150,3 +156,14 @@ class EntryPoints(nn.Module):
                 "$": {"param_mode": "none", "effect_mode": "none"},
             },
         }
+
+    @staticmethod
+    def _method(run: Callable[..., Any], inputs: dict[str, Any], kv: Any) -> nn.spec.MethodSpec:
+        """`run` exported with `inputs` and then the KV cache as its arguments (by name, so optional inputs
+        can be left out)."""
+        names = [*inputs, "paged_kv_cache"]
+
+        def method(*values: Any) -> Any:
+            return run(**dict(zip(names, values)))
+
+        return nn.spec.MethodSpec(method, names, [*inputs.values(), kv], param_mode="packed", effect_mode="none")

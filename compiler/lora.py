@@ -9,9 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from artifacts.errors import MlccError
-from artifacts.peft import Adapter, load_adapter
-
-__all__ = ["Adapter", "LoraMerge", "load_adapter"]
+from artifacts.peft import Adapter
 
 
 class LoraMerge:
