@@ -19,9 +19,9 @@ import tvm
 
 from artifacts import MANIFEST_NAME, Manifest
 from artifacts.errors import MlccError
+from artifacts.lora_formats import Adapter, load_adapter
 from artifacts.manifest import describe_files
 from artifacts.partials import partial_path, remove_stale_partials
-from artifacts.peft import Adapter, load_adapter
 from artifacts.weights import ShardWriter
 from compiler.build import BuildJob, build_in_child_process
 from compiler.experts import stack_expert_shapes, stack_experts
@@ -78,12 +78,11 @@ def compile_model(
     if str(model).endswith(".gguf"):
         if loras:
             raise MlccError("LoRA adapters merge into float checkpoints (an HF folder), not into a GGUF file")
-        if lora_slots:
-            raise MlccError("adapter slots need an HF checkpoint (PEFT adapters name its modules), not a GGUF file")
         plan = _plan_gguf(Path(model), arch, quant)
     else:
         plan = _plan_hf(model, arch, quant, [load_adapter(path, lora_scale) for path in loras])
     arch_name, config, scheme, tensors, write_tokenizer, shapes = plan
+    source_format = "gguf" if str(model).endswith(".gguf") else "hf"  # which adapter files its slots take
 
     scheme.prepare(target_spec.target)
     numerics = scheme.numerics  # decided here, once: the build job and the manifest carry it
@@ -135,7 +134,9 @@ def compile_model(
                 "rope_switch_length": net.attention_layout().rope_switch_length,
             },
             chat_template=tokenizer.pop("chat_template"),
-            lora_slots=manifest_section(slotted, source_modules(shapes()), lora_slots, lora_rank, scheme.dtype)
+            lora_slots=manifest_section(
+                slotted, source_modules(shapes()), lora_slots, lora_rank, scheme.dtype, source_format
+            )
             if lora_slots
             else None,
             versions={"mlcc": _mlcc_version(), "tvm": tvm.__version__},

@@ -1,6 +1,6 @@
 """LoRA adapters merged into a float checkpoint before quantization: W + s * B @ A for every adapted module.
 
-Adapters are read by artifacts/peft.py. Merging works at the checkpoint's own tensor names, before an
+Adapters are read by artifacts/lora_formats.py. Merging works at the checkpoint's own tensor names, before an
 architecture maps them, so fused projections (Phi-3's qkv_proj) merge like any other.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from artifacts.errors import MlccError
-from artifacts.peft import Adapter
+from artifacts.lora_formats import Adapter
 
 
 class LoraMerge:

@@ -129,15 +129,21 @@ def source_modules(shapes: dict[str, tuple[str, Any]]) -> dict[str, str]:
 
 
 def manifest_section(
-    linears: dict[str, tuple[int, int]], source_names: dict[str, str], slots: int, rank: int, dtype: str
+    linears: dict[str, tuple[int, int]],
+    source_names: dict[str, str],
+    slots: int,
+    rank: int,
+    dtype: str,
+    source_format: str,
 ) -> dict[str, Any]:
-    """What the runtime needs to load adapters: slots, rank, dtype, and per slotted module its shape and the
-    base checkpoint's name for it (`source_names`: model path -> checkpoint module name; GGUF names map to
-    themselves), so PEFT and llama.cpp adapters can be placed without the compiler."""
+    """What the runtime needs to load adapters: slots, rank, dtype, the base's format ("hf": PEFT adapters, "gguf":
+    llama.cpp's), and per slotted module its shape and the base checkpoint's name for it (`source_names`: model
+    path -> checkpoint module name; GGUF names map to themselves), so adapters are placed without the compiler."""
     return {
         "slots": slots,
         "rank": rank,
         "dtype": dtype,
+        "source_format": source_format,
         "modules": {
             path: {"in": i, "out": o, "source": source_names.get(path, path)} for path, (i, o) in linears.items()
         },

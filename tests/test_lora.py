@@ -14,7 +14,7 @@ peft = pytest.importorskip("peft")
 from tiny_models import make_adapter, merged_reference  # noqa: E402
 
 from artifacts.errors import MlccError  # noqa: E402
-from artifacts.peft import load_adapter  # noqa: E402
+from artifacts.lora_formats import load_adapter  # noqa: E402
 from compiler.lora import LoraMerge  # noqa: E402
 from compiler.source import resolve_model  # noqa: E402
 from runtime import Engine, SamplingParams  # noqa: E402

@@ -1,10 +1,13 @@
-"""PEFT LoRA adapters (`adapter_config.json` + `adapter_model.safetensors`), read into per-tensor factors.
+"""LoRA adapter files read into per-tensor factors: PEFT's (`adapter_config.json` + `adapter_model.safetensors`)
+and llama.cpp's (a GGUF file of `general.type` "adapter").
 
 Shared by compile (merging into the float weights, compiler/lora.py) and the runtime (adapter slots,
-runtime/adapters.py). Reads linear and embedding LoRA, any target modules and ranks (`rank_pattern`,
+runtime/adapters.py). PEFT: linear and embedding LoRA, any target modules and ranks (`rank_pattern`,
 `alpha_pattern`), rsLoRA (s = alpha / sqrt(r) instead of alpha / r), LoRA on biases, `fan_in_fan_out`, and whole
 modules the adapter saves (`modules_to_save`, resized-embedding copies). DoRA and other PEFT methods are refused
-in one line. Names are the base checkpoint's own tensor names.
+in one line. Names are the base checkpoint's own tensor names. llama.cpp: `<tensor>.lora_a` / `.lora_b` pairs named
+after the GGUF base's tensors (Q and K rows already in its order) and one alpha, s = alpha / r (1 when alpha is 0,
+as llama.cpp does).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -96,3 +100,36 @@ def _scale(config: dict, module: str, rank: int) -> float:
             alpha = float(value)
             break
     return alpha / (rank**0.5 if config.get("use_rslora") else rank)
+
+
+def load_gguf_adapter(path: str | Path, user_scale: float = 1.0) -> Adapter:
+    """Read a llama.cpp LoRA adapter (GGUF); factor names are the GGUF base's tensor names."""
+    path = Path(path).expanduser()
+    try:
+        reader = gguf.GGUFReader(str(path))
+        fields = {
+            name: field.contents()
+            for name, field in reader.fields.items()
+            if name.startswith(("general.t", "adapter."))
+        }
+    except Exception as e:  # gguf raises ValueError/struct errors/OSError on damaged files
+        raise MlccError(f"cannot read GGUF adapter {path}: {type(e).__name__}: {e}") from None
+    if fields.get(gguf.Keys.General.TYPE) != "adapter" or fields.get(gguf.Keys.Adapter.TYPE) != "lora":
+        raise MlccError(f"{path} is not a llama.cpp LoRA adapter (general.type adapter, adapter.type lora)")
+    alpha = float(fields.get(gguf.Keys.Adapter.LORA_ALPHA) or 0)
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for tensor in reader.tensors:
+        name, _, part = tensor.name.rpartition(".")
+        if part not in ("lora_a", "lora_b") or tensor.tensor_type not in (
+            gguf.GGMLQuantizationType.F32,
+            gguf.GGMLQuantizationType.F16,
+        ):
+            raise MlccError(f"{path}: tensor {tensor.name} is not a float lora_a/lora_b factor")
+        parts.setdefault(name, {})[part] = np.asarray(tensor.data, np.float32)
+    adapter = Adapter(path, user_scale)
+    for name, pair in parts.items():
+        a, b = pair.get("lora_a"), pair.get("lora_b")
+        if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise MlccError(f"{path}: {name} has no matching lora_a/lora_b pair")
+        adapter.factors[name] = (a, b, (alpha / a.shape[0] if alpha else 1.0) * user_scale)
+    return adapter
