@@ -18,9 +18,10 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 
+from kernels.simd import LANES  # float32 lanes of the dot products' accumulators
+
 # Weight rows are split into this many contiguous ranges, run in parallel (each with its own decoded row).
 TASKS = 64
-LANES = 8  # float32 lanes of the dot products' accumulators (an AVX2 register)
 TOKENS = 4  # rows of one expert multiplied together in prefill, sharing each load of the decoded weights
 
 # (params, expert, row, run j, i, dtype) -> the weight element at column j * run + i, as `dtype`.

@@ -13,9 +13,10 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from kernels.gguf_blocks import BLOCKS, CHUNK, SUPER_BLOCK, decode_q4_k, decode_q6_k
+from kernels.simd import LANES
 
 Q = GGMLQuantizationType
-LANE_ROWS = 8  # rows side by side in one vector
+LANE_ROWS = LANES  # rows side by side in one vector, one a float32 lane
 
 
 @dataclass(frozen=True)
