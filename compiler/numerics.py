@@ -33,7 +33,7 @@ def use_numerics(model: nn.Module, numerics: Numerics) -> None:
             if isinstance(node, GeGLU):
                 return LlamaCppGeGLU()
             if isinstance(node, NeoxRope):
-                return LlamaCppNeoxRope(node.theta, node.head_dim)
+                return LlamaCppNeoxRope(node.theta, node.head_dim, node.freq_scale)
             return self.visit(name, node)
 
     Swap().visit("", model)

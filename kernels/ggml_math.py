@@ -98,12 +98,17 @@ def ggml_theta_scale(theta: float, rotary_dim: int) -> float:
 
 
 @T.macro
-def ggml_rope_cache(cos, sin, angle, position, half: int, theta_scale: float):
+def ggml_rope_cache(cos, sin, angle, position, half: int, theta_scale: float, freq_scale: float = 1.0):
     """ggml_rope_cache_init into local buffers cos, sin [half]: theta = position, then theta *= theta_scale
-    pair by pair (angle [1]: its running value), libm's cosf and sinf."""
+    pair by pair (angle [1]: its running value), libm's cosf and sinf of freq_scale * theta (rope_yarn without
+    extrapolation; freq_scale = 1.0f / the linear scaling factor)."""
     angle[0] = T.Cast("float32", position)
     for i in range(half):
-        cos[i] = T.cos(angle[0])
-        sin[i] = T.sin(angle[0])
+        if freq_scale == 1.0:
+            cos[i] = T.cos(angle[0])
+            sin[i] = T.sin(angle[0])
+        else:
+            cos[i] = T.cos(angle[0] * T.float32(freq_scale))
+            sin[i] = T.sin(angle[0] * T.float32(freq_scale))
         angle[0] = angle[0] * T.float32(theta_scale)
 

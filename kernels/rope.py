@@ -121,7 +121,7 @@ def split_rotary(spec: RopeSpec) -> tirx.PrimFunc:
 
 
 @functools.cache
-def neox_rope_kernel(heads: int, dim: int, theta: float) -> tirx.PrimFunc:
+def neox_rope_kernel(heads: int, dim: int, theta: float, freq_scale: float = 1.0) -> tirx.PrimFunc:
     """ggml_rope_ext (NEOX) of x [n, heads, dim] at positions [n]: ggml_rope_cache_init's angles (theta
     multiplied by powf(base, -2 / dim) pair by pair, cosf and sinf), rotate_pairs as GCC contracts it."""
     half = dim // 2
@@ -138,7 +138,7 @@ def neox_rope_kernel(heads: int, dim: int, theta: float) -> tirx.PrimFunc:
             cos = T.alloc_buffer((half,), "float32", scope="local")
             sin = T.alloc_buffer((half,), "float32", scope="local")
             angle = T.alloc_buffer((1,), "float32", scope="local")
-            ggml_rope_cache(cos, sin, angle, pos[t], half, theta_scale)
+            ggml_rope_cache(cos, sin, angle, pos[t], half, theta_scale, freq_scale)
             for h in range(heads):
                 for i in T.vectorized(half):
                     y[t, h, i] = fma(x[t, h, i], cos[i], -(x[t, h, i + half] * sin[i]))
@@ -151,12 +151,12 @@ def neox_rope_kernel(heads: int, dim: int, theta: float) -> tirx.PrimFunc:
 class LlamaCppNeoxRope(nn.Module):
     """model_defs.common.NeoxRope computed as llama.cpp does."""
 
-    def __init__(self, theta: float, head_dim: int):
-        self.theta, self.head_dim = theta, head_dim
+    def __init__(self, theta: float, head_dim: int, freq_scale: float = 1.0):
+        self.theta, self.head_dim, self.freq_scale = theta, head_dim, freq_scale
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         b, s, heads, dim = x.shape
         rows = op.reshape(x, (-1, heads, dim))
         out = Tensor.placeholder(list(rows.shape), "float32")
-        kernel = neox_rope_kernel(int(heads), int(dim), float(self.theta))
+        kernel = neox_rope_kernel(int(heads), int(dim), float(self.theta), float(self.freq_scale))
         return op.reshape(op.tensor_ir_op(kernel, "rope_llamacpp", [rows, positions], out), x.shape)

@@ -79,14 +79,15 @@ class GeGLU(nn.Module):
 
 class NeoxRope(nn.Module):
     """Rotate-half RoPE applied by the model itself (e.g. a base per layer), in float32; a module so that a
-    quantization scheme can swap in its own arithmetic."""
+    quantization scheme can swap in its own arithmetic. `freq_scale` multiplies every angle (linear RoPE scaling,
+    1 / factor, as llama.cpp's freq_scale)."""
 
-    def __init__(self, theta: float, head_dim: int):
-        self.theta, self.head_dim = theta, head_dim
+    def __init__(self, theta: float, head_dim: int, freq_scale: float = 1.0):
+        self.theta, self.head_dim, self.freq_scale = theta, head_dim, freq_scale
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """x [b, s, h, d] at the token positions [b*s]."""
-        theta = self.theta
+        theta, freq_scale = self.theta, self.freq_scale
 
         def compute(xt: te.Tensor, pos: te.Tensor) -> te.Tensor:
             _, seq, _, dim = xt.shape
@@ -94,7 +95,8 @@ class NeoxRope(nn.Module):
 
             def angle(t, i):
                 exponent = i.astype("float32") * 2.0 / tirx.const(int(dim), "float32")
-                return pos[t].astype("float32") / tirx.power(tirx.const(theta, "float32"), exponent)
+                angle = pos[t].astype("float32") / tirx.power(tirx.const(theta, "float32"), exponent)
+                return angle * tirx.const(freq_scale, "float32") if freq_scale != 1.0 else angle
 
             # cos and sin once per (token, frequency), not once per head and element: they dominate otherwise.
             cos = te.compute((pos.shape[0], half), lambda t, i: tirx.cos(angle(t, i)), name="rope_cos")

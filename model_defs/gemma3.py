@@ -10,20 +10,15 @@ llama.cpp. Norm weights follow the GGUF convention, where Gemma's (1 + w) is alr
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tvm import tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
-from tvm.script import tirx as T
 
 from artifacts.errors import MlccError
-from kernels.ggml_math import ggml_theta_scale
-from kernels.simd import fma
 from model_defs.common import (
     AttentionLayout,
     GeGLU,
@@ -164,59 +159,6 @@ def map_hf_name(name: str) -> str | None:
     return map_name(HF_NAME_MAP, name)
 
 
-class LinearScaledRope(nn.Module):
-    """Rotate-half RoPE with linearly scaled frequencies, as llama.cpp computes it for any numerics: angles by
-    ggml_rope_cache_init (the position multiplied by powf(base, -2 / d) pair by pair, each angle times
-    freq_scale = 1.0f / factor before cosf and sinf), the rotation as GCC contracts ggml's rotate_pairs.
-
-    Not a NeoxRope: compiler/numerics.py swaps NeoxRope for kernels/rope.py's llama.cpp kernel, which has no
-    frequency scale."""
-
-    def __init__(self, theta: float, head_dim: int, factor: float):
-        self.theta, self.head_dim = theta, head_dim
-        self.freq_scale = float(np.float32(1) / np.float32(factor))
-
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x [b, s, h, d] at the token positions [b*s]."""
-        b, s, heads, dim = x.shape
-        rows = op.reshape(x, (-1, heads, dim))  # [b*s, h, d]
-        kernel = scaled_rope_kernel(int(heads), int(dim), self.theta, self.freq_scale, x.dtype)
-        out = op.tensor_ir_op(kernel, "rope_linear_scaled", [rows, positions], Tensor.placeholder(rows.shape, x.dtype))
-        return op.reshape(out, x.shape)
-
-
-@functools.cache
-def scaled_rope_kernel(heads: int, dim: int, theta: float, freq_scale: float, dtype: str) -> tirx.PrimFunc:
-    """x [n, heads, dim] rotated at positions [n]; see LinearScaledRope."""
-    half = dim // 2
-    theta_scale = ggml_theta_scale(theta, dim)
-
-    @T.prim_func(private=True, s_tir=True)
-    def kernel(var_x: T.handle, var_pos: T.handle, var_y: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        n = T.int64()
-        x = T.match_buffer(var_x, (n, heads, dim), dtype)
-        pos = T.match_buffer(var_pos, (n,), "int32")
-        y = T.match_buffer(var_y, (n, heads, dim), dtype)
-        for t in T.parallel(n):
-            cos = T.alloc_buffer((half,), "float32", scope="local")
-            sin = T.alloc_buffer((half,), "float32", scope="local")
-            angle = T.alloc_buffer((1,), "float32", scope="local")
-            angle[0] = T.Cast("float32", pos[t])
-            for i in range(half):  # rope_yarn without extrapolation: theta = freq_scale * theta_extrap
-                cos[i] = T.cos(angle[0] * T.float32(freq_scale))
-                sin[i] = T.sin(angle[0] * T.float32(freq_scale))
-                angle[0] = angle[0] * T.float32(theta_scale)
-            for h in range(heads):
-                for i in T.vectorized(half):
-                    x1 = T.meta_var(T.Cast("float32", x[t, h, i]))
-                    x2 = T.meta_var(T.Cast("float32", x[t, h, i + half]))
-                    y[t, h, i] = T.Cast(dtype, fma(x1, cos[i], -(x2 * sin[i])))
-                    y[t, h, i + half] = T.Cast(dtype, fma(x1, sin[i], x2 * cos[i]))
-
-    return kernel
-
-
 class Block(nn.Module):
     def __init__(self, cfg: Gemma3Config, layer: int):
         self.cfg, self.layer = cfg, layer
@@ -236,10 +178,11 @@ class Block(nn.Module):
         self.ffn_up = nn.Linear(h, cfg.intermediate_size, bias=False)
         self.ffn_down = nn.Linear(cfg.intermediate_size, h, bias=False)
         self.post_ffw_norm = norm(h)
-        if cfg.rope_scaling and not cfg.is_sliding(layer):
-            self.rope: nn.Module = LinearScaledRope(cfg.rope_theta, hd, float(cfg.rope_scaling["factor"]))
-        else:
-            self.rope = NeoxRope(cfg.rope_local_theta if cfg.is_sliding(layer) else cfg.rope_theta, hd)
+        if cfg.is_sliding(layer):
+            self.rope = NeoxRope(cfg.rope_local_theta, hd)
+        else:  # llama.cpp's freq_scale: 1.0f / factor
+            factor = np.float32(cfg.rope_scaling.get("factor", 1.0))
+            self.rope = NeoxRope(cfg.rope_theta, hd, float(np.float32(1) / factor))
         self.ffn_act = GeGLU()
 
     def attention(self, x: Tensor, kv: PagedKVCache, rope: RopeInput) -> Tensor:

@@ -17,6 +17,7 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
 from artifacts import MANIFEST_NAME
 from artifacts.errors import MlccError
 from compiler.targets import TargetRequest, resolve_target, strict_float
+from kernels.rope import neox_rope_kernel
 from model_defs import get_arch, markdown_table
 from quant_schemes import get_scheme
 from runtime import Engine, SamplingParams
@@ -230,13 +231,13 @@ def test_gemma3_rope_scaling_from_gguf_and_hf():
 
 
 @pytest.mark.parametrize("factor", [8.0, 3.0])
-def test_gemma3_scaled_rope_is_ggml(factor: float):
+def test_scaled_neox_rope_is_ggml(factor: float):
     """The scaled RoPE of Gemma 3's global layers from GGUF gives ggml_rope_ext's numbers bit for bit with
     freq_scale = 1.0f / factor times each angle (3 is no power of 2: there the order of the products matters)."""
     from ggml_reference import rope_neox
 
     freq_scale = float(np.float32(1) / np.float32(factor))
-    kernel = get_arch("gemma3").scaled_rope_kernel(4, 32, 1e6, freq_scale, "float32")
+    kernel = neox_rope_kernel(4, 32, 1e6, freq_scale)
     target = strict_float(resolve_target(TargetRequest())).target  # as a build in llama.cpp's numerics
     lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=target)
     x = np.random.default_rng(5).standard_normal((7, 4, 32)).astype(np.float32)
