@@ -1,4 +1,4 @@
-"""Speed of the llama.cpp-exact GGUF matmul kernels (kernels/matmul_llamacpp*.py) next to the `gguf-fast` ones.
+"""Speed of the llama.cpp-exact GGUF matmul kernels (tir_kernels/matmul_llamacpp*.py) next to the `gguf-fast` ones.
 
     TVM_NUM_THREADS=1 python bench/exact_matmul.py [--tokens 1 128]
 
@@ -25,10 +25,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_gguf_exact import _blocks  # noqa: E402
 
 from compiler.targets import TargetRequest, resolve_target, strict_float  # noqa: E402
-from kernels.matmul_int8 import int8_matmul  # noqa: E402
-from kernels.matmul_llamacpp import llamacpp_matmul  # noqa: E402
-from kernels.repack import GROUP_LAYOUTS, INTERLEAVED, group_rows, interleave_rows  # noqa: E402
-from kernels.simd import has_vnni  # noqa: E402
+from tir_kernels.matmul_int8 import int8_matmul  # noqa: E402
+from tir_kernels.matmul_llamacpp import llamacpp_matmul  # noqa: E402
+from tir_kernels.repack import GROUP_LAYOUTS, INTERLEAVED, group_rows, interleave_rows  # noqa: E402
+from tir_kernels.simd import has_vnni  # noqa: E402
 
 SHAPES = [(Q.Q5_0, 640, 2048), (Q.Q8_0, 640, 256), (Q.Q4_1, 576, 1536), (Q.Q4_K, 2048, 640), (Q.Q6_K, 2048, 640)]
 

@@ -36,10 +36,10 @@ from compiler.lora_slots import add_lora_slots, block_linears
 from compiler.numerics import numerics_target, use_numerics
 from compiler.progress import TVM_NOISE, stderr_without
 from compiler.targets import TargetRequest, TargetSpec, resolve_target
-from kernels.numerics import Numerics
-from kernels.rope import RopeSpec
 from model_defs import get_arch
 from quant_schemes import QuantScheme
+from tir_kernels.numerics import Numerics
+from tir_kernels.rope import RopeSpec
 
 # Set by tests only: the build child kills itself with SIGSEGV, as a compiler crash would.
 CRASH_FOR_TEST_ENV = "MLCC_TEST_CRASH_IN_BUILD"

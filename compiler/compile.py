@@ -32,10 +32,10 @@ from compiler.numerics import numerics_target, use_numerics
 from compiler.source import ModelSource, resolve_model
 from compiler.targets import TargetRequest, resolve_target
 from compiler.weight_shapes import SourceShapes, check_weight_shapes
-from kernels.numerics import Numerics
 from model_defs import arch_for_gguf, arch_for_model_type, get_arch, get_entry
 from quant_schemes import QuantScheme, convert_tensor, get_scheme
 from quant_schemes.gguf_native import GGUFNativeScheme
+from tir_kernels.numerics import Numerics
 
 log = logging.getLogger("mlcc.compile")
 

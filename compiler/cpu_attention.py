@@ -1,6 +1,6 @@
 """A compiler pass that swaps TVM 0.27's serial, scalar CPU kernels of the paged KV cache (decode attention,
-paged and ragged prefill attention, the RoPE applied to q and k) for mlcc's (kernels/attention.py,
-kernels/rope.py), in the build's numerics.
+paged and ragged prefill attention, the RoPE applied to q and k) for mlcc's (tir_kernels/attention.py,
+tir_kernels/rope.py), in the build's numerics.
 
 A kernel is swapped only where mlcc's has TVM's kernel's very signature (the same parameters, of the same
 kinds, in the same order); otherwise TVM's stays.
@@ -12,7 +12,7 @@ import tvm
 from tvm import tirx
 
 from artifacts.errors import MlccError
-from kernels.attention import (
+from tir_kernels.attention import (
     DECODE_SYMBOL,
     LANES,
     PAGED_PREFILL_SYMBOL,
@@ -21,9 +21,9 @@ from kernels.attention import (
     prefill_paged_attention,
     prefill_ragged_attention,
 )
-from kernels.numerics import Numerics
-from kernels.rope import SYMBOL as ROPE_SYMBOL
-from kernels.rope import RopeSpec, split_rotary
+from tir_kernels.numerics import Numerics
+from tir_kernels.rope import SYMBOL as ROPE_SYMBOL
+from tir_kernels.rope import RopeSpec, split_rotary
 
 
 def _static(shape) -> list[int | None]:

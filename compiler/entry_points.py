@@ -16,9 +16,9 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
-from kernels.numerics import Numerics
-from kernels.rope import RopeSpec
 from model_defs.common import AttentionLayout
+from tir_kernels.numerics import Numerics
+from tir_kernels.rope import RopeSpec
 
 # Parameters are passed as one packed tuple, in the order the manifest lists them.
 PARAM_PREFIX = "model."

@@ -1,4 +1,4 @@
-"""What a build's numerics (kernels/numerics.py) change beyond its quantized matmuls: the model's RMSNorm,
+"""What a build's numerics (tir_kernels/numerics.py) change beyond its quantized matmuls: the model's RMSNorm,
 SwiGLU, GeGLU and model-applied RoPE modules (llama.cpp's kernels for LLAMACPP) and the float flags the target
 compiles with (strict: no reassociation, no contraction LLVM chooses itself). The KV cache's RoPE and attention
 kernels take the setting in compiler/cpu_attention.py; the quantization scheme decides it (`prepare`)."""
@@ -8,10 +8,10 @@ from __future__ import annotations
 from tvm.relax.frontend import nn
 
 from compiler.targets import TargetSpec, strict_float
-from kernels.norms_activations import LlamaCppGeGLU, LlamaCppRMSNorm, LlamaCppSwiGLU
-from kernels.numerics import Numerics
-from kernels.rope import LlamaCppNeoxRope
 from model_defs.common import GeGLU, NeoxRope, SwiGLU
+from tir_kernels.norms_activations import LlamaCppGeGLU, LlamaCppRMSNorm, LlamaCppSwiGLU
+from tir_kernels.numerics import Numerics
+from tir_kernels.rope import LlamaCppNeoxRope
 
 
 def numerics_target(spec: TargetSpec, numerics: Numerics) -> TargetSpec:

@@ -17,11 +17,11 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor
 
 from artifacts.errors import MlccError
-from kernels.experts import ExpertLinear
 from model_defs import llama
 from model_defs.common import SwiGLU
 from model_defs.llama import LlamaConfig, LlamaModel
 from model_defs.moe import Router, sparse_moe
+from tir_kernels.experts import ExpertLinear
 
 
 @dataclass

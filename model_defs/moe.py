@@ -1,7 +1,7 @@
 """Sparse mixture-of-experts: a router picks `top_k` of `num_experts` SwiGLU experts per token.
 
 The (token, slot) pairs are sorted by expert, each expert's rows multiplied as a group, and the pairs' outputs
-summed back into their tokens with the router's weights (the kernels: kernels/experts.py).
+summed back into their tokens with the router's weights (the kernels: tir_kernels/experts.py).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from kernels.experts import ExpertLinear, group_kernel, route_kernel
+from tir_kernels.experts import ExpertLinear, group_kernel, route_kernel
 
 
 class Router(nn.Module):

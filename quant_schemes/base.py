@@ -14,7 +14,7 @@ import numpy as np
 from tvm.relax.frontend import nn
 from tvm.target import Target
 
-from kernels.numerics import Numerics
+from tir_kernels.numerics import Numerics
 
 
 class PackedModule(nn.Module):

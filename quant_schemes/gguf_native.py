@@ -1,8 +1,8 @@
 """GGUF block quantization run natively: the GGUF bytes are the parameters, decoded inside the kernels.
 
 Each weight keeps llama.cpp's block layout (one row of blocks per output row, or 8 rows' blocks side by side
-for the int8 kernels: kernels/repack.py), so nothing is re-quantized and the compiled matmul decodes exactly the
-weights llama.cpp decodes. Supported block types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K (kernels/
+for the int8 kernels: tir_kernels/repack.py), so nothing is re-quantized and the compiled matmul decodes exactly the
+weights llama.cpp decodes. Supported block types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K (tir_kernels/
 gguf_blocks.py); F32/F16/BF16 tensors are converted to the model's float type.
 """
 
@@ -15,15 +15,15 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.target import Target
 
-from kernels.experts import ExpertLinear, grouped_matmul
-from kernels.gguf_blocks import FLOAT_TYPES, BlockFormat
-from kernels.matmul_float import decoded_gather, decoded_matmul
-from kernels.matmul_int8 import int8_matmul
-from kernels.matmul_llamacpp import EXACT_TYPES, llamacpp_matmul
-from kernels.numerics import Numerics
-from kernels.repack import INTERLEAVED, LANE_ROWS, group_bytes, group_rows, interleave_rows
-from kernels.simd import has_avx2, has_vnni
 from quant_schemes.base import PackedModule, QuantScheme
+from tir_kernels.experts import ExpertLinear, grouped_matmul
+from tir_kernels.gguf_blocks import FLOAT_TYPES, BlockFormat
+from tir_kernels.matmul_float import decoded_gather, decoded_matmul
+from tir_kernels.matmul_int8 import int8_matmul
+from tir_kernels.matmul_llamacpp import EXACT_TYPES, llamacpp_matmul
+from tir_kernels.numerics import Numerics
+from tir_kernels.repack import INTERLEAVED, LANE_ROWS, group_bytes, group_rows, interleave_rows
+from tir_kernels.simd import has_avx2, has_vnni
 
 Q = GGMLQuantizationType
 
@@ -32,7 +32,7 @@ class GGUFLinear(PackedModule):
     """y = x @ W.T (+ b) with W held as GGUF blocks and decoded in the reduction; float32 accumulation.
 
     With `int8_activations` (x86 CPUs with AVX2), x is quantized to 8 bits per 32 columns and multiplied in
-    integers, as llama.cpp does (kernels/matmul_int8.py, or kernels/matmul_llamacpp.py in llama.cpp's order);
+    integers, as llama.cpp does (tir_kernels/matmul_int8.py, or tir_kernels/matmul_llamacpp.py in llama.cpp's order);
     otherwise the weights are decoded to float.
     """
 
@@ -97,7 +97,7 @@ class GGUFLinear(PackedModule):
 
 class GGUFExperts(PackedModule):
     """A mixture's [experts, out, in] weights as GGUF blocks, [experts * out] rows, multiplied by grouped rows
-    (kernels/experts.py) with each weight decoded to float32 as the kernel reads it."""
+    (tir_kernels/experts.py) with each weight decoded to float32 as the kernel reads it."""
 
     def __init__(self, fmt: BlockFormat, num_experts: int, in_features: int, out_features: int):
         self.fmt, self.num_experts, self.in_features, self.out_features = fmt, num_experts, in_features, out_features
@@ -143,7 +143,7 @@ class GGUFNativeScheme(QuantScheme):
     `activations`: "q8" multiplies 8-bit activations with the integer weight codes where the target CPU can
     (llama.cpp's arithmetic, and its speed); "f32" decodes weights to float (the exact dequantized model).
     `numerics`: the numerics asked for. LLAMACPP ("gguf") gives llama.cpp's very numbers where the target and
-    the block types allow it ("q8" on an AVX2 CPU, only block types whose llama.cpp kernels kernels/
+    the block types allow it ("q8" on an AVX2 CPU, only block types whose llama.cpp kernels tir_kernels/
     matmul_llamacpp.py reproduces), mlcc's own order elsewhere; MLCC ("gguf-fast") keeps mlcc's own summation
     order (a chunk's words summed as integers, one float scaling per chunk: faster prefill). `prepare` decides
     the build's `numerics` for its target.

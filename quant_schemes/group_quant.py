@@ -28,8 +28,8 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from kernels.experts import ExpertLinear, grouped_matmul
 from quant_schemes.base import PackedModule, QuantScheme
+from tir_kernels.experts import ExpertLinear, grouped_matmul
 
 # Bit widths of the planes a code is split into, low plane first.
 PLANES = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
@@ -283,7 +283,7 @@ class GroupQuantEmbedding(_GroupQuantWeight):
 
 class GroupQuantExperts(_GroupQuantWeight):
     """A mixture's [experts, out, in] weights as one [experts * out, in] packed matrix, multiplied by grouped
-    rows (kernels/experts.py), each element dequantized as the kernel reads it."""
+    rows (tir_kernels/experts.py), each element dequantized as the kernel reads it."""
 
     def __init__(self, fmt: GroupQuantFormat, num_experts: int, in_features: int, out_features: int):
         super().__init__(fmt, num_experts * out_features, in_features)

@@ -17,10 +17,10 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
 from artifacts import MANIFEST_NAME
 from artifacts.errors import MlccError
 from compiler.targets import TargetRequest, resolve_target, strict_float
-from kernels.rope import neox_rope_kernel
 from model_defs import get_arch, markdown_table
 from quant_schemes import get_scheme
 from runtime import Engine, SamplingParams
+from tir_kernels.rope import neox_rope_kernel
 
 SENTENCE = "def main():\n    print('hello, world')\n    return 42\nThe quick brown fox jumps over the lazy dog."
 # Token counts with the tiny tokenizer: 13, 3, 48 and 142 (the tiny Phi-3 switches RoPE factors beyond 64).

@@ -7,8 +7,8 @@ import pytest
 import tvm
 from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
 
-from kernels.numerics import Numerics
-from kernels.rope import RopeSpec, split_rotary
+from tir_kernels.numerics import Numerics
+from tir_kernels.rope import RopeSpec, split_rotary
 
 
 @pytest.mark.parametrize(("head_dim", "rotary_dim", "heads", "kv_heads"), [(64, 64, 9, 3), (48, 32, 3, 1)])
@@ -44,7 +44,7 @@ def test_split_rotary_llamacpp_is_ggml_bit_for_bit(gptj: bool):
     rotation as GCC contracts it (fma(x0, cos, -(x1 sin)), fma(x0, sin, x1 cos)), K and V rounded to float16."""
     from ggml_reference import LIBM, f16, fma
 
-    from kernels.ggml_math import ggml_theta_scale
+    from tir_kernels.ggml_math import ggml_theta_scale
 
     theta, dim, heads, kv_heads, tokens = 100_000.0, 64, 3, 1, 29
     spec = RopeSpec(theta, dim, dim, heads, kv_heads, "float32", gptj, numerics=Numerics.LLAMACPP)

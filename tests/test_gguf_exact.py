@@ -1,4 +1,4 @@
-"""llama.cpp numerics (kernels/matmul_llamacpp*.py, norms_activations.py, rope.py): each kernel gives ggml's
+"""llama.cpp numerics (tir_kernels/matmul_llamacpp*.py, norms_activations.py, rope.py): each kernel gives ggml's
 numbers bit for bit, checked against tests/ggml_reference.py (ggml's AVX2 arithmetic in numpy, itself checked
 against llama.cpp)."""
 
@@ -14,9 +14,9 @@ from gguf import GGMLQuantizationType as Q
 from tvm.script import tirx as T
 
 from compiler.targets import TargetRequest, resolve_target, strict_float
-from kernels import ggml_math, matmul_llamacpp, norms_activations, repack, rope
-from kernels.numerics import Numerics
-from kernels.simd import has_avx2, has_vnni
+from tir_kernels import ggml_math, matmul_llamacpp, norms_activations, repack, rope
+from tir_kernels.numerics import Numerics
+from tir_kernels.simd import has_avx2, has_vnni
 
 TARGET = strict_float(resolve_target(TargetRequest())).target
 pytestmark = pytest.mark.skipif(not has_avx2(TARGET), reason="llama.cpp numerics are built for AVX2 CPUs")

@@ -9,7 +9,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 from tvm import te
 
-from kernels.gguf_blocks import DECODERS, BlockFormat
+from tir_kernels.gguf_blocks import DECODERS, BlockFormat
 
 Q = GGMLQuantizationType
 # Byte offsets of the float16 fields (scales, minimums) in each block.
@@ -51,8 +51,8 @@ def _quantized_activations(x: np.ndarray, qtype: GGMLQuantizationType) -> np.nda
     """x as the int8 kernels see it: round(x / d) * d per block, as llama.cpp quantizes activations: per 32
     columns with d = max|x| / 127 in float16 (Q8_0/Q8_1), or for K-quants per 256 columns with
     d = 1 / (127 / max|x|) in float32 (Q8_K)."""
-    from kernels.gguf_blocks import SUPER_BLOCK
-    from kernels.matmul_int8 import SUPER_BLOCK_TYPES
+    from tir_kernels.gguf_blocks import SUPER_BLOCK
+    from tir_kernels.matmul_int8 import SUPER_BLOCK_TYPES
 
     if qtype in SUPER_BLOCK_TYPES:
         blocks = x.reshape(x.shape[0], -1, SUPER_BLOCK)
@@ -67,7 +67,7 @@ def _quantized_activations(x: np.ndarray, qtype: GGMLQuantizationType) -> np.nda
 
 
 def _int8_cases() -> list[tuple[GGMLQuantizationType, bool]]:
-    from kernels.repack import INTERLEAVED
+    from tir_kernels.repack import INTERLEAVED
 
     types = sorted(DECODERS, key=lambda t: t.value)
     return [(t, False) for t in types] + [(t, True) for t in types if t in INTERLEAVED]
@@ -81,9 +81,9 @@ def test_int8_activation_matmul(qtype: GGMLQuantizationType, interleaved: bool, 
     """The AVX2 kernels equal the dequantized weights times the 8-bit-rounded activations, with the weights
     as GGUF rows and, for some types, with 8 rows interleaved."""
     from compiler.targets import _host_llvm
-    from kernels.matmul_int8 import int8_matmul
-    from kernels.repack import interleave_rows
-    from kernels.simd import TOKENS, has_avx2
+    from tir_kernels.matmul_int8 import int8_matmul
+    from tir_kernels.repack import interleave_rows
+    from tir_kernels.simd import TOKENS, has_avx2
 
     target = _host_llvm()
     if not has_avx2(target):

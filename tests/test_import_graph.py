@@ -1,7 +1,7 @@
 """Which of mlcc's packages may import which, and no import cycles among its modules (read from the sources).
 
-The layering: artifacts/ (the artifact format) at the bottom; kernels/ (TIR kernels, GGUF block layouts) on it;
-quant_schemes/ (weights) and model_defs/ (architectures) on kernels/; compiler/ on everything but runtime/;
+The layering: artifacts/ (the artifact format) at the bottom; tir_kernels/ (TIR kernels, GGUF block layouts) on it;
+quant_schemes/ (weights) and model_defs/ (architectures) on tir_kernels/; compiler/ on everything but runtime/;
 runtime/ on artifacts/ alone, so an artifact runs where no compiler is installed.
 """
 
@@ -11,13 +11,13 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("artifacts", "kernels", "quant_schemes", "model_defs", "compiler", "runtime")
+PACKAGES = ("artifacts", "tir_kernels", "quant_schemes", "model_defs", "compiler", "runtime")
 OURS = {*PACKAGES, "mlcc_cli"}
 ALLOWED = {
     "artifacts": set(),
-    "kernels": {"artifacts"},
-    "quant_schemes": {"kernels", "artifacts"},
-    "model_defs": {"kernels", "artifacts"},
+    "tir_kernels": {"artifacts"},
+    "quant_schemes": {"tir_kernels", "artifacts"},
+    "model_defs": {"tir_kernels", "artifacts"},
     "compiler": OURS - {"compiler", "runtime"},
     "runtime": {"artifacts"},
     "mlcc_cli": OURS - {"mlcc_cli"},

@@ -167,7 +167,7 @@ def test_builds_with_llamacpp_numerics(name, real_engine):
     """Q4_1, Q8_0 (SmolLM2) and Q5_0, Q8_0, Q4_K, Q6_K (Gemma 3) are block types whose llama.cpp arithmetic mlcc
     reproduces (on AVX2 CPUs)."""
     from compiler.targets import TargetRequest, resolve_target
-    from kernels.simd import has_avx2
+    from tir_kernels.simd import has_avx2
 
     if not has_avx2(resolve_target(TargetRequest()).target):
         pytest.skip("llama.cpp's numbers are reproduced on x86 CPUs with AVX2")
@@ -179,7 +179,7 @@ def test_matches_llamacpp(name, quant, real_engine):
     """Same tokens, same top-1 at every prompt position, same greedy continuations as llama.cpp.
 
     A build with llama.cpp's numerics (block types whose llama.cpp kernels mlcc reproduces, see
-    kernels/matmul_llamacpp.py) must give bit-identical logits and follow llama.cpp's greedy text for all 64
+    tir_kernels/matmul_llamacpp.py) must give bit-identical logits and follow llama.cpp's greedy text for all 64
     tokens. Otherwise mlcc's own summation order applies: llama.cpp's 8-bit activations amplify any rounding
     difference (llama.cpp against itself with flash attention on and off parts within a few tokens), so the
     logits agree to ~2 and greedy text agrees until the first near-tie, where both candidates must be within

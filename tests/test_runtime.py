@@ -15,7 +15,7 @@ from runtime import SamplingParams
 from runtime.sampler import sample
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPILER_SIDE = {"compiler", "kernels", "model_defs", "quant_schemes"}
+COMPILER_SIDE = {"compiler", "tir_kernels", "model_defs", "quant_schemes"}
 
 
 def test_runtime_sources_import_no_compiler_side():

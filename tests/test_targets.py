@@ -20,9 +20,9 @@ from artifacts.errors import MlccError
 from compiler.compile import compile_model
 from compiler.cuda_aot import fatbin_architectures
 from compiler.targets import AARCH64_CROSS_CC, TargetRequest, resolve_target
-from kernels.simd import has_avx2
 from runtime import artifact as runtime_artifact
 from runtime.artifact import LoadedArtifact
+from tir_kernels.simd import has_avx2
 
 MACH_O_ARM64 = b"\xcf\xfa\xed\xfe\x0c\x00\x00\x01"
 WASM = b"\x00asm"

@@ -14,7 +14,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from tvm import te, tirx
 
 from artifacts.errors import MlccError
-from kernels.simd import bcast, concat, load, vec_const
+from tir_kernels.simd import bcast, concat, load, vec_const
 
 Q = GGMLQuantizationType
 FLOAT_TYPES = {Q.F32, Q.F16, Q.BF16}

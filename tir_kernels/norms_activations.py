@@ -17,8 +17,8 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 
-from kernels.ggml_math import gelu_f16_table, v_expf
-from kernels.simd import LANES
+from tir_kernels.ggml_math import gelu_f16_table, v_expf
+from tir_kernels.simd import LANES
 
 
 @functools.cache

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from tvm import te
 
-from kernels.gguf_blocks import BlockFormat
+from tir_kernels.gguf_blocks import BlockFormat
 
 
 def decoded_matmul(fmt: BlockFormat, n_in: int, n_out: int, dtype: str) -> Callable[[te.Tensor, te.Tensor], te.Tensor]:

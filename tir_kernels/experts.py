@@ -18,7 +18,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 
-from kernels.simd import LANES  # float32 lanes of the dot products' accumulators
+from tir_kernels.simd import LANES  # float32 lanes of the dot products' accumulators
 
 # Weight rows are split into this many contiguous ranges, run in parallel (each with its own decoded row).
 TASKS = 64

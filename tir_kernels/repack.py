@@ -1,8 +1,8 @@
 """GGUF rows reordered for the int8 matmuls, once, when weights are converted: the same bits, with 8 rows'
 blocks side by side so that one 32-byte load holds one word (4 columns) of 8 rows (row r in lane r).
 
-Two orders: the InterleavedLayout (mlcc's kernels, kernels/matmul_int8.py) and the GroupLayout / SuperLayout
-(llama.cpp's order, kernels/matmul_llamacpp.py; Q4_1 and Q5_0 share the InterleavedLayout).
+Two orders: the InterleavedLayout (mlcc's kernels, tir_kernels/matmul_int8.py) and the GroupLayout / SuperLayout
+(llama.cpp's order, tir_kernels/matmul_llamacpp.py; Q4_1 and Q5_0 share the InterleavedLayout).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from kernels.gguf_blocks import BLOCKS, CHUNK, SUPER_BLOCK, decode_q4_k, decode_q6_k
-from kernels.simd import LANES
+from tir_kernels.gguf_blocks import BLOCKS, CHUNK, SUPER_BLOCK, decode_q4_k, decode_q6_k
+from tir_kernels.simd import LANES
 
 Q = GGMLQuantizationType
 LANE_ROWS = LANES  # rows side by side in one vector, one a float32 lane

@@ -22,10 +22,10 @@ from gguf import GGMLQuantizationType
 from tvm import tirx
 from tvm.script import tirx as T
 
-from kernels.activation_quant import quantize_mlcc
-from kernels.gguf_blocks import CHUNK, CHUNK_DECODERS, Chunk
-from kernels.repack import INTERLEAVED, LANE_ROWS, InterleavedLayout
-from kernels.simd import (
+from tir_kernels.activation_quant import quantize_mlcc
+from tir_kernels.gguf_blocks import CHUNK, CHUNK_DECODERS, Chunk
+from tir_kernels.repack import INTERLEAVED, LANE_ROWS, InterleavedLayout
+from tir_kernels.simd import (
     LANE_ACTIVATION_BYTES,
     STREAM_AHEAD,
     TASKS,

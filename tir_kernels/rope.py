@@ -22,9 +22,9 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 
-from kernels.ggml_math import ggml_rope_cache, ggml_theta_scale
-from kernels.numerics import Numerics
-from kernels.simd import fma
+from tir_kernels.ggml_math import ggml_rope_cache, ggml_theta_scale
+from tir_kernels.numerics import Numerics
+from tir_kernels.simd import fma
 
 SYMBOL = "fused_rope"  # the kernel's name in TVM's llama_rope_with_position_map
 

@@ -1,4 +1,4 @@
-"""llama.cpp's K-quant matmuls on x86 CPUs with AVX2, op for op (see kernels/matmul_llamacpp.py for why):
+"""llama.cpp's K-quant matmuls on x86 CPUs with AVX2, op for op (see tir_kernels/matmul_llamacpp.py for why):
 
 - Q4_K goes through llama.cpp's repacked 8-row kernels (`ggml_gemv_q4_K_8x8_q8_K`, `ggml_gemm_..._q8_K`): the
   integer sums of sub-blocks times their 6-bit scales (and the activations' sums times the 6-bit mins) are
@@ -13,7 +13,7 @@
   super-block's exact integer sum.
 
 Activations are quantized per 256 columns as `quantize_row_q8_K`: multiplier 127 / max|x|, codes rounded half
-to even, scale 1 / multiplier. As in kernels/matmul_llamacpp.py, 8 rows go side by side (row r in vector lane r),
+to even, scale 1 / multiplier. As in tir_kernels/matmul_llamacpp.py, 8 rows go side by side (row r in vector lane r),
 so each vector instruction does, lane for lane, what llama.cpp does for one row.
 """
 
@@ -25,10 +25,10 @@ from gguf import GGMLQuantizationType
 from tvm import tirx
 from tvm.script import tirx as T
 
-from kernels.activation_quant import quantize_q8_k
-from kernels.gguf_blocks import CHUNK, SUPER_BLOCK
-from kernels.repack import LANE_ROWS, SUPER_LAYOUTS
-from kernels.simd import (
+from tir_kernels.activation_quant import quantize_q8_k
+from tir_kernels.gguf_blocks import CHUNK, SUPER_BLOCK
+from tir_kernels.repack import LANE_ROWS, SUPER_LAYOUTS
+from tir_kernels.simd import (
     LANE_ACTIVATION_BYTES,
     TASKS,
     TOKENS,

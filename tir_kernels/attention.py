@@ -21,9 +21,9 @@ from tvm import tirx
 from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _get_kv_chunk_len, _get_seq_offset
 from tvm.script import tirx as T
 
-from kernels.ggml_math import v_expf
-from kernels.numerics import Numerics
-from kernels.simd import LANES, fma, hsum8, lane_sum, row_sums, tree_sum
+from tir_kernels.ggml_math import v_expf
+from tir_kernels.numerics import Numerics
+from tir_kernels.simd import LANES, fma, hsum8, lane_sum, row_sums, tree_sum
 
 TILE = 16  # cached tokens scored per softmax update
 EMPTY_LSE = -5e4  # the log-sum-exp of no keys, as TVM's kernels leave it: its merge weight is exactly 0

@@ -1,4 +1,4 @@
-"""Activations quantized to int8 for the integer matmuls (kernels/matmul_*.py), each token in parallel.
+"""Activations quantized to int8 for the integer matmuls (tir_kernels/matmul_*.py), each token in parallel.
 
 Three forms, as their kernels multiply them: mlcc's (Q8_0/Q8_1-like blocks of 32, or Q8_K-like blocks of 256
 for super-block weights, rounded half away from zero) and llama.cpp's own `quantize_row_q8_0`/`q8_1` (blocks of
@@ -10,8 +10,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from kernels.gguf_blocks import CHUNK, SUPER_BLOCK
-from kernels.simd import f16_round
+from tir_kernels.gguf_blocks import CHUNK, SUPER_BLOCK
+from tir_kernels.simd import f16_round
 
 
 @T.macro

@@ -10,8 +10,8 @@ llama-cpp-python 0.3.36 vendors) including its order of float operations and whe
   columns with scale max/127 (stored as float16) and multiplier 127/max, rounded half to even; per block,
   8 int32 sums of 4 columns each are scaled by d_w * d_x and fused into 8 float accumulators; the 8 lanes
   are summed as `hsum_float_8` does, then the blocks' min terms (summed with fused multiply-adds) added.
-- RMSNorm, SwiGLU and GeGLU (kernels/norms_activations.py), RoPE (kernels/rope.py) and attention
-  (kernels/attention.py) likewise.
+- RMSNorm, SwiGLU and GeGLU (tir_kernels/norms_activations.py), RoPE (tir_kernels/rope.py) and attention
+  (tir_kernels/attention.py) likewise.
 
 The float operations here use explicit fused multiply-adds where ggml has them and plain ones elsewhere:
 TVM's LLVM backend fuses a * b + c on its own (it allows FP contraction), which must not happen where ggml
@@ -26,11 +26,11 @@ from gguf import GGMLQuantizationType
 from tvm import tirx
 from tvm.script import tirx as T
 
-from kernels.activation_quant import quantize_q8_0
-from kernels.gguf_blocks import CHUNK
-from kernels.matmul_llamacpp_kquants import kquant_matmul
-from kernels.repack import GROUP_LAYOUTS, LANE_ROWS, SUPER_LAYOUTS
-from kernels.simd import (
+from tir_kernels.activation_quant import quantize_q8_0
+from tir_kernels.gguf_blocks import CHUNK
+from tir_kernels.matmul_llamacpp_kquants import kquant_matmul
+from tir_kernels.repack import GROUP_LAYOUTS, LANE_ROWS, SUPER_LAYOUTS
+from tir_kernels.simd import (
     LANE_ACTIVATION_BYTES,
     STREAM_AHEAD,
     TASKS,
@@ -61,7 +61,7 @@ def _u8(value: int | tirx.PrimExpr) -> tirx.PrimExpr:
 @functools.cache
 def llamacpp_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool = False) -> tirx.PrimFunc:
     """y[t, o] = sum_k x[t, k] * W[o, k] exactly as llama.cpp's AVX2 build computes it, W in
-    `kernels.repack.group_rows` form.
+    `tir_kernels.repack.group_rows` form.
 
     llama.cpp keeps 8 float accumulators per row, lane m summing columns 4m..4m+3 of every block; here 8 rows
     go side by side, so accumulator m holds lane m of 8 rows and each vector operation is, lane for lane, the

@@ -15,7 +15,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from kernels.simd import fma, splat
+from tir_kernels.simd import fma, splat
 
 
 def v_expf(x: tirx.PrimExpr) -> tirx.PrimExpr:
