@@ -108,7 +108,7 @@ def _add_tokenizer(writer: GGUFWriter, vocab_size: int) -> None:
     vocab = sorted(spec["vocab"].items(), key=lambda kv: kv[1])
     tokens = [t for t, _ in vocab] + [f"<unused{n}>" for n in range(vocab_size - len(vocab))]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_pre("default")  # llama.cpp does not know "gpt2"
     writer.add_token_list(tokens)
     writer.add_token_types([3 if t in ("<s>", "</s>") or t.startswith("<unused") else 1 for t in tokens])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["merges"]])
