@@ -15,7 +15,8 @@ back to the front of the queue, to be recomputed later from their prompt and the
 Prefix caching: a finished request's sequence stays in the KV cache (least recently used first out, when
 pages or slots are needed). A new prompt that shares a prefix with a cached or running sequence forks it
 and prefills only the rest. A LongRoPE model rotates a whole prompt with the factors its length selects, so
-its prefixes are shared only between prompts on the same side of that switch. The pages and the cached
+its prefixes are shared only between prompts on the same side of that switch; and prefixes are shared only
+between requests with the same LoRA adapter (runtime/adapters.py). The pages and the cached
 sequences are kept by runtime/kv_cache.py (PagedKV, PrefixCache); what may be reused is decided here.
 
 Determinism: at temperature 0 a request's tokens and logits are bit-identical whether or not its prefix is
@@ -172,8 +173,9 @@ class Engine:
     ):
         """`prefill_chunk`: prompt tokens prefilled per step (default and maximum: the artifact's chunk size;
         at least one canonical chunk of one prompt goes in every step); smaller keeps running requests'
-        inter-token latency lower while long prompts arrive. `adapters`: name -> PEFT LoRA adapter folder,
-        loaded into the artifact's adapter slots (`mlcc compile --lora-slots`); requests pick one by name."""
+        inter-token latency lower while long prompts arrive. `adapters`: name -> LoRA adapter (a PEFT folder, or a
+        llama.cpp .gguf file for an artifact compiled from GGUF), loaded into the artifact's adapter slots
+        (`mlcc compile --lora-slots`); requests pick one by name."""
         self.threads = threads or os.cpu_count() or 1
         set_threads(self.threads)
         self.artifact = LoadedArtifact(artifact, verify=verify)
@@ -256,7 +258,8 @@ class Engine:
         return self._stream(self.tokenizer.encode_chat(messages), params)
 
     def load_adapter(self, name: str, path: str | Path, scale: float = 1.0) -> None:
-        """Load a PEFT LoRA adapter into a free adapter slot; requests then pick it by `name`."""
+        """Load a LoRA adapter (see `adapters` in __init__) into a free adapter slot; requests then pick it by
+        `name`."""
         self.adapters.load(name, path, scale)
 
     def prefill_logits(self, prompt_ids: list[list[int]], adapter: str | None = None) -> np.ndarray:
