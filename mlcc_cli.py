@@ -260,7 +260,8 @@ def run(
     "adapters",
     multiple=True,
     metavar="NAME=PATH",
-    help="A PEFT LoRA adapter to serve as model NAME (repeatable; the artifact needs --lora-slots).",
+    help="A PEFT LoRA adapter or X-LoRA model folder to serve as model NAME (repeatable; the artifact needs "
+    "--lora-slots, an X-LoRA model one per expert).",
 )
 @click.option(
     "--no-verify", is_flag=True, help="Skip sha256 checks of the weights and tokenizer (the library is always checked)."

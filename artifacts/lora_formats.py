@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from artifacts.errors import MlccError
 
 PREFIX = "base_model.model."
+XLORA_EXPERT_PREFIX = "base_model.lora_model.model."  # how an X-LoRA model's experts name their tensors
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
@@ -66,7 +67,7 @@ def load_adapter(path: str | Path, user_scale: float = 1.0) -> Adapter:
     adapter = Adapter(folder, user_scale)
     modules: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
-        name = key.removeprefix(PREFIX)
+        name = key.removeprefix(PREFIX).removeprefix(XLORA_EXPERT_PREFIX)
         match = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.(weight|bias))?", name)
         if match:
             module, part, kind = match.groups()

@@ -33,7 +33,8 @@ class Manifest:
     context_window: int
     kv_cache: dict[str, Any]  # page_size, prefill_chunk_size, sliding_window, ...
     chat_template: str | None = None
-    # Adapter slots (`mlcc compile --lora-slots`): slots, rank, dtype, modules {path: {in, out, source}}.
+    # Adapter slots (`mlcc compile --lora-slots`): slots, rank, dtype, modules {path: {in, out, source}},
+    # module_order [paths] (the module axis of the library's `lora_scalings` input).
     lora_slots: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"sha256", "size"}
@@ -155,6 +156,9 @@ def _lora_slots_problem(section: Any) -> str | None:
         for v in modules.values()
     ):
         return "lora_slots.modules must give each module's in, out and source name"
+    order = section.get("module_order")
+    if not isinstance(order, list) or sorted(map(str, order)) != sorted(modules) or len(order) != len(modules):
+        return "lora_slots.module_order must list its modules (an artifact of an older mlcc: compile it again)"
     return None
 
 

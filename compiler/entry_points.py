@@ -42,36 +42,51 @@ class EntryPoints(nn.Module):
         logit_positions: Tensor,
         paged_kv_cache: PagedKVCache,
         sequence_lengths: Tensor | None = None,
-        adapter_ids: Tensor | None = None,
+        scaling_rows: Tensor | None = None,
+        lora_scalings: Tensor | None = None,
     ):
         """Prefill several sequences concatenated into one ragged row; logits at `logit_positions`.
         `sequence_lengths` [n]: each token's whole prompt length, for a model whose RoPE depends on it (LongRoPE);
-        `adapter_ids` [n]: each token's adapter slot, for a library with adapter slots."""
-        self._set_adapters(adapter_ids)
+        `scaling_rows` [n] and `lora_scalings` [rows, modules, slots]: each token's scalings of the adapter slots,
+        for a library with adapter slots (compiler/lora_slots.py), which also returns the final hidden states of
+        every token [n, h] (what X-LoRA's classifier reads)."""
+        self._set_adapters(scaling_rows, lora_scalings)
         x = self.model.embed(input_ids)  # [n, h]
         x = op.reshape(x, (1, x.shape[0], x.shape[1]))  # [1, n, h]
         lengths = () if sequence_lengths is None else (sequence_lengths,)
-        x = self.model.body(x, paged_kv_cache, *lengths)  # [1, n, h]
-        x = op.take(x, logit_positions, axis=1)  # [1, b, h]
-        logits = self._logits(x)  # [1, b, vocab]
-        return op.reshape(logits, (logits.shape[1], logits.shape[2])), paged_kv_cache  # [b, vocab]
+        hidden = self.model.body(x, paged_kv_cache, *lengths)  # [1, n, h]
+        logits = self._logits(op.take(hidden, logit_positions, axis=1))  # [1, b, vocab]
+        logits = op.reshape(logits, (logits.shape[1], logits.shape[2]))  # [b, vocab]
+        if self.adapter_slots is None:
+            return logits, paged_kv_cache
+        return logits, op.reshape(hidden, (hidden.shape[1], hidden.shape[2])), paged_kv_cache
 
-    def batch_decode(self, input_ids: Tensor, paged_kv_cache: PagedKVCache, adapter_ids: Tensor | None = None):
-        """One new token for each of b sequences (`adapter_ids` [b]: their adapter slots, as in batch_prefill)."""
-        self._set_adapters(adapter_ids)
+    def batch_decode(
+        self,
+        input_ids: Tensor,
+        paged_kv_cache: PagedKVCache,
+        scaling_rows: Tensor | None = None,
+        lora_scalings: Tensor | None = None,
+    ):
+        """One new token for each of b sequences (adapter scalings and hidden states [b, h] as in batch_prefill)."""
+        self._set_adapters(scaling_rows, lora_scalings)
         x = self.model.embed(input_ids)  # [b, h]
         x = op.reshape(x, (x.shape[0], 1, x.shape[1]))  # [b, 1, h]
-        logits = self._logits(self.model.body(x, paged_kv_cache))  # [b, 1, vocab]
-        return op.reshape(logits, (logits.shape[0], logits.shape[2])), paged_kv_cache  # [b, vocab]
+        hidden = self.model.body(x, paged_kv_cache)  # [b, 1, h]
+        logits = self._logits(hidden)  # [b, 1, vocab]
+        logits = op.reshape(logits, (logits.shape[0], logits.shape[2]))  # [b, vocab]
+        if self.adapter_slots is None:
+            return logits, paged_kv_cache
+        return logits, op.reshape(hidden, (hidden.shape[0], hidden.shape[2])), paged_kv_cache
 
     @property
     def adapter_slots(self) -> Any:
         """The model's adapter slots (compiler/lora_slots.py), or None."""
         return getattr(self.model, "lora_slots", None)
 
-    def _set_adapters(self, adapter_ids: Tensor | None) -> None:
-        if adapter_ids is not None:
-            self.adapter_slots.set_ids(adapter_ids)
+    def _set_adapters(self, scaling_rows: Tensor | None, lora_scalings: Tensor | None) -> None:
+        if scaling_rows is not None and lora_scalings is not None:
+            self.adapter_slots.set_inputs(scaling_rows, lora_scalings)
 
     @property
     def kv_window(self) -> int:
@@ -142,8 +157,11 @@ class EntryPoints(nn.Module):
         if self.layout.rope_switch_length:
             prefill["sequence_lengths"] = tokens
         decode = {"input_ids": sequences}
-        if self.adapter_slots is not None:
-            prefill["adapter_ids"], decode["adapter_ids"] = tokens, sequences
+        slots = self.adapter_slots
+        if slots is not None:
+            table = nn.spec.Tensor(["scaling_table_rows", slots.modules, slots.slots], "float32")
+            prefill["scaling_rows"], decode["scaling_rows"] = tokens, sequences
+            prefill["lora_scalings"] = decode["lora_scalings"] = table
         return {
             "batch_prefill": self._method(self.batch_prefill, prefill, kv),
             "batch_decode": self._method(self.batch_decode, decode, kv),

@@ -19,6 +19,12 @@ its prefixes are shared only between prompts on the same side of that switch; an
 between requests with the same LoRA adapter (runtime/adapters.py). The pages and the cached
 sequences are kept by runtime/kv_cache.py (PagedKV, PrefixCache); what may be reused is decided here.
 
+X-LoRA (runtime/xlora.py): a request of an X-LoRA model holds two KV sequences, its scaling pass's and its own,
+and takes twice the pages. Every call over its tokens (prefill chunk or decode) runs the scaling pass's sequence
+first, in a call of its own; the classifier turns that call's final hidden states into the tokens' scalings, and
+the request's own sequence then takes the same tokens with them, in the call with the other requests. Its
+sequences are neither forked from nor kept for the prefix cache.
+
 Determinism: at temperature 0 a request's tokens and logits are bit-identical whether or not its prefix is
 cached, however the engine's steps chunk its prompt, and whatever else is in the batch. Attention over a
 prompt is computed in parts that TVM's cache merges (the new tokens among themselves, then the cached pages
@@ -51,12 +57,13 @@ import numpy as np
 import tvm
 
 from artifacts import Manifest, MlccError
-from runtime.adapters import AdapterSlots
+from runtime.adapters import AdapterSlots, Mix
 from runtime.artifact import LoadedArtifact
 from runtime.constraints import ConstraintCompiler, apply_mask, check, check_mask, compute_mask, compute_masks
 from runtime.kv_cache import PagedKV, PrefixCache, common_prefix
 from runtime.sampler import SamplingParams, TokenLogprob, adjust_logits, sample, token_logprob
 from runtime.tokenizer import IncrementalDecoder
+from runtime.xlora import XLora
 
 DEFAULT_KV_BYTES = 2 << 30
 # Prompt tokens per canonical prefill chunk (see the module docstring): also the granularity of prefix reuse.
@@ -124,6 +131,8 @@ class Request:
     matcher: Any = None  # llguidance's LLMatcher of a constrained request, at the tokens generated so far
     mask: np.ndarray | None = None  # the matcher's mask for the next token, once computed
     adapter: int = -1  # the adapter slot it runs with (-1: the base model); see runtime/adapters.py
+    xlora: XLora | None = None  # its X-LoRA model, if any (then `adapter` is -1)
+    scaling_seq_id: int = -1  # an X-LoRA request's second KV sequence: its scaling pass (see the module docstring)
 
     @property
     def budget(self) -> int:
@@ -133,6 +142,15 @@ class Request:
     @property
     def prefilling(self) -> bool:
         return self.kv_len < self.prefill_len
+
+    @property
+    def kv_copies(self) -> int:
+        """KV sequences it holds, all of the same length."""
+        return 2 if self.xlora is not None else 1
+
+    @property
+    def seq_ids(self) -> list[int]:
+        return [self.seq_id] if self.xlora is None else [self.seq_id, self.scaling_seq_id]
 
     def all_ids(self) -> list[int]:
         """Prompt and generated tokens: what a recomputed sequence puts back into its KV."""
@@ -203,7 +221,9 @@ class Engine:
         self._prefill = self.artifact.vm["batch_prefill"]
         self._decode = self.artifact.vm["batch_decode"]
         self._params = self.artifact.params
-        self.adapters = AdapterSlots(m.lora_slots, m.weights["params"], self._params, self.artifact.device)
+        self.adapters = AdapterSlots(
+            m.lora_slots, m.weights["params"], self._params, self.artifact.device, m.model_config
+        )
         for name, path in (adapters or {}).items():
             self.adapters.load(name, path)
         self._arrivals = itertools.count()
@@ -258,7 +278,8 @@ class Engine:
         return self._stream(self.tokenizer.encode_chat(messages), params)
 
     def load_adapter(self, name: str, path: str | Path, scale: float = 1.0) -> None:
-        """Load a LoRA adapter (see `adapters` in __init__) into a free adapter slot; requests then pick it by
+        """Load a LoRA adapter (see `adapters` in __init__; an X-LoRA model's folder takes a slot per expert) into a
+        free adapter slot; requests then pick it by
         `name`."""
         self.adapters.load(name, path, scale)
 
@@ -280,7 +301,8 @@ class Engine:
         requests = [self.make_requests(list(ids), params, adapter=adapter)[0] for ids in prompt_ids]
         self._make_room(sum(self.kv.pages_needed(len(r.prompt_ids), 0) for r in requests))
         for r in requests:
-            r.seq_id, r.prefill_len = self.kv.add(), len(r.prompt_ids)
+            self._add_sequences(r)
+            r.prefill_len = len(r.prompt_ids)
         rows: dict[Request, list[np.ndarray]] = {r: [] for r in requests}
         try:
             while any(r.prefilling for r in requests):
@@ -290,7 +312,7 @@ class Engine:
             return [rows[r] for r in requests]
         finally:
             for r in requests:
-                self.kv.remove(r.seq_id)
+                self._remove_sequences(r)
 
     def self_check(self) -> None:
         """Run the model once on a one-token prompt; a model that cannot run (e.g. weights that do not fit
@@ -321,7 +343,8 @@ class Engine:
         """Checked requests for `params.n` completions of one prompt, with the adapter named `adapter` (None: the
         base model); touches no engine state (any thread)."""
         params.validate(self.vocab_size)
-        slot = self.adapters.slot(adapter)
+        xlora = self.adapters.xlora(adapter)
+        slot = -1 if xlora is not None else self.adapters.slot(adapter)
         n = len(prompt_ids)
         if n == 0:
             raise MlccError("the prompt is empty")
@@ -331,7 +354,7 @@ class Engine:
             raise MlccError(f"prompt token ids must be in 0..{self.vocab_size - 1}")
         # Never let a sequence outgrow the context window.
         capped = SamplingParams(**{**vars(params), "max_tokens": min(params.max_tokens, self.context_window - n)})
-        if self.kv.pages_needed(n + capped.max_tokens, 0) > self.kv.total_pages:
+        if self.kv.pages_needed(n + capped.max_tokens, 0) * (2 if xlora else 1) > self.kv.total_pages:
             raise MlccError(
                 f"a request needing {n + capped.max_tokens} tokens does not fit the KV cache ({self.kv_tokens})"
             )
@@ -346,6 +369,7 @@ class Engine:
                 IncrementalDecoder(self.tokenizer, prompt_ids),
                 matcher=matcher.deep_copy() if matcher is not None and i else matcher,
                 adapter=slot,
+                xlora=xlora,
             )
             for i in range(params.n)
         ]
@@ -363,7 +387,7 @@ class Engine:
             self.waiting.remove(request)
         elif request in self.running:
             self.running.remove(request)
-            self.kv.remove(request.seq_id)
+            self._remove_sequences(request)
         request.finish_reason = "abort"
         self.counters["aborted"] += 1
         self._emit(request, final=True)
@@ -392,9 +416,8 @@ class Engine:
                         self._accept_or_fail(r, row)
             if decoding:
                 # the next token each sequence has not yet in its KV: its last output, or one being replayed
-                ids = np.array([r.all_ids()[r.kv_len] for r in decoding], dtype="int32")
-                slots = [np.array([r.adapter for r in decoding], dtype="int32")] if self.adapters.capacity else []
-                logits = self._forward(self._decode, [r.seq_id for r in decoding], [1] * len(decoding), ids, *slots)
+                ids = [np.array([r.all_ids()[r.kv_len]], dtype="int32") for r in decoding]
+                logits = self._model_call(False, decoding, ids)
                 for r, row in zip(decoding, logits):
                     r.kv_len += 1
                     if r.kv_len == len(r.all_ids()):
@@ -415,29 +438,32 @@ class Engine:
     def _spare_pages(self) -> int:
         """Free pages beyond the rest of the running requests' prompts and their next decoded token."""
         claimed = sum(
-            self.kv.pages_needed(r.prefill_len if r.prefilling else r.kv_len + 1, r.fork_base)
-            - self.kv.pages_needed(r.kv_len, r.fork_base)
+            (
+                self.kv.pages_needed(r.prefill_len if r.prefilling else r.kv_len + 1, r.fork_base)
+                - self.kv.pages_needed(r.kv_len, r.fork_base)
+            )
+            * r.kv_copies
             for r in self.running
         )
         return self.kv.free_pages() - claimed
 
     def _admission_pages(self, r: Request, shared: int) -> int:
         """Pages `r` needs to start: what it prefills plus a page of output (no more than it can ever hold)."""
-        return self.kv.pages_needed(min(len(r.all_ids()) + self.page_size, r.budget), shared)
+        return self.kv.pages_needed(min(len(r.all_ids()) + self.page_size, r.budget), shared) * r.kv_copies
 
     def _longest_prefix(self, r: Request) -> tuple[int | None, int]:
         """(sequence id, shared tokens) of the best sequence to fork: shared tokens are whole canonical chunks of
         its reusable KV, and at least one prompt token stays to prefill."""
-        if not self.prefix_cache:
+        if not self.prefix_cache or r.xlora is not None:
             return None, 0
         kind = self._kv_kind(r)
         running = [(a.seq_id, np.asarray(a.reusable_ids())) for a in self.running if self._kv_kind(a) == kind]
         return self.cached.longest_prefix(np.asarray(r.prompt_ids[:-1]), kind, running)
 
-    def _kv_kind(self, r: Request) -> tuple[bool, int]:
+    def _kv_kind(self, r: Request) -> tuple[bool, int, int]:
         """What a sequence's KV was computed with besides its tokens: LongRoPE's factor set (long or short) and
-        the adapter. Prefixes are shared only between sequences of one kind."""
-        return 0 < self.rope_switch_length < len(r.prompt_ids), r.adapter
+        the adapter or X-LoRA model. Prefixes are shared only between sequences of one kind."""
+        return 0 < self.rope_switch_length < len(r.prompt_ids), r.adapter, id(r.xlora) if r.xlora else 0
 
     def _make_room(self, pages: int) -> None:
         while self._spare_pages() < pages:
@@ -454,8 +480,8 @@ class Engine:
         """Drop `r`'s KV and queue it first, to be recomputed: its prompt by prefill, then its generated tokens
         replayed by decode steps, as they were first computed (so its later tokens are what they would have been)."""
         self.running.remove(r)
-        self.kv.remove(r.seq_id)
-        r.seq_id, r.kv_len, r.canonical_len, r.prefill_len = -1, 0, 0, 0
+        self._remove_sequences(r)
+        r.kv_len, r.canonical_len, r.prefill_len = 0, 0, 0
         r.preemptions += 1
         self.counters["preemptions"] += 1
         self.waiting.appendleft(r)
@@ -487,7 +513,7 @@ class Engine:
 
     def _shares_more_later(self, r: Request, shared: int) -> bool:
         """Whether `r` shares a longer prefix with a prompt still being prefilled than with any sequence now."""
-        if not self.prefix_cache:
+        if not self.prefix_cache or r.xlora is not None:
             return False
         tokens = np.asarray(r.prompt_ids[:-1])
         kind = self._kv_kind(r)
@@ -503,7 +529,7 @@ class Engine:
 
     def _start_sequence(self, r: Request, parent: int | None, shared: int) -> None:
         if parent is None:
-            r.seq_id = self.kv.add()
+            self._add_sequences(r)
         else:
             r.seq_id = self.kv.fork(parent, shared)
             self.cached.touch(parent)
@@ -518,8 +544,8 @@ class Engine:
 
     def _release(self, r: Request) -> None:
         """Keep a finished sequence for its prefix, or drop it (always, when the request failed)."""
-        if not self.prefix_cache or r.error is not None or r.canonical_len < self.canonical_chunk:
-            self.kv.remove(r.seq_id)
+        if not self.prefix_cache or r.error is not None or r.canonical_len < self.canonical_chunk or r.xlora:
+            self._remove_sequences(r)
             return
         self.cached.keep(r.seq_id, np.asarray(r.reusable_ids()), self._kv_kind(r))
 
@@ -545,10 +571,61 @@ class Engine:
             for r in requests:
                 self.abort(r)
 
-    def _forward(self, fn, seq_ids: list[int], lengths: list[int], ids: np.ndarray, *extra) -> np.ndarray:
+    def _forward(self, fn, seq_ids: list[int], lengths: list[int], ids: np.ndarray, *extra) -> Any:
+        """The output of `fn`: logits, or (logits, final hidden states) in a library with adapter slots."""
         dev = self.artifact.device
         args = [tvm.runtime.tensor(ids, dev), *[tvm.runtime.tensor(e, dev) for e in extra]]
-        return self.kv.forward(fn, seq_ids, lengths, args, self._params).numpy()
+        return self.kv.forward(fn, seq_ids, lengths, args, self._params)
+
+    def _add_sequences(self, r: Request) -> None:
+        r.seq_id = self.kv.add()
+        if r.xlora is not None:
+            r.scaling_seq_id = self.kv.add()
+
+    def _remove_sequences(self, r: Request) -> None:
+        for seq_id in r.seq_ids:
+            self.kv.remove(seq_id)
+        r.seq_id = r.scaling_seq_id = -1
+
+    def _prefill_inputs(self, requests: list[Request], lengths: list[int], every_position: bool) -> list[np.ndarray]:
+        """batch_prefill's inputs after the token ids and before the adapter scalings."""
+        ends = np.cumsum(lengths)
+        positions = np.arange(ends[-1], dtype="int32") if every_position else (ends - 1).astype("int32")
+        extra = [positions]
+        if self.rope_switch_length:  # each token's whole prompt length (see rope_switch_length)
+            extra.append(np.repeat([len(r.prompt_ids) for r in requests], lengths).astype("int32"))
+        return extra
+
+    def _model_call(
+        self, prefill: bool, requests: list[Request], chunks: list[np.ndarray], every_position: bool = False
+    ) -> np.ndarray:
+        """Logits of one batch_prefill (`prefill`) or batch_decode call over `chunks`, the next tokens of each of
+        `requests` (with `every_position`, prefill's at every token, else at each request's last). With adapter
+        slots, X-LoRA requests' scaling-pass sequences take the same tokens first, in a call of their own: its
+        final hidden states give those tokens' scalings."""
+        fn = self._prefill if prefill else self._decode
+
+        def call(seq_ids: list[int], rs: list[Request], parts: list[np.ndarray], every: bool, mixes: list[Mix]):
+            sizes = [len(c) for c in parts]
+            extra = self._prefill_inputs(rs, sizes, every) if prefill else []
+            if self.adapters.capacity:
+                extra += self.adapters.call_inputs(mixes, sizes)
+            return self._forward(fn, seq_ids, sizes, np.concatenate(parts).astype("int32"), *extra)
+
+        mixes: list[Mix] = [r.adapter for r in requests]
+        mixed = [i for i, r in enumerate(requests) if r.xlora is not None]
+        if mixed:
+            rs, parts = [requests[i] for i in mixed], [chunks[i] for i in mixed]
+            shape = self.adapters.table_shape
+            passes: list[Mix] = []
+            for r, part in zip(rs, parts):
+                rows = r.xlora.pass_scalings(len(part), shape)
+                passes.append(-1 if rows is None else rows)
+            hidden = call([r.scaling_seq_id for r in rs], rs, parts, False, passes)[1].numpy()
+            for i, r, rows in zip(mixed, rs, np.split(hidden, np.cumsum([len(c) for c in parts])[:-1])):
+                mixes[i] = r.xlora.scalings(rows, shape)
+        outputs = call([r.seq_id for r in requests], requests, chunks, every_position, mixes)
+        return (outputs[0] if self.adapters.capacity else outputs).numpy()
 
     def _prefill_call(
         self, requests: list[Request], budget: int, every_position: bool = False
@@ -565,16 +642,9 @@ class Engine:
                 break
             batch.append((r, take))
             budget -= take
-        ids = np.concatenate([r.all_ids()[r.kv_len : r.kv_len + take] for r, take in batch]).astype("int32")
-        lengths = [take for _, take in batch]
-        ends = np.cumsum(lengths)
-        positions = np.arange(ends[-1], dtype="int32") if every_position else (ends - 1).astype("int32")
-        extra = [positions]
-        if self.rope_switch_length:  # each token's whole prompt length (see rope_switch_length)
-            extra.append(np.repeat([len(r.prompt_ids) for r, _ in batch], lengths).astype("int32"))
-        if self.adapters.capacity:  # each token's adapter slot
-            extra.append(np.repeat([r.adapter for r, _ in batch], lengths).astype("int32"))
-        logits = self._forward(self._prefill, [r.seq_id for r, _ in batch], lengths, ids, *extra)
+        chunks = [np.asarray(r.all_ids()[r.kv_len : r.kv_len + take], dtype="int32") for r, take in batch]
+        logits = self._model_call(True, [r for r, _ in batch], chunks, every_position)
+        ends = np.cumsum([take for _, take in batch])
         out = []
         for (r, take), end in zip(batch, ends):
             r.kv_len += take
@@ -587,10 +657,14 @@ class Engine:
     def _split_first_chunk(self, r: Request) -> None:
         """Make the first canonical chunk of `r` a block of its own (depth 0 of TVM's block tree), as it is in
         every sequence forked from a cached prefix: fork `r` at that boundary (no page is copied: the chunk
-        ends on a page boundary) and continue as the fork."""
+        ends on a page boundary) and continue as the fork (both of an X-LoRA request's sequences)."""
         child = self.kv.fork(r.seq_id, self.canonical_chunk)
         self.kv.remove(r.seq_id)
         r.seq_id = child
+        if r.xlora is not None:
+            child = self.kv.fork(r.scaling_seq_id, self.canonical_chunk)
+            self.kv.remove(r.scaling_seq_id)
+            r.scaling_seq_id = child
 
     # ---- structured output --------------------------------------------------------------------------
     def _start_masks(self) -> None:

@@ -79,11 +79,12 @@ class PagedKV:
         return -(-(tokens - base) // self.page_size)
 
     def forward(self, fn: Any, seq_ids: list[int], lengths: list[int], args: list[Any], params: Any) -> Any:
-        """Call the model function `fn` on `args` for `lengths` new tokens of each of `seq_ids`: its logits."""
+        """Call the model function `fn` on `args` for `lengths` new tokens of each of `seq_ids`: its logits (and
+        whatever else it returns before the cache, as a list)."""
         KV_BEGIN(self.state, ShapeTuple(seq_ids), ShapeTuple(lengths))
-        logits, self.state = fn(*args, self.state, params)
+        *outputs, self.state = fn(*args, self.state, params)
         KV_END(self.state)
-        return logits
+        return outputs[0] if len(outputs) == 1 else outputs
 
 
 class PrefixCache:

@@ -102,13 +102,13 @@ def create_app(serving: ServingEngine, model_name: str, api_key: str | None = No
         return PlainTextResponse(prometheus_text(serving), media_type="text/plain; version=0.0.4")
 
     def model_card(name: str) -> dict[str, Any]:
-        """The base model, or a LoRA adapter loaded on it (its parent)."""
+        """The base model, or a LoRA adapter or X-LoRA model loaded on it (its parent)."""
         card = {"id": name, "object": "model", "created": created, "owned_by": "mlcc"}
         return card if name == model_name else {**card, "parent": model_name}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(name) for name in [model_name, *engine.adapters.slots]]}
+        return {"object": "list", "data": [model_card(name) for name in [model_name, *engine.adapters.names]]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str) -> dict[str, Any]:
@@ -116,10 +116,10 @@ def create_app(serving: ServingEngine, model_name: str, api_key: str | None = No
 
     def check_model(name: str) -> str | None:
         """The adapter a request's `model` names (None: the base model); a 404 for other names."""
-        if name in engine.adapters.slots:
+        if name in engine.adapters.names:
             return name
         if name not in names:
-            adapters = "".join(f", {a!r}" for a in engine.adapters.slots)
+            adapters = "".join(f", {a!r}" for a in engine.adapters.names)
             raise ApiError(
                 404,
                 f"the model {name!r} does not exist; this server has {model_name!r}{adapters}",

@@ -1,0 +1,175 @@
+"""X-LoRA models in adapter slots: a q0f32 build with `--lora-slots`, PEFT X-LoRA folders loaded at run time. Each
+model's logits equal PEFT's XLoraModel at every position and its greedy tokens XLoraModel.generate's; a batch
+mixing an X-LoRA model, a plain adapter and the base model equals each request alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+peft = pytest.importorskip("peft")
+
+from tiny_models import make_adapter  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from artifacts.errors import MlccError  # noqa: E402
+from runtime import Engine, SamplingParams  # noqa: E402
+
+PROMPTS = ["Once upon a time there was", "def main():\n    print("]
+TOLERANCE = 1e-4
+CLASSIFIER = "base_model.internal_xlora_classifier."
+
+# name -> XLoraConfig settings besides the experts (with a classifier of random nonzero weights)
+SETTINGS = {
+    "dense": dict(xlora_depth=1),
+    "deep-layerwise": dict(
+        xlora_depth=2, xlora_size=16, layerwise_scalings=True, softmax_temperature=0.5, global_scaling_weight=1.5
+    ),
+    "top-k": dict(xlora_depth=1, layerwise_scalings=True, top_k_lora=2, enable_softmax=False, enable_softmax_topk=True),
+    "scaling-pass": dict(xlora_depth=1, scaling_pass_value=0.3, softmax_temperature=2.0),
+}
+
+
+@pytest.fixture(scope="module")
+def experts(hf_folder, tmp_path_factory) -> tuple[Path, list[Path]]:
+    """(base folder, three PEFT LoRA experts over different modules and ranks, together all of a block's linears)."""
+    base = hf_folder("llama-f32")
+    root = tmp_path_factory.mktemp("xlora-experts")
+    return base, [
+        make_adapter(base, root / "e0", 11, r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+        make_adapter(base, root / "e1", 12, r=8, lora_alpha=5, target_modules=["k_proj", "up_proj", "v_proj"]),
+        make_adapter(base, root / "e2", 13, r=2, use_rslora=True, target_modules=["o_proj", "gate_proj", "q_proj"]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def slotted(experts, tmp_path_factory) -> Path:
+    """An artifact with 4 slots of rank 8: an X-LoRA model's three experts and one plain adapter."""
+    from compiler.compile import compile_model
+
+    art = tmp_path_factory.mktemp("xlora") / "art"
+    compile_model(str(experts[0]), art, quant="q0f32", lora_slots=4, lora_rank=8, progress=lambda _: None)
+    return art
+
+
+def xlora_model(base: Path, experts: list[Path], seed: int, **settings) -> torch.nn.Module:
+    """PEFT's X-LoRA model over `experts` (named "0", "1", ...: PEFT applies only experts named by their index)
+    with a random classifier."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.config.use_cache = False  # XLoraModel requires it
+    hidden = model.config.hidden_size
+    adapters = {str(i): str(path) for i, path in enumerate(experts)}
+    config = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=hidden, adapters=adapters, **settings)
+    xlora = peft.get_peft_model(model, config).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in xlora.named_parameters():
+            if "internal_xlora_classifier" in name:
+                param.copy_(torch.randn_like(param) * (0.3 if name.endswith("weight") else 0.5))
+    return xlora
+
+
+def save_xlora(xlora: torch.nn.Module, folder: Path) -> Path:
+    """Save as PEFT does, then rewrite its tensor files whole (same names): PEFT 0.21 leaves out every tensor whose
+    name has `.j.` for another expert j, so each expert loses a layer and a deeper classifier its first linear."""
+    xlora.save_pretrained(folder)
+    experts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, module in xlora.named_modules():
+        if isinstance(module, peft.tuners.lora.Linear):
+            for expert in module.lora_A:
+                for part in ("lora_A", "lora_B"):
+                    weight = getattr(module, part)[expert].weight
+                    experts.setdefault(expert, {})[f"{name}.{part}.weight"] = weight.detach().clone()
+    for expert, tensors in experts.items():
+        save_file(tensors, str(folder / expert / "adapter_model.safetensors"))
+    classifier = {
+        f"{CLASSIFIER}{name}": param.detach().clone()
+        for name, param in xlora.base_model.internal_xlora_classifier.named_parameters()
+    }
+    save_file(classifier, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_xlora_equals_peft(name, experts, slotted, tmp_path):
+    base, paths = experts
+    reference = xlora_model(base, paths, seed=len(name), **SETTINGS[name])
+    engine = Engine(slotted, adapters={name: save_xlora(reference, tmp_path / name)})
+    for prompt in PROMPTS:
+        ids = engine.tokenizer.encode(prompt)
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            expected = reference(input_ids=x).logits[0].numpy()
+            theirs = reference.generate(
+                input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False, eos_token_id=None
+            )
+        ours = engine.prompt_logits(ids, adapter=name)
+        assert np.abs(ours - expected).max() <= TOLERANCE, name
+        assert np.abs(engine.prompt_logits(ids) - expected).max() > 100 * TOLERANCE  # the experts matter
+        tokens = engine.generate_ids([ids], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), name)
+        assert tokens[0].token_ids == theirs[0, len(ids) :].tolist(), name
+
+
+def test_a_batch_mixing_xlora_an_adapter_and_the_base_equals_each_alone(experts, slotted, tmp_path):
+    base, paths = experts
+    folder = save_xlora(xlora_model(base, paths, seed=7, **SETTINGS["deep-layerwise"]), tmp_path / "mix")
+    engine = Engine(slotted, adapters={"mix": folder, "plain": paths[1]})
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=True)
+    jobs = [(prompt, name) for prompt in PROMPTS for name in ("mix", None, "plain", "mix")]
+    alone = [engine.generate_ids([engine.tokenizer.encode(p)], params, name)[0] for p, name in jobs]
+    requests = [r for p, name in jobs for r in engine.make_requests(engine.tokenizer.encode(p), params, adapter=name)]
+    engine.enqueue(requests)
+    while engine.has_work:
+        engine.step()
+    for solo, together in zip(alone, (r.result() for r in requests)):
+        assert together.token_ids == solo.token_ids
+        assert [t.logprob for t in together.logprobs] == [t.logprob for t in solo.logprobs]
+    assert len({tuple(r.token_ids) for r in alone[:3]}) == 3  # the three kinds do differ
+    # X-LoRA sequences are not kept for their prefixes: a long prompt again is computed afresh, to the same tokens
+    ids = engine.tokenizer.encode("word " * 200)[: engine.canonical_chunk + 8]
+    first = engine.generate_ids([ids], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), "mix")[0]
+    again = engine.generate_ids([ids], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), "mix")[0]
+    assert again.cached_tokens == 0 and again.token_ids == first.token_ids
+    assert engine.kv_tokens_used == 0  # both sequences of every X-LoRA request were freed
+
+
+def test_xlora_folder_errors_are_one_line(experts, slotted, tmp_path):
+    base, paths = experts
+    reference = xlora_model(base, paths, seed=3, **SETTINGS["deep-layerwise"])
+    as_peft_saves = tmp_path / "peft-saved"
+    reference.save_pretrained(as_peft_saves)  # without the classifier's first layer (see save_xlora)
+    with pytest.raises(MlccError, match="has 1 of its 2 linear layers"):
+        Engine(slotted, adapters={"x": as_peft_saves})
+    shallow = tmp_path / "peft-saved-shallow"
+    model = xlora_model(base, paths, seed=4, **SETTINGS["dense"])
+    model.save_pretrained(shallow)  # no classifier at all, and experts that lost a layer each
+    with pytest.raises(MlccError, match="has 0 of its 1 linear layers"):
+        Engine(slotted, adapters={"x": shallow})
+    classifier = model.base_model.internal_xlora_classifier.state_dict()
+    save_file({CLASSIFIER + k: v for k, v in classifier.items()}, str(shallow / "adapter_model.safetensors"))
+    with pytest.raises(MlccError, match="expert has no tensors of layer 1"):
+        Engine(slotted, adapters={"x": shallow})
+
+    good = save_xlora(reference, tmp_path / "good")
+    no_expert = shutil.copytree(good, tmp_path / "no-expert")
+    shutil.rmtree(no_expert / "1")
+    with pytest.raises(MlccError, match="expert folder '1' is missing"):
+        Engine(slotted, adapters={"x": no_expert})
+
+    flat = shutil.copytree(good, tmp_path / "flat")  # a layerwise classifier read as one for all modules
+    config = json.loads((flat / "adapter_config.json").read_text())
+    (flat / "adapter_config.json").write_text(json.dumps({**config, "layerwise_scalings": False}))
+    with pytest.raises(MlccError, match="gives 42 scalings, not 3"):
+        Engine(slotted, adapters={"x": flat})
+
+    engine = Engine(slotted, adapters={"plain": paths[0], "other": paths[1]})
+    with pytest.raises(MlccError, match="3 experts need as many adapter slots; 2 are free"):
+        engine.load_adapter("x", good)
+    with pytest.raises(MlccError, match="unknown adapter 'x' \\(adapters: plain, other\\)"):
+        engine.make_requests([1, 2], SamplingParams(), adapter="x")
