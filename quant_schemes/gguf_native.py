@@ -16,24 +16,48 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.target import Target
 
 from quant_schemes.base import PackedModule, QuantScheme
-from tir_kernels.experts import ExpertLinear, grouped_matmul
+from tir_kernels.experts import ExpertLinear, grouped_matmul, grouped_rows_kernel
 from tir_kernels.gguf_blocks import FLOAT_TYPES, BlockFormat
 from tir_kernels.matmul_float import decoded_gather, decoded_matmul
-from tir_kernels.matmul_int8 import int8_matmul
-from tir_kernels.matmul_llamacpp import EXACT_TYPES, llamacpp_matmul
+from tir_kernels.matmul_int8 import int8_rows
+from tir_kernels.matmul_llamacpp import EXACT_TYPES, llamacpp_rows
 from tir_kernels.numerics import Numerics
-from tir_kernels.repack import INTERLEAVED, LANE_ROWS, group_bytes, group_rows, interleave_rows
+from tir_kernels.repack import INTERLEAVED, group_rows, interleave_rows
 from tir_kernels.simd import has_avx2, has_vnni
 
 Q = GGMLQuantizationType
+
+
+class Int8Rows:
+    """How an int8-activation kernel holds one [out, in] matrix of GGUF blocks: the kernel's body (shared by a
+    dense layer and each expert of a mixture), the packed array's shape, and the repacking of the file's rows."""
+
+    def __init__(self, fmt: BlockFormat, in_features: int, out_features: int, numerics: Numerics, vnni: bool):
+        self.fmt, self.in_features, self.out_features, self.numerics = fmt, in_features, out_features, numerics
+        llamacpp = numerics == Numerics.LLAMACPP
+        # Some types are read with 8 rows' blocks interleaved (the same bits, reordered).
+        self.interleaved = fmt.qtype in (EXACT_TYPES if llamacpp else INTERLEAVED)
+        row_bytes = fmt.row_bytes(in_features)
+        if llamacpp:
+            self.rows = llamacpp_rows(fmt.qtype, in_features, out_features, vnni)
+        else:
+            self.rows = int8_rows(fmt.qtype, in_features, out_features, row_bytes, self.interleaved)
+        self.shape = self.rows.data_shape
+
+    def pack(self, rows: np.ndarray) -> np.ndarray:
+        """The file's [out, row bytes] blocks in the kernel's order."""
+        if not self.interleaved:
+            return rows
+        repack = group_rows if self.numerics == Numerics.LLAMACPP else interleave_rows
+        return repack(rows, self.fmt.qtype)
 
 
 class GGUFLinear(PackedModule):
     """y = x @ W.T (+ b) with W held as GGUF blocks and decoded in the reduction; float32 accumulation.
 
     With `int8_activations` (x86 CPUs with AVX2), x is quantized to 8 bits per 32 columns and multiplied in
-    integers, as llama.cpp does (tir_kernels/matmul_int8.py, or tir_kernels/matmul_llamacpp.py in llama.cpp's order);
-    otherwise the weights are decoded to float.
+    integers, as llama.cpp does (tir_kernels/matmul_int8.py, or tir_kernels/matmul_llamacpp.py in llama.cpp's
+    order); otherwise the weights are decoded to float.
     """
 
     def __init__(
@@ -48,20 +72,11 @@ class GGUFLinear(PackedModule):
         vnni: bool = False,
     ):
         self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
-        self.int8_activations = int8_activations and dtype == "float32"
-        # llama.cpp's own order of operations is that of its int8 kernels
-        self.numerics = numerics if self.int8_activations else Numerics.MLCC
-        llamacpp = self.numerics == Numerics.LLAMACPP
-        self.vnni = vnni  # the target has `vpdpbusd` (the same integers, fewer instructions)
-        # The int8 kernels read some types with 8 rows' blocks interleaved (the same bits, reordered).
-        self.interleaved = self.int8_activations and fmt.qtype in (EXACT_TYPES if llamacpp else INTERLEAVED)
-        row_bytes = fmt.row_bytes(in_features)
-        if self.interleaved and llamacpp:
-            shape = (-(-out_features // LANE_ROWS), group_bytes(fmt.qtype, in_features))
-        elif self.interleaved:
-            shape = (-(-out_features // LANE_ROWS), row_bytes * LANE_ROWS)
-        else:
-            shape = (out_features, row_bytes)
+        # llama.cpp's own order of operations is that of its int8 kernels; `vnni`: the target has `vpdpbusd`
+        self.int8 = Int8Rows(fmt, in_features, out_features, numerics, vnni) if int8_activations else None
+        if dtype != "float32":
+            self.int8 = None
+        shape = self.int8.shape if self.int8 else (out_features, fmt.row_bytes(in_features))
         self.q_data = nn.Parameter(shape, "uint8")
         self.bias = nn.Parameter((out_features,), dtype) if bias else None
 
@@ -70,25 +85,17 @@ class GGUFLinear(PackedModule):
 
     def pack_weight(self, weight: np.ndarray) -> dict[str, np.ndarray]:
         rows = weight.view(np.uint8).reshape(self.out_features, -1)
-        if not self.interleaved:
-            return {"q_data": rows}
-        repack = group_rows if self.numerics == Numerics.LLAMACPP else interleave_rows
-        return {"q_data": repack(rows, self.fmt.qtype)}
+        return {"q_data": self.int8.pack(rows) if self.int8 else rows}
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self._int8_matmul(x) if self.int8_activations else self._float_matmul(x)
+        y = self._int8_matmul(x) if self.int8 else self._float_matmul(x)
         return y + self.bias if self.bias is not None else y
 
     def _int8_matmul(self, x: Tensor) -> Tensor:
-        n_in, n_out, row_bytes = self.in_features, self.out_features, self.fmt.row_bytes(self.in_features)
-        rows = op.reshape(x, (-1, n_in))  # [b*s, n_in]
-        if self.numerics == Numerics.LLAMACPP:
-            kernel = llamacpp_matmul(self.fmt.qtype, n_in, n_out, self.vnni)
-        else:
-            kernel = int8_matmul(self.fmt.qtype, n_in, n_out, row_bytes, self.interleaved)
-        out = Tensor.placeholder([rows.shape[0], n_out], "float32")
-        y = op.tensor_ir_op(kernel, "gguf_int8_matmul", [rows, self.q_data], out)
-        return op.reshape(y, (*x.shape[:-1], n_out))  # [b, s, n_out]
+        rows = op.reshape(x, (-1, self.in_features))  # [b*s, n_in]
+        out = Tensor.placeholder([rows.shape[0], self.out_features], "float32")
+        y = op.tensor_ir_op(self.int8.rows.kernel(), "gguf_int8_matmul", [rows, self.q_data], out)
+        return op.reshape(y, (*x.shape[:-1], self.out_features))  # [b, s, n_out]
 
     def _float_matmul(self, x: Tensor) -> Tensor:
         matmul = decoded_matmul(self.fmt, self.in_features, self.out_features, self.dtype)
@@ -96,19 +103,36 @@ class GGUFLinear(PackedModule):
 
 
 class GGUFExperts(PackedModule):
-    """A mixture's [experts, out, in] weights as GGUF blocks, [experts * out] rows, multiplied by grouped rows
-    (tir_kernels/experts.py) with each weight decoded to float32 as the kernel reads it."""
+    """A mixture's [experts, out, in] weights as GGUF blocks, multiplied by grouped rows (tir_kernels/experts.py).
 
-    def __init__(self, fmt: BlockFormat, num_experts: int, in_features: int, out_features: int):
+    With `int8_activations` each expert's blocks are held as a dense layer's int8 kernel holds them, one expert
+    after another, and each expert's rows go through that kernel (the dense layers' integer arithmetic and
+    numerics); otherwise each weight is decoded to float32 as the kernel reads it."""
+
+    def __init__(
+        self,
+        fmt: BlockFormat,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        int8_activations: bool = False,
+        numerics: Numerics = Numerics.MLCC,
+        vnni: bool = False,
+    ):
         self.fmt, self.num_experts, self.in_features, self.out_features = fmt, num_experts, in_features, out_features
-        self.q_data = nn.Parameter((num_experts * out_features, fmt.row_bytes(in_features)), "uint8")
-        self.run = 16  # columns decoded per (vector) inner loop: 16 consecutive columns share a block's bytes
+        self.int8 = Int8Rows(fmt, in_features, out_features, numerics, vnni) if int8_activations else None
+        rows, width = self.int8.shape if self.int8 else (out_features, fmt.row_bytes(in_features))
+        self.q_data = nn.Parameter((num_experts * rows, width), "uint8")
+        self.run = 16  # float decode: columns decoded per (vector) inner loop, 16 consecutive share a block's bytes
 
     def to(self, dtype: str | None = None) -> None:
         return
 
     def pack_weight(self, weight: np.ndarray) -> dict[str, np.ndarray]:
-        return {"q_data": weight.view(np.uint8).reshape(self.num_experts * self.out_features, -1)}
+        rows = weight.view(np.uint8).reshape(self.num_experts, self.out_features, -1)
+        if self.int8:
+            rows = np.stack([self.int8.pack(expert) for expert in rows])
+        return {"q_data": rows.reshape(self.q_data.shape[0], -1)}
 
     def packed_params(self) -> list[nn.Parameter]:
         return [self.q_data]
@@ -119,7 +143,11 @@ class GGUFExperts(PackedModule):
         return self.fmt.weight_at(params[0], e * self.out_features + o, j, i).astype(dtype)
 
     def forward(self, x: Tensor, starts: Tensor, order: Tensor, gather_k: int) -> Tensor:
-        return grouped_matmul(self, x, starts, order, gather_k)
+        if not self.int8:
+            return grouped_matmul(self, x, starts, order, gather_k)
+        kernel = grouped_rows_kernel(self.num_experts, self.int8.rows, gather_k)
+        out = Tensor.placeholder([order.shape[0], self.out_features], "float32")
+        return op.tensor_ir_op(kernel, "moe_int8_matmul", [x, starts, order, self.q_data], out)
 
 
 class GGUFEmbedding(PackedModule):
@@ -224,7 +252,15 @@ class GGUFNativeScheme(QuantScheme):
                     num, dim = (int(d) for d in node.weight.shape)
                     return GGUFEmbedding(fmt, num, dim, scheme.dtype)
                 if isinstance(node, ExpertLinear):
-                    return GGUFExperts(fmt, node.num_experts, node.in_features, node.out_features)
+                    return GGUFExperts(
+                        fmt,
+                        node.num_experts,
+                        node.in_features,
+                        node.out_features,
+                        scheme.int8_activations,
+                        scheme.numerics,
+                        scheme.vnni,
+                    )
                 return self.visit(name, node)
 
         model.to(self.dtype)

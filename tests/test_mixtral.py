@@ -261,11 +261,13 @@ def test_the_same_weights_as_gguf_equal_the_hf_build(mixtral, mixtral_engine, wo
         np.testing.assert_allclose(from_gguf.prompt_logits(ids), from_hf.prompt_logits(ids), atol=2e-5)
 
 
-@pytest.mark.slow
 def test_gguf_block_type_experts_match_transformers_on_their_dequantized_weights(workdir):
     """Experts kept in the file's Q4_0 blocks, decoded in the grouped kernels: equal to transformers on the same
-    blocks dequantized (gguf-f32); with llama.cpp's 8-bit activations for the dense layers (gguf) close to it."""
+    blocks dequantized (gguf-f32); with 8-bit activations (the default build on an AVX2 CPU: the experts go
+    through the dense layers' integer kernels, tests/test_expert_kernels.py) close to it."""
     from compiler.compile import compile_model
+    from compiler.targets import _host_llvm
+    from tir_kernels.simd import has_avx2
 
     folder = make_model("mixtral", workdir / "hf-mixtral4-blocks", num_local_experts=4, intermediate_size=96)
     path = write_mixtral_gguf(folder, workdir / "mixtral4-q4_0.gguf", Q4_0)
@@ -281,13 +283,23 @@ def test_gguf_block_type_experts_match_transformers_on_their_dequantized_weights
     compile_model(str(path), out, quant="gguf-f32", progress=lambda _: None)
     assert_matches_transformers(Engine(out), model, tokenizer, TOLERANCE, greedy=False)
     out = workdir / "art-mixtral4-q4_0-default"
-    compile_model(str(path), out, progress=lambda _: None)  # the file's blocks, 8-bit activations where they apply
+    manifest = compile_model(str(path), out, progress=lambda _: None)  # 8-bit activations where they apply
+    assert manifest.quant["activations"] == ("q8" if has_avx2(_host_llvm()) else "f32")
     eng = Engine(out)
+    checked = 0
     for prompt in PROMPTS:
         ids = tokenizer(prompt).input_ids
         with torch.no_grad():
-            ref = model(torch.tensor([ids])).logits[0].numpy()
-        assert np.abs(eng.prompt_logits(ids) - ref).max() <= 0.05 * np.abs(ref).max()
+            ref = model(torch.tensor([ids]), output_router_logits=True)
+        logits = ref.logits[0].numpy()
+        # 8-bit activations move the router's input a little: where its 2nd and 3rd choices nearly tie, the
+        # route may flip and that token's logits differ by much; every other position is close.
+        probs = [torch.softmax(r.reshape(len(ids), -1), -1).sort(-1, descending=True).values for r in ref.router_logits]
+        clear = np.all([(p[:, 1] - p[:, 2]).numpy() > 0.02 for p in probs], axis=0)
+        error = np.abs(eng.prompt_logits(ids) - logits).max(-1)
+        assert error[clear].max() <= 0.05 * np.abs(logits).max()
+        checked += clear.sum()
+    assert checked >= 0.5 * sum(len(tokenizer(p).input_ids) for p in PROMPTS)
 
 
 def test_experts_no_token_is_routed_to_are_never_used(mixtral, workdir):

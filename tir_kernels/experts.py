@@ -5,7 +5,8 @@ The expert matmuls are grouped, not a loop over experts: the (token, slot) pairs
 is (`grouped_matmul`: decode reads only the chosen experts' weights), and the pairs' outputs are summed back
 into their tokens with the router's weights (`combine`). An expert tensor holds all experts, [experts, out, in]
 (llama.cpp's `ffn_*_exps`); a quantization scheme swaps `ExpertLinear` for its own packed module, which gives
-`grouped_matmul` a decoder of one weight element.
+`grouped_matmul` a decoder of one weight element (weights decoded to float32), or, for GGUF blocks on a CPU
+with 8-bit-activation kernels, runs a dense layer's kernel body per expert (`grouped_rows_kernel`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 
+from tir_kernels.row_matmul import RowMatmul
 from tir_kernels.simd import LANES  # float32 lanes of the dot products' accumulators
 
 # Weight rows are split into this many contiguous ranges, run in parallel (each with its own decoded row).
@@ -234,6 +236,54 @@ def grouped_matmul_kernel(
 
         return kernel4
     raise ValueError(f"expert weights packed into {len(specs)} arrays are not supported")
+
+
+def grouped_rows_kernel(num_experts: int, rows: RowMatmul, gather_k: int) -> tirx.PrimFunc:
+    """y[r] = W[e] @ x_r for every sorted pair row r of expert e, by a dense layer's kernel body (`rows`).
+
+    The weights are the experts' packed arrays one after another ([experts * rows.data_shape[0], ...]). The
+    pairs' token rows are first gathered into sorted order (when gather_k > 0; else x is already sorted), so
+    that an expert's rows are contiguous; then the dense body runs once per expert with pairs, on views of its
+    rows, its weights and its outputs. Experts no pair is routed to are skipped, their weights never read."""
+    n_in, n_out, body = rows.n_in, rows.n_out, rows.body
+    expert_rows, row_width = rows.data_shape
+    data_shape = (num_experts * expert_rows, row_width)
+
+    @T.macro
+    def per_expert(source, starts, data, y, capacity):
+        for e in range(num_experts):
+            if starts[e + 1] > starts[e]:
+                first: T.int64 = T.Cast("int64", starts[e])
+                count: T.int64 = T.Cast("int64", starts[e + 1]) - first
+                rows_in = T.meta_var(source[first : first + count, 0:n_in])
+                weights = T.meta_var(data[e * expert_rows : (e + 1) * expert_rows, 0:row_width])
+                rows_out = T.meta_var(y[first : first + count, 0:n_out])
+                with T.sblock("expert"):  # the views, as match_buffer regions of a block
+                    T.reads(rows_in, weights)
+                    T.writes(rows_out)
+                    xe = T.match_buffer(rows_in, (count, n_in), "float32", offset_factor=1)
+                    de = T.match_buffer(weights, rows.data_shape, "uint8", offset_factor=1)
+                    ye = T.match_buffer(rows_out, (count, n_out), "float32", offset_factor=1)
+                    body(xe, de, ye, count, capacity)
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(var_x: T.handle, starts: T.Buffer((num_experts + 1,), "int32"), var_order: T.handle,
+               data: T.Buffer(data_shape, "uint8"), var_y: T.handle):  # fmt: skip
+        T.func_attr({"tirx.noalias": True})
+        n, m = T.int64(), T.int64()
+        x = T.match_buffer(var_x, (n, n_in), "float32")
+        order = T.match_buffer(var_order, (m,), "int32")
+        y = T.match_buffer(var_y, (m, n_out), "float32")
+        if gather_k > 0:
+            gathered = T.alloc_buffer((m, n_in), "float32")
+            for r in T.parallel(m):
+                for c in range(n_in):
+                    gathered[r, c] = x[order[r] // gather_k, c]
+            per_expert(gathered, starts, data, y, m)
+        else:
+            per_expert(x, starts, data, y, m)
+
+    return kernel
 
 
 class ExpertLinear(nn.Module):

@@ -25,6 +25,7 @@ from tvm.script import tirx as T
 from tir_kernels.activation_quant import quantize_mlcc
 from tir_kernels.gguf_blocks import CHUNK, CHUNK_DECODERS, Chunk
 from tir_kernels.repack import INTERLEAVED, LANE_ROWS, InterleavedLayout
+from tir_kernels.row_matmul import RowMatmul
 from tir_kernels.simd import (
     LANE_ACTIVATION_BYTES,
     STREAM_AHEAD,
@@ -155,6 +156,14 @@ def int8_matmul(
 ) -> tirx.PrimFunc:
     """y[t, o] = sum_k x[t, k] * W[o, k] with W as GGUF blocks and x quantized to int8 per 32 columns;
     `interleaved`: W in the InterleavedLayout of its type (`interleave_rows`)."""
+    return int8_rows(qtype, n_in, n_out, row_bytes, interleaved).kernel()
+
+
+@functools.cache
+def int8_rows(
+    qtype: GGMLQuantizationType, n_in: int, n_out: int, row_bytes: int, interleaved: bool = False
+) -> RowMatmul:
+    """`int8_matmul`'s body, for the dense kernel and the grouped expert kernel alike."""
     decode = CHUNK_DECODERS[qtype]
     super_block = qtype in SUPER_BLOCK_TYPES
     chunks = n_in // CHUNK
@@ -377,15 +386,11 @@ def int8_matmul(
                     for t in range(n):
                         lanes_times_token(y, xq, stats, InterleavedRows(data, g, layout), lane_acc, g, t, data, True)
 
-    @T.prim_func(private=True, s_tir=True)
-    def kernel(var_x: T.handle, data: T.Buffer(data_shape, "uint8"), var_y: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        n = T.int64()
-        x = T.match_buffer(var_x, (n, n_in), "float32")
-        y = T.match_buffer(var_y, (n, n_out), "float32")
-        xq = T.alloc_buffer((n, n_in), "int8")
-        by_token = T.alloc_buffer((n, 2, chunks), "float32")  # each token's chunk scales, then sums
-        by_chunk = T.alloc_buffer((2, chunks, n), "float32")  # the same, chunk-major: vectors over tokens
+    @T.macro
+    def body(x, data, y, n, capacity):
+        xq = T.alloc_buffer((capacity, n_in), "int8")
+        by_token = T.alloc_buffer((capacity, 2, chunks), "float32")  # each token's chunk scales, then sums
+        by_chunk = T.alloc_buffer((2, chunks, capacity), "float32")  # the same, chunk-major: vectors over tokens
         stats = T.meta_var(ActivationStats(by_token, by_chunk))
         quantize_mlcc(x, xq, by_token, by_chunk, n, n_in, super_block)
         # Rows are split into TASKS contiguous ranges run in parallel, each with its accumulators allocated
@@ -428,5 +433,4 @@ def int8_matmul(
                     for task in T.parallel(lane_tasks):
                         lane_task(y, data, xq, stats, n, task)
 
-    return kernel
-
+    return RowMatmul(body, n_in, n_out, data_shape)

@@ -28,8 +28,9 @@ from tvm.script import tirx as T
 
 from tir_kernels.activation_quant import quantize_q8_0
 from tir_kernels.gguf_blocks import CHUNK
-from tir_kernels.matmul_llamacpp_kquants import kquant_matmul
+from tir_kernels.matmul_llamacpp_kquants import kquant_rows
 from tir_kernels.repack import GROUP_LAYOUTS, LANE_ROWS, SUPER_LAYOUTS
+from tir_kernels.row_matmul import RowMatmul
 from tir_kernels.simd import (
     LANE_ACTIVATION_BYTES,
     STREAM_AHEAD,
@@ -60,17 +61,23 @@ def _u8(value: int | tirx.PrimExpr) -> tirx.PrimExpr:
 
 @functools.cache
 def llamacpp_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool = False) -> tirx.PrimFunc:
+    """`llamacpp_rows`' kernel: llama.cpp's own numbers for a dense layer."""
+    return llamacpp_rows(qtype, n_in, n_out, vnni).kernel()
+
+
+@functools.cache
+def llamacpp_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool = False) -> RowMatmul:
     """y[t, o] = sum_k x[t, k] * W[o, k] exactly as llama.cpp's AVX2 build computes it, W in
     `tir_kernels.repack.group_rows` form.
 
     llama.cpp keeps 8 float accumulators per row, lane m summing columns 4m..4m+3 of every block; here 8 rows
     go side by side, so accumulator m holds lane m of 8 rows and each vector operation is, lane for lane, the
     operation llama.cpp does for that row: the same results, with 8 rows' work in one instruction and the
-    weights read as one stream. K-quants: `kquant_matmul`. `vnni`: each word's integer sums in one `vpdpbusd`
+    weights read as one stream. K-quants: `kquant_rows`. `vnni`: each word's integer sums in one `vpdpbusd`
     instead of `pmaddubsw` + `pmaddwd` (the same integers: no pair of products here reaches int16's limit).
     """
     if qtype in SUPER_LAYOUTS:
-        return kquant_matmul(qtype, n_in, n_out)
+        return kquant_rows(qtype, n_in, n_out)
     lay = GROUP_LAYOUTS[qtype]
     chunks = n_in // CHUNK
     row_groups = -(-n_out // LANE_ROWS)
@@ -189,15 +196,11 @@ def llamacpp_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bo
             result = T.meta_var(total + rows(acc, (i * 9 + 8) * LANE_ROWS) if lay.minimum is not None else total)
             store_rows(y, t0 + i, g, n_out, result, acc, (i * 9 + 8) * LANE_ROWS)
 
-    @T.prim_func(private=True, s_tir=True)
-    def kernel(var_x: T.handle, data: T.Buffer((row_groups, chunks * gb), "uint8"), var_y: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        n = T.int64()
-        x = T.match_buffer(var_x, (n, n_in), "float32")
-        y = T.match_buffer(var_y, (n, n_out), "float32")
-        xq = T.alloc_buffer((n, n_in), "int8")
-        x_scale = T.alloc_buffer((n, chunks), "float32")  # float16 d of the block, as float32
-        x_sum = T.alloc_buffer((n, chunks), "float32")  # float16 d * sum(q) (Q8_1's s)
+    @T.macro
+    def body(x, data, y, n, capacity):
+        xq = T.alloc_buffer((capacity, n_in), "int8")
+        x_scale = T.alloc_buffer((capacity, chunks), "float32")  # float16 d of the block, as float32
+        x_sum = T.alloc_buffer((capacity, chunks), "float32")  # float16 d * sum(q) (Q8_1's s)
         quantize_q8_0(x, xq, x_scale, x_sum, n, chunks)
         # Row groups in `tasks` parallel ranges; tokens `block_tokens` at a time (their activations stay in L2)
         # pass over each group in fours, the first four streaming its weights in.
@@ -216,5 +219,4 @@ def llamacpp_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bo
                         for r in range(count % QUAD):
                             group_times_token(y, data, xq, x_scale, x_sum, g, first + count // QUAD * QUAD + r, single)
 
-    return kernel
-
+    return RowMatmul(body, n_in, n_out, (row_groups, chunks * gb))

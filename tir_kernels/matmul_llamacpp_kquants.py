@@ -28,6 +28,7 @@ from tvm.script import tirx as T
 from tir_kernels.activation_quant import quantize_q8_k
 from tir_kernels.gguf_blocks import CHUNK, SUPER_BLOCK
 from tir_kernels.repack import LANE_ROWS, SUPER_LAYOUTS
+from tir_kernels.row_matmul import RowMatmul
 from tir_kernels.simd import (
     LANE_ACTIVATION_BYTES,
     TASKS,
@@ -50,7 +51,7 @@ def _pairs_to_int16(v: tirx.PrimExpr) -> tirx.PrimExpr:
 
 
 @functools.cache
-def kquant_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.PrimFunc:
+def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> RowMatmul:
     """y[t, o] = sum_k x[t, k] * W[o, k] as llama.cpp's AVX2 build computes it, W in `repack.group_rows` form."""
     lay = SUPER_LAYOUTS[qtype]
     q6 = qtype == Q.Q6_K
@@ -167,15 +168,11 @@ def kquant_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pr
             acc[T.Ramp(0, 1, 8)] = acc[T.Ramp(0, 1, 8)] - acc[T.Ramp(8, 1, 8)]
         store_rows(y, t, g, n_out, acc[T.Ramp(0, 1, 8)], acc, 0)
 
-    @T.prim_func(private=True, s_tir=True)
-    def kernel(var_x: T.handle, data: T.Buffer((row_groups, supers * lay.size), "uint8"), var_y: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        n = T.int64()
-        x = T.match_buffer(var_x, (n, n_in), "float32")
-        y = T.match_buffer(var_y, (n, n_out), "float32")
-        xq = T.alloc_buffer((n, n_in), "int8")
-        x_scale = T.alloc_buffer((n, supers), "float32")
-        x_sum = T.alloc_buffer((n, supers * sums_per_super), "int32")
+    @T.macro
+    def body(x, data, y, n, capacity):
+        xq = T.alloc_buffer((capacity, n_in), "int8")
+        x_scale = T.alloc_buffer((capacity, supers), "float32")
+        x_sum = T.alloc_buffer((capacity, supers * sums_per_super), "int32")
         quantize_q8_k(x, xq, x_scale, x_sum, n, supers, sums_per_super)
         for task in T.parallel(tasks):
             acc = T.alloc_buffer((64,), "float32", scope="local")
@@ -188,4 +185,4 @@ def kquant_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> tirx.Pr
                             tiled = T.meta_var(n >= 8 if q6 else t < n - n % 4)
                             group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, tiled)
 
-    return kernel
+    return RowMatmul(body, n_in, n_out, (row_groups, supers * lay.size))
