@@ -173,3 +173,43 @@ def test_xlora_folder_errors_are_one_line(experts, slotted, tmp_path):
         engine.load_adapter("x", good)
     with pytest.raises(MlccError, match="unknown adapter 'x' \\(adapters: plain, other\\)"):
         engine.make_requests([1, 2], SamplingParams(), adapter="x")
+
+
+def test_xlora_requests_preempted_for_kv_pages_recompute_both_sequences(experts, slotted, tmp_path):
+    base, paths = experts
+    folder = save_xlora(xlora_model(base, paths, seed=9, **SETTINGS["top-k"]), tmp_path / "mix")
+    roomy = Engine(slotted, adapters={"mix": folder, "plain": paths[2]})
+    tight = Engine(slotted, adapters={"mix": folder, "plain": paths[2]}, kv_cache_tokens=192)  # 12 pages
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)  # 4 pages per sequence at the end
+    jobs = [(f"{PROMPTS[i % 2]} {i}", name) for i, name in enumerate(["mix", "mix", "plain", "mix"])]
+    requests = [r for p, name in jobs for r in tight.make_requests(tight.tokenizer.encode(p), params, adapter=name)]
+    tight.enqueue(requests)
+    while tight.has_work:
+        tight.step()
+        assert tight.kv_tokens_used <= tight.kv.total_pages * tight.page_size
+    assert any(r.preemptions for r, (_, name) in zip(requests, jobs) if name == "mix")
+    for r, (prompt, name) in zip(requests, jobs):
+        assert r.output_ids == roomy.generate_ids([roomy.tokenizer.encode(prompt)], params, name)[0].token_ids
+
+
+def test_the_server_serves_an_xlora_model_by_name(experts, slotted, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from runtime import ServingEngine
+    from runtime.server import create_app
+
+    base, paths = experts
+    folder = save_xlora(xlora_model(base, paths, seed=5, **SETTINGS["dense"]), tmp_path / "mix")
+    serving = ServingEngine(slotted, adapters={"mix": folder})
+    try:
+        client = TestClient(create_app(serving, "base"))
+        models = client.get("/v1/models").json()["data"]
+        assert [(m["id"], m.get("parent")) for m in models] == [("base", None), ("mix", "base")]
+        body = {"model": "mix", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+        reply = client.post("/v1/completions", json=body).json()
+        ids = serving.engine.tokenizer.encode(PROMPTS[0])
+        greedy = SamplingParams(max_tokens=8, temperature=0)
+        with_xlora = Engine(slotted, adapters={"mix": folder}).generate_ids([ids], greedy, "mix")
+        assert reply["model"] == "mix" and reply["choices"][0]["text"] == with_xlora[0].text
+    finally:
+        serving.close()
