@@ -192,8 +192,8 @@ class Engine:
         """`prefill_chunk`: prompt tokens prefilled per step (default and maximum: the artifact's chunk size;
         at least one canonical chunk of one prompt goes in every step); smaller keeps running requests'
         inter-token latency lower while long prompts arrive. `adapters`: name -> LoRA adapter (a PEFT folder, or a
-        llama.cpp .gguf file for an artifact compiled from GGUF), loaded into the artifact's adapter slots
-        (`mlcc compile --lora-slots`); requests pick one by name."""
+        llama.cpp .gguf file for an artifact compiled from GGUF, or a PEFT X-LoRA model's folder: a slot per expert),
+        loaded into the artifact's adapter slots (`mlcc compile --lora-slots`); requests pick one by name."""
         self.threads = threads or os.cpu_count() or 1
         set_threads(self.threads)
         self.artifact = LoadedArtifact(artifact, verify=verify)
