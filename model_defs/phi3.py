@@ -104,8 +104,9 @@ class Block(nn.Module):
         self.cfg = cfg
         h, hd = cfg.hidden_size, cfg.head_dim
         self.attn_norm = nn.RMSNorm(h, -1, cfg.rms_eps, bias=False)
-        self.attn_qkv = nn.Linear(h, (cfg.num_heads + 2 * cfg.num_kv_heads) * hd, bias=False)
+        # The linears in the checkpoint's module order (o_proj before qkv_proj), which adapter slots record.
         self.attn_output = nn.Linear(cfg.num_heads * hd, h, bias=False)
+        self.attn_qkv = nn.Linear(h, (cfg.num_heads + 2 * cfg.num_kv_heads) * hd, bias=False)
         self.ffn_norm = nn.RMSNorm(h, -1, cfg.rms_eps, bias=False)
         self.ffn_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)  # gate rows, then up rows
         self.ffn_down = nn.Linear(cfg.intermediate_size, h, bias=False)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 peft = pytest.importorskip("peft")
 
-from tiny_models import make_adapter  # noqa: E402
+from tiny_models import make_adapter, make_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from artifacts.errors import MlccError  # noqa: E402
@@ -213,3 +213,20 @@ def test_the_server_serves_an_xlora_model_by_name(experts, slotted, tmp_path):
         assert reply["model"] == "mix" and reply["choices"][0]["text"] == with_xlora[0].text
     finally:
         serving.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "phi", "gemma", "gemma2", "gemma3", "mixtral"])
+def test_slot_module_order_is_the_checkpoints(arch, tmp_path):
+    """X-LoRA's layerwise scalings number the adapted modules in the HF model's module order; the manifest's
+    module_order is the model_defs' declaration order, which must be the same."""
+    from compiler.compile import _plan_hf
+    from compiler.lora_slots import block_linears, source_modules
+    from model_defs import get_arch
+
+    folder = make_model(arch, tmp_path / arch)
+    arch_name, config, *_, shapes = _plan_hf(str(folder), None, "q0f32", [])
+    names = source_modules(shapes())
+    ours = [names[path] for path in block_linears(get_arch(arch_name).Model(config))]
+    hf = AutoModelForCausalLM.from_pretrained(folder)
+    theirs = [name for name, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name]
+    assert ours == [name for name in theirs if name in ours] and ours
