@@ -87,7 +87,7 @@ class AdapterSlots:
         if name in self.slots or name in self.xloras:
             raise MlccError(f"adapter {name!r} is loaded already")
         if is_xlora_folder(path):
-            return self._load_xlora(name, path)
+            return self._load_xlora(name, path, scale)
         if self.taken == self.capacity:
             raise MlccError(f"all {self.capacity} adapter slots are taken")
         gguf_file = str(path).endswith(".gguf")
@@ -102,9 +102,9 @@ class AdapterSlots:
         self.slots[name] = self.taken - 1
         return self.slots[name]
 
-    def _load_xlora(self, name: str, path: str | Path) -> int:
-        """Load an X-LoRA model's experts into consecutive free slots, and map PEFT's module order (the adapted
-        modules, in the checkpoint's order) onto the artifact's."""
+    def _load_xlora(self, name: str, path: str | Path, scale: float) -> int:
+        """Load an X-LoRA model's experts into consecutive free slots (`scale` multiplies each one's alpha / r), and
+        map PEFT's module order (the adapted modules, in the checkpoint's order) onto the artifact's."""
         if self.source_format != "hf":
             raise MlccError(f"{path}: X-LoRA models need an artifact compiled from a Hugging Face model")
         xlora = read_xlora(path, int(self.model_config.get("hidden_size", 0)))
@@ -114,7 +114,7 @@ class AdapterSlots:
         updates: dict[str, np.ndarray] = {}
         adapted: set[str] = set()
         for i, expert in enumerate(xlora.experts):
-            adapter = expert_factors(load_adapter(expert), int(self.model_config.get("num_layers", 0)))
+            adapter = expert_factors(load_adapter(expert, scale), int(self.model_config.get("num_layers", 0)))
             updates = self._place(adapter, self.taken + i, updates)
             adapted |= {self.by_source[t.removesuffix(".weight")] for t in adapter.factors}
         xlora.slots = list(range(self.taken, self.taken + xlora.classes))
@@ -161,17 +161,17 @@ class AdapterSlots:
         modules, slots = self.table_shape
         table: list[np.ndarray] = [np.zeros((1, modules, slots), np.float32)]  # row 0: no adapter
         shared = {-1: 0}
-        rows = []
+        rows, size = [], 1
         for mix, n in zip(mixes, lengths):
-            start = sum(len(t) for t in table)
             if isinstance(mix, np.ndarray):  # one row per token
                 table.append(mix.astype(np.float32))
-                rows.append(np.arange(start, start + n))
+                rows.append(np.arange(size, size + n))
+                size += n
                 continue
             if mix not in shared:
                 one_hot = np.zeros((1, modules, slots), np.float32)
                 one_hot[0, :, mix] = 1
-                shared[mix] = start
+                shared[mix], size = size, size + 1
                 table.append(one_hot)
             rows.append(np.full(n, shared[mix]))
         return [np.concatenate(rows).astype("int32"), np.concatenate(table)]

@@ -278,9 +278,8 @@ class Engine:
         return self._stream(self.tokenizer.encode_chat(messages), params)
 
     def load_adapter(self, name: str, path: str | Path, scale: float = 1.0) -> None:
-        """Load a LoRA adapter (see `adapters` in __init__; an X-LoRA model's folder takes a slot per expert) into a
-        free adapter slot; requests then pick it by
-        `name`."""
+        """Load a LoRA adapter (see `adapters` in __init__) into a free adapter slot (an X-LoRA model into one per
+        expert); requests then pick it by `name`."""
         self.adapters.load(name, path, scale)
 
     def prefill_logits(self, prompt_ids: list[list[int]], adapter: str | None = None) -> np.ndarray:
@@ -299,7 +298,7 @@ class Engine:
         """Per prompt, the logits of each prefill call of fresh sequences; they are removed afterwards."""
         params = SamplingParams(max_tokens=1)
         requests = [self.make_requests(list(ids), params, adapter=adapter)[0] for ids in prompt_ids]
-        self._make_room(sum(self.kv.pages_needed(len(r.prompt_ids), 0) for r in requests))
+        self._make_room(sum(self.kv.pages_needed(len(r.prompt_ids), 0) * r.kv_copies for r in requests))
         for r in requests:
             self._add_sequences(r)
             r.prefill_len = len(r.prompt_ids)
@@ -460,10 +459,10 @@ class Engine:
         running = [(a.seq_id, np.asarray(a.reusable_ids())) for a in self.running if self._kv_kind(a) == kind]
         return self.cached.longest_prefix(np.asarray(r.prompt_ids[:-1]), kind, running)
 
-    def _kv_kind(self, r: Request) -> tuple[bool, int, int]:
+    def _kv_kind(self, r: Request) -> tuple[bool, int, str]:
         """What a sequence's KV was computed with besides its tokens: LongRoPE's factor set (long or short) and
         the adapter or X-LoRA model. Prefixes are shared only between sequences of one kind."""
-        return 0 < self.rope_switch_length < len(r.prompt_ids), r.adapter, id(r.xlora) if r.xlora else 0
+        return 0 < self.rope_switch_length < len(r.prompt_ids), r.adapter, str(r.xlora.path) if r.xlora else ""
 
     def _make_room(self, pages: int) -> None:
         while self._spare_pages() < pages:
@@ -544,7 +543,8 @@ class Engine:
 
     def _release(self, r: Request) -> None:
         """Keep a finished sequence for its prefix, or drop it (always, when the request failed)."""
-        if not self.prefix_cache or r.error is not None or r.canonical_len < self.canonical_chunk or r.xlora:
+        reusable = self.prefix_cache and r.error is None and r.canonical_len >= self.canonical_chunk
+        if not reusable or r.xlora is not None:  # an X-LoRA request's pair of sequences is never kept
             self._remove_sequences(r)
             return
         self.cached.keep(r.seq_id, np.asarray(r.reusable_ids()), self._kv_kind(r))

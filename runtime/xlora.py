@@ -102,7 +102,8 @@ class XLora:
             scalings = np.where(keep, scalings, np.float32(0))
         if self.softmax_top_k:  # a softmax over the nonzero scalings; the rest stay 0
             nonzero = scalings != 0
-            scalings = np.where(nonzero, _softmax(np.where(nonzero, scalings, -np.inf)), np.float32(0))
+            with np.errstate(invalid="ignore"):  # a row of zeros stays zeros, as in PEFT
+                scalings = np.where(nonzero, _softmax(np.where(nonzero, scalings, -np.inf)), np.float32(0))
         rows = np.zeros((scalings.shape[0], *table_shape), np.float32)
         modules, slots = np.array(self.modules)[:, None], np.array(self.slots)[None, :]
         rows[:, modules, slots] = scalings * np.float32(self.global_weight)
@@ -121,10 +122,12 @@ def read_xlora(path: str | Path, hidden_size: int) -> XLora:
         config: dict[str, Any] = json.loads((folder / CONFIG_FILE).read_text())
     except (OSError, ValueError) as e:
         raise MlccError(f"invalid {CONFIG_FILE} in {folder}: {e}") from None
-    adapters = config.get("adapters")
+    adapters = config.get("adapters") if isinstance(config, dict) else None
     if not isinstance(adapters, dict) or not adapters:
         raise MlccError(f"{folder}: an X-LoRA config must name its adapters")
-    experts = [folder / name if (folder / name).is_dir() else folder / str(i) for i, name in enumerate(adapters)]
+    # expert i's folder: named like the expert (a plain name inside the folder), else by its index
+    named = [re.fullmatch(r"[\w-][\w.-]*", name) and (folder / name).is_dir() for name in adapters]
+    experts = [folder / name if ok else folder / str(i) for i, (name, ok) in enumerate(zip(adapters, named))]
     missing = [e.name for e in experts if not (e / CONFIG_FILE).is_file()]
     if missing:
         raise MlccError(f"{folder}: the X-LoRA expert folder {missing[0]!r} is missing (PEFT saves expert i in i/)")
@@ -140,7 +143,11 @@ def read_xlora(path: str | Path, hidden_size: int) -> XLora:
             raise MlccError(f"{folder}: unexpected tensor {key} in the X-LoRA classifier")
         parts.setdefault(int(match[1]), {})[match[2]] = value
     classifier = [(p.get("weight"), p.get("bias")) for _, p in sorted(parts.items())]
-    depth = int(config.get("xlora_depth", 1))
+    try:
+        settings = _settings(config, len(experts))
+    except (TypeError, ValueError) as e:
+        raise MlccError(f"{folder}: invalid X-LoRA setting: {e}") from None
+    depth = settings.pop("depth")
     if len(classifier) != depth:
         raise MlccError(
             f"{folder}: the X-LoRA classifier has {len(classifier)} of its {depth} linear layers (PEFT 0.21 loses "
@@ -159,13 +166,14 @@ def read_xlora(path: str | Path, hidden_size: int) -> XLora:
                 f"{folder}: X-LoRA classifier layer {i} does not fit (the model's hidden size is {hidden_size})"
             )
         width = weight.shape[0]
+    return XLora(folder, experts, classifier, **settings)  # type: ignore[arg-type]
+
+
+def _settings(config: dict[str, Any], experts: int) -> dict[str, Any]:
+    """XLoraConfig's settings with PEFT's defaults; ValueError for values PEFT could not run with."""
     top_k = config.get("top_k_lora")
-    if top_k is not None and not 1 <= int(top_k) <= len(experts):
-        raise MlccError(f"{folder}: top_k_lora must be in 1..{len(experts)}")
-    return XLora(
-        folder,
-        experts,
-        classifier,  # type: ignore[arg-type]
+    settings = dict(
+        depth=int(config.get("xlora_depth", 1)),
         layerwise=bool(config.get("layerwise_scalings", False)),
         softmax=bool(config.get("enable_softmax", True)),
         temperature=float(config.get("softmax_temperature", 1.0)),
@@ -174,6 +182,13 @@ def read_xlora(path: str | Path, hidden_size: int) -> XLora:
         scaling_pass_value=float(config.get("scaling_pass_value", 0.0)),
         global_weight=float(config.get("global_scaling_weight", 1.0)),
     )
+    if not settings["temperature"] > 0:
+        raise ValueError("softmax_temperature must be positive")
+    if top_k is not None and not 1 <= settings["top_k"] <= experts:
+        raise ValueError(f"top_k_lora must be in 1..{experts}")
+    if settings["depth"] < 1:
+        raise ValueError("xlora_depth must be at least 1")
+    return settings
 
 
 def check_classifier_width(xlora: XLora) -> None:

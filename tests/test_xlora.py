@@ -140,6 +140,10 @@ def test_a_batch_mixing_xlora_an_adapter_and_the_base_equals_each_alone(experts,
 
 
 def test_xlora_folder_errors_are_one_line(experts, slotted, tmp_path):
+    from click.testing import CliRunner
+
+    from mlcc_cli import main
+
     base, paths = experts
     reference = xlora_model(base, paths, seed=3, **SETTINGS["deep-layerwise"])
     as_peft_saves = tmp_path / "peft-saved"
@@ -167,6 +171,12 @@ def test_xlora_folder_errors_are_one_line(experts, slotted, tmp_path):
     (flat / "adapter_config.json").write_text(json.dumps({**config, "layerwise_scalings": False}))
     with pytest.raises(MlccError, match="gives 42 scalings, not 3"):
         Engine(slotted, adapters={"x": flat})
+    (flat / "adapter_config.json").write_text(json.dumps({**config, "softmax_temperature": 0}))
+    with pytest.raises(MlccError, match="invalid X-LoRA setting: softmax_temperature must be positive"):
+        Engine(slotted, adapters={"x": flat})
+    result = CliRunner().invoke(main, ["serve", str(slotted), "--adapter", f"x={no_expert}"])
+    assert result.exit_code == 1 and "expert folder '1' is missing" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
     engine = Engine(slotted, adapters={"plain": paths[0], "other": paths[1]})
     with pytest.raises(MlccError, match="3 experts need as many adapter slots; 2 are free"):
