@@ -118,7 +118,7 @@ def _artifact_or_default(artifact: str | None) -> str:
     type=int,
     default=0,
     help="Serve up to N LoRA adapters over these weights without merging them (mlcc serve --adapter NAME=PATH); "
-    "each request picks one by its model name.",
+    "each request picks one by its model name (an X-LoRA model takes a slot per expert).",
 )
 @click.option("--lora-rank", type=int, default=16, show_default=True, help="The highest adapter rank the slots hold.")
 @click.option("-o", "--output", required=True, help="Artifact folder to write.")
