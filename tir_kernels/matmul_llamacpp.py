@@ -33,6 +33,7 @@ from tir_kernels.repack import GROUP_LAYOUTS, LANE_ROWS, SUPER_LAYOUTS
 from tir_kernels.row_matmul import RowMatmul
 from tir_kernels.simd import (
     LANE_ACTIVATION_BYTES,
+    QUAD,
     STREAM_AHEAD,
     TASKS,
     TOKENS,
@@ -50,8 +51,6 @@ Q = GGMLQuantizationType
 # by llama.cpp into kernels of another order).
 EXACT_TYPES = {Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K}
 
-
-QUAD = 4  # tokens that share each decoded word of the weights
 
 
 def _u8(value: int | tirx.PrimExpr) -> tirx.PrimExpr:

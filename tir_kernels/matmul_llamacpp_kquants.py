@@ -31,6 +31,7 @@ from tir_kernels.repack import LANE_ROWS, SUPER_LAYOUTS
 from tir_kernels.row_matmul import RowMatmul
 from tir_kernels.simd import (
     LANE_ACTIVATION_BYTES,
+    QUAD,
     TASKS,
     TOKENS,
     concat,
@@ -168,6 +169,46 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> RowMatmul
             acc[T.Ramp(0, 1, 8)] = acc[T.Ramp(0, 1, 8)] - acc[T.Ramp(8, 1, 8)]
         store_rows(y, t, g, n_out, acc[T.Ramp(0, 1, 8)], acc, 0)
 
+    def chunk_total(data, g, base, c, xq, t, s) -> tirx.PrimExpr:
+        """Q6_K: int32x8, each row's sum over chunk c of its codes times token t's activations times the
+        sub-block scales (the 8 lanes of `chunk_lanes` added up). Two words of one 16-column sub-block add up
+        in int16 before their scale (2 * 2 * 63 * 127 < 2^15)."""
+        lanes = []
+        for m in range(0, 8, 2):
+            sub = base + lay.sub_scales + 8 * (2 * c + m // 4)
+            scales = _pairs_to_int16(row_bytes(data, g, sub, "int16"))
+            both = pairs(data, g, base, c, m, xq, t, s) + pairs(data, g, base, c, m + 1, xq, t, s)
+            lanes.append(llvm_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", both, scales))
+        return tree_sum(lanes)
+
+    @T.macro
+    def q6_tiled_quad(y, data, xq, x_scale, x_sum, g, t0, acc, isum):
+        """y[t0 .. t0+3, g*8 .. g*8+7] by llama.cpp's tiled Q6_K matmul, as group_times_token computes it
+        with `tiled`. Only each super-block's integer sum (exact) enters the float operations, so here the
+        integers are added in another order: each word's codes are decoded once for the 4 tokens, and each
+        token's products go straight into one sum per row. acc: the tokens' accumulators at 8u; isum: their
+        integer sums at 8u, then one token's activation offsets (8 lanes of 8 rows) at 32."""
+        acc[T.Ramp(0, 1, 8 * QUAD)] = T.Broadcast(T.float32(0), 8 * QUAD)
+        for s in range(supers):
+            base = T.meta_var(s * lay.size)
+            isum[T.Ramp(0, 1, 8 * QUAD)] = T.Broadcast(T.int32(0), 8 * QUAD)
+            for c in range(8):
+                isum[T.Ramp(0, 1, 8 * QUAD)] = isum[T.Ramp(0, 1, 8 * QUAD)] + concat(
+                    [chunk_total(data, g, base, c, xq, t0 + u, s) for u in range(QUAD)]
+                )
+            for u in range(QUAD):
+                isum[T.Ramp(32, 1, 64)] = offsets(data, g, base, x_sum, t0 + u, s)
+                total = T.meta_var(
+                    (isum[T.Ramp(8 * u, 1, 8)] - tree_sum([isum[T.Ramp(32 + 8 * L, 1, 8)] for L in range(8)])).astype(
+                        "float32x8"
+                    )
+                )
+                acc[T.Ramp(8 * u, 1, 8)] = fma(
+                    halves(data, g, base) * total, T.Broadcast(x_scale[t0 + u, s], LANE_ROWS), acc[T.Ramp(8 * u, 1, 8)]
+                )
+        for u in range(QUAD):
+            store_rows(y, t0 + u, g, n_out, acc[T.Ramp(8 * u, 1, 8)], acc, 8 * u)
+
     @T.macro
     def body(x, data, y, n, capacity):
         xq = T.alloc_buffer((capacity, n_in), "int8")
@@ -176,13 +217,26 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> RowMatmul
         quantize_q8_k(x, xq, x_scale, x_sum, n, supers, sums_per_super)
         for task in T.parallel(tasks):
             acc = T.alloc_buffer((64,), "float32", scope="local")
-            isum = T.alloc_buffer((64,), "int32", scope="local")
+            isum = T.alloc_buffer((8 * QUAD + 64,), "int32", scope="local")
             for tb in range((n + block_tokens - 1) // block_tokens):
                 for gi in range(groups_per_task):
                     if task * groups_per_task + gi < row_groups:
-                        for t in range(tb * block_tokens, T.min(n, (tb + 1) * block_tokens)):
-                            group = T.meta_var(task * groups_per_task + gi)
-                            tiled = T.meta_var(n >= 8 if q6 else t < n - n % 4)
-                            group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, tiled)
+                        group = T.meta_var(task * groups_per_task + gi)
+                        first = T.meta_var(tb * block_tokens)
+                        count = T.meta_var(T.min(n, first + block_tokens) - first)
+                        if q6:
+                            if n >= 8:  # llama.cpp's tiled matmul: tokens in fours share the decoded codes
+                                for q in range(count // QUAD):
+                                    q6_tiled_quad(y, data, xq, x_scale, x_sum, group, first + q * QUAD, acc, isum)
+                                for r in range(count % QUAD):
+                                    t = T.meta_var(first + count // QUAD * QUAD + r)
+                                    group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, True)
+                            else:
+                                for t in range(first, first + count):
+                                    group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, False)
+                        else:
+                            for t in range(first, first + count):
+                                tiled = T.meta_var(t < n - n % 4)
+                                group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, tiled)
 
     return RowMatmul(body, n_in, n_out, (row_groups, supers * lay.size))

@@ -131,6 +131,7 @@ def has_vnni(target: tvm.target.Target) -> bool:
 # How the CPU matmuls split their work (mlcc's and llama.cpp's orders alike).
 TASKS = 64  # parallel row ranges: enough to balance 16 threads, few accumulators
 TOKENS = 8  # tokens per pass over a weight row (prefill and batched decode); 8 accumulators of 8 lanes
+QUAD = 4  # tokens that share each decoded word of the weights in llama.cpp-order kernels
 LANE_ACTIVATION_BYTES = 256 * 1024  # int8 activations that pass over one unpacked group of rows
 STREAM_AHEAD = 3072  # bytes of interleaved weights prefetched ahead of the chunk being multiplied
 
