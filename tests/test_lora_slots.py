@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 pytest.importorskip("peft")
 
 from gguf_convert import write_gguf  # noqa: E402
-from tiny_models import make_adapter, merged_reference  # noqa: E402
+from tiny_models import assert_batch_equals_alone, make_adapter, merged_reference  # noqa: E402
 
 from artifacts.errors import MlccError  # noqa: E402
 from runtime import Engine, SamplingParams, ServingEngine  # noqa: E402
@@ -84,14 +84,7 @@ def test_each_adapter_equals_transformers_with_it_merged(slotted, engine):
 def test_a_batch_mixing_adapters_equals_each_alone(engine):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=True)
     jobs = [(prompt, name) for prompt in PROMPTS for name in (None, "poet", "coder")]
-    alone = [engine.generate_ids([engine.tokenizer.encode(p)], params, name)[0] for p, name in jobs]
-    requests = [r for p, name in jobs for r in engine.make_requests(engine.tokenizer.encode(p), params, adapter=name)]
-    engine.enqueue(requests)
-    while engine.has_work:
-        engine.step()
-    for solo, together in zip(alone, (r.result() for r in requests)):
-        assert together.token_ids == solo.token_ids
-        assert [t.logprob for t in together.logprobs] == [t.logprob for t in solo.logprobs]
+    alone = assert_batch_equals_alone(engine, jobs, params)
     assert len({tuple(r.token_ids) for r in alone[:3]}) == 3  # the adapters do change the output
 
 

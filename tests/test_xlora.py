@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 peft = pytest.importorskip("peft")
 
-from tiny_models import make_adapter, make_model  # noqa: E402
+from tiny_models import assert_batch_equals_alone, make_adapter, make_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from artifacts.errors import MlccError  # noqa: E402
@@ -122,14 +122,7 @@ def test_a_batch_mixing_xlora_an_adapter_and_the_base_equals_each_alone(experts,
     engine = Engine(slotted, adapters={"mix": folder, "plain": paths[1]})
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=True)
     jobs = [(prompt, name) for prompt in PROMPTS for name in ("mix", None, "plain", "mix")]
-    alone = [engine.generate_ids([engine.tokenizer.encode(p)], params, name)[0] for p, name in jobs]
-    requests = [r for p, name in jobs for r in engine.make_requests(engine.tokenizer.encode(p), params, adapter=name)]
-    engine.enqueue(requests)
-    while engine.has_work:
-        engine.step()
-    for solo, together in zip(alone, (r.result() for r in requests)):
-        assert together.token_ids == solo.token_ids
-        assert [t.logprob for t in together.logprobs] == [t.logprob for t in solo.logprobs]
+    alone = assert_batch_equals_alone(engine, jobs, params)
     assert len({tuple(r.token_ids) for r in alone[:3]}) == 3  # the three kinds do differ
     # X-LoRA sequences are not kept for their prefixes: a long prompt again is computed afresh, to the same tokens
     ids = engine.tokenizer.encode("word " * 200)[: engine.canonical_chunk + 8]

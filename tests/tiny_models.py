@@ -155,3 +155,17 @@ def merged_reference(base: Path, adapters: list[Path]) -> torch.nn.Module:
     for adapter in adapters:
         model = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model.eval()
+
+
+def assert_batch_equals_alone(engine, jobs: list[tuple[str, str | None]], params) -> list:
+    """Run each (prompt, adapter) job alone, then all of them in one batch: the same tokens and logprobs.
+    Returns the solo results."""
+    alone = [engine.generate_ids([engine.tokenizer.encode(p)], params, name)[0] for p, name in jobs]
+    requests = [r for p, name in jobs for r in engine.make_requests(engine.tokenizer.encode(p), params, adapter=name)]
+    engine.enqueue(requests)
+    while engine.has_work:
+        engine.step()
+    for solo, together in zip(alone, (r.result() for r in requests)):
+        assert together.token_ids == solo.token_ids
+        assert [t.logprob for t in together.logprobs] == [t.logprob for t in solo.logprobs]
+    return alone
