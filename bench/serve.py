@@ -1,10 +1,10 @@
-"""Serving benchmark: output tokens/s, time to first token and inter-token latency at 1, 4 and 16 streams.
+"""Serving benchmark: output tokens/s, time to first token and inter-token latency at 1, 4, 16 and 64 streams.
 
 Starts `mlcc serve ARTIFACT` (and, with --gguf and llama_cpp installed, `python -m llama_cpp.server` on the
 same model) and drives it with concurrent streaming /v1/completions requests, greedy, every request generating
 exactly --max-tokens tokens (mlcc's `ignore_eos`, llama.cpp's `min_tokens`):
 
-    python bench/serve.py ARTIFACT [--gguf MODEL.gguf] [--concurrency 1,4,16] [--max-tokens 64]
+    python bench/serve.py ARTIFACT [--gguf MODEL.gguf] [--concurrency 1,4,16,64] [--max-tokens 64]
 
 llama.cpp's server needs packages beyond llama-cpp-python, left out of mlcc's dependencies (bench only):
 
@@ -168,7 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact", help="mlcc artifact folder")
     parser.add_argument("--gguf", help="also benchmark llama_cpp.server on this GGUF file (needs llama_cpp)")
-    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated stream counts")
+    parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated stream counts")
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
