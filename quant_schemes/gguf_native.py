@@ -73,9 +73,9 @@ class GGUFLinear(PackedModule):
     ):
         self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
         # llama.cpp's own order of operations is that of its int8 kernels; `vnni`: the target has `vpdpbusd`
-        self.int8 = Int8Rows(fmt, in_features, out_features, numerics, vnni) if int8_activations else None
-        if dtype != "float32":
-            self.int8 = None
+        self.int8 = None
+        if int8_activations and dtype == "float32":
+            self.int8 = Int8Rows(fmt, in_features, out_features, numerics, vnni)
         shape = self.int8.shape if self.int8 else (out_features, fmt.row_bytes(in_features))
         self.q_data = nn.Parameter(shape, "uint8")
         self.bias = nn.Parameter((out_features,), dtype) if bias else None
@@ -94,7 +94,7 @@ class GGUFLinear(PackedModule):
     def _int8_matmul(self, x: Tensor) -> Tensor:
         rows = op.reshape(x, (-1, self.in_features))  # [b*s, n_in]
         out = Tensor.placeholder([rows.shape[0], self.out_features], "float32")
-        y = op.tensor_ir_op(self.int8.rows.kernel(), "gguf_int8_matmul", [rows, self.q_data], out)
+        y = op.tensor_ir_op(self.int8.rows.kernel, "gguf_int8_matmul", [rows, self.q_data], out)
         return op.reshape(y, (*x.shape[:-1], self.out_features))  # [b, s, n_out]
 
     def _float_matmul(self, x: Tensor) -> Tensor:

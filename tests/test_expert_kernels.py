@@ -8,6 +8,7 @@ import pytest
 import tvm
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
+from test_gguf_kernels import FLOAT16_FIELDS
 
 from quant_schemes.gguf_native import Int8Rows
 from tir_kernels.experts import grouped_rows_kernel
@@ -32,8 +33,7 @@ def random_blocks(rng: np.random.Generator, qtype: GGMLQuantizationType, rows: i
     """`rows` rows of COLS columns of valid blocks with finite, moderate float16 scales."""
     block, block_bytes = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows, COLS // block, block_bytes), dtype=np.uint8)
-    scales = [208] if qtype == Q.Q6_K else [0, 2] if qtype in (Q.Q4_1, Q.Q4_K) else [0]
-    for at in scales:
+    for at in FLOAT16_FIELDS[qtype]:
         raw[..., at + 1] &= 0xBB
     return raw.reshape(rows, -1)
 
@@ -51,7 +51,7 @@ def test_grouped_rows_equal_the_dense_kernel_per_expert(qtype: GGMLQuantizationT
     blocks = [random_blocks(rng, qtype, ROWS) for _ in range(EXPERTS)]
     packed = [layout.pack(b) for b in blocks]
     grouped = grouped_rows_kernel(EXPERTS, layout.rows, TOP_K).with_attr("global_symbol", "grouped")
-    dense = layout.rows.kernel().with_attr("global_symbol", "dense")
+    dense = layout.rows.kernel.with_attr("global_symbol", "dense")
     lib = tvm.compile(tvm.IRModule({"grouped": grouped, "dense": dense}), target=target)
     all_experts = tvm.runtime.tensor(np.concatenate(packed))
     for tokens in (1, 3, 37, 300):  # decode, a few, and enough that some experts get a tile's worth

@@ -11,6 +11,7 @@ with 8-bit-activation kernels, runs a dense layer's kernel body per expert (`gro
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -238,6 +239,7 @@ def grouped_matmul_kernel(
     raise ValueError(f"expert weights packed into {len(specs)} arrays are not supported")
 
 
+@functools.cache
 def grouped_rows_kernel(num_experts: int, rows: RowMatmul, gather_k: int) -> tirx.PrimFunc:
     """y[r] = W[e] @ x_r for every sorted pair row r of expert e, by a dense layer's kernel body (`rows`).
 

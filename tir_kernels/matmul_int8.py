@@ -156,7 +156,7 @@ def int8_matmul(
 ) -> tirx.PrimFunc:
     """y[t, o] = sum_k x[t, k] * W[o, k] with W as GGUF blocks and x quantized to int8 per 32 columns;
     `interleaved`: W in the InterleavedLayout of its type (`interleave_rows`)."""
-    return int8_rows(qtype, n_in, n_out, row_bytes, interleaved).kernel()
+    return int8_rows(qtype, n_in, n_out, row_bytes, interleaved).kernel
 
 
 @functools.cache

@@ -61,7 +61,7 @@ def _u8(value: int | tirx.PrimExpr) -> tirx.PrimExpr:
 @functools.cache
 def llamacpp_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool = False) -> tirx.PrimFunc:
     """`llamacpp_rows`' kernel: llama.cpp's own numbers for a dense layer."""
-    return llamacpp_rows(qtype, n_in, n_out, vnni).kernel()
+    return llamacpp_rows(qtype, n_in, n_out, vnni).kernel
 
 
 @functools.cache

@@ -8,6 +8,7 @@ and their numbers.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,9 @@ class RowMatmul:
     n_out: int
     data_shape: tuple[int, int]
 
+    @functools.cached_property
     def kernel(self) -> tirx.PrimFunc:
+        """The dense kernel, parsed once per body (every layer of a shape shares it)."""
         body, n_in, n_out, data_shape = self.body, self.n_in, self.n_out, self.data_shape
 
         @T.prim_func(private=True, s_tir=True)
