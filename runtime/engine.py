@@ -62,6 +62,7 @@ from runtime.artifact import LoadedArtifact
 from runtime.constraints import ConstraintCompiler, apply_mask, check, check_mask, compute_mask, compute_masks
 from runtime.kv_cache import PagedKV, PrefixCache, common_prefix
 from runtime.sampler import SamplingParams, TokenLogprob, adjust_logits, sample, token_logprob
+from runtime.speculative import MAX_DRAFT_TOKENS, Draft, DraftModel, PromptLookup, choose
 from runtime.tokenizer import IncrementalDecoder
 from runtime.xlora import XLora
 
@@ -188,12 +189,17 @@ class Engine:
         prefix_cache: bool = True,
         prefill_chunk: int | None = None,
         adapters: dict[str, str | Path] | None = None,
+        draft: str | Path | None = None,
+        prompt_lookup: bool = False,
+        draft_tokens: int = 4,
     ):
         """`prefill_chunk`: prompt tokens prefilled per step (default and maximum: the artifact's chunk size;
         at least one canonical chunk of one prompt goes in every step); smaller keeps running requests'
         inter-token latency lower while long prompts arrive. `adapters`: name -> LoRA adapter (a PEFT folder, or a
         llama.cpp .gguf file for an artifact compiled from GGUF, or a PEFT X-LoRA model's folder: a slot per expert),
-        loaded into the artifact's adapter slots (`mlcc compile --lora-slots`); requests pick one by name."""
+        loaded into the artifact's adapter slots (`mlcc compile --lora-slots`); requests pick one by name.
+        Speculative decoding (runtime/speculative.py): `draft`, a draft model's artifact (same tokenizer), or
+        `prompt_lookup`, n-gram drafts from each request's own tokens, proposing up to `draft_tokens` per step."""
         self.threads = threads or os.cpu_count() or 1
         set_threads(self.threads)
         self.artifact = LoadedArtifact(artifact, verify=verify)
@@ -242,6 +248,8 @@ class Engine:
         self._mask_pool: ThreadPoolExecutor | None = None  # the helper thread, made on first use
         self._mask_executor: Any = None  # llguidance's LLExecutor, likewise
         self._masks_pending: Future | None = None
+        self.draft_tokens = draft_tokens
+        self.drafter = self._make_drafter(draft, prompt_lookup, verify)
         self.counters = {
             "requests": 0,
             "prompt_tokens": 0,
@@ -249,7 +257,23 @@ class Engine:
             "generated_tokens": 0,
             "aborted": 0,
             "preemptions": 0,
+            "drafted_tokens": 0,  # speculative decoding: tokens proposed, and those the target kept
+            "accepted_tokens": 0,
         }
+
+    def _make_drafter(
+        self, draft: str | Path | None, prompt_lookup: bool, verify: bool
+    ) -> DraftModel | PromptLookup | None:
+        if draft is None and not prompt_lookup:
+            return None
+        if draft is not None and prompt_lookup:
+            raise MlccError("choose one drafter: a draft model or prompt lookup")
+        if not 1 <= self.draft_tokens <= min(MAX_DRAFT_TOKENS, self.kernel_prefill_chunk - 1):
+            limit = min(MAX_DRAFT_TOKENS, self.kernel_prefill_chunk - 1)
+            raise MlccError(f"draft tokens must be in 1..{limit}")
+        if draft is None:
+            return PromptLookup()
+        return DraftModel(draft, self.artifact, self.max_batch_size, self.kv_tokens, verify)
 
     # ---- public API ---------------------------------------------------------------------------------
     def generate(
@@ -407,6 +431,9 @@ class Engine:
         self._admit()
         decoding = [r for r in self.running if not r.prefilling]
         prefilling = sorted((r for r in self.running if r.prefilling), key=lambda r: r.arrival)
+        speculating = self._drafts(decoding) if self.drafter is not None else []
+        drafted = {id(r) for r, _ in speculating}
+        decoding = [r for r in decoding if id(r) not in drafted]
         self._start_masks()
         try:
             if prefilling:
@@ -421,6 +448,8 @@ class Engine:
                     r.kv_len += 1
                     if r.kv_len == len(r.all_ids()):
                         self._accept_or_fail(r, row)
+            if speculating:
+                self._verify(speculating)
         finally:
             self._await_masks()  # no helper-thread work outlives the step
         self.running = [r for r in self.running if r.finish_reason is None]
@@ -543,6 +572,8 @@ class Engine:
 
     def _release(self, r: Request) -> None:
         """Keep a finished sequence for its prefix, or drop it (always, when the request failed)."""
+        if self.drafter is not None:
+            self.drafter.forget(r)
         reusable = self.prefix_cache and r.error is None and r.canonical_len >= self.canonical_chunk
         if not reusable or r.xlora is not None:  # an X-LoRA request's pair of sequences is never kept
             self._remove_sequences(r)
@@ -583,6 +614,8 @@ class Engine:
             r.scaling_seq_id = self.kv.add()
 
     def _remove_sequences(self, r: Request) -> None:
+        if self.drafter is not None:
+            self.drafter.forget(r)
         for seq_id in r.seq_ids:
             self.kv.remove(seq_id)
         r.seq_id = r.scaling_seq_id = -1
@@ -666,6 +699,73 @@ class Engine:
             self.kv.remove(r.scaling_seq_id)
             r.scaling_seq_id = child
 
+    # ---- speculative decoding ----
+    def _drafts(self, decoding: list[Request]) -> list[tuple[Request, Draft]]:
+        """Drafts for the decoding requests that may speculate, as many tokens as their budgets and the free KV
+        pages allow. Constrained and X-LoRA requests, replays of preempted ones and LongRoPE models do not."""
+        if self.rope_switch_length:  # its verify call would rotate by the prompt's factors, decode by the length's
+            return []
+        requests, counts = [], []
+        spare = self._spare_pages()
+        for r in decoding:
+            room = r.params.max_tokens - len(r.output_ids) - 1  # drafts, leaving room for the target's own token
+            if r.matcher is not None or r.xlora is not None or r.kv_len != len(r.all_ids()) - 1 or room < 1:
+                continue
+            base = self.kv.pages_needed(r.kv_len + 1, r.fork_base)
+            k = min(self.draft_tokens, room)
+            while k and self.kv.pages_needed(r.kv_len + 1 + k, r.fork_base) - base > spare:
+                k -= 1
+            if k:
+                spare -= self.kv.pages_needed(r.kv_len + 1 + k, r.fork_base) - base
+                requests.append(r)
+                counts.append(k)
+        drafts = self.drafter.propose(requests, counts) if requests else []
+        return [(r, d) for r, d in zip(requests, drafts) if d.tokens]
+
+    def _verify(self, speculating: list[tuple[Request, Draft]]) -> None:
+        """Score each request's next token and its drafts in ragged prefill calls (logits at every token), then
+        let each request keep what the rejection rule keeps."""
+        while speculating:
+            batch, budget = [], self.kernel_prefill_chunk
+            for r, draft in speculating:
+                if batch and len(draft.tokens) + 1 > budget:
+                    break
+                batch.append((r, draft))
+                budget -= len(draft.tokens) + 1
+            speculating = speculating[len(batch) :]
+            chunks = [np.array([r.all_ids()[r.kv_len], *draft.tokens], dtype="int32") for r, draft in batch]
+            logits = self._model_call(True, [r for r, _ in batch], chunks, every_position=True)
+            ends = np.cumsum([len(c) for c in chunks])
+            for (r, draft), end, chunk in zip(batch, ends, chunks):
+                self._guard(r, self._accept_drafts, draft, logits[end - len(chunk) : end])
+
+    def _accept_drafts(self, r: Request, draft: Draft, rows: np.ndarray) -> None:
+        """Keep the drafts the rejection rule keeps and one token from the target; drop the rest's KV."""
+        p = r.params
+        tokens: list[int] = []
+        adjusted_rows: list[np.ndarray] = []
+        for i, row in enumerate(rows):
+            adjusted = adjust_logits(row, p, r.prompt_ids, r.output_ids + tokens)
+            if i < len(draft.tokens):
+                q = None if draft.probs is None else draft.probs[i]
+                token, kept = choose(adjusted, p, r.rng, draft.tokens[i], q)
+            else:
+                token, kept = sample(adjusted, p, r.rng), False
+            tokens.append(token)
+            adjusted_rows.append(adjusted)
+            if not kept:
+                break
+        accepted = len(tokens) - 1
+        self.kv.pop(r.seq_id, len(draft.tokens) - accepted)
+        r.kv_len += 1 + accepted
+        self.drafter.rollback(r, accepted)
+        self.counters["drafted_tokens"] += len(draft.tokens)
+        self.counters["accepted_tokens"] += accepted
+        for token, adjusted in zip(tokens, adjusted_rows):
+            self._take(r, adjusted, token)
+            if r.finish_reason is not None:
+                break
+
     # ---- structured output --------------------------------------------------------------------------
     def _start_masks(self) -> None:
         """Compute the next-token masks of the running constrained requests in the helper thread, while the
@@ -706,8 +806,12 @@ class Engine:
     # ---- sampling, stop conditions, streaming ---------------------------------------------------------
     def _accept_or_fail(self, r: Request, logits: np.ndarray) -> None:
         """Sample for `r`; whatever goes wrong there ends `r` alone, never the batch."""
+        self._guard(r, self._accept, logits)
+
+    def _guard(self, r: Request, action: Callable[..., None], *args: Any) -> None:
+        """Run `action(r, *args)`; whatever goes wrong there ends `r` alone, never the batch."""
         try:
-            self._accept(r, logits)
+            action(r, *args)
         except Exception as e:
             if r.finish_reason is None:
                 r.error = f"{type(e).__name__}: {e}" if not isinstance(e, MlccError) else str(e)
@@ -719,7 +823,11 @@ class Engine:
         adjusted = adjust_logits(logits, p, r.prompt_ids, r.output_ids)
         if r.matcher is not None:
             adjusted = apply_mask(adjusted, self._next_mask(r))
-        token = sample(adjusted, p, r.rng)
+        self._take(r, adjusted, sample(adjusted, p, r.rng))
+
+    def _take(self, r: Request, adjusted: np.ndarray, token: int) -> None:
+        """Append `token`, sampled from the row `adjusted`, to `r` and apply the stop conditions."""
+        p = r.params
         if r.matcher is not None:
             r.mask = None
             r.matcher.consume_token(token)

@@ -22,6 +22,7 @@ _f = tvm.get_global_func
 KV_ADD = _f("vm.builtin.kv_state_add_sequence")
 KV_REMOVE = _f("vm.builtin.kv_state_remove_sequence")
 KV_FORK = _f("vm.builtin.kv_state_fork_sequence")
+KV_POP = _f("vm.builtin.kv_state_popn")
 KV_BEGIN = _f("vm.builtin.kv_state_begin_forward")
 KV_END = _f("vm.builtin.kv_state_end_forward")
 KV_FREE_PAGES = _f("vm.builtin.attention_kv_cache_get_num_available_pages")
@@ -65,6 +66,11 @@ class PagedKV:
 
     def remove(self, seq_id: int) -> None:
         KV_REMOVE(self.state, seq_id)
+
+    def pop(self, seq_id: int, n: int) -> None:
+        """Drop the last `n` tokens of a sequence (drafted tokens that were rejected)."""
+        if n:
+            KV_POP(self.state, seq_id, n)
 
     def free_pages(self) -> int:
         return int(KV_FREE_PAGES(self.state))

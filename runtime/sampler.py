@@ -144,10 +144,34 @@ def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """One token id from a float32 [vocab] row of (adjusted) logits."""
+    if params.greedy:
+        _check_finite(logits)
+        return int(np.argmax(logits))
+    candidates, weights = _candidates(logits, params)
+    return int(candidates[rng.choice(weights.size, p=weights / weights.sum())])
+
+
+def distribution(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The probabilities [vocab] (float64) `sample` draws from: one-hot when greedy. Speculative decoding's
+    acceptance rule compares the target's and the draft's."""
+    probs = np.zeros(logits.size)
+    if params.greedy:
+        _check_finite(logits)
+        probs[int(np.argmax(logits))] = 1.0
+        return probs
+    candidates, weights = _candidates(logits, params)
+    probs[candidates] = weights / weights.sum()
+    return probs
+
+
+def _check_finite(logits: np.ndarray) -> None:
     if not np.isfinite(logits.max()):  # NaN, +inf, or every token banned
         raise MlccError("the model produced non-finite logits")
-    if params.greedy:
-        return int(np.argmax(logits))
+
+
+def _candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """The token ids sampling may pick and their unnormalized weights, after temperature, top-k, top-p, min-p."""
+    _check_finite(logits)
     x = (logits.astype(np.float64) - float(logits.max())) / params.temperature  # <= 0: exp cannot overflow
     if 0 < params.top_k < x.size:
         kth = np.partition(x, -params.top_k)[-params.top_k]
@@ -158,7 +182,7 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     kept = probs[candidates]
     if params.min_p > 0:
         kept = np.where(kept >= params.min_p * probs.max(), kept, 0.0)
-    return int(candidates[rng.choice(kept.size, p=kept / kept.sum())])
+    return candidates, kept
 
 
 def nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
