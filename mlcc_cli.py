@@ -159,6 +159,25 @@ def compile(
         )
 
 
+def speculation_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--draft, --prompt-lookup and --draft-tokens: speculative decoding (runtime/speculative.py)."""
+    options = [
+        click.option("--draft", default=None, help="Speculative decoding with this draft artifact (same tokenizer)."),
+        click.option(
+            "--prompt-lookup", is_flag=True, help="Speculative decoding with n-gram drafts from the prompt and output."
+        ),
+        click.option("--draft-tokens", type=int, default=4, show_default=True, help="Tokens drafted per step."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _speculation(draft: str | None, prompt_lookup: bool, draft_tokens: int) -> dict[str, Any]:
+    """The Engine's speculative decoding options."""
+    return {"draft": draft, "prompt_lookup": prompt_lookup, "draft_tokens": draft_tokens}
+
+
 @main.command()
 @click.argument("artifact", required=False)
 @click.option("--prompt", default=None, help="Answer this prompt and exit (only the answer goes to stdout).")
@@ -178,6 +197,7 @@ def compile(
     "--no-verify", is_flag=True, help="Skip sha256 checks of the weights and tokenizer (the library is always checked)."
 )
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@speculation_options
 @friendly_errors
 def run(
     artifact: str,
@@ -194,6 +214,9 @@ def run(
     grammar_file: str | None,
     no_verify: bool,
     threads: int | None,
+    draft: str | None,
+    prompt_lookup: bool,
+    draft_tokens: int,
 ):
     """Chat with ARTIFACT, or answer one --prompt. Without ARTIFACT: the default model, SmolLM2-135M-Instruct,
     compiled for this CPU on first use.
@@ -215,7 +238,8 @@ def run(
     from runtime.constraints import check_constraint
 
     check_constraint(params.constraint)  # before the model loads
-    engine = Engine(_artifact_or_default(artifact), verify=not no_verify, threads=threads)
+    speculation = _speculation(draft, prompt_lookup, draft_tokens)
+    engine = Engine(_artifact_or_default(artifact), verify=not no_verify, threads=threads, **speculation)
     if prompt is not None:
         pieces = engine.stream(prompt, params, raw=True) if raw else _chat_once(engine, prompt, params)
         for piece in pieces:
@@ -251,8 +275,7 @@ def run(
     "--max-queued",
     type=click.IntRange(min=1),
     default=None,
-    help="Sequences (prompts x n) in flight, running or waiting, before requests get 429 "
-    "(default: 16 per batch slot).",
+    help="Sequences (prompts x n) in flight, running or waiting, before requests get 429 (default: 16 per batch slot).",
 )
 @click.option("--no-prefix-cache", is_flag=True, help="Do not reuse the KV of earlier prompts' shared prefixes.")
 @click.option(
@@ -267,6 +290,7 @@ def run(
     "--no-verify", is_flag=True, help="Skip sha256 checks of the weights and tokenizer (the library is always checked)."
 )
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@speculation_options
 @friendly_errors
 def serve(
     artifact: str | None,
@@ -281,6 +305,9 @@ def serve(
     adapters: tuple[str, ...],
     no_verify: bool,
     threads: int | None,
+    draft: str | None,
+    prompt_lookup: bool,
+    draft_tokens: int,
 ):
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
 
@@ -300,6 +327,7 @@ def serve(
         adapters=_named_paths(adapters),
         verify=not no_verify,
         threads=threads,
+        **_speculation(draft, prompt_lookup, draft_tokens),
     )
 
 
@@ -407,19 +435,32 @@ def _chat_once(engine: Any, prompt: str, params: Any):
 @click.argument("artifact", required=False)
 @click.option("--threads", type=int, multiple=True, help="Thread counts to measure (repeatable; default: all cores).")
 @click.option("--runs", type=int, default=5, show_default=True, help="Runs per measurement (the median is shown).")
+@speculation_options
 @friendly_errors
-def bench(artifact: str | None, threads: tuple[int, ...], runs: int) -> None:
+def bench(
+    artifact: str | None, threads: tuple[int, ...], runs: int, draft: str | None, prompt_lookup: bool, draft_tokens: int
+) -> None:
     """Prefill (128 and 512 tokens) and decode (128 tokens) speed of ARTIFACT on this machine (without ARTIFACT:
-    the default model, compiled for this CPU on first use).
+    the default model, compiled for this CPU on first use). With --draft or --prompt-lookup: greedy decoding of a
+    summarise-this-text prompt with and without speculative decoding, its speedup and acceptance rate.
 
     For a side-by-side table with llama.cpp on the same GGUF: python bench/cpu.py ARTIFACT MODEL.gguf"""
     import os
 
-    from runtime.benchmark import measure
+    from runtime.benchmark import measure, measure_speculative
 
     artifact = _artifact_or_default(artifact)
+    counts = threads or (os.cpu_count() or 1,)
+    if draft is not None or prompt_lookup:
+        click.echo(f"{'threads':>7} {'plain tok/s':>11} {'speculative':>11} {'speedup':>7} {'accepted':>8}")
+        for count in counts:
+            row = measure_speculative(artifact, count, runs, **_speculation(draft, prompt_lookup, draft_tokens))
+            click.echo(
+                f"{count:>7} {row.plain:>11.1f} {row.speculative:>11.1f} {row.speedup:>6.2f}x {row.acceptance:>8.0%}"
+            )
+        return
     click.echo(f"{'threads':>7} {'test':>12} {'tokens/s':>9}")
-    for count in threads or (os.cpu_count() or 1,):
+    for count in counts:
         for test, rate in measure(artifact, count, runs).items():
             click.echo(f"{count:>7} {test:>12} {rate:>9.1f}")
 

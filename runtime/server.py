@@ -353,6 +353,13 @@ def prometheus_text(serving: ServingEngine) -> str:
             stats["preemptions_total"],
         ),
         ("generation_tokens_total", "counter", "Generated tokens.", stats["generated_tokens_total"]),
+        ("draft_tokens_total", "counter", "Tokens drafted for speculative decoding.", stats["draft_tokens_total"]),
+        (
+            "accepted_draft_tokens_total",
+            "counter",
+            "Drafted tokens the model kept (speculative decoding).",
+            stats["accepted_draft_tokens_total"],
+        ),
         (
             "generation_tokens_per_second",
             "gauge",

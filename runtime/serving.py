@@ -306,6 +306,8 @@ class ServingEngine:
             "generated_tokens_total": generated,
             "aborted_requests_total": e.counters["aborted"],
             "preemptions_total": e.counters["preemptions"],
+            "draft_tokens_total": e.counters["drafted_tokens"],
+            "accepted_draft_tokens_total": e.counters["accepted_tokens"],
         }
 
     def tokens_per_second(self) -> float:

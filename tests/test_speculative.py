@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from test_cli import assert_one_line_error, mlcc
 
 from artifacts import MlccError
 from runtime import Engine, SamplingParams
@@ -148,3 +149,16 @@ def test_bad_speculation_options(artifact, tmp_path):
         Engine(target, prompt_lookup=True, draft_tokens=0)
     with pytest.raises(MlccError):
         Engine(target, draft=tmp_path / "missing")
+
+
+def test_cli_run_and_bench_speculate(artifact):
+    art = str(artifact("llama-q4"))
+    args = ["run", art, "--raw", "--prompt", "la la la la la la la", "--max-tokens", "24", "--temperature", "0"]
+    plain, spec = mlcc(*args), mlcc(*args, "--prompt-lookup", "--draft-tokens", "3")
+    assert spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+    assert_one_line_error(mlcc(*args, "--draft", art + "-missing"), "missing")
+    bench = mlcc("bench", art, "--draft", art, "--runs", "1", "--threads", "1")
+    assert bench.returncode == 0, bench.stderr
+    threads, plain_rate, spec_rate, speedup, accepted = bench.stdout.splitlines()[1].split()
+    assert threads == "1" and float(plain_rate) > 0 and float(spec_rate) > 0 and accepted == "100%"
