@@ -110,7 +110,8 @@ def _artifact_or_default(artifact: str | None) -> str:
     "--lora",
     "loras",
     multiple=True,
-    help="PEFT LoRA adapter folder to merge into the float weights before quantization (repeatable).",
+    help="LoRA adapter to merge into the weights before quantization (repeatable): a PEFT folder for a Hugging Face "
+    "model, a llama.cpp adapter (.gguf) for a GGUF model.",
 )
 @click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Multiplies every adapter's alpha/r.")
 @click.option(

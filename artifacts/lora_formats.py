@@ -104,7 +104,8 @@ def _scale(config: dict, module: str, rank: int) -> float:
 
 
 def load_gguf_adapter(path: str | Path, user_scale: float = 1.0) -> Adapter:
-    """Read a llama.cpp LoRA adapter (GGUF); factor names are the GGUF base's tensor names."""
+    """Read a llama.cpp LoRA adapter (GGUF); factor names are the GGUF base's tensor names. Factors may be stored
+    in any type gguf-py decodes (convert_lora_to_gguf.py writes F32, F16, BF16 or Q8_0)."""
     path = Path(path).expanduser()
     try:
         reader = gguf.GGUFReader(str(path))
@@ -113,23 +114,31 @@ def load_gguf_adapter(path: str | Path, user_scale: float = 1.0) -> Adapter:
             for name, field in reader.fields.items()
             if name.startswith(("general.t", "adapter."))
         }
+        truncated = next((t.name for t in reader.tensors if t.data.nbytes != t.n_bytes), None)
     except Exception as e:  # gguf raises ValueError/struct errors/OSError on damaged files
         raise MlccError(f"cannot read GGUF adapter {path}: {type(e).__name__}: {e}") from None
+    if truncated is not None:
+        raise MlccError(f"GGUF adapter is truncated or corrupted: tensor {truncated} is incomplete ({path})")
     if fields.get(gguf.Keys.General.TYPE) != "adapter" or fields.get(gguf.Keys.Adapter.TYPE) != "lora":
         raise MlccError(f"{path} is not a llama.cpp LoRA adapter (general.type adapter, adapter.type lora)")
     alpha = float(fields.get(gguf.Keys.Adapter.LORA_ALPHA) or 0)
     parts: dict[str, dict[str, np.ndarray]] = {}
     for tensor in reader.tensors:
         name, _, part = tensor.name.rpartition(".")
-        if part not in ("lora_a", "lora_b") or tensor.tensor_type not in (
-            gguf.GGMLQuantizationType.F32,
-            gguf.GGMLQuantizationType.F16,
-        ):
-            raise MlccError(f"{path}: tensor {tensor.name} is not a float lora_a/lora_b factor")
-        parts.setdefault(name, {})[part] = np.asarray(tensor.data, np.float32)
+        if part not in ("lora_a", "lora_b"):
+            raise MlccError(f"{path}: tensor {tensor.name} is not a lora_a/lora_b factor")
+        try:
+            value = gguf.quants.dequantize(np.asarray(tensor.data), gguf.GGMLQuantizationType(tensor.tensor_type))
+        except (NotImplementedError, ValueError):
+            raise MlccError(f"{path}: cannot decode {tensor.name} (type {tensor.tensor_type})") from None
+        parts.setdefault(name, {})[part] = value.astype(np.float32)
     adapter = Adapter(path, user_scale)
     for name, pair in parts.items():
         a, b = pair.get("lora_a"), pair.get("lora_b")
+        if name == "token_embd.weight" and a is not None and b is not None and a.ndim == b.ndim == 2:
+            # llama.cpp reads embedding rows out of lora_a ([vocab, r]) and multiplies them by lora_b
+            # ([hidden, r]): the change of the [vocab, hidden] table is lora_a @ lora_b.T.
+            a, b = b.T, a
         if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise MlccError(f"{path}: {name} has no matching lora_a/lora_b pair")
         adapter.factors[name] = (a, b, (alpha / a.shape[0] if alpha else 1.0) * user_scale)

@@ -19,14 +19,14 @@ import tvm
 
 from artifacts import MANIFEST_NAME, Manifest
 from artifacts.errors import MlccError
-from artifacts.lora_formats import Adapter, load_adapter
+from artifacts.lora_formats import Adapter, load_adapter, load_gguf_adapter
 from artifacts.manifest import describe_files
 from artifacts.partials import partial_path, remove_stale_partials
 from artifacts.weights import ShardWriter
 from compiler.build import BuildJob, build_in_child_process
 from compiler.experts import stack_expert_shapes, stack_experts
 from compiler.gguf_source import GGUFSource
-from compiler.lora import LoraMerge
+from compiler.lora import GGUFLoraMerge, LoraMerge
 from compiler.lora_slots import block_linears, check_slots, lora_param_names, manifest_section, source_modules
 from compiler.numerics import numerics_target, use_numerics
 from compiler.source import ModelSource, resolve_model
@@ -64,9 +64,9 @@ def compile_model(
     """Compile `model` (HF folder, hub id or .gguf file) into the artifact folder `output`.
 
     `quant` defaults to q4 for float checkpoints and to the file's own block types ("gguf") for GGUF.
-    `loras`: PEFT LoRA adapter folders merged into the float weights before quantization, each scaled by
-    `lora_scale` on top of its own alpha / r. `lora_slots`: serve up to that many adapters of rank <= `lora_rank`
-    over the weights, chosen per request (compiler/lora_slots.py)."""
+    `loras`: LoRA adapters merged into the weights before quantization, each scaled by `lora_scale` on top of its
+    own alpha / r: PEFT folders into an HF model, llama.cpp's GGUF adapters into a GGUF file. `lora_slots`: serve
+    up to that many adapters of rank <= `lora_rank` over the weights, chosen per request (compiler/lora_slots.py)."""
     output = Path(output)
     if output.exists() and not (output / MANIFEST_NAME).is_file():
         raise MlccError(f"output exists and is not an mlcc artifact, refusing to overwrite: {output}")
@@ -75,14 +75,13 @@ def compile_model(
     target_request = TargetRequest(target) if isinstance(target, str) else target
     target_spec = resolve_target(target_request)
     progress(f"reading {model}")
-    if str(model).endswith(".gguf"):
-        if loras:
-            raise MlccError("LoRA adapters merge into float checkpoints (an HF folder), not into a GGUF file")
-        plan = _plan_gguf(Path(model), arch, quant)
+    source_format = "gguf" if str(model).endswith(".gguf") else "hf"  # which adapter files it (and its slots) take
+    adapters = _read_adapters(loras, lora_scale, source_format)
+    if source_format == "gguf":
+        plan = _plan_gguf(Path(model), arch, quant, adapters, progress)
     else:
-        plan = _plan_hf(model, arch, quant, [load_adapter(path, lora_scale) for path in loras])
+        plan = _plan_hf(model, arch, quant, adapters)
     arch_name, config, scheme, tensors, write_tokenizer, shapes = plan
-    source_format = "gguf" if str(model).endswith(".gguf") else "hf"  # which adapter files its slots take
 
     scheme.prepare(target_spec.target)
     numerics = scheme.numerics  # decided here, once: the build job and the manifest carry it
@@ -162,6 +161,23 @@ Plan = tuple[
 ]
 
 
+def _read_adapters(paths: Sequence[str | Path], scale: float, source_format: str) -> list[Adapter]:
+    """The adapters to merge, each in the format of the model's names: a PEFT folder names an HF checkpoint's
+    tensors, a llama.cpp GGUF adapter a GGUF file's (whose Q/K rows llama.cpp's converter reorders per
+    architecture, which only its convert_lora_to_gguf.py knows how to follow)."""
+    adapters = []
+    for path in paths:
+        if str(path).endswith(".gguf") != (source_format == "gguf"):
+            if source_format == "gguf":
+                raise MlccError(
+                    f"{path}: a GGUF model takes llama.cpp LoRA adapters (.gguf); convert a PEFT folder with "
+                    "llama.cpp's convert_lora_to_gguf.py"
+                )
+            raise MlccError(f"{path}: a Hugging Face model takes PEFT adapter folders, GGUF adapters a GGUF model")
+        adapters.append(load_gguf_adapter(path, scale) if source_format == "gguf" else load_adapter(path, scale))
+    return adapters
+
+
 def _plan_hf(model: str, arch: str | None, quant: str | None, adapters: list[Adapter]) -> Plan:
     scheme = get_scheme(quant or "q4")
     source = resolve_model(model)
@@ -200,26 +216,40 @@ def _plan_hf(model: str, arch: str | None, quant: str | None, adapters: list[Ada
     return arch_name, config, scheme, tensors, lambda folder: _copy_tokenizer(source, folder), shapes
 
 
-def _plan_gguf(path: Path, arch: str | None, quant: str | None) -> Plan:
+def _plan_gguf(
+    path: Path, arch: str | None, quant: str | None, adapters: list[Adapter], progress: Callable[[str], None]
+) -> Plan:
     if not path.is_file():
         raise MlccError(f"model not found: {path}")
     source = GGUFSource(path)
     arch_name = arch or arch_for_gguf(source.arch, source.arch_meta()).name
     config = get_arch(arch_name).config_from_gguf(source.arch_meta(), "output.weight" in source.tensors_by_name)
     native = quant in (None, "gguf", "gguf-fast", "gguf-f32")
-    if native:
+    if native:  # the file's blocks; adapted tensors decoded, merged and encoded again, one at a time
+        merge = GGUFLoraMerge(adapters, source.tensor_shapes(), source.tensor_types())
+        for name in merge.kept_float():
+            progress(f"{name}: merged with LoRA, kept as F32 (gguf-py cannot encode {merge.source_types[name].name})")
+
+        def tensors() -> Iterator[tuple[str, np.ndarray]]:
+            return merge(source.tensors(raw=True))
+
         activations = "f32" if quant == "gguf-f32" else "q8"
         scheme: QuantScheme = GGUFNativeScheme(
-            source.tensor_types(),
+            merge.types,
             activations=activations,
             numerics=Numerics.MLCC if quant == "gguf-fast" else Numerics.LLAMACPP,
             rows=source.tensor_rows(),
             elements={name: int(np.prod(shape)) for name, shape in source.tensor_shapes().items()},
         )
-    else:
+    else:  # float32 tensors, merged like an HF checkpoint's
+        float_merge = LoraMerge(adapters, source.tensor_shapes())
+
+        def tensors() -> Iterator[tuple[str, np.ndarray]]:
+            return ((name, float_merge(name, array)) for name, array in source.tensors(raw=False))
+
         scheme = get_scheme(quant)
     shapes = {name: (name, shape) for name, shape in source.tensor_shapes().items()}
-    return arch_name, config, scheme, lambda: source.tensors(raw=native), source.write_tokenizer, lambda: shapes
+    return arch_name, config, scheme, tensors, source.write_tokenizer, lambda: shapes
 
 
 def _convert_weights(

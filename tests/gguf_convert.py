@@ -1,7 +1,8 @@
 """Tiny HF checkpoints written as GGUF files the way llama.cpp's convert_hf_to_gguf.py writes them: gguf-py's
-tensor name map, llama.cpp's metadata keys per architecture (Gemma 3's linear RoPE scaling included), Gemma's norms
-with the 1 folded in, Phi-3's LongRoPE factors as `rope_factors_*` tensors, the tokenizer as a `gpt2` BPE
-vocabulary. Float32 tensors throughout.
+tensor name map, llama.cpp's metadata keys per architecture (Gemma 3's linear RoPE scaling included), Llama's Q/K
+rows in llama.cpp's interleaved RoPE order, Gemma's norms with the 1 folded in, Phi-3's LongRoPE factors as
+`rope_factors_*` tensors, the tokenizer as a `gpt2` BPE vocabulary. Float32 tensors, or matrices in a block type
+gguf-py can encode. PEFT adapters as llama.cpp's convert_lora_to_gguf.py writes them (write_gguf_lora).
 
 Where llama.cpp's converter would do otherwise for these tiny models (Gemma's SentencePiece vocabulary, Phi-2's
 feed-forward length fixed at 4 * hidden), the file follows the checkpoint instead.
@@ -17,11 +18,35 @@ import gguf
 import numpy as np
 from safetensors.numpy import load_file
 
-GGUF_ARCH = {"phi3": "phi3", "phi": "phi2", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+GGUF_ARCH = {
+    "llama": "llama",
+    "phi3": "phi3",
+    "phi": "phi2",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+}
 NORMAL, CONTROL = 1, 3
 
 
-def write_gguf(folder: Path, out: Path) -> Path:
+def permute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Q/K rows (or a LoRA B's) in the interleaved RoPE order llama.cpp's converter writes (LlamaModel.permute)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def rope_heads(cfg: dict, hf_name: str) -> int | None:
+    """The heads whose rows llama.cpp's converter permutes in this tensor (Llama's q_proj and k_proj), else None."""
+    if cfg["model_type"] != "llama":
+        return None
+    if ".q_proj." in hf_name:
+        return cfg["num_attention_heads"]
+    if ".k_proj." in hf_name:
+        return cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    return None
+
+
+def write_gguf(folder: Path, out: Path, matrix_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32) -> Path:
+    """`matrix_type`: the type of every 2-D tensor whose rows fill its blocks (norms and vectors stay F32)."""
     cfg = json.loads((folder / "config.json").read_text())
     model_type = cfg["model_type"]
     arch = GGUF_ARCH[model_type]
@@ -74,8 +99,44 @@ def write_gguf(folder: Path, out: Path) -> Path:
         array = array.astype(np.float32)
         if model_type.startswith("gemma") and hf_name.endswith("norm.weight"):
             array = array + np.float32(1)
-        writer.add_tensor(name, array)
+        if (heads := rope_heads(cfg, hf_name)) is not None:
+            array = permute_rope_rows(array, heads)
+        block = gguf.GGML_QUANT_SIZES[matrix_type][0]
+        if matrix_type != gguf.GGMLQuantizationType.F32 and array.ndim == 2 and array.shape[1] % block == 0:
+            writer.add_tensor(name, gguf.quants.quantize(array, matrix_type), raw_dtype=matrix_type)
+        else:
+            writer.add_tensor(name, array)
     _add_tokenizer(writer, folder)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def write_gguf_lora(adapter: Path, out: Path, base: Path) -> Path:
+    """A PEFT adapter of the HF model `base` as llama.cpp's convert_lora_to_gguf.py writes it: `<GGUF tensor>.lora_a`
+    / `.lora_b` in float32, B's rows reordered as the base's (Llama's Q/K), the embedding's lora_a as [vocab, r],
+    and `adapter.lora.alpha`. The copies of base modules PEFT saves beside the factors are left out, as it does."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    cfg = json.loads((base / "config.json").read_text())
+    arch = GGUF_ARCH[cfg["model_type"]]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg["num_hidden_layers"])
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config["lora_alpha"]))
+    for key, value in load_file(str(adapter / "adapter_model.safetensors")).items():
+        if ".lora_" not in key:
+            continue
+        module, part = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+        name = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        value = value.astype(np.float32)
+        if part.startswith("embedding_A"):  # PEFT's [r, vocab]; llama.cpp reads embedding rows out of lora_a
+            value = value.T
+        elif part.startswith("B") and (heads := rope_heads(cfg, module + ".weight")) is not None:
+            value = permute_rope_rows(value, heads)
+        writer.add_tensor(f"{name}.lora_{'a' if 'A' in part else 'b'}", value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

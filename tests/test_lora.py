@@ -100,5 +100,5 @@ def test_adapters_that_cannot_be_merged_are_one_line_errors(adapters, hf_folder,
     other = resolve_model(str(hf_folder("odd-tied-q4")))  # another shape: the adapter does not fit
     with pytest.raises(MlccError, match="base model"):
         LoraMerge([load_adapter(folders[1])], other.tensor_shapes())
-    with pytest.raises(MlccError, match="not into a GGUF"):
+    with pytest.raises(MlccError, match="a GGUF model takes llama.cpp LoRA adapters"):
         compile_model("model.gguf", tmp_path / "x", loras=[str(folders[0])])

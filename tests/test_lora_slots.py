@@ -4,23 +4,19 @@ each request alone."""
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
-from pathlib import Path
 
-import gguf
 import numpy as np
 import openai
 import pytest
 import torch
 import uvicorn
-from safetensors.numpy import load_file
 
 pytest.importorskip("peft")
 
-from gguf_convert import write_gguf  # noqa: E402
+from gguf_convert import write_gguf, write_gguf_lora  # noqa: E402
 from tiny_models import assert_batch_equals_alone, make_adapter, merged_reference  # noqa: E402
 
 from artifacts.errors import MlccError  # noqa: E402
@@ -157,25 +153,6 @@ def test_adapter_errors_are_one_line(slotted, engine, hf_folder, artifact, tmp_p
     assert result.exit_code == 1 and "NAME=PATH" in result.output
 
 
-def write_gguf_lora(adapter: Path, out: Path, arch: str, layers: int) -> Path:
-    """A PEFT adapter as llama.cpp's convert_lora_to_gguf.py writes it: `<GGUF tensor>.lora_a` / `.lora_b`, alpha."""
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], layers)
-    writer = gguf.GGUFWriter(str(out), arch)
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config["lora_alpha"]))
-    for key, value in load_file(str(adapter / "adapter_model.safetensors")).items():
-        module, part = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
-        name = names.get_name(module + ".weight", try_suffixes=(".weight",))
-        writer.add_tensor(f"{name}.lora_{part[0].lower()}", value.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
-
-
 def test_a_gguf_base_takes_llama_cpp_adapters(hf_folder, tmp_path):
     """Phi-3 as GGUF with a llama.cpp LoRA file of a PEFT adapter equals transformers + PEFT merged."""
     from compiler.compile import compile_model
@@ -183,8 +160,7 @@ def test_a_gguf_base_takes_llama_cpp_adapters(hf_folder, tmp_path):
     base = hf_folder("phi3-f32")
     modules = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     adapter = make_adapter(base, tmp_path / "peft", 5, r=4, lora_alpha=6, target_modules=modules)
-    layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
-    lora_file = write_gguf_lora(adapter, tmp_path / "lora.gguf", "phi3", layers)
+    lora_file = write_gguf_lora(adapter, tmp_path / "lora.gguf", base)
     art = tmp_path / "art"
     compile_model(str(write_gguf(base, tmp_path / "base.gguf")), art, quant="gguf-f32", lora_slots=1, lora_rank=4)
     engine = Engine(art, adapters={"tuned": lora_file})
