@@ -5,7 +5,9 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -26,9 +28,9 @@ def reference(artifact) -> Engine:
     return Engine(artifact("llama-q4"), prefix_cache=False)
 
 
-@pytest.fixture(scope="module")
-def server(artifact):
-    serving = ServingEngine(artifact("llama-q4"), max_batch_size=8)
+@contextmanager
+def running(serving: ServingEngine) -> Iterator[str]:
+    """Serve `serving` on a free local port in a thread; yields its base URL, closes it afterwards."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -38,10 +40,19 @@ def server(artifact):
     thread.start()
     while not http.started:
         time.sleep(0.02)
-    yield serving, f"http://127.0.0.1:{port}"
-    http.should_exit = True
-    thread.join()
-    serving.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        http.should_exit = True
+        thread.join()
+        serving.close()
+
+
+@pytest.fixture(scope="module")
+def server(artifact):
+    serving = ServingEngine(artifact("llama-q4"), max_batch_size=8)
+    with running(serving) as url:
+        yield serving, url
 
 
 @pytest.fixture(scope="module")

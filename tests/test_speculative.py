@@ -6,12 +6,15 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import httpx
 import numpy as np
+import openai
 import pytest
 from test_cli import assert_one_line_error, mlcc
+from test_server import API_KEY, MODEL, running
 
 from artifacts import MlccError
-from runtime import Engine, SamplingParams
+from runtime import Engine, SamplingParams, ServingEngine
 from runtime.sampler import distribution
 from runtime.speculative import Draft, PromptLookup, choose
 
@@ -162,3 +165,19 @@ def test_cli_run_and_bench_speculate(artifact):
     assert bench.returncode == 0, bench.stderr
     threads, plain_rate, spec_rate, speedup, accepted = bench.stdout.splitlines()[1].split()
     assert threads == "1" and float(plain_rate) > 0 and float(spec_rate) > 0 and accepted == "100%"
+
+
+def test_server_streams_speculative_output(artifact, engine):
+    """A server with a draft model streams the plain engine's greedy text and counts its drafts in /metrics."""
+    art = artifact("llama-q4")
+    with running(ServingEngine(art, draft=art, draft_tokens=3)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
+        stream = client.completions.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=20, temperature=0, stream=True
+        )
+        text = "".join(chunk.choices[0].text for chunk in stream)
+        metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    expected = engine("llama-q4").generate("Once upon a time", SamplingParams(max_tokens=20, temperature=0))[0].text
+    assert text == expected
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if not line.startswith("#")}
+    assert values["mlcc_accepted_draft_tokens_total"] == values["mlcc_draft_tokens_total"] > 0
