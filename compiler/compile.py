@@ -227,8 +227,9 @@ def _plan_gguf(
     native = quant in (None, "gguf", "gguf-fast", "gguf-f32")
     if native:  # the file's blocks; adapted tensors decoded, merged and encoded again, one at a time
         merge = GGUFLoraMerge(adapters, source.tensor_shapes(), source.tensor_types())
-        for name in merge.kept_float():
-            progress(f"{name}: merged with LoRA, kept as F32 (gguf-py cannot encode {merge.source_types[name].name})")
+        if kept := merge.kept_float():
+            types = ", ".join(sorted({merge.source_types[name].name for name in kept}))
+            progress(f"{len(kept)} tensors merged with LoRA are kept as F32 (gguf-py cannot encode {types})")
 
         def tensors() -> Iterator[tuple[str, np.ndarray]]:
             return merge(source.tensors(raw=True))
