@@ -77,8 +77,9 @@ class GGUFLoraMerge:
 
     As llama.cpp's export-lora: an adapted tensor is decoded to float32 and gets W + s * B @ A. It is then encoded
     again in its own block type, so the build keeps the file's kernels and size; a type gguf-py cannot encode
-    (the K-quants) stays F32 instead, the precision the build runs float tensors in, since rounding it to any
-    coarser type would lose accuracy the base type did not. Tensors no adapter touches pass through as they are.
+    (the K-quants) stays F32 instead, exact and no less accurate than its block type: the build runs float tensors
+    in float32 whatever their file type, so F16 would round without saving memory. Tensors no adapter touches pass
+    through as they are, undecoded.
     """
 
     def __init__(self, adapters: list[Adapter], shapes: dict[str, tuple[int, ...]], types: dict[str, Q]):
