@@ -134,6 +134,7 @@ class Request:
     adapter: int = -1  # the adapter slot it runs with (-1: the base model); see runtime/adapters.py
     xlora: XLora | None = None  # its X-LoRA model, if any (then `adapter` is -1)
     scaling_seq_id: int = -1  # an X-LoRA request's second KV sequence: its scaling pass (see the module docstring)
+    draft_limit: int = 0  # speculative decoding: the most tokens to draft next step (0: the engine's setting)
 
     @property
     def budget(self) -> int:
@@ -712,7 +713,7 @@ class Engine:
             if r.matcher is not None or r.xlora is not None or r.kv_len != len(r.all_ids()) - 1 or room < 1:
                 continue
             base = self.kv.pages_needed(r.kv_len + 1, r.fork_base)
-            k = min(self.draft_tokens, room)
+            k = min(r.draft_limit or self.draft_tokens, room)
             while k and self.kv.pages_needed(r.kv_len + 1 + k, r.fork_base) - base > spare:
                 k -= 1
             if k:
@@ -756,6 +757,13 @@ class Engine:
             if not kept:
                 break
         accepted = len(tokens) - 1
+        # Draft more after a fully kept draft, less after a rejection (the schedule of transformers' assisted
+        # generation): a rejected draft token still costs a row of the verify call.
+        r.draft_limit = (
+            min(self.draft_tokens, len(draft.tokens) + 2)
+            if accepted == len(draft.tokens)
+            else max(1, len(draft.tokens) - 1)
+        )
         self.kv.pop(r.seq_id, len(draft.tokens) - accepted)
         r.kv_len += 1 + accepted
         self.drafter.rollback(r, accepted)
