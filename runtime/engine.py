@@ -720,7 +720,14 @@ class Engine:
                 spare -= self.kv.pages_needed(r.kv_len + 1 + k, r.fork_base) - base
                 requests.append(r)
                 counts.append(k)
-        drafts = self.drafter.propose(requests, counts) if requests else []
+        if not requests:
+            return []
+        try:
+            drafts = self.drafter.propose(requests, counts)
+        except Exception:  # a failing drafter costs speed, never a request: those requests decode plainly
+            for r in requests:
+                self.drafter.forget(r)
+            return []
         return [(r, d) for r, d in zip(requests, drafts) if d.tokens]
 
     def _verify(self, speculating: list[tuple[Request, Draft]]) -> None:
