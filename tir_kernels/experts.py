@@ -21,7 +21,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 
 from tir_kernels.row_matmul import RowMatmul
-from tir_kernels.simd import LANES  # float32 lanes of the dot products' accumulators
+from tir_kernels.simd import LANES, task_share  # LANES: float32 lanes of the dot products' accumulators
 
 # Weight rows are split into this many contiguous ranges, run in parallel (each with its own decoded row).
 TASKS = 64
@@ -121,7 +121,6 @@ def grouped_matmul_kernel(
     task decodes one weight row of an expert into a float32 buffer once, `run` contiguous columns per (vector)
     inner loop, then multiplies it with every row routed to that expert; experts no row is routed to are
     skipped, their weights never read."""
-    rows_per_task = (n_out + TASKS - 1) // TASKS
     vector_cols = n_in // LANES * LANES
     runs = (n_in + run - 1) // run  # the decoded row, padded to whole runs
 
@@ -136,46 +135,46 @@ def grouped_matmul_kernel(
                 if starts[e + 1] > starts[e]:
                     for task in T.parallel(TASKS):
                         acc = T.alloc_buffer((TOKENS, LANES), "float32", scope="local")
-                        for row in range(rows_per_task):
-                            if task * rows_per_task + row < n_out:
-                                o = T.meta_var(task * rows_per_task + row)
-                                for j in range(runs):
-                                    for i in T.vectorized(run):
-                                        decoded[task, j * run + i] = weight_at(params, e, o, j, i, "float32")
-                                full = T.meta_var((starts[e + 1] - starts[e]) // TOKENS)
-                                for block in range(full):  # TOKENS rows at a time share each load of the row
+                        first_row, task_rows = T.meta_var(task_share(task, TASKS, n_out))
+                        for row in range(task_rows):
+                            o = T.meta_var(first_row + row)
+                            for j in range(runs):
+                                for i in T.vectorized(run):
+                                    decoded[task, j * run + i] = weight_at(params, e, o, j, i, "float32")
+                            full = T.meta_var((starts[e + 1] - starts[e]) // TOKENS)
+                            for block in range(full):  # TOKENS rows at a time share each load of the row
+                                for u in T.unroll(TOKENS):
+                                    acc[u, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+                                for c8 in range(vector_cols // LANES):
                                     for u in T.unroll(TOKENS):
-                                        acc[u, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-                                    for c8 in range(vector_cols // LANES):
-                                        for u in T.unroll(TOKENS):
-                                            src = T.meta_var(source_row(order, starts[e] + block * TOKENS + u))
-                                            acc[u, T.Ramp(0, 1, LANES)] = (
-                                                acc[u, T.Ramp(0, 1, LANES)]
-                                                + x[src, T.Ramp(c8 * LANES, 1, LANES)]
-                                                * decoded[task, T.Ramp(c8 * LANES, 1, LANES)]
-                                            )
-                                    for u in T.unroll(TOKENS):
-                                        r = T.meta_var(starts[e] + block * TOKENS + u)
-                                        src = T.meta_var(source_row(order, r))
-                                        for c in range(vector_cols, n_in):
-                                            acc[u, 0] = acc[u, 0] + x[src, c] * decoded[task, c]
-                                        y[r, o] = T.float32(0)
-                                        for lane in range(LANES):
-                                            y[r, o] = y[r, o] + acc[u, lane]
-                                for r in range(starts[e] + full * TOKENS, starts[e + 1]):  # the rest one by one
-                                    src = T.meta_var(source_row(order, r))
-                                    acc[0, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-                                    for c8 in range(vector_cols // LANES):
-                                        acc[0, T.Ramp(0, 1, LANES)] = (
-                                            acc[0, T.Ramp(0, 1, LANES)]
+                                        src = T.meta_var(source_row(order, starts[e] + block * TOKENS + u))
+                                        acc[u, T.Ramp(0, 1, LANES)] = (
+                                            acc[u, T.Ramp(0, 1, LANES)]
                                             + x[src, T.Ramp(c8 * LANES, 1, LANES)]
                                             * decoded[task, T.Ramp(c8 * LANES, 1, LANES)]
                                         )
+                                for u in T.unroll(TOKENS):
+                                    r = T.meta_var(starts[e] + block * TOKENS + u)
+                                    src = T.meta_var(source_row(order, r))
                                     for c in range(vector_cols, n_in):
-                                        acc[0, 0] = acc[0, 0] + x[src, c] * decoded[task, c]
+                                        acc[u, 0] = acc[u, 0] + x[src, c] * decoded[task, c]
                                     y[r, o] = T.float32(0)
                                     for lane in range(LANES):
-                                        y[r, o] = y[r, o] + acc[0, lane]
+                                        y[r, o] = y[r, o] + acc[u, lane]
+                            for r in range(starts[e] + full * TOKENS, starts[e + 1]):  # the rest one by one
+                                src = T.meta_var(source_row(order, r))
+                                acc[0, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+                                for c8 in range(vector_cols // LANES):
+                                    acc[0, T.Ramp(0, 1, LANES)] = (
+                                        acc[0, T.Ramp(0, 1, LANES)]
+                                        + x[src, T.Ramp(c8 * LANES, 1, LANES)]
+                                        * decoded[task, T.Ramp(c8 * LANES, 1, LANES)]
+                                    )
+                                for c in range(vector_cols, n_in):
+                                    acc[0, 0] = acc[0, 0] + x[src, c] * decoded[task, c]
+                                y[r, o] = T.float32(0)
+                                for lane in range(LANES):
+                                    y[r, o] = y[r, o] + acc[0, lane]
 
     specs = list(param_specs)
     # TVMScript has no variadic parameters: one signature per count of packed weight arrays.

@@ -39,6 +39,7 @@ from tir_kernels.simd import (
     row_sums,
     span,
     splat,
+    task_share,
     tree_sum,
 )
 
@@ -168,13 +169,12 @@ def int8_rows(
     super_block = qtype in SUPER_BLOCK_TYPES
     chunks = n_in // CHUNK
     groups, tail = divmod(chunks, GROUP)
-    rows_per_task = -(-n_out // TASKS)
+    row_tasks = min(TASKS, n_out)
     lines_per_row = -(-row_bytes // 64)
     tile_group = max(1, min(16, ACTIVATION_BLOCK_BYTES // (TOKENS * n_in)))
     row_lanes = qtype in ROW_LANE_TYPES
     row_groups = -(-n_out // LANE_ROWS)
     lane_tasks = min(TASKS, row_groups)
-    groups_per_task = -(-row_groups // lane_tasks)
     block_tokens = max(TOKENS, LANE_ACTIVATION_BYTES // n_in)
     data_shape = (row_groups, row_bytes * LANE_ROWS) if interleaved else (n_out, row_bytes)
     layout = INTERLEAVED.get(qtype)
@@ -363,6 +363,7 @@ def int8_rows(
     @T.macro
     def lane_task(y, data, xq, stats, n, task):
         lane_acc = T.alloc_buffer((1, LANE_ROWS), "float32", scope="local")
+        first_group, task_groups = T.meta_var(task_share(task, lane_tasks, row_groups))
         if n >= TOKENS:  # (the unpacked rows' buffers are workspace calls: prefill only)
             words = T.alloc_buffer((1, chunks * 8 * LANE_ROWS), "int32", scope="local")
             row_scale = T.alloc_buffer((1, chunks * LANE_ROWS), "float32", scope="local")
@@ -370,21 +371,19 @@ def int8_rows(
             row_multiplier = T.alloc_buffer((1, chunks * LANE_ROWS), "int32", scope="local")
             scratch = T.meta_var(ScratchRows(words, row_scale, row_offset, row_multiplier))
             for tb in range((n + block_tokens - 1) // block_tokens):
-                for gi in range(groups_per_task):
-                    if task * groups_per_task + gi < row_groups:
-                        g = T.meta_var(task * groups_per_task + gi)
-                        if interleaved:
-                            unpack_interleaved(InterleavedRows(data, g, layout), words, row_scale, row_offset)
-                        else:
-                            unpack_lanes(data, g, words, row_scale, row_offset, row_multiplier)
-                        for t in range(tb * block_tokens, T.min(n, (tb + 1) * block_tokens)):
-                            lanes_times_token(y, xq, stats, scratch, lane_acc, g, t, data, False)
+                for gi in range(task_groups):
+                    g = T.meta_var(first_group + gi)
+                    if interleaved:
+                        unpack_interleaved(InterleavedRows(data, g, layout), words, row_scale, row_offset)
+                    else:
+                        unpack_lanes(data, g, words, row_scale, row_offset, row_multiplier)
+                    for t in range(tb * block_tokens, T.min(n, (tb + 1) * block_tokens)):
+                        lanes_times_token(y, xq, stats, scratch, lane_acc, g, t, data, False)
         elif interleaved:
-            for gi in range(groups_per_task):
-                if task * groups_per_task + gi < row_groups:
-                    g = T.meta_var(task * groups_per_task + gi)
-                    for t in range(n):
-                        lanes_times_token(y, xq, stats, InterleavedRows(data, g, layout), lane_acc, g, t, data, True)
+            for gi in range(task_groups):
+                g = T.meta_var(first_group + gi)
+                for t in range(n):
+                    lanes_times_token(y, xq, stats, InterleavedRows(data, g, layout), lane_acc, g, t, data, True)
 
     @T.macro
     def body(x, data, y, n, capacity):
@@ -403,24 +402,23 @@ def int8_rows(
             acc = T.alloc_buffer((TASKS, 8 * TOKENS), "float32")
             off = T.alloc_buffer((TASKS, TOKENS), "float32")
             scales = T.alloc_buffer((TASKS, GROUP * TOKENS), "float32")
-            for task in T.parallel(TASKS):
+            for task in T.parallel(row_tasks):
+                first_row, task_rows = T.meta_var(task_share(task, row_tasks, n_out))
                 for tg in range((tiles + tile_group - 1) // tile_group):
-                    for i in range(rows_per_task):
-                        if task * rows_per_task + i < n_out:
-                            o = T.meta_var(task * rows_per_task + i)
-                            if tg == 0:
-                                prefetch_ahead(data, o)
-                            for tt in range(tile_group):
-                                if tg * tile_group + tt < tiles:
-                                    t0 = T.meta_var(T.min((tg * tile_group + tt) * TOKENS, n - TOKENS))
-                                    rows_times_tokens(y, data, xq, stats, o, t0, TOKENS, acc, off, scales, task)
-                if n < TOKENS:
-                    for i in range(rows_per_task):
-                        if task * rows_per_task + i < n_out:
-                            o = T.meta_var(task * rows_per_task + i)
+                    for i in range(task_rows):
+                        o = T.meta_var(first_row + i)
+                        if tg == 0:
                             prefetch_ahead(data, o)
-                            for t in range(n):
-                                rows_times_tokens(y, data, xq, stats, o, t, 1, acc, off, scales, task)
+                        for tt in range(tile_group):
+                            if tg * tile_group + tt < tiles:
+                                t0 = T.meta_var(T.min((tg * tile_group + tt) * TOKENS, n - TOKENS))
+                                rows_times_tokens(y, data, xq, stats, o, t0, TOKENS, acc, off, scales, task)
+                if n < TOKENS:
+                    for i in range(task_rows):
+                        o = T.meta_var(first_row + i)
+                        prefetch_ahead(data, o)
+                        for t in range(n):
+                            rows_times_tokens(y, data, xq, stats, o, t, 1, acc, off, scales, task)
         # ROW_LANE_TYPES: 8 rows at a time with lanes = rows (lane_dot). Prefill unpacks a task's row group
         # into local buffers once for up to `block_tokens` tokens; interleaved weights are already in that
         # order, and decode (fewer tokens) reads them as they are.

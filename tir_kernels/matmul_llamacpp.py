@@ -43,6 +43,7 @@ from tir_kernels.simd import (
     llvm_intrin,
     prefetch,
     store_rows,
+    task_share,
     u8x32,
 )
 
@@ -52,10 +53,8 @@ Q = GGMLQuantizationType
 EXACT_TYPES = {Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K}
 
 
-
 def _u8(value: int | tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.const(value, "uint8") if isinstance(value, int) else value.astype("uint8")
-
 
 
 @functools.cache
@@ -81,7 +80,6 @@ def llamacpp_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool
     chunks = n_in // CHUNK
     row_groups = -(-n_out // LANE_ROWS)
     tasks = min(TASKS, row_groups)
-    groups_per_task = -(-row_groups // tasks)
     gb = lay.group_bytes
     block_tokens = max(TOKENS, LANE_ACTIVATION_BYTES // n_in)  # tokens that pass over a row group at a time
     ones = tirx.Broadcast(tirx.const(1, "int16"), 16)
@@ -207,15 +205,15 @@ def llamacpp_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool
             acc = T.alloc_buffer((QUAD * 9 * LANE_ROWS,), "float32", scope="local")
             single = T.alloc_buffer((9 * LANE_ROWS,), "float32", scope="local")
             scales = T.alloc_buffer((QUAD * chunks * LANE_ROWS,), "float32", scope="local")
+            first_group, task_groups = T.meta_var(task_share(task, tasks, row_groups))
             for tb in range((n + block_tokens - 1) // block_tokens):
-                for gi in range(groups_per_task):
-                    if task * groups_per_task + gi < row_groups:
-                        g = T.meta_var(task * groups_per_task + gi)
-                        first = T.meta_var(tb * block_tokens)
-                        count = T.meta_var(T.min(n, first + block_tokens) - first)
-                        for q in range(count // QUAD):
-                            group_times_tokens(y, data, xq, x_scale, x_sum, g, first + q * QUAD, QUAD, acc, scales)
-                        for r in range(count % QUAD):
-                            group_times_token(y, data, xq, x_scale, x_sum, g, first + count // QUAD * QUAD + r, single)
+                for gi in range(task_groups):
+                    g = T.meta_var(first_group + gi)
+                    first = T.meta_var(tb * block_tokens)
+                    count = T.meta_var(T.min(n, first + block_tokens) - first)
+                    for q in range(count // QUAD):
+                        group_times_tokens(y, data, xq, x_scale, x_sum, g, first + q * QUAD, QUAD, acc, scales)
+                    for r in range(count % QUAD):
+                        group_times_token(y, data, xq, x_scale, x_sum, g, first + count // QUAD * QUAD + r, single)
 
     return RowMatmul(body, n_in, n_out, (row_groups, chunks * gb))

@@ -39,6 +39,7 @@ from tir_kernels.simd import (
     lane_sum,
     llvm_intrin,
     store_rows,
+    task_share,
     tree_sum,
     u8x32,
 )
@@ -59,7 +60,6 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> RowMatmul
     supers = n_in // SUPER_BLOCK
     row_groups = -(-n_out // LANE_ROWS)
     tasks = min(TASKS, row_groups)
-    groups_per_task = -(-row_groups // tasks)
     block_tokens = max(TOKENS, LANE_ACTIVATION_BYTES // n_in)
     sums_per_super = 16 if q6 else 8  # activation sums per super-block: Q6_K per 16 columns, Q4_K per 32
 
@@ -218,25 +218,25 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> RowMatmul
         for task in T.parallel(tasks):
             acc = T.alloc_buffer((64,), "float32", scope="local")
             isum = T.alloc_buffer((8 * QUAD + 64,), "int32", scope="local")
+            first_group, task_groups = T.meta_var(task_share(task, tasks, row_groups))
             for tb in range((n + block_tokens - 1) // block_tokens):
-                for gi in range(groups_per_task):
-                    if task * groups_per_task + gi < row_groups:
-                        group = T.meta_var(task * groups_per_task + gi)
-                        first = T.meta_var(tb * block_tokens)
-                        count = T.meta_var(T.min(n, first + block_tokens) - first)
-                        if q6:
-                            if n >= 8:  # llama.cpp's tiled matmul: tokens in fours share the decoded codes
-                                for q in range(count // QUAD):
-                                    q6_tiled_quad(y, data, xq, x_scale, x_sum, group, first + q * QUAD, acc, isum)
-                                for r in range(count % QUAD):
-                                    t = T.meta_var(first + count // QUAD * QUAD + r)
-                                    group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, True)
-                            else:
-                                for t in range(first, first + count):
-                                    group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, False)
+                for gi in range(task_groups):
+                    group = T.meta_var(first_group + gi)
+                    first = T.meta_var(tb * block_tokens)
+                    count = T.meta_var(T.min(n, first + block_tokens) - first)
+                    if q6:
+                        if n >= 8:  # llama.cpp's tiled matmul: tokens in fours share the decoded codes
+                            for q in range(count // QUAD):
+                                q6_tiled_quad(y, data, xq, x_scale, x_sum, group, first + q * QUAD, acc, isum)
+                            for r in range(count % QUAD):
+                                t = T.meta_var(first + count // QUAD * QUAD + r)
+                                group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, True)
                         else:
                             for t in range(first, first + count):
-                                tiled = T.meta_var(t < n - n % 4)
-                                group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, tiled)
+                                group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, False)
+                    else:
+                        for t in range(first, first + count):
+                            tiled = T.meta_var(t < n - n % 4)
+                            group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, tiled)
 
     return RowMatmul(body, n_in, n_out, (row_groups, supers * lay.size))

@@ -136,6 +136,15 @@ LANE_ACTIVATION_BYTES = 256 * 1024  # int8 activations that pass over one unpack
 STREAM_AHEAD = 3072  # bytes of interleaved weights prefetched ahead of the chunk being multiplied
 
 
+def task_share(task: tirx.PrimExpr, tasks: int, count: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    """(first, size) of parallel task `task`'s share of `count` items split over `tasks` tasks as evenly as
+    integers allow. TVM's thread pool gives each thread a contiguous run of tasks, so shares of ceil(count /
+    tasks) would leave the last threads short: 80 row groups over 64 tasks as 40 tasks of 2 and 24 idle ones
+    give one of 2 threads 64 groups and the other 16."""
+    first = task * count // tasks
+    return first, (task + 1) * count // tasks - first
+
+
 @T.macro
 def store_rows(y, t, g, n_out: int, result, spill, at):
     """y[t, g*8 .. g*8+7] = result (float32x8, row r in lane r), rows past n_out dropped: those go through
