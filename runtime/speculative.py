@@ -115,7 +115,15 @@ class DraftModel:
         """Draft `counts[i]` tokens for each request: catch its KV up with the request's tokens, then sample one
         token at a time; a request whose tokens do not fit the draft's KV or context gets no draft."""
         drafts = [Draft([], []) for _ in requests]
-        live = [i for i, (r, k) in enumerate(zip(requests, counts)) if self._ready(r, k)]
+        free = self.kv.free_pages()
+        live = []
+        for i, (r, k) in enumerate(zip(requests, counts)):
+            pages = self._pages_to_draft(r, k)
+            if pages is not None and pages <= free:
+                free -= pages
+                live.append(i)
+                if id(r) not in self.sequences:
+                    self.sequences[id(r)] = [self.kv.add(), 0]
         if not live:
             return drafts
         rows = dict(zip(live, self._catch_up([requests[i] for i in live])))
@@ -153,18 +161,14 @@ class DraftModel:
         if state is not None:
             self.kv.remove(state[0])
 
-    def _ready(self, r: Request, k: int) -> bool:
-        """Whether `r` has a draft sequence with room for its tokens and `k` drafts (made on first use)."""
+    def _pages_to_draft(self, r: Request, k: int) -> int | None:
+        """The draft KV pages `r` needs beyond its own to hold its tokens and `k` drafts; None beyond the draft's
+        context window."""
         needed = len(r.all_ids()) + k
         if needed > self.context_window:
-            return False
+            return None
         state = self.sequences.get(id(r))
-        held = 0 if state is None else self.kv.pages_needed(state[1], 0)
-        if self.kv.pages_needed(needed, 0) - held > self.kv.free_pages():
-            return False
-        if state is None:
-            self.sequences[id(r)] = [self.kv.add(), 0]
-        return True
+        return self.kv.pages_needed(needed, 0) - (0 if state is None else self.kv.pages_needed(state[1], 0))
 
     def _catch_up(self, requests: list[Request]) -> list[np.ndarray]:
         """Prefill the tokens each request's draft KV lacks, in calls of at most one chunk; the logits after each

@@ -117,6 +117,17 @@ def test_greedy_output_equals_plain_decoding(artifact, engine, drafter):
         assert [x.logprob for x in a.logprobs] == [x.logprob for x in b.logprobs]
 
 
+def test_speculation_under_kv_pressure(artifact, engine):
+    """A KV cache too small for every request: drafts take only free pages, requests are preempted and recomputed,
+    and each still gets plain decoding's greedy tokens."""
+    spec = Engine(artifact("llama-f32"), kv_cache_tokens=128, prompt_lookup=True, draft_tokens=6)
+    prompts = [*PROMPTS, [7, 8, 9, 7, 8, 9, 7]]
+    expected = engine("llama-f32").generate_ids(prompts, GREEDY)
+    got = spec.generate_ids(prompts, GREEDY)
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert spec.counters["preemptions"] > 0 and spec.counters["accepted_tokens"] > 0
+
+
 def test_draft_identical_to_target_is_always_accepted(artifact):
     spec = Engine(artifact("llama-f32"), draft=artifact("llama-f32"), draft_tokens=5)
     spec.generate_ids(PROMPTS, GREEDY)
