@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import tvm
@@ -29,10 +29,18 @@ from runtime.artifact import LoadedArtifact
 from runtime.kv_cache import PagedKV
 from runtime.sampler import SamplingParams, adjust_logits, distribution, sample
 
-if TYPE_CHECKING:
-    from runtime.engine import Request
-
 MAX_DRAFT_TOKENS = 16
+
+
+class Request(Protocol):
+    """What a drafter reads of the engine's request (runtime/engine.py imports this module, not the reverse)."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    rng: np.random.Generator
+
+    def all_ids(self) -> list[int]: ...
 
 
 @dataclass
