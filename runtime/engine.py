@@ -269,8 +269,8 @@ class Engine:
             return None
         if draft is not None and prompt_lookup:
             raise MlccError("choose one drafter: a draft model or prompt lookup")
-        if not 1 <= self.draft_tokens <= min(MAX_DRAFT_TOKENS, self.kernel_prefill_chunk - 1):
-            limit = min(MAX_DRAFT_TOKENS, self.kernel_prefill_chunk - 1)
+        limit = min(MAX_DRAFT_TOKENS, self.kernel_prefill_chunk - 1)  # a verify call takes the drafts and one more
+        if not 1 <= self.draft_tokens <= limit:
             raise MlccError(f"draft tokens must be in 1..{limit}")
         if draft is None:
             return PromptLookup()
@@ -573,12 +573,12 @@ class Engine:
 
     def _release(self, r: Request) -> None:
         """Keep a finished sequence for its prefix, or drop it (always, when the request failed)."""
-        if self.drafter is not None:
-            self.drafter.forget(r)
         reusable = self.prefix_cache and r.error is None and r.canonical_len >= self.canonical_chunk
         if not reusable or r.xlora is not None:  # an X-LoRA request's pair of sequences is never kept
             self._remove_sequences(r)
             return
+        if self.drafter is not None:
+            self.drafter.forget(r)
         self.cached.keep(r.seq_id, np.asarray(r.reusable_ids()), self._kv_kind(r))
 
     # ---- model calls --------------------------------------------------------------------------------
@@ -605,9 +605,7 @@ class Engine:
 
     def _forward(self, fn, seq_ids: list[int], lengths: list[int], ids: np.ndarray, *extra) -> Any:
         """The output of `fn`: logits, or (logits, final hidden states) in a library with adapter slots."""
-        dev = self.artifact.device
-        args = [tvm.runtime.tensor(ids, dev), *[tvm.runtime.tensor(e, dev) for e in extra]]
-        return self.kv.forward(fn, seq_ids, lengths, args, self._params)
+        return self.kv.forward(fn, seq_ids, lengths, [ids, *extra], self._params, self.artifact.device)
 
     def _add_sequences(self, r: Request) -> None:
         r.seq_id = self.kv.add()

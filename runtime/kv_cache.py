@@ -84,9 +84,12 @@ class PagedKV:
         base = cached - cached % self.page_size
         return -(-(tokens - base) // self.page_size)
 
-    def forward(self, fn: Any, seq_ids: list[int], lengths: list[int], args: list[Any], params: Any) -> Any:
-        """Call the model function `fn` on `args` for `lengths` new tokens of each of `seq_ids`: its logits (and
-        whatever else it returns before the cache, as a list)."""
+    def forward(
+        self, fn: Any, seq_ids: list[int], lengths: list[int], inputs: list[np.ndarray], params: Any, device: Any
+    ) -> Any:
+        """Call the model function `fn` on `inputs` (copied to `device`) for `lengths` new tokens of each of
+        `seq_ids`: its logits (and whatever else it returns before the cache, as a list)."""
+        args = [tvm.runtime.tensor(array, device) for array in inputs]
         KV_BEGIN(self.state, ShapeTuple(seq_ids), ShapeTuple(lengths))
         *outputs, self.state = fn(*args, self.state, params)
         KV_END(self.state)

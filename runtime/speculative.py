@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import tvm
 
 from artifacts import MlccError
 from runtime.artifact import LoadedArtifact
@@ -204,6 +203,5 @@ class DraftModel:
         return [rows[i] for i in range(len(requests))]
 
     def _call(self, fn: Any, seq_ids: list[int], lengths: list[int], ids: np.ndarray, *extra: np.ndarray) -> Any:
-        dev = self.artifact.device
-        args = [tvm.runtime.tensor(ids, dev), *[tvm.runtime.tensor(e, dev) for e in extra]]
-        return self.kv.forward(fn, seq_ids, lengths, args, self.artifact.params).numpy()
+        inputs = [ids, *extra]
+        return self.kv.forward(fn, seq_ids, lengths, inputs, self.artifact.params, self.artifact.device).numpy()
