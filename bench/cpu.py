@@ -3,7 +3,9 @@
     python bench/cpu.py ARTIFACT MODEL.gguf [--runs 5] [--threads 1 2]
 
 Prefill tokens/s for a 128- and a 512-token prompt and decode tokens/s for 128 new tokens, median of
-`--runs`, each engine and thread count in its own process. Prints a table with the ratio mlcc / llama.cpp.
+`--runs`, each engine and thread count in its own process. Prints the instruction sets each side uses (the
+artifact's target CPU and features, llama.cpp's `llama_print_system_info`), then a table with the ratio
+mlcc / llama.cpp.
 """
 
 from __future__ import annotations
@@ -58,6 +60,22 @@ def measure_llamacpp(gguf: str, threads: int, runs: int) -> dict[str, float]:
     return results
 
 
+def instruction_sets(artifact: str) -> list[str]:
+    """One line per side: the CPU and features the artifact was compiled for, and what llama.cpp was built with."""
+    sys.path.insert(0, str(ROOT))
+    from artifacts import load_manifest
+
+    target = load_manifest(artifact).target
+    ours = f"mlcc: {target.get('name')} cpu={target.get('cpu')} features={' '.join(target.get('cpu_flags') or [])}"
+    proc = subprocess.run(
+        [sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
+        capture_output=True,
+        text=True,
+    )
+    theirs = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else "unknown"
+    return [ours, f"llama.cpp: {theirs}"]
+
+
 def child(kind: str, path: str, threads: int, runs: int) -> dict[str, float]:
     proc = subprocess.run(
         [sys.executable, __file__, "--child", kind, path, str(threads), str(runs)],
@@ -81,6 +99,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
+    for line in instruction_sets(args.artifact):
+        print(line)
     print(f"{'threads':>7} {'test':>12} {'mlcc tok/s':>11} {'llama.cpp':>10} {'ratio':>6}")
     for threads in args.threads:
         ours = child("mlcc", args.artifact, threads, args.runs)
