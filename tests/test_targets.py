@@ -6,6 +6,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -202,3 +203,42 @@ def test_every_cpu_kernel_keeps_noalias_whatever_sorts_last():
     assert "noalias" not in signature(mod)  # TVM's behaviour that the pass works around
     assert "noalias" in signature(tvm.IRModule({"a_kernel": a_kernel}))
     assert "noalias" in signature(_uniform_noalias(mod))
+
+
+def _workspace_sizes(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> list[int]:
+    """Constant byte sizes of the TVMBackendAllocWorkspace calls in func's compiled LLVM IR."""
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    ir = tvm.tirx.build(mod, target=target).inspect_source("ll")
+    return [int(size) for size in re.findall(r"call ptr %\w+\(i32 1, i32 %dev_id, i64 (\d+),", ir)]
+
+
+def test_kernel_scratch_lives_on_the_stack():
+    """TVM serves a "local" buffer on the CPU from its workspace pool: a call per parallel task, and a pointer
+    LLVM cannot keep in registers, so every accumulator update went through memory. A default-scope buffer
+    under 1 KiB is a stack array instead; the kernels' per-task scratch is one."""
+    from gguf import GGMLQuantizationType as Q
+    from tvm.script import tirx as T
+
+    from compiler.targets import TargetRequest, resolve_target
+    from tir_kernels.matmul_llamacpp import llamacpp_matmul
+    from tir_kernels.simd import has_avx2
+
+    def doubled(scope: str) -> tvm.tirx.PrimFunc:
+        @T.prim_func(s_tir=True)
+        def func(x: T.Buffer((64, 8), "float32"), y: T.Buffer((64, 8), "float32")):
+            for task in T.parallel(64):
+                scratch = T.alloc_buffer((8,), "float32", scope=scope)
+                for i in range(8):
+                    scratch[i] = x[task, i] * T.float32(2)
+                for i in range(8):
+                    y[task, i] = scratch[i]
+
+        return func
+
+    assert _workspace_sizes(doubled("local"), "llvm") == [32]  # TVM's behaviour that the kernels avoid
+    assert _workspace_sizes(doubled("global"), "llvm") == []
+    target = resolve_target(TargetRequest()).target
+    if not has_avx2(target):
+        pytest.skip("the llama.cpp-order kernels are built for AVX2 CPUs")
+    for qtype in (Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q6_K):
+        assert all(size >= 1024 for size in _workspace_sizes(llamacpp_matmul(qtype, 512, 13, True), target))

@@ -15,4 +15,8 @@ Each module imports only those listed above it:
     rope                   the KV cache's RoPE kernel, and the model-applied NEOX RoPE in llama.cpp's order
     attention              paged/ragged attention for TVM's KV cache on CPUs
     experts                mixture-of-experts routing, grouping and grouped matmuls
+
+Scratch buffers (accumulators, a row's maximum) take the default scope, not "local": TVM serves a CPU "local"
+buffer from its workspace pool, a call per parallel task returning a pointer LLVM cannot keep in registers,
+so every accumulator update was a store. A default-scope buffer under 1 KiB is a stack array LLVM promotes.
 """

@@ -42,8 +42,8 @@ def quantize_mlcc(x, xq, by_token, by_chunk, n, n_in: int, super_block: bool):
     block_columns = T.meta_var(SUPER_BLOCK if super_block else CHUNK)
     for t in T.parallel(n):
         for blk in range(n_in // block_columns):
-            amax = T.alloc_buffer((1,), "float32", scope="local")
-            total = T.alloc_buffer((1,), "int32", scope="local")
+            amax = T.alloc_buffer((1,), "float32")
+            total = T.alloc_buffer((1,), "int32")
             _absmax(x, t, blk * block_columns, block_columns, amax)
             d = T.meta_var(_mlcc_scale(amax[0], super_block))
             inv = T.meta_var(T.if_then_else(amax[0] > T.float32(0), T.float32(1) / d, T.float32(0)))
@@ -65,8 +65,8 @@ def quantize_q8_0(x, xq, x_scale, x_sum, n, chunks: int):
     chunks] the float16 d, x_sum the float16 d * sum(q) (Q8_1's s), both as float32."""
     for t in T.parallel(n):
         for c in range(chunks):
-            amax = T.alloc_buffer((1,), "float32", scope="local")
-            total = T.alloc_buffer((1,), "int32", scope="local")
+            amax = T.alloc_buffer((1,), "float32")
+            total = T.alloc_buffer((1,), "int32")
             _absmax(x, t, c * CHUNK, CHUNK, amax)
             d = T.meta_var(amax[0] / T.float32(127))
             inv = T.meta_var(_llamacpp_multiplier(amax[0]))
@@ -85,14 +85,14 @@ def quantize_q8_k(x, xq, x_scale, x_sum, n, supers: int, sums_per_super: int):
     sum_width = T.meta_var(SUPER_BLOCK // sums_per_super)
     for t in T.parallel(n):
         for s in range(supers):
-            amax = T.alloc_buffer((1,), "float32", scope="local")
+            amax = T.alloc_buffer((1,), "float32")
             _absmax(x, t, s * SUPER_BLOCK, SUPER_BLOCK, amax)
             inv = T.meta_var(_llamacpp_multiplier(amax[0]))
             for i in range(SUPER_BLOCK):
                 xq[t, s * SUPER_BLOCK + i] = T.Cast("int8", T.nearbyint(x[t, s * SUPER_BLOCK + i] * inv))
             x_scale[t, s] = T.if_then_else(amax[0] != T.float32(0), T.float32(1) / inv, T.float32(0))
             for k in range(sums_per_super):
-                total = T.alloc_buffer((1,), "int32", scope="local")
+                total = T.alloc_buffer((1,), "int32")
                 total[0] = 0
                 for i in range(sum_width):
                     total[0] = total[0] + T.Cast("int32", xq[t, s * SUPER_BLOCK + k * sum_width + i])

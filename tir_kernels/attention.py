@@ -53,7 +53,7 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap)
         for g in range(heads):
             state[first + g, 2] = state[first + g, 0]  # the tile's new max
             for part in range(TILE // LANES):
-                dots = T.alloc_buffer((LANES, LANES), "float32", scope="local")  # 8 keys' partial dots
+                dots = T.alloc_buffer((LANES, LANES), "float32")  # 8 keys' partial dots
                 for j in T.unroll(LANES):
                     dots[j, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
                 for c in range(dim // (LANES * chains)):
@@ -79,7 +79,7 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap)
             state[first + g, 0] = state[first + g, 2]
         for block in range(dim // (LANES * chains)):
             for g in range(heads):
-                acc = T.alloc_buffer((chains, LANES), "float32", scope="local")
+                acc = T.alloc_buffer((chains, LANES), "float32")
                 for u in T.unroll(chains):
                     acc[u, T.Ramp(0, 1, LANES)] = out[
                         first + g, T.Ramp((block * chains + u) * LANES, 1, LANES)
@@ -104,7 +104,7 @@ def _ggml_score(keys, loc, q16, acc, total, dim, sm_scale, vec_kq):
                 key = T.meta_var(_key(keys, loc, step * 32 + j * LANES))
                 query = T.meta_var(q16[T.Ramp(step * 32 + j * LANES, 1, LANES)])
                 acc[j, T.Ramp(0, 1, LANES)] = fma(key, query, acc[j, T.Ramp(0, 1, LANES)])
-        wide = T.alloc_buffer((1,), "float64", scope="local")
+        wide = T.alloc_buffer((1,), "float64")
         wide[0] = T.Cast("float64", _f16_dot_reduce([acc[j, T.Ramp(0, 1, LANES)] for j in range(4)]))
         for d in range(dim // 32 * 32, dim):  # leftovers, in float64
             wide[0] = wide[0] + T.Cast("float64", _key_at(keys, loc, d) * q16[d])
@@ -128,12 +128,12 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
     q16 = T.decl_buffer((dim,), "float32")
     acc = T.decl_buffer((32, dim), "float32")  # P.V partial sums
     dots = T.decl_buffer((4, LANES), "float32")  # K.q partial sums
-    score = T.alloc_buffer((1,), "float32", scope="local")
-    peak = T.alloc_buffer((1,), "float32", scope="local")
-    weight = T.alloc_buffer((1,), "float64", scope="local")
+    score = T.alloc_buffer((1,), "float32")
+    peak = T.alloc_buffer((1,), "float32")
+    weight = T.alloc_buffer((1,), "float64")
     for d in range(dim):
         q16[d] = T.Cast("float32", T.Cast("float16", T.Cast("float32", q[row, head, d])))
-    where = T.alloc_buffer((4,), "int32", scope="local")
+    where = T.alloc_buffer((4,), "int32")
     peak[0] = T.float32(-3.0e38)
     if vec_kq:
         for i in range(length):

@@ -134,7 +134,7 @@ def grouped_matmul_kernel(
             for e in range(num_experts):
                 if starts[e + 1] > starts[e]:
                     for task in T.parallel(TASKS):
-                        acc = T.alloc_buffer((TOKENS, LANES), "float32", scope="local")
+                        acc = T.alloc_buffer((TOKENS, LANES), "float32")
                         first_row, task_rows = T.meta_var(task_share(task, TASKS, n_out))
                         for row in range(task_rows):
                             o = T.meta_var(first_row + row)

@@ -362,13 +362,13 @@ def int8_rows(
 
     @T.macro
     def lane_task(y, data, xq, stats, n, task):
-        lane_acc = T.alloc_buffer((1, LANE_ROWS), "float32", scope="local")
+        lane_acc = T.alloc_buffer((1, LANE_ROWS), "float32")
         first_group, task_groups = T.meta_var(task_share(task, lane_tasks, row_groups))
         if n >= TOKENS:  # (the unpacked rows' buffers are workspace calls: prefill only)
-            words = T.alloc_buffer((1, chunks * 8 * LANE_ROWS), "int32", scope="local")
-            row_scale = T.alloc_buffer((1, chunks * LANE_ROWS), "float32", scope="local")
-            row_offset = T.alloc_buffer((1, chunks * LANE_ROWS), "float32", scope="local")
-            row_multiplier = T.alloc_buffer((1, chunks * LANE_ROWS), "int32", scope="local")
+            words = T.alloc_buffer((1, chunks * 8 * LANE_ROWS), "int32")
+            row_scale = T.alloc_buffer((1, chunks * LANE_ROWS), "float32")
+            row_offset = T.alloc_buffer((1, chunks * LANE_ROWS), "float32")
+            row_multiplier = T.alloc_buffer((1, chunks * LANE_ROWS), "int32")
             scratch = T.meta_var(ScratchRows(words, row_scale, row_offset, row_multiplier))
             for tb in range((n + block_tokens - 1) // block_tokens):
                 for gi in range(task_groups):

@@ -216,9 +216,9 @@ def llamacpp_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool
         # Row groups in `tasks` parallel ranges; tokens `block_tokens` at a time (their activations stay in L2)
         # pass over each group in fours, the first four streaming its weights in.
         for task in T.parallel(tasks):
-            acc = T.alloc_buffer((QUAD * 9 * LANE_ROWS,), "float32", scope="local")
-            single = T.alloc_buffer((9 * LANE_ROWS,), "float32", scope="local")
-            scales = T.alloc_buffer((QUAD * chunks * LANE_ROWS,), "float32", scope="local")
+            acc = T.alloc_buffer((QUAD * 9 * LANE_ROWS,), "float32")
+            single = T.alloc_buffer((9 * LANE_ROWS,), "float32")
+            scales = T.alloc_buffer((QUAD * chunks * LANE_ROWS,), "float32")
             first_group, task_groups = T.meta_var(task_share(task, tasks, row_groups))
             for tb in range((n + block_tokens - 1) // block_tokens):
                 for gi in range(task_groups):

@@ -216,8 +216,8 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> RowMatmul
         x_sum = T.alloc_buffer((capacity, supers * sums_per_super), "int32")
         quantize_q8_k(x, xq, x_scale, x_sum, n, supers, sums_per_super)
         for task in T.parallel(tasks):
-            acc = T.alloc_buffer((64,), "float32", scope="local")
-            isum = T.alloc_buffer((8 * QUAD + 64,), "int32", scope="local")
+            acc = T.alloc_buffer((64,), "float32")
+            isum = T.alloc_buffer((8 * QUAD + 64,), "int32")
             first_group, task_groups = T.meta_var(task_share(task, tasks, row_groups))
             for tb in range((n + block_tokens - 1) // block_tokens):
                 for gi in range(task_groups):

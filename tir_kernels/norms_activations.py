@@ -32,7 +32,7 @@ def rms_norm_kernel(hidden: int, eps: float) -> tirx.PrimFunc:
         x = T.match_buffer(var_x, (n, hidden), "float32")
         y = T.match_buffer(var_y, (n, hidden), "float32")
         for r in T.parallel(n):
-            total = T.alloc_buffer((1,), "float64", scope="local")
+            total = T.alloc_buffer((1,), "float64")
             total[0] = T.float64(0)
             for i in range(hidden):
                 total[0] = total[0] + T.Cast("float64", x[r, i] * x[r, i])

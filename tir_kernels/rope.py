@@ -97,10 +97,10 @@ def split_rotary(spec: RopeSpec) -> tirx.PrimFunc:
         v = T.match_buffer(var_v, (seq_len, num_kv_heads, head_dim), dtype)
         position_map = T.match_buffer(var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset)
         for s in T.parallel(seq_len):
-            cos = T.alloc_buffer((half,), "float32", scope="local")
-            sin = T.alloc_buffer((half,), "float32", scope="local")
+            cos = T.alloc_buffer((half,), "float32")
+            sin = T.alloc_buffer((half,), "float32")
             if llamacpp:
-                angle_now = T.alloc_buffer((1,), "float32", scope="local")
+                angle_now = T.alloc_buffer((1,), "float32")
                 ggml_rope_cache(cos, sin, angle_now, position_map[s], half, theta_scale)
             else:
                 for i in range(half):
@@ -135,9 +135,9 @@ def neox_rope_kernel(heads: int, dim: int, theta: float, freq_scale: float = 1.0
         pos = T.match_buffer(var_pos, (n,), "int32")
         y = T.match_buffer(var_y, (n, heads, dim), "float32")
         for t in T.parallel(n):
-            cos = T.alloc_buffer((half,), "float32", scope="local")
-            sin = T.alloc_buffer((half,), "float32", scope="local")
-            angle = T.alloc_buffer((1,), "float32", scope="local")
+            cos = T.alloc_buffer((half,), "float32")
+            sin = T.alloc_buffer((half,), "float32")
+            angle = T.alloc_buffer((1,), "float32")
             ggml_rope_cache(cos, sin, angle, pos[t], half, theta_scale, freq_scale)
             for h in range(heads):
                 for i in T.vectorized(half):
