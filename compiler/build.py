@@ -75,8 +75,9 @@ def _uniform_noalias(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.
     of a library's functions before it emits any, so every kernel is emitted with the flag of the last one
     in symbol order: TVM's own `tree_attn_paged_kv_cpu`, which lacks it. LLVM then had to assume that each
     accumulator store might change the weights, and reloaded and re-decoded them for every token (Gemma 3's
-    Q5_0 prefill matmul ran 1.4x slower in the library than compiled alone). No kernel here is called with
-    one array in two arguments, so the flag is set on all of them, and the codegen's choice no longer
+    Q5_0 prefill matmul ran 1.4x slower in the library than compiled alone). No kernel here writes through
+    one argument memory it reads through another (TVM's KV cache passes several read-only views of one
+    buffer, which noalias allows), so the flag is set on all of them, and the codegen's choice no longer
     depends on which kernel sorts last.
     """
     for gv, func in list(mod.functions.items()):
