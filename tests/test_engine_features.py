@@ -227,6 +227,28 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_others_decode(artifac
         Engine(artifact("llama-q4"), prefill_chunk=eng.kernel_prefill_chunk + 1)
 
 
+def test_only_the_call_that_ends_a_prompt_computes_its_logits(artifact):
+    eng = Engine(artifact("llama-q4"))
+    forward, asked = eng._forward, []
+
+    def spy(fn, seq_ids, lengths, ids, *extra):
+        if fn is eng._prefill:
+            asked.append((list(lengths), len(extra[0])))  # tokens per sequence, logit rows
+        return forward(fn, seq_ids, lengths, ids, *extra)
+
+    long, short = eng.tokenizer.encode(LONG_PREFIX * 2), eng.tokenizer.encode("Hello there")
+    assert len(long) > 2 * eng.canonical_chunk
+    alone = [eng.prefill_logits([ids])[0] for ids in (long, short)]
+    eng._forward = spy
+    together = eng.prefill_logits([long, short])
+    # the short prompt ends in the first call, the long one in its last
+    chunks = -(-len(long) // eng.canonical_chunk)
+    assert asked == [([eng.canonical_chunk, len(short)], 1)] + [([eng.canonical_chunk], 0)] * (chunks - 2) + [
+        ([len(long) - (chunks - 1) * eng.canonical_chunk], 1)
+    ]
+    np.testing.assert_array_equal(together, np.stack(alone))
+
+
 def test_running_out_of_kv_pages_preempts_and_recomputes_without_changing_results(artifact, no_cache_engine):
     eng = Engine(artifact("llama-q4"), kv_cache_tokens=96)  # 7 pages; each request grows to 4 of them
     greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, repetition_penalty=1.3)
