@@ -53,7 +53,16 @@ def _blocks(qtype: Q, rows: int, n_in: int, rng: np.random.Generator) -> np.ndar
 
 @pytest.mark.parametrize(
     ("qtype", "n_in", "n_out"),
-    [(Q.Q4_1, 96, 13), (Q.Q8_0, 64, 11), (Q.Q4_1, 4096, 17), (Q.Q5_0, 96, 13), (Q.Q4_K, 512, 13), (Q.Q6_K, 768, 11)],
+    [
+        (Q.Q4_1, 96, 13),
+        (Q.Q8_0, 64, 11),
+        (Q.Q4_1, 4096, 17),  # word passes in 7 segments of chunks, the last shorter
+        (Q.Q5_0, 96, 13),
+        (Q.Q5_0, 2080, 9),  # 4 segments
+        (Q.Q8_0, 1600, 10),  # 4 segments
+        (Q.Q4_K, 512, 13),
+        (Q.Q6_K, 768, 11),
+    ],
 )
 @pytest.mark.parametrize("vnni", [False, True])
 def test_matmul_is_ggml_vec_dot(qtype: Q, n_in: int, n_out: int, vnni: bool):

@@ -48,6 +48,8 @@ from tir_kernels.simd import (
 )
 
 Q = GGMLQuantizationType
+L1_ROW_BYTES = 24 * 1024  # a row group's bytes (weights, activations, scales) the word passes read from L1
+SEGMENT_BYTES = 8 * 1024  # the bytes of one segment where a row group's are more
 # Block types whose llama.cpp AVX2 matmul this module (or matmul_llamacpp_kquants.py) reproduces (Q4_0 is repacked
 # by llama.cpp into kernels of another order).
 EXACT_TYPES = {Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K}
@@ -85,6 +87,11 @@ def llamacpp_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool
     tasks = min(TASKS, row_groups)
     gb = lay.group_bytes
     block_tokens = max(TOKENS, LANE_ACTIVATION_BYTES // n_in)  # tokens that pass over a row group at a time
+    # The word passes of four tokens go over the chunks in segments that stay in L1 (weights, activations,
+    # scales): all at once where the whole row fits, else segments of about SEGMENT_BYTES, of equal size.
+    chunk_bytes = gb + QUAD * (CHUNK + 4 * LANE_ROWS)
+    segments = 1 if chunks * chunk_bytes <= L1_ROW_BYTES else -(-chunks * chunk_bytes // SEGMENT_BYTES)
+    segment = -(-chunks // segments)
     ones = tirx.Broadcast(tirx.const(1, "int16"), 16)
     zeros = tirx.Broadcast(tirx.const(0, "int32"), LANE_ROWS)
     # Q5_0's codes taken as w + 16 (Q8_0's as w + 128 measured 7% slower in prefill: its decode is one load)
@@ -164,31 +171,49 @@ def llamacpp_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool
         store_rows(y, t, g, n_out, result, acc, 0)
 
     @T.macro
+    def word_step(data, xq, g, t0, count, acc, scales, c, m):
+        """Chunk c into the lane-m accumulators of `count` tokens; the first pass asks for the weights
+        STREAM_AHEAD bytes on."""
+        if m == 0:
+            for line in T.unroll((gb + 63) // 64):
+                T.evaluate(prefetch(data, g, c * gb + STREAM_AHEAD + line * 64))
+        for i in T.unroll(count):
+            acc[T.Ramp((i * 9 + m) * LANE_ROWS, 1, LANE_ROWS)] = fma(
+                rows(scales, (i * chunks + c) * LANE_ROWS),
+                word_sums(data, g, c, m, xq, t0 + i).astype("float32x8"),
+                rows(acc, (i * 9 + m) * LANE_ROWS),
+            )
+
+    @T.macro
     def group_times_tokens(y, data, xq, x_scale, x_sum, g, t0, count, acc, scales):
         """y[t0 .. t0+count, g*8 .. g*8+7] (rows past n_out not stored). llama.cpp keeps, per row and token, 8
         float accumulators (lane m sums columns 4m..4m+3 of every block) and the min terms; here word m is
         one pass over the chunks in which each of the `count` tokens' lane-m accumulators of 8 rows takes
         each chunk in turn, so a word's codes are decoded once for all tokens. acc: [count, 9, 8] (lanes,
-        then mins), scales: [count, chunks, 8] the rows' d_w * d_x. The first pass asks for the weights
-        STREAM_AHEAD bytes on."""
+        then mins), scales: [count, chunks, 8] the rows' d_w * d_x.
+
+        Where a row group's weights and activations do not stay in L1 for 8 passes (4096 columns of Q4_1: 20
+        KB of weights and 16 KB of activations; 68 -> 40 GMAC/s), the 8 passes go over one segment of chunks
+        after the other (each accumulator still takes the chunks in order)."""
         for i in T.unroll(count):
             for c in range(chunks):
                 scales[T.Ramp((i * chunks + c) * LANE_ROWS, 1, LANE_ROWS)] = halves(data, g, c, 0) * T.Broadcast(
                     x_scale[t0 + i, c], LANE_ROWS
                 )
-        for m in T.unroll(8):
-            for i in T.unroll(count):
-                acc[T.Ramp((i * 9 + m) * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(T.float32(0), LANE_ROWS)
-            for c in range(chunks):
-                if m == 0:
-                    for line in T.unroll((gb + 63) // 64):
-                        T.evaluate(prefetch(data, g, c * gb + STREAM_AHEAD + line * 64))
+        if segments == 1:
+            for m in T.unroll(8):
                 for i in T.unroll(count):
-                    acc[T.Ramp((i * 9 + m) * LANE_ROWS, 1, LANE_ROWS)] = fma(
-                        rows(scales, (i * chunks + c) * LANE_ROWS),
-                        word_sums(data, g, c, m, xq, t0 + i).astype("float32x8"),
-                        rows(acc, (i * 9 + m) * LANE_ROWS),
-                    )
+                    acc[T.Ramp((i * 9 + m) * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(T.float32(0), LANE_ROWS)
+                for c in range(chunks):
+                    word_step(data, xq, g, t0, count, acc, scales, c, m)
+        else:
+            for i in T.unroll(count):
+                for m in T.unroll(8):
+                    acc[T.Ramp((i * 9 + m) * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(T.float32(0), LANE_ROWS)
+            for part in range(segments):
+                for m in T.unroll(8):
+                    for step in range(T.min(segment, chunks - part * segment)):
+                        word_step(data, xq, g, t0, count, acc, scales, part * segment + step, m)
         for i in T.unroll(count):
             acc[T.Ramp((i * 9 + 8) * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(T.float32(0), LANE_ROWS)
             if lay.minimum is not None:
