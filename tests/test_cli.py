@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -202,10 +203,24 @@ def test_compile_help_names_every_scheme():
     assert all(name in help_text for name in [*SCHEMES, "gguf"])
 
 
+def _default_sigint() -> None:
+    """A terminal's SIGINT: a test run started in the background of a script inherits SIGINT ignored (POSIX),
+    and Python then installs no KeyboardInterrupt handler, so Ctrl-C at the chat's prompt would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(args: list[str]):
     """A process on a pseudo-terminal, as a user would run it; returns once it shows the chat prompt."""
     pexpect = pytest.importorskip("pexpect", reason="pexpect (the test extra) drives the chat on a terminal")
-    child = pexpect.spawn(sys.executable, args, cwd=str(ROOT), encoding="utf-8", timeout=120, dimensions=(50, 500))
+    child = pexpect.spawn(
+        sys.executable,
+        args,
+        cwd=str(ROOT),
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(50, 500),
+        preexec_fn=_default_sigint,
+    )
     child.expect_exact(">>> ")
     return child
 
