@@ -625,14 +625,14 @@ class Engine:
         self, requests: list[Request], lengths: list[int], every_position: bool, wanted: list[bool] | None = None
     ) -> list[np.ndarray]:
         """batch_prefill's inputs after the token ids and before the adapter scalings. Logits at every position,
-        or at the last token of each request that `wanted` marks (default: all). A chunk that does not end its
-        prompt needs none, and a large vocabulary's head costs as much as many layers (Gemma 3: 7.7 ms of a
-        128-token prompt's 300 at 1 thread)."""
+        or at the last token of each request that `wanted` marks. A chunk that does not end its prompt needs
+        none, and a large vocabulary's head costs as much as many layers (Gemma 3: 7.7 ms of a 128-token
+        prompt's 300 at 1 thread)."""
         ends = np.cumsum(lengths)
         if every_position:
             positions = np.arange(ends[-1], dtype="int32")
         else:
-            positions = (ends - 1 if wanted is None else (ends - 1)[np.asarray(wanted, bool)]).astype("int32")
+            positions = (ends - 1)[np.asarray(wanted, bool)].astype("int32")
         extra = [positions]
         if self.rope_switch_length:  # each token's whole prompt length (see rope_switch_length)
             extra.append(np.repeat([len(r.prompt_ids) for r in requests], lengths).astype("int32"))
@@ -648,7 +648,7 @@ class Engine:
     ) -> np.ndarray:
         """Logits of one batch_prefill (`prefill`) or batch_decode call over `chunks`, the next tokens of each of
         `requests` (with `every_position`, prefill's at every token, else at the last of each request that
-        `wanted` marks, default all). With adapter slots, X-LoRA requests' scaling-pass sequences take the same
+        `wanted` marks). With adapter slots, X-LoRA requests' scaling-pass sequences take the same
         tokens first, in a call of their own: its final hidden states give those tokens' scalings."""
         fn = self._prefill if prefill else self._decode
 

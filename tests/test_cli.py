@@ -238,7 +238,7 @@ def ctrl_c_at_the_prompt(child, answer=">>> ") -> None:
     """Ctrl-C at the chat's prompt until the chat shows `answer` (a fresh prompt, or pexpect.EOF: it quit).
     CPython's readline checks for a signal only when its select() is interrupted: a SIGINT that lands while it
     is still drawing the prompt or echoing a key waits for the next signal (a person cannot type that fast; a
-    test on a loaded machine can: seen twice in CI). A repeat is harmless: a pending SIGINT and another one are
+    test on a loaded machine can: seen once in CI). A repeat is harmless: a pending SIGINT and another one are
     handled once (Python keeps one flag per signal)."""
     import time
 

@@ -194,7 +194,8 @@ def llamacpp_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool
 
         Where a row group's weights and activations do not stay in L1 for 8 passes (4096 columns of Q4_1: 20
         KB of weights and 16 KB of activations; 68 -> 40 GMAC/s), the 8 passes go over one segment of chunks
-        after the other (each accumulator still takes the chunks in order)."""
+        after the other (each accumulator still takes the chunks in order). A row that fits keeps its single
+        loop nest: the segment loop around it measured ~4% slower on SmolLM2's batch-8 decode."""
         for i in T.unroll(count):
             for c in range(chunks):
                 scales[T.Ramp((i * chunks + c) * LANE_ROWS, 1, LANE_ROWS)] = halves(data, g, c, 0) * T.Broadcast(
