@@ -23,7 +23,7 @@ from tir_kernels.matmul_int8 import int8_rows
 from tir_kernels.matmul_llamacpp import EXACT_TYPES, llamacpp_rows
 from tir_kernels.numerics import Numerics
 from tir_kernels.repack import INTERLEAVED, group_rows, interleave_rows
-from tir_kernels.simd import has_avx2, has_vnni
+from tir_kernels.simd import has_avx2, has_vnni, vector_registers
 
 Q = GGMLQuantizationType
 
@@ -32,14 +32,22 @@ class Int8Rows:
     """How an int8-activation kernel holds one [out, in] matrix of GGUF blocks: the kernel's body (shared by a
     dense layer and each expert of a mixture), the packed array's shape, and the repacking of the file's rows."""
 
-    def __init__(self, fmt: BlockFormat, in_features: int, out_features: int, numerics: Numerics, vnni: bool):
+    def __init__(
+        self,
+        fmt: BlockFormat,
+        in_features: int,
+        out_features: int,
+        numerics: Numerics,
+        vnni: bool,
+        vector_registers: int = 16,
+    ):
         self.fmt, self.in_features, self.out_features, self.numerics = fmt, in_features, out_features, numerics
         llamacpp = numerics == Numerics.LLAMACPP
         # Some types are read with 8 rows' blocks interleaved (the same bits, reordered).
         self.interleaved = fmt.qtype in (EXACT_TYPES if llamacpp else INTERLEAVED)
         row_bytes = fmt.row_bytes(in_features)
         if llamacpp:
-            self.rows = llamacpp_rows(fmt.qtype, in_features, out_features, vnni)
+            self.rows = llamacpp_rows(fmt.qtype, in_features, out_features, vnni, vector_registers)
         else:
             self.rows = int8_rows(fmt.qtype, in_features, out_features, row_bytes, self.interleaved)
         self.shape = self.rows.data_shape
@@ -70,12 +78,13 @@ class GGUFLinear(PackedModule):
         int8_activations: bool,
         numerics: Numerics = Numerics.MLCC,
         vnni: bool = False,
+        vector_registers: int = 16,
     ):
         self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
         # llama.cpp's own order of operations is that of its int8 kernels; `vnni`: the target has `vpdpbusd`
         self.int8 = None
         if int8_activations and dtype == "float32":
-            self.int8 = Int8Rows(fmt, in_features, out_features, numerics, vnni)
+            self.int8 = Int8Rows(fmt, in_features, out_features, numerics, vnni, vector_registers)
         shape = self.int8.shape if self.int8 else (out_features, fmt.row_bytes(in_features))
         self.q_data = nn.Parameter(shape, "uint8")
         self.bias = nn.Parameter((out_features,), dtype) if bias else None
@@ -118,9 +127,12 @@ class GGUFExperts(PackedModule):
         int8_activations: bool = False,
         numerics: Numerics = Numerics.MLCC,
         vnni: bool = False,
+        vector_registers: int = 16,
     ):
         self.fmt, self.num_experts, self.in_features, self.out_features = fmt, num_experts, in_features, out_features
-        self.int8 = Int8Rows(fmt, in_features, out_features, numerics, vnni) if int8_activations else None
+        self.int8 = None
+        if int8_activations:
+            self.int8 = Int8Rows(fmt, in_features, out_features, numerics, vnni, vector_registers)
         rows, width = self.int8.shape if self.int8 else (out_features, fmt.row_bytes(in_features))
         self.q_data = nn.Parameter((num_experts * rows, width), "uint8")
         self.run = 16  # float decode: columns decoded per (vector) inner loop, 16 consecutive share a block's bytes
@@ -194,6 +206,7 @@ class GGUFNativeScheme(QuantScheme):
         self.rows = rows or {}  # each tensor's rows, where known
         self.elements = elements or {}  # each tensor's element count in the file, where known
         self.int8_activations = self.vnni = False  # decided per target by `prepare`
+        self.vector_registers = 16
         counts: dict[str, int] = {}
         for t in tensor_types.values():
             counts[t.name] = counts.get(t.name, 0) + 1
@@ -204,6 +217,7 @@ class GGUFNativeScheme(QuantScheme):
     def prepare(self, target: Target) -> None:
         self.int8_activations = self.activations == "q8" and has_avx2(target)
         self.vnni = self.int8_activations and has_vnni(target)
+        self.vector_registers = vector_registers(target)
         matrices = set(self.tensor_types.values()) - FLOAT_TYPES
         # llama.cpp repacks Q4_K (the kernels mlcc follows) only in whole groups of 8 rows
         repacked = all(self.rows.get(name, 0) % 8 == 0 for name, t in self.tensor_types.items() if t == Q.Q4_K)
@@ -247,6 +261,7 @@ class GGUFNativeScheme(QuantScheme):
                         scheme.int8_activations,
                         scheme.numerics,
                         scheme.vnni,
+                        scheme.vector_registers,
                     )
                 if isinstance(node, nn.Embedding):
                     num, dim = (int(d) for d in node.weight.shape)
@@ -260,6 +275,7 @@ class GGUFNativeScheme(QuantScheme):
                         scheme.int8_activations,
                         scheme.numerics,
                         scheme.vnni,
+                        scheme.vector_registers,
                     )
                 return self.visit(name, node)
 

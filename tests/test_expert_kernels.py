@@ -41,13 +41,13 @@ def random_blocks(rng: np.random.Generator, qtype: GGMLQuantizationType, rows: i
 @pytest.mark.parametrize(("qtype", "numerics"), CASES, ids=lambda c: c.name if isinstance(c, Q) else c.value)
 def test_grouped_rows_equal_the_dense_kernel_per_expert(qtype: GGMLQuantizationType, numerics: Numerics):
     from compiler.targets import _host_llvm
-    from tir_kernels.simd import has_avx2, has_vnni
+    from tir_kernels.simd import has_avx2, has_vnni, vector_registers
 
     target = _host_llvm()
     if not has_avx2(target):
         pytest.skip("the int8 kernels need an x86 CPU with AVX2")
     rng = np.random.default_rng(qtype.value)
-    layout = Int8Rows(BlockFormat(qtype), COLS, ROWS, numerics, has_vnni(target))
+    layout = Int8Rows(BlockFormat(qtype), COLS, ROWS, numerics, has_vnni(target), vector_registers(target))
     blocks = [random_blocks(rng, qtype, ROWS) for _ in range(EXPERTS)]
     packed = [layout.pack(b) for b in blocks]
     grouped = grouped_rows_kernel(EXPERTS, layout.rows, TOP_K).with_attr("global_symbol", "grouped")

@@ -50,6 +50,11 @@ from tir_kernels.simd import (
 Q = GGMLQuantizationType
 L1_ROW_BYTES = 24 * 1024  # a row group's bytes (weights, activations, scales) the word passes read from L1
 SEGMENT_BYTES = 8 * 1024  # the bytes of one segment where a row group's are more
+# Words of a chunk that one pass over a row group's chunks takes with 32 vector registers, per block type: each
+# pass keeps 4 tokens x words accumulators, independent chains of fused multiply-adds. 1 thread, 4 / 64 tokens:
+# Q5_0 640x2048 4 words 88 / 1339 us vs 1 word 109 / 1689; Q8_0 576x49152 (SmolLM2's head, 4 tokens) 3.09 vs
+# 4.20 ms, 640x2048 within 4%; Q4_1 576x1536 4 words 10% slower. (With 16 registers more words are slower.)
+WORDS_PER_PASS = {Q.Q4_1: 1, Q.Q5_0: 4, Q.Q8_0: 4}
 # Block types whose llama.cpp AVX2 matmul this module (or matmul_llamacpp_kquants.py) reproduces (Q4_0 is repacked
 # by llama.cpp into kernels of another order).
 EXACT_TYPES = {Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K}
@@ -60,13 +65,17 @@ def _u8(value: int | tirx.PrimExpr) -> tirx.PrimExpr:
 
 
 @functools.cache
-def llamacpp_matmul(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool = False) -> tirx.PrimFunc:
+def llamacpp_matmul(
+    qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool = False, vector_registers: int = 16
+) -> tirx.PrimFunc:
     """`llamacpp_rows`' kernel: llama.cpp's own numbers for a dense layer."""
-    return llamacpp_rows(qtype, n_in, n_out, vnni).kernel
+    return llamacpp_rows(qtype, n_in, n_out, vnni, vector_registers).kernel
 
 
 @functools.cache
-def llamacpp_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool = False) -> RowMatmul:
+def llamacpp_rows(
+    qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool = False, vector_registers: int = 16
+) -> RowMatmul:
     """y[t, o] = sum_k x[t, k] * W[o, k] exactly as llama.cpp's AVX2 build computes it, W in
     `tir_kernels.repack.group_rows` form.
 
@@ -77,7 +86,8 @@ def llamacpp_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool
     instead of `pmaddubsw` + `pmaddwd` (the same integers: no pair of products here reaches int16's limit),
     and Q5_0's signed codes w enter it as w + 16, unsigned, with the accumulator starting at -16 times the
     activations' sum over the word's 4 columns (computed once per token): the same integer sums as |w| times
-    x with w's sign, without the sign, absolute-value and subtract instructions.
+    x with w's sign, without the sign, absolute-value and subtract instructions. `vector_registers`: with 32
+    (AVX-512), a pass of 4 tokens over a row group's chunks takes several words at once (`WORDS_PER_PASS`).
     """
     if qtype in SUPER_LAYOUTS:
         return kquant_rows(qtype, n_in, n_out)
@@ -96,6 +106,8 @@ def llamacpp_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool
     zeros = tirx.Broadcast(tirx.const(0, "int32"), LANE_ROWS)
     # Q5_0's codes taken as w + 16 (Q8_0's as w + 128 measured 7% slower in prefill: its decode is one load)
     offset = 16 if vnni and qtype == Q.Q5_0 else None
+    words = WORDS_PER_PASS[qtype] if vnni and vector_registers >= 32 else 1
+    passes = 8 // words  # word p's pass also takes words p + passes, p + 2 * passes, ...
 
     def halves(data, g, c, at: int) -> tirx.PrimExpr:
         """8 float16 values of chunk c (the rows' scales or mins) as float32x8."""
@@ -171,29 +183,31 @@ def llamacpp_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool
         store_rows(y, t, g, n_out, result, acc, 0)
 
     @T.macro
-    def word_step(data, xq, g, t0, count, acc, scales, c, m):
-        """Chunk c into the lane-m accumulators of `count` tokens; the first pass asks for the weights
-        STREAM_AHEAD bytes on."""
-        if m == 0:
+    def word_step(data, xq, g, t0, count, acc, scales, c, p):
+        """Chunk c into the accumulators of words p, p + passes, ... of `count` tokens; the first pass asks for
+        the weights STREAM_AHEAD bytes on."""
+        if p == 0:
             for line in T.unroll((gb + 63) // 64):
                 T.evaluate(prefetch(data, g, c * gb + STREAM_AHEAD + line * 64))
-        for i in T.unroll(count):
-            acc[T.Ramp((i * 9 + m) * LANE_ROWS, 1, LANE_ROWS)] = fma(
-                rows(scales, (i * chunks + c) * LANE_ROWS),
-                word_sums(data, g, c, m, xq, t0 + i).astype("float32x8"),
-                rows(acc, (i * 9 + m) * LANE_ROWS),
-            )
+        for w in T.unroll(words):
+            for i in T.unroll(count):
+                acc[T.Ramp((i * 9 + p + w * passes) * LANE_ROWS, 1, LANE_ROWS)] = fma(
+                    rows(scales, (i * chunks + c) * LANE_ROWS),
+                    word_sums(data, g, c, p + w * passes, xq, t0 + i).astype("float32x8"),
+                    rows(acc, (i * 9 + p + w * passes) * LANE_ROWS),
+                )
 
     @T.macro
     def group_times_tokens(y, data, xq, x_scale, x_sum, g, t0, count, acc, scales):
         """y[t0 .. t0+count, g*8 .. g*8+7] (rows past n_out not stored). llama.cpp keeps, per row and token, 8
-        float accumulators (lane m sums columns 4m..4m+3 of every block) and the min terms; here word m is
-        one pass over the chunks in which each of the `count` tokens' lane-m accumulators of 8 rows takes
-        each chunk in turn, so a word's codes are decoded once for all tokens. acc: [count, 9, 8] (lanes,
+        float accumulators (lane m sums columns 4m..4m+3 of every block) and the min terms; here word m (with
+        `words` > 1, words m, m + passes, ...) is one pass over the chunks in which each of the `count` tokens'
+        lane-m accumulators of 8 rows takes each chunk in turn, so a word's codes are decoded once for all
+        tokens. acc: [count, 9, 8] (lanes,
         then mins), scales: [count, chunks, 8] the rows' d_w * d_x.
 
         Where a row group's weights and activations do not stay in L1 for 8 passes (4096 columns of Q4_1: 20
-        KB of weights and 16 KB of activations; 68 -> 40 GMAC/s), the 8 passes go over one segment of chunks
+        KB of weights and 16 KB of activations; 68 -> 40 GMAC/s), the passes go over one segment of chunks
         after the other (each accumulator still takes the chunks in order). A row that fits keeps its single
         loop nest: the segment loop around it measured ~4% slower on SmolLM2's batch-8 decode."""
         for i in T.unroll(count):
@@ -202,19 +216,22 @@ def llamacpp_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool
                     x_scale[t0 + i, c], LANE_ROWS
                 )
         if segments == 1:
-            for m in T.unroll(8):
-                for i in T.unroll(count):
-                    acc[T.Ramp((i * 9 + m) * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(T.float32(0), LANE_ROWS)
+            for p in T.unroll(passes):
+                for w in T.unroll(words):
+                    for i in T.unroll(count):
+                        acc[T.Ramp((i * 9 + p + w * passes) * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(
+                            T.float32(0), LANE_ROWS
+                        )
                 for c in range(chunks):
-                    word_step(data, xq, g, t0, count, acc, scales, c, m)
+                    word_step(data, xq, g, t0, count, acc, scales, c, p)
         else:
             for i in T.unroll(count):
                 for m in T.unroll(8):
                     acc[T.Ramp((i * 9 + m) * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(T.float32(0), LANE_ROWS)
             for part in range(segments):
-                for m in T.unroll(8):
+                for p in T.unroll(passes):
                     for step in range(T.min(segment, chunks - part * segment)):
-                        word_step(data, xq, g, t0, count, acc, scales, part * segment + step, m)
+                        word_step(data, xq, g, t0, count, acc, scales, part * segment + step, p)
         for i in T.unroll(count):
             acc[T.Ramp((i * 9 + 8) * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(T.float32(0), LANE_ROWS)
             if lay.minimum is not None:

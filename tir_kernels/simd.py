@@ -119,6 +119,11 @@ def has_avx2(target: tvm.target.Target) -> bool:
     return target.kind.name == "llvm" and bool(codegen.target_has_features("avx2", target))
 
 
+def vector_registers(target: tvm.target.Target) -> int:
+    """The vector registers kernels may keep accumulators in: 32 with AVX-512 (also for 256-bit vectors), else 16."""
+    return 32 if has_avx2(target) and codegen.target_has_features("avx512f", target) else 16
+
+
 def has_vnni(target: tvm.target.Target) -> bool:
     """`vpdpbusd` on 256-bit vectors (AVX512-VNNI with AVX512-VL, or AVX-VNNI): pmaddubsw + pmaddwd in one."""
 
