@@ -61,7 +61,9 @@ def _blocks(qtype: Q, rows: int, n_in: int, rng: np.random.Generator) -> np.ndar
         (Q.Q5_0, 2080, 9),  # 4 segments
         (Q.Q8_0, 1600, 10),  # 4 segments
         (Q.Q4_K, 512, 13),
+        (Q.Q4_K, 4096, 9),  # 70 tokens: a block of 64, then a quad and 2 through the GEMV
         (Q.Q6_K, 768, 11),
+        (Q.Q6_K, 4096, 9),
     ],
 )
 @pytest.mark.parametrize(("vnni", "registers"), [(False, 16), (True, 16), (True, 32)], ids=["avx2", "vnni", "vnni32"])

@@ -53,14 +53,16 @@ def _pairs_to_int16(v: tirx.PrimExpr) -> tirx.PrimExpr:
 
 
 @functools.cache
-def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> RowMatmul:
-    """y[t, o] = sum_k x[t, k] * W[o, k] as llama.cpp's AVX2 build computes it, W in `repack.group_rows` form."""
+def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool = False) -> RowMatmul:
+    """y[t, o] = sum_k x[t, k] * W[o, k] as llama.cpp's AVX2 build computes it, W in `repack.group_rows` form.
+    `vnni`: Q4_K's sums of a chunk's 8 words (tiled Q6_K's of a sub-block's 4) in a chain of `vpdpbusd`, then
+    times the sub-block's scale: the same integers as pmaddubsw, int16 adds and pmaddwd."""
     lay = SUPER_LAYOUTS[qtype]
     q6 = qtype == Q.Q6_K
     supers = n_in // SUPER_BLOCK
     row_groups = -(-n_out // LANE_ROWS)
     tasks = min(TASKS, row_groups)
-    block_tokens = max(TOKENS, LANE_ACTIVATION_BYTES // n_in)
+    block_tokens = max(TOKENS, LANE_ACTIVATION_BYTES // n_in) // QUAD * QUAD  # quads never straddle blocks
     sums_per_super = 16 if q6 else 8  # activation sums per super-block: Q6_K per 16 columns, Q4_K per 32
 
     def load(data, g, at, lanes: int) -> tirx.PrimExpr:
@@ -90,9 +92,22 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> RowMatmul
         xb = tirx.reinterpret("int8x32", tirx.Broadcast(x4, LANE_ROWS))
         return llvm_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", codes(data, g, base, c, m), xb)
 
+    def word_dots(data, g, base, c, words, xq, t, s) -> tirx.PrimExpr:
+        """int32x8: each row's codes times the activations over the given words of chunk c, one `vpdpbusd` each."""
+        total = tirx.Broadcast(tirx.const(0, "int32"), LANE_ROWS)
+        for m in words:
+            x4 = tirx.BufferLoad(xq, [t, tirx.Ramp(s * SUPER_BLOCK + c * CHUNK + 4 * m, 1, 4)])
+            xb = tirx.reinterpret("int8x32", tirx.Broadcast(tirx.reinterpret("int32", x4), LANE_ROWS))
+            total = llvm_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", total, codes(data, g, base, c, m), xb)
+        return total
+
     def chunk_lanes(data, g, base, c, xq, t, s) -> tirx.PrimExpr:
         """int32 sums of chunk c: Q4_K one per row (x8; its 8 words' int16 pair sums add up without overflow,
         8 * 2 * 15 * 127 < 2^15), Q6_K the 8 lanes of each row (lane L of 8 rows at 8L)."""
+        if not q6 and vnni:
+            return word_dots(data, g, base, c, range(8), xq, t, s) * row_bytes(
+                data, g, base + lay.sub_scales + 8 * c, "int32"
+            )
         if not q6:
             scales = _pairs_to_int16(row_bytes(data, g, base + lay.sub_scales + 8 * c, "int16"))
             return llvm_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", tree_sum([pairs(data, g, base, c, m, xq, t, s)
@@ -173,6 +188,10 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> RowMatmul
         """Q6_K: int32x8, each row's sum over chunk c of its codes times token t's activations times the
         sub-block scales (the 8 lanes of `chunk_lanes` added up). Two words of one 16-column sub-block add up
         in int16 before their scale (2 * 2 * 63 * 127 < 2^15)."""
+        if vnni:  # each 16-column sub-block's 4 words in one chain
+            subs = [base + lay.sub_scales + 8 * (2 * c + h) for h in range(2)]
+            sums = [word_dots(data, g, base, c, range(4 * h, 4 * h + 4), xq, t, s) for h in range(2)]
+            return sums[0] * row_bytes(data, g, subs[0], "int32") + sums[1] * row_bytes(data, g, subs[1], "int32")
         lanes = []
         for m in range(0, 8, 2):
             sub = base + lay.sub_scales + 8 * (2 * c + m // 4)
@@ -210,6 +229,32 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> RowMatmul
             store_rows(y, t0 + u, g, n_out, acc[T.Ramp(8 * u, 1, 8)], acc, 8 * u)
 
     @T.macro
+    def q4k_tiled_quad(y, data, xq, x_scale, x_sum, g, t0, acc):
+        """y[t0 .. t0+3, g*8 .. g*8+7] by llama.cpp's Q4_K GEMM, as group_times_token computes it with `tiled`,
+        the 4 tokens in one loop body so that each word's codes are decoded once for all. acc: token u's sums at
+        16u, its mins at 16u + 8."""
+        acc[T.Ramp(0, 1, 16 * QUAD)] = T.Broadcast(T.float32(0), 16 * QUAD)
+        for s in range(supers):
+            base = T.meta_var(s * lay.size)
+            for p in T.unroll(4):
+                for u in T.unroll(QUAD):
+                    scale = T.meta_var(halves(data, g, base) * T.Broadcast(x_scale[t0 + u, s], LANE_ROWS))
+                    minimum = T.meta_var(halves(data, g, base + lay.minimum))
+                    lanes = T.meta_var(
+                        chunk_lanes(data, g, base, 2 * p, xq, t0 + u, s)
+                        + chunk_lanes(data, g, base, 2 * p + 1, xq, t0 + u, s)
+                    )
+                    acc[T.Ramp(16 * u, 1, 8)] = fma(lanes.astype("float32x8"), scale, acc[T.Ramp(16 * u, 1, 8)])
+                    acc[T.Ramp(16 * u + 8, 1, 8)] = fma(
+                        offsets(data, g, base, x_sum, t0 + u, s, p).astype("float32x8"),
+                        minimum * T.Broadcast(x_scale[t0 + u, s], LANE_ROWS),
+                        acc[T.Ramp(16 * u + 8, 1, 8)],
+                    )
+        for u in T.unroll(QUAD):
+            acc[T.Ramp(16 * u, 1, 8)] = acc[T.Ramp(16 * u, 1, 8)] - acc[T.Ramp(16 * u + 8, 1, 8)]
+            store_rows(y, t0 + u, g, n_out, acc[T.Ramp(16 * u, 1, 8)], acc, 16 * u)
+
+    @T.macro
     def body(x, data, y, n, capacity):
         xq = T.alloc_buffer((capacity, n_in), "int8")
         x_scale = T.alloc_buffer((capacity, supers), "float32")
@@ -234,9 +279,11 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> RowMatmul
                         else:
                             for t in range(first, first + count):
                                 group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, False)
-                    else:
-                        for t in range(first, first + count):
-                            tiled = T.meta_var(t < n - n % 4)
-                            group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, tiled)
+                    else:  # llama.cpp's GEMM for all but the batch's last n % 4 tokens, its GEMV for those
+                        for q in range(count // QUAD):
+                            q4k_tiled_quad(y, data, xq, x_scale, x_sum, group, first + q * QUAD, acc)
+                        for r in range(count % QUAD):
+                            t = T.meta_var(first + count // QUAD * QUAD + r)
+                            group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, False)
 
     return RowMatmul(body, n_in, n_out, (row_groups, supers * lay.size))
