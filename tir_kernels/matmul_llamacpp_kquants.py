@@ -38,6 +38,7 @@ from tir_kernels.simd import (
     fma,
     lane_sum,
     llvm_intrin,
+    prefetch,
     store_rows,
     task_share,
     tree_sum,
@@ -45,6 +46,10 @@ from tir_kernels.simd import (
 )
 
 Q = GGMLQuantizationType
+# Bytes ahead of the chunk being multiplied that each chunk asks for, a few lines at a time: Q6_K's one-token
+# kernel read 6.8 GB/s from memory with the hardware prefetcher alone (its codes are two interleaved streams),
+# 22-26 GB/s so; the whole next super-blocks asked for at once did not help (6-10 GB/s).
+AHEAD = 1536
 
 
 def _pairs_to_int16(v: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -132,6 +137,14 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool =
                  for L in range(8)]  # fmt: skip
         return concat(lanes) * tirx.Broadcast(tirx.const(32, "int32"), 64)
 
+    chunk_bytes = lay.size // 8  # a super-block's bytes per chunk, on average
+
+    @T.macro
+    def stream(data, g, base, c, chunks: int):
+        """Ask for the weights AHEAD bytes past `chunks` chunks' share of super-block `base` from chunk c."""
+        for line in T.unroll(-(-chunks * chunk_bytes // 64)):
+            T.evaluate(prefetch(data, g, base + AHEAD + c * chunk_bytes + line * 64))
+
     @T.macro
     def group_times_token(y, data, xq, x_scale, x_sum, g, t, acc, isum, tiled):
         """y[t, g*8 .. g*8+7]; acc: the float accumulators (Q4_K: sums at 0, mins at 8; Q6_K: lane L at 8L),
@@ -145,6 +158,7 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool =
             if q6:
                 isum[T.Ramp(0, 1, 64)] = T.Broadcast(T.int32(0), 64)
                 for c in range(8):
+                    stream(data, g, base, c, 1)
                     isum[T.Ramp(0, 1, 64)] = isum[T.Ramp(0, 1, 64)] + chunk_lanes(data, g, base, c, xq, t, s)
                 isum[T.Ramp(0, 1, 64)] = isum[T.Ramp(0, 1, 64)] - offsets(data, g, base, x_sum, t, s)
                 if tiled:
@@ -160,6 +174,7 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool =
                 min_scale = T.meta_var(halves(data, g, base + lay.minimum) * T.Broadcast(x_scale[t, s], LANE_ROWS))
                 isum[T.Ramp(0, 1, 16)] = T.Broadcast(T.int32(0), 16)
                 for p in T.unroll(4):
+                    stream(data, g, base, 2 * p, 2)
                     isum[T.Ramp(16, 1, 8)] = chunk_lanes(data, g, base, 2 * p, xq, t, s) + chunk_lanes(
                         data, g, base, 2 * p + 1, xq, t, s
                     )
@@ -212,6 +227,7 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool =
             base = T.meta_var(s * lay.size)
             isum[T.Ramp(0, 1, 8 * QUAD)] = T.Broadcast(T.int32(0), 8 * QUAD)
             for c in range(8):
+                stream(data, g, base, c, 1)
                 isum[T.Ramp(0, 1, 8 * QUAD)] = isum[T.Ramp(0, 1, 8 * QUAD)] + concat(
                     [chunk_total(data, g, base, c, xq, t0 + u, s) for u in range(QUAD)]
                 )
@@ -237,6 +253,7 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool =
         for s in range(supers):
             base = T.meta_var(s * lay.size)
             for p in T.unroll(4):
+                stream(data, g, base, 2 * p, 2)
                 for u in T.unroll(QUAD):
                     scale = T.meta_var(halves(data, g, base) * T.Broadcast(x_scale[t0 + u, s], LANE_ROWS))
                     minimum = T.meta_var(halves(data, g, base + lay.minimum))
