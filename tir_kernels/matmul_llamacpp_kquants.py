@@ -46,7 +46,7 @@ from tir_kernels.simd import (
 )
 
 Q = GGMLQuantizationType
-# Bytes ahead of the chunk being multiplied that each chunk asks for, a few lines at a time: Q6_K's one-token
+# Bytes ahead of the chunk being multiplied that each Q6_K chunk asks for, a few lines at a time: its one-token
 # kernel read 6.8 GB/s from memory with the hardware prefetcher alone (its codes are two interleaved streams),
 # 22-26 GB/s so; the whole next super-blocks asked for at once did not help (6-10 GB/s).
 AHEAD = 1536
@@ -140,9 +140,10 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool =
     chunk_bytes = lay.size // 8  # a super-block's bytes per chunk, on average
 
     @T.macro
-    def stream(data, g, base, c, chunks: int):
-        """Ask for the weights AHEAD bytes past `chunks` chunks' share of super-block `base` from chunk c."""
-        for line in T.unroll(-(-chunks * chunk_bytes // 64)):
+    def stream(data, g, base, c):
+        """Ask for the weights AHEAD bytes past chunk c's share of super-block `base` (Q6_K only: Q4_K's single
+        stream of codes the hardware prefetcher follows, and asking as well made memory-bound decode slower)."""
+        for line in T.unroll(-(-chunk_bytes // 64)):
             T.evaluate(prefetch(data, g, base + AHEAD + c * chunk_bytes + line * 64))
 
     @T.macro
@@ -158,7 +159,7 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool =
             if q6:
                 isum[T.Ramp(0, 1, 64)] = T.Broadcast(T.int32(0), 64)
                 for c in range(8):
-                    stream(data, g, base, c, 1)
+                    stream(data, g, base, c)
                     isum[T.Ramp(0, 1, 64)] = isum[T.Ramp(0, 1, 64)] + chunk_lanes(data, g, base, c, xq, t, s)
                 isum[T.Ramp(0, 1, 64)] = isum[T.Ramp(0, 1, 64)] - offsets(data, g, base, x_sum, t, s)
                 if tiled:
@@ -174,7 +175,6 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool =
                 min_scale = T.meta_var(halves(data, g, base + lay.minimum) * T.Broadcast(x_scale[t, s], LANE_ROWS))
                 isum[T.Ramp(0, 1, 16)] = T.Broadcast(T.int32(0), 16)
                 for p in T.unroll(4):
-                    stream(data, g, base, 2 * p, 2)
                     isum[T.Ramp(16, 1, 8)] = chunk_lanes(data, g, base, 2 * p, xq, t, s) + chunk_lanes(
                         data, g, base, 2 * p + 1, xq, t, s
                     )
@@ -227,7 +227,7 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool =
             base = T.meta_var(s * lay.size)
             isum[T.Ramp(0, 1, 8 * QUAD)] = T.Broadcast(T.int32(0), 8 * QUAD)
             for c in range(8):
-                stream(data, g, base, c, 1)
+                stream(data, g, base, c)
                 isum[T.Ramp(0, 1, 8 * QUAD)] = isum[T.Ramp(0, 1, 8 * QUAD)] + concat(
                     [chunk_total(data, g, base, c, xq, t0 + u, s) for u in range(QUAD)]
                 )
@@ -253,7 +253,6 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool =
         for s in range(supers):
             base = T.meta_var(s * lay.size)
             for p in T.unroll(4):
-                stream(data, g, base, 2 * p, 2)
                 for u in T.unroll(QUAD):
                     scale = T.meta_var(halves(data, g, base) * T.Broadcast(x_scale[t0 + u, s], LANE_ROWS))
                     minimum = T.meta_var(halves(data, g, base + lay.minimum))
