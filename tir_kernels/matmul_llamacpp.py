@@ -90,7 +90,7 @@ def llamacpp_rows(
     (AVX-512), a pass of 4 tokens over a row group's chunks takes several words at once (`WORDS_PER_PASS`).
     """
     if qtype in SUPER_LAYOUTS:
-        return kquant_rows(qtype, n_in, n_out, vnni)
+        return kquant_rows(qtype, n_in, n_out, vnni, vector_registers)
     lay = GROUP_LAYOUTS[qtype]
     chunks = n_in // CHUNK
     row_groups = -(-n_out // LANE_ROWS)

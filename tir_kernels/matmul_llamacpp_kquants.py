@@ -58,16 +58,20 @@ def _pairs_to_int16(v: tirx.PrimExpr) -> tirx.PrimExpr:
 
 
 @functools.cache
-def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool = False) -> RowMatmul:
+def kquant_rows(
+    qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool = False, vector_registers: int = 16
+) -> RowMatmul:
     """y[t, o] = sum_k x[t, k] * W[o, k] as llama.cpp's AVX2 build computes it, W in `repack.group_rows` form.
     `vnni`: Q4_K's sums of a chunk's 8 words (tiled Q6_K's of a sub-block's 4) in a chain of `vpdpbusd`, then
-    times the sub-block's scale: the same integers as pmaddubsw, int16 adds and pmaddwd."""
+    times the sub-block's scale: the same integers as pmaddubsw, int16 adds and pmaddwd. With 32 vector
+    registers Q4_K's GEMM takes tokens in fours (each word decoded once for four)."""
     lay = SUPER_LAYOUTS[qtype]
     q6 = qtype == Q.Q6_K
     supers = n_in // SUPER_BLOCK
     row_groups = -(-n_out // LANE_ROWS)
     tasks = min(TASKS, row_groups)
     block_tokens = max(TOKENS, LANE_ACTIVATION_BYTES // n_in) // QUAD * QUAD  # quads never straddle blocks
+    q4k_quads = not q6 and vector_registers >= 32
     sums_per_super = 16 if q6 else 8  # activation sums per super-block: Q6_K per 16 columns, Q4_K per 32
 
     def load(data, g, at, lanes: int) -> tirx.PrimExpr:
@@ -295,11 +299,15 @@ def kquant_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool =
                         else:
                             for t in range(first, first + count):
                                 group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, False)
-                    else:  # llama.cpp's GEMM for all but the batch's last n % 4 tokens, its GEMV for those
+                    elif q4k_quads:  # llama.cpp's GEMM for all but the batch's last n % 4 tokens, its GEMV for those
                         for q in range(count // QUAD):
                             q4k_tiled_quad(y, data, xq, x_scale, x_sum, group, first + q * QUAD, acc)
                         for r in range(count % QUAD):
                             t = T.meta_var(first + count // QUAD * QUAD + r)
                             group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, False)
+                    else:
+                        for t in range(first, first + count):
+                            tiled = T.meta_var(t < n - n % 4)
+                            group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, tiled)
 
     return RowMatmul(body, n_in, n_out, (row_groups, supers * lay.size))
