@@ -203,8 +203,7 @@ def llamacpp_rows(
         float accumulators (lane m sums columns 4m..4m+3 of every block) and the min terms; here word m (with
         `words` > 1, words m, m + passes, ...) is one pass over the chunks in which each of the `count` tokens'
         lane-m accumulators of 8 rows takes each chunk in turn, so a word's codes are decoded once for all
-        tokens. acc: [count, 9, 8] (lanes,
-        then mins), scales: [count, chunks, 8] the rows' d_w * d_x.
+        tokens. acc: [count, 9, 8] (lanes, then mins), scales: [count, chunks, 8] the rows' d_w * d_x.
 
         Where a row group's weights and activations do not stay in L1 for 8 passes (4096 columns of Q4_1: 20
         KB of weights and 16 KB of activations; 68 -> 40 GMAC/s), the passes go over one segment of chunks

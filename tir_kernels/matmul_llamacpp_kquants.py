@@ -95,20 +95,27 @@ def kquant_rows(
         bits = load(data, g, base + lay.high + c * 64 + 32 * (m % 2), 32) >> u8x32(2 * (m // 2))
         return low | ((bits & u8x32(3)) << u8x32(4))
 
+    def word_activations(xq, t, s, c, m: int) -> tirx.PrimExpr:
+        """int8x32: token t's activations in columns 4m..4m+3 of chunk c of super-block s, once per row."""
+        x4 = tirx.reinterpret("int32", tirx.BufferLoad(xq, [t, tirx.Ramp(s * SUPER_BLOCK + c * CHUNK + 4 * m, 1, 4)]))
+        return tirx.reinterpret("int8x32", tirx.Broadcast(x4, LANE_ROWS))
+
     def pairs(data, g, base, c, m: int, xq, t, s) -> tirx.PrimExpr:
         """int16x16: each row's codes times the activations, columns 4m..4m+3 of chunk c summed in pairs."""
-        x4 = tirx.reinterpret("int32", tirx.BufferLoad(xq, [t, tirx.Ramp(s * SUPER_BLOCK + c * CHUNK + 4 * m, 1, 4)]))
-        xb = tirx.reinterpret("int8x32", tirx.Broadcast(x4, LANE_ROWS))
+        xb = word_activations(xq, t, s, c, m)
         return llvm_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", codes(data, g, base, c, m), xb)
 
     def word_dots(data, g, base, c, words, xq, t, s) -> tirx.PrimExpr:
         """int32x8: each row's codes times the activations over the given words of chunk c, one `vpdpbusd` each."""
         total = tirx.Broadcast(tirx.const(0, "int32"), LANE_ROWS)
         for m in words:
-            x4 = tirx.BufferLoad(xq, [t, tirx.Ramp(s * SUPER_BLOCK + c * CHUNK + 4 * m, 1, 4)])
-            xb = tirx.reinterpret("int8x32", tirx.Broadcast(tirx.reinterpret("int32", x4), LANE_ROWS))
+            xb = word_activations(xq, t, s, c, m)
             total = llvm_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", total, codes(data, g, base, c, m), xb)
         return total
+
+    def scaled(data, g, at, x_scale, t, s) -> tirx.PrimExpr:
+        """float32x8: the rows' float16 factor at `at` (d, or Q4_K's dmin) times token t's scale of super-block s."""
+        return halves(data, g, at) * tirx.Broadcast(x_scale[t, s], LANE_ROWS)
 
     def chunk_lanes(data, g, base, c, xq, t, s) -> tirx.PrimExpr:
         """int32 sums of chunk c: Q4_K one per row (x8; its 8 words' int16 pair sums add up without overflow,
@@ -159,7 +166,7 @@ def kquant_rows(
         acc[T.Ramp(0, 1, 64)] = T.Broadcast(T.float32(0), 64)
         for s in range(supers):
             base = T.meta_var(s * lay.size)
-            scale = T.meta_var(halves(data, g, base) * T.Broadcast(x_scale[t, s], LANE_ROWS))
+            scale = T.meta_var(scaled(data, g, base, x_scale, t, s))
             if q6:
                 isum[T.Ramp(0, 1, 64)] = T.Broadcast(T.int32(0), 64)
                 for c in range(8):
@@ -176,7 +183,7 @@ def kquant_rows(
                         concat([scale] * 8), isum[T.Ramp(0, 1, 64)].astype("float32x64"), acc[T.Ramp(0, 1, 64)]
                     )
             else:
-                min_scale = T.meta_var(halves(data, g, base + lay.minimum) * T.Broadcast(x_scale[t, s], LANE_ROWS))
+                min_scale = T.meta_var(scaled(data, g, base + lay.minimum, x_scale, t, s))
                 isum[T.Ramp(0, 1, 16)] = T.Broadcast(T.int32(0), 16)
                 for p in T.unroll(4):
                     isum[T.Ramp(16, 1, 8)] = chunk_lanes(data, g, base, 2 * p, xq, t, s) + chunk_lanes(
@@ -258,16 +265,16 @@ def kquant_rows(
             base = T.meta_var(s * lay.size)
             for p in T.unroll(4):
                 for u in T.unroll(QUAD):
-                    scale = T.meta_var(halves(data, g, base) * T.Broadcast(x_scale[t0 + u, s], LANE_ROWS))
-                    minimum = T.meta_var(halves(data, g, base + lay.minimum))
                     lanes = T.meta_var(
                         chunk_lanes(data, g, base, 2 * p, xq, t0 + u, s)
                         + chunk_lanes(data, g, base, 2 * p + 1, xq, t0 + u, s)
                     )
-                    acc[T.Ramp(16 * u, 1, 8)] = fma(lanes.astype("float32x8"), scale, acc[T.Ramp(16 * u, 1, 8)])
+                    acc[T.Ramp(16 * u, 1, 8)] = fma(
+                        lanes.astype("float32x8"), scaled(data, g, base, x_scale, t0 + u, s), acc[T.Ramp(16 * u, 1, 8)]
+                    )
                     acc[T.Ramp(16 * u + 8, 1, 8)] = fma(
                         offsets(data, g, base, x_sum, t0 + u, s, p).astype("float32x8"),
-                        minimum * T.Broadcast(x_scale[t0 + u, s], LANE_ROWS),
+                        scaled(data, g, base + lay.minimum, x_scale, t0 + u, s),
                         acc[T.Ramp(16 * u + 8, 1, 8)],
                     )
         for u in T.unroll(QUAD):
