@@ -126,7 +126,7 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
     `vec_kq`: K.q in the former order (also where tinyBLAS declines: a head size not a multiple of 8).
     probs[slot]: room for the scores of `length` keys rounded up to 8."""
     q16 = T.decl_buffer((dim,), "float32")
-    acc = T.decl_buffer((32, dim), "float32")  # P.V partial sums
+    acc = T.decl_buffer((32, dim), "float32")  # P.V partial sums (one token)
     dots = T.decl_buffer((4, LANES), "float32")  # K.q partial sums
     score = T.alloc_buffer((1,), "float32")
     peak = T.alloc_buffer((1,), "float32")
@@ -170,20 +170,31 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
     for c in range((length + LANES - 1) // LANES):
         span = T.meta_var(T.Ramp(c * LANES, 1, LANES))
         probs[slot, span] = (probs[slot, span] * T.Broadcast(inverse, LANES)).astype("float16x8").astype("float32x8")
-    slots = T.meta_var(T.if_then_else(single, 32, LANES))
-    for j, d in T.grid(32, dim):
-        acc[j, d] = T.float32(0)
-    for i in range(length):
+    if single:  # ggml_vec_dot_f16's order: element d of key i into slot i % 32
+        for j, d in T.grid(32, dim):
+            acc[j, d] = T.float32(0)
+        for i in range(length):
+            for dv in range(dim // LANES):
+                part = T.meta_var(T.Ramp(dv * LANES, 1, LANES))
+                value = T.meta_var(keys.values(keys.locate(i), dv * LANES))
+                acc[i % 32, part] = fma(T.Broadcast(probs[slot, i], LANES), value, acc[i % 32, part])
         for dv in range(dim // LANES):
             part = T.meta_var(T.Ramp(dv * LANES, 1, LANES))
-            value = T.meta_var(keys.values(keys.locate(i), dv * LANES))
-            acc[i % slots, part] = fma(T.Broadcast(probs[slot, i], LANES), value, acc[i % slots, part])
-    for dv in range(dim // LANES):
-        part = T.meta_var(T.Ramp(dv * LANES, 1, LANES))
-        if single:
             output[row, head, part] = _f16_dot_reduce_slots(acc, part)
-        else:
-            output[row, head, part] = _hsum8_slots(acc, part)
+    else:  # tinyBLAS's order: lane l of element d's chain takes keys 8c + l; 8 elements' chains side by side
+        for block in range(dim // LANES):
+            sums = T.alloc_buffer((LANES, LANES), "float32", scope="local")
+            for j in T.unroll(LANES):
+                sums[j, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+            for c in range((length + LANES - 1) // LANES):
+                weights = T.meta_var(probs[slot, T.Ramp(c * LANES, 1, LANES)])
+                for j in T.unroll(LANES):
+                    sums[j, T.Ramp(0, 1, LANES)] = fma(
+                        weights, keys.values_by_dim(block * LANES + j, c * LANES), sums[j, T.Ramp(0, 1, LANES)]
+                    )
+            output[row, head, T.Ramp(block * LANES, 1, LANES)] = _hsum8_each(
+                [sums[j, T.Ramp(0, 1, LANES)] for j in range(LANES)]
+            )
     lse[row, head] = peak[0] * T.float32(LOG2E) + T.log2(T.Cast("float32", weight[0]))
 
 
@@ -207,9 +218,10 @@ def _f16_dot_reduce_slots(acc: tirx.Buffer, part: tirx.PrimExpr) -> tirx.PrimExp
     return (t[0] + t[1]) + (t[2] + t[3])
 
 
-def _hsum8_slots(acc: tirx.Buffer, part: tirx.PrimExpr) -> tirx.PrimExpr:
-    """hsum8 for every element of `part` at once: slot l is lane l."""
-    return lane_sum([acc[i, part] for i in range(LANES)])
+def _hsum8_each(rows: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """[hsum8(rows[0]), ..., hsum8(rows[7])]: the 8 x 8 block transposed, then its rows added lane by lane."""
+    columns = [tirx.Shuffle(rows, [tirx.IntImm("int32", LANES * j + i) for j in range(LANES)]) for i in range(LANES)]
+    return lane_sum(columns)
 
 
 def _f16_dot_reduce(parts: list[tirx.PrimExpr]) -> tirx.PrimExpr:
@@ -342,8 +354,9 @@ class RaggedKeys:
     """Keys and values of one sequence and KV head given as ragged [tokens, heads, dim] arrays; a key's
     location is its token index."""
 
-    def __init__(self, k, v, first, kv_head, q_scaled):
+    def __init__(self, k, v, first, kv_head, q_scaled, v_by_dim=None):
         self.k_rows, self.v, self.first, self.kv_head, self.q_scaled = k, v, first, kv_head, q_scaled
+        self.v_by_dim = v_by_dim  # [kv_head, dim, token]: V transposed (llama.cpp numerics)
 
     def locate(self, i):
         return self.first + i
@@ -353,6 +366,11 @@ class RaggedKeys:
 
     def values(self, loc, d):
         return tirx.BufferLoad(self.v, [loc, self.kv_head, tirx.Ramp(d, 1, LANES)]).astype(f"float32x{LANES}")
+
+    def values_by_dim(self, d, i):
+        """Element d of the values of keys i .. i + LANES."""
+        at = tirx.Cast("int64", self.first + i)
+        return tirx.BufferLoad(self.v_by_dim, [self.kv_head, d, tirx.Ramp(at, tirx.const(1, "int64"), LANES)])
 
 
 def decode_attention(
@@ -475,7 +493,7 @@ def prefill_ragged_attention(
         rope_theta: T.float32,
         sm_scale: T.float32,
     ):
-        T.func_attr({"tirx.is_scheduled": True})
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         batch_size = T.int32()
         qo_len = T.int32()
         kv_len = T.int32()
@@ -501,6 +519,13 @@ def prefill_ragged_attention(
         _rows_to_sequences(q_indptr, batch_size, sequence_of)
         if llamacpp:
             scores_of = T.alloc_buffer((qo_len * h_q, kv_len + LANES), "float32")  # each task's scores
+            # V transposed for P.V's chains over keys; its last 8 columns zero (weight 0 past a sequence's end)
+            v_by_dim = T.alloc_buffer((h_kv, d_v, T.Cast("int64", kv_len) + LANES), "float32")
+            for hd in T.parallel(h_kv * d_v):
+                for i in range(kv_len):
+                    v_by_dim[hd // d_v, hd % d_v, i] = T.Cast("float32", v[i, hd // d_v, hd % d_v])
+                for i in range(LANES):
+                    v_by_dim[hd // d_v, hd % d_v, kv_len + i] = T.float32(0)
             for order in T.parallel(qo_len * h_q):
                 task: T.let[T.int32] = _balanced(order, qo_len * h_q)
                 row: T.let[T.int32] = task // h_q
@@ -509,7 +534,8 @@ def prefill_ragged_attention(
                 q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                 k_len: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
                 length: T.let[T.int32] = T.if_then_else(causal > 0, k_len - q_len + (row - q_indptr[b]) + 1, k_len)
-                keys = T.meta_var(RaggedKeys(k, v, kv_indptr[b], head // group, None))
+                start: T.let[T.int32] = kv_indptr[b]
+                keys = T.meta_var(RaggedKeys(k, v, start, head // group, None, v_by_dim))
                 single = T.meta_var(q_len == 1)
                 _attend_ggml(
                     q,

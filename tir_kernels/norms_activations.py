@@ -2,7 +2,7 @@
 ggml_vec_swiglu_f32, ggml_vec_geglu_f32), each a row-wise kernel and the nn module that runs it in place of
 the model's own (compiler/numerics.py swaps them in for llama.cpp numerics):
 
-- RMSNorm: the sum of squares in float64, one element at a time.
+- RMSNorm: the sum of squares in float64, one element at a time (8 rows side by side, one in each lane).
 - SwiGLU: silu(g) * u with ggml's vector exp (`ggml_v_expf`), libm's expf for a row's last n % 8 elements.
 - GeGLU: ggml's table of GeLU-tanh at every float16 (libm's tanhf, rounded to float16; a constant of the
   compiled library) at x rounded to float16, times u; 0 below -10 and x * u above 10.
@@ -21,9 +21,24 @@ from tir_kernels.ggml_math import gelu_f16_table, v_expf
 from tir_kernels.simd import LANES
 
 
+def _square(x: tirx.Buffer, row: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
+    """x[row, 8c .. 8c + 8] squared, in float32 as ggml squares."""
+    lanes = tirx.BufferLoad(x, [row, tirx.Ramp(c * LANES, 1, LANES)])
+    return lanes * lanes
+
+
+def _add_columns(total: tirx.PrimExpr, rows: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """total + column 0 + column 1 + ... of the 8 x 8 block `rows`, one column at a time, in float64."""
+    for i in range(LANES):
+        column = tirx.Shuffle(rows, [tirx.IntImm("int32", LANES * j + i) for j in range(LANES)])
+        total = total + column.astype("float64x8")
+    return total
+
+
 @functools.cache
 def rms_norm_kernel(hidden: int, eps: float) -> tirx.PrimFunc:
-    """ggml_rms_norm + ggml_mul: sum of squares in float64 in order, scale = 1 / sqrtf(mean + eps)."""
+    """ggml_rms_norm + ggml_mul: sum of squares in float64 in order, scale = 1 / sqrtf(mean + eps). A row's
+    sum is one chain of dependent adds: 8 rows go side by side (1 thread, 128 x 640: 73 -> 23 us)."""
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, weight: T.Buffer((hidden,), "float32"), var_y: T.handle):
@@ -31,15 +46,29 @@ def rms_norm_kernel(hidden: int, eps: float) -> tirx.PrimFunc:
         n = T.int64()
         x = T.match_buffer(var_x, (n, hidden), "float32")
         y = T.match_buffer(var_y, (n, hidden), "float32")
-        for r in T.parallel(n):
-            total = T.alloc_buffer((1,), "float64")
-            total[0] = T.float64(0)
-            for i in range(hidden):
-                total[0] = total[0] + T.Cast("float64", x[r, i] * x[r, i])
-            mean = T.meta_var(T.Cast("float32", total[0] / T.float64(hidden)))
-            scale = T.meta_var(T.float32(1) / T.sqrt(mean + T.float32(eps)))
-            for i in T.vectorized(hidden):
-                y[r, i] = x[r, i] * scale * weight[i]
+        for block in T.parallel((n + LANES - 1) // LANES):
+            total = T.alloc_buffer((LANES,), "float64")
+            if n - block * LANES >= LANES:  # 8 rows side by side: lane j sums row j's squares in order
+                total[T.Ramp(0, 1, LANES)] = T.Broadcast(T.float64(0), LANES)
+                for c in range(hidden // LANES):
+                    squares = T.meta_var([_square(x, block * LANES + j, c) for j in range(LANES)])
+                    total[T.Ramp(0, 1, LANES)] = _add_columns(total[T.Ramp(0, 1, LANES)], squares)
+                for i in range(hidden // LANES * LANES, hidden):
+                    for j in T.unroll(LANES):
+                        r = T.meta_var(block * LANES + j)
+                        total[j] = total[j] + T.Cast("float64", x[r, i] * x[r, i])
+            else:
+                for j in range(n - block * LANES):
+                    r = T.meta_var(block * LANES + j)
+                    total[j] = T.float64(0)
+                    for i in range(hidden):
+                        total[j] = total[j] + T.Cast("float64", x[r, i] * x[r, i])
+            for j in range(T.min(LANES, n - block * LANES)):
+                r = T.meta_var(block * LANES + j)
+                mean = T.meta_var(T.Cast("float32", total[j] / T.float64(hidden)))
+                scale = T.meta_var(T.float32(1) / T.sqrt(mean + T.float32(eps)))
+                for i in T.vectorized(hidden):
+                    y[r, i] = x[r, i] * scale * weight[i]
 
     return kernel
 
@@ -69,11 +98,23 @@ def swiglu_kernel(width: int) -> tirx.PrimFunc:
     return kernel
 
 
+def _geglu(x: tirx.PrimExpr, up: tirx.PrimExpr, table: tirx.Buffer, lanes: int) -> tirx.PrimExpr:
+    """GGML_GELU_FP16's gelu(x) * up for `lanes` elements: the table at x rounded to float16; 0 below -10,
+    x * up above 10."""
+    suffix = f"x{lanes}" if lanes > 1 else ""
+    bits = tirx.reinterpret(f"uint16{suffix}", x.astype(f"float16{suffix}")).astype(f"int32{suffix}")
+    gelu = tirx.BufferLoad(table, [bits]).astype(f"float32{suffix}")
+
+    def splat(value: float) -> tirx.PrimExpr:
+        return tirx.Broadcast(tirx.const(value, "float32"), lanes) if lanes > 1 else tirx.const(value, "float32")
+
+    return tirx.Select(x <= splat(-10), splat(0), tirx.Select(x >= splat(10), x * up, gelu * up))
+
 
 @functools.cache
 def geglu_kernel(width: int) -> tirx.PrimFunc:
     """ggml_vec_geglu_f32 per row (GGML_GELU_FP16): the float16 GeLU table at g rounded to float16, times u;
-    0 below -10, g * u above 10."""
+    0 below -10, g * u above 10. 8 elements at a time (1 thread, 128 x 2048: 270 -> 148 us)."""
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_g: T.handle, var_u: T.handle, table: T.Buffer((1 << 16,), "float16"), var_y: T.handle):
@@ -83,17 +124,13 @@ def geglu_kernel(width: int) -> tirx.PrimFunc:
         u = T.match_buffer(var_u, (n, width), "float32")
         y = T.match_buffer(var_y, (n, width), "float32")
         for r in T.parallel(n):
-            for i in range(width):
-                x = T.meta_var(g[r, i])
-                gelu = T.meta_var(table[T.Cast("int32", T.reinterpret("uint16", T.Cast("float16", x)))])
-                y[r, i] = T.Select(
-                    x <= T.float32(-10),
-                    T.float32(0),
-                    T.Select(x >= T.float32(10), x * u[r, i], T.Cast("float32", gelu) * u[r, i]),
-                )
+            for v in range(width // LANES):
+                lanes = T.meta_var(T.Ramp(v * LANES, 1, LANES))
+                y[r, lanes] = _geglu(g[r, lanes], u[r, lanes], table, LANES)
+            for i in range(width // LANES * LANES, width):
+                y[r, i] = _geglu(g[r, i], u[r, i], table, 1)
 
     return kernel
-
 
 
 def _rows_op(kernel: tirx.PrimFunc, name: str, inputs: list[Tensor], like: Tensor) -> Tensor:
@@ -128,4 +165,3 @@ class LlamaCppGeGLU(nn.Module):
     def forward(self, gate: Tensor, up: Tensor) -> Tensor:
         table = Tensor.from_const(gelu_f16_table())  # 128 KB, a constant of the compiled library
         return _rows_op(geglu_kernel(int(gate.shape[-1])), "geglu_llamacpp", [gate, up, table], gate)
-
