@@ -20,12 +20,16 @@ from tir_kernels.experts import ExpertLinear, grouped_matmul, grouped_rows_kerne
 from tir_kernels.gguf_blocks import FLOAT_TYPES, BlockFormat
 from tir_kernels.matmul_float import decoded_gather, decoded_matmul
 from tir_kernels.matmul_int8 import int8_rows
-from tir_kernels.matmul_llamacpp import EXACT_TYPES, llamacpp_rows
+from tir_kernels.matmul_llamacpp import CHUNK_SUM_OFFSETS, EXACT_TYPES, chunk_sum_rows, llamacpp_rows
 from tir_kernels.numerics import Numerics
 from tir_kernels.repack import INTERLEAVED, group_rows, interleave_rows
 from tir_kernels.simd import has_avx2, has_vnni, vector_registers
 
 Q = GGMLQuantizationType
+# Types whose llama.cpp-order kernels also serve mlcc's order: faster than `int8_rows` with or without VNNI
+# (1 thread, 128 tokens, x86-64-v3 / AVX-512 VNNI, GMAC/s: Q8_0 640x2048 47 vs 28 / 59 vs 33, Q4_K 2048x640
+# 69 vs 62 / 73 vs 54, Q6_K 2048x640 59 vs 32 / 71 vs 49; one token 2-3x).
+FAST_EXACT_TYPES = {Q.Q8_0, Q.Q4_K, Q.Q6_K}
 
 
 class Int8Rows:
@@ -42,22 +46,27 @@ class Int8Rows:
         vector_registers: int = 16,
     ):
         self.fmt, self.in_features, self.out_features, self.numerics = fmt, in_features, out_features, numerics
-        llamacpp = numerics == Numerics.LLAMACPP
-        # Some types are read with 8 rows' blocks interleaved (the same bits, reordered).
-        self.interleaved = fmt.qtype in (EXACT_TYPES if llamacpp else INTERLEAVED)
-        row_bytes = fmt.row_bytes(in_features)
-        if llamacpp:
-            self.rows = llamacpp_rows(fmt.qtype, in_features, out_features, vnni, vector_registers)
+        qtype = fmt.qtype
+        # The kernel: llama.cpp's order where asked; else (mlcc's order, any will do) the fastest measured:
+        # chunk sums on VNNI, llama.cpp's kernels for Q8_0 and the K-quants (faster than int8_rows with or
+        # without VNNI), int8_rows for the rest. Their weights: 8 rows side by side, the same bits reordered.
+        if numerics == Numerics.LLAMACPP:
+            self.rows = llamacpp_rows(qtype, in_features, out_features, vnni, vector_registers)
+            self.repack = group_rows if qtype in EXACT_TYPES else None
+        elif vnni and qtype in CHUNK_SUM_OFFSETS:
+            self.rows, self.repack = chunk_sum_rows(qtype, in_features, out_features), group_rows
+        elif qtype in FAST_EXACT_TYPES:
+            self.rows = llamacpp_rows(qtype, in_features, out_features, vnni, vector_registers)
+            self.repack = group_rows
         else:
-            self.rows = int8_rows(fmt.qtype, in_features, out_features, row_bytes, self.interleaved)
+            interleaved = qtype in INTERLEAVED
+            self.rows = int8_rows(qtype, in_features, out_features, fmt.row_bytes(in_features), interleaved)
+            self.repack = interleave_rows if interleaved else None
         self.shape = self.rows.data_shape
 
     def pack(self, rows: np.ndarray) -> np.ndarray:
         """The file's [out, row bytes] blocks in the kernel's order."""
-        if not self.interleaved:
-            return rows
-        repack = group_rows if self.numerics == Numerics.LLAMACPP else interleave_rows
-        return repack(rows, self.fmt.qtype)
+        return self.repack(rows, self.fmt.qtype) if self.repack else rows
 
 
 class GGUFLinear(PackedModule):

@@ -113,3 +113,43 @@ def test_int8_activation_matmul(qtype: GGMLQuantizationType, interleaved: bool, 
         assert exact.mean() > 0.999, f"{(~exact).sum()} of {exact.size} outputs differ"
         np.testing.assert_allclose(out.numpy(), expected, rtol=1e-2, atol=1e-3 * scale)
         assert np.abs(out.numpy() - x @ weights.T).max() > 0  # it really is the 8-bit computation
+
+
+@pytest.mark.parametrize("rows", [6, 21])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0], ids=lambda t: t.name)
+def test_chunk_sum_matmul(qtype: GGMLQuantizationType, rows: int):
+    """The VNNI kernels of mlcc's order (gguf-fast) equal llama.cpp's 8-bit activations times the weights:
+    each chunk's integer sum exact, scaled once (Q4_1/Q5_1's mins times the activations' float16 sums)."""
+    from ggml_reference import quantize_q8
+
+    from compiler.targets import _host_llvm
+    from tir_kernels.matmul_llamacpp import chunk_sum_rows
+    from tir_kernels.repack import group_rows
+    from tir_kernels.simd import has_vnni
+
+    target = _host_llvm()
+    if not has_vnni(target):
+        pytest.skip("the chunk-sum kernels need an x86 CPU with AVX-512 VNNI or AVX-VNNI")
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    cols = 512
+    rng = np.random.default_rng(qtype.value + rows)
+    raw = rng.integers(0, 256, size=(rows, cols // block, block_bytes), dtype=np.uint8)
+    for field in FLOAT16_FIELDS[qtype]:
+        raw[..., field + 1] &= 0xBB
+    weights = dequantize(raw.reshape(rows, -1), qtype).reshape(rows, cols // 32, 32).astype(np.float64)
+    mins = np.zeros((rows, cols // 32))
+    if qtype in (Q.Q4_1, Q.Q5_1):  # the float16 min of each block
+        mins = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+    kernel = chunk_sum_rows(qtype, cols, rows).kernel.with_attr("global_symbol", "k")
+    fn = tvm.compile(tvm.IRModule({"k": kernel}), target=target)
+    data = tvm.runtime.tensor(group_rows(raw.reshape(rows, -1), qtype))
+    # one token (decode), fewer than 4, quads and a remainder, more than a token block (LANE_ACTIVATION_BYTES)
+    for tokens in (1, 3, 11, 600):
+        x = rng.standard_normal((tokens, cols)).astype(np.float32)
+        x[tokens // 2, :64] = 0  # all-zero blocks have scale 0
+        d, q, s = quantize_q8(x)
+        expected = np.einsum("tcj,tc,ocj->to", q, d.astype(np.float64), weights - mins[..., None])
+        expected += s.astype(np.float64) @ mins.T
+        out = tvm.runtime.tensor(np.zeros((tokens, rows), np.float32))
+        fn["k"](tvm.runtime.tensor(x), data, out)
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

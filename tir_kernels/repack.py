@@ -2,7 +2,7 @@
 blocks side by side so that one 32-byte load holds one word (4 columns) of 8 rows (row r in lane r).
 
 Two orders: the InterleavedLayout (mlcc's kernels, tir_kernels/matmul_int8.py) and the GroupLayout / SuperLayout
-(llama.cpp's order, tir_kernels/matmul_llamacpp.py; Q4_1 and Q5_0 share the InterleavedLayout).
+(llama.cpp's order, tir_kernels/matmul_llamacpp.py; the 4- and 5-bit types share the InterleavedLayout).
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ INTERLEAVED = {
 @dataclass(frozen=True)
 class GroupLayout:
     """Byte offsets in a chunk of 8 rows stored side by side (8 * block bytes): the rows' float16 scales, their
-    float16 mins (Q4_1), Q5_0's high-bit plane (byte 4r + k: bit m is column 4m + k of row r), then 8 words of
-    32 bytes, word m holding the 8 rows' columns 4m..4m+3 (for Q4_1 and Q5_0 packed two words to a byte, word
-    m and m + 4, as the InterleavedLayout stores them)."""
+    float16 mins (Q4_1, Q5_1), the 5-bit types' high-bit plane (byte 4r + k: bit m is column 4m + k of row r),
+    then 8 words of 32 bytes, word m holding the 8 rows' columns 4m..4m+3 (the 4- and 5-bit types packed two
+    words to a byte, word m and m + 4: their InterleavedLayout)."""
 
     block_bytes: int
     minimum: int | None
@@ -62,8 +62,10 @@ class GroupLayout:
 
 
 GROUP_LAYOUTS = {
+    Q.Q4_0: GroupLayout(18, None, 16),
     Q.Q4_1: GroupLayout(20, 16, 32),
     Q.Q5_0: GroupLayout(22, None, 48, high=16),
+    Q.Q5_1: GroupLayout(24, 16, 64, high=32),
     Q.Q8_0: GroupLayout(34, None, 16),
 }
 
@@ -135,7 +137,7 @@ def group_rows(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     past n_out are zero)."""
     if qtype in SUPER_LAYOUTS:
         return _group_rows_k(raw, qtype)
-    if qtype in (Q.Q4_1, Q.Q5_0):
+    if qtype in INTERLEAVED:
         return interleave_rows(raw, qtype)
     block = BLOCKS[qtype]
     blocks = row_group_blocks(raw, block.size)  # [G, C, 8, bb]
