@@ -53,7 +53,10 @@ def _cpu_pipeline(
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     passes = (
-        [cpu_attention(window_size, rope, numerics, softcap)]  # TVM's CPU attention and RoPE kernels are serial, scalar
+        # one RoPE table per base and call, not one per head group and layer (identical pure calls merged)
+        [relax.transform.EliminateCommonSubexpr()]
+        # TVM's CPU attention and RoPE kernels are serial, scalar
+        + [cpu_attention(window_size, rope, numerics, softcap)]
         + [fast_gelu]  # libm's tanh is scalar
         + cpu_generic.library_dispatch_passes(target)
         # x @ permute_dims(W) as one kernel reading W's rows, not a transposed copy of W on every call.
