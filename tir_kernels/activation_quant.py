@@ -11,7 +11,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from tir_kernels.gguf_blocks import CHUNK, SUPER_BLOCK
-from tir_kernels.simd import f16_round
+from tir_kernels.simd import each_row, f16_round
 
 
 @T.macro
@@ -35,65 +35,77 @@ def _llamacpp_multiplier(amax: tirx.PrimExpr) -> tirx.PrimExpr:
 
 
 @T.macro
+def _quantize_mlcc_row(t, x, xq, by_token, by_chunk, n_in: int, super_block: bool):
+    block_columns = T.meta_var(SUPER_BLOCK if super_block else CHUNK)
+    for blk in range(n_in // block_columns):
+        amax = T.alloc_buffer((1,), "float32")
+        total = T.alloc_buffer((1,), "int32")
+        _absmax(x, t, blk * block_columns, block_columns, amax)
+        d = T.meta_var(_mlcc_scale(amax[0], super_block))
+        inv = T.meta_var(T.if_then_else(amax[0] > T.float32(0), T.float32(1) / d, T.float32(0)))
+        for k in range(block_columns // CHUNK):
+            c = T.meta_var(blk * (block_columns // CHUNK) + k)
+            total[0] = 0
+            for i in range(CHUNK):
+                xq[t, c * CHUNK + i] = T.Cast("int8", T.round(x[t, c * CHUNK + i] * inv))
+                total[0] = total[0] + T.Cast("int32", xq[t, c * CHUNK + i])
+            by_token[t, 0, c] = d
+            by_token[t, 1, c] = d * T.Cast("float32", total[0])
+            by_chunk[0, c, t] = by_token[t, 0, c]
+            by_chunk[1, c, t] = by_token[t, 1, c]
+
+
+@T.macro
 def quantize_mlcc(x, xq, by_token, by_chunk, n, n_in: int, super_block: bool):
     """Per block of 32 columns (scale max|x| / 127 as float16) or, for super-block types, of 256 (scale
     1 / (127 / max|x|) as float32); each 32-column chunk's scale and scaled code sum into by_token [n, 2,
     chunks] and by_chunk [2, chunks, n]."""
-    block_columns = T.meta_var(SUPER_BLOCK if super_block else CHUNK)
-    for t in T.parallel(n):
-        for blk in range(n_in // block_columns):
-            amax = T.alloc_buffer((1,), "float32")
-            total = T.alloc_buffer((1,), "int32")
-            _absmax(x, t, blk * block_columns, block_columns, amax)
-            d = T.meta_var(_mlcc_scale(amax[0], super_block))
-            inv = T.meta_var(T.if_then_else(amax[0] > T.float32(0), T.float32(1) / d, T.float32(0)))
-            for k in range(block_columns // CHUNK):
-                c = T.meta_var(blk * (block_columns // CHUNK) + k)
-                total[0] = 0
-                for i in range(CHUNK):
-                    xq[t, c * CHUNK + i] = T.Cast("int8", T.round(x[t, c * CHUNK + i] * inv))
-                    total[0] = total[0] + T.Cast("int32", xq[t, c * CHUNK + i])
-                by_token[t, 0, c] = d
-                by_token[t, 1, c] = d * T.Cast("float32", total[0])
-                by_chunk[0, c, t] = by_token[t, 0, c]
-                by_chunk[1, c, t] = by_token[t, 1, c]
+    each_row(n, _quantize_mlcc_row, (x, xq, by_token, by_chunk, n_in, super_block))
+
+
+@T.macro
+def _quantize_q8_0_row(t, x, xq, x_scale, x_sum, chunks: int):
+    for c in range(chunks):
+        amax = T.alloc_buffer((1,), "float32")
+        total = T.alloc_buffer((1,), "int32")
+        _absmax(x, t, c * CHUNK, CHUNK, amax)
+        d = T.meta_var(amax[0] / T.float32(127))
+        inv = T.meta_var(_llamacpp_multiplier(amax[0]))
+        total[0] = 0
+        for i in range(CHUNK):
+            xq[t, c * CHUNK + i] = T.Cast("int8", T.nearbyint(x[t, c * CHUNK + i] * inv))
+            total[0] = total[0] + T.Cast("int32", xq[t, c * CHUNK + i])
+        x_scale[t, c] = f16_round(d)
+        x_sum[t, c] = f16_round(d * T.Cast("float32", total[0]))
 
 
 @T.macro
 def quantize_q8_0(x, xq, x_scale, x_sum, n, chunks: int):
     """quantize_row_q8_0 / q8_1: d = max|x| / 127, q = round_half_even(x * (127 / max|x|)); x_scale [n,
     chunks] the float16 d, x_sum the float16 d * sum(q) (Q8_1's s), both as float32."""
-    for t in T.parallel(n):
-        for c in range(chunks):
-            amax = T.alloc_buffer((1,), "float32")
+    each_row(n, _quantize_q8_0_row, (x, xq, x_scale, x_sum, chunks))
+
+
+@T.macro
+def _quantize_q8_k_row(t, x, xq, x_scale, x_sum, supers: int, sums_per_super: int):
+    sum_width = T.meta_var(SUPER_BLOCK // sums_per_super)
+    for s in range(supers):
+        amax = T.alloc_buffer((1,), "float32")
+        _absmax(x, t, s * SUPER_BLOCK, SUPER_BLOCK, amax)
+        inv = T.meta_var(_llamacpp_multiplier(amax[0]))
+        for i in range(SUPER_BLOCK):
+            xq[t, s * SUPER_BLOCK + i] = T.Cast("int8", T.nearbyint(x[t, s * SUPER_BLOCK + i] * inv))
+        x_scale[t, s] = T.if_then_else(amax[0] != T.float32(0), T.float32(1) / inv, T.float32(0))
+        for k in range(sums_per_super):
             total = T.alloc_buffer((1,), "int32")
-            _absmax(x, t, c * CHUNK, CHUNK, amax)
-            d = T.meta_var(amax[0] / T.float32(127))
-            inv = T.meta_var(_llamacpp_multiplier(amax[0]))
             total[0] = 0
-            for i in range(CHUNK):
-                xq[t, c * CHUNK + i] = T.Cast("int8", T.nearbyint(x[t, c * CHUNK + i] * inv))
-                total[0] = total[0] + T.Cast("int32", xq[t, c * CHUNK + i])
-            x_scale[t, c] = f16_round(d)
-            x_sum[t, c] = f16_round(d * T.Cast("float32", total[0]))
+            for i in range(sum_width):
+                total[0] = total[0] + T.Cast("int32", xq[t, s * SUPER_BLOCK + k * sum_width + i])
+            x_sum[t, s * sums_per_super + k] = total[0]
 
 
 @T.macro
 def quantize_q8_k(x, xq, x_scale, x_sum, n, supers: int, sums_per_super: int):
     """quantize_row_q8_K: multiplier 127 / max|x|, codes rounded half to even, d = 1 / multiplier (x_scale
     [n, supers]); x_sum [n, supers * sums_per_super] the codes' integer sums per 256 / sums_per_super."""
-    sum_width = T.meta_var(SUPER_BLOCK // sums_per_super)
-    for t in T.parallel(n):
-        for s in range(supers):
-            amax = T.alloc_buffer((1,), "float32")
-            _absmax(x, t, s * SUPER_BLOCK, SUPER_BLOCK, amax)
-            inv = T.meta_var(_llamacpp_multiplier(amax[0]))
-            for i in range(SUPER_BLOCK):
-                xq[t, s * SUPER_BLOCK + i] = T.Cast("int8", T.nearbyint(x[t, s * SUPER_BLOCK + i] * inv))
-            x_scale[t, s] = T.if_then_else(amax[0] != T.float32(0), T.float32(1) / inv, T.float32(0))
-            for k in range(sums_per_super):
-                total = T.alloc_buffer((1,), "int32")
-                total[0] = 0
-                for i in range(sum_width):
-                    total[0] = total[0] + T.Cast("int32", xq[t, s * SUPER_BLOCK + k * sum_width + i])
-                x_sum[t, s * sums_per_super + k] = total[0]
+    each_row(n, _quantize_q8_k_row, (x, xq, x_scale, x_sum, supers, sums_per_super))

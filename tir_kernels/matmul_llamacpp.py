@@ -38,6 +38,7 @@ from tir_kernels.simd import (
     TASKS,
     TOKENS,
     concat,
+    each_row,
     fma,
     lane_sum,
     llvm_intrin,
@@ -343,8 +344,12 @@ def _int_sum(values: list[tirx.PrimExpr]) -> tirx.PrimExpr:
 
 
 @T.macro
+def _row_offsets(t, xq, x_offset, count: int, columns: int, offset: int):
+    for w in range(count):
+        x_offset[t, w] = -offset * _int_sum([xq[t, columns * w + k] for k in range(columns)])
+
+
+@T.macro
 def column_offsets(xq, x_offset, n, count: int, columns: int, offset: int):
     """x_offset[t, w] = -offset * (sum of token t's int8 activations in columns w * columns .. + columns)."""
-    for t in T.parallel(n):
-        for w in range(count):
-            x_offset[t, w] = -offset * _int_sum([xq[t, columns * w + k] for k in range(columns)])
+    each_row(n, _row_offsets, (xq, x_offset, count, columns, offset))

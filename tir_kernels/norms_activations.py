@@ -18,7 +18,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 
 from tir_kernels.ggml_math import gelu_f16_table, v_expf
-from tir_kernels.simd import LANES
+from tir_kernels.simd import LANES, each_row
 
 
 def _square(x: tirx.Buffer, row: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -40,35 +40,39 @@ def rms_norm_kernel(hidden: int, eps: float) -> tirx.PrimFunc:
     """ggml_rms_norm + ggml_mul: sum of squares in float64 in order, scale = 1 / sqrtf(mean + eps). A row's
     sum is one chain of dependent adds: 8 rows go side by side (1 thread, 128 x 640: 73 -> 23 us)."""
 
+    @T.macro
+    def rows_block(block, x, weight, y, n):
+        """Rows 8 block .. 8 block + 7."""
+        total = T.alloc_buffer((LANES,), "float64")
+        if n - block * LANES >= LANES:  # 8 rows side by side: lane j sums row j's squares in order
+            total[T.Ramp(0, 1, LANES)] = T.Broadcast(T.float64(0), LANES)
+            for c in range(hidden // LANES):
+                squares = T.meta_var([_square(x, block * LANES + j, c) for j in range(LANES)])
+                total[T.Ramp(0, 1, LANES)] = _add_columns(total[T.Ramp(0, 1, LANES)], squares)
+            for i in range(hidden // LANES * LANES, hidden):
+                for j in T.unroll(LANES):
+                    r = T.meta_var(block * LANES + j)
+                    total[j] = total[j] + T.Cast("float64", x[r, i] * x[r, i])
+        else:
+            for j in range(n - block * LANES):
+                r = T.meta_var(block * LANES + j)
+                total[j] = T.float64(0)
+                for i in range(hidden):
+                    total[j] = total[j] + T.Cast("float64", x[r, i] * x[r, i])
+        for j in range(T.min(LANES, n - block * LANES)):
+            r = T.meta_var(block * LANES + j)
+            mean = T.meta_var(T.Cast("float32", total[j] / T.float64(hidden)))
+            scale = T.meta_var(T.float32(1) / T.sqrt(mean + T.float32(eps)))
+            for i in T.vectorized(hidden):
+                y[r, i] = x[r, i] * scale * weight[i]
+
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, weight: T.Buffer((hidden,), "float32"), var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
         n = T.int64()
         x = T.match_buffer(var_x, (n, hidden), "float32")
         y = T.match_buffer(var_y, (n, hidden), "float32")
-        for block in T.parallel((n + LANES - 1) // LANES):
-            total = T.alloc_buffer((LANES,), "float64")
-            if n - block * LANES >= LANES:  # 8 rows side by side: lane j sums row j's squares in order
-                total[T.Ramp(0, 1, LANES)] = T.Broadcast(T.float64(0), LANES)
-                for c in range(hidden // LANES):
-                    squares = T.meta_var([_square(x, block * LANES + j, c) for j in range(LANES)])
-                    total[T.Ramp(0, 1, LANES)] = _add_columns(total[T.Ramp(0, 1, LANES)], squares)
-                for i in range(hidden // LANES * LANES, hidden):
-                    for j in T.unroll(LANES):
-                        r = T.meta_var(block * LANES + j)
-                        total[j] = total[j] + T.Cast("float64", x[r, i] * x[r, i])
-            else:
-                for j in range(n - block * LANES):
-                    r = T.meta_var(block * LANES + j)
-                    total[j] = T.float64(0)
-                    for i in range(hidden):
-                        total[j] = total[j] + T.Cast("float64", x[r, i] * x[r, i])
-            for j in range(T.min(LANES, n - block * LANES)):
-                r = T.meta_var(block * LANES + j)
-                mean = T.meta_var(T.Cast("float32", total[j] / T.float64(hidden)))
-                scale = T.meta_var(T.float32(1) / T.sqrt(mean + T.float32(eps)))
-                for i in T.vectorized(hidden):
-                    y[r, i] = x[r, i] * scale * weight[i]
+        each_row((n + LANES - 1) // LANES, rows_block, (x, weight, y, n))
 
     return kernel
 
@@ -78,6 +82,17 @@ def swiglu_kernel(width: int) -> tirx.PrimFunc:
     """ggml_vec_swiglu_f32 per row: ggml_v_silu(g) * u in 8-wide vectors, x / (1 + expf(-x)) * u for the rest."""
     vectors = width // LANES
 
+    @T.macro
+    def row(r, g, u, y):
+        for v in range(vectors):
+            lanes = T.meta_var(T.Ramp(v * LANES, 1, LANES))
+            gate = T.meta_var(g[r, lanes])
+            zero = T.meta_var(T.Broadcast(T.float32(0), LANES))
+            one = T.meta_var(T.Broadcast(T.float32(1), LANES))
+            y[r, lanes] = gate / (one + v_expf(zero - gate)) * u[r, lanes]
+        for i in range(vectors * LANES, width):
+            y[r, i] = g[r, i] / (T.float32(1) + T.exp(-g[r, i])) * u[r, i]
+
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_g: T.handle, var_u: T.handle, var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
@@ -85,15 +100,7 @@ def swiglu_kernel(width: int) -> tirx.PrimFunc:
         g = T.match_buffer(var_g, (n, width), "float32")
         u = T.match_buffer(var_u, (n, width), "float32")
         y = T.match_buffer(var_y, (n, width), "float32")
-        for r in T.parallel(n):
-            for v in range(vectors):
-                lanes = T.meta_var(T.Ramp(v * LANES, 1, LANES))
-                gate = T.meta_var(g[r, lanes])
-                zero = T.meta_var(T.Broadcast(T.float32(0), LANES))
-                one = T.meta_var(T.Broadcast(T.float32(1), LANES))
-                y[r, lanes] = gate / (one + v_expf(zero - gate)) * u[r, lanes]
-            for i in range(vectors * LANES, width):
-                y[r, i] = g[r, i] / (T.float32(1) + T.exp(-g[r, i])) * u[r, i]
+        each_row(n, row, (g, u, y))
 
     return kernel
 
@@ -116,6 +123,14 @@ def geglu_kernel(width: int) -> tirx.PrimFunc:
     """ggml_vec_geglu_f32 per row (GGML_GELU_FP16): the float16 GeLU table at g rounded to float16, times u;
     0 below -10, g * u above 10. 8 elements at a time (1 thread, 128 x 2048: 270 -> 148 us)."""
 
+    @T.macro
+    def row(r, g, u, table, y):
+        for v in range(width // LANES):
+            lanes = T.meta_var(T.Ramp(v * LANES, 1, LANES))
+            y[r, lanes] = _geglu(g[r, lanes], u[r, lanes], table, LANES)
+        for i in range(width // LANES * LANES, width):
+            y[r, i] = _geglu(g[r, i], u[r, i], table, 1)
+
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_g: T.handle, var_u: T.handle, table: T.Buffer((1 << 16,), "float16"), var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
@@ -123,12 +138,7 @@ def geglu_kernel(width: int) -> tirx.PrimFunc:
         g = T.match_buffer(var_g, (n, width), "float32")
         u = T.match_buffer(var_u, (n, width), "float32")
         y = T.match_buffer(var_y, (n, width), "float32")
-        for r in T.parallel(n):
-            for v in range(width // LANES):
-                lanes = T.meta_var(T.Ramp(v * LANES, 1, LANES))
-                y[r, lanes] = _geglu(g[r, lanes], u[r, lanes], table, LANES)
-            for i in range(width // LANES * LANES, width):
-                y[r, i] = _geglu(g[r, i], u[r, i], table, 1)
+        each_row(n, row, (g, u, table, y))
 
     return kernel
 

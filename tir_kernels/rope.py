@@ -24,7 +24,7 @@ from tvm.script import tirx as T
 
 from tir_kernels.ggml_math import ggml_rope_cache, ggml_theta_scale
 from tir_kernels.numerics import Numerics
-from tir_kernels.simd import fma
+from tir_kernels.simd import each_row, fma
 
 SYMBOL = "fused_rope"  # the kernel's name in TVM's llama_rope_with_position_map
 
@@ -79,6 +79,29 @@ def split_rotary(spec: RopeSpec) -> tirx.PrimFunc:
             for d in T.vectorized(head_dim):
                 out[s, h, d] = qkv[s, first + h, d]
 
+    @T.macro
+    def position(s, qkv, q, k, v, position_map, apply_rope):
+        """Token s's heads."""
+        cos = T.alloc_buffer((half,), "float32")
+        sin = T.alloc_buffer((half,), "float32")
+        if llamacpp:
+            angle_now = T.alloc_buffer((1,), "float32")
+            ggml_rope_cache(cos, sin, angle_now, position_map[s], half, theta_scale)
+        else:
+            for i in range(half):
+                cos[i] = T.cos(angle(position_map[s], i))
+                sin[i] = T.sin(angle(position_map[s], i))
+        for h in range(num_q_heads):
+            rotate(qkv, q, cos, sin, s, h, 0, apply_rope)
+        for h in range(num_kv_heads):
+            rotate(qkv, k, cos, sin, s, h, num_q_heads, apply_rope)
+        for h, d in T.grid(num_kv_heads, head_dim):
+            v[s, h, d] = qkv[s, num_q_heads + num_kv_heads + h, d]
+        if llamacpp:  # llama.cpp's cache holds K and V as float16
+            for h, d in T.grid(num_kv_heads, head_dim):
+                k[s, h, d] = T.Cast(dtype, T.Cast("float16", k[s, h, d]))
+                v[s, h, d] = T.Cast(dtype, T.Cast("float16", v[s, h, d]))
+
     @T.prim_func(private=True, s_tir=True)
     def kernel(
         var_qkv: T.handle,
@@ -96,26 +119,7 @@ def split_rotary(spec: RopeSpec) -> tirx.PrimFunc:
         k = T.match_buffer(var_k, (seq_len, num_kv_heads, head_dim), dtype)
         v = T.match_buffer(var_v, (seq_len, num_kv_heads, head_dim), dtype)
         position_map = T.match_buffer(var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset)
-        for s in T.parallel(seq_len):
-            cos = T.alloc_buffer((half,), "float32")
-            sin = T.alloc_buffer((half,), "float32")
-            if llamacpp:
-                angle_now = T.alloc_buffer((1,), "float32")
-                ggml_rope_cache(cos, sin, angle_now, position_map[s], half, theta_scale)
-            else:
-                for i in range(half):
-                    cos[i] = T.cos(angle(position_map[s], i))
-                    sin[i] = T.sin(angle(position_map[s], i))
-            for h in range(num_q_heads):
-                rotate(qkv, q, cos, sin, s, h, 0, apply_rope)
-            for h in range(num_kv_heads):
-                rotate(qkv, k, cos, sin, s, h, num_q_heads, apply_rope)
-            for h, d in T.grid(num_kv_heads, head_dim):
-                v[s, h, d] = qkv[s, num_q_heads + num_kv_heads + h, d]
-            if llamacpp:  # llama.cpp's cache holds K and V as float16
-                for h, d in T.grid(num_kv_heads, head_dim):
-                    k[s, h, d] = T.Cast(dtype, T.Cast("float16", k[s, h, d]))
-                    v[s, h, d] = T.Cast(dtype, T.Cast("float16", v[s, h, d]))
+        each_row(seq_len, position, (qkv, q, k, v, position_map, apply_rope))
 
     return kernel
 
@@ -127,6 +131,17 @@ def neox_rope_kernel(heads: int, dim: int, theta: float, freq_scale: float = 1.0
     half = dim // 2
     theta_scale = ggml_theta_scale(theta, dim)
 
+    @T.macro
+    def token(t, x, pos, y):
+        cos = T.alloc_buffer((half,), "float32")
+        sin = T.alloc_buffer((half,), "float32")
+        angle = T.alloc_buffer((1,), "float32")
+        ggml_rope_cache(cos, sin, angle, pos[t], half, theta_scale, freq_scale)
+        for h in range(heads):
+            for i in T.vectorized(half):
+                y[t, h, i] = fma(x[t, h, i], cos[i], -(x[t, h, i + half] * sin[i]))
+                y[t, h, i + half] = fma(x[t, h, i], sin[i], x[t, h, i + half] * cos[i])
+
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, var_pos: T.handle, var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
@@ -134,18 +149,9 @@ def neox_rope_kernel(heads: int, dim: int, theta: float, freq_scale: float = 1.0
         x = T.match_buffer(var_x, (n, heads, dim), "float32")
         pos = T.match_buffer(var_pos, (n,), "int32")
         y = T.match_buffer(var_y, (n, heads, dim), "float32")
-        for t in T.parallel(n):
-            cos = T.alloc_buffer((half,), "float32")
-            sin = T.alloc_buffer((half,), "float32")
-            angle = T.alloc_buffer((1,), "float32")
-            ggml_rope_cache(cos, sin, angle, pos[t], half, theta_scale, freq_scale)
-            for h in range(heads):
-                for i in T.vectorized(half):
-                    y[t, h, i] = fma(x[t, h, i], cos[i], -(x[t, h, i + half] * sin[i]))
-                    y[t, h, i + half] = fma(x[t, h, i], sin[i], x[t, h, i + half] * cos[i])
+        each_row(n, token, (x, pos, y))
 
     return kernel
-
 
 
 class LlamaCppNeoxRope(nn.Module):

@@ -141,6 +141,21 @@ LANE_ACTIVATION_BYTES = 256 * 1024  # int8 activations that pass over one unpack
 STREAM_AHEAD = 3072  # bytes of interleaved weights prefetched ahead of the chunk being multiplied
 
 
+FEW_ROWS = 4  # row loops this short run on the calling thread: waking the pool (~3 us at 2 threads) costs more
+
+
+@T.macro
+def each_row(count, step, args):
+    """step(i, *args) for i < count: in parallel, or on the calling thread for fewer than FEW_ROWS rows (the
+    activations of a decode step, one token per sequence)."""
+    if count >= FEW_ROWS:
+        for i in T.parallel(count):
+            step(i, *args)
+    else:
+        for i in range(count):
+            step(i, *args)
+
+
 def task_share(task: tirx.PrimExpr, tasks: int, count: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
     """(first, size) of parallel task `task`'s share of `count` items split over `tasks` tasks as evenly as
     integers allow. TVM's thread pool gives each thread a contiguous run of tasks, so shares of ceil(count /
