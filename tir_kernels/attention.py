@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 from tvm import tirx
 from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _get_kv_chunk_len, _get_seq_offset
@@ -78,19 +79,31 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap)
             state[first + g, 1] = state[first + g, 1] * state[first + g, 3] + _lane_reduce(weights, _add)
             state[first + g, 0] = state[first + g, 2]
         for block in range(dim // (LANES * chains)):
-            for g in range(heads):
-                acc = T.alloc_buffer((chains, LANES), "float32")
-                for u in T.unroll(chains):
-                    acc[u, T.Ramp(0, 1, LANES)] = out[
-                        first + g, T.Ramp((block * chains + u) * LANES, 1, LANES)
-                    ] * T.Broadcast(state[first + g, 3], LANES)
-                for r in T.unroll(TILE):
-                    for u in T.unroll(chains):
-                        weight = T.meta_var(T.Broadcast(scores[first + g, r], LANES))
-                        value = T.meta_var(keys.values(where[first, r], (block * chains + u) * LANES))
-                        acc[u, T.Ramp(0, 1, LANES)] = acc[u, T.Ramp(0, 1, LANES)] + weight * value
-                for u in T.unroll(chains):
-                    out[first + g, T.Ramp((block * chains + u) * LANES, 1, LANES)] = acc[u, T.Ramp(0, 1, LANES)]
+            for pair in range(heads // 2):  # two heads at a time: 2 x chains accumulators, each value read once
+                _weigh_values(first + 2 * pair, 2, keys, scores, state, out, where, first, block, chains)
+            if heads % 2 == 1:
+                _weigh_values(first + heads - 1, 1, keys, scores, state, out, where, first, block, chains)
+
+
+@T.macro(hygienic=False)
+def _weigh_values(slot, count: int, keys, scores, state, out, where, first, block, chains: int):
+    """Queries slot .. slot + count (one or two): their outputs' dims (block * chains ..) * LANES rescaled,
+    then the tile's values weighted in, `count * chains` independent accumulator chains."""
+    acc = T.alloc_buffer((count * chains, LANES), "float32")
+    for g in T.unroll(count):
+        for u in T.unroll(chains):
+            acc[g * chains + u, T.Ramp(0, 1, LANES)] = out[
+                slot + g, T.Ramp((block * chains + u) * LANES, 1, LANES)
+            ] * T.Broadcast(state[slot + g, 3], LANES)
+    for r in T.unroll(TILE):
+        for u in T.unroll(chains):
+            value = T.meta_var(keys.values(where[first, r], (block * chains + u) * LANES))
+            for g in T.unroll(count):
+                weight = T.meta_var(T.Broadcast(scores[slot + g, r], LANES))
+                acc[g * chains + u, T.Ramp(0, 1, LANES)] = acc[g * chains + u, T.Ramp(0, 1, LANES)] + weight * value
+    for g in T.unroll(count):
+        for u in T.unroll(chains):
+            out[slot + g, T.Ramp((block * chains + u) * LANES, 1, LANES)] = acc[g * chains + u, T.Ramp(0, 1, LANES)]
 
 
 @T.macro(hygienic=False)
@@ -327,27 +340,42 @@ def _rows_to_sequences(q_indptr, batch_size, sequence_of):
 
 
 class PagedKeys:
-    """Keys and values of one sequence and KV head in the paged cache (sliding window aware); a key's
-    location is page * page_size + offset."""
+    """Keys and values of one sequence and KV head in the paged cache (sliding window aware). `rows`: the
+    pages [pages, 2, h_kv, page_size, dim] viewed as rows of dim (`page_rows`); a key's location is its K row,
+    its V row h_kv * page_size further (no division per access)."""
 
-    def __init__(self, pages, page_table, length_info, seq, first_page, kv_head, q_scaled, sliding_window, skip=0):
-        self.pages, self.page_table, self.length_info, self.seq = pages, page_table, length_info, seq
+    def __init__(self, rows, page_table, length_info, seq, first_page, kv_head, q_scaled, sliding_window, skip=0):
+        self.page_table, self.length_info, self.seq = page_table, length_info, seq
         self.first_page, self.kv_head, self.q_scaled = first_page, kv_head, q_scaled
         self.sliding_window, self.skip = sliding_window, skip  # skip: cached tokens before key 0
-        self.page_size = int(pages.shape[3])
-        self.k_rows = pages
+        self.k_rows, self.heads, self.page_size = rows.buffer, rows.heads, rows.page_size
 
     def locate(self, i):
         pos = _get_seq_offset(self.skip + i, self.seq, self.length_info, self.sliding_window)
-        return self.page_table[self.first_page + pos // self.page_size] * self.page_size + pos % self.page_size
+        page = self.page_table[self.first_page + pos // self.page_size]
+        return (page * 2 * self.heads + self.kv_head) * self.page_size + pos % self.page_size
 
     def key_index(self, loc):
-        return (loc // self.page_size, 0, self.kv_head, loc % self.page_size)
+        return (loc,)
 
     def values(self, loc, d):
-        page, offset = loc // self.page_size, loc % self.page_size
-        row = tirx.BufferLoad(self.pages, [page, 1, self.kv_head, offset, tirx.Ramp(d, 1, LANES)])
+        row = tirx.BufferLoad(self.k_rows, [loc + self.heads * self.page_size, tirx.Ramp(d, 1, LANES)])
         return row.astype(f"float32x{LANES}")
+
+
+@dataclass(frozen=True)
+class PageRows:
+    """A paged cache's pages as rows (`page_rows`), with the layout PagedKeys needs to find a key's row."""
+
+    buffer: tirx.Buffer
+    heads: int
+    page_size: int
+
+
+def page_rows(pages: tirx.Buffer) -> tirx.PrimExpr:
+    """The shape of pages [pages, 2, h_kv, page_size, dim] as rows of dim."""
+    count, _, heads, size, dim = pages.shape
+    return (count * 2 * heads * size, dim)
 
 
 class RaggedKeys:
@@ -423,6 +451,8 @@ def decode_attention(
         output = T.match_buffer(output_handle, (B, h_qo, dim), dtype)
         lse = T.match_buffer(lse_handle, (B, h_qo), "float32")
         length_info = _declare_length_info(var_length_info, B, sliding_window, length_offset)
+        rows = T.decl_buffer(page_rows(pages), dtype, data=pages.data)
+        cache = T.meta_var(PageRows(rows, h_kv, page_size))
         # Per (sequence, head) state, allocated once outside the parallel loop (a buffer allocated inside it
         # costs a workspace call per iteration).
         q_scaled = T.alloc_buffer((B * h_qo, dim), "float32")
@@ -440,7 +470,7 @@ def decode_attention(
                 if begin != end:
                     length: T.let[T.int32] = _get_kv_chunk_len(end - begin, page_size, b, length_info, sliding_window)
                     keys = T.meta_var(
-                        PagedKeys(pages, page_table_values, length_info, b, begin, h // group, None, sliding_window)
+                        PagedKeys(cache, page_table_values, length_info, b, begin, h // group, None, sliding_window)
                     )
                     _attend_ggml(Q, b, h, keys, length, sm_scale, output, lse, dim, True, True, scores_of, bh)
                 else:  # no keys at this depth of the block tree: a part that merges in with weight 0
@@ -459,7 +489,7 @@ def decode_attention(
                 _start(Q, q_scaled, out, b, h, bh, 1, sm_scale, dim, dim)
 
                 keys = T.meta_var(
-                    PagedKeys(pages, page_table_values, length_info, b, begin, h // group, q_scaled, sliding_window)
+                    PagedKeys(cache, page_table_values, length_info, b, begin, h // group, q_scaled, sliding_window)
                 )
                 _attend(bh, 1, length, keys, scores, state, out, where, dim, softcap)
                 _finish(output, lse, b, h, bh, 1, out, state, dim)
@@ -625,6 +655,8 @@ def prefill_paged_attention(
         output = T.match_buffer(var_output, (total_len, h_q, dim), dtype)
         lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
         length_info = _declare_length_info(var_length_info, batch_size, sliding_window, length_offset)
+        rows = T.decl_buffer(page_rows(pages), dtype, data=pages.data)
+        cache = T.meta_var(PageRows(rows, h_kv, page_size))
         sequence_of = T.alloc_buffer((total_len,), "int32")
         q_scaled = T.alloc_buffer((total_len * h_q, dim), "float32")
         out = T.alloc_buffer((total_len * h_q, dim), "float32")
@@ -655,7 +687,7 @@ def prefill_paged_attention(
             )
             _start(q, q_scaled, out, row, kv_head * group, first_slot, group, sm_scale, dim, dim)
             keys = T.meta_var(
-                PagedKeys(pages, page_values, length_info, b, begin, kv_head, q_scaled, sliding_window, first)
+                PagedKeys(cache, page_values, length_info, b, begin, kv_head, q_scaled, sliding_window, first)
             )
             _attend(first_slot, group, T.max(last - first, 0), keys, scores, state, out, where, dim, softcap)
             _finish(output, lse, row, kv_head * group, first_slot, group, out, state, dim)
