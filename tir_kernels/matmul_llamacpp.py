@@ -148,7 +148,7 @@ def llamacpp_rows(
                 codes = codes | (((plane >> tirx.Broadcast(_u8(m), 32)) & u8x32(1)) << u8x32(4))
             if lay.minimum is not None or bool(offset):
                 return codes, None  # as they are, or w + offset
-            raw = codes - u8x32(16)  # Q5_0: nibble | bit 4, less 16
+            raw = codes - u8x32(CHUNK_SUM_OFFSETS[qtype])  # the zero point: 16 for Q5_0, 8 for Q4_0
         else:
             raw = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * m, 1, 32)])
             if offset:
