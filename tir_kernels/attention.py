@@ -372,7 +372,7 @@ class PageRows:
     page_size: int
 
 
-def page_rows(pages: tirx.Buffer) -> tirx.PrimExpr:
+def page_rows(pages: tirx.Buffer) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
     """The shape of pages [pages, 2, h_kv, page_size, dim] as rows of dim."""
     count, _, heads, size, dim = pages.shape
     return (count * 2 * heads * size, dim)

@@ -146,7 +146,7 @@ def llamacpp_rows(
             if lay.high is not None:  # bit 4
                 plane = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.high, 1, 32)])
                 codes = codes | (((plane >> tirx.Broadcast(_u8(m), 32)) & u8x32(1)) << u8x32(4))
-            if lay.minimum is not None or bool(offset):
+            if lay.minimum is not None or offset:
                 return codes, None  # as they are, or w + offset
             raw = codes - u8x32(CHUNK_SUM_OFFSETS[qtype])  # the zero point: 16 for Q5_0, 8 for Q4_0
         else:
@@ -158,12 +158,16 @@ def llamacpp_rows(
         magnitude = tirx.reinterpret("uint8x32", absolute)
         return magnitude, signed
 
+    def word_activations(xq, t, c, m) -> tirx.PrimExpr:
+        """int8x32: token t's int8 activations in columns 4m..4m+3 of chunk c, once per row."""
+        x4 = tirx.reinterpret("int32", tirx.BufferLoad(xq, [t, tirx.Ramp(c * CHUNK + 4 * m, 1, 4)]))
+        return tirx.reinterpret("int8x32", tirx.Broadcast(x4, LANE_ROWS))
+
     def word_sums(data, g, c, m, xq, t) -> tirx.PrimExpr:
         """int32x8: each row's sum of columns 4m..4m+3 of chunk c times token t's int8 activations there.
         xq: the activations, and with `offset` their offset terms."""
         xq, x_offset = xq
-        x4 = tirx.reinterpret("int32", tirx.BufferLoad(xq, [t, tirx.Ramp(c * CHUNK + 4 * m, 1, 4)]))
-        xb = tirx.reinterpret("int8x32", tirx.Broadcast(x4, LANE_ROWS))
+        xb = word_activations(xq, t, c, m)
         operand, signs = weight_word(data, g, c, m)
         if signs is not None:
             xb = llvm_intrin("int8x32", "llvm.x86.avx2.psign.b", xb, signs)
@@ -179,11 +183,10 @@ def llamacpp_rows(
         xq, x_offset = xq
         chains = []
         for half in range(2):
-            total = tirx.Broadcast(x_offset[t, c], LANE_ROWS) if bool(offset) and half == 0 else zeros
+            total = tirx.Broadcast(x_offset[t, c], LANE_ROWS) if offset and half == 0 else zeros
             for m in range(4 * half, 4 * half + 4):
-                x4 = tirx.reinterpret("int32", tirx.BufferLoad(xq, [t, tirx.Ramp(c * CHUNK + 4 * m, 1, 4)]))
-                xb = tirx.reinterpret("int8x32", tirx.Broadcast(x4, LANE_ROWS))
-                total = llvm_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", total, weight_word(data, g, c, m)[0], xb)
+                operand, xb = weight_word(data, g, c, m)[0], word_activations(xq, t, c, m)
+                total = llvm_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", total, operand, xb)
             chains.append(total)
         return chains[0] + chains[1]
 

@@ -18,7 +18,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 
 from tir_kernels.ggml_math import gelu_f16_table, v_expf
-from tir_kernels.simd import LANES, each_row
+from tir_kernels.simd import LANES, each_row, splat
 
 
 def _square(x: tirx.Buffer, row: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -111,11 +111,9 @@ def _geglu(x: tirx.PrimExpr, up: tirx.PrimExpr, table: tirx.Buffer, lanes: int) 
     suffix = f"x{lanes}" if lanes > 1 else ""
     bits = tirx.reinterpret(f"uint16{suffix}", x.astype(f"float16{suffix}")).astype(f"int32{suffix}")
     gelu = tirx.BufferLoad(table, [bits]).astype(f"float32{suffix}")
-
-    def splat(value: float) -> tirx.PrimExpr:
-        return tirx.Broadcast(tirx.const(value, "float32"), lanes) if lanes > 1 else tirx.const(value, "float32")
-
-    return tirx.Select(x <= splat(-10), splat(0), tirx.Select(x >= splat(10), x * up, gelu * up))
+    return tirx.Select(
+        x <= splat(-10.0, lanes), splat(0.0, lanes), tirx.Select(x >= splat(10.0, lanes), x * up, gelu * up)
+    )
 
 
 @functools.cache
