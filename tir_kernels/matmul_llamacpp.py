@@ -322,22 +322,33 @@ def llamacpp_rows(
         activations = T.meta_var((xq, x_offset))
         # Row groups in `tasks` parallel ranges; tokens `block_tokens` at a time (their activations stay in L2)
         # pass over each group in fours, the first four streaming its weights in.
-        for task in T.parallel(tasks):
-            acc = T.alloc_buffer((QUAD * 9 * LANE_ROWS,), "float32")
-            single = T.alloc_buffer((9 * LANE_ROWS,), "float32")
-            scales = T.alloc_buffer((QUAD * chunks * LANE_ROWS,), "float32")
-            first_group, task_groups = T.meta_var(task_share(task, tasks, row_groups))
-            for tb in range((n + block_tokens - 1) // block_tokens):
+        if n >= QUAD:
+            for task in T.parallel(tasks):
+                acc = T.alloc_buffer((QUAD * 9 * LANE_ROWS,), "float32")
+                single = T.alloc_buffer((9 * LANE_ROWS,), "float32")
+                scales = T.alloc_buffer((QUAD * chunks * LANE_ROWS,), "float32")
+                first_group, task_groups = T.meta_var(task_share(task, tasks, row_groups))
+                for tb in range((n + block_tokens - 1) // block_tokens):
+                    for gi in range(task_groups):
+                        g = T.meta_var(first_group + gi)
+                        first = T.meta_var(tb * block_tokens)
+                        count = T.meta_var(T.min(n, first + block_tokens) - first)
+                        for q in range(count // QUAD):
+                            group_times_tokens(
+                                y, data, activations, x_scale, x_sum, g, first + q * QUAD, QUAD, acc, scales
+                            )
+                        for r in range(count % QUAD):
+                            group_times_token(
+                                y, data, activations, x_scale, x_sum, g, first + count // QUAD * QUAD + r, single
+                            )
+        else:  # a decode step's tokens one at a time, without `acc` and `scales` (over 1 KiB: a workspace call
+            # per task each, ~7% of SmolLM2's decode step at 1 thread)
+            for task in T.parallel(tasks):
+                single = T.alloc_buffer((9 * LANE_ROWS,), "float32")
+                first_group, task_groups = T.meta_var(task_share(task, tasks, row_groups))
                 for gi in range(task_groups):
-                    g = T.meta_var(first_group + gi)
-                    first = T.meta_var(tb * block_tokens)
-                    count = T.meta_var(T.min(n, first + block_tokens) - first)
-                    for q in range(count // QUAD):
-                        group_times_tokens(y, data, activations, x_scale, x_sum, g, first + q * QUAD, QUAD, acc, scales)
-                    for r in range(count % QUAD):
-                        group_times_token(
-                            y, data, activations, x_scale, x_sum, g, first + count // QUAD * QUAD + r, single
-                        )
+                    for t in range(n):
+                        group_times_token(y, data, activations, x_scale, x_sum, first_group + gi, t, single)
 
     return RowMatmul(body, n_in, n_out, (row_groups, chunks * gb))
 
