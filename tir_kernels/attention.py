@@ -141,6 +141,8 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
     q16 = T.decl_buffer((dim,), "float32")
     acc = T.decl_buffer((32, dim), "float32")  # P.V partial sums (one token)
     dots = T.decl_buffer((4, LANES), "float32")  # K.q partial sums
+    run = T.meta_var(_slot_run(dim))
+    sums = T.decl_buffer((run, LANES), "float32")  # one P.V slot's sums (one token)
     score = T.alloc_buffer((1,), "float32")
     peak = T.alloc_buffer((1,), "float32")
     weight = T.alloc_buffer((1,), "float64")
@@ -183,14 +185,24 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
     for c in range((length + LANES - 1) // LANES):
         span = T.meta_var(T.Ramp(c * LANES, 1, LANES))
         probs[slot, span] = (probs[slot, span] * T.Broadcast(inverse, LANES)).astype("float16x8").astype("float32x8")
-    if single:  # ggml_vec_dot_f16's order: element d of key i into slot i % 32
-        for j, d in T.grid(32, dim):
-            acc[j, d] = T.float32(0)
-        for i in range(length):
-            for dv in range(dim // LANES):
-                part = T.meta_var(T.Ramp(dv * LANES, 1, LANES))
-                value = T.meta_var(keys.values(keys.locate(i), dv * LANES))
-                acc[i % 32, part] = fma(T.Broadcast(probs[slot, i], LANES), value, acc[i % 32, part])
+    if single:  # ggml_vec_dot_f16's order: element d of key i into slot i % 32 (keys s, s + 32, ... in turn)
+        # A slot's keys one after the other, `run` vectors of elements at a time in registers: each value
+        # row is read once, and the slot's sums are stored once (not loaded and stored for every key).
+        for part in range(dim // LANES // run):
+            for s in range(32):
+                for v in T.unroll(run):
+                    sums[v, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+                for c in range((length - s + 31) // 32):
+                    loc: T.let[T.int32] = keys.locate(c * 32 + s)
+                    weight_i: T.let[T.float32] = probs[slot, c * 32 + s]
+                    for v in T.unroll(run):
+                        sums[v, T.Ramp(0, 1, LANES)] = fma(
+                            T.Broadcast(weight_i, LANES),
+                            keys.values(loc, (part * run + v) * LANES),
+                            sums[v, T.Ramp(0, 1, LANES)],
+                        )
+                for v in T.unroll(run):
+                    acc[s, T.Ramp((part * run + v) * LANES, 1, LANES)] = sums[v, T.Ramp(0, 1, LANES)]
         for dv in range(dim // LANES):
             part = T.meta_var(T.Ramp(dv * LANES, 1, LANES))
             output[row, head, part] = _f16_dot_reduce_slots(acc, part)
@@ -209,6 +221,12 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
                 [sums[j, T.Ramp(0, 1, LANES)] for j in range(LANES)]
             )
     lse[row, head] = peak[0] * T.float32(LOG2E) + T.log2(T.Cast("float32", weight[0]))
+
+
+def _slot_run(dim: int) -> int:
+    """Vectors of a head's elements that one-token P.V keeps in registers: the most, up to 8, that divide it."""
+    vectors = dim // LANES
+    return max(r for r in range(1, 9) if vectors % r == 0)
 
 
 def _vec_kq(single, dim: int):
