@@ -225,3 +225,44 @@ def rope_neox(x: np.ndarray, positions: np.ndarray, base: float, freq_scale: flo
             theta = f32(theta * theta_scale)
     x0, x1, c, s = x[..., :half], x[..., half:], cos[:, None], sin[:, None]
     return np.concatenate([fma(x0, c, -(x1 * s).astype(f32)), fma(x0, s, (x1 * c).astype(f32))], -1)
+
+
+def f16_dot_reduce(acc: np.ndarray) -> np.ndarray:
+    """ggml_vec_dot_f16's reduction (GGML_F32x8_REDUCE) of its 4 accumulators of 8 lanes, acc [..., 4, 8]."""
+    x = ((acc[..., 0, :] + acc[..., 2, :]).astype(f32) + (acc[..., 1, :] + acc[..., 3, :]).astype(f32)).astype(f32)
+    t = [(x[..., k] + x[..., k + 4]).astype(f32) for k in range(4)]
+    return ((t[0] + t[1]).astype(f32) + (t[2] + t[3]).astype(f32)).astype(f32)
+
+
+def vec_dot_f16(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """ggml_vec_dot_f16 (AVX2) of the rows x [..., n] with y [n], float16 values both: element i of each
+    32 into accumulator (i % 32) // 8, lane i % 8; the last n % 32 added in float64 after the reduction."""
+    n = x.shape[-1]
+    acc = np.zeros((*x.shape[:-1], 4, 8), f32)
+    for step in range(n // 32):
+        cols = slice(32 * step, 32 * step + 32)
+        acc = fma(x[..., cols].reshape(*x.shape[:-1], 4, 8), y[cols].reshape(4, 8), acc)
+    total = f16_dot_reduce(acc).astype(f64)
+    for i in range(n // 32 * 32, n):
+        total = total + (x[..., i] * y[i]).astype(f32).astype(f64)
+    return total.astype(f32)
+
+
+def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+    """One query head's attention as llama.cpp computes a one-token batch without flash attention: q [d] (float32),
+    k and v [keys, d] (float16 values). K.q with q rounded to float16 (ggml_vec_dot_f16), soft_max_ext: scaled
+    scores, ggml_v_expf 8 at a time summed in float64 (hsum_float_8), scaled by the float inverse of the sum,
+    rounded to float16; then each output element the ggml_vec_dot_f16 of V's column (V is transposed in the
+    cache) with the probabilities, over the keys padded with zeros to a multiple of 32 (llama.cpp pads the
+    cache view, its masked probabilities 0)."""
+    scores = (vec_dot_f16(k, f16(q)) * f32(scale)).astype(f32)
+    padded = -(-scores.size // 32) * 32
+    exps = np.zeros(padded, f32)
+    exps[: scores.size] = v_expf((scores - scores.max()).astype(f32))
+    total = f64(0)
+    for chunk in exps.reshape(-1, 8):
+        total = total + f64(hsum8(chunk))
+    probs = f16(exps * f32(1.0 / total))
+    values = np.zeros((padded, v.shape[1]), f32)
+    values[: v.shape[0]] = v
+    return vec_dot_f16(values.T, probs)

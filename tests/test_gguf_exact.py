@@ -9,12 +9,12 @@ import hashlib
 import numpy as np
 import pytest
 import tvm
-from ggml_reference import geglu, rms_norm, rope_neox, swiglu, v_expf, vec_dot, vec_dot_k
+from ggml_reference import decode_attention, geglu, rms_norm, rope_neox, swiglu, v_expf, vec_dot, vec_dot_k
 from gguf import GGMLQuantizationType as Q
 from tvm.script import tirx as T
 
 from compiler.targets import TargetRequest, resolve_target, strict_float
-from tir_kernels import ggml_math, matmul_llamacpp, norms_activations, repack, rope
+from tir_kernels import attention, ggml_math, matmul_llamacpp, norms_activations, repack, rope
 from tir_kernels.numerics import Numerics
 from tir_kernels.simd import has_avx2, has_vnni, vector_registers
 
@@ -174,3 +174,31 @@ def test_q4_k_is_exact_only_in_whole_row_groups(rows: int, exact: bool):
     scheme = GGUFNativeScheme(types, rows={"blk.0.ffn_down.weight": rows, "blk.0.ffn_up.weight": 2048})
     scheme.prepare(TARGET)
     assert (scheme.numerics == Numerics.LLAMACPP) == exact
+
+
+@pytest.mark.parametrize(("kv_heads", "heads", "dim"), [(3, 9, 64), (1, 4, 256), (2, 4, 80)])
+def test_decode_attention_is_ggml(kv_heads: int, heads: int, dim: int):
+    """One token per sequence against its paged K/V (pages shuffled): lengths under 8, under 32 and past both
+    with a partial page; head size 80 leaves 16 elements of each K.q to ggml's float64 tail."""
+    page, lengths = 16, [45, 5, 100]
+    rng = np.random.default_rng(6)
+    counts = [-(-n // page) for n in lengths]
+    order = rng.permutation(sum(counts) + 2).astype(np.int32)  # 2 pages no sequence uses
+    pages = (rng.standard_normal((order.size, 2, kv_heads, page, dim)) * 2).astype(np.float16).astype(np.float32)
+    q = (rng.standard_normal((len(lengths), heads, dim)) * 2).astype(np.float32)
+    scale = 1 / np.sqrt(dim)
+    kernel = attention.decode_attention(kv_heads, heads, dim, page, "float32", False, Numerics.LLAMACPP)
+    lib = tvm.compile(tvm.IRModule({"main": kernel}), target=TARGET)
+    out = tvm.runtime.tensor(np.zeros(q.shape, np.float32))
+    lse = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32))
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    last = np.array([n - (c - 1) * page for n, c in zip(lengths, counts)], np.int32)
+    none = np.zeros(len(lengths), np.int32)
+    args = [q, pages, indptr, order[: indptr[-1]], last, none, np.array(lengths, np.int32)]
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), out, lse, 0, 1.0, 10_000.0, scale)
+    for b, n in enumerate(lengths):
+        rows = pages[order[indptr[b] : indptr[b + 1]]]  # [pages, 2, kv heads, page, dim]
+        k, v = (rows[:, kind].transpose(1, 0, 2, 3).reshape(kv_heads, -1, dim)[:, :n] for kind in (0, 1))
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            np.testing.assert_array_equal(out.numpy()[b, h], decode_attention(q[b, h], k[kv], v[kv], scale))
