@@ -148,13 +148,40 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
     weight = T.alloc_buffer((1,), "float64")
     for d in range(dim):
         q16[d] = T.Cast("float32", T.Cast("float16", T.Cast("float32", q[row, head, d])))
-    where = T.alloc_buffer((4,), "int32")
+    where = T.alloc_buffer((LANES,), "int32")
+    halves = T.decl_buffer((LANES, LANES), "float32")  # 8 keys' K.q accumulators, each added into one
     peak[0] = T.float32(-3.0e38)
     if vec_kq:
-        for i in range(length):
+        # 8 keys at a time (a head size of whole 32s: no float64 tail): each key's 4 accumulators added as
+        # ggml does, then the 8 keys' horizontal sums together, lanes transposed (the same additions)
+        octets = T.meta_var(length // LANES if dim % 32 == 0 else 0)
+        peaks = T.decl_buffer((LANES,), "float32")
+        peaks[T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(-3.0e38), LANES)
+        for octet in range(octets):
+            for j in T.unroll(LANES):
+                where[j] = keys.locate(octet * LANES + j)
+                for a in T.unroll(4):
+                    dots[a, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+                for step in range(dim // 32):
+                    for a in T.unroll(4):
+                        dots[a, T.Ramp(0, 1, LANES)] = fma(
+                            _key(keys, where[j], step * 32 + a * LANES),
+                            q16[T.Ramp(step * 32 + a * LANES, 1, LANES)],
+                            dots[a, T.Ramp(0, 1, LANES)],
+                        )
+                halves[j, T.Ramp(0, 1, LANES)] = _f16_dot_halves([dots[a, T.Ramp(0, 1, LANES)] for a in range(4)])
+            scores8 = T.meta_var(
+                _f16_dot_reduce_each([halves[j, T.Ramp(0, 1, LANES)] for j in range(LANES)])
+                * T.Broadcast(sm_scale, LANES)
+            )
+            probs[slot, T.Ramp(octet * LANES, 1, LANES)] = scores8
+            peaks[T.Ramp(0, 1, LANES)] = T.max(peaks[T.Ramp(0, 1, LANES)], probs[slot, T.Ramp(octet * LANES, 1, LANES)])
+        for i in range(octets * LANES, length):
             _ggml_score(keys, keys.locate(i), q16, dots, score, dim, sm_scale, True)
             probs[slot, i] = score[0]
             peak[0] = T.max(peak[0], score[0])
+        for j in range(LANES):
+            peak[0] = T.max(peak[0], peaks[j])
     else:  # tinyBLAS's order, one 8-lane chain per key: 4 keys side by side so their chains overlap
         for quad in range(length // 4):
             for j in T.unroll(4):
@@ -255,9 +282,22 @@ def _hsum8_each(rows: list[tirx.PrimExpr]) -> tirx.PrimExpr:
     return lane_sum(columns)
 
 
+def _f16_dot_halves(parts: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """The first step of ggml_vec_dot_f16's reduction: its 4 accumulators as (a0 + a2) + (a1 + a3)."""
+    return (parts[0] + parts[2]) + (parts[1] + parts[3])
+
+
+def _f16_dot_reduce_each(rows: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """The rest of _f16_dot_reduce for 8 vectors at once (the 8 x 8 block transposed): lane k of the result is
+    (t0 + t1) + (t2 + t3) of rows[k], t_i its lanes i and i + 4 added."""
+    columns = [tirx.Shuffle(rows, [tirx.IntImm("int32", LANES * j + i) for j in range(LANES)]) for i in range(LANES)]
+    t = [columns[i] + columns[i + 4] for i in range(4)]
+    return (t[0] + t[1]) + (t[2] + t[3])
+
+
 def _f16_dot_reduce(parts: list[tirx.PrimExpr]) -> tirx.PrimExpr:
     """ggml_vec_dot_f16's reduction of its 4 accumulators: (a0 + a2) + (a1 + a3), halves added, hadd twice."""
-    x = (parts[0] + parts[2]) + (parts[1] + parts[3])
+    x = _f16_dot_halves(parts)
     lanes = [tirx.Shuffle([x], [tirx.IntImm("int32", k)]) for k in range(LANES)]
     t = [lanes[k] + lanes[k + 4] for k in range(4)]
     return (t[0] + t[1]) + (t[2] + t[3])
