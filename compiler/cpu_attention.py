@@ -24,6 +24,7 @@ from tir_kernels.attention import (
 from tir_kernels.numerics import Numerics
 from tir_kernels.rope import SYMBOL as ROPE_SYMBOL
 from tir_kernels.rope import RopeSpec, split_rotary
+from tir_kernels.simd import vector_registers
 
 
 def _static(shape) -> list[int | None]:
@@ -72,7 +73,9 @@ def _attention(
         if None in (h_q, d_qk, h_kv, d_v) or d_qk % LANES:
             return None
         ragged_numerics = numerics if d_qk == d_v else Numerics.MLCC
-        faster = prefill_ragged_attention(h_kv, h_q, d_qk, d_v, str(q.dtype), ragged_numerics, softcap)
+        target = tvm.target.Target.current(allow_none=True)
+        pairs = target is not None and vector_registers(target) >= 32
+        faster = prefill_ragged_attention(h_kv, h_q, d_qk, d_v, str(q.dtype), ragged_numerics, softcap, pairs)
         return faster.with_attrs(func.attrs) if func.attrs else faster
     return None
 

@@ -202,3 +202,27 @@ def test_decode_attention_is_ggml(kv_heads: int, heads: int, dim: int):
         for h in range(heads):
             kv = h // (heads // kv_heads)
             np.testing.assert_array_equal(out.numpy()[b, h], decode_attention(q[b, h], k[kv], v[kv], scale))
+
+
+@pytest.mark.parametrize(("kv_heads", "heads", "dim", "tokens"), [(1, 4, 256, 45), (2, 4, 64, 13)])
+def test_ragged_attention_head_pairs_are_the_same_arithmetic(kv_heads: int, heads: int, dim: int, tokens: int):
+    """Prefill in llama.cpp's order with query heads two at a time (sharing each K and V read) gives the bits
+    of one head at a time: causal lengths 1..tokens cover the 4-key and 8-key tails."""
+    rng = np.random.default_rng(7)
+    q = (rng.standard_normal((tokens, heads, dim)) * 2).astype(np.float32)
+    k, v = ((rng.standard_normal((tokens, kv_heads, dim)) * 2).astype(np.float16).astype(np.float32) for _ in "kv")
+    indptr = np.array([0, tokens], np.int32)
+    outputs = []
+    for pairs in (False, True):
+        kernel = attention.prefill_ragged_attention(
+            kv_heads, heads, dim, dim, "float32", Numerics.LLAMACPP, head_pairs=pairs
+        )
+        lib = tvm.compile(tvm.IRModule({"main": kernel}), target=TARGET)
+        out = tvm.runtime.tensor(np.zeros(q.shape, np.float32))
+        lse = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32))
+        args = [q, indptr, k, v, indptr, np.arange(tokens, dtype=np.int32), np.zeros(1, np.int32)]
+        lib["main"](*(tvm.runtime.tensor(a) for a in args), out, lse, 1, 0, 1.0, 10_000.0, 1 / np.sqrt(dim))
+        outputs.append((out.numpy(), lse.numpy()))
+    np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
+    np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
+    assert np.abs(outputs[0][0]).max() > 0

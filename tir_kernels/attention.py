@@ -131,6 +131,88 @@ def _ggml_score(keys, loc, q16, acc, total, dim, sm_scale, vec_kq):
 
 
 @T.macro(hygienic=False)
+def _ggml_softmax(probs, slot, length, peak, weight, at):
+    """probs[slot, :length] (scores, their maximum peak[at]) to ggml's soft_max probabilities rounded to float16:
+    ggml_v_expf 8 at a time, summed in float64 (weight[at]), scaled by the sum's float inverse."""
+    weight[at] = T.float64(0)
+    for c in range((length + LANES - 1) // LANES):
+        span = T.meta_var(T.Ramp(c * LANES, 1, LANES))
+        valid = T.meta_var(span < T.Broadcast(length, LANES))
+        exps = T.meta_var(v_expf(probs[slot, span] - T.Broadcast(peak[at], LANES)))
+        probs[slot, span] = T.Select(valid, exps, T.Broadcast(T.float32(0), LANES))
+        weight[at] = weight[at] + T.Cast("float64", hsum8(probs[slot, span]))
+    inverse = T.meta_var(T.Cast("float32", T.float64(1) / weight[at]))
+    for c in range((length + LANES - 1) // LANES):
+        span = T.meta_var(T.Ramp(c * LANES, 1, LANES))
+        probs[slot, span] = (probs[slot, span] * T.Broadcast(inverse, LANES)).astype("float16x8").astype("float32x8")
+
+
+@T.macro(hygienic=False)
+def _attend_ggml_pair(q, row, head, keys, length, sm_scale, output, lse, dim, probs, slot):
+    """_attend_ggml in tinyBLAS's order (a batch of several tokens) for query heads `head` and `head` + 1 of one
+    KV head, their scores in probs[slot] and probs[slot + 1]: each key and value vector is read once for
+    both heads (one head at a time streamed K and V from L2 for every query head), each head's chains and
+    additions exactly as _attend_ggml's."""
+    q16 = T.decl_buffer((2, dim), "float32")
+    dots = T.decl_buffer((8, LANES), "float32")  # K.q partial sums: head h, key j at 4 h + j
+    sums = T.decl_buffer((2 * LANES, LANES), "float32")  # P.V: head h, element j at 8 h + j
+    score = T.alloc_buffer((1,), "float32")
+    peak = T.alloc_buffer((2,), "float32")
+    weight = T.alloc_buffer((2,), "float64")
+    where = T.alloc_buffer((4,), "int32")
+    for h, d in T.grid(2, dim):
+        q16[h, d] = T.Cast("float32", T.Cast("float16", T.Cast("float32", q[row, head + h, d])))
+    for h in range(2):
+        peak[h] = T.float32(-3.0e38)
+    for quad in range(length // 4):
+        for j in T.unroll(4):
+            where[j] = keys.locate(quad * 4 + j)
+            for h in T.unroll(2):
+                dots[4 * h + j, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+        for step in range(dim // LANES):
+            for j in T.unroll(4):
+                key = T.meta_var(_key(keys, where[j], step * LANES))
+                for h in T.unroll(2):
+                    dots[4 * h + j, T.Ramp(0, 1, LANES)] = fma(
+                        key, q16[h, T.Ramp(step * LANES, 1, LANES)], dots[4 * h + j, T.Ramp(0, 1, LANES)]
+                    )
+        for h in T.unroll(2):
+            for j in T.unroll(4):
+                probs[slot + h, quad * 4 + j] = hsum8(dots[4 * h + j, T.Ramp(0, 1, LANES)]) * sm_scale
+                peak[h] = T.max(peak[h], probs[slot + h, quad * 4 + j])
+    for i in range(length // 4 * 4, length):
+        for h in range(2):
+            dots[0, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+            for step in range(dim // LANES):
+                dots[0, T.Ramp(0, 1, LANES)] = fma(
+                    _key(keys, keys.locate(i), step * LANES),
+                    q16[h, T.Ramp(step * LANES, 1, LANES)],
+                    dots[0, T.Ramp(0, 1, LANES)],
+                )
+            score[0] = hsum8(dots[0, T.Ramp(0, 1, LANES)]) * sm_scale
+            probs[slot + h, i] = score[0]
+            peak[h] = T.max(peak[h], score[0])
+    for h in range(2):
+        _ggml_softmax(probs, slot + h, length, peak, weight, h)
+    for block in range(dim // LANES):
+        for j in T.unroll(2 * LANES):
+            sums[j, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+        for c in range((length + LANES - 1) // LANES):
+            for j in T.unroll(LANES):
+                value = T.meta_var(keys.values_by_dim(block * LANES + j, c * LANES))
+                for h in T.unroll(2):
+                    sums[LANES * h + j, T.Ramp(0, 1, LANES)] = fma(
+                        probs[slot + h, T.Ramp(c * LANES, 1, LANES)], value, sums[LANES * h + j, T.Ramp(0, 1, LANES)]
+                    )
+        for h in range(2):
+            output[row, head + h, T.Ramp(block * LANES, 1, LANES)] = _hsum8_each(
+                [sums[LANES * h + j, T.Ramp(0, 1, LANES)] for j in range(LANES)]
+            )
+    for h in range(2):
+        lse[row, head + h] = peak[h] * T.float32(LOG2E) + T.log2(T.Cast("float32", weight[h]))
+
+
+@T.macro(hygienic=False)
 def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single, vec_kq, probs, slot):
     """llama.cpp's attention without flash attention (CPU, AVX2), for one query head: K.q with q rounded to
     float16 (K and V are stored rounded), softmax of the scaled scores with ggml's vector exp summed 8 at a
@@ -201,17 +283,7 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
             _ggml_score(keys, keys.locate(i), q16, dots, score, dim, sm_scale, False)
             probs[slot, i] = score[0]
             peak[0] = T.max(peak[0], score[0])
-    weight[0] = T.float64(0)
-    for c in range((length + LANES - 1) // LANES):
-        span = T.meta_var(T.Ramp(c * LANES, 1, LANES))
-        valid = T.meta_var(span < T.Broadcast(length, LANES))
-        exps = T.meta_var(v_expf(probs[slot, span] - T.Broadcast(peak[0], LANES)))
-        probs[slot, span] = T.Select(valid, exps, T.Broadcast(T.float32(0), LANES))
-        weight[0] = weight[0] + T.Cast("float64", hsum8(probs[slot, span]))
-    inverse = T.meta_var(T.Cast("float32", T.float64(1) / weight[0]))
-    for c in range((length + LANES - 1) // LANES):
-        span = T.meta_var(T.Ramp(c * LANES, 1, LANES))
-        probs[slot, span] = (probs[slot, span] * T.Broadcast(inverse, LANES)).astype("float16x8").astype("float32x8")
+    _ggml_softmax(probs, slot, length, peak, weight, 0)
     if single:  # ggml_vec_dot_f16's order: element d of key i into slot i % 32 (keys s, s + 32, ... in turn)
         # A slot's keys one after the other, `run` vectors of elements at a time in registers: each value
         # row is read once, and the slot's sums are stored once (not loaded and stored for every key).
@@ -556,13 +628,23 @@ def decode_attention(
 
 
 def prefill_ragged_attention(
-    h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, numerics: Numerics = Numerics.MLCC, softcap: float = 0.0
+    h_kv: int,
+    h_q: int,
+    d_qk: int,
+    d_v: int,
+    dtype: str,
+    numerics: Numerics = Numerics.MLCC,
+    softcap: float = 0.0,
+    head_pairs: bool = False,
 ):
     """Drop-in for TVM's CPU `batch_prefill_ragged_kv`: the new tokens of each sequence attend to each
     other (causally when `causal`), K and V given as ragged arrays, not pages; LLAMACPP numerics: llama.cpp's
-    arithmetic (_attend_ggml, with the batch of one sequence's new tokens as llama.cpp's batch)."""
+    arithmetic (_attend_ggml, with the batch of one sequence's new tokens as llama.cpp's batch). `head_pairs`
+    (32 vector registers: _attend_ggml_pair's 16 accumulators): query heads sharing a KV head two at a time."""
     llamacpp = numerics == Numerics.LLAMACPP
     group = h_q // h_kv
+    pairs = head_pairs and group % 2 == 0
+    per_task = 2 if pairs else 1  # query heads of one task
 
     @T.prim_func(s_tir=True)
     def kernel(
@@ -614,10 +696,10 @@ def prefill_ragged_attention(
                     v_by_dim[hd // d_v, hd % d_v, i] = T.Cast("float32", v[i, hd // d_v, hd % d_v])
                 for i in range(LANES):
                     v_by_dim[hd // d_v, hd % d_v, kv_len + i] = T.float32(0)
-            for order in T.parallel(qo_len * h_q):
-                task: T.let[T.int32] = _balanced(order, qo_len * h_q)
-                row: T.let[T.int32] = task // h_q
-                head: T.let[T.int32] = task % h_q
+            for order in T.parallel(qo_len * h_q // per_task):
+                task: T.let[T.int32] = _balanced(order, qo_len * h_q // per_task)
+                row: T.let[T.int32] = task // (h_q // per_task)
+                head: T.let[T.int32] = task % (h_q // per_task) * per_task
                 b: T.let[T.int32] = sequence_of[row]
                 q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                 k_len: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
@@ -625,21 +707,26 @@ def prefill_ragged_attention(
                 start: T.let[T.int32] = kv_indptr[b]
                 keys = T.meta_var(RaggedKeys(k, v, start, head // group, None, v_by_dim))
                 single = T.meta_var(q_len == 1)
-                _attend_ggml(
-                    q,
-                    row,
-                    head,
-                    keys,
-                    length,
-                    sm_scale,
-                    output,
-                    lse,
-                    d_v,
-                    single,
-                    _vec_kq(single, d_qk),
-                    scores_of,
-                    task,
-                )
+                slot = T.meta_var(row * h_q + head)  # the scores' row of each query head: its own
+                if pairs and not single:  # (a head size of whole vectors: tinyBLAS's order throughout)
+                    _attend_ggml_pair(q, row, head, keys, length, sm_scale, output, lse, d_v, scores_of, slot)
+                else:
+                    for h in range(per_task):
+                        _attend_ggml(
+                            q,
+                            row,
+                            head + h,
+                            keys,
+                            length,
+                            sm_scale,
+                            output,
+                            lse,
+                            d_v,
+                            single,
+                            _vec_kq(single, d_qk),
+                            scores_of,
+                            slot + h,
+                        )
         else:
             for order in T.parallel(qo_len * h_kv):  # a token's query heads sharing a KV head
                 task: T.let[T.int32] = _balanced(order, qo_len * h_kv)
