@@ -58,7 +58,6 @@ def v_expf(x: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.Select(huge, s1 * s1, tirx.Select(big, fma(s2, j, s2) * s1, fma(k, j, k)))
 
 
-
 # ggml_gelu_f32's constants (GELU_COEF_A, SQRT_2_OVER_PI) as float32.
 GELU_COEF_A = float(np.float32(0.044715))
 SQRT_2_OVER_PI = float(np.float32(0.79788456080286535587989211986876))
@@ -90,7 +89,6 @@ def gelu_f16_table() -> np.ndarray:
     return bits.view(np.float16)
 
 
-
 def ggml_theta_scale(theta: float, rotary_dim: int) -> float:
     """powf(theta, -2.0f / n_dims) from the C library, as ggml computes it."""
     exponent = float(np.float32(-2.0) / np.float32(rotary_dim))
@@ -111,4 +109,3 @@ def ggml_rope_cache(cos, sin, angle, position, half: int, theta_scale: float, fr
             cos[i] = T.cos(angle[0] * T.float32(freq_scale))
             sin[i] = T.sin(angle[0] * T.float32(freq_scale))
         angle[0] = angle[0] * T.float32(theta_scale)
-
