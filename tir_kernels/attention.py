@@ -34,8 +34,13 @@ PAGED_PREFILL_SYMBOL = "batch_prefill_paged_kv_cpu"
 RAGGED_PREFILL_SYMBOL = "batch_prefill_ragged_kv"  # the CPU pipeline only ever sees TVM's CPU variant
 
 
+def _valid_length(length, query_length, g):
+    """Keys query g of an _attend call sees: all `length`, or query_length(g) of them."""
+    return length if query_length is None else query_length(g)
+
+
 @T.macro(hygienic=False)
-def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap):
+def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap, query_length):
     """Online softmax (base 2) of `heads` queries that share their keys (the query heads of one KV head, or
     one query) over `length` keys, 16 keys per rescale; rows `first .. first + heads` of the scratch buffers.
 
@@ -43,7 +48,9 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap)
     keys.values(loc, d): LANES elements of its value from d. Dot products and output rows accumulate in
     registers, several independent chains at a time (one chain is bound by the add's latency). As TVM's
     kernels, the running sum starts with a phantom 1 at score -5e4 that vanishes once a real score arrives.
-    softcap: scores (natural units) become softcap * tanh(score / softcap) first (Gemma 2); 0 for none."""
+    softcap: scores (natural units) become softcap * tanh(score / softcap) first (Gemma 2); 0 for none.
+    query_length: None, or g -> the keys query g sees (a prefix of the `length`): the keys past it score -inf,
+    a tile wholly past it leaves the query's state and output exactly as they were."""
     chains = T.meta_var(_chains(dim))
     for g in range(heads):
         state[first + g, 0] = T.float32(-5e4)  # running max
@@ -62,7 +69,8 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap)
                         loc = T.meta_var(where[first, part * LANES + j])
                         step = T.meta_var(_partial_dot(keys, loc, first + g, c * chains * LANES, chains))
                         dots[j, T.Ramp(0, 1, LANES)] = dots[j, T.Ramp(0, 1, LANES)] + step
-                valid = T.meta_var(T.Ramp(tile * TILE + part * LANES, 1, LANES) < T.Broadcast(length, LANES))
+                seen = T.meta_var(_valid_length(length, query_length, g))
+                valid = T.meta_var(T.Ramp(tile * TILE + part * LANES, 1, LANES) < T.Broadcast(seen, LANES))
                 sums = T.meta_var(_soft_cap(row_sums([dots[j, T.Ramp(0, 1, LANES)] for j in range(LANES)]), softcap))
                 scores[first + g, T.Ramp(part * LANES, 1, LANES)] = T.Select(
                     valid, sums, T.Broadcast(T.float32(-1e30), LANES)
@@ -621,7 +629,7 @@ def decode_attention(
                 keys = T.meta_var(
                     PagedKeys(cache, page_table_values, length_info, b, begin, h // group, q_scaled, sliding_window)
                 )
-                _attend(bh, 1, length, keys, scores, state, out, where, dim, softcap)
+                _attend(bh, 1, length, keys, scores, state, out, where, dim, softcap, None)
                 _finish(output, lse, b, h, bh, 1, out, state, dim)
 
     return kernel
@@ -741,10 +749,33 @@ def prefill_ragged_attention(
                 _start(q, q_scaled, out, row, kv_head * group, first, group, sm_scale, d_qk, d_v)
 
                 keys = T.meta_var(RaggedKeys(k, v, kv_indptr[b], kv_head, q_scaled))
-                _attend(first, group, length, keys, scores, state, out, where, d_v, softcap)
+                _attend(first, group, length, keys, scores, state, out, where, d_v, softcap, None)
                 _finish(output, lse, row, kv_head * group, first, group, out, state, d_v)
 
     return kernel
+
+
+TOKENS_PER_TASK = 8  # new tokens of a paged prefill task that share each tile of cached keys
+
+
+def _first_cached(i, kv_len, causal, window: int):
+    """The first cached key token i of a chunk sees (TVM's masks): a sliding window sees its last
+    `window - i - 1` cached tokens; otherwise all from the first."""
+    if window == 0:
+        return tirx.const(0, "int32")
+    return tirx.if_then_else(causal > 0, tirx.max(kv_len - tirx.max(window - i - 1, 0), 0), 0)
+
+
+def _last_cached(i, kv_len, q_len, causal, window: int):
+    """One past the last cached key token i of a chunk sees: causal, the cache up to its own position."""
+    if window > 0:
+        return kv_len
+    return tirx.if_then_else(causal > 0, tirx.min(kv_len, kv_len - q_len + i + 1), kv_len)
+
+
+def _keys_seen(i0, group: int, kv_len, q_len, causal, window: int, first):
+    """g -> how many cached keys from `first` query row g of a task sees (the task's token i0 + g // group)."""
+    return lambda g: tirx.max(_last_cached(i0 + g // group, kv_len, q_len, causal, window) - first, 0)
 
 
 def prefill_paged_attention(
@@ -809,33 +840,60 @@ def prefill_paged_attention(
         state = T.alloc_buffer((total_len * h_q, 4), "float32")
         where = T.alloc_buffer((total_len * h_q, TILE), "int32")
         _rows_to_sequences(q_indptr, batch_size, sequence_of)
-        for order in T.parallel(total_len * h_kv):  # a token's query heads that share a KV head
-            task: T.let[T.int32] = _balanced(order, total_len * h_kv)
-            row: T.let[T.int32] = task // h_kv
+        # Tasks of TOKENS_PER_TASK consecutive tokens and one KV head: the tokens' query heads go through each tile
+        # of cached keys together (each key read once for all of them) when the tokens are of one sequence and
+        # see the cache from the same first key; otherwise token by token. Scratch row of (token, KV head, j):
+        # (kv_head * total_len + token) * group + j, so a task's rows are consecutive.
+        blocks = T.meta_var((total_len + TOKENS_PER_TASK - 1) // TOKENS_PER_TASK)
+        for order in T.parallel(blocks * h_kv):
+            task: T.let[T.int32] = _balanced(order, blocks * h_kv)
+            r0: T.let[T.int32] = task // h_kv * TOKENS_PER_TASK
             kv_head: T.let[T.int32] = task % h_kv
-            first_slot: T.let[T.int32] = row * h_q + kv_head * group
-            b: T.let[T.int32] = sequence_of[row]
-            i: T.let[T.int32] = row - q_indptr[b]
+            count: T.let[T.int32] = T.min(TOKENS_PER_TASK, total_len - r0)
+            base: T.let[T.int32] = (kv_head * total_len + r0) * group
+            b: T.let[T.int32] = sequence_of[r0]
             q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
             begin: T.let[T.int32] = page_indptr[b]
             end: T.let[T.int32] = page_indptr[b + 1]
             kv_len: T.let[T.int32] = T.if_then_else(
                 begin != end, _get_kv_chunk_len(end - begin, page_size, b, length_info, sliding_window), 0
             )
-            # TVM's masks as a key range [first, last): a sliding window sees its last `window - i - 1`
-            # cached tokens; causal sees the cache up to its own position; otherwise all of it.
-            first: T.let[T.int32] = T.if_then_else(
-                causal > 0 and window > 0, T.max(kv_len - T.max(window - i - 1, 0), 0), 0
+            i0: T.let[T.int32] = r0 - q_indptr[b]
+            first0: T.let[T.int32] = _first_cached(i0, kv_len, causal, window)
+            shared: T.let[T.bool] = (
+                sequence_of[r0 + count - 1] == b and _first_cached(i0 + count - 1, kv_len, causal, window) == first0
             )
-            last: T.let[T.int32] = T.if_then_else(
-                causal > 0 and window == 0, T.min(kv_len, kv_len - q_len + i + 1), kv_len
-            )
-            _start(q, q_scaled, out, row, kv_head * group, first_slot, group, sm_scale, dim, dim)
-            keys = T.meta_var(
-                PagedKeys(cache, page_values, length_info, b, begin, kv_head, q_scaled, sliding_window, first)
-            )
-            _attend(first_slot, group, T.max(last - first, 0), keys, scores, state, out, where, dim, softcap)
-            _finish(output, lse, row, kv_head * group, first_slot, group, out, state, dim)
+            if shared:
+                for t in range(count):
+                    _start(q, q_scaled, out, r0 + t, kv_head * group, base + t * group, group, sm_scale, dim, dim)
+                keys = T.meta_var(
+                    PagedKeys(cache, page_values, length_info, b, begin, kv_head, q_scaled, sliding_window, first0)
+                )
+                seen = T.meta_var(_keys_seen(i0, group, kv_len, q_len, causal, window, first0))
+                longest = T.meta_var(seen(count * group - 1))
+                _attend(base, count * group, longest, keys, scores, state, out, where, dim, softcap, seen)
+                for t in range(count):
+                    _finish(output, lse, r0 + t, kv_head * group, base + t * group, group, out, state, dim)
+            else:
+                for t in range(count):
+                    row: T.let[T.int32] = r0 + t
+                    rb: T.let[T.int32] = sequence_of[row]
+                    i: T.let[T.int32] = row - q_indptr[rb]
+                    rq_len: T.let[T.int32] = q_indptr[rb + 1] - q_indptr[rb]
+                    rbegin: T.let[T.int32] = page_indptr[rb]
+                    rend: T.let[T.int32] = page_indptr[rb + 1]
+                    rkv_len: T.let[T.int32] = T.if_then_else(
+                        rbegin != rend, _get_kv_chunk_len(rend - rbegin, page_size, rb, length_info, sliding_window), 0
+                    )
+                    first: T.let[T.int32] = _first_cached(i, rkv_len, causal, window)
+                    last: T.let[T.int32] = _last_cached(i, rkv_len, rq_len, causal, window)
+                    slot: T.let[T.int32] = base + t * group
+                    _start(q, q_scaled, out, row, kv_head * group, slot, group, sm_scale, dim, dim)
+                    keys = T.meta_var(
+                        PagedKeys(cache, page_values, length_info, rb, rbegin, kv_head, q_scaled, sliding_window, first)
+                    )
+                    _attend(slot, group, T.max(last - first, 0), keys, scores, state, out, where, dim, softcap, None)
+                    _finish(output, lse, row, kv_head * group, slot, group, out, state, dim)
 
     return kernel
 

@@ -1,0 +1,66 @@
+"""mlcc's CPU attention kernels (tir_kernels/attention.py) in mlcc's order: paged prefill, a chunk's new tokens
+against the cached tokens of their sequence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+
+from compiler.targets import TargetRequest, resolve_target
+from tir_kernels import attention
+
+TARGET = resolve_target(TargetRequest()).target
+PAGE = 16
+
+
+def _paged_prefill(kv_heads, heads, dim, window, cached, new, causal, pages, order, q):
+    """Output and log2-sum-exp of paged prefill for sequences with `cached` tokens in the pages and `new` tokens."""
+    kernel = attention.prefill_paged_attention(kv_heads, heads, dim, PAGE, "float32", window > 0, window)
+    lib = tvm.compile(tvm.IRModule({"main": kernel}), target=TARGET)
+    counts = [-(-n // PAGE) for n in cached]
+    page_indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    last = np.array([n - (c - 1) * PAGE for n, c in zip(cached, counts)], np.int32)
+    length_info = np.stack([last, np.zeros_like(last), np.zeros_like(last)]) if window else last
+    q_indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    out = tvm.runtime.tensor(np.zeros(q.shape, np.float32))
+    lse = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32))
+    args = [q, q_indptr, pages, page_indptr, order[: page_indptr[-1]], length_info, np.zeros(len(new), np.int32)]
+    args.append(np.arange(q.shape[0], dtype=np.int32))
+    scale = 1 / np.sqrt(dim)
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), out, lse, causal, 0, 1.0, 10_000.0, scale)
+    return out.numpy(), lse.numpy()
+
+
+@pytest.mark.parametrize(("window", "causal"), [(0, 1), (0, 0), (20, 1)], ids=["causal", "full", "sliding"])
+def test_paged_prefill_shares_key_tiles_between_tokens(monkeypatch, window: int, causal: int):
+    """Tokens of one sequence go through each tile of cached keys together, each query with its own causal or
+    sliding range: the same bits as token by token, and softmax attention over the keys each token sees. The
+    batch's sequences (5 and 19 new tokens) make tasks that span both (those go token by token)."""
+    kv_heads, heads, dim = 2, 4, 64
+    cached, new = [37, 70], [5, 19]
+    rng = np.random.default_rng(8)
+    order = rng.permutation(sum(-(-n // PAGE) for n in cached) + 2).astype(np.int32)
+    pages = rng.standard_normal((order.size, 2, kv_heads, PAGE, dim)).astype(np.float32)
+    q = rng.standard_normal((sum(new), heads, dim)).astype(np.float32)
+    ours = _paged_prefill(kv_heads, heads, dim, window, cached, new, causal, pages, order, q)
+    monkeypatch.setattr(attention, "TOKENS_PER_TASK", 1)
+    alone = _paged_prefill(kv_heads, heads, dim, window, cached, new, causal, pages, order, q)
+    np.testing.assert_array_equal(ours[0], alone[0])
+    np.testing.assert_array_equal(ours[1], alone[1])
+    starts = np.cumsum([0] + [-(-n // PAGE) for n in cached])
+    for s, (n_cached, n_new) in enumerate(zip(cached, new)):
+        rows = pages[order[starts[s] : starts[s + 1]]]
+        k, v = (rows[:, kind].transpose(1, 0, 2, 3).reshape(kv_heads, -1, dim)[:, :n_cached] for kind in (0, 1))
+        for i in range(n_new):
+            row = sum(new[:s]) + i
+            last = min(n_cached, n_cached - n_new + i + 1) if causal and not window else n_cached
+            first = max(n_cached - max(window - i - 1, 0), 0) if causal and window else 0
+            for h in range(heads):
+                kh = h // (heads // kv_heads)
+                if last <= first:
+                    continue
+                scores = k[kh, first:last].astype(np.float64) @ q[row, h] / np.sqrt(dim)
+                p = np.exp(scores - scores.max())
+                expected = p @ v[kh, first:last] / p.sum()
+                np.testing.assert_allclose(ours[0][row, h], expected, rtol=1e-4, atol=1e-5)
