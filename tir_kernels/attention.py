@@ -773,6 +773,12 @@ def _last_cached(i, kv_len, q_len, causal, window: int):
     return tirx.if_then_else(causal > 0, tirx.min(kv_len, kv_len - q_len + i + 1), kv_len)
 
 
+def _cached_length(page_indptr, b, page_size: int, length_info, sliding_window: bool):
+    """Cached tokens of sequence b in the pages (0 for none)."""
+    begin, end = page_indptr[b], page_indptr[b + 1]
+    return tirx.if_then_else(begin != end, _get_kv_chunk_len(end - begin, page_size, b, length_info, sliding_window), 0)
+
+
 def _keys_seen(i0, group: int, kv_len, q_len, causal, window: int, first):
     """g -> how many cached keys from `first` query row g of a task sees (the task's token i0 + g // group)."""
     return lambda g: tirx.max(_last_cached(i0 + g // group, kv_len, q_len, causal, window) - first, 0)
@@ -854,10 +860,7 @@ def prefill_paged_attention(
             b: T.let[T.int32] = sequence_of[r0]
             q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
             begin: T.let[T.int32] = page_indptr[b]
-            end: T.let[T.int32] = page_indptr[b + 1]
-            kv_len: T.let[T.int32] = T.if_then_else(
-                begin != end, _get_kv_chunk_len(end - begin, page_size, b, length_info, sliding_window), 0
-            )
+            kv_len: T.let[T.int32] = _cached_length(page_indptr, b, page_size, length_info, sliding_window)
             i0: T.let[T.int32] = r0 - q_indptr[b]
             first0: T.let[T.int32] = _first_cached(i0, kv_len, causal, window)
             shared: T.let[T.bool] = (
@@ -881,10 +884,7 @@ def prefill_paged_attention(
                     i: T.let[T.int32] = row - q_indptr[rb]
                     rq_len: T.let[T.int32] = q_indptr[rb + 1] - q_indptr[rb]
                     rbegin: T.let[T.int32] = page_indptr[rb]
-                    rend: T.let[T.int32] = page_indptr[rb + 1]
-                    rkv_len: T.let[T.int32] = T.if_then_else(
-                        rbegin != rend, _get_kv_chunk_len(rend - rbegin, page_size, rb, length_info, sliding_window), 0
-                    )
+                    rkv_len: T.let[T.int32] = _cached_length(page_indptr, rb, page_size, length_info, sliding_window)
                     first: T.let[T.int32] = _first_cached(i, rkv_len, causal, window)
                     last: T.let[T.int32] = _last_cached(i, rkv_len, rq_len, causal, window)
                     slot: T.let[T.int32] = base + t * group
