@@ -190,14 +190,8 @@ def _attend_ggml_pair(q, row, head, keys, length, sm_scale, output, lse, dim, pr
                 peak[h] = T.max(peak[h], probs[slot + h, quad * 4 + j])
     for i in range(length // 4 * 4, length):
         for h in range(2):
-            dots[0, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-            for step in range(dim // LANES):
-                dots[0, T.Ramp(0, 1, LANES)] = fma(
-                    _key(keys, keys.locate(i), step * LANES),
-                    q16[h, T.Ramp(step * LANES, 1, LANES)],
-                    dots[0, T.Ramp(0, 1, LANES)],
-                )
-            score[0] = hsum8(dots[0, T.Ramp(0, 1, LANES)]) * sm_scale
+            head_q16 = T.decl_buffer((dim,), "float32", data=q16.data, elem_offset=h * dim)
+            _ggml_score(keys, keys.locate(i), head_q16, dots, score, dim, sm_scale, False)
             probs[slot + h, i] = score[0]
             peak[h] = T.max(peak[h], score[0])
     for h in range(2):
@@ -857,43 +851,31 @@ def prefill_paged_attention(
             kv_head: T.let[T.int32] = task % h_kv
             count: T.let[T.int32] = T.min(TOKENS_PER_TASK, total_len - r0)
             base: T.let[T.int32] = (kv_head * total_len + r0) * group
-            b: T.let[T.int32] = sequence_of[r0]
-            q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-            begin: T.let[T.int32] = page_indptr[b]
-            kv_len: T.let[T.int32] = _cached_length(page_indptr, b, page_size, length_info, sliding_window)
-            i0: T.let[T.int32] = r0 - q_indptr[b]
-            first0: T.let[T.int32] = _first_cached(i0, kv_len, causal, window)
-            shared: T.let[T.bool] = (
-                sequence_of[r0 + count - 1] == b and _first_cached(i0 + count - 1, kv_len, causal, window) == first0
-            )
-            if shared:
-                for t in range(count):
-                    _start(q, q_scaled, out, r0 + t, kv_head * group, base + t * group, group, sm_scale, dim, dim)
+            b0: T.let[T.int32] = sequence_of[r0]
+            kv_len0: T.let[T.int32] = _cached_length(page_indptr, b0, page_size, length_info, sliding_window)
+            i0: T.let[T.int32] = r0 - q_indptr[b0]
+            shared: T.let[T.bool] = sequence_of[r0 + count - 1] == b0 and _first_cached(
+                i0 + count - 1, kv_len0, causal, window
+            ) == _first_cached(i0, kv_len0, causal, window)
+            run: T.let[T.int32] = T.if_then_else(shared, count, 1)  # tokens that go through the tiles together
+            for u in range(count // run):
+                row: T.let[T.int32] = r0 + u * run
+                b: T.let[T.int32] = sequence_of[row]
+                i: T.let[T.int32] = row - q_indptr[b]
+                q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                kv_len: T.let[T.int32] = _cached_length(page_indptr, b, page_size, length_info, sliding_window)
+                first: T.let[T.int32] = _first_cached(i, kv_len, causal, window)
+                begin: T.let[T.int32] = page_indptr[b]
+                slot: T.let[T.int32] = base + u * run * group
+                for t in range(run):
+                    _start(q, q_scaled, out, row + t, kv_head * group, slot + t * group, group, sm_scale, dim, dim)
                 keys = T.meta_var(
-                    PagedKeys(cache, page_values, length_info, b, begin, kv_head, q_scaled, sliding_window, first0)
+                    PagedKeys(cache, page_values, length_info, b, begin, kv_head, q_scaled, sliding_window, first)
                 )
-                seen = T.meta_var(_keys_seen(i0, group, kv_len, q_len, causal, window, first0))
-                longest = T.meta_var(seen(count * group - 1))
-                _attend(base, count * group, longest, keys, scores, state, out, where, dim, softcap, seen)
-                for t in range(count):
-                    _finish(output, lse, r0 + t, kv_head * group, base + t * group, group, out, state, dim)
-            else:
-                for t in range(count):
-                    row: T.let[T.int32] = r0 + t
-                    rb: T.let[T.int32] = sequence_of[row]
-                    i: T.let[T.int32] = row - q_indptr[rb]
-                    rq_len: T.let[T.int32] = q_indptr[rb + 1] - q_indptr[rb]
-                    rbegin: T.let[T.int32] = page_indptr[rb]
-                    rkv_len: T.let[T.int32] = _cached_length(page_indptr, rb, page_size, length_info, sliding_window)
-                    first: T.let[T.int32] = _first_cached(i, rkv_len, causal, window)
-                    last: T.let[T.int32] = _last_cached(i, rkv_len, rq_len, causal, window)
-                    slot: T.let[T.int32] = base + t * group
-                    _start(q, q_scaled, out, row, kv_head * group, slot, group, sm_scale, dim, dim)
-                    keys = T.meta_var(
-                        PagedKeys(cache, page_values, length_info, rb, rbegin, kv_head, q_scaled, sliding_window, first)
-                    )
-                    _attend(slot, group, T.max(last - first, 0), keys, scores, state, out, where, dim, softcap, None)
-                    _finish(output, lse, row, kv_head * group, slot, group, out, state, dim)
+                seen = T.meta_var(_keys_seen(i, group, kv_len, q_len, causal, window, first))
+                _attend(slot, run * group, seen(run * group - 1), keys, scores, state, out, where, dim, softcap, seen)
+                for t in range(run):
+                    _finish(output, lse, row + t, kv_head * group, slot + t * group, group, out, state, dim)
 
     return kernel
 
