@@ -34,13 +34,16 @@ PAGED_PREFILL_SYMBOL = "batch_prefill_paged_kv_cpu"
 RAGGED_PREFILL_SYMBOL = "batch_prefill_ragged_kv"  # the CPU pipeline only ever sees TVM's CPU variant
 
 
-def _valid_length(length, query_length, g):
-    """Keys query g of an _attend call sees: all `length`, or query_length(g) of them."""
-    return length if query_length is None else query_length(g)
+def _seen(span: tirx.PrimExpr, length, query_range, g) -> tirx.PrimExpr:
+    """Which of the key positions `span` query g of an _attend call sees: all below `length`, or its range."""
+    if query_range is None:
+        return span < tirx.Broadcast(length, LANES)
+    lo, hi = query_range(g)
+    return tirx.And(span >= tirx.Broadcast(lo, LANES), span < tirx.Broadcast(hi, LANES))
 
 
 @T.macro(hygienic=False)
-def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap, query_length):
+def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap, query_range):
     """Online softmax (base 2) of `heads` queries that share their keys (the query heads of one KV head, or
     one query) over `length` keys, 16 keys per rescale; rows `first .. first + heads` of the scratch buffers.
 
@@ -49,8 +52,8 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap,
     registers, several independent chains at a time (one chain is bound by the add's latency). As TVM's
     kernels, the running sum starts with a phantom 1 at score -5e4 that vanishes once a real score arrives.
     softcap: scores (natural units) become softcap * tanh(score / softcap) first (Gemma 2); 0 for none.
-    query_length: None, or g -> the keys query g sees (a prefix of the `length`): the keys past it score -inf,
-    a tile wholly past it leaves the query's state and output exactly as they were."""
+    query_range: None, or g -> (lo, hi), the keys query g sees (a range within the `length`): the keys outside
+    it score -inf, and a tile wholly outside it leaves the query's state and output exactly as they were."""
     chains = T.meta_var(_chains(dim))
     for g in range(heads):
         state[first + g, 0] = T.float32(-5e4)  # running max
@@ -69,8 +72,7 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap,
                         loc = T.meta_var(where[first, part * LANES + j])
                         step = T.meta_var(_partial_dot(keys, loc, first + g, c * chains * LANES, chains))
                         dots[j, T.Ramp(0, 1, LANES)] = dots[j, T.Ramp(0, 1, LANES)] + step
-                seen = T.meta_var(_valid_length(length, query_length, g))
-                valid = T.meta_var(T.Ramp(tile * TILE + part * LANES, 1, LANES) < T.Broadcast(seen, LANES))
+                valid = T.meta_var(_seen(T.Ramp(tile * TILE + part * LANES, 1, LANES), length, query_range, g))
                 sums = T.meta_var(_soft_cap(row_sums([dots[j, T.Ramp(0, 1, LANES)] for j in range(LANES)]), softcap))
                 scores[first + g, T.Ramp(part * LANES, 1, LANES)] = T.Select(
                     valid, sums, T.Broadcast(T.float32(-1e30), LANES)
@@ -773,9 +775,15 @@ def _cached_length(page_indptr, b, page_size: int, length_info, sliding_window: 
     return tirx.if_then_else(begin != end, _get_kv_chunk_len(end - begin, page_size, b, length_info, sliding_window), 0)
 
 
-def _keys_seen(i0, group: int, kv_len, q_len, causal, window: int, first):
-    """g -> how many cached keys from `first` query row g of a task sees (the task's token i0 + g // group)."""
-    return lambda g: tirx.max(_last_cached(i0 + g // group, kv_len, q_len, causal, window) - first, 0)
+def _keys_seen(i0, group: int, kv_len, q_len, causal, window: int, skip):
+    """g -> (lo, hi): the cached keys query row g of a run sees (its token i0 + g // group), counted from `skip`."""
+
+    def seen(g):
+        i = i0 + g // group
+        lo = _first_cached(i, kv_len, causal, window) - skip
+        return lo, tirx.max(_last_cached(i, kv_len, q_len, causal, window) - skip, lo)
+
+    return seen
 
 
 def prefill_paged_attention(
@@ -841,9 +849,11 @@ def prefill_paged_attention(
         where = T.alloc_buffer((total_len * h_q, TILE), "int32")
         _rows_to_sequences(q_indptr, batch_size, sequence_of)
         # Tasks of TOKENS_PER_TASK consecutive tokens and one KV head: the tokens' query heads go through each tile
-        # of cached keys together (each key read once for all of them) when the tokens are of one sequence and
-        # see the cache from the same first key; otherwise token by token. Scratch row of (token, KV head, j):
-        # (kv_head * total_len + token) * group + j, so a task's rows are consecutive.
+        # of cached keys together (each key read once for all of them) when the tokens are of one sequence;
+        # otherwise token by token. Tiles start at multiples of TILE in the cache, whatever a query's first key
+        # (a sliding window's moves with the token), so a query's arithmetic does not depend on its task's other
+        # tokens. Scratch row of (token, KV head, j): (kv_head * total_len + token) * group + j, so a task's rows
+        # are consecutive.
         blocks = T.meta_var((total_len + TOKENS_PER_TASK - 1) // TOKENS_PER_TASK)
         for order in T.parallel(blocks * h_kv):
             task: T.let[T.int32] = _balanced(order, blocks * h_kv)
@@ -851,29 +861,25 @@ def prefill_paged_attention(
             kv_head: T.let[T.int32] = task % h_kv
             count: T.let[T.int32] = T.min(TOKENS_PER_TASK, total_len - r0)
             base: T.let[T.int32] = (kv_head * total_len + r0) * group
-            b0: T.let[T.int32] = sequence_of[r0]
-            kv_len0: T.let[T.int32] = _cached_length(page_indptr, b0, page_size, length_info, sliding_window)
-            i0: T.let[T.int32] = r0 - q_indptr[b0]
-            shared: T.let[T.bool] = sequence_of[r0 + count - 1] == b0 and _first_cached(
-                i0 + count - 1, kv_len0, causal, window
-            ) == _first_cached(i0, kv_len0, causal, window)
-            run: T.let[T.int32] = T.if_then_else(shared, count, 1)  # tokens that go through the tiles together
+            # tokens that go through the tiles together
+            run: T.let[T.int32] = T.if_then_else(sequence_of[r0 + count - 1] == sequence_of[r0], count, 1)
             for u in range(count // run):
                 row: T.let[T.int32] = r0 + u * run
                 b: T.let[T.int32] = sequence_of[row]
                 i: T.let[T.int32] = row - q_indptr[b]
                 q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                 kv_len: T.let[T.int32] = _cached_length(page_indptr, b, page_size, length_info, sliding_window)
-                first: T.let[T.int32] = _first_cached(i, kv_len, causal, window)
+                skip: T.let[T.int32] = _first_cached(i, kv_len, causal, window) // TILE * TILE  # first tile
                 begin: T.let[T.int32] = page_indptr[b]
                 slot: T.let[T.int32] = base + u * run * group
                 for t in range(run):
                     _start(q, q_scaled, out, row + t, kv_head * group, slot + t * group, group, sm_scale, dim, dim)
                 keys = T.meta_var(
-                    PagedKeys(cache, page_values, length_info, b, begin, kv_head, q_scaled, sliding_window, first)
+                    PagedKeys(cache, page_values, length_info, b, begin, kv_head, q_scaled, sliding_window, skip)
                 )
-                seen = T.meta_var(_keys_seen(i, group, kv_len, q_len, causal, window, first))
-                _attend(slot, run * group, seen(run * group - 1), keys, scores, state, out, where, dim, softcap, seen)
+                seen = T.meta_var(_keys_seen(i, group, kv_len, q_len, causal, window, skip))
+                longest = T.meta_var(seen(run * group - 1)[1])
+                _attend(slot, run * group, longest, keys, scores, state, out, where, dim, softcap, seen)
                 for t in range(run):
                     _finish(output, lse, row + t, kv_head * group, slot + t * group, group, out, state, dim)
 
