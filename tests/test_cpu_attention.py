@@ -36,9 +36,9 @@ def _paged_prefill(kv_heads, heads, dim, window, cached, new, causal, pages, ord
 def test_paged_prefill_shares_key_tiles_between_tokens(monkeypatch, window: int, causal: int):
     """Tokens of one sequence go through each tile of cached keys together, each query with its own causal or
     sliding range: the same bits as token by token, and softmax attention over the keys each token sees. The
-    batch's sequences (5 and 19 new tokens) make tasks that span both (those go token by token)."""
+    batch's sequences (5, 2 and 19 new tokens) make a task that spans all three (a run of each)."""
     kv_heads, heads, dim = 2, 4, 64
-    cached, new = [37, 70], [5, 19]
+    cached, new = [37, 20, 70], [5, 2, 19]
     rng = np.random.default_rng(8)
     order = rng.permutation(sum(-(-n // PAGE) for n in cached) + 2).astype(np.int32)
     pages = rng.standard_normal((order.size, 2, kv_heads, PAGE, dim)).astype(np.float32)

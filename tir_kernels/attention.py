@@ -848,40 +848,38 @@ def prefill_paged_attention(
         state = T.alloc_buffer((total_len * h_q, 4), "float32")
         where = T.alloc_buffer((total_len * h_q, TILE), "int32")
         _rows_to_sequences(q_indptr, batch_size, sequence_of)
-        # Tasks of TOKENS_PER_TASK consecutive tokens and one KV head: the tokens' query heads go through each tile
-        # of cached keys together (each key read once for all of them) when the tokens are of one sequence;
-        # otherwise token by token. Tiles start at multiples of TILE in the cache, whatever a query's first key
-        # (a sliding window's moves with the token), so a query's arithmetic does not depend on its task's other
-        # tokens. Scratch row of (token, KV head, j): (kv_head * total_len + token) * group + j, so a task's rows
-        # are consecutive.
+        # Tasks of TOKENS_PER_TASK consecutive tokens and one KV head: each run of the task's tokens that are of
+        # one sequence takes their query heads through each tile of cached keys together (each key read once for
+        # all of them). Tiles start at multiples of TILE in the cache, whatever a query's first key (a sliding
+        # window's moves with the token), so a query's arithmetic does not depend on the other tokens of its run.
+        # Scratch row of (token, KV head, j): (kv_head * total_len + token) * group + j, so a run's are consecutive.
         blocks = T.meta_var((total_len + TOKENS_PER_TASK - 1) // TOKENS_PER_TASK)
         for order in T.parallel(blocks * h_kv):
             task: T.let[T.int32] = _balanced(order, blocks * h_kv)
             r0: T.let[T.int32] = task // h_kv * TOKENS_PER_TASK
             kv_head: T.let[T.int32] = task % h_kv
             count: T.let[T.int32] = T.min(TOKENS_PER_TASK, total_len - r0)
-            base: T.let[T.int32] = (kv_head * total_len + r0) * group
-            # tokens that go through the tiles together
-            run: T.let[T.int32] = T.if_then_else(sequence_of[r0 + count - 1] == sequence_of[r0], count, 1)
-            for u in range(count // run):
-                row: T.let[T.int32] = r0 + u * run
+            for u in range(count):
+                row: T.let[T.int32] = r0 + u
                 b: T.let[T.int32] = sequence_of[row]
-                i: T.let[T.int32] = row - q_indptr[b]
-                q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-                kv_len: T.let[T.int32] = _cached_length(page_indptr, b, page_size, length_info, sliding_window)
-                skip: T.let[T.int32] = _first_cached(i, kv_len, causal, window) // TILE * TILE  # first tile
-                begin: T.let[T.int32] = page_indptr[b]
-                slot: T.let[T.int32] = base + u * run * group
-                for t in range(run):
-                    _start(q, q_scaled, out, row + t, kv_head * group, slot + t * group, group, sm_scale, dim, dim)
-                keys = T.meta_var(
-                    PagedKeys(cache, page_values, length_info, b, begin, kv_head, q_scaled, sliding_window, skip)
-                )
-                seen = T.meta_var(_keys_seen(i, group, kv_len, q_len, causal, window, skip))
-                longest = T.meta_var(seen(run * group - 1)[1])
-                _attend(slot, run * group, longest, keys, scores, state, out, where, dim, softcap, seen)
-                for t in range(run):
-                    _finish(output, lse, row + t, kv_head * group, slot + t * group, group, out, state, dim)
+                if u == 0 or sequence_of[T.max(row - 1, 0)] != b:  # a run starts
+                    run: T.let[T.int32] = T.min(r0 + count, q_indptr[b + 1]) - row
+                    i: T.let[T.int32] = row - q_indptr[b]
+                    q_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                    kv_len: T.let[T.int32] = _cached_length(page_indptr, b, page_size, length_info, sliding_window)
+                    skip: T.let[T.int32] = _first_cached(i, kv_len, causal, window) // TILE * TILE  # first tile
+                    begin: T.let[T.int32] = page_indptr[b]
+                    slot: T.let[T.int32] = (kv_head * total_len + row) * group
+                    for t in range(run):
+                        _start(q, q_scaled, out, row + t, kv_head * group, slot + t * group, group, sm_scale, dim, dim)
+                    keys = T.meta_var(
+                        PagedKeys(cache, page_values, length_info, b, begin, kv_head, q_scaled, sliding_window, skip)
+                    )
+                    seen = T.meta_var(_keys_seen(i, group, kv_len, q_len, causal, window, skip))
+                    longest = T.meta_var(seen(run * group - 1)[1])
+                    _attend(slot, run * group, longest, keys, scores, state, out, where, dim, softcap, seen)
+                    for t in range(run):
+                        _finish(output, lse, row + t, kv_head * group, slot + t * group, group, out, state, dim)
 
     return kernel
 
