@@ -5,8 +5,9 @@ llama.cpp from the same file, next to this machine's measured memory read bandwi
 
 For each shape and block type: writes WORKDIR/<shape>-<type>.gguf (random valid blocks, no quantizing), compiles it
 with mlcc (default numerics), and reports per thread count the decode tokens/s of each engine (median of `--runs`,
-each engine in its own process), the weight bytes a decoded token reads (every matrix but the embedding table, of
-which one row), the bandwidth that implies as a fraction of the measured read bandwidth, and mlcc / llama.cpp.
+one process per engine and run, the engines alternating), the weight bytes a decoded token reads (every matrix but
+the embedding table, of which one row), the bandwidth that implies as a fraction of the measured read bandwidth, and
+mlcc / llama.cpp.
 llama.cpp is skipped when llama-cpp-python is not installed.
 """
 
@@ -95,12 +96,14 @@ def bytes_per_token(path: Path) -> int:
 
 
 def read_bandwidth(threads: int, gib: float = 2.0, runs: int = 5) -> float:
-    """Bytes/s summing a buffer far larger than the caches, split over `threads` (numpy releases the GIL)."""
+    """Bytes/s of the maximum of a buffer far larger than the caches, split over `threads` (numpy releases the
+    GIL). A SIMD max is memory-bound on one core where numpy's pairwise sum is not (AMD EPYC Zen 4, 1 thread: 31
+    vs 25 GB/s, which put mlcc's 1-thread kernels at over 100% of it)."""
     data = np.ones(int(gib * 2**30) // 4, np.float32)
     parts = np.array_split(data, threads)
     best = 0.0
     for _ in range(runs):
-        workers = [threading.Thread(target=np.add.reduce, args=(p,)) for p in parts]
+        workers = [threading.Thread(target=np.maximum.reduce, args=(p,)) for p in parts]
         start = time.perf_counter()
         for w in workers:
             w.start()
@@ -118,14 +121,14 @@ def decode_mlcc(artifact: str, threads: int, runs: int, tokens: int) -> float:
     engine = Engine(artifact, verify=False, max_batch_size=1, kv_cache_tokens=1024, threads=threads)
     ids = list(range(2, 2 + PROMPT_TOKENS))
     rates = []
-    for _ in range(runs):  # decode time = (prefill + tokens + 1) - (prefill + 1)
+    for _ in range(runs + 1):  # decode time = (prefill + tokens + 1) - (prefill + 1); the first run warms up
         start = time.perf_counter()
         engine.generate_ids([ids], SamplingParams(max_tokens=1, temperature=0))
         first = time.perf_counter() - start
         start = time.perf_counter()
         engine.generate_ids([ids], SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True))
         rates.append(tokens / (time.perf_counter() - start - first))
-    return statistics.median(rates)
+    return statistics.median(rates[1:])
 
 
 def decode_llamacpp(gguf: str, threads: int, runs: int, tokens: int) -> float:
@@ -134,14 +137,14 @@ def decode_llamacpp(gguf: str, threads: int, runs: int, tokens: int) -> float:
     llm = Llama(gguf, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
     ids = list(range(2, 2 + PROMPT_TOKENS))
     rates = []
-    for _ in range(runs):
+    for _ in range(runs + 1):  # the first run warms up
         llm.reset()
         llm.eval(ids)
         start = time.perf_counter()
         for _ in range(tokens):
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
         rates.append(tokens / (time.perf_counter() - start))
-    return statistics.median(rates)
+    return statistics.median(rates[1:])
 
 
 def child(kind: str, path: str, threads: int, runs: int, tokens: int) -> float | None:
@@ -199,8 +202,15 @@ def main() -> None:
                 compile_model(str(gguf), artifact, progress=lambda _: None)
             per_token = bytes_per_token(gguf)
             for threads in args.threads:
-                ours = child("mlcc", str(artifact), threads, args.runs, args.tokens)
-                theirs = child("llamacpp", str(gguf), threads, args.runs, args.tokens) if info else None
+                # one process per engine and run, the engines alternating: the VM's neighbours drift over minutes
+                engines = [("mlcc", artifact)] + ([("llamacpp", gguf)] if info else [])
+                rates: dict[str, list[float]] = {"mlcc": [], "llamacpp": []}
+                for _ in range(args.runs):
+                    for kind, path in engines:
+                        rate = child(kind, str(path), threads, 1, args.tokens)
+                        if rate:
+                            rates[kind].append(rate)
+                ours, theirs = (statistics.median(r) if r else None for r in rates.values())
                 cells = [f"{shape}-{type_name:<4}", threads, f"{per_token / 1e6:.0f}"]
                 for rate in (ours, theirs):
                     cells += [f"{rate:.2f}", f"{rate * per_token / bandwidth[threads]:.0%}"] if rate else ["-", "-"]
