@@ -14,6 +14,7 @@ import tvm
 from tvm.target import Target
 
 from artifacts.errors import MlccError
+from artifacts.host_cpu import cpu_flags
 
 # Supported, and the default: Ampere (A100, RTX 30xx), Ada (L4, RTX 40xx), Hopper (H100, H200).
 CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
@@ -38,6 +39,8 @@ X86_FEATURE_FLAGS = {
     "avx512bf16": "avx512_bf16",
     "avx512fp16": "avx512_fp16",
     "avxvnni": "avx_vnni",
+    "amx-tile": "amx_tile",
+    "amx-int8": "amx_int8",
 }
 # LLVM's fast-math reassociation lets it vectorize the dot products, as llama.cpp's SIMD sums do.
 FAST_MATH = {"fast-math-reassoc": True, "fast-math-contract": True}
@@ -77,11 +80,25 @@ def strict_float(spec: TargetSpec) -> TargetSpec:
     return replace(spec, target=Target(config))
 
 
-def _host_llvm() -> Target:
-    """The host CPU, with its own instruction set (AVX2, F16C, ...) so LLVM can use it."""
+def llvm_cpu_name() -> str:
     from tvm.target import codegen
 
-    return Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), **FAST_MATH})
+    return codegen.llvm_get_system_cpu()
+
+
+def _host_llvm() -> Target:
+    """The host CPU, with its own instruction set (AVX2, F16C, ...) so LLVM can use it: LLVM's name for the CPU
+    plus what /proc/cpuinfo lists beyond it (a virtual machine may report an older model: AMX, AVX-VNNI)."""
+    from tvm.target import codegen
+
+    config = {"kind": "llvm", "mcpu": llvm_cpu_name(), **FAST_MATH}
+    present = cpu_flags()
+    extra = [
+        f"+{feature}"
+        for feature, flag in X86_FEATURE_FLAGS.items()
+        if flag in present and not codegen.target_has_features(feature, Target(config))
+    ]
+    return Target({**config, "mattr": extra} if extra else config)
 
 
 def x86_cpu_flags(target: Target) -> list[str]:

@@ -18,12 +18,13 @@ from tvm.target import Target
 from quant_schemes.base import PackedModule, QuantScheme
 from tir_kernels.experts import ExpertLinear, grouped_matmul, grouped_rows_kernel
 from tir_kernels.gguf_blocks import FLOAT_TYPES, BlockFormat
+from tir_kernels.matmul_amx import amx_chunk_sum_rows
 from tir_kernels.matmul_float import decoded_gather, decoded_matmul
 from tir_kernels.matmul_int8 import int8_rows
 from tir_kernels.matmul_llamacpp import CHUNK_SUM_OFFSETS, EXACT_TYPES, chunk_sum_rows, llamacpp_rows
 from tir_kernels.numerics import Numerics
 from tir_kernels.repack import INTERLEAVED, group_rows, interleave_rows
-from tir_kernels.simd import has_avx2, has_vnni, vector_registers
+from tir_kernels.simd import has_amx, has_avx2, has_vnni, vector_registers
 
 Q = GGMLQuantizationType
 # Types whose llama.cpp-order kernels also serve mlcc's order: faster than `int8_rows` with or without VNNI
@@ -44,17 +45,20 @@ class Int8Rows:
         numerics: Numerics,
         vnni: bool,
         vector_registers: int = 16,
+        amx: bool = False,
     ):
         self.fmt, self.in_features, self.out_features, self.numerics = fmt, in_features, out_features, numerics
         qtype = fmt.qtype
         # The kernel: llama.cpp's order where asked; else (mlcc's order, any will do) the fastest measured:
-        # chunk sums on VNNI, llama.cpp's kernels for Q8_0 and the K-quants (faster than int8_rows with or
-        # without VNNI), int8_rows for the rest. Their weights: 8 rows side by side, the same bits reordered.
+        # chunk sums on VNNI (their prefill on AMX where the CPU has it: the same bits), llama.cpp's kernels for
+        # Q8_0 and the K-quants (faster than int8_rows with or without VNNI), int8_rows for the rest. Their
+        # weights: 8 rows side by side, the same bits reordered.
         if numerics == Numerics.LLAMACPP:
             self.rows = llamacpp_rows(qtype, in_features, out_features, vnni, vector_registers)
             self.repack = group_rows if qtype in EXACT_TYPES else None
         elif vnni and qtype in CHUNK_SUM_OFFSETS:
-            self.rows, self.repack = chunk_sum_rows(qtype, in_features, out_features), group_rows
+            chunk_sums = amx_chunk_sum_rows if amx else chunk_sum_rows
+            self.rows, self.repack = chunk_sums(qtype, in_features, out_features), group_rows
         elif qtype in FAST_EXACT_TYPES:
             self.rows = llamacpp_rows(qtype, in_features, out_features, vnni, vector_registers)
             self.repack = group_rows
@@ -88,12 +92,13 @@ class GGUFLinear(PackedModule):
         numerics: Numerics = Numerics.MLCC,
         vnni: bool = False,
         vector_registers: int = 16,
+        amx: bool = False,
     ):
         self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
         # llama.cpp's own order of operations is that of its int8 kernels; `vnni`: the target has `vpdpbusd`
         self.int8 = None
         if int8_activations and dtype == "float32":
-            self.int8 = Int8Rows(fmt, in_features, out_features, numerics, vnni, vector_registers)
+            self.int8 = Int8Rows(fmt, in_features, out_features, numerics, vnni, vector_registers, amx)
         shape = self.int8.shape if self.int8 else (out_features, fmt.row_bytes(in_features))
         self.q_data = nn.Parameter(shape, "uint8")
         self.bias = nn.Parameter((out_features,), dtype) if bias else None
@@ -137,11 +142,12 @@ class GGUFExperts(PackedModule):
         numerics: Numerics = Numerics.MLCC,
         vnni: bool = False,
         vector_registers: int = 16,
+        amx: bool = False,
     ):
         self.fmt, self.num_experts, self.in_features, self.out_features = fmt, num_experts, in_features, out_features
         self.int8 = None
         if int8_activations:
-            self.int8 = Int8Rows(fmt, in_features, out_features, numerics, vnni, vector_registers)
+            self.int8 = Int8Rows(fmt, in_features, out_features, numerics, vnni, vector_registers, amx)
         rows, width = self.int8.shape if self.int8 else (out_features, fmt.row_bytes(in_features))
         self.q_data = nn.Parameter((num_experts * rows, width), "uint8")
         self.run = 16  # float decode: columns decoded per (vector) inner loop, 16 consecutive share a block's bytes
@@ -214,7 +220,7 @@ class GGUFNativeScheme(QuantScheme):
         self.wanted_numerics = wanted  # llama.cpp's numbers where the block types allow, or mlcc's order
         self.rows = rows or {}  # each tensor's rows, where known
         self.elements = elements or {}  # each tensor's element count in the file, where known
-        self.int8_activations = self.vnni = False  # decided per target by `prepare`
+        self.int8_activations = self.vnni = self.amx = False  # decided per target by `prepare`
         self.vector_registers = 16
         counts: dict[str, int] = {}
         for t in tensor_types.values():
@@ -226,6 +232,7 @@ class GGUFNativeScheme(QuantScheme):
     def prepare(self, target: Target) -> None:
         self.int8_activations = self.activations == "q8" and has_avx2(target)
         self.vnni = self.int8_activations and has_vnni(target)
+        self.amx = self.vnni and has_amx(target)
         self.vector_registers = vector_registers(target)
         matrices = set(self.tensor_types.values()) - FLOAT_TYPES
         # llama.cpp repacks Q4_K (the kernels mlcc follows) only in whole groups of 8 rows
@@ -271,6 +278,7 @@ class GGUFNativeScheme(QuantScheme):
                         scheme.numerics,
                         scheme.vnni,
                         scheme.vector_registers,
+                        scheme.amx,
                     )
                 if isinstance(node, nn.Embedding):
                     num, dim = (int(d) for d in node.weight.shape)
@@ -285,6 +293,7 @@ class GGUFNativeScheme(QuantScheme):
                         scheme.numerics,
                         scheme.vnni,
                         scheme.vector_registers,
+                        scheme.amx,
                     )
                 return self.visit(name, node)
 

@@ -11,6 +11,8 @@ from safetensors import SafetensorError, safe_open
 from tvm.runtime.vm import VirtualMachine
 
 from artifacts import Manifest, MlccError, load_manifest, verify_files
+from artifacts.host_cpu import AMX_FLAGS, enable_amx
+from artifacts.host_cpu import cpu_flags as _host_cpu_flags
 from artifacts.package import unpack_package
 from runtime.tokenizer import Tokenizer
 
@@ -27,7 +29,8 @@ ELF_MACHINES = {62: ("x86_64", "amd64"), 183: ("aarch64", "arm64"), 40: ("armv7l
 
 
 def _check_library_loadable(library: Path, target: dict) -> None:
-    """A one-line error for libraries this host cannot load: unlinked objects, another CPU's machine code."""
+    """A one-line error for libraries this host cannot load: unlinked objects, another CPU's machine code.
+    A library with AMX kernels gets the process's tile state here, before it runs."""
     if library.suffix == ".tar":
         raise MlccError(
             f"{library.name} holds unlinked {target.get('name')} objects; link them into a library on the "
@@ -49,15 +52,8 @@ def _check_library_loadable(library: Path, target: dict) -> None:
             f"{library.name} needs {', '.join(missing)} (compiled with --cpu {target.get('cpu')}), which this CPU "
             "lacks; compile it here (--cpu host) or for any x86-64 CPU (--cpu x86-64-v2)"
         )
-
-
-def _host_cpu_flags() -> set[str]:
-    """This CPU's instruction-set flags as Linux lists them (empty where /proc/cpuinfo is not there)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
+    if isinstance(needed, list) and any(flag in AMX_FLAGS for flag in needed):
+        enable_amx()
 
 
 def _load_cuda_runtime() -> None:

@@ -82,6 +82,16 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def amx_tiles() -> None:
+    """Kernels compiled and run in this process (not through an artifact's loader, which asks itself) may use
+    AMX tiles where the CPU has them: Linux hands them out on request only."""
+    from artifacts.host_cpu import AMX_FLAGS, cpu_flags, enable_amx
+
+    if set(AMX_FLAGS) <= cpu_flags():
+        enable_amx()
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("mlcc")

@@ -41,13 +41,14 @@ def random_blocks(rng: np.random.Generator, qtype: GGMLQuantizationType, rows: i
 @pytest.mark.parametrize(("qtype", "numerics"), CASES, ids=lambda c: c.name if isinstance(c, Q) else c.value)
 def test_grouped_rows_equal_the_dense_kernel_per_expert(qtype: GGMLQuantizationType, numerics: Numerics):
     from compiler.targets import _host_llvm
-    from tir_kernels.simd import has_avx2, has_vnni, vector_registers
+    from tir_kernels.simd import has_amx, has_avx2, has_vnni, vector_registers
 
     target = _host_llvm()
     if not has_avx2(target):
         pytest.skip("the int8 kernels need an x86 CPU with AVX2")
     rng = np.random.default_rng(qtype.value)
-    layout = Int8Rows(BlockFormat(qtype), COLS, ROWS, numerics, has_vnni(target), vector_registers(target))
+    vnni, registers, amx = has_vnni(target), vector_registers(target), has_amx(target)  # AMX: tiles of 16 tokens
+    layout = Int8Rows(BlockFormat(qtype), COLS, ROWS, numerics, vnni, registers, amx)
     blocks = [random_blocks(rng, qtype, ROWS) for _ in range(EXPERTS)]
     packed = [layout.pack(b) for b in blocks]
     grouped = grouped_rows_kernel(EXPERTS, layout.rows, TOP_K).with_attr("global_symbol", "grouped")
@@ -62,9 +63,7 @@ def test_grouped_rows_equal_the_dense_kernel_per_expert(qtype: GGMLQuantizationT
         starts = np.zeros(EXPERTS + 1, np.int32)
         np.cumsum(np.bincount(pairs, minlength=EXPERTS), out=starts[1:])
         out = tvm.runtime.tensor(np.full((len(pairs), ROWS), np.nan, np.float32))
-        lib["grouped"](
-            tvm.runtime.tensor(x), tvm.runtime.tensor(starts), tvm.runtime.tensor(order), all_experts, out
-        )
+        lib["grouped"](tvm.runtime.tensor(x), tvm.runtime.tensor(starts), tvm.runtime.tensor(order), all_experts, out)
         got = out.numpy()
         for e in range(EXPERTS - 1):
             rows = x[order[starts[e] : starts[e + 1]] // TOP_K]

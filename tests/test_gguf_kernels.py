@@ -115,13 +115,26 @@ def test_int8_activation_matmul(qtype: GGMLQuantizationType, interleaved: bool, 
         assert np.abs(out.numpy() - x @ weights.T).max() > 0  # it really is the 8-bit computation
 
 
+def _chunk_sum_expected(raw: np.ndarray, qtype: GGMLQuantizationType, x: np.ndarray) -> np.ndarray:
+    """float64 y = llama.cpp's 8-bit activations of x times the weights of GGUF blocks raw [rows, chunks, bytes]:
+    each chunk's exact integer sum scaled by d_w * d_x, and Q4_1/Q5_1's mins times the activations' float16 sums."""
+    from ggml_reference import quantize_q8
+
+    rows, chunks = raw.shape[:2]
+    weights = dequantize(raw.reshape(rows, -1), qtype).reshape(rows, chunks, 32).astype(np.float64)
+    mins = np.zeros((rows, chunks))
+    if qtype in (Q.Q4_1, Q.Q5_1):  # the float16 min of each block
+        mins = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+    d, q, s = quantize_q8(x)
+    expected = np.einsum("tcj,tc,ocj->to", q, d.astype(np.float64), weights - mins[..., None])
+    return expected + s.astype(np.float64) @ mins.T
+
+
 @pytest.mark.parametrize("rows", [6, 21])
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0], ids=lambda t: t.name)
 def test_chunk_sum_matmul(qtype: GGMLQuantizationType, rows: int):
     """The VNNI kernels of mlcc's order (gguf-fast) equal llama.cpp's 8-bit activations times the weights:
     each chunk's integer sum exact, scaled once (Q4_1/Q5_1's mins times the activations' float16 sums)."""
-    from ggml_reference import quantize_q8
-
     from compiler.targets import _host_llvm
     from tir_kernels.matmul_llamacpp import chunk_sum_rows
     from tir_kernels.repack import group_rows
@@ -136,10 +149,6 @@ def test_chunk_sum_matmul(qtype: GGMLQuantizationType, rows: int):
     raw = rng.integers(0, 256, size=(rows, cols // block, block_bytes), dtype=np.uint8)
     for field in FLOAT16_FIELDS[qtype]:
         raw[..., field + 1] &= 0xBB
-    weights = dequantize(raw.reshape(rows, -1), qtype).reshape(rows, cols // 32, 32).astype(np.float64)
-    mins = np.zeros((rows, cols // 32))
-    if qtype in (Q.Q4_1, Q.Q5_1):  # the float16 min of each block
-        mins = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
     kernel = chunk_sum_rows(qtype, cols, rows).kernel.with_attr("global_symbol", "k")
     fn = tvm.compile(tvm.IRModule({"k": kernel}), target=target)
     data = tvm.runtime.tensor(group_rows(raw.reshape(rows, -1), qtype))
@@ -147,9 +156,43 @@ def test_chunk_sum_matmul(qtype: GGMLQuantizationType, rows: int):
     for tokens in (1, 3, 11, 600):
         x = rng.standard_normal((tokens, cols)).astype(np.float32)
         x[tokens // 2, :64] = 0  # all-zero blocks have scale 0
-        d, q, s = quantize_q8(x)
-        expected = np.einsum("tcj,tc,ocj->to", q, d.astype(np.float64), weights - mins[..., None])
-        expected += s.astype(np.float64) @ mins.T
+        expected = _chunk_sum_expected(raw, qtype, x)
         out = tvm.runtime.tensor(np.zeros((tokens, rows), np.float32))
         fn["k"](tvm.runtime.tensor(x), data, out)
         np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(("qtype", "rows"), [(Q.Q4_0, 21), (Q.Q4_1, 6), (Q.Q5_0, 40), (Q.Q5_1, 21), (Q.Q8_0, 24)])
+def test_amx_chunk_sum_matmul(qtype: GGMLQuantizationType, rows: int):
+    """The AMX prefill kernels give the VNNI chunk-sum kernel's bits for every token count (a token's numbers do
+    not depend on how many share its batch), an odd count of row groups and rows past a tile's 16 included."""
+    from artifacts.host_cpu import enable_amx
+    from compiler.targets import _host_llvm
+    from tir_kernels.matmul_amx import TILE_TOKENS, amx_chunk_sum_rows
+    from tir_kernels.matmul_llamacpp import chunk_sum_rows
+    from tir_kernels.repack import group_rows
+    from tir_kernels.simd import has_amx
+
+    target = _host_llvm()
+    if not has_amx(target):
+        pytest.skip("the AMX kernels need an x86 CPU with AMX-INT8 (Sapphire Rapids or newer)")
+    enable_amx()
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    cols = 384
+    rng = np.random.default_rng(qtype.value + rows)
+    raw = rng.integers(0, 256, size=(rows, cols // block, block_bytes), dtype=np.uint8)
+    for field in FLOAT16_FIELDS[qtype]:
+        raw[..., field + 1] &= 0xBB
+    data = tvm.runtime.tensor(group_rows(raw.reshape(rows, -1), qtype))
+    kernels = {"amx": amx_chunk_sum_rows(qtype, cols, rows).kernel, "vnni": chunk_sum_rows(qtype, cols, rows).kernel}
+    fn = tvm.compile(tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in kernels.items()}), target=target)
+    # decode (VNNI), one tile, tiles and a remainder (the last tile overlapping), many tiles
+    for tokens in (3, TILE_TOKENS, 2 * TILE_TOKENS + 5, 200):
+        x = rng.standard_normal((tokens, cols)).astype(np.float32)
+        x[tokens // 2, :64] = 0  # all-zero blocks have scale 0
+        out = {k: tvm.runtime.tensor(np.zeros((tokens, rows), np.float32)) for k in kernels}
+        for name in kernels:
+            fn[name](tvm.runtime.tensor(x), data, out[name])
+        np.testing.assert_array_equal(out["amx"].numpy().view(np.uint32), out["vnni"].numpy().view(np.uint32))
+        expected = _chunk_sum_expected(raw, qtype, x)
+        np.testing.assert_allclose(out["amx"].numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

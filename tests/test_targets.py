@@ -116,6 +116,31 @@ def test_avx512_artifact_is_refused_in_one_line_on_a_cpu_without_it(hf_folder, a
         assert_one_line_error(proc, "needs", "avx512f", "this CPU lacks", "--cpu x86-64-v2")
 
 
+@X86_HOST
+def test_host_target_takes_what_cpuinfo_lists_beyond_llvms_cpu_name(monkeypatch):
+    """A virtual machine may report an older CPU model than its flags: --cpu host still gets AMX and AVX-VNNI
+    where /proc/cpuinfo lists them, and the artifact then needs them (and asks Linux for the tiles at load)."""
+    from compiler import targets
+
+    monkeypatch.setattr(targets, "llvm_cpu_name", lambda: "skylake-avx512")  # AVX-512, no VNNI, no AMX
+    listed = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8"}
+    monkeypatch.setattr(targets, "cpu_flags", lambda: listed)
+    spec = resolve_target(TargetRequest("llvm", cpu="host"))
+    assert {"+avx512vnni", "+avxvnni", "+amx-tile", "+amx-int8"} <= set(spec.target.attrs["mattr"])
+    assert {"avx512_vnni", "amx_tile", "amx_int8"} <= set(spec.extra["cpu_flags"])
+    monkeypatch.setattr(targets, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert "amx_tile" not in resolve_target(TargetRequest("llvm", cpu="host")).extra["cpu_flags"]
+
+    asked = []
+    monkeypatch.setattr(runtime_artifact, "enable_amx", lambda: asked.append(True))
+    elf = Path(sys.executable).resolve()
+    runtime_artifact._check_library_loadable(elf, {"cpu_flags": ["avx2"]})
+    assert not asked
+    if {"amx_tile", "amx_int8"} <= runtime_artifact._host_cpu_flags():
+        runtime_artifact._check_library_loadable(elf, {"cpu_flags": ["avx2", "amx_tile", "amx_int8"]})
+        assert asked
+
+
 def test_compiler_crash_in_child_is_a_one_line_error(hf_folder, tmp_path):
     env = {**os.environ, "MLCC_TEST_CRASH_IN_BUILD": "1"}
     args = ["compile", "--model", str(hf_folder("llama-q4")), "-o", str(tmp_path / "out")]

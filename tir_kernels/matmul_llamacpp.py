@@ -68,6 +68,22 @@ def _u8(value: int | tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.const(value, "uint8") if isinstance(value, int) else value.astype("uint8")
 
 
+def group_word(qtype: GGMLQuantizationType, data: tirx.Buffer, g, c, m) -> tirx.PrimExpr:
+    """uint8x32: word m (columns 4m..4m+3) of chunk c for the 8 rows of group g in `group_rows` form, as stored:
+    the codes before their zero point (Q8_0: the signed bytes). m: an int, or a loop variable unrolled."""
+    lay = GROUP_LAYOUTS[qtype]
+    gb = lay.group_bytes
+    if qtype == Q.Q8_0:
+        return tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * m, 1, 32)])
+    # words m and m + 4 are the low and high nibbles of the same bytes
+    packed = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * (m % 4), 1, 32)])
+    codes = (packed >> tirx.Broadcast(_u8(m // 4 * 4), 32)) & u8x32(15)
+    if lay.high is not None:  # bit 4
+        plane = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.high, 1, 32)])
+        codes = codes | (((plane >> tirx.Broadcast(_u8(m), 32)) & u8x32(1)) << u8x32(4))
+    return codes
+
+
 @functools.cache
 def llamacpp_matmul(
     qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool = False, vector_registers: int = 16
@@ -140,19 +156,13 @@ def llamacpp_rows(
         """Word m of chunk c for 8 rows as pmaddubsw's unsigned operand, and for signed codes the codes whose
         signs the activations take (|w| times x carrying w's sign, as llama.cpp). m: an int, or a loop variable
         that unrolling makes one."""
-        if qtype != Q.Q8_0:  # words m and m + 4 are the low and high nibbles of the same bytes
-            packed = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * (m % 4), 1, 32)])
-            codes = (packed >> tirx.Broadcast(_u8(m // 4 * 4), 32)) & u8x32(15)
-            if lay.high is not None:  # bit 4
-                plane = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.high, 1, 32)])
-                codes = codes | (((plane >> tirx.Broadcast(_u8(m), 32)) & u8x32(1)) << u8x32(4))
+        raw = group_word(qtype, data, g, c, m)
+        if qtype != Q.Q8_0:
             if lay.minimum is not None or offset:
-                return codes, None  # as they are, or w + offset
-            raw = codes - u8x32(CHUNK_SUM_OFFSETS[qtype])  # the zero point: 16 for Q5_0, 8 for Q4_0
-        else:
-            raw = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * m, 1, 32)])
-            if offset:
-                return raw ^ u8x32(128), None  # w + 128
+                return raw, None  # as they are, or w + offset
+            raw = raw - u8x32(CHUNK_SUM_OFFSETS[qtype])  # the zero point: 16 for Q5_0, 8 for Q4_0
+        elif offset:
+            return raw ^ u8x32(128), None  # w + 128
         signed = tirx.reinterpret("int8x32", raw)
         absolute = llvm_intrin("int8x32", "llvm.abs.v32i8", signed, tirx.const(0, "bool"))
         magnitude = tirx.reinterpret("uint8x32", absolute)

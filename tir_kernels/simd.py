@@ -134,6 +134,12 @@ def has_vnni(target: tvm.target.Target) -> bool:
 
 
 # How the CPU matmuls split their work (mlcc's and llama.cpp's orders alike).
+def has_amx(target: tvm.target.Target) -> bool:
+    """AMX's int8 tile multiply-adds (with VNNI's `vpdpbusd` for what tiles do not take)."""
+    amx = all(codegen.target_has_features(feature, target) for feature in ("amx-tile", "amx-int8"))
+    return has_vnni(target) and bool(amx) and bool(codegen.target_has_features("avx512f", target))
+
+
 TASKS = 64  # parallel row ranges: enough to balance 16 threads, few accumulators
 TOKENS = 8  # tokens per pass over a weight row (prefill and batched decode); 8 accumulators of 8 lanes
 QUAD = 4  # tokens that share each decoded word of the weights in llama.cpp-order kernels
