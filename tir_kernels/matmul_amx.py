@@ -1,11 +1,20 @@
-"""Prefill matmuls on Intel AMX (int8 tile multiply-adds) in mlcc's chunk-sum order, bit for bit.
+"""Prefill matmuls on Intel AMX (int8 tile multiply-adds) in mlcc's orders ("gguf-fast"), bit for bit.
 
-`chunk_sum_rows` (matmul_llamacpp.py) computes y[t, o] as acc = fma(d_w[o, c] * d_x[t, c], float(s[t, o, c]),
-acc) over the 32-column chunks c in order, s the chunk's integer dot product of the codes (less their zero
-point) with the int8 activations, then the min terms likewise. An integer sum is the same whatever adds it up,
-so here one `tdpbssd` (`tdpbsud` for types with a min: unsigned codes) computes s for 16 tokens x 16 rows of a
-chunk (8,192 multiply-adds) and AVX-512 scales it into the accumulators in the same order: the same bits as
-the VNNI kernel, which still takes fewer than 16 tokens (decode), so no token's numbers depend on its batch.
+An integer sum is the same whatever adds it up, so where a kernel's float operations take exact integer sums,
+AMX can compute those sums for 16 tokens x 16 rows per instruction and AVX-512 apply the same float operations
+in the same order: the same bits as the VNNI kernel, which still takes fewer than 16 tokens (decode), so no
+token's numbers depend on its batch.
+
+- Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (`amx_chunk_sum_rows`): `chunk_sum_rows` (matmul_llamacpp.py) computes y[t, o]
+  as acc = fma(d_w[o, c] * d_x[t, c], float(s[t, o, c]), acc) over the 32-column chunks c in order, s the
+  chunk's integer dot product of the codes (less their zero point) with the int8 activations, then the min
+  terms likewise. One `tdpbssd` (`tdpbsud` for types with a min: unsigned codes) computes s for a chunk.
+- Q4_K (`amx_q4k_rows`): llama.cpp's GEMV order (matmul_llamacpp_kquants.py) for every token: per super-block of
+  256 columns acc = fma(float(isum), d_w * d_x, acc) and mins = fma(float(imin), dmin_w * d_x, mins), isum the
+  codes times the activations times the 6-bit sub-block scales, imin the 6-bit mins times the activations'
+  32-column sums. A tile's weights are code * scale, too large for int8 (15 * 63), so they go in two tiles,
+  code * (scale % 8) and code * (scale // 8), isum = s_low + 8 s_high; imin (below 2^24) is summed in floats,
+  exactly.
 
 Weights stay in `group_rows` form; a task unpacks two row groups (16 rows) at a time into the tile layout
 (4 columns of each row side by side per tile row) once for all the tokens. A process must ask Linux for the
@@ -20,18 +29,22 @@ from gguf import GGMLQuantizationType
 from tvm import tirx
 from tvm.script import tirx as T
 
-from tir_kernels.activation_quant import quantize_q8_0
-from tir_kernels.gguf_blocks import CHUNK
+from tir_kernels.activation_quant import quantize_q8_0, quantize_q8_k
+from tir_kernels.gguf_blocks import CHUNK, SUPER_BLOCK
 from tir_kernels.matmul_llamacpp import CHUNK_SUM_OFFSETS, chunk_sum_rows, group_word
-from tir_kernels.repack import GROUP_LAYOUTS, LANE_ROWS
+from tir_kernels.matmul_llamacpp_kquants import kquant_rows, super_word
+from tir_kernels.repack import GROUP_LAYOUTS, LANE_ROWS, SUPER_LAYOUTS
 from tir_kernels.row_matmul import RowMatmul
-from tir_kernels.simd import TASKS, concat, fma, task_share, u8x32
+from tir_kernels.simd import TASKS, concat, fma, task_share, u8x32, vec_const
 
 Q = GGMLQuantizationType
 TILE_TOKENS = 16  # a tile's rows: the tokens of one tile multiply, and the fewest tokens this path takes
 TILE_ROWS = 2 * LANE_ROWS  # a tile's columns (of 4 bytes): two row groups side by side
 HALF = TILE_TOKENS // 2  # token rows per accumulator buffer (two, each under the 1 KiB that stays on the stack)
-C_TILE, A_TILE, B_TILE = 0, 1, 2  # tile registers: sums [16 tokens, 16 rows], activations [16, 32], weights [8, 64]
+C_TILE, A_TILE, B_TILE = 0, 1, 2  # chunk sums: sums [16 tokens, 16 rows], activations [16, 32], weights [8, 64]
+# Q4_K, two token tiles a step (tiles 0 and 1 each: sums of the low and high scale parts, activations), sharing
+# the two weight tiles; all 16 rows of 64 bytes.
+Q4K_SUMS, Q4K_X, WLOW_TILE, WHIGH_TILE = ((0, 1), (2, 3)), (4, 5), 6, 7
 
 
 def _tile(name: str, *tiles_and_args: tirx.PrimExpr | int) -> tirx.PrimExpr:
@@ -39,18 +52,45 @@ def _tile(name: str, *tiles_and_args: tirx.PrimExpr | int) -> tirx.PrimExpr:
     return tirx.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
 
 
+def _palette(shapes: dict[int, tuple[int, int]]) -> tirx.PrimExpr:
+    """The 64-byte tile configuration (palette 1) giving tile i `rows` rows of `width` bytes, as a vector."""
+    config = [0] * 64
+    config[0] = 1
+    for tile, (rows, width) in shapes.items():
+        config[16 + 2 * tile] = width  # a little-endian uint16, under 256 here
+        config[48 + tile] = rows
+    return vec_const(config, "uint8")
+
+
 @T.macro
-def _configure_tiles(cfg):
-    """Palette 1: C 16 rows of 64 bytes, A 16 rows of 32 (one chunk of 16 tokens), B 8 rows of 64."""
-    cfg[T.Ramp(0, 1, 64)] = T.Broadcast(T.uint8(0), 64)
-    cfg[0] = T.uint8(1)
-    cfg[16 + 2 * C_TILE] = T.uint8(4 * TILE_ROWS)
-    cfg[48 + C_TILE] = T.uint8(TILE_TOKENS)
-    cfg[16 + 2 * A_TILE] = T.uint8(CHUNK)
-    cfg[48 + A_TILE] = T.uint8(TILE_TOKENS)
-    cfg[16 + 2 * B_TILE] = T.uint8(4 * TILE_ROWS)
-    cfg[48 + B_TILE] = T.uint8(CHUNK // 4)
+def _configure_tiles(cfg, palette):
+    cfg[T.Ramp(0, 1, 64)] = palette
     T.evaluate(_tile("ldtilecfg", T.address_of(cfg[0])))
+
+
+def _halves(data: tirx.Buffer, g, at) -> tirx.PrimExpr:
+    """8 rows' float16 values at byte `at` of row group g as float32x8."""
+    raw = tirx.BufferLoad(data, [g, tirx.Ramp(at, 1, 16)])
+    return tirx.reinterpret("float16x8", raw).astype("float32x8")
+
+
+def _sixteen(buf: tirx.Buffer, row, at=0) -> tirx.PrimExpr:
+    return tirx.BufferLoad(buf, [row, tirx.Ramp(at, 1, TILE_ROWS)])
+
+
+@T.macro
+def _store_tile_row(y, acc, i, t, p, n_out: int):
+    """y[t, 16p .. 16p + 16] = acc[i], rows past n_out dropped."""
+    if p * TILE_ROWS + TILE_ROWS <= n_out:
+        y[t, T.Ramp(p * TILE_ROWS, 1, TILE_ROWS)] = _sixteen(acc, i)
+    else:
+        for r in range(TILE_ROWS):
+            if p * TILE_ROWS + r < n_out:
+                y[t, p * TILE_ROWS + r] = acc[i, r]
+
+
+CHUNK_TILES = {C_TILE: (TILE_TOKENS, 4 * TILE_ROWS), A_TILE: (TILE_TOKENS, CHUNK), B_TILE: (CHUNK // 4, 4 * TILE_ROWS)}
+Q4K_TILES = {tile: (TILE_TOKENS, 4 * TILE_ROWS) for tile in range(8)}
 
 
 @functools.cache
@@ -72,13 +112,6 @@ def amx_chunk_sum_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> Ro
         word = group_word(qtype, data, g, c, m)
         return tirx.reinterpret("int8x32", word - u8x32(zero) if zero else word)
 
-    def halves(data, g, c, at: int) -> tirx.PrimExpr:
-        raw = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + at, 1, 16)])
-        return tirx.reinterpret("float16x8", raw).astype("float32x8")
-
-    def sixteen(buf, row, at=0) -> tirx.PrimExpr:
-        return tirx.BufferLoad(buf, [row, tirx.Ramp(at, 1, TILE_ROWS)])
-
     @T.macro
     def unpack(data, p, tile_w, d_w, m_w):
         """Row groups 2p and 2p + 1 (the last group twice where their count is odd): words into tile_w [chunks
@@ -88,39 +121,33 @@ def amx_chunk_sum_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> Ro
             for m in T.unroll(8):
                 tile_w[c * 8 + m, T.Ramp(0, 1, 32)] = weight_bytes(data, groups[0], c, m)
                 tile_w[c * 8 + m, T.Ramp(32, 1, 32)] = weight_bytes(data, groups[1], c, m)
-            d_w[c, T.Ramp(0, 1, TILE_ROWS)] = concat([halves(data, g, c, 0) for g in groups])
+            d_w[c, T.Ramp(0, 1, TILE_ROWS)] = concat([_halves(data, g, c * gb) for g in groups])
             if has_min:
-                m_w[c, T.Ramp(0, 1, TILE_ROWS)] = concat([halves(data, g, c, lay.minimum) for g in groups])
+                m_w[c, T.Ramp(0, 1, TILE_ROWS)] = concat([_halves(data, g, c * gb + lay.minimum) for g in groups])
 
     @T.macro
     def scale_in(acc, sums, d_w, x_scale, t0, c, first):
         """Token rows first .. first + HALF of the chunk's integer sums into acc [HALF, 16] (one fma each)."""
         for i in T.unroll(HALF):
             acc[i, T.Ramp(0, 1, TILE_ROWS)] = fma(
-                sixteen(d_w, c) * T.Broadcast(x_scale[t0 + first + i, c], TILE_ROWS),
-                sixteen(sums, first + i).astype(f"float32x{TILE_ROWS}"),
-                sixteen(acc, i),
+                _sixteen(d_w, c) * T.Broadcast(x_scale[t0 + first + i, c], TILE_ROWS),
+                _sixteen(sums, first + i).astype(f"float32x{TILE_ROWS}"),
+                _sixteen(acc, i),
             )
 
     @T.macro
     def finish(y, acc, m_w, x_sum, p, t0, first):
-        """Token rows first .. first + HALF: the min terms (summed as the VNNI kernel does) added, rows past
-        n_out dropped."""
+        """Token rows first .. first + HALF: the min terms (summed as the VNNI kernel does) added, stored."""
         for i in T.unroll(HALF):
             if has_min:
                 mins = T.alloc_buffer((1, TILE_ROWS), "float32")
                 mins[0, T.Ramp(0, 1, TILE_ROWS)] = T.Broadcast(T.float32(0), TILE_ROWS)
                 for c in range(chunks):
                     mins[0, T.Ramp(0, 1, TILE_ROWS)] = fma(
-                        sixteen(m_w, c), T.Broadcast(x_sum[t0 + first + i, c], TILE_ROWS), sixteen(mins, 0)
+                        _sixteen(m_w, c), T.Broadcast(x_sum[t0 + first + i, c], TILE_ROWS), _sixteen(mins, 0)
                     )
-                acc[i, T.Ramp(0, 1, TILE_ROWS)] = sixteen(acc, i) + sixteen(mins, 0)
-            if p * TILE_ROWS + TILE_ROWS <= n_out:
-                y[t0 + first + i, T.Ramp(p * TILE_ROWS, 1, TILE_ROWS)] = sixteen(acc, i)
-            else:
-                for r in range(TILE_ROWS):
-                    if p * TILE_ROWS + r < n_out:
-                        y[t0 + first + i, p * TILE_ROWS + r] = acc[i, r]
+                acc[i, T.Ramp(0, 1, TILE_ROWS)] = _sixteen(acc, i) + _sixteen(mins, 0)
+            _store_tile_row(y, acc, i, t0 + first + i, p, n_out)
 
     @T.macro
     def amx_body(x, data, y, n, capacity):
@@ -138,7 +165,7 @@ def amx_chunk_sum_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> Ro
             sums = T.alloc_buffer((TILE_TOKENS, TILE_ROWS), "int32")
             acc_low = T.alloc_buffer((HALF, TILE_ROWS), "float32")
             acc_high = T.alloc_buffer((HALF, TILE_ROWS), "float32")
-            _configure_tiles(cfg)
+            _configure_tiles(cfg, _palette(CHUNK_TILES))
             first_pair, task_pairs = T.meta_var(task_share(task, tasks, pairs))
             for pi in range(task_pairs):
                 p = T.meta_var(first_pair + pi)
@@ -158,6 +185,173 @@ def amx_chunk_sum_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> Ro
                         scale_in(acc_high, sums, d_w, x_scale, t0, c, HALF)
                     finish(y, acc_low, m_w, x_sum, p, t0, 0)
                     finish(y, acc_high, m_w, x_sum, p, t0, HALF)
+            T.evaluate(_tile("tilerelease"))
+
+    @T.macro
+    def body(x, data, y, n, capacity):
+        if n >= TILE_TOKENS:
+            amx_body(x, data, y, n, capacity)
+        else:
+            vnni.body(x, data, y, n, capacity)
+
+    return RowMatmul(body, n_in, n_out, vnni.data_shape)
+
+
+@functools.cache
+def amx_q4k_rows(n_in: int, n_out: int, vector_registers: int) -> RowMatmul:
+    """Q4_K in llama.cpp's GEMV order for every token (`kquant_rows(..., gemv_only=True)`), its integer sums on
+    AMX for 16 tokens or more, W in `group_rows` form."""
+    vnni = kquant_rows(Q.Q4_K, n_in, n_out, True, vector_registers, gemv_only=True)
+    lay = SUPER_LAYOUTS[Q.Q4_K]
+    supers = n_in // SUPER_BLOCK
+    row_groups = -(-n_out // LANE_ROWS)
+    pairs = -(-row_groups // 2)
+    tasks = min(TASKS, pairs)
+    spread = [tirx.IntImm("int32", r) for r in range(LANE_ROWS) for _ in range(4)]  # a row's byte to its 4 columns
+
+    def scaled_codes(data, g, base, c, m, high: bool) -> tirx.PrimExpr:
+        """int8x32: word m of chunk c (sub-block c) for the 8 rows of group g, each code times its sub-block
+        scale's low 3 bits or high 3 bits (at most 15 * 7)."""
+        scales = tirx.BufferLoad(data, [g, tirx.Ramp(base + lay.sub_scales + 8 * c, 1, 8)])
+        part = scales >> tirx.Broadcast(tirx.const(3, "uint8"), 8) if high else scales & tirx.Broadcast(
+            tirx.const(7, "uint8"), 8
+        )
+        factor = tirx.Shuffle([part] * 4, spread).astype("uint16x32")
+        codes = super_word(Q.Q4_K, data, g, base, c, m).astype("uint16x32")
+        return tirx.reinterpret("int8x32", (codes * factor).astype("uint8x32"))
+
+    def chunk_words(data, groups, base, c, high: bool) -> tirx.PrimExpr:
+        """int8x512: tile rows 8c .. 8c + 7 of the super-block (word m of both groups in row 8c + m)."""
+        return concat([scaled_codes(data, g, base, c, m, high) for m in range(8) for g in groups])
+
+    def row_mins(data, g, base, j) -> tirx.PrimExpr:
+        """float32x8: the 8 rows' 6-bit mins of sub-block j."""
+        return tirx.BufferLoad(data, [g, tirx.Ramp(base + lay.sub_mins + 8 * j, 1, 8)]).astype("float32x8")
+
+    @T.macro
+    def unpack(data, p, w_low, w_high, d_w, dmin_w, mins_w):
+        """Row groups 2p and 2p + 1 (the last group twice where their count is odd) into the tile layout: tile
+        row 64s + 8c + m (64 bytes) of w_low / w_high holds word m of chunk c of super-block s of both groups;
+        the rows' d, dmin [supers, 16] and mins [supers * 8, 16]."""
+        groups = T.meta_var((2 * p, T.min(2 * p + 1, row_groups - 1)))
+        for s in range(supers):
+            base = T.meta_var(s * lay.size)
+            for c in range(8):
+                at = T.meta_var((s * 64 + c * 8) * 4 * TILE_ROWS)
+                w_low[T.Ramp(at, 1, 8 * 4 * TILE_ROWS)] = chunk_words(data, groups, base, c, False)
+                w_high[T.Ramp(at, 1, 8 * 4 * TILE_ROWS)] = chunk_words(data, groups, base, c, True)
+                mins_w[s * 8 + c, T.Ramp(0, 1, TILE_ROWS)] = concat([row_mins(data, g, base, c) for g in groups])
+            d_w[s, T.Ramp(0, 1, TILE_ROWS)] = concat([_halves(data, g, base) for g in groups])
+            dmin_w[s, T.Ramp(0, 1, TILE_ROWS)] = concat([_halves(data, g, base + lay.minimum) for g in groups])
+
+    @T.macro
+    def scale_in(acc, row0, sums, u, d_w, x_scale, t0, s):
+        """The tile's 16 tokens (accumulators acc[row0 ..]): isum = low + 8 high, acc = fma(float(isum), d_w *
+        d_x, acc)."""
+        for i in T.unroll(TILE_TOKENS):
+            isum = T.meta_var(
+                T.BufferLoad(sums, [u, 0, i, T.Ramp(0, 1, TILE_ROWS)])
+                + (T.BufferLoad(sums, [u, 1, i, T.Ramp(0, 1, TILE_ROWS)]) << T.Broadcast(T.int32(3), TILE_ROWS))
+            )
+            acc[row0 + i, T.Ramp(0, 1, TILE_ROWS)] = fma(
+                isum.astype(f"float32x{TILE_ROWS}"),
+                _sixteen(d_w, s) * T.Broadcast(x_scale[t0 + i, s], TILE_ROWS),
+                _sixteen(acc, row0 + i),
+            )
+
+    def min_sum(mins_w, x_sums, t, s) -> tirx.PrimExpr:
+        """float32x16: sum_j min_j * (token t's 32-column sum j) over super-block s, exact (every partial sum an
+        integer below 2^24), in fused multiply-adds."""
+        total = tirx.Broadcast(tirx.const(0, "float32"), TILE_ROWS)
+        for j in range(8):
+            total = fma(_sixteen(mins_w, s * 8 + j), tirx.Broadcast(x_sums[t, s * 8 + j], TILE_ROWS), total)
+        return total
+
+    @T.macro
+    def finish(y, acc, row0, dmin_w, mins_w, x_scale, x_sums, p, t0):
+        """The tile's 16 tokens: mins = fma(float(imin), dmin_w * d_x, mins) per super-block, then acc - mins
+        stored."""
+        for i in T.unroll(TILE_TOKENS):
+            mins = T.alloc_buffer((1, TILE_ROWS), "float32")
+            mins[0, T.Ramp(0, 1, TILE_ROWS)] = T.Broadcast(T.float32(0), TILE_ROWS)
+            for s in range(supers):
+                mins[0, T.Ramp(0, 1, TILE_ROWS)] = fma(
+                    min_sum(mins_w, x_sums, t0 + i, s),
+                    _sixteen(dmin_w, s) * T.Broadcast(x_scale[t0 + i, s], TILE_ROWS),
+                    _sixteen(mins, 0),
+                )
+            acc[row0 + i, T.Ramp(0, 1, TILE_ROWS)] = _sixteen(acc, row0 + i) - _sixteen(mins, 0)
+            _store_tile_row(y, acc, row0 + i, t0 + i, p, n_out)
+
+    @T.macro
+    def zero_sums(u: int):
+        T.evaluate(_tile("tilezero", Q4K_SUMS[u][0]))
+        T.evaluate(_tile("tilezero", Q4K_SUMS[u][1]))
+
+    @T.macro
+    def multiply(xq, t0, at, u: int):
+        """Token tile u's sums += its activations (tokens t0 .., columns at .. at + 64) times both weight tiles."""
+        T.evaluate(_tile("tileloadd64", Q4K_X[u], T.address_of(xq[t0, at]), T.int64(n_in)))
+        T.evaluate(_tile("tdpbssd", Q4K_SUMS[u][0], Q4K_X[u], WLOW_TILE))
+        T.evaluate(_tile("tdpbssd", Q4K_SUMS[u][1], Q4K_X[u], WHIGH_TILE))
+
+    @T.macro
+    def store_sums(sums, u: int):
+        T.evaluate(_tile("tilestored64", Q4K_SUMS[u][0], T.address_of(sums[u, 0, 0, 0]), T.int64(4 * TILE_ROWS)))
+        T.evaluate(_tile("tilestored64", Q4K_SUMS[u][1], T.address_of(sums[u, 1, 0, 0]), T.int64(4 * TILE_ROWS)))
+
+    @T.macro
+    def amx_body(x, data, y, n, capacity):
+        xq = T.alloc_buffer((capacity, n_in), "int8")
+        x_scale = T.alloc_buffer((capacity, supers), "float32")
+        x_sum = T.alloc_buffer((capacity, supers * 8), "int32")
+        quantize_q8_k(x, xq, x_scale, x_sum, n, supers, 8)
+        x_sums = T.alloc_buffer((capacity, supers * 8), "float32")  # the sums as floats, for the mins
+        for t in range(n):
+            for j in range(supers * 8):
+                x_sums[t, j] = T.Cast("float32", x_sum[t, j])
+        for task in T.parallel(tasks):
+            cfg = T.alloc_buffer((64,), "uint8")
+            w_low = T.alloc_buffer((supers * 64 * 4 * TILE_ROWS,), "int8")  # tile rows of 64 bytes
+            w_high = T.alloc_buffer((supers * 64 * 4 * TILE_ROWS,), "int8")
+            d_w = T.alloc_buffer((supers, TILE_ROWS), "float32")
+            dmin_w = T.alloc_buffer((supers, TILE_ROWS), "float32")
+            mins_w = T.alloc_buffer((supers * 8, TILE_ROWS), "float32")
+            sums = T.alloc_buffer((2, 2, TILE_TOKENS, TILE_ROWS), "int32")  # [token tile, low / high, ..]
+            tiles = T.meta_var((n + TILE_TOKENS - 1) // TILE_TOKENS)
+            # each tile's accumulators, and one more for the second of a last, unpaired tile (a duplicate)
+            acc = T.alloc_buffer(((tiles + 1) * TILE_TOKENS, TILE_ROWS), "float32")
+            _configure_tiles(cfg, _palette(Q4K_TILES))
+            first_pair, task_pairs = T.meta_var(task_share(task, tasks, pairs))
+            for pi in range(task_pairs):
+                p = T.meta_var(first_pair + pi)
+                unpack(data, p, w_low, w_high, d_w, dmin_w, mins_w)
+                for r in range(tiles * TILE_TOKENS):
+                    acc[r, T.Ramp(0, 1, TILE_ROWS)] = T.Broadcast(T.float32(0), TILE_ROWS)
+                # super-block by super-block, each over all the token tiles two at a time (four independent
+                # chains of tile multiply-adds): its weight tiles (8 KiB) stay in L1
+                for s in range(supers):
+                    for step in range((tiles + 1) // 2):
+                        starts = T.meta_var(
+                            [T.min((2 * step + u) * TILE_TOKENS, n - TILE_TOKENS) for u in range(2)]
+                        )
+                        zero_sums(0)
+                        zero_sums(1)
+                        for k in T.unroll(4):  # 64 columns a step
+                            at = T.meta_var(s * SUPER_BLOCK + k * 64)
+                            low = T.meta_var(T.address_of(w_low[(s * 64 + k * 16) * 4 * TILE_ROWS]))
+                            high = T.meta_var(T.address_of(w_high[(s * 64 + k * 16) * 4 * TILE_ROWS]))
+                            T.evaluate(_tile("tileloadd64", WLOW_TILE, low, T.int64(4 * TILE_ROWS)))
+                            T.evaluate(_tile("tileloadd64", WHIGH_TILE, high, T.int64(4 * TILE_ROWS)))
+                            multiply(xq, starts[0], at, 0)
+                            multiply(xq, starts[1], at, 1)
+                        store_sums(sums, 0)
+                        store_sums(sums, 1)
+                        scale_in(acc, 2 * step * TILE_TOKENS, sums, 0, d_w, x_scale, starts[0], s)
+                        scale_in(acc, (2 * step + 1) * TILE_TOKENS, sums, 1, d_w, x_scale, starts[1], s)
+                for tile in range(tiles):
+                    t0 = T.meta_var(T.min(tile * TILE_TOKENS, n - TILE_TOKENS))
+                    finish(y, acc, tile * TILE_TOKENS, dmin_w, mins_w, x_scale, x_sums, p, t0)
             T.evaluate(_tile("tilerelease"))
 
     @T.macro

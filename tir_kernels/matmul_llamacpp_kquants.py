@@ -52,6 +52,18 @@ Q = GGMLQuantizationType
 AHEAD = 1536
 
 
+def super_word(qtype: GGMLQuantizationType, data: tirx.Buffer, g, base, c, m: int) -> tirx.PrimExpr:
+    """uint8x32: word m (columns 4m..4m+3) of chunk c of the super-block at byte `base` for the 8 rows of group
+    g in `group_rows` form: the unsigned codes (Q4_K 0..15, Q6_K 0..63)."""
+    lay = SUPER_LAYOUTS[qtype]
+    packed = tirx.BufferLoad(data, [g, tirx.Ramp(base + lay.low + c * 128 + 32 * (m % 4), 1, 32)])
+    low = packed & u8x32(15) if m < 4 else packed >> u8x32(4)
+    if lay.high is None:
+        return low
+    bits = tirx.BufferLoad(data, [g, tirx.Ramp(base + lay.high + c * 64 + 32 * (m % 2), 1, 32)]) >> u8x32(2 * (m // 2))
+    return low | ((bits & u8x32(3)) << u8x32(4))
+
+
 def _pairs_to_int16(v: tirx.PrimExpr) -> tirx.PrimExpr:
     """int16x8 scales of 8 rows -> int16x16 with each repeated (the two int16 lanes of a row)."""
     return tirx.Shuffle([v, v], [tirx.IntImm("int32", i // 2) for i in range(16)])
@@ -59,12 +71,18 @@ def _pairs_to_int16(v: tirx.PrimExpr) -> tirx.PrimExpr:
 
 @functools.cache
 def kquant_rows(
-    qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool = False, vector_registers: int = 16
+    qtype: GGMLQuantizationType,
+    n_in: int,
+    n_out: int,
+    vnni: bool = False,
+    vector_registers: int = 16,
+    gemv_only: bool = False,
 ) -> RowMatmul:
     """y[t, o] = sum_k x[t, k] * W[o, k] as llama.cpp's AVX2 build computes it, W in `repack.group_rows` form.
     `vnni`: Q4_K's sums of a chunk's 8 words (tiled Q6_K's of a sub-block's 4) in a chain of `vpdpbusd`, then
     times the sub-block's scale: the same integers as pmaddubsw, int16 adds and pmaddwd. With 32 vector
-    registers Q4_K's GEMM takes tokens in fours (each word decoded once for four)."""
+    registers Q4_K's GEMM takes tokens in fours (each word decoded once for four). `gemv_only` (Q4_K): every
+    token by the GEMV (whole super-blocks' integer sums; a token's numbers then do not depend on its batch)."""
     lay = SUPER_LAYOUTS[qtype]
     q6 = qtype == Q.Q6_K
     supers = n_in // SUPER_BLOCK
@@ -88,12 +106,7 @@ def kquant_rows(
         return raw.astype(f"{dtype}x8")
 
     def codes(data, g, base, c, m: int) -> tirx.PrimExpr:
-        packed = load(data, g, base + lay.low + c * 128 + 32 * (m % 4), 32)
-        low = packed & u8x32(15) if m < 4 else packed >> u8x32(4)
-        if not q6:
-            return low
-        bits = load(data, g, base + lay.high + c * 64 + 32 * (m % 2), 32) >> u8x32(2 * (m // 2))
-        return low | ((bits & u8x32(3)) << u8x32(4))
+        return super_word(qtype, data, g, base, c, m)
 
     def word_activations(xq, t, s, c, m: int) -> tirx.PrimExpr:
         """int8x32: token t's activations in columns 4m..4m+3 of chunk c of super-block s, once per row."""
@@ -306,6 +319,9 @@ def kquant_rows(
                         else:
                             for t in range(first, first + count):
                                 group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, False)
+                    elif gemv_only:
+                        for t in range(first, first + count):
+                            group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, False)
                     elif q4k_quads:  # llama.cpp's GEMM for all but the batch's last n % 4 tokens, its GEMV for those
                         for q in range(count // QUAD):
                             q4k_tiled_quad(y, data, xq, x_scale, x_sum, group, first + q * QUAD, acc)
