@@ -11,15 +11,45 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from tir_kernels.gguf_blocks import CHUNK, SUPER_BLOCK
-from tir_kernels.simd import each_row, f16_round
+from tir_kernels.simd import each_row, f16_round, lanes_of
+
+PIECE = 16  # floats per vector operation (AVX-512; LLVM splits them where vectors are narrower)
 
 
-@T.macro
-def _absmax(x, t, start, width: int, amax):
-    """amax[0] = max |x[t, start : start + width]|."""
-    amax[0] = T.float32(0)
-    for i in range(width):
-        amax[0] = T.max(amax[0], T.fabs(x[t, start + i]))
+def _piece(x: tirx.Buffer, t, at) -> tirx.PrimExpr:
+    return tirx.BufferLoad(x, [t, tirx.Ramp(at, 1, PIECE)])
+
+
+def _fold(v: tirx.PrimExpr, combine) -> tirx.PrimExpr:
+    """A vector's lanes combined pairwise (max, or an integer sum: exact, so any order gives the same)."""
+    while v.ty.dtype.lanes > 1:
+        half = v.ty.dtype.lanes // 2
+        v = combine(lanes_of(v, 0, half), lanes_of(v, half, half))
+    return v
+
+
+def _absmax(x: tirx.Buffer, t, start, width: int) -> tirx.PrimExpr:
+    """max |x[t, start : start + width]| (a maximum: the same in any order)."""
+    pieces = [tirx.abs(_piece(x, t, start + i)) for i in range(0, width, PIECE)]
+    while len(pieces) > 1:
+        pieces = [tirx.max(a, b) for a, b in zip(pieces[0::2], pieces[1::2])] + pieces[len(pieces) // 2 * 2 :]
+    return _fold(pieces[0], tirx.max)
+
+
+def _codes(x: tirx.Buffer, t, at, multiplier: tirx.PrimExpr, rounding) -> tirx.PrimExpr:
+    """int8x16: x[t, at ..] times `multiplier`, rounded (`tirx.round`: half away from zero; `tirx.nearbyint`:
+    half to even)."""
+    return rounding(_piece(x, t, at) * tirx.Broadcast(multiplier, PIECE)).astype(f"int8x{PIECE}")
+
+
+def _code_sum(xq: tirx.Buffer, t, start, width: int) -> tirx.PrimExpr:
+    """int32: the sum of xq[t, start : start + width]."""
+    pieces = [tirx.BufferLoad(xq, [t, tirx.Ramp(start + i, 1, PIECE)]).astype(f"int32x{PIECE}")
+              for i in range(0, width, PIECE)]  # fmt: skip
+    total = pieces[0]
+    for piece in pieces[1:]:
+        total = total + piece
+    return _fold(total, lambda a, b: a + b)
 
 
 def _mlcc_scale(amax: tirx.PrimExpr, super_block: bool) -> tirx.PrimExpr:
@@ -39,18 +69,15 @@ def _quantize_mlcc_row(t, x, xq, by_token, by_chunk, n_in: int, super_block: boo
     block_columns = T.meta_var(SUPER_BLOCK if super_block else CHUNK)
     for blk in range(n_in // block_columns):
         amax = T.alloc_buffer((1,), "float32")
-        total = T.alloc_buffer((1,), "int32")
-        _absmax(x, t, blk * block_columns, block_columns, amax)
+        amax[0] = _absmax(x, t, blk * block_columns, block_columns)
         d = T.meta_var(_mlcc_scale(amax[0], super_block))
         inv = T.meta_var(T.if_then_else(amax[0] > T.float32(0), T.float32(1) / d, T.float32(0)))
         for k in range(block_columns // CHUNK):
             c = T.meta_var(blk * (block_columns // CHUNK) + k)
-            total[0] = 0
-            for i in range(CHUNK):
-                xq[t, c * CHUNK + i] = T.Cast("int8", T.round(x[t, c * CHUNK + i] * inv))
-                total[0] = total[0] + T.Cast("int32", xq[t, c * CHUNK + i])
+            for i in T.unroll(CHUNK // PIECE):
+                xq[t, T.Ramp(c * CHUNK + i * PIECE, 1, PIECE)] = _codes(x, t, c * CHUNK + i * PIECE, inv, T.round)
             by_token[t, 0, c] = d
-            by_token[t, 1, c] = d * T.Cast("float32", total[0])
+            by_token[t, 1, c] = d * T.Cast("float32", _code_sum(xq, t, c * CHUNK, CHUNK))
             by_chunk[0, c, t] = by_token[t, 0, c]
             by_chunk[1, c, t] = by_token[t, 1, c]
 
@@ -67,16 +94,13 @@ def quantize_mlcc(x, xq, by_token, by_chunk, n, n_in: int, super_block: bool):
 def _quantize_q8_0_row(t, x, xq, x_scale, x_sum, chunks: int):
     for c in range(chunks):
         amax = T.alloc_buffer((1,), "float32")
-        total = T.alloc_buffer((1,), "int32")
-        _absmax(x, t, c * CHUNK, CHUNK, amax)
+        amax[0] = _absmax(x, t, c * CHUNK, CHUNK)
         d = T.meta_var(amax[0] / T.float32(127))
         inv = T.meta_var(_llamacpp_multiplier(amax[0]))
-        total[0] = 0
-        for i in range(CHUNK):
-            xq[t, c * CHUNK + i] = T.Cast("int8", T.nearbyint(x[t, c * CHUNK + i] * inv))
-            total[0] = total[0] + T.Cast("int32", xq[t, c * CHUNK + i])
+        for i in T.unroll(CHUNK // PIECE):
+            xq[t, T.Ramp(c * CHUNK + i * PIECE, 1, PIECE)] = _codes(x, t, c * CHUNK + i * PIECE, inv, T.nearbyint)
         x_scale[t, c] = f16_round(d)
-        x_sum[t, c] = f16_round(d * T.Cast("float32", total[0]))
+        x_sum[t, c] = f16_round(d * T.Cast("float32", _code_sum(xq, t, c * CHUNK, CHUNK)))
 
 
 @T.macro
@@ -91,17 +115,14 @@ def _quantize_q8_k_row(t, x, xq, x_scale, x_sum, supers: int, sums_per_super: in
     sum_width = T.meta_var(SUPER_BLOCK // sums_per_super)
     for s in range(supers):
         amax = T.alloc_buffer((1,), "float32")
-        _absmax(x, t, s * SUPER_BLOCK, SUPER_BLOCK, amax)
+        amax[0] = _absmax(x, t, s * SUPER_BLOCK, SUPER_BLOCK)
         inv = T.meta_var(_llamacpp_multiplier(amax[0]))
-        for i in range(SUPER_BLOCK):
-            xq[t, s * SUPER_BLOCK + i] = T.Cast("int8", T.nearbyint(x[t, s * SUPER_BLOCK + i] * inv))
+        for i in T.unroll(SUPER_BLOCK // PIECE):
+            at = T.meta_var(s * SUPER_BLOCK + i * PIECE)
+            xq[t, T.Ramp(at, 1, PIECE)] = _codes(x, t, at, inv, T.nearbyint)
         x_scale[t, s] = T.if_then_else(amax[0] != T.float32(0), T.float32(1) / inv, T.float32(0))
-        for k in range(sums_per_super):
-            total = T.alloc_buffer((1,), "int32")
-            total[0] = 0
-            for i in range(sum_width):
-                total[0] = total[0] + T.Cast("int32", xq[t, s * SUPER_BLOCK + k * sum_width + i])
-            x_sum[t, s * sums_per_super + k] = total[0]
+        for k in T.unroll(sums_per_super):
+            x_sum[t, s * sums_per_super + k] = _code_sum(xq, t, s * SUPER_BLOCK + k * sum_width, sum_width)
 
 
 @T.macro

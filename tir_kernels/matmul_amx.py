@@ -319,8 +319,9 @@ def amx_q4k_rows(n_in: int, n_out: int, vector_registers: int) -> RowMatmul:
             mins_w = T.alloc_buffer((supers * 8, TILE_ROWS), "float32")
             sums = T.alloc_buffer((2, 2, TILE_TOKENS, TILE_ROWS), "int32")  # [token tile, low / high, ..]
             tiles = T.meta_var((n + TILE_TOKENS - 1) // TILE_TOKENS)
-            # each tile's accumulators, and one more for the second of a last, unpaired tile (a duplicate)
-            acc = T.alloc_buffer(((tiles + 1) * TILE_TOKENS, TILE_ROWS), "float32")
+            # each tile's accumulators, and one more for the second of a last, unpaired tile (a duplicate); sized
+            # by `capacity` (an expert's row count `n` is loaded inside the grouped kernel)
+            acc = T.alloc_buffer(((capacity + 2 * TILE_TOKENS - 1) // TILE_TOKENS * TILE_TOKENS, TILE_ROWS), "float32")
             _configure_tiles(cfg, _palette(Q4K_TILES))
             first_pair, task_pairs = T.meta_var(task_share(task, tasks, pairs))
             for pi in range(task_pairs):
