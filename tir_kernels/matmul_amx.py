@@ -213,8 +213,10 @@ def amx_q4k_rows(n_in: int, n_out: int, vector_registers: int) -> RowMatmul:
         """int8x32: word m of chunk c (sub-block c) for the 8 rows of group g, each code times its sub-block
         scale's low 3 bits or high 3 bits (at most 15 * 7)."""
         scales = tirx.BufferLoad(data, [g, tirx.Ramp(base + lay.sub_scales + 8 * c, 1, 8)])
-        part = scales >> tirx.Broadcast(tirx.const(3, "uint8"), 8) if high else scales & tirx.Broadcast(
-            tirx.const(7, "uint8"), 8
+        part = (
+            scales >> tirx.Broadcast(tirx.const(3, "uint8"), 8)
+            if high
+            else scales & tirx.Broadcast(tirx.const(7, "uint8"), 8)
         )
         factor = tirx.Shuffle([part] * 4, spread).astype("uint16x32")
         codes = super_word(Q.Q4_K, data, g, base, c, m).astype("uint16x32")
@@ -333,9 +335,7 @@ def amx_q4k_rows(n_in: int, n_out: int, vector_registers: int) -> RowMatmul:
                 # chains of tile multiply-adds): its weight tiles (8 KiB) stay in L1
                 for s in range(supers):
                     for step in range((tiles + 1) // 2):
-                        starts = T.meta_var(
-                            [T.min((2 * step + u) * TILE_TOKENS, n - TILE_TOKENS) for u in range(2)]
-                        )
+                        starts = T.meta_var([T.min((2 * step + u) * TILE_TOKENS, n - TILE_TOKENS) for u in range(2)])
                         zero_sums(0)
                         zero_sums(1)
                         for k in T.unroll(4):  # 64 columns a step
