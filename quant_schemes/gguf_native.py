@@ -18,12 +18,12 @@ from tvm.target import Target
 from quant_schemes.base import PackedModule, QuantScheme
 from tir_kernels.experts import ExpertLinear, grouped_matmul, grouped_rows_kernel
 from tir_kernels.gguf_blocks import FLOAT_TYPES, BlockFormat
-from tir_kernels.matmul_amx import amx_chunk_sum_rows, amx_q4k_rows
+from tir_kernels.matmul_amx import amx_chunk_sum_rows, amx_super_rows
 from tir_kernels.matmul_float import decoded_gather, decoded_matmul
 from tir_kernels.matmul_int8 import int8_rows
 from tir_kernels.matmul_llamacpp import CHUNK_SUM_OFFSETS, EXACT_TYPES, chunk_sum_rows, llamacpp_rows
 from tir_kernels.numerics import Numerics
-from tir_kernels.repack import INTERLEAVED, group_rows, interleave_rows
+from tir_kernels.repack import INTERLEAVED, SUPER_LAYOUTS, group_rows, interleave_rows
 from tir_kernels.simd import has_amx, has_avx2, has_vnni, vector_registers
 
 Q = GGMLQuantizationType
@@ -59,8 +59,8 @@ class Int8Rows:
         elif vnni and qtype in CHUNK_SUM_OFFSETS:
             chunk_sums = amx_chunk_sum_rows if amx else chunk_sum_rows
             self.rows, self.repack = chunk_sums(qtype, in_features, out_features), group_rows
-        elif amx and qtype == Q.Q4_K:  # llama.cpp's GEMV order for every token: AMX takes its integer sums
-            self.rows, self.repack = amx_q4k_rows(in_features, out_features, vector_registers), group_rows
+        elif amx and qtype in SUPER_LAYOUTS:  # one of llama.cpp's orders for every token: AMX takes its sums
+            self.rows, self.repack = amx_super_rows(qtype, in_features, out_features, vector_registers), group_rows
         elif qtype in FAST_EXACT_TYPES:
             self.rows = llamacpp_rows(qtype, in_features, out_features, vnni, vector_registers)
             self.repack = group_rows

@@ -198,13 +198,14 @@ def test_amx_chunk_sum_matmul(qtype: GGMLQuantizationType, rows: int):
         np.testing.assert_allclose(out["amx"].numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("rows", [24, 40])
-def test_amx_q4k_matmul(rows: int):
-    """gguf-fast's Q4_K on AMX gives the bits of llama.cpp's GEMV order (what it runs for fewer than 16 tokens) for
-    every token count, an odd count of row groups included; and those are the product of the weights."""
+@pytest.mark.parametrize(("qtype", "rows"), [(Q.Q4_K, 24), (Q.Q4_K, 40), (Q.Q6_K, 40)])
+def test_amx_super_block_matmul(qtype: GGMLQuantizationType, rows: int):
+    """gguf-fast's Q4_K and Q6_K on AMX give the bits of llama.cpp's order that they follow for every token (Q4_K
+    the GEMV's, Q6_K the tiled matmul's: what runs for fewer than 16 tokens), an odd count of row groups
+    included; and those are the product of the weights."""
     from artifacts.host_cpu import enable_amx
     from compiler.targets import _host_llvm
-    from tir_kernels.matmul_amx import TILE_TOKENS, amx_q4k_rows
+    from tir_kernels.matmul_amx import TILE_TOKENS, amx_super_rows
     from tir_kernels.matmul_llamacpp_kquants import kquant_rows
     from tir_kernels.repack import group_rows
     from tir_kernels.simd import has_amx, vector_registers
@@ -213,18 +214,18 @@ def test_amx_q4k_matmul(rows: int):
     if not has_amx(target):
         pytest.skip("the AMX kernels need an x86 CPU with AMX-INT8 (Sapphire Rapids or newer)")
     enable_amx()
-    block, block_bytes = GGML_QUANT_SIZES[Q.Q4_K]
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
     cols = 512
     rng = np.random.default_rng(rows)
     raw = rng.integers(0, 256, size=(rows, cols // block, block_bytes), dtype=np.uint8)
-    for field in FLOAT16_FIELDS[Q.Q4_K]:
+    for field in FLOAT16_FIELDS[qtype]:
         raw[..., field + 1] &= 0xBB
-    weights = dequantize(raw.reshape(rows, -1), Q.Q4_K).reshape(rows, cols)
-    data = tvm.runtime.tensor(group_rows(raw.reshape(rows, -1), Q.Q4_K))
+    weights = dequantize(raw.reshape(rows, -1), qtype).reshape(rows, cols)
+    data = tvm.runtime.tensor(group_rows(raw.reshape(rows, -1), qtype))
     registers = vector_registers(target)
     kernels = {
-        "amx": amx_q4k_rows(cols, rows, registers).kernel,
-        "gemv": kquant_rows(Q.Q4_K, cols, rows, True, registers, gemv_only=True).kernel,
+        "amx": amx_super_rows(qtype, cols, rows, registers).kernel,
+        "vnni": kquant_rows(qtype, cols, rows, True, registers, one_order=True).kernel,
     }
     fn = tvm.compile(tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in kernels.items()}), target=target)
     # decode, one tile, an odd count of tiles (the last overlapping, its pair a duplicate), many tiles
@@ -234,6 +235,6 @@ def test_amx_q4k_matmul(rows: int):
         out = {k: tvm.runtime.tensor(np.zeros((tokens, rows), np.float32)) for k in kernels}
         for name in kernels:
             fn[name](tvm.runtime.tensor(x), data, out[name])
-        np.testing.assert_array_equal(out["amx"].numpy().view(np.uint32), out["gemv"].numpy().view(np.uint32))
-        expected = _quantized_activations(x, Q.Q4_K) @ weights.T
+        np.testing.assert_array_equal(out["amx"].numpy().view(np.uint32), out["vnni"].numpy().view(np.uint32))
+        expected = _quantized_activations(x, qtype) @ weights.T
         np.testing.assert_allclose(out["amx"].numpy(), expected, rtol=1e-2, atol=1e-3 * np.abs(expected).max())

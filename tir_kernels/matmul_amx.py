@@ -42,9 +42,6 @@ TILE_TOKENS = 16  # a tile's rows: the tokens of one tile multiply, and the fewe
 TILE_ROWS = 2 * LANE_ROWS  # a tile's columns (of 4 bytes): two row groups side by side
 HALF = TILE_TOKENS // 2  # token rows per accumulator buffer (two, each under the 1 KiB that stays on the stack)
 C_TILE, A_TILE, B_TILE = 0, 1, 2  # chunk sums: sums [16 tokens, 16 rows], activations [16, 32], weights [8, 64]
-# Q4_K, two token tiles a step (tiles 0 and 1 each: sums of the low and high scale parts, activations), sharing
-# the two weight tiles; all 16 rows of 64 bytes.
-Q4K_SUMS, Q4K_X, WLOW_TILE, WHIGH_TILE = ((0, 1), (2, 3)), (4, 5), 6, 7
 
 
 def _tile(name: str, *tiles_and_args: tirx.PrimExpr | int) -> tirx.PrimExpr:
@@ -90,7 +87,7 @@ def _store_tile_row(y, acc, i, t, p, n_out: int):
 
 
 CHUNK_TILES = {C_TILE: (TILE_TOKENS, 4 * TILE_ROWS), A_TILE: (TILE_TOKENS, CHUNK), B_TILE: (CHUNK // 4, 4 * TILE_ROWS)}
-Q4K_TILES = {tile: (TILE_TOKENS, 4 * TILE_ROWS) for tile in range(8)}
+SUPER_TILES = {tile: (TILE_TOKENS, 4 * TILE_ROWS) for tile in range(8)}  # K-quants: sums, activations, weights
 
 
 @functools.cache
@@ -198,68 +195,103 @@ def amx_chunk_sum_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> Ro
 
 
 @functools.cache
-def amx_q4k_rows(n_in: int, n_out: int, vector_registers: int) -> RowMatmul:
-    """Q4_K in llama.cpp's GEMV order for every token (`kquant_rows(..., gemv_only=True)`), its integer sums on
-    AMX for 16 tokens or more, W in `group_rows` form."""
-    vnni = kquant_rows(Q.Q4_K, n_in, n_out, True, vector_registers, gemv_only=True)
-    lay = SUPER_LAYOUTS[Q.Q4_K]
+def amx_super_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vector_registers: int) -> RowMatmul:
+    """Q4_K or Q6_K in one of llama.cpp's orders for every token (`kquant_rows(..., one_order=True)`: Q4_K the
+    GEMV's, Q6_K the tiled matmul's), its integer sums on AMX for 16 tokens or more, W in `group_rows` form.
+
+    isum = sum_k x_k * code_k * scale_k, the integer sub-block scale folded into the weight tiles in `parts`
+    pieces small enough for int8: Q4_K code (0..15) * (scale % 8) and * (scale // 8), isum = s_0 + 8 s_1; Q6_K
+    (code - 32) times each 2 bits of its signed 8-bit scale, isum = s_0 + 4 s_1 + 16 s_2 + 64 s_3 (the code's
+    offset of 32 inside the tile, where llama.cpp subtracts 32 * scale * the activations' 16-column sums)."""
+    vnni = kquant_rows(qtype, n_in, n_out, True, vector_registers, one_order=True)
+    lay = SUPER_LAYOUTS[qtype]
+    q6 = qtype == Q.Q6_K
+    parts, shift = (4, 2) if q6 else (2, 3)  # scale pieces of `shift` bits
+    token_tiles = 4 // parts  # token tiles a step: four sum tiles in flight
+    sums_per_super = 16 if q6 else 8
     supers = n_in // SUPER_BLOCK
     row_groups = -(-n_out // LANE_ROWS)
     pairs = -(-row_groups // 2)
     tasks = min(TASKS, pairs)
     spread = [tirx.IntImm("int32", r) for r in range(LANE_ROWS) for _ in range(4)]  # a row's byte to its 4 columns
+    x_tiles = list(range(4, 4 + token_tiles))  # after the sum tiles 0..3 (tile u * parts + i)
+    w_tiles = list(range(4 + token_tiles, 4 + token_tiles + (parts if token_tiles > 1 else 1)))
 
-    def scaled_codes(data, g, base, c, m, high: bool) -> tirx.PrimExpr:
-        """int8x32: word m of chunk c (sub-block c) for the 8 rows of group g, each code times its sub-block
-        scale's low 3 bits or high 3 bits (at most 15 * 7)."""
-        scales = tirx.BufferLoad(data, [g, tirx.Ramp(base + lay.sub_scales + 8 * c, 1, 8)])
-        part = (
-            scales >> tirx.Broadcast(tirx.const(3, "uint8"), 8)
-            if high
-            else scales & tirx.Broadcast(tirx.const(7, "uint8"), 8)
-        )
-        factor = tirx.Shuffle([part] * 4, spread).astype("uint16x32")
-        codes = super_word(Q.Q4_K, data, g, base, c, m).astype("uint16x32")
-        return tirx.reinterpret("int8x32", (codes * factor).astype("uint8x32"))
+    def scale_piece(scales: tirx.PrimExpr, i: int) -> tirx.PrimExpr:
+        """int16x8: bits shift*i .. of the rows' scales (Q6_K's top piece signed)."""
+        if q6:
+            wide = tirx.reinterpret("int8x8", scales).astype("int16x8")
+            piece = wide >> tirx.Broadcast(tirx.const(shift * i, "int16"), 8)
+            return piece if i == parts - 1 else piece & tirx.Broadcast(tirx.const(3, "int16"), 8)
+        wide = scales.astype("int16x8")
+        piece = wide >> tirx.Broadcast(tirx.const(shift * i, "int16"), 8)
+        return piece if i == parts - 1 else piece & tirx.Broadcast(tirx.const(7, "int16"), 8)
 
-    def chunk_words(data, groups, base, c, high: bool) -> tirx.PrimExpr:
-        """int8x512: tile rows 8c .. 8c + 7 of the super-block (word m of both groups in row 8c + m)."""
-        return concat([scaled_codes(data, g, base, c, m, high) for m in range(8) for g in groups])
+    def scaled_codes(data, g, base, c, m, i: int) -> tirx.PrimExpr:
+        """int8x32: word m of chunk c for the 8 rows of group g, each code (Q6_K less 32) times piece i of its
+        sub-block's scale (Q4_K: at most 15 * 7; Q6_K: 32 * 3)."""
+        sub = c if not q6 else 2 * c + m // 4  # Q4_K's sub-blocks are 32 columns, Q6_K's 16
+        scales = tirx.BufferLoad(data, [g, tirx.Ramp(base + lay.sub_scales + 8 * sub, 1, 8)])
+        factor = tirx.Shuffle([scale_piece(scales, i)] * 4, spread)
+        codes = super_word(qtype, data, g, base, c, m).astype("int16x32")
+        if q6:
+            codes = codes - tirx.Broadcast(tirx.const(32, "int16"), 32)
+        return (codes * factor).astype("int8x32")
+
+    def chunk_words(data, groups, base, c, i: int) -> tirx.PrimExpr:
+        """int8x512: tile rows 8c .. 8c + 7 of the super-block (word m of both groups in row 8c + m), piece i."""
+        return concat([scaled_codes(data, g, base, c, m, i) for m in range(8) for g in groups])
 
     def row_mins(data, g, base, j) -> tirx.PrimExpr:
-        """float32x8: the 8 rows' 6-bit mins of sub-block j."""
+        """float32x8: the 8 rows' 6-bit mins of sub-block j (Q4_K)."""
         return tirx.BufferLoad(data, [g, tirx.Ramp(base + lay.sub_mins + 8 * j, 1, 8)]).astype("float32x8")
 
+    tile_bytes = 64 * 4 * TILE_ROWS  # one piece of a super-block's weight tiles: 64 rows of 64 bytes
+
     @T.macro
-    def unpack(data, p, w_low, w_high, d_w, dmin_w, mins_w):
-        """Row groups 2p and 2p + 1 (the last group twice where their count is odd) into the tile layout: tile
-        row 64s + 8c + m (64 bytes) of w_low / w_high holds word m of chunk c of super-block s of both groups;
-        the rows' d, dmin [supers, 16] and mins [supers * 8, 16]."""
+    def unpack_piece(data, groups, base, s, c, weights, i: int):
+        at = T.meta_var((s * parts + i) * tile_bytes + c * 8 * 4 * TILE_ROWS)
+        weights[T.Ramp(at, 1, 8 * 4 * TILE_ROWS)] = chunk_words(data, groups, base, c, i)
+
+    @T.macro
+    def unpack(data, p, weights, d_w, dmin_w, mins_w):
+        """Row groups 2p and 2p + 1 (the last group twice where their count is odd) into the tile layout:
+        weights [(s * parts + i) * 64 + 8c + m, 64 bytes] holds piece i of word m of chunk c of super-block s of
+        both groups; the rows' d (and Q4_K's dmin [supers, 16] and mins [supers * 8, 16])."""
         groups = T.meta_var((2 * p, T.min(2 * p + 1, row_groups - 1)))
         for s in range(supers):
             base = T.meta_var(s * lay.size)
             for c in range(8):
-                at = T.meta_var((s * 64 + c * 8) * 4 * TILE_ROWS)
-                w_low[T.Ramp(at, 1, 8 * 4 * TILE_ROWS)] = chunk_words(data, groups, base, c, False)
-                w_high[T.Ramp(at, 1, 8 * 4 * TILE_ROWS)] = chunk_words(data, groups, base, c, True)
-                mins_w[s * 8 + c, T.Ramp(0, 1, TILE_ROWS)] = concat([row_mins(data, g, base, c) for g in groups])
+                unpack_piece(data, groups, base, s, c, weights, 0)
+                unpack_piece(data, groups, base, s, c, weights, 1)
+                if q6:
+                    unpack_piece(data, groups, base, s, c, weights, 2)
+                    unpack_piece(data, groups, base, s, c, weights, 3)
+                else:
+                    mins_w[s * 8 + c, T.Ramp(0, 1, TILE_ROWS)] = concat([row_mins(data, g, base, c) for g in groups])
             d_w[s, T.Ramp(0, 1, TILE_ROWS)] = concat([_halves(data, g, base) for g in groups])
-            dmin_w[s, T.Ramp(0, 1, TILE_ROWS)] = concat([_halves(data, g, base + lay.minimum) for g in groups])
+            if not q6:
+                dmin_w[s, T.Ramp(0, 1, TILE_ROWS)] = concat([_halves(data, g, base + lay.minimum) for g in groups])
+
+    def isum(sums, u: int, i_row) -> tirx.PrimExpr:
+        """int32x16: token row i_row of token tile u: the pieces' sums, each times 2^(shift * piece)."""
+        total = tirx.BufferLoad(sums, [u * parts, i_row, tirx.Ramp(0, 1, TILE_ROWS)])
+        for i in range(1, parts):
+            piece = tirx.BufferLoad(sums, [u * parts + i, i_row, tirx.Ramp(0, 1, TILE_ROWS)])
+            total = total + (piece << tirx.Broadcast(tirx.const(shift * i, "int32"), TILE_ROWS))
+        return total
 
     @T.macro
-    def scale_in(acc, row0, sums, u, d_w, x_scale, t0, s):
-        """The tile's 16 tokens (accumulators acc[row0 ..]): isum = low + 8 high, acc = fma(float(isum), d_w *
-        d_x, acc)."""
+    def scale_in(acc, row0, sums, u: int, d_w, x_scale, t0, s):
+        """Token tile u (accumulators acc[row0 ..]): Q4_K acc = fma(float(isum), d_w * d_x, acc); Q6_K acc =
+        fma(d_w * float(isum), d_x, acc)."""
         for i in T.unroll(TILE_TOKENS):
-            isum = T.meta_var(
-                T.BufferLoad(sums, [u, 0, i, T.Ramp(0, 1, TILE_ROWS)])
-                + (T.BufferLoad(sums, [u, 1, i, T.Ramp(0, 1, TILE_ROWS)]) << T.Broadcast(T.int32(3), TILE_ROWS))
-            )
-            acc[row0 + i, T.Ramp(0, 1, TILE_ROWS)] = fma(
-                isum.astype(f"float32x{TILE_ROWS}"),
-                _sixteen(d_w, s) * T.Broadcast(x_scale[t0 + i, s], TILE_ROWS),
-                _sixteen(acc, row0 + i),
-            )
+            total = T.meta_var(isum(sums, u, i).astype(f"float32x{TILE_ROWS}"))
+            d_x = T.meta_var(T.Broadcast(x_scale[t0 + i, s], TILE_ROWS))
+            if q6:
+                acc[row0 + i, T.Ramp(0, 1, TILE_ROWS)] = fma(_sixteen(d_w, s) * total, d_x, _sixteen(acc, row0 + i))
+            else:
+                acc[row0 + i, T.Ramp(0, 1, TILE_ROWS)] = fma(total, _sixteen(d_w, s) * d_x, _sixteen(acc, row0 + i))
 
     def min_sum(mins_w, x_sums, t, s) -> tirx.PrimExpr:
         """float32x16: sum_j min_j * (token t's 32-column sum j) over super-block s, exact (every partial sum an
@@ -271,85 +303,104 @@ def amx_q4k_rows(n_in: int, n_out: int, vector_registers: int) -> RowMatmul:
 
     @T.macro
     def finish(y, acc, row0, dmin_w, mins_w, x_scale, x_sums, p, t0):
-        """The tile's 16 tokens: mins = fma(float(imin), dmin_w * d_x, mins) per super-block, then acc - mins
-        stored."""
+        """The tile's 16 tokens stored; Q4_K's less mins = fma(float(imin), dmin_w * d_x, mins) per super-block."""
         for i in T.unroll(TILE_TOKENS):
-            mins = T.alloc_buffer((1, TILE_ROWS), "float32")
-            mins[0, T.Ramp(0, 1, TILE_ROWS)] = T.Broadcast(T.float32(0), TILE_ROWS)
-            for s in range(supers):
-                mins[0, T.Ramp(0, 1, TILE_ROWS)] = fma(
-                    min_sum(mins_w, x_sums, t0 + i, s),
-                    _sixteen(dmin_w, s) * T.Broadcast(x_scale[t0 + i, s], TILE_ROWS),
-                    _sixteen(mins, 0),
-                )
-            acc[row0 + i, T.Ramp(0, 1, TILE_ROWS)] = _sixteen(acc, row0 + i) - _sixteen(mins, 0)
+            if not q6:
+                mins = T.alloc_buffer((1, TILE_ROWS), "float32")
+                mins[0, T.Ramp(0, 1, TILE_ROWS)] = T.Broadcast(T.float32(0), TILE_ROWS)
+                for s in range(supers):
+                    mins[0, T.Ramp(0, 1, TILE_ROWS)] = fma(
+                        min_sum(mins_w, x_sums, t0 + i, s),
+                        _sixteen(dmin_w, s) * T.Broadcast(x_scale[t0 + i, s], TILE_ROWS),
+                        _sixteen(mins, 0),
+                    )
+                acc[row0 + i, T.Ramp(0, 1, TILE_ROWS)] = _sixteen(acc, row0 + i) - _sixteen(mins, 0)
             _store_tile_row(y, acc, row0 + i, t0 + i, p, n_out)
 
     @T.macro
-    def zero_sums(u: int):
-        T.evaluate(_tile("tilezero", Q4K_SUMS[u][0]))
-        T.evaluate(_tile("tilezero", Q4K_SUMS[u][1]))
+    def load_x(xq, t0, s, k, u: int):
+        x_at = T.meta_var(T.address_of(xq[t0, s * SUPER_BLOCK + k * 64]))
+        T.evaluate(_tile("tileloadd64", x_tiles[u], x_at, T.int64(n_in)))
 
     @T.macro
-    def multiply(xq, t0, at, u: int):
-        """Token tile u's sums += its activations (tokens t0 .., columns at .. at + 64) times both weight tiles."""
-        T.evaluate(_tile("tileloadd64", Q4K_X[u], T.address_of(xq[t0, at]), T.int64(n_in)))
-        T.evaluate(_tile("tdpbssd", Q4K_SUMS[u][0], Q4K_X[u], WLOW_TILE))
-        T.evaluate(_tile("tdpbssd", Q4K_SUMS[u][1], Q4K_X[u], WHIGH_TILE))
+    def multiply_piece(weights, s, k, i: int):
+        """Each token tile's sums of piece i += its activations times the piece's weight tile."""
+        w_tile = T.meta_var(w_tiles[i % len(w_tiles)])
+        w_at = T.meta_var(T.address_of(weights[(s * parts + i) * tile_bytes + k * 16 * 4 * TILE_ROWS]))
+        T.evaluate(_tile("tileloadd64", w_tile, w_at, T.int64(4 * TILE_ROWS)))
+        T.evaluate(_tile("tdpbssd", i, x_tiles[0], w_tile))
+        if token_tiles > 1:
+            T.evaluate(_tile("tdpbssd", parts + i, x_tiles[1], w_tile))
 
     @T.macro
-    def store_sums(sums, u: int):
-        T.evaluate(_tile("tilestored64", Q4K_SUMS[u][0], T.address_of(sums[u, 0, 0, 0]), T.int64(4 * TILE_ROWS)))
-        T.evaluate(_tile("tilestored64", Q4K_SUMS[u][1], T.address_of(sums[u, 1, 0, 0]), T.int64(4 * TILE_ROWS)))
+    def multiply(xq, weights, starts, s, k):
+        """Columns 64k .. 64k + 64 of super-block s: each token tile's sums += its activations times each
+        piece's weight tile (with one token tile a step, one weight tile register, loaded piece by piece)."""
+        load_x(xq, starts[0], s, k, 0)
+        if token_tiles > 1:
+            load_x(xq, starts[1], s, k, 1)
+        multiply_piece(weights, s, k, 0)
+        multiply_piece(weights, s, k, 1)
+        if parts > 2:
+            multiply_piece(weights, s, k, 2)
+            multiply_piece(weights, s, k, 3)
+
+    @T.macro
+    def zero_sums():
+        T.evaluate(_tile("tilezero", 0))
+        T.evaluate(_tile("tilezero", 1))
+        T.evaluate(_tile("tilezero", 2))
+        T.evaluate(_tile("tilezero", 3))
+
+    @T.macro
+    def store_sums(sums):
+        T.evaluate(_tile("tilestored64", 0, T.address_of(sums[0, 0, 0]), T.int64(4 * TILE_ROWS)))
+        T.evaluate(_tile("tilestored64", 1, T.address_of(sums[1, 0, 0]), T.int64(4 * TILE_ROWS)))
+        T.evaluate(_tile("tilestored64", 2, T.address_of(sums[2, 0, 0]), T.int64(4 * TILE_ROWS)))
+        T.evaluate(_tile("tilestored64", 3, T.address_of(sums[3, 0, 0]), T.int64(4 * TILE_ROWS)))
 
     @T.macro
     def amx_body(x, data, y, n, capacity):
         xq = T.alloc_buffer((capacity, n_in), "int8")
         x_scale = T.alloc_buffer((capacity, supers), "float32")
-        x_sum = T.alloc_buffer((capacity, supers * 8), "int32")
-        quantize_q8_k(x, xq, x_scale, x_sum, n, supers, 8)
-        x_sums = T.alloc_buffer((capacity, supers * 8), "float32")  # the sums as floats, for the mins
-        for t in range(n):
-            for j in range(supers * 8):
-                x_sums[t, j] = T.Cast("float32", x_sum[t, j])
+        x_sum = T.alloc_buffer((capacity, supers * sums_per_super), "int32")
+        quantize_q8_k(x, xq, x_scale, x_sum, n, supers, sums_per_super)
+        x_sums = T.alloc_buffer((capacity, supers * 8), "float32")  # Q4_K's 32-column sums as floats (mins)
+        if not q6:
+            for t in range(n):
+                for j in range(supers * 8):
+                    x_sums[t, j] = T.Cast("float32", x_sum[t, j])
         for task in T.parallel(tasks):
             cfg = T.alloc_buffer((64,), "uint8")
-            w_low = T.alloc_buffer((supers * 64 * 4 * TILE_ROWS,), "int8")  # tile rows of 64 bytes
-            w_high = T.alloc_buffer((supers * 64 * 4 * TILE_ROWS,), "int8")
+            weights = T.alloc_buffer((supers * parts * tile_bytes,), "int8")
             d_w = T.alloc_buffer((supers, TILE_ROWS), "float32")
             dmin_w = T.alloc_buffer((supers, TILE_ROWS), "float32")
             mins_w = T.alloc_buffer((supers * 8, TILE_ROWS), "float32")
-            sums = T.alloc_buffer((2, 2, TILE_TOKENS, TILE_ROWS), "int32")  # [token tile, low / high, ..]
+            sums = T.alloc_buffer((4, TILE_TOKENS, TILE_ROWS), "int32")  # [token tile * parts + piece, ..]
             tiles = T.meta_var((n + TILE_TOKENS - 1) // TILE_TOKENS)
             # each tile's accumulators, and one more for the second of a last, unpaired tile (a duplicate); sized
             # by `capacity` (an expert's row count `n` is loaded inside the grouped kernel)
             acc = T.alloc_buffer(((capacity + 2 * TILE_TOKENS - 1) // TILE_TOKENS * TILE_TOKENS, TILE_ROWS), "float32")
-            _configure_tiles(cfg, _palette(Q4K_TILES))
+            _configure_tiles(cfg, _palette(SUPER_TILES))
             first_pair, task_pairs = T.meta_var(task_share(task, tasks, pairs))
             for pi in range(task_pairs):
                 p = T.meta_var(first_pair + pi)
-                unpack(data, p, w_low, w_high, d_w, dmin_w, mins_w)
+                unpack(data, p, weights, d_w, dmin_w, mins_w)
                 for r in range(tiles * TILE_TOKENS):
                     acc[r, T.Ramp(0, 1, TILE_ROWS)] = T.Broadcast(T.float32(0), TILE_ROWS)
-                # super-block by super-block, each over all the token tiles two at a time (four independent
-                # chains of tile multiply-adds): its weight tiles (8 KiB) stay in L1
+                # super-block by super-block, each over all the token tiles (its weight tiles stay in L1)
                 for s in range(supers):
-                    for step in range((tiles + 1) // 2):
-                        starts = T.meta_var([T.min((2 * step + u) * TILE_TOKENS, n - TILE_TOKENS) for u in range(2)])
-                        zero_sums(0)
-                        zero_sums(1)
+                    for step in range((tiles + token_tiles - 1) // token_tiles):
+                        starts = T.meta_var(
+                            [T.min((token_tiles * step + u) * TILE_TOKENS, n - TILE_TOKENS) for u in range(token_tiles)]
+                        )
+                        zero_sums()
                         for k in T.unroll(4):  # 64 columns a step
-                            at = T.meta_var(s * SUPER_BLOCK + k * 64)
-                            low = T.meta_var(T.address_of(w_low[(s * 64 + k * 16) * 4 * TILE_ROWS]))
-                            high = T.meta_var(T.address_of(w_high[(s * 64 + k * 16) * 4 * TILE_ROWS]))
-                            T.evaluate(_tile("tileloadd64", WLOW_TILE, low, T.int64(4 * TILE_ROWS)))
-                            T.evaluate(_tile("tileloadd64", WHIGH_TILE, high, T.int64(4 * TILE_ROWS)))
-                            multiply(xq, starts[0], at, 0)
-                            multiply(xq, starts[1], at, 1)
-                        store_sums(sums, 0)
-                        store_sums(sums, 1)
-                        scale_in(acc, 2 * step * TILE_TOKENS, sums, 0, d_w, x_scale, starts[0], s)
-                        scale_in(acc, (2 * step + 1) * TILE_TOKENS, sums, 1, d_w, x_scale, starts[1], s)
+                            multiply(xq, weights, starts, s, k)
+                        store_sums(sums)
+                        scale_in(acc, token_tiles * step * TILE_TOKENS, sums, 0, d_w, x_scale, starts[0], s)
+                        if token_tiles > 1:
+                            scale_in(acc, (2 * step + 1) * TILE_TOKENS, sums, 1, d_w, x_scale, starts[1], s)
                 for tile in range(tiles):
                     t0 = T.meta_var(T.min(tile * TILE_TOKENS, n - TILE_TOKENS))
                     finish(y, acc, tile * TILE_TOKENS, dmin_w, mins_w, x_scale, x_sums, p, t0)

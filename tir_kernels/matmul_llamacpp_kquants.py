@@ -76,13 +76,14 @@ def kquant_rows(
     n_out: int,
     vnni: bool = False,
     vector_registers: int = 16,
-    gemv_only: bool = False,
+    one_order: bool = False,
 ) -> RowMatmul:
     """y[t, o] = sum_k x[t, k] * W[o, k] as llama.cpp's AVX2 build computes it, W in `repack.group_rows` form.
     `vnni`: Q4_K's sums of a chunk's 8 words (tiled Q6_K's of a sub-block's 4) in a chain of `vpdpbusd`, then
     times the sub-block's scale: the same integers as pmaddubsw, int16 adds and pmaddwd. With 32 vector
-    registers Q4_K's GEMM takes tokens in fours (each word decoded once for four). `gemv_only` (Q4_K): every
-    token by the GEMV (whole super-blocks' integer sums; a token's numbers then do not depend on its batch)."""
+    registers Q4_K's GEMM takes tokens in fours (each word decoded once for four). `one_order`: every token in
+    one of llama.cpp's orders whatever the batch (Q4_K the GEMV's, Q6_K the tiled matmul's: whole super-blocks'
+    integer sums), so that a token's numbers do not depend on its batch."""
     lay = SUPER_LAYOUTS[qtype]
     q6 = qtype == Q.Q6_K
     supers = n_in // SUPER_BLOCK
@@ -310,7 +311,7 @@ def kquant_rows(
                     first = T.meta_var(tb * block_tokens)
                     count = T.meta_var(T.min(n, first + block_tokens) - first)
                     if q6:
-                        if n >= 8:  # llama.cpp's tiled matmul: tokens in fours share the decoded codes
+                        if n >= 8 or one_order:  # llama.cpp's tiled matmul: tokens in fours share decoded codes
                             for q in range(count // QUAD):
                                 q6_tiled_quad(y, data, xq, x_scale, x_sum, group, first + q * QUAD, acc, isum)
                             for r in range(count % QUAD):
@@ -319,7 +320,7 @@ def kquant_rows(
                         else:
                             for t in range(first, first + count):
                                 group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, False)
-                    elif gemv_only:
+                    elif one_order:
                         for t in range(first, first + count):
                             group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, False)
                     elif q4k_quads:  # llama.cpp's GEMM for all but the batch's last n % 4 tokens, its GEMV for those
