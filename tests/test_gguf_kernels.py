@@ -115,6 +115,28 @@ def test_int8_activation_matmul(qtype: GGMLQuantizationType, interleaved: bool, 
         assert np.abs(out.numpy() - x @ weights.T).max() > 0  # it really is the 8-bit computation
 
 
+def _random_rows(qtype: GGMLQuantizationType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """[rows, blocks, block bytes] of random blocks with finite, moderate float16 scales."""
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows, cols // block, block_bytes), dtype=np.uint8)
+    for field in FLOAT16_FIELDS[qtype]:
+        raw[..., field + 1] &= 0xBB
+    return raw
+
+
+def _amx_target() -> tvm.target.Target:
+    """This host's target, with the process's AMX tiles asked for; skips where the CPU has no AMX."""
+    from artifacts.host_cpu import enable_amx
+    from compiler.targets import _host_llvm
+    from tir_kernels.simd import has_amx
+
+    target = _host_llvm()
+    if not has_amx(target):
+        pytest.skip("the AMX kernels need an x86 CPU with AMX-INT8 (Sapphire Rapids or newer)")
+    enable_amx()
+    return target
+
+
 def _chunk_sum_expected(raw: np.ndarray, qtype: GGMLQuantizationType, x: np.ndarray) -> np.ndarray:
     """float64 y = llama.cpp's 8-bit activations of x times the weights of GGUF blocks raw [rows, chunks, bytes]:
     each chunk's exact integer sum scaled by d_w * d_x, and Q4_1/Q5_1's mins times the activations' float16 sums."""
@@ -166,23 +188,14 @@ def test_chunk_sum_matmul(qtype: GGMLQuantizationType, rows: int):
 def test_amx_chunk_sum_matmul(qtype: GGMLQuantizationType, rows: int):
     """The AMX prefill kernels give the VNNI chunk-sum kernel's bits for every token count (a token's numbers do
     not depend on how many share its batch), an odd count of row groups and rows past a tile's 16 included."""
-    from artifacts.host_cpu import enable_amx
-    from compiler.targets import _host_llvm
     from tir_kernels.matmul_amx import TILE_TOKENS, amx_chunk_sum_rows
     from tir_kernels.matmul_llamacpp import chunk_sum_rows
     from tir_kernels.repack import group_rows
-    from tir_kernels.simd import has_amx
 
-    target = _host_llvm()
-    if not has_amx(target):
-        pytest.skip("the AMX kernels need an x86 CPU with AMX-INT8 (Sapphire Rapids or newer)")
-    enable_amx()
-    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    target = _amx_target()
     cols = 384
     rng = np.random.default_rng(qtype.value + rows)
-    raw = rng.integers(0, 256, size=(rows, cols // block, block_bytes), dtype=np.uint8)
-    for field in FLOAT16_FIELDS[qtype]:
-        raw[..., field + 1] &= 0xBB
+    raw = _random_rows(qtype, rows, cols, rng)
     data = tvm.runtime.tensor(group_rows(raw.reshape(rows, -1), qtype))
     kernels = {"amx": amx_chunk_sum_rows(qtype, cols, rows).kernel, "vnni": chunk_sum_rows(qtype, cols, rows).kernel}
     fn = tvm.compile(tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in kernels.items()}), target=target)
@@ -203,23 +216,15 @@ def test_amx_super_block_matmul(qtype: GGMLQuantizationType, rows: int):
     """gguf-fast's Q4_K and Q6_K on AMX give the bits of llama.cpp's order that they follow for every token (Q4_K
     the GEMV's, Q6_K the tiled matmul's: what runs for fewer than 16 tokens), an odd count of row groups
     included; and those are the product of the weights."""
-    from artifacts.host_cpu import enable_amx
-    from compiler.targets import _host_llvm
     from tir_kernels.matmul_amx import TILE_TOKENS, amx_super_rows
     from tir_kernels.matmul_llamacpp_kquants import kquant_rows
     from tir_kernels.repack import group_rows
-    from tir_kernels.simd import has_amx, vector_registers
+    from tir_kernels.simd import vector_registers
 
-    target = _host_llvm()
-    if not has_amx(target):
-        pytest.skip("the AMX kernels need an x86 CPU with AMX-INT8 (Sapphire Rapids or newer)")
-    enable_amx()
-    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    target = _amx_target()
     cols = 512
     rng = np.random.default_rng(rows)
-    raw = rng.integers(0, 256, size=(rows, cols // block, block_bytes), dtype=np.uint8)
-    for field in FLOAT16_FIELDS[qtype]:
-        raw[..., field + 1] &= 0xBB
+    raw = _random_rows(qtype, rows, cols, rng)
     weights = dequantize(raw.reshape(rows, -1), qtype).reshape(rows, cols)
     data = tvm.runtime.tensor(group_rows(raw.reshape(rows, -1), qtype))
     registers = vector_registers(target)

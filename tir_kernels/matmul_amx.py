@@ -9,12 +9,13 @@ token's numbers depend on its batch.
   as acc = fma(d_w[o, c] * d_x[t, c], float(s[t, o, c]), acc) over the 32-column chunks c in order, s the
   chunk's integer dot product of the codes (less their zero point) with the int8 activations, then the min
   terms likewise. One `tdpbssd` (`tdpbsud` for types with a min: unsigned codes) computes s for a chunk.
-- Q4_K (`amx_q4k_rows`): llama.cpp's GEMV order (matmul_llamacpp_kquants.py) for every token: per super-block of
-  256 columns acc = fma(float(isum), d_w * d_x, acc) and mins = fma(float(imin), dmin_w * d_x, mins), isum the
-  codes times the activations times the 6-bit sub-block scales, imin the 6-bit mins times the activations'
-  32-column sums. A tile's weights are code * scale, too large for int8 (15 * 63), so they go in two tiles,
-  code * (scale % 8) and code * (scale // 8), isum = s_low + 8 s_high; imin (below 2^24) is summed in floats,
-  exactly.
+- Q4_K and Q6_K (`amx_super_rows`): one of llama.cpp's orders (matmul_llamacpp_kquants.py) for every token,
+  one fused multiply-add per super-block of 256 columns with its exact integer sum: Q4_K the GEMV's, acc =
+  fma(float(isum), d_w * d_x, acc) and mins = fma(float(imin), dmin_w * d_x, mins); Q6_K the tiled matmul's,
+  acc = fma(d_w * float(isum), d_x, acc). isum (the codes times the activations times the integer sub-block
+  scales) comes from tiles of code * scale, split into pieces that fit int8: Q4_K code * (scale % 8) and
+  code * (scale // 8); Q6_K (code - 32) times each 2 bits of the signed scale. Q4_K's imin (the 6-bit mins
+  times the activations' 32-column sums, below 2^24) is summed in floats, exactly.
 
 Weights stay in `group_rows` form; a task unpacks two row groups (16 rows) at a time into the tile layout
 (4 columns of each row side by side per tile row) once for all the tokens. A process must ask Linux for the
@@ -84,6 +85,19 @@ def _store_tile_row(y, acc, i, t, p, n_out: int):
         for r in range(TILE_ROWS):
             if p * TILE_ROWS + r < n_out:
                 y[t, p * TILE_ROWS + r] = acc[i, r]
+
+
+def _prefill_on_amx(amx_body, vnni: RowMatmul) -> RowMatmul:
+    """`amx_body` for 16 tokens or more, the VNNI kernel (the same bits) for fewer."""
+
+    @T.macro
+    def body(x, data, y, n, capacity):
+        if n >= TILE_TOKENS:
+            amx_body(x, data, y, n, capacity)
+        else:
+            vnni.body(x, data, y, n, capacity)
+
+    return RowMatmul(body, vnni.n_in, vnni.n_out, vnni.data_shape)
 
 
 CHUNK_TILES = {C_TILE: (TILE_TOKENS, 4 * TILE_ROWS), A_TILE: (TILE_TOKENS, CHUNK), B_TILE: (CHUNK // 4, 4 * TILE_ROWS)}
@@ -184,14 +198,7 @@ def amx_chunk_sum_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> Ro
                     finish(y, acc_high, m_w, x_sum, p, t0, HALF)
             T.evaluate(_tile("tilerelease"))
 
-    @T.macro
-    def body(x, data, y, n, capacity):
-        if n >= TILE_TOKENS:
-            amx_body(x, data, y, n, capacity)
-        else:
-            vnni.body(x, data, y, n, capacity)
-
-    return RowMatmul(body, n_in, n_out, vnni.data_shape)
+    return _prefill_on_amx(amx_body, vnni)
 
 
 @functools.cache
@@ -406,11 +413,4 @@ def amx_super_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vector_re
                     finish(y, acc, tile * TILE_TOKENS, dmin_w, mins_w, x_scale, x_sums, p, t0)
             T.evaluate(_tile("tilerelease"))
 
-    @T.macro
-    def body(x, data, y, n, capacity):
-        if n >= TILE_TOKENS:
-            amx_body(x, data, y, n, capacity)
-        else:
-            vnni.body(x, data, y, n, capacity)
-
-    return RowMatmul(body, n_in, n_out, vnni.data_shape)
+    return _prefill_on_amx(amx_body, vnni)
