@@ -81,6 +81,7 @@ def strict_float(spec: TargetSpec) -> TargetSpec:
 
 
 def llvm_cpu_name() -> str:
+    """LLVM's name for this host's CPU (from its CPUID model, which a virtual machine may set)."""
     from tvm.target import codegen
 
     return codegen.llvm_get_system_cpu()
@@ -92,11 +93,11 @@ def _host_llvm() -> Target:
     from tvm.target import codegen
 
     config = {"kind": "llvm", "mcpu": llvm_cpu_name(), **FAST_MATH}
-    present = cpu_flags()
+    named, present = Target(config), cpu_flags()
     extra = [
         f"+{feature}"
         for feature, flag in X86_FEATURE_FLAGS.items()
-        if flag in present and not codegen.target_has_features(feature, Target(config))
+        if flag in present and not codegen.target_has_features(feature, named)
     ]
     return Target({**config, "mattr": extra} if extra else config)
 

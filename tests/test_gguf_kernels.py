@@ -125,15 +125,13 @@ def _random_rows(qtype: GGMLQuantizationType, rows: int, cols: int, rng: np.rand
 
 
 def _amx_target() -> tvm.target.Target:
-    """This host's target, with the process's AMX tiles asked for; skips where the CPU has no AMX."""
-    from artifacts.host_cpu import enable_amx
+    """This host's target; skips where the CPU has no AMX (conftest's `amx_tiles` asked Linux for the tiles)."""
     from compiler.targets import _host_llvm
     from tir_kernels.simd import has_amx
 
     target = _host_llvm()
     if not has_amx(target):
         pytest.skip("the AMX kernels need an x86 CPU with AMX-INT8 (Sapphire Rapids or newer)")
-    enable_amx()
     return target
 
 

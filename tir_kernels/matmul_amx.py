@@ -36,7 +36,7 @@ from tir_kernels.matmul_llamacpp import CHUNK_SUM_OFFSETS, chunk_sum_rows, group
 from tir_kernels.matmul_llamacpp_kquants import kquant_rows, super_word
 from tir_kernels.repack import GROUP_LAYOUTS, LANE_ROWS, SUPER_LAYOUTS
 from tir_kernels.row_matmul import RowMatmul
-from tir_kernels.simd import TASKS, concat, fma, task_share, u8x32, vec_const
+from tir_kernels.simd import TASKS, concat, fma, halves, task_share, u8x32, vec_const
 
 Q = GGMLQuantizationType
 TILE_TOKENS = 16  # a tile's rows: the tokens of one tile multiply, and the fewest tokens this path takes
@@ -64,12 +64,6 @@ def _palette(shapes: dict[int, tuple[int, int]]) -> tirx.PrimExpr:
 def _configure_tiles(cfg, palette):
     cfg[T.Ramp(0, 1, 64)] = palette
     T.evaluate(_tile("ldtilecfg", T.address_of(cfg[0])))
-
-
-def _halves(data: tirx.Buffer, g, at) -> tirx.PrimExpr:
-    """8 rows' float16 values at byte `at` of row group g as float32x8."""
-    raw = tirx.BufferLoad(data, [g, tirx.Ramp(at, 1, 16)])
-    return tirx.reinterpret("float16x8", raw).astype("float32x8")
 
 
 def _sixteen(buf: tirx.Buffer, row, at=0) -> tirx.PrimExpr:
@@ -132,9 +126,9 @@ def amx_chunk_sum_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> Ro
             for m in T.unroll(8):
                 tile_w[c * 8 + m, T.Ramp(0, 1, 32)] = weight_bytes(data, groups[0], c, m)
                 tile_w[c * 8 + m, T.Ramp(32, 1, 32)] = weight_bytes(data, groups[1], c, m)
-            d_w[c, T.Ramp(0, 1, TILE_ROWS)] = concat([_halves(data, g, c * gb) for g in groups])
+            d_w[c, T.Ramp(0, 1, TILE_ROWS)] = concat([halves(data, g, c * gb) for g in groups])
             if has_min:
-                m_w[c, T.Ramp(0, 1, TILE_ROWS)] = concat([_halves(data, g, c * gb + lay.minimum) for g in groups])
+                m_w[c, T.Ramp(0, 1, TILE_ROWS)] = concat([halves(data, g, c * gb + lay.minimum) for g in groups])
 
     @T.macro
     def scale_in(acc, sums, d_w, x_scale, t0, c, first):
@@ -225,14 +219,10 @@ def amx_super_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vector_re
     w_tiles = list(range(4 + token_tiles, 4 + token_tiles + (parts if token_tiles > 1 else 1)))
 
     def scale_piece(scales: tirx.PrimExpr, i: int) -> tirx.PrimExpr:
-        """int16x8: bits shift*i .. of the rows' scales (Q6_K's top piece signed)."""
-        if q6:
-            wide = tirx.reinterpret("int8x8", scales).astype("int16x8")
-            piece = wide >> tirx.Broadcast(tirx.const(shift * i, "int16"), 8)
-            return piece if i == parts - 1 else piece & tirx.Broadcast(tirx.const(3, "int16"), 8)
-        wide = scales.astype("int16x8")
+        """int16x8: bits shift*i .. of the rows' scales (Q6_K's signed: its top piece keeps the sign)."""
+        wide = (tirx.reinterpret("int8x8", scales) if q6 else scales).astype("int16x8")
         piece = wide >> tirx.Broadcast(tirx.const(shift * i, "int16"), 8)
-        return piece if i == parts - 1 else piece & tirx.Broadcast(tirx.const(7, "int16"), 8)
+        return piece if i == parts - 1 else piece & tirx.Broadcast(tirx.const((1 << shift) - 1, "int16"), 8)
 
     def scaled_codes(data, g, base, c, m, i: int) -> tirx.PrimExpr:
         """int8x32: word m of chunk c for the 8 rows of group g, each code (Q6_K less 32) times piece i of its
@@ -276,9 +266,9 @@ def amx_super_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vector_re
                     unpack_piece(data, groups, base, s, c, weights, 3)
                 else:
                     mins_w[s * 8 + c, T.Ramp(0, 1, TILE_ROWS)] = concat([row_mins(data, g, base, c) for g in groups])
-            d_w[s, T.Ramp(0, 1, TILE_ROWS)] = concat([_halves(data, g, base) for g in groups])
+            d_w[s, T.Ramp(0, 1, TILE_ROWS)] = concat([halves(data, g, base) for g in groups])
             if not q6:
-                dmin_w[s, T.Ramp(0, 1, TILE_ROWS)] = concat([_halves(data, g, base + lay.minimum) for g in groups])
+                dmin_w[s, T.Ramp(0, 1, TILE_ROWS)] = concat([halves(data, g, base + lay.minimum) for g in groups])
 
     def isum(sums, u: int, i_row) -> tirx.PrimExpr:
         """int32x16: token row i_row of token tile u: the pieces' sums, each times 2^(shift * piece)."""
@@ -372,7 +362,7 @@ def amx_super_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vector_re
         x_scale = T.alloc_buffer((capacity, supers), "float32")
         x_sum = T.alloc_buffer((capacity, supers * sums_per_super), "int32")
         quantize_q8_k(x, xq, x_scale, x_sum, n, supers, sums_per_super)
-        x_sums = T.alloc_buffer((capacity, supers * 8), "float32")  # Q4_K's 32-column sums as floats (mins)
+        x_sums = T.alloc_buffer((1, 1) if q6 else (capacity, supers * 8), "float32")  # Q4_K's sums as floats
         if not q6:
             for t in range(n):
                 for j in range(supers * 8):
@@ -381,8 +371,8 @@ def amx_super_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vector_re
             cfg = T.alloc_buffer((64,), "uint8")
             weights = T.alloc_buffer((supers * parts * tile_bytes,), "int8")
             d_w = T.alloc_buffer((supers, TILE_ROWS), "float32")
-            dmin_w = T.alloc_buffer((supers, TILE_ROWS), "float32")
-            mins_w = T.alloc_buffer((supers * 8, TILE_ROWS), "float32")
+            dmin_w = T.alloc_buffer((1 if q6 else supers, TILE_ROWS), "float32")  # Q4_K's dmin and mins
+            mins_w = T.alloc_buffer((1 if q6 else supers * 8, TILE_ROWS), "float32")
             sums = T.alloc_buffer((4, TILE_TOKENS, TILE_ROWS), "int32")  # [token tile * parts + piece, ..]
             tiles = T.meta_var((n + TILE_TOKENS - 1) // TILE_TOKENS)
             # each tile's accumulators, and one more for the second of a last, unpaired tile (a duplicate); sized

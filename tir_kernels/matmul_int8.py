@@ -33,6 +33,7 @@ from tir_kernels.simd import (
     TOKENS,
     bcast,
     concat,
+    halves,
     llvm_intrin,
     load,
     prefetch,
@@ -87,8 +88,7 @@ class InterleavedRows:
     layout: InterleavedLayout
 
     def _half8(self, c, at: int) -> tirx.PrimExpr:
-        raw = load(self.data, self.group, c * self.layout.group_bytes + at, 16)
-        return tirx.reinterpret("float16x8", raw).astype("float32x8")
+        return halves(self.data, self.group, c * self.layout.group_bytes + at)
 
     def word(self, c, m: int) -> tirx.PrimExpr:
         lay = self.layout

@@ -40,6 +40,7 @@ from tir_kernels.simd import (
     concat,
     each_row,
     fma,
+    halves,
     lane_sum,
     llvm_intrin,
     prefetch,
@@ -151,10 +152,9 @@ def llamacpp_rows(
     words = WORDS_PER_PASS[qtype] if vnni and vector_registers >= 32 and not sum_chunks else 1
     passes = 8 // words  # word p's pass also takes words p + passes, p + 2 * passes, ...
 
-    def halves(data, g, c, at: int) -> tirx.PrimExpr:
+    def chunk_halves(data, g, c, at: int) -> tirx.PrimExpr:
         """8 float16 values of chunk c (the rows' scales or mins) as float32x8."""
-        raw = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + at, 1, 16)])
-        return tirx.reinterpret("float16x8", raw).astype("float32x8")
+        return halves(data, g, c * gb + at)
 
     def weight_word(data, g, c, m, offset) -> tuple[tirx.PrimExpr, tirx.PrimExpr | None]:
         """Word m of chunk c for 8 rows as pmaddubsw's unsigned operand, and for signed codes the codes whose
@@ -220,7 +220,7 @@ def llamacpp_rows(
 
     def chunk_scale(data, g, c, x_scale, t) -> tirx.PrimExpr:
         """float32x64: each row's d_w * d_x for chunk c, for all 8 words."""
-        return concat([halves(data, g, c, 0) * tirx.Broadcast(x_scale[t, c], LANE_ROWS)] * 8)
+        return concat([chunk_halves(data, g, c, 0) * tirx.Broadcast(x_scale[t, c], LANE_ROWS)] * 8)
 
     @T.macro
     def group_times_token(y, data, xq, x_scale, x_sum, g, t, acc):
@@ -232,7 +232,7 @@ def llamacpp_rows(
                 T.evaluate(prefetch(data, g, c * gb + STREAM_AHEAD + line * 64))
             if sum_chunks:
                 acc[T.Ramp(0, 1, LANE_ROWS)] = fma(
-                    halves(data, g, c, 0) * T.Broadcast(x_scale[t, c], LANE_ROWS),
+                    chunk_halves(data, g, c, 0) * T.Broadcast(x_scale[t, c], LANE_ROWS),
                     chunk_sum(data, g, c, xq, t).astype("float32x8"),
                     acc[T.Ramp(0, 1, LANE_ROWS)],
                 )
@@ -242,7 +242,7 @@ def llamacpp_rows(
                 )
             if lay.minimum is not None:
                 acc[T.Ramp(64, 1, LANE_ROWS)] = fma(
-                    halves(data, g, c, lay.minimum),
+                    chunk_halves(data, g, c, lay.minimum),
                     T.Broadcast(x_sum[t, c], LANE_ROWS),
                     acc[T.Ramp(64, 1, LANE_ROWS)],
                 )
@@ -279,7 +279,7 @@ def llamacpp_rows(
         loop nest: the segment loop around it measured ~4% slower on SmolLM2's batch-8 decode."""
         for i in T.unroll(count):
             for c in range(chunks):
-                scales[T.Ramp((i * chunks + c) * LANE_ROWS, 1, LANE_ROWS)] = halves(data, g, c, 0) * T.Broadcast(
+                scales[T.Ramp((i * chunks + c) * LANE_ROWS, 1, LANE_ROWS)] = chunk_halves(data, g, c, 0) * T.Broadcast(
                     x_scale[t0 + i, c], LANE_ROWS
                 )
         if sum_chunks:
@@ -316,7 +316,7 @@ def llamacpp_rows(
             if lay.minimum is not None:
                 for c in range(chunks):
                     acc[T.Ramp((i * 9 + 8) * LANE_ROWS, 1, LANE_ROWS)] = fma(
-                        halves(data, g, c, lay.minimum),
+                        chunk_halves(data, g, c, lay.minimum),
                         T.Broadcast(x_sum[t0 + i, c], LANE_ROWS),
                         rows(acc, (i * 9 + 8) * LANE_ROWS),
                     )

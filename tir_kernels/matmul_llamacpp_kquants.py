@@ -36,8 +36,10 @@ from tir_kernels.simd import (
     TOKENS,
     concat,
     fma,
+    halves,
     lane_sum,
     llvm_intrin,
+    load,
     prefetch,
     store_rows,
     task_share,
@@ -93,21 +95,12 @@ def kquant_rows(
     q4k_quads = not q6 and vector_registers >= 32
     sums_per_super = 16 if q6 else 8  # activation sums per super-block: Q6_K per 16 columns, Q4_K per 32
 
-    def load(data, g, at, lanes: int) -> tirx.PrimExpr:
-        return tirx.BufferLoad(data, [g, tirx.Ramp(at, 1, lanes)])
-
-    def halves(data, g, at) -> tirx.PrimExpr:
-        return tirx.reinterpret("float16x8", load(data, g, at, 16)).astype("float32x8")
-
     def row_bytes(data, g, at, dtype: str) -> tirx.PrimExpr:
         """8 rows' uint8 (or int8) values at `at` as `dtype`x8."""
         raw = load(data, g, at, 8)
         if q6:
             raw = tirx.reinterpret("int8x8", raw)
         return raw.astype(f"{dtype}x8")
-
-    def codes(data, g, base, c, m: int) -> tirx.PrimExpr:
-        return super_word(qtype, data, g, base, c, m)
 
     def word_activations(xq, t, s, c, m: int) -> tirx.PrimExpr:
         """int8x32: token t's activations in columns 4m..4m+3 of chunk c of super-block s, once per row."""
@@ -117,14 +110,15 @@ def kquant_rows(
     def pairs(data, g, base, c, m: int, xq, t, s) -> tirx.PrimExpr:
         """int16x16: each row's codes times the activations, columns 4m..4m+3 of chunk c summed in pairs."""
         xb = word_activations(xq, t, s, c, m)
-        return llvm_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", codes(data, g, base, c, m), xb)
+        return llvm_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", super_word(qtype, data, g, base, c, m), xb)
 
     def word_dots(data, g, base, c, words, xq, t, s) -> tirx.PrimExpr:
         """int32x8: each row's codes times the activations over the given words of chunk c, one `vpdpbusd` each."""
         total = tirx.Broadcast(tirx.const(0, "int32"), LANE_ROWS)
         for m in words:
             xb = word_activations(xq, t, s, c, m)
-            total = llvm_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", total, codes(data, g, base, c, m), xb)
+            codes = super_word(qtype, data, g, base, c, m)
+            total = llvm_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", total, codes, xb)
         return total
 
     def scaled(data, g, at, x_scale, t, s) -> tirx.PrimExpr:

@@ -63,6 +63,11 @@ def load(data: tirx.Buffer, row: tirx.PrimExpr, start: tirx.PrimExpr, lanes: int
     return tirx.BufferLoad(data, [row, tirx.Ramp(start, 1, lanes)])
 
 
+def halves(data: tirx.Buffer, row: tirx.PrimExpr, at: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The 8 float16 values at data[row, at : at + 16] (bytes) as float32x8: 8 rows' scales or mins."""
+    return tirx.reinterpret("float16x8", load(data, row, at, 16)).astype("float32x8")
+
+
 def splat(value: float | int | tirx.PrimExpr, lanes: int, dtype: str = "float32") -> tirx.PrimExpr:
     """`value` in each of `lanes` lanes (itself for one); a Python number becomes a `dtype` constant."""
     scalar = tirx.const(value, dtype) if isinstance(value, (int, float)) else value
