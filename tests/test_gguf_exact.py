@@ -60,15 +60,19 @@ def _blocks(qtype: Q, rows: int, n_in: int, rng: np.random.Generator) -> np.ndar
         (Q.Q5_0, 96, 13),
         (Q.Q5_0, 2080, 9),  # 4 segments
         (Q.Q8_0, 1600, 10),  # 4 segments
+        (Q.Q5_0, 640, 45),  # AVX-512: 3 pairs of row groups, the last rows past n_out
+        (Q.Q8_0, 96, 37),  # AVX-512: 2 pairs and a group alone
         (Q.Q4_K, 512, 13),
         (Q.Q4_K, 4096, 9),  # 70 tokens: a block of 64, then a quad and 2 through the GEMV
         (Q.Q6_K, 768, 11),
         (Q.Q6_K, 4096, 9),
+        (Q.Q4_K, 256, 37),  # AVX-512: 2 pairs of row groups and a group alone
+        (Q.Q6_K, 512, 45),  # AVX-512: 3 pairs, the last rows past n_out
     ],
 )
 @pytest.mark.parametrize(("vnni", "registers"), [(False, 16), (True, 16), (True, 32)], ids=["avx2", "vnni", "vnni32"])
 def test_matmul_is_ggml_vec_dot(qtype: Q, n_in: int, n_out: int, vnni: bool, registers: int):
-    """With 32 vector registers, each pass over a row group takes several words (`WORDS_PER_PASS`)."""
+    """With 32 vector registers, each pass over two row groups takes several words (`WORDS_PER_PASS`)."""
     if vnni and not has_vnni(TARGET):
         pytest.skip("this CPU has no vpdpbusd")
     if registers > vector_registers(TARGET):

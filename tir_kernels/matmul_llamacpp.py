@@ -37,6 +37,7 @@ from tir_kernels.simd import (
     STREAM_AHEAD,
     TASKS,
     TOKENS,
+    bcast,
     concat,
     each_row,
     fma,
@@ -55,8 +56,10 @@ SEGMENT_BYTES = 8 * 1024  # the bytes of one segment where a row group's are mor
 # Words of a chunk that one pass over a row group's chunks takes with 32 vector registers, per block type: each
 # pass keeps 4 tokens x words accumulators, independent chains of fused multiply-adds. 1 thread, 4 / 64 tokens:
 # Q5_0 640x2048 4 words 88 / 1339 us vs 1 word 109 / 1689; Q8_0 576x49152 (SmolLM2's head, 4 tokens) 3.09 vs
-# 4.20 ms, 640x2048 within 4%; Q4_1 576x1536 4 words 10% slower. (With 16 registers more words are slower.)
-WORDS_PER_PASS = {Q.Q4_1: 1, Q.Q5_0: 4, Q.Q8_0: 4}
+# 4.20 ms, 640x2048 within 4%; Q4_1 576x1536 4 words 10% slower. (With 16 registers more words are slower.) With
+# pairs of row groups (Intel, 128 tokens): Q4_1 576x1536 2 words 78-83 GMAC/s, 1 word 73, 4 words 74; Q5_0 and Q8_0
+# 2 words no faster, 8 slower.
+WORDS_PER_PASS = {Q.Q4_1: 2, Q.Q5_0: 4, Q.Q8_0: 4}
 # Block types whose llama.cpp AVX2 matmul this module (or matmul_llamacpp_kquants.py) reproduces (Q4_0 is repacked
 # by llama.cpp into kernels of another order).
 EXACT_TYPES = {Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K}
@@ -125,18 +128,25 @@ def llamacpp_rows(
     x with w's sign, without the sign, absolute-value and subtract instructions. `vector_registers`: with 32
     (AVX-512), a pass of 4 tokens over a row group's chunks takes several words at once (`WORDS_PER_PASS`).
     `sum_chunks` (with `vnni`): mlcc's order instead (`chunk_sum_rows`).
+
+    With AVX-512 VNNI (`vnni` and 32 registers), passes of 4 tokens take two row groups side by side, 16 rows in
+    512-bit vectors: each lane still does its row's operations in llama.cpp's order, and `vpdpbusd` on 512 bits
+    runs as often per cycle as on 256 (Intel Xeon with AMX, 1 thread, 128 tokens: Q5_0 640x2048 2.99 -> 2.25
+    ms, Q8_0 640x1024 1.55 -> 1.05, Q4_1 576x1536 2.07 -> 1.37; the same bits). AVX-512 has no `psign`,
+    so Q8_0's codes enter those passes as w + 128.
     """
     if qtype in SUPER_LAYOUTS:
         return kquant_rows(qtype, n_in, n_out, vnni, vector_registers)
     lay = GROUP_LAYOUTS[qtype]
     chunks = n_in // CHUNK
     row_groups = -(-n_out // LANE_ROWS)
-    tasks = min(TASKS, row_groups)
     gb = lay.group_bytes
+    pairs = vnni and vector_registers >= 32 and not sum_chunks  # 4-token passes over two row groups at once
+    unit_rows = 2 * LANE_ROWS if pairs else LANE_ROWS  # rows a 4-token pass takes at once
     block_tokens = max(TOKENS, LANE_ACTIVATION_BYTES // n_in)  # tokens that pass over a row group at a time
     # The word passes of four tokens go over the chunks in segments that stay in L1 (weights, activations,
     # scales): all at once where the whole row fits, else segments of about SEGMENT_BYTES, of equal size.
-    chunk_bytes = gb + QUAD * (CHUNK + 4 * LANE_ROWS)
+    chunk_bytes = unit_rows // LANE_ROWS * gb + QUAD * (CHUNK + 4 * unit_rows)
     segments = 1 if chunks * chunk_bytes <= L1_ROW_BYTES else -(-chunks * chunk_bytes // SEGMENT_BYTES)
     segment = -(-chunks // segments)
     ones = tirx.Broadcast(tirx.const(1, "int16"), 16)
@@ -144,55 +154,61 @@ def llamacpp_rows(
     # Q5_0's codes taken as w + 16 (Q8_0's as w + 128 measured 7% slower in prefill: its decode is one load);
     # in chunk sums every type's codes are unsigned, their offset in each chunk's start
     offset = CHUNK_SUM_OFFSETS[qtype] if sum_chunks else 16 if vnni and qtype == Q.Q5_0 else None
-    # Q8_0's codes as w + 128 in one-token passes only (decode: 1 thread, 640x262144, 18.1 -> 15.2 ms; in 4-token
-    # passes the sign trick measured 7% faster)
+    if pairs and qtype == Q.Q8_0:
+        offset = 128
+    # Q8_0's codes as w + 128 in one-token passes (decode: 1 thread, 640x262144, 18.1 -> 15.2 ms) and in pairs; in
+    # 4-token passes on 256 bits the sign trick measured 7% faster
     token_offset = 128 if vnni and qtype == Q.Q8_0 and not sum_chunks else None
     column_offset = offset or token_offset
     offset_columns = CHUNK if sum_chunks else 4  # activations summed for one offset term
     words = WORDS_PER_PASS[qtype] if vnni and vector_registers >= 32 and not sum_chunks else 1
     passes = 8 // words  # word p's pass also takes words p + passes, p + 2 * passes, ...
+    units = -(-row_groups // 2) if pairs else row_groups  # what the 4-token passes' tasks share out
+    tasks = min(TASKS, units)
 
-    def chunk_halves(data, g, c, at: int) -> tirx.PrimExpr:
-        """8 float16 values of chunk c (the rows' scales or mins) as float32x8."""
-        return halves(data, g, c * gb + at)
+    def chunk_halves(data, gs, c, at: int) -> tirx.PrimExpr:
+        """8 float16 values of chunk c (the rows' scales or mins) of each group in `gs` as float32 lanes."""
+        return concat([halves(data, g, c * gb + at) for g in gs])
 
-    def weight_word(data, g, c, m, offset) -> tuple[tirx.PrimExpr, tirx.PrimExpr | None]:
-        """Word m of chunk c for 8 rows as pmaddubsw's unsigned operand, and for signed codes the codes whose
-        signs the activations take (|w| times x carrying w's sign, as llama.cpp); with `offset` w + offset.
-        m: an int, or a loop variable that unrolling makes one."""
-        raw = group_word(qtype, data, g, c, m)
+    def weight_word(data, gs, c, m, offset) -> tuple[tirx.PrimExpr, tirx.PrimExpr | None]:
+        """Word m of chunk c for the 8 rows of each group in `gs` as pmaddubsw's unsigned operand, and for
+        signed codes the codes whose signs the activations take (|w| times x carrying w's sign, as llama.cpp);
+        with `offset` w + offset. m: an int, or a loop variable that unrolling makes one."""
+        raw = concat([group_word(qtype, data, g, c, m) for g in gs])
+        lanes = 32 * len(gs)
         if qtype != Q.Q8_0:
             if lay.minimum is not None or offset:
                 return raw, None  # as they are, or w + offset
-            raw = raw - u8x32(CHUNK_SUM_OFFSETS[qtype])  # the zero point: 16 for Q5_0, 8 for Q4_0
+            raw = raw - bcast(CHUNK_SUM_OFFSETS[qtype], "uint8", lanes)  # the zero point: 16 for Q5_0, 8 for Q4_0
         elif offset:
-            return raw ^ u8x32(128), None  # w + 128
+            return raw ^ bcast(128, "uint8", lanes), None  # w + 128
         signed = tirx.reinterpret("int8x32", raw)
         absolute = llvm_intrin("int8x32", "llvm.abs.v32i8", signed, tirx.const(0, "bool"))
         magnitude = tirx.reinterpret("uint8x32", absolute)
         return magnitude, signed
 
-    def word_activations(xq, t, c, m) -> tirx.PrimExpr:
-        """int8x32: token t's int8 activations in columns 4m..4m+3 of chunk c, once per row."""
+    def word_activations(xq, t, c, m, lanes: int) -> tirx.PrimExpr:
+        """int8 x 4 lanes: token t's int8 activations in columns 4m..4m+3 of chunk c, once per row."""
         x4 = tirx.reinterpret("int32", tirx.BufferLoad(xq, [t, tirx.Ramp(c * CHUNK + 4 * m, 1, 4)]))
-        return tirx.reinterpret("int8x32", tirx.Broadcast(x4, LANE_ROWS))
+        return tirx.reinterpret(f"int8x{4 * lanes}", tirx.Broadcast(x4, lanes))
 
-    def word_sums(data, g, c, m, xq, t, one_token: bool = False) -> tirx.PrimExpr:
-        """int32x8: each row's sum of columns 4m..4m+3 of chunk c times token t's int8 activations there.
-        xq: the activations, and with an offset their offset terms."""
+    def word_sums(data, gs, c, m, xq, t, one_token: bool = False) -> tirx.PrimExpr:
+        """int32 x 8 rows per group in `gs`: each row's sum of columns 4m..4m+3 of chunk c times token t's int8
+        activations there. xq: the activations, and with an offset their offset terms."""
         xq, x_offset = xq
-        xb = word_activations(xq, t, c, m)
+        lanes = LANE_ROWS * len(gs)
+        xb = word_activations(xq, t, c, m, lanes)
         word_offset = token_offset if one_token and token_offset else offset
-        operand, signs = weight_word(data, g, c, m, word_offset)
+        operand, signs = weight_word(data, gs, c, m, word_offset)
         if signs is not None:
             xb = llvm_intrin("int8x32", "llvm.x86.avx2.psign.b", xb, signs)
         if vnni:
-            start = tirx.Broadcast(x_offset[t, c * 8 + m], LANE_ROWS) if word_offset else zeros
-            return llvm_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", start, operand, xb)
+            start = tirx.Broadcast(x_offset[t, c * 8 + m], lanes) if word_offset else bcast(0, "int32", lanes)
+            return llvm_intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", start, operand, xb)
         pairs = llvm_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", operand, xb)
         return llvm_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, ones)
 
-    def chunk_sum(data, g, c, xq, t) -> tirx.PrimExpr:
+    def chunk_sum(data, gs, c, xq, t) -> tirx.PrimExpr:
         """int32x8: each row's sum of chunk c times token t's int8 activations (`sum_chunks`), in two chains
         of 4 `vpdpbusd` (words 0..3 starting at the chunk's offset term, words 4..7 at 0)."""
         xq, x_offset = xq
@@ -200,49 +216,57 @@ def llamacpp_rows(
         for half in range(2):
             total = tirx.Broadcast(x_offset[t, c], LANE_ROWS) if offset and half == 0 else zeros
             for m in range(4 * half, 4 * half + 4):
-                operand, xb = weight_word(data, g, c, m, offset)[0], word_activations(xq, t, c, m)
+                operand, xb = weight_word(data, gs, c, m, offset)[0], word_activations(xq, t, c, m, LANE_ROWS)
                 total = llvm_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", total, operand, xb)
             chains.append(total)
         return chains[0] + chains[1]
 
-    def rows(buf, at) -> tirx.PrimExpr:
-        return tirx.BufferLoad(buf, [tirx.Ramp(at, 1, LANE_ROWS)])
+    def rows(buf, at, lanes: int = LANE_ROWS) -> tirx.PrimExpr:
+        return tirx.BufferLoad(buf, [tirx.Ramp(at, 1, lanes)])
 
-    def lane_total(acc, at) -> tirx.PrimExpr:
-        """The 8 rows' sums in acc[at ..]: llama.cpp's 8 lanes added as hsum_float_8 does, or the chunk sums."""
+    def lane_total(acc, at, lanes: int = LANE_ROWS) -> tirx.PrimExpr:
+        """The rows' sums in acc[at ..]: llama.cpp's 8 lanes added as hsum_float_8 does, or the chunk sums."""
         if sum_chunks:
             return rows(acc, at)
-        return lane_sum([rows(acc, at + m * LANE_ROWS) for m in range(8)])
+        return lane_sum([rows(acc, at + m * lanes, lanes) for m in range(8)])
 
-    def chunk_sums(data, g, c, xq, t) -> tirx.PrimExpr:
+    def chunk_sums(data, gs, c, xq, t) -> tirx.PrimExpr:
         """float32x64: words 0..7 of chunk c, each 8 rows' integer sums (the rows' lane m) as floats."""
-        return concat([word_sums(data, g, c, m, xq, t, one_token=True).astype("float32x8") for m in range(8)])
+        return concat([word_sums(data, gs, c, m, xq, t, one_token=True).astype("float32x8") for m in range(8)])
 
-    def chunk_scale(data, g, c, x_scale, t) -> tirx.PrimExpr:
+    def chunk_scale(data, gs, c, x_scale, t) -> tirx.PrimExpr:
         """float32x64: each row's d_w * d_x for chunk c, for all 8 words."""
-        return concat([chunk_halves(data, g, c, 0) * tirx.Broadcast(x_scale[t, c], LANE_ROWS)] * 8)
+        return concat([chunk_halves(data, gs, c, 0) * tirx.Broadcast(x_scale[t, c], LANE_ROWS)] * 8)
+
+    @T.macro
+    def stream_ahead(data, gs, c):
+        """Ask for the weights of each group in `gs` STREAM_AHEAD bytes past chunk c."""
+        for line in T.unroll((gb + 63) // 64):
+            T.evaluate(prefetch(data, gs[0], c * gb + STREAM_AHEAD + line * 64))
+            if len(gs) == 2:
+                T.evaluate(prefetch(data, gs[1], c * gb + STREAM_AHEAD + line * 64))
 
     @T.macro
     def group_times_token(y, data, xq, x_scale, x_sum, g, t, acc):
         """y[t, g*8 .. g*8+7] for one token (decode, and a block's last n % 4): all 8 words of a chunk at
         once, lane m's accumulator of 8 rows at acc[8m], the mins' sums at acc[64]: 8 independent chains."""
+        gs = T.meta_var((g,))
         acc[T.Ramp(0, 1, 9 * LANE_ROWS)] = T.Broadcast(T.float32(0), 9 * LANE_ROWS)
         for c in range(chunks):
-            for line in range((gb + 63) // 64):
-                T.evaluate(prefetch(data, g, c * gb + STREAM_AHEAD + line * 64))
+            stream_ahead(data, gs, c)
             if sum_chunks:
                 acc[T.Ramp(0, 1, LANE_ROWS)] = fma(
-                    chunk_halves(data, g, c, 0) * T.Broadcast(x_scale[t, c], LANE_ROWS),
-                    chunk_sum(data, g, c, xq, t).astype("float32x8"),
+                    chunk_halves(data, gs, c, 0) * T.Broadcast(x_scale[t, c], LANE_ROWS),
+                    chunk_sum(data, gs, c, xq, t).astype("float32x8"),
                     acc[T.Ramp(0, 1, LANE_ROWS)],
                 )
             else:
                 acc[T.Ramp(0, 1, 64)] = fma(
-                    chunk_scale(data, g, c, x_scale, t), chunk_sums(data, g, c, xq, t), acc[T.Ramp(0, 1, 64)]
+                    chunk_scale(data, gs, c, x_scale, t), chunk_sums(data, gs, c, xq, t), acc[T.Ramp(0, 1, 64)]
                 )
             if lay.minimum is not None:
                 acc[T.Ramp(64, 1, LANE_ROWS)] = fma(
-                    chunk_halves(data, g, c, lay.minimum),
+                    chunk_halves(data, gs, c, lay.minimum),
                     T.Broadcast(x_sum[t, c], LANE_ROWS),
                     acc[T.Ramp(64, 1, LANE_ROWS)],
                 )
@@ -251,79 +275,83 @@ def llamacpp_rows(
         store_rows(y, t, g, n_out, result, acc, 0)
 
     @T.macro
-    def word_step(data, xq, g, t0, count, acc, scales, c, p):
+    def word_step(data, xq, gs, t0, count, acc, scales, c, p):
         """Chunk c into the accumulators of words p, p + passes, ... of `count` tokens; the first pass asks for
         the weights STREAM_AHEAD bytes on."""
+        lanes = T.meta_var(LANE_ROWS * len(gs))
         if p == 0:
-            for line in T.unroll((gb + 63) // 64):
-                T.evaluate(prefetch(data, g, c * gb + STREAM_AHEAD + line * 64))
+            stream_ahead(data, gs, c)
         for w in T.unroll(words):
             for i in T.unroll(count):
-                acc[T.Ramp((i * 9 + p + w * passes) * LANE_ROWS, 1, LANE_ROWS)] = fma(
-                    rows(scales, (i * chunks + c) * LANE_ROWS),
-                    word_sums(data, g, c, p + w * passes, xq, t0 + i).astype("float32x8"),
-                    rows(acc, (i * 9 + p + w * passes) * LANE_ROWS),
+                acc[T.Ramp((i * 9 + p + w * passes) * lanes, 1, lanes)] = fma(
+                    rows(scales, (i * chunks + c) * lanes, lanes),
+                    word_sums(data, gs, c, p + w * passes, xq, t0 + i).astype(f"float32x{lanes}"),
+                    rows(acc, (i * 9 + p + w * passes) * lanes, lanes),
                 )
 
     @T.macro
-    def group_times_tokens(y, data, xq, x_scale, x_sum, g, t0, count, acc, scales):
-        """y[t0 .. t0+count, g*8 .. g*8+7] (rows past n_out not stored). llama.cpp keeps, per row and token, 8
-        float accumulators (lane m sums columns 4m..4m+3 of every block) and the min terms; here word m (with
-        `words` > 1, words m, m + passes, ...) is one pass over the chunks in which each of the `count` tokens'
-        lane-m accumulators of 8 rows takes each chunk in turn, so a word's codes are decoded once for all
-        tokens. acc: [count, 9, 8] (lanes, then mins), scales: [count, chunks, 8] the rows' d_w * d_x.
+    def group_times_tokens(y, data, xq, x_scale, x_sum, gs, t0, count, acc, scales):
+        """y[t0 .. t0+count, g*8 .. g*8+7] for each group g in `gs` (rows past n_out not stored; a second
+        group equal to the first not at all). llama.cpp keeps, per row and token, 8 float accumulators (lane m
+        sums columns 4m..4m+3 of every block) and the min terms; here word m (with `words` > 1, words m,
+        m + passes, ...) is one pass over the chunks in which each of the `count` tokens' lane-m accumulators
+        of the groups' rows takes each chunk in turn, so a word's codes are decoded once for all tokens.
+        acc: [count, 9, rows] (lanes, then mins), scales: [count, chunks, rows] the rows' d_w * d_x.
 
         Where a row group's weights and activations do not stay in L1 for 8 passes (4096 columns of Q4_1: 20
         KB of weights and 16 KB of activations; 68 -> 40 GMAC/s), the passes go over one segment of chunks
         after the other (each accumulator still takes the chunks in order). A row that fits keeps its single
         loop nest: the segment loop around it measured ~4% slower on SmolLM2's batch-8 decode."""
+        lanes = T.meta_var(LANE_ROWS * len(gs))
         for i in T.unroll(count):
             for c in range(chunks):
-                scales[T.Ramp((i * chunks + c) * LANE_ROWS, 1, LANE_ROWS)] = chunk_halves(data, g, c, 0) * T.Broadcast(
-                    x_scale[t0 + i, c], LANE_ROWS
+                scales[T.Ramp((i * chunks + c) * lanes, 1, lanes)] = chunk_halves(data, gs, c, 0) * T.Broadcast(
+                    x_scale[t0 + i, c], lanes
                 )
         if sum_chunks:
             for i in T.unroll(count):
                 acc[T.Ramp(i * 9 * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(T.float32(0), LANE_ROWS)
             for c in range(chunks):
-                for line in T.unroll((gb + 63) // 64):
-                    T.evaluate(prefetch(data, g, c * gb + STREAM_AHEAD + line * 64))
+                stream_ahead(data, gs, c)
                 for i in T.unroll(count):
                     acc[T.Ramp(i * 9 * LANE_ROWS, 1, LANE_ROWS)] = fma(
                         rows(scales, (i * chunks + c) * LANE_ROWS),
-                        chunk_sum(data, g, c, xq, t0 + i).astype("float32x8"),
+                        chunk_sum(data, gs, c, xq, t0 + i).astype("float32x8"),
                         rows(acc, i * 9 * LANE_ROWS),
                     )
         elif segments == 1:
             for p in T.unroll(passes):
                 for w in T.unroll(words):
                     for i in T.unroll(count):
-                        acc[T.Ramp((i * 9 + p + w * passes) * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(
-                            T.float32(0), LANE_ROWS
-                        )
+                        acc[T.Ramp((i * 9 + p + w * passes) * lanes, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
                 for c in range(chunks):
-                    word_step(data, xq, g, t0, count, acc, scales, c, p)
+                    word_step(data, xq, gs, t0, count, acc, scales, c, p)
         else:
             for i in T.unroll(count):
                 for m in T.unroll(8):
-                    acc[T.Ramp((i * 9 + m) * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(T.float32(0), LANE_ROWS)
+                    acc[T.Ramp((i * 9 + m) * lanes, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
             for part in range(segments):
                 for p in T.unroll(passes):
                     for step in range(T.min(segment, chunks - part * segment)):
-                        word_step(data, xq, g, t0, count, acc, scales, part * segment + step, p)
+                        word_step(data, xq, gs, t0, count, acc, scales, part * segment + step, p)
         for i in T.unroll(count):
-            acc[T.Ramp((i * 9 + 8) * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(T.float32(0), LANE_ROWS)
+            acc[T.Ramp((i * 9 + 8) * lanes, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
             if lay.minimum is not None:
                 for c in range(chunks):
-                    acc[T.Ramp((i * 9 + 8) * LANE_ROWS, 1, LANE_ROWS)] = fma(
-                        chunk_halves(data, g, c, lay.minimum),
-                        T.Broadcast(x_sum[t0 + i, c], LANE_ROWS),
-                        rows(acc, (i * 9 + 8) * LANE_ROWS),
+                    acc[T.Ramp((i * 9 + 8) * lanes, 1, lanes)] = fma(
+                        chunk_halves(data, gs, c, lay.minimum),
+                        T.Broadcast(x_sum[t0 + i, c], lanes),
+                        rows(acc, (i * 9 + 8) * lanes, lanes),
                     )
-            # hsum_float_8 for each row, then the mins.
-            total = T.meta_var(lane_total(acc, i * 9 * LANE_ROWS))
-            result = T.meta_var(total + rows(acc, (i * 9 + 8) * LANE_ROWS) if lay.minimum is not None else total)
-            store_rows(y, t0 + i, g, n_out, result, acc, (i * 9 + 8) * LANE_ROWS)
+            # hsum_float_8 for each row, then the mins; the rows go out through the mins' (spent) accumulator
+            at = T.meta_var((i * 9 + 8) * lanes)
+            total = T.meta_var(lane_total(acc, i * 9 * lanes, lanes))
+            result = T.meta_var(total + rows(acc, at, lanes) if lay.minimum is not None else total)
+            acc[T.Ramp(at, 1, lanes)] = result
+            store_rows(y, t0 + i, gs[0], n_out, rows(acc, at), acc, at)
+            if len(gs) == 2:
+                if gs[1] != gs[0]:
+                    store_rows(y, t0 + i, gs[1], n_out, rows(acc, at + LANE_ROWS), acc, at + LANE_ROWS)
 
     @T.macro
     def body(x, data, y, n, capacity):
@@ -335,27 +363,30 @@ def llamacpp_rows(
         if bool(column_offset):
             column_offsets(xq, x_offset, n, n_in // offset_columns, offset_columns, column_offset)
         activations = T.meta_var((xq, x_offset))
-        # Row groups in `tasks` parallel ranges; tokens `block_tokens` at a time (their activations stay in L2)
-        # pass over each group in fours, the first four streaming its weights in.
+        # Row groups (with `pairs`, pairs of them) in `tasks` parallel ranges; tokens `block_tokens` at a time
+        # (their activations stay in L2) pass over each in fours, the first four streaming its weights in.
         if n >= QUAD:
             for task in T.parallel(tasks):
-                acc = T.alloc_buffer((QUAD * 9 * LANE_ROWS,), "float32")
+                acc = T.alloc_buffer((QUAD * 9 * unit_rows,), "float32")
                 single = T.alloc_buffer((9 * LANE_ROWS,), "float32")
-                scales = T.alloc_buffer((QUAD * chunks * LANE_ROWS,), "float32")
-                first_group, task_groups = T.meta_var(task_share(task, tasks, row_groups))
+                scales = T.alloc_buffer((QUAD * chunks * unit_rows,), "float32")
+                first_unit, task_units = T.meta_var(task_share(task, tasks, units))
                 for tb in range((n + block_tokens - 1) // block_tokens):
-                    for gi in range(task_groups):
-                        g = T.meta_var(first_group + gi)
+                    for ui in range(task_units):
+                        u = T.meta_var(first_unit + ui)
+                        gs = T.meta_var((2 * u, T.min(2 * u + 1, row_groups - 1)) if pairs else (u,))
                         first = T.meta_var(tb * block_tokens)
                         count = T.meta_var(T.min(n, first + block_tokens) - first)
                         for q in range(count // QUAD):
                             group_times_tokens(
-                                y, data, activations, x_scale, x_sum, g, first + q * QUAD, QUAD, acc, scales
+                                y, data, activations, x_scale, x_sum, gs, first + q * QUAD, QUAD, acc, scales
                             )
                         for r in range(count % QUAD):
-                            group_times_token(
-                                y, data, activations, x_scale, x_sum, g, first + count // QUAD * QUAD + r, single
-                            )
+                            t = T.meta_var(first + count // QUAD * QUAD + r)
+                            group_times_token(y, data, activations, x_scale, x_sum, gs[0], t, single)
+                            if len(gs) == 2:
+                                if gs[1] != gs[0]:
+                                    group_times_token(y, data, activations, x_scale, x_sum, gs[1], t, single)
         else:  # a decode step's tokens one at a time, without `acc` and `scales` (over 1 KiB: a workspace call
             # per task each, ~7% of SmolLM2's decode step at 1 thread)
             for task in T.parallel(tasks):

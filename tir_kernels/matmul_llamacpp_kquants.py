@@ -90,80 +90,97 @@ def kquant_rows(
     q6 = qtype == Q.Q6_K
     supers = n_in // SUPER_BLOCK
     row_groups = -(-n_out // LANE_ROWS)
-    tasks = min(TASKS, row_groups)
     block_tokens = max(TOKENS, LANE_ACTIVATION_BYTES // n_in) // QUAD * QUAD  # quads never straddle blocks
     q4k_quads = not q6 and vector_registers >= 32
+    # AVX-512 VNNI: 4-token passes (Q4_K's GEMM, Q6_K's tiled matmul) over two row groups side by side, 16 rows in
+    # 512-bit vectors (each lane its row's operations, as in tir_kernels/matmul_llamacpp.py)
+    pairs = vnni and vector_registers >= 32
+    unit_rows = 2 * LANE_ROWS if pairs else LANE_ROWS
+    units = -(-row_groups // 2) if pairs else row_groups  # what the tasks share out: pairs of groups, or groups
+    tasks = min(TASKS, units)
     sums_per_super = 16 if q6 else 8  # activation sums per super-block: Q6_K per 16 columns, Q4_K per 32
 
-    def row_bytes(data, g, at, dtype: str) -> tirx.PrimExpr:
-        """8 rows' uint8 (or int8) values at `at` as `dtype`x8."""
-        raw = load(data, g, at, 8)
+    def row_bytes(data, gs, at, dtype: str) -> tirx.PrimExpr:
+        """The uint8 (or int8) values at `at` of the 8 rows of each group in `gs`, as `dtype` lanes."""
+        raw = concat([load(data, g, at, 8) for g in gs])
         if q6:
-            raw = tirx.reinterpret("int8x8", raw)
-        return raw.astype(f"{dtype}x8")
+            raw = tirx.reinterpret(f"int8x{8 * len(gs)}", raw)
+        return raw.astype(f"{dtype}x{8 * len(gs)}")
 
-    def word_activations(xq, t, s, c, m: int) -> tirx.PrimExpr:
-        """int8x32: token t's activations in columns 4m..4m+3 of chunk c of super-block s, once per row."""
+    def word_activations(xq, t, s, c, m: int, lanes: int = LANE_ROWS) -> tirx.PrimExpr:
+        """int8 x 4 lanes: token t's activations in columns 4m..4m+3 of chunk c of super-block s, once per row."""
         x4 = tirx.reinterpret("int32", tirx.BufferLoad(xq, [t, tirx.Ramp(s * SUPER_BLOCK + c * CHUNK + 4 * m, 1, 4)]))
-        return tirx.reinterpret("int8x32", tirx.Broadcast(x4, LANE_ROWS))
+        return tirx.reinterpret(f"int8x{4 * lanes}", tirx.Broadcast(x4, lanes))
 
-    def pairs(data, g, base, c, m: int, xq, t, s) -> tirx.PrimExpr:
+    def pair_sums(data, gs, base, c, m: int, xq, t, s) -> tirx.PrimExpr:
         """int16x16: each row's codes times the activations, columns 4m..4m+3 of chunk c summed in pairs."""
         xb = word_activations(xq, t, s, c, m)
-        return llvm_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", super_word(qtype, data, g, base, c, m), xb)
+        return llvm_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", super_word(qtype, data, gs[0], base, c, m), xb)
 
-    def word_dots(data, g, base, c, words, xq, t, s) -> tirx.PrimExpr:
-        """int32x8: each row's codes times the activations over the given words of chunk c, one `vpdpbusd` each."""
-        total = tirx.Broadcast(tirx.const(0, "int32"), LANE_ROWS)
+    def word_dots(data, gs, base, c, words, xq, t, s) -> tirx.PrimExpr:
+        """int32: each row's codes times the activations over the given words of chunk c, one `vpdpbusd` each."""
+        lanes = LANE_ROWS * len(gs)
+        total = tirx.Broadcast(tirx.const(0, "int32"), lanes)
         for m in words:
-            xb = word_activations(xq, t, s, c, m)
-            codes = super_word(qtype, data, g, base, c, m)
-            total = llvm_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", total, codes, xb)
+            xb = word_activations(xq, t, s, c, m, lanes)
+            codes = concat([super_word(qtype, data, g, base, c, m) for g in gs])
+            total = llvm_intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", total, codes, xb)
         return total
 
-    def scaled(data, g, at, x_scale, t, s) -> tirx.PrimExpr:
-        """float32x8: the rows' float16 factor at `at` (d, or Q4_K's dmin) times token t's scale of super-block s."""
-        return halves(data, g, at) * tirx.Broadcast(x_scale[t, s], LANE_ROWS)
+    def factors(data, gs, at) -> tirx.PrimExpr:
+        """The float16 factors at `at` (d, or Q4_K's dmin) of the rows of each group in `gs`, as float32."""
+        return concat([halves(data, g, at) for g in gs])
 
-    def chunk_lanes(data, g, base, c, xq, t, s) -> tirx.PrimExpr:
-        """int32 sums of chunk c: Q4_K one per row (x8; its 8 words' int16 pair sums add up without overflow,
-        8 * 2 * 15 * 127 < 2^15), Q6_K the 8 lanes of each row (lane L of 8 rows at 8L)."""
+    def scaled(data, gs, at, x_scale, t, s) -> tirx.PrimExpr:
+        """float32: the rows' float16 factor at `at` (d, or Q4_K's dmin) times token t's scale of super-block s."""
+        return factors(data, gs, at) * tirx.Broadcast(x_scale[t, s], LANE_ROWS * len(gs))
+
+    def chunk_lanes(data, gs, base, c, xq, t, s) -> tirx.PrimExpr:
+        """int32 sums of chunk c for the rows of the groups in `gs`: Q4_K one per row (its 8 words' int16 pair
+        sums add up without overflow, 8 * 2 * 15 * 127 < 2^15), Q6_K the 8 lanes of each row (lane L of 8 rows
+        at 8L; one group)."""
         if not q6 and vnni:
-            return word_dots(data, g, base, c, range(8), xq, t, s) * row_bytes(
-                data, g, base + lay.sub_scales + 8 * c, "int32"
+            return word_dots(data, gs, base, c, range(8), xq, t, s) * row_bytes(
+                data, gs, base + lay.sub_scales + 8 * c, "int32"
             )
         if not q6:
-            scales = _pairs_to_int16(row_bytes(data, g, base + lay.sub_scales + 8 * c, "int16"))
-            return llvm_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", tree_sum([pairs(data, g, base, c, m, xq, t, s)
+            scales = _pairs_to_int16(row_bytes(data, gs, base + lay.sub_scales + 8 * c, "int16"))
+            return llvm_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", tree_sum([pair_sums(data, gs, base, c, m, xq, t, s)
                                                                           for m in range(8)]), scales)  # fmt: skip
         lanes = []
         for m in range(8):
             sub = base + lay.sub_scales + 8 * (2 * c + m // 4)
-            scales = _pairs_to_int16(row_bytes(data, g, sub, "int16"))
-            lanes.append(llvm_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs(data, g, base, c, m, xq, t, s), scales))
+            scales = _pairs_to_int16(row_bytes(data, gs, sub, "int16"))
+            lanes.append(
+                llvm_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pair_sums(data, gs, base, c, m, xq, t, s), scales)
+            )
         return concat(lanes)
 
-    def offsets(data, g, base, x_sum, t, s, pair=None) -> tirx.PrimExpr:
-        """Q4_K: sum_j min_j * (activations of sub-block j), j in `pair` (sub-blocks 2 pair, 2 pair + 1);
-        Q6_K: lane L's 32 * (scaled sums of 16-blocks 2L, 2L+1)."""
+    def offsets(data, gs, base, x_sum, t, s, pair=None) -> tirx.PrimExpr:
+        """For the rows of the groups in `gs`, Q4_K: sum_j min_j * (activations of sub-block j), j in `pair`
+        (sub-blocks 2 pair, 2 pair + 1); Q6_K: lane L's 32 * (scaled sums of 16-blocks 2L, 2L+1), L's rows at
+        8 L len(gs)."""
+        width = LANE_ROWS * len(gs)
 
         def term(at, k):
-            return row_bytes(data, g, at, "int32") * tirx.Broadcast(x_sum[t, s * sums_per_super + k], LANE_ROWS)
+            return row_bytes(data, gs, at, "int32") * tirx.Broadcast(x_sum[t, s * sums_per_super + k], width)
 
         if not q6:
             return tree_sum([term(base + lay.sub_mins + 8 * j, j) for j in (2 * pair, 2 * pair + 1)])
         lanes = [term(base + lay.sub_scales + 16 * L, 2 * L) + term(base + lay.sub_scales + 16 * L + 8, 2 * L + 1)
                  for L in range(8)]  # fmt: skip
-        return concat(lanes) * tirx.Broadcast(tirx.const(32, "int32"), 64)
+        return concat(lanes) * tirx.Broadcast(tirx.const(32, "int32"), 8 * width)
 
     chunk_bytes = lay.size // 8  # a super-block's bytes per chunk, on average
 
     @T.macro
-    def stream(data, g, base, c):
+    def stream(data, gs, base, c):
         """Ask for the weights AHEAD bytes past chunk c's share of super-block `base` (Q6_K only: Q4_K's single
         stream of codes the hardware prefetcher follows, and asking as well made memory-bound decode slower)."""
         for line in T.unroll(-(-chunk_bytes // 64)):
-            T.evaluate(prefetch(data, g, base + AHEAD + c * chunk_bytes + line * 64))
+            T.evaluate(prefetch(data, gs[0], base + AHEAD + c * chunk_bytes + line * 64))
+            if len(gs) == 2:
+                T.evaluate(prefetch(data, gs[1], base + AHEAD + c * chunk_bytes + line * 64))
 
     @T.macro
     def group_times_token(y, data, xq, x_scale, x_sum, g, t, acc, isum, tiled):
@@ -171,16 +188,17 @@ def kquant_rows(
         isum: integer sums (Q4_K: a super-block's sums at 0, mins at 8, a pair of sub-blocks' at 16 and 24;
         Q6_K: lane L at 8L). `tiled`: the token goes through llama.cpp's Q4_K GEMM (not its GEMV) or its tiled
         Q6_K matmul (not vec_dot)."""
+        gs = T.meta_var((g,))
         acc[T.Ramp(0, 1, 64)] = T.Broadcast(T.float32(0), 64)
         for s in range(supers):
             base = T.meta_var(s * lay.size)
-            scale = T.meta_var(scaled(data, g, base, x_scale, t, s))
+            scale = T.meta_var(scaled(data, gs, base, x_scale, t, s))
             if q6:
                 isum[T.Ramp(0, 1, 64)] = T.Broadcast(T.int32(0), 64)
                 for c in range(8):
-                    stream(data, g, base, c)
-                    isum[T.Ramp(0, 1, 64)] = isum[T.Ramp(0, 1, 64)] + chunk_lanes(data, g, base, c, xq, t, s)
-                isum[T.Ramp(0, 1, 64)] = isum[T.Ramp(0, 1, 64)] - offsets(data, g, base, x_sum, t, s)
+                    stream(data, gs, base, c)
+                    isum[T.Ramp(0, 1, 64)] = isum[T.Ramp(0, 1, 64)] + chunk_lanes(data, gs, base, c, xq, t, s)
+                isum[T.Ramp(0, 1, 64)] = isum[T.Ramp(0, 1, 64)] - offsets(data, gs, base, x_sum, t, s)
                 if tiled:
                     total = T.meta_var(tree_sum([isum[T.Ramp(8 * L, 1, 8)] for L in range(8)]).astype("float32x8"))
                     acc[T.Ramp(0, 1, 8)] = fma(
@@ -191,13 +209,13 @@ def kquant_rows(
                         concat([scale] * 8), isum[T.Ramp(0, 1, 64)].astype("float32x64"), acc[T.Ramp(0, 1, 64)]
                     )
             else:
-                min_scale = T.meta_var(scaled(data, g, base + lay.minimum, x_scale, t, s))
+                min_scale = T.meta_var(scaled(data, gs, base + lay.minimum, x_scale, t, s))
                 isum[T.Ramp(0, 1, 16)] = T.Broadcast(T.int32(0), 16)
                 for p in T.unroll(4):
-                    isum[T.Ramp(16, 1, 8)] = chunk_lanes(data, g, base, 2 * p, xq, t, s) + chunk_lanes(
-                        data, g, base, 2 * p + 1, xq, t, s
+                    isum[T.Ramp(16, 1, 8)] = chunk_lanes(data, gs, base, 2 * p, xq, t, s) + chunk_lanes(
+                        data, gs, base, 2 * p + 1, xq, t, s
                     )
-                    isum[T.Ramp(24, 1, 8)] = offsets(data, g, base, x_sum, t, s, p)
+                    isum[T.Ramp(24, 1, 8)] = offsets(data, gs, base, x_sum, t, s, p)
                     if tiled:
                         acc[T.Ramp(0, 1, 8)] = fma(
                             isum[T.Ramp(16, 1, 8)].astype("float32x8"), scale, acc[T.Ramp(0, 1, 8)]
@@ -218,76 +236,97 @@ def kquant_rows(
             acc[T.Ramp(0, 1, 8)] = acc[T.Ramp(0, 1, 8)] - acc[T.Ramp(8, 1, 8)]
         store_rows(y, t, g, n_out, acc[T.Ramp(0, 1, 8)], acc, 0)
 
-    def chunk_total(data, g, base, c, xq, t, s) -> tirx.PrimExpr:
-        """Q6_K: int32x8, each row's sum over chunk c of its codes times token t's activations times the
+    @T.macro
+    def token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled):
+        """group_times_token for each group in `gs` (a second equal to the first: not again)."""
+        group_times_token(y, data, xq, x_scale, x_sum, gs[0], t, acc, isum, tiled)
+        if len(gs) == 2:
+            if gs[1] != gs[0]:
+                group_times_token(y, data, xq, x_scale, x_sum, gs[1], t, acc, isum, tiled)
+
+    @T.macro
+    def store_units(y, t, gs, acc, at):
+        """y[t, rows of the groups in `gs`] = acc[at ..] (the rows side by side), a second group equal to the
+        first not stored."""
+        store_rows(y, t, gs[0], n_out, acc[T.Ramp(at, 1, LANE_ROWS)], acc, at)
+        if len(gs) == 2:
+            if gs[1] != gs[0]:
+                store_rows(y, t, gs[1], n_out, acc[T.Ramp(at + LANE_ROWS, 1, LANE_ROWS)], acc, at + LANE_ROWS)
+
+    def chunk_total(data, gs, base, c, xq, t, s) -> tirx.PrimExpr:
+        """Q6_K: int32, each row's sum over chunk c of its codes times token t's activations times the
         sub-block scales (the 8 lanes of `chunk_lanes` added up). Two words of one 16-column sub-block add up
         in int16 before their scale (2 * 2 * 63 * 127 < 2^15)."""
         if vnni:  # each 16-column sub-block's 4 words in one chain
             subs = [base + lay.sub_scales + 8 * (2 * c + h) for h in range(2)]
-            sums = [word_dots(data, g, base, c, range(4 * h, 4 * h + 4), xq, t, s) for h in range(2)]
-            return sums[0] * row_bytes(data, g, subs[0], "int32") + sums[1] * row_bytes(data, g, subs[1], "int32")
+            sums = [word_dots(data, gs, base, c, range(4 * h, 4 * h + 4), xq, t, s) for h in range(2)]
+            return sums[0] * row_bytes(data, gs, subs[0], "int32") + sums[1] * row_bytes(data, gs, subs[1], "int32")
         lanes = []
         for m in range(0, 8, 2):
             sub = base + lay.sub_scales + 8 * (2 * c + m // 4)
-            scales = _pairs_to_int16(row_bytes(data, g, sub, "int16"))
-            both = pairs(data, g, base, c, m, xq, t, s) + pairs(data, g, base, c, m + 1, xq, t, s)
+            scales = _pairs_to_int16(row_bytes(data, gs, sub, "int16"))
+            both = pair_sums(data, gs, base, c, m, xq, t, s) + pair_sums(data, gs, base, c, m + 1, xq, t, s)
             lanes.append(llvm_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", both, scales))
         return tree_sum(lanes)
 
     @T.macro
-    def q6_tiled_quad(y, data, xq, x_scale, x_sum, g, t0, acc, isum):
-        """y[t0 .. t0+3, g*8 .. g*8+7] by llama.cpp's tiled Q6_K matmul, as group_times_token computes it
-        with `tiled`. Only each super-block's integer sum (exact) enters the float operations, so here the
-        integers are added in another order: each word's codes are decoded once for the 4 tokens, and each
-        token's products go straight into one sum per row. acc: the tokens' accumulators at 8u; isum: their
-        integer sums at 8u, then one token's activation offsets (8 lanes of 8 rows) at 32."""
-        acc[T.Ramp(0, 1, 8 * QUAD)] = T.Broadcast(T.float32(0), 8 * QUAD)
+    def q6_tiled_quad(y, data, xq, x_scale, x_sum, gs, t0, acc, isum):
+        """y[t0 .. t0+3, rows of the groups in `gs`] by llama.cpp's tiled Q6_K matmul, as group_times_token
+        computes it with `tiled`. Only each super-block's integer sum (exact) enters the float operations, so
+        here the integers are added in another order: each word's codes are decoded once for the 4 tokens, and
+        each token's products go straight into one sum per row. acc: the tokens' accumulators at V u (V: the
+        groups' rows); isum: their integer sums at V u, then one token's activation offsets (8 lanes) at 4 V."""
+        v = T.meta_var(LANE_ROWS * len(gs))
+        acc[T.Ramp(0, 1, v * QUAD)] = T.Broadcast(T.float32(0), v * QUAD)
         for s in range(supers):
             base = T.meta_var(s * lay.size)
-            isum[T.Ramp(0, 1, 8 * QUAD)] = T.Broadcast(T.int32(0), 8 * QUAD)
+            isum[T.Ramp(0, 1, v * QUAD)] = T.Broadcast(T.int32(0), v * QUAD)
             for c in range(8):
-                stream(data, g, base, c)
-                isum[T.Ramp(0, 1, 8 * QUAD)] = isum[T.Ramp(0, 1, 8 * QUAD)] + concat(
-                    [chunk_total(data, g, base, c, xq, t0 + u, s) for u in range(QUAD)]
+                stream(data, gs, base, c)
+                isum[T.Ramp(0, 1, v * QUAD)] = isum[T.Ramp(0, 1, v * QUAD)] + concat(
+                    [chunk_total(data, gs, base, c, xq, t0 + u, s) for u in range(QUAD)]
                 )
             for u in range(QUAD):
-                isum[T.Ramp(32, 1, 64)] = offsets(data, g, base, x_sum, t0 + u, s)
+                isum[T.Ramp(v * QUAD, 1, 8 * v)] = offsets(data, gs, base, x_sum, t0 + u, s)
                 total = T.meta_var(
-                    (isum[T.Ramp(8 * u, 1, 8)] - tree_sum([isum[T.Ramp(32 + 8 * L, 1, 8)] for L in range(8)])).astype(
-                        "float32x8"
-                    )
+                    (
+                        isum[T.Ramp(v * u, 1, v)] - tree_sum([isum[T.Ramp(v * QUAD + v * L, 1, v)] for L in range(8)])
+                    ).astype(f"float32x{v}")
                 )
-                acc[T.Ramp(8 * u, 1, 8)] = fma(
-                    halves(data, g, base) * total, T.Broadcast(x_scale[t0 + u, s], LANE_ROWS), acc[T.Ramp(8 * u, 1, 8)]
+                acc[T.Ramp(v * u, 1, v)] = fma(
+                    factors(data, gs, base) * total, T.Broadcast(x_scale[t0 + u, s], v), acc[T.Ramp(v * u, 1, v)]
                 )
         for u in range(QUAD):
-            store_rows(y, t0 + u, g, n_out, acc[T.Ramp(8 * u, 1, 8)], acc, 8 * u)
+            store_units(y, t0 + u, gs, acc, v * u)
 
     @T.macro
-    def q4k_tiled_quad(y, data, xq, x_scale, x_sum, g, t0, acc):
-        """y[t0 .. t0+3, g*8 .. g*8+7] by llama.cpp's Q4_K GEMM, as group_times_token computes it with `tiled`,
-        the 4 tokens in one loop body so that each word's codes are decoded once for all. acc: token u's sums at
-        16u, its mins at 16u + 8."""
-        acc[T.Ramp(0, 1, 16 * QUAD)] = T.Broadcast(T.float32(0), 16 * QUAD)
+    def q4k_tiled_quad(y, data, xq, x_scale, x_sum, gs, t0, acc):
+        """y[t0 .. t0+3, rows of the groups in `gs`] by llama.cpp's Q4_K GEMM, as group_times_token computes it
+        with `tiled`, the 4 tokens in one loop body so that each word's codes are decoded once for all. acc:
+        token u's sums at 2 V u (V: the groups' rows), its mins at 2 V u + V."""
+        v = T.meta_var(LANE_ROWS * len(gs))
+        acc[T.Ramp(0, 1, 2 * v * QUAD)] = T.Broadcast(T.float32(0), 2 * v * QUAD)
         for s in range(supers):
             base = T.meta_var(s * lay.size)
             for p in T.unroll(4):
                 for u in T.unroll(QUAD):
                     lanes = T.meta_var(
-                        chunk_lanes(data, g, base, 2 * p, xq, t0 + u, s)
-                        + chunk_lanes(data, g, base, 2 * p + 1, xq, t0 + u, s)
+                        chunk_lanes(data, gs, base, 2 * p, xq, t0 + u, s)
+                        + chunk_lanes(data, gs, base, 2 * p + 1, xq, t0 + u, s)
                     )
-                    acc[T.Ramp(16 * u, 1, 8)] = fma(
-                        lanes.astype("float32x8"), scaled(data, g, base, x_scale, t0 + u, s), acc[T.Ramp(16 * u, 1, 8)]
+                    acc[T.Ramp(2 * v * u, 1, v)] = fma(
+                        lanes.astype(f"float32x{v}"),
+                        scaled(data, gs, base, x_scale, t0 + u, s),
+                        acc[T.Ramp(2 * v * u, 1, v)],
                     )
-                    acc[T.Ramp(16 * u + 8, 1, 8)] = fma(
-                        offsets(data, g, base, x_sum, t0 + u, s, p).astype("float32x8"),
-                        scaled(data, g, base + lay.minimum, x_scale, t0 + u, s),
-                        acc[T.Ramp(16 * u + 8, 1, 8)],
+                    acc[T.Ramp(2 * v * u + v, 1, v)] = fma(
+                        offsets(data, gs, base, x_sum, t0 + u, s, p).astype(f"float32x{v}"),
+                        scaled(data, gs, base + lay.minimum, x_scale, t0 + u, s),
+                        acc[T.Ramp(2 * v * u + v, 1, v)],
                     )
         for u in T.unroll(QUAD):
-            acc[T.Ramp(16 * u, 1, 8)] = acc[T.Ramp(16 * u, 1, 8)] - acc[T.Ramp(16 * u + 8, 1, 8)]
-            store_rows(y, t0 + u, g, n_out, acc[T.Ramp(16 * u, 1, 8)], acc, 16 * u)
+            acc[T.Ramp(2 * v * u, 1, v)] = acc[T.Ramp(2 * v * u, 1, v)] - acc[T.Ramp(2 * v * u + v, 1, v)]
+            store_units(y, t0 + u, gs, acc, 2 * v * u)
 
     @T.macro
     def body(x, data, y, n, capacity):
@@ -296,36 +335,37 @@ def kquant_rows(
         x_sum = T.alloc_buffer((capacity, supers * sums_per_super), "int32")
         quantize_q8_k(x, xq, x_scale, x_sum, n, supers, sums_per_super)
         for task in T.parallel(tasks):
-            acc = T.alloc_buffer((64,), "float32")
-            isum = T.alloc_buffer((8 * QUAD + 64,), "int32")
-            first_group, task_groups = T.meta_var(task_share(task, tasks, row_groups))
+            acc = T.alloc_buffer((max(64, 2 * QUAD * unit_rows),), "float32")
+            isum = T.alloc_buffer(((QUAD + 8) * unit_rows,), "int32")
+            first_unit, task_units = T.meta_var(task_share(task, tasks, units))
             for tb in range((n + block_tokens - 1) // block_tokens):
-                for gi in range(task_groups):
-                    group = T.meta_var(first_group + gi)
+                for ui in range(task_units):
+                    unit = T.meta_var(first_unit + ui)
+                    gs = T.meta_var((2 * unit, T.min(2 * unit + 1, row_groups - 1)) if pairs else (unit,))
                     first = T.meta_var(tb * block_tokens)
                     count = T.meta_var(T.min(n, first + block_tokens) - first)
                     if q6:
                         if n >= 8 or one_order:  # llama.cpp's tiled matmul: tokens in fours share decoded codes
                             for q in range(count // QUAD):
-                                q6_tiled_quad(y, data, xq, x_scale, x_sum, group, first + q * QUAD, acc, isum)
+                                q6_tiled_quad(y, data, xq, x_scale, x_sum, gs, first + q * QUAD, acc, isum)
                             for r in range(count % QUAD):
                                 t = T.meta_var(first + count // QUAD * QUAD + r)
-                                group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, True)
+                                token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, True)
                         else:
                             for t in range(first, first + count):
-                                group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, False)
+                                token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
                     elif one_order:
                         for t in range(first, first + count):
-                            group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, False)
+                            token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
                     elif q4k_quads:  # llama.cpp's GEMM for all but the batch's last n % 4 tokens, its GEMV for those
                         for q in range(count // QUAD):
-                            q4k_tiled_quad(y, data, xq, x_scale, x_sum, group, first + q * QUAD, acc)
+                            q4k_tiled_quad(y, data, xq, x_scale, x_sum, gs, first + q * QUAD, acc)
                         for r in range(count % QUAD):
                             t = T.meta_var(first + count // QUAD * QUAD + r)
-                            group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, False)
+                            token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
                     else:
                         for t in range(first, first + count):
                             tiled = T.meta_var(t < n - n % 4)
-                            group_times_token(y, data, xq, x_scale, x_sum, group, t, acc, isum, tiled)
+                            token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled)
 
     return RowMatmul(body, n_in, n_out, (row_groups, supers * lay.size))
