@@ -232,11 +232,12 @@ def llamacpp_rows(
 
     def chunk_sums(data, gs, c, xq, t) -> tirx.PrimExpr:
         """float32x64: words 0..7 of chunk c, each 8 rows' integer sums (the rows' lane m) as floats."""
-        return concat([word_sums(data, gs, c, m, xq, t, one_token=True).astype("float32x8") for m in range(8)])
+        lanes = LANE_ROWS * len(gs)
+        return concat([word_sums(data, gs, c, m, xq, t, one_token=True).astype(f"float32x{lanes}") for m in range(8)])
 
     def chunk_scale(data, gs, c, x_scale, t) -> tirx.PrimExpr:
         """float32x64: each row's d_w * d_x for chunk c, for all 8 words."""
-        return concat([chunk_halves(data, gs, c, 0) * tirx.Broadcast(x_scale[t, c], LANE_ROWS)] * 8)
+        return concat([chunk_halves(data, gs, c, 0) * tirx.Broadcast(x_scale[t, c], LANE_ROWS * len(gs))] * 8)
 
     @T.macro
     def stream_ahead(data, gs, c):
@@ -247,11 +248,21 @@ def llamacpp_rows(
                 T.evaluate(prefetch(data, gs[1], c * gb + STREAM_AHEAD + line * 64))
 
     @T.macro
-    def group_times_token(y, data, xq, x_scale, x_sum, g, t, acc):
-        """y[t, g*8 .. g*8+7] for one token (decode, and a block's last n % 4): all 8 words of a chunk at
-        once, lane m's accumulator of 8 rows at acc[8m], the mins' sums at acc[64]: 8 independent chains."""
-        gs = T.meta_var((g,))
-        acc[T.Ramp(0, 1, 9 * LANE_ROWS)] = T.Broadcast(T.float32(0), 9 * LANE_ROWS)
+    def store_groups(y, t, gs, acc, at):
+        """y[t, rows of the groups in `gs`] = acc[at ..] (their rows side by side); a second group equal to the
+        first is not stored."""
+        store_rows(y, t, gs[0], n_out, rows(acc, at), acc, at)
+        if len(gs) == 2:
+            if gs[1] != gs[0]:
+                store_rows(y, t, gs[1], n_out, rows(acc, at + LANE_ROWS), acc, at + LANE_ROWS)
+
+    @T.macro
+    def group_times_token(y, data, xq, x_scale, x_sum, gs, t, acc):
+        """y[t, rows of the groups in `gs`] for one token (decode, and a block's last n % 4): all 8 words of a
+        chunk at once, lane m's accumulator of the rows at acc[V m] (V: the groups' rows), the mins' sums at
+        acc[8 V]: 8 independent chains."""
+        v = T.meta_var(LANE_ROWS * len(gs))
+        acc[T.Ramp(0, 1, 9 * v)] = T.Broadcast(T.float32(0), 9 * v)
         for c in range(chunks):
             stream_ahead(data, gs, c)
             if sum_chunks:
@@ -261,18 +272,17 @@ def llamacpp_rows(
                     acc[T.Ramp(0, 1, LANE_ROWS)],
                 )
             else:
-                acc[T.Ramp(0, 1, 64)] = fma(
-                    chunk_scale(data, gs, c, x_scale, t), chunk_sums(data, gs, c, xq, t), acc[T.Ramp(0, 1, 64)]
+                acc[T.Ramp(0, 1, 8 * v)] = fma(
+                    chunk_scale(data, gs, c, x_scale, t), chunk_sums(data, gs, c, xq, t), acc[T.Ramp(0, 1, 8 * v)]
                 )
             if lay.minimum is not None:
-                acc[T.Ramp(64, 1, LANE_ROWS)] = fma(
-                    chunk_halves(data, gs, c, lay.minimum),
-                    T.Broadcast(x_sum[t, c], LANE_ROWS),
-                    acc[T.Ramp(64, 1, LANE_ROWS)],
+                acc[T.Ramp(8 * v, 1, v)] = fma(
+                    chunk_halves(data, gs, c, lay.minimum), T.Broadcast(x_sum[t, c], v), acc[T.Ramp(8 * v, 1, v)]
                 )
-        total = T.meta_var(lane_total(acc, 0))
-        result = T.meta_var(total + acc[T.Ramp(64, 1, LANE_ROWS)] if lay.minimum is not None else total)
-        store_rows(y, t, g, n_out, result, acc, 0)
+        total = T.meta_var(lane_total(acc, 0, v))
+        result = T.meta_var(total + acc[T.Ramp(8 * v, 1, v)] if lay.minimum is not None else total)
+        acc[T.Ramp(0, 1, v)] = result
+        store_groups(y, t, gs, acc, 0)
 
     @T.macro
     def word_step(data, xq, gs, t0, count, acc, scales, c, p):
@@ -348,10 +358,7 @@ def llamacpp_rows(
             total = T.meta_var(lane_total(acc, i * 9 * lanes, lanes))
             result = T.meta_var(total + rows(acc, at, lanes) if lay.minimum is not None else total)
             acc[T.Ramp(at, 1, lanes)] = result
-            store_rows(y, t0 + i, gs[0], n_out, rows(acc, at), acc, at)
-            if len(gs) == 2:
-                if gs[1] != gs[0]:
-                    store_rows(y, t0 + i, gs[1], n_out, rows(acc, at + LANE_ROWS), acc, at + LANE_ROWS)
+            store_groups(y, t0 + i, gs, acc, at)
 
     @T.macro
     def body(x, data, y, n, capacity):
@@ -368,7 +375,7 @@ def llamacpp_rows(
         if n >= QUAD:
             for task in T.parallel(tasks):
                 acc = T.alloc_buffer((QUAD * 9 * unit_rows,), "float32")
-                single = T.alloc_buffer((9 * LANE_ROWS,), "float32")
+                single = T.alloc_buffer((9 * unit_rows,), "float32")
                 scales = T.alloc_buffer((QUAD * chunks * unit_rows,), "float32")
                 first_unit, task_units = T.meta_var(task_share(task, tasks, units))
                 for tb in range((n + block_tokens - 1) // block_tokens):
@@ -383,18 +390,17 @@ def llamacpp_rows(
                             )
                         for r in range(count % QUAD):
                             t = T.meta_var(first + count // QUAD * QUAD + r)
-                            group_times_token(y, data, activations, x_scale, x_sum, gs[0], t, single)
-                            if len(gs) == 2:
-                                if gs[1] != gs[0]:
-                                    group_times_token(y, data, activations, x_scale, x_sum, gs[1], t, single)
+                            group_times_token(y, data, activations, x_scale, x_sum, gs, t, single)
         else:  # a decode step's tokens one at a time, without `acc` and `scales` (over 1 KiB: a workspace call
             # per task each, ~7% of SmolLM2's decode step at 1 thread)
             for task in T.parallel(tasks):
-                single = T.alloc_buffer((9 * LANE_ROWS,), "float32")
-                first_group, task_groups = T.meta_var(task_share(task, tasks, row_groups))
-                for gi in range(task_groups):
+                single = T.alloc_buffer((9 * unit_rows,), "float32")
+                first_unit, task_units = T.meta_var(task_share(task, tasks, units))
+                for ui in range(task_units):
+                    unit = T.meta_var(first_unit + ui)
+                    gs = T.meta_var((2 * unit, T.min(2 * unit + 1, row_groups - 1)) if pairs else (unit,))
                     for t in range(n):
-                        group_times_token(y, data, activations, x_scale, x_sum, first_group + gi, t, single)
+                        group_times_token(y, data, activations, x_scale, x_sum, gs, t, single)
 
     return RowMatmul(body, n_in, n_out, (row_groups, chunks * gb))
 
