@@ -6,8 +6,8 @@ llama.cpp from the same file, next to this machine's measured memory read bandwi
 For each shape and block type: writes WORKDIR/<shape>-<type>.gguf (random valid blocks, no quantizing), compiles it
 with mlcc (default numerics), and reports per thread count the decode tokens/s of each engine (median of `--runs`,
 one process per engine and run, the engines alternating), the weight bytes a decoded token reads (every matrix but
-the embedding table, of which one row), the bandwidth that implies as a fraction of the measured read bandwidth, and
-mlcc / llama.cpp.
+the embedding table, of which one row), the bandwidth that implies as a fraction of the read bandwidth (measured
+before each engine run, the median of a row's), and mlcc / llama.cpp.
 llama.cpp is skipped when llama-cpp-python is not installed.
 """
 
@@ -31,7 +31,7 @@ SHAPES = {  # Llama 3.2 1B and Llama 3 8B proportions (vocabulary 32k)
     "8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=32000),
 }
 PROMPT_TOKENS = 16
-WIDTHS = (9, 7, 9, 10, 6, 9, 6, 6)
+WIDTHS = (9, 7, 9, 5, 10, 6, 9, 6, 6)
 
 
 def random_blocks(rows: int, cols: int, qtype: GGMLQuantizationType, rng: np.random.Generator) -> np.ndarray:
@@ -188,9 +188,8 @@ def main() -> None:
     info = llamacpp_info()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"CPU: {cpu}; llama.cpp: {info or 'not installed'}")
-    bandwidth = {t: read_bandwidth(t) for t in args.threads}
-    print("read bandwidth: " + ", ".join(f"{t} thread(s) {b / 1e9:.1f} GB/s" for t, b in bandwidth.items()))
-    header = ["model", "threads", "MB/token", "mlcc tok/s", "of bw", "llama.cpp", "of bw", "ratio"]
+    print("read bandwidth: measured before each engine run (the VM's neighbours drift), the row's median")
+    header = ["model", "threads", "MB/token", "GB/s", "mlcc tok/s", "of bw", "llama.cpp", "of bw", "ratio"]
     print(" ".join(f"{c:>{w}}" for c, w in zip(header, WIDTHS)))
     for shape in args.shapes:
         for type_name in args.types:
@@ -205,15 +204,18 @@ def main() -> None:
                 # one process per engine and run, the engines alternating: the VM's neighbours drift over minutes
                 engines = [("mlcc", artifact)] + ([("llamacpp", gguf)] if info else [])
                 rates: dict[str, list[float]] = {"mlcc": [], "llamacpp": []}
+                probes = []
                 for _ in range(args.runs):
                     for kind, path in engines:
+                        probes.append(read_bandwidth(threads))
                         rate = child(kind, str(path), threads, 1, args.tokens)
                         if rate:
                             rates[kind].append(rate)
                 ours, theirs = (statistics.median(r) if r else None for r in rates.values())
-                cells = [f"{shape}-{type_name:<4}", threads, f"{per_token / 1e6:.0f}"]
+                bandwidth = statistics.median(probes)
+                cells = [f"{shape}-{type_name:<4}", threads, f"{per_token / 1e6:.0f}", f"{bandwidth / 1e9:.1f}"]
                 for rate in (ours, theirs):
-                    cells += [f"{rate:.2f}", f"{rate * per_token / bandwidth[threads]:.0%}"] if rate else ["-", "-"]
+                    cells += [f"{rate:.2f}", f"{rate * per_token / bandwidth:.0%}"] if rate else ["-", "-"]
                 cells.append(f"{ours / theirs:.2f}" if ours and theirs else "-")
                 print(" ".join(f"{c:>{w}}" for c, w in zip(cells, WIDTHS)), flush=True)
 

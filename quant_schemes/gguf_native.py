@@ -24,7 +24,7 @@ from tir_kernels.matmul_int8 import int8_rows
 from tir_kernels.matmul_llamacpp import CHUNK_SUM_OFFSETS, EXACT_TYPES, chunk_sum_rows, llamacpp_rows
 from tir_kernels.numerics import Numerics
 from tir_kernels.repack import INTERLEAVED, SUPER_LAYOUTS, group_rows, interleave_rows
-from tir_kernels.simd import has_amx, has_avx2, has_vnni, vector_registers
+from tir_kernels.simd import asks_ahead, has_amx, has_avx2, has_vnni, vector_registers
 
 Q = GGMLQuantizationType
 # Types whose llama.cpp-order kernels also serve mlcc's order: faster than `int8_rows` with or without VNNI
@@ -46,6 +46,7 @@ class Int8Rows:
         vnni: bool,
         vector_registers: int = 16,
         amx: bool = False,
+        ask_ahead: bool = False,
     ):
         self.fmt, self.in_features, self.out_features, self.numerics = fmt, in_features, out_features, numerics
         qtype = fmt.qtype
@@ -54,15 +55,16 @@ class Int8Rows:
         # Q8_0 and the K-quants (faster than int8_rows with or without VNNI), int8_rows for the rest. Their
         # weights: 8 rows side by side, the same bits reordered.
         if numerics == Numerics.LLAMACPP:
-            self.rows = llamacpp_rows(qtype, in_features, out_features, vnni, vector_registers)
+            self.rows = llamacpp_rows(qtype, in_features, out_features, vnni, vector_registers, ask_ahead=ask_ahead)
             self.repack = group_rows if qtype in EXACT_TYPES else None
         elif vnni and qtype in CHUNK_SUM_OFFSETS:
             chunk_sums = amx_chunk_sum_rows if amx else chunk_sum_rows
             self.rows, self.repack = chunk_sums(qtype, in_features, out_features), group_rows
         elif amx and qtype in SUPER_LAYOUTS:  # one of llama.cpp's orders for every token: AMX takes its sums
-            self.rows, self.repack = amx_super_rows(qtype, in_features, out_features, vector_registers), group_rows
+            self.rows = amx_super_rows(qtype, in_features, out_features, vector_registers, ask_ahead)
+            self.repack = group_rows
         elif qtype in FAST_EXACT_TYPES:
-            self.rows = llamacpp_rows(qtype, in_features, out_features, vnni, vector_registers)
+            self.rows = llamacpp_rows(qtype, in_features, out_features, vnni, vector_registers, ask_ahead=ask_ahead)
             self.repack = group_rows
         else:
             interleaved = qtype in INTERLEAVED
@@ -95,12 +97,13 @@ class GGUFLinear(PackedModule):
         vnni: bool = False,
         vector_registers: int = 16,
         amx: bool = False,
+        ask_ahead: bool = False,
     ):
         self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
         # llama.cpp's own order of operations is that of its int8 kernels; `vnni`: the target has `vpdpbusd`
         self.int8 = None
         if int8_activations and dtype == "float32":
-            self.int8 = Int8Rows(fmt, in_features, out_features, numerics, vnni, vector_registers, amx)
+            self.int8 = Int8Rows(fmt, in_features, out_features, numerics, vnni, vector_registers, amx, ask_ahead)
         shape = self.int8.shape if self.int8 else (out_features, fmt.row_bytes(in_features))
         self.q_data = nn.Parameter(shape, "uint8")
         self.bias = nn.Parameter((out_features,), dtype) if bias else None
@@ -145,11 +148,12 @@ class GGUFExperts(PackedModule):
         vnni: bool = False,
         vector_registers: int = 16,
         amx: bool = False,
+        ask_ahead: bool = False,
     ):
         self.fmt, self.num_experts, self.in_features, self.out_features = fmt, num_experts, in_features, out_features
         self.int8 = None
         if int8_activations:
-            self.int8 = Int8Rows(fmt, in_features, out_features, numerics, vnni, vector_registers, amx)
+            self.int8 = Int8Rows(fmt, in_features, out_features, numerics, vnni, vector_registers, amx, ask_ahead)
         rows, width = self.int8.shape if self.int8 else (out_features, fmt.row_bytes(in_features))
         self.q_data = nn.Parameter((num_experts * rows, width), "uint8")
         self.run = 16  # float decode: columns decoded per (vector) inner loop, 16 consecutive share a block's bytes
@@ -224,6 +228,7 @@ class GGUFNativeScheme(QuantScheme):
         self.elements = elements or {}  # each tensor's element count in the file, where known
         self.int8_activations = self.vnni = self.amx = False  # decided per target by `prepare`
         self.vector_registers = 16
+        self.ask_ahead = False
         counts: dict[str, int] = {}
         for t in tensor_types.values():
             counts[t.name] = counts.get(t.name, 0) + 1
@@ -236,6 +241,7 @@ class GGUFNativeScheme(QuantScheme):
         self.vnni = self.int8_activations and has_vnni(target)
         self.amx = self.vnni and has_amx(target)
         self.vector_registers = vector_registers(target)
+        self.ask_ahead = asks_ahead(target)
         matrices = set(self.tensor_types.values()) - FLOAT_TYPES
         # llama.cpp repacks Q4_K (the kernels mlcc follows) only in whole groups of 8 rows
         repacked = all(self.rows.get(name, 0) % 8 == 0 for name, t in self.tensor_types.items() if t == Q.Q4_K)
@@ -281,6 +287,7 @@ class GGUFNativeScheme(QuantScheme):
                         scheme.vnni,
                         scheme.vector_registers,
                         scheme.amx,
+                        scheme.ask_ahead,
                     )
                 if isinstance(node, nn.Embedding):
                     num, dim = (int(d) for d in node.weight.shape)
@@ -296,6 +303,7 @@ class GGUFNativeScheme(QuantScheme):
                         scheme.vnni,
                         scheme.vector_registers,
                         scheme.amx,
+                        scheme.ask_ahead,
                     )
                 return self.visit(name, node)
 

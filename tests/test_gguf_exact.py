@@ -72,14 +72,15 @@ def _blocks(qtype: Q, rows: int, n_in: int, rng: np.random.Generator) -> np.ndar
 )
 @pytest.mark.parametrize(("vnni", "registers"), [(False, 16), (True, 16), (True, 32)], ids=["avx2", "vnni", "vnni32"])
 def test_matmul_is_ggml_vec_dot(qtype: Q, n_in: int, n_out: int, vnni: bool, registers: int):
-    """With 32 vector registers, each pass over two row groups takes several words (`WORDS_PER_PASS`)."""
+    """With 32 vector registers, each pass over two row groups takes several words (`WORDS_PER_PASS`), and
+    Q4_K's one-token kernel asks for its weights ahead (as on Intel CPUs)."""
     if vnni and not has_vnni(TARGET):
         pytest.skip("this CPU has no vpdpbusd")
     if registers > vector_registers(TARGET):
         pytest.skip(f"this CPU has {vector_registers(TARGET)} vector registers")
     rng = np.random.default_rng(0)
     raw = _blocks(qtype, n_out, n_in, rng)
-    kernel = matmul_llamacpp.llamacpp_matmul(qtype, n_in, n_out, vnni, registers)
+    kernel = matmul_llamacpp.llamacpp_matmul(qtype, n_in, n_out, vnni, registers, ask_ahead=registers == 32)
     data = tvm.runtime.tensor(repack.group_rows(raw, qtype))
     lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=TARGET)
     for tokens in (1, 3, 8, 19, 70):  # 70: two blocks of tokens at 4096 columns

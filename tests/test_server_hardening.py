@@ -271,6 +271,7 @@ def test_the_api_key_guards_metrics_and_the_schema(live):
 def test_a_failing_model_makes_health_503(artifact):
     server = LiveServer(ServingEngine(artifact("llama-q4")))
     try:
+
         def broken(*_):
             raise RuntimeError("weights do not fit the config")
 
@@ -347,8 +348,12 @@ def requests(draw):
 FUZZ_STATUSES: Counter = Counter()
 
 
-@settings(max_examples=int(os.environ.get("MLCC_FUZZ_REQUESTS", "1000")), deadline=None, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=int(os.environ.get("MLCC_FUZZ_REQUESTS", "1000")),
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 @given(requests())
 def fuzz_once(live_url, request):
     route, body = request

@@ -23,7 +23,7 @@ from compiler.cuda_aot import fatbin_architectures
 from compiler.targets import AARCH64_CROSS_CC, TargetRequest, resolve_target
 from runtime import artifact as runtime_artifact
 from runtime.artifact import LoadedArtifact
-from tir_kernels.simd import has_avx2
+from tir_kernels.simd import asks_ahead, has_avx2
 
 MACH_O_ARM64 = b"\xcf\xfa\xed\xfe\x0c\x00\x00\x01"
 WASM = b"\x00asm"
@@ -139,6 +139,16 @@ def test_host_target_takes_what_cpuinfo_lists_beyond_llvms_cpu_name(monkeypatch)
     if {"amx_tile", "amx_int8"} <= runtime_artifact._host_cpu_flags():
         runtime_artifact._check_library_loadable(elf, {"cpu_flags": ["avx2", "amx_tile", "amx_int8"]})
         assert asked
+
+
+@pytest.mark.parametrize(
+    ("cpu", "expected"),
+    [("rocketlake", True), ("sapphirerapids", True), ("znver4", False), ("znver3", False), ("x86-64-v3", False)],
+)
+def test_q4k_decode_asks_ahead_on_intel_not_amd(cpu: str, expected: bool):
+    """Asking ahead for one stream of weights: +13% Q4_K decode on an Intel Xeon, -25% on AMD Zen 4; an x86-64
+    level runs on either."""
+    assert asks_ahead(tvm.target.Target({"kind": "llvm", "mcpu": cpu})) is expected
 
 
 def test_compiler_crash_in_child_is_a_one_line_error(hf_folder, tmp_path):

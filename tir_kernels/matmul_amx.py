@@ -196,7 +196,9 @@ def amx_chunk_sum_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> Ro
 
 
 @functools.cache
-def amx_super_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vector_registers: int) -> RowMatmul:
+def amx_super_rows(
+    qtype: GGMLQuantizationType, n_in: int, n_out: int, vector_registers: int, ask_ahead: bool = False
+) -> RowMatmul:
     """Q4_K or Q6_K in one of llama.cpp's orders for every token (`kquant_rows(..., one_order=True)`: Q4_K the
     GEMV's, Q6_K the tiled matmul's), its integer sums on AMX for 16 tokens or more, W in `group_rows` form.
 
@@ -204,7 +206,7 @@ def amx_super_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int, vector_re
     pieces small enough for int8: Q4_K code (0..15) * (scale % 8) and * (scale // 8), isum = s_0 + 8 s_1; Q6_K
     (code - 32) times each 2 bits of its signed 8-bit scale, isum = s_0 + 4 s_1 + 16 s_2 + 64 s_3 (the code's
     offset of 32 inside the tile, where llama.cpp subtracts 32 * scale * the activations' 16-column sums)."""
-    vnni = kquant_rows(qtype, n_in, n_out, True, vector_registers, one_order=True)
+    vnni = kquant_rows(qtype, n_in, n_out, True, vector_registers, one_order=True, ask_ahead=ask_ahead)
     lay = SUPER_LAYOUTS[qtype]
     q6 = qtype == Q.Q6_K
     parts, shift = (4, 2) if q6 else (2, 3)  # scale pieces of `shift` bits

@@ -90,10 +90,15 @@ def group_word(qtype: GGMLQuantizationType, data: tirx.Buffer, g, c, m) -> tirx.
 
 @functools.cache
 def llamacpp_matmul(
-    qtype: GGMLQuantizationType, n_in: int, n_out: int, vnni: bool = False, vector_registers: int = 16
+    qtype: GGMLQuantizationType,
+    n_in: int,
+    n_out: int,
+    vnni: bool = False,
+    vector_registers: int = 16,
+    ask_ahead: bool = False,
 ) -> tirx.PrimFunc:
     """`llamacpp_rows`' kernel: llama.cpp's own numbers for a dense layer."""
-    return llamacpp_rows(qtype, n_in, n_out, vnni, vector_registers).kernel
+    return llamacpp_rows(qtype, n_in, n_out, vnni, vector_registers, ask_ahead=ask_ahead).kernel
 
 
 @functools.cache
@@ -114,6 +119,7 @@ def llamacpp_rows(
     vnni: bool = False,
     vector_registers: int = 16,
     sum_chunks: bool = False,
+    ask_ahead: bool = False,
 ) -> RowMatmul:
     """y[t, o] = sum_k x[t, k] * W[o, k] exactly as llama.cpp's AVX2 build computes it, W in
     `tir_kernels.repack.group_rows` form.
@@ -127,7 +133,7 @@ def llamacpp_rows(
     activations' sum over the word's 4 columns (computed once per token): the same integer sums as |w| times
     x with w's sign, without the sign, absolute-value and subtract instructions. `vector_registers`: with 32
     (AVX-512), a pass of 4 tokens over a row group's chunks takes several words at once (`WORDS_PER_PASS`).
-    `sum_chunks` (with `vnni`): mlcc's order instead (`chunk_sum_rows`).
+    `sum_chunks` (with `vnni`): mlcc's order instead (`chunk_sum_rows`). `ask_ahead`: see `kquant_rows`.
 
     With AVX-512 VNNI (`vnni` and 32 registers), passes of 4 tokens take two row groups side by side, 16 rows in
     512-bit vectors: each lane still does its row's operations in llama.cpp's order, and `vpdpbusd` on 512 bits
@@ -136,7 +142,7 @@ def llamacpp_rows(
     so Q8_0's codes enter those passes as w + 128.
     """
     if qtype in SUPER_LAYOUTS:
-        return kquant_rows(qtype, n_in, n_out, vnni, vector_registers)
+        return kquant_rows(qtype, n_in, n_out, vnni, vector_registers, ask_ahead=ask_ahead)
     lay = GROUP_LAYOUTS[qtype]
     chunks = n_in // CHUNK
     row_groups = -(-n_out // LANE_ROWS)

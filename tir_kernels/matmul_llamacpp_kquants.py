@@ -79,13 +79,15 @@ def kquant_rows(
     vnni: bool = False,
     vector_registers: int = 16,
     one_order: bool = False,
+    ask_ahead: bool = False,
 ) -> RowMatmul:
     """y[t, o] = sum_k x[t, k] * W[o, k] as llama.cpp's AVX2 build computes it, W in `repack.group_rows` form.
     `vnni`: Q4_K's sums of a chunk's 8 words (tiled Q6_K's of a sub-block's 4) in a chain of `vpdpbusd`, then
     times the sub-block's scale: the same integers as pmaddubsw, int16 adds and pmaddwd. With 32 vector
     registers Q4_K's GEMM takes tokens in fours (each word decoded once for four). `one_order`: every token in
     one of llama.cpp's orders whatever the batch (Q4_K the GEMV's, Q6_K the tiled matmul's: whole super-blocks'
-    integer sums), so that a token's numbers do not depend on its batch."""
+    integer sums), so that a token's numbers do not depend on its batch. `ask_ahead`: Q4_K's one-token kernel
+    asks for its weights ahead as well as the hardware prefetcher (`simd.asks_ahead`)."""
     lay = SUPER_LAYOUTS[qtype]
     q6 = qtype == Q.Q6_K
     supers = n_in // SUPER_BLOCK
@@ -175,8 +177,8 @@ def kquant_rows(
 
     @T.macro
     def stream(data, gs, base, c):
-        """Ask for the weights AHEAD bytes past chunk c's share of super-block `base` (Q6_K only: Q4_K's single
-        stream of codes the hardware prefetcher follows, and asking as well made memory-bound decode slower)."""
+        """Ask for the weights AHEAD bytes past chunk c's share of super-block `base` (Q6_K; Q4_K's single
+        stream of codes the hardware prefetcher follows, so its one-token kernel asks only with `ask_ahead`)."""
         for line in T.unroll(-(-chunk_bytes // 64)):
             T.evaluate(prefetch(data, gs[0], base + AHEAD + c * chunk_bytes + line * 64))
             if len(gs) == 2:
@@ -212,6 +214,9 @@ def kquant_rows(
                 min_scale = T.meta_var(scaled(data, gs, base + lay.minimum, x_scale, t, s))
                 isum[T.Ramp(0, 1, 16)] = T.Broadcast(T.int32(0), 16)
                 for p in T.unroll(4):
+                    if ask_ahead:
+                        stream(data, gs, base, 2 * p)
+                        stream(data, gs, base, 2 * p + 1)
                     isum[T.Ramp(16, 1, 8)] = chunk_lanes(data, gs, base, 2 * p, xq, t, s) + chunk_lanes(
                         data, gs, base, 2 * p + 1, xq, t, s
                     )
