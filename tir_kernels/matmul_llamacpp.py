@@ -45,9 +45,10 @@ from tir_kernels.simd import (
     lane_sum,
     llvm_intrin,
     prefetch,
-    store_rows,
+    store_groups,
     task_share,
     u8x32,
+    unit_groups,
 )
 
 Q = GGMLQuantizationType
@@ -254,15 +255,6 @@ def llamacpp_rows(
                 T.evaluate(prefetch(data, gs[1], c * gb + STREAM_AHEAD + line * 64))
 
     @T.macro
-    def store_groups(y, t, gs, acc, at):
-        """y[t, rows of the groups in `gs`] = acc[at ..] (their rows side by side); a second group equal to the
-        first is not stored."""
-        store_rows(y, t, gs[0], n_out, rows(acc, at), acc, at)
-        if len(gs) == 2:
-            if gs[1] != gs[0]:
-                store_rows(y, t, gs[1], n_out, rows(acc, at + LANE_ROWS), acc, at + LANE_ROWS)
-
-    @T.macro
     def group_times_token(y, data, xq, x_scale, x_sum, gs, t, acc):
         """y[t, rows of the groups in `gs`] for one token (decode, and a block's last n % 4): all 8 words of a
         chunk at once, lane m's accumulator of the rows at acc[V m] (V: the groups' rows), the mins' sums at
@@ -288,7 +280,7 @@ def llamacpp_rows(
         total = T.meta_var(lane_total(acc, 0, v))
         result = T.meta_var(total + acc[T.Ramp(8 * v, 1, v)] if lay.minimum is not None else total)
         acc[T.Ramp(0, 1, v)] = result
-        store_groups(y, t, gs, acc, 0)
+        store_groups(y, t, gs, n_out, acc, 0)
 
     @T.macro
     def word_step(data, xq, gs, t0, count, acc, scales, c, p):
@@ -364,7 +356,7 @@ def llamacpp_rows(
             total = T.meta_var(lane_total(acc, i * 9 * lanes, lanes))
             result = T.meta_var(total + rows(acc, at, lanes) if lay.minimum is not None else total)
             acc[T.Ramp(at, 1, lanes)] = result
-            store_groups(y, t0 + i, gs, acc, at)
+            store_groups(y, t0 + i, gs, n_out, acc, at)
 
     @T.macro
     def body(x, data, y, n, capacity):
@@ -387,7 +379,7 @@ def llamacpp_rows(
                 for tb in range((n + block_tokens - 1) // block_tokens):
                     for ui in range(task_units):
                         u = T.meta_var(first_unit + ui)
-                        gs = T.meta_var((2 * u, T.min(2 * u + 1, row_groups - 1)) if pairs else (u,))
+                        gs = T.meta_var(unit_groups(u, row_groups, pairs))
                         first = T.meta_var(tb * block_tokens)
                         count = T.meta_var(T.min(n, first + block_tokens) - first)
                         for q in range(count // QUAD):
@@ -404,7 +396,7 @@ def llamacpp_rows(
                 first_unit, task_units = T.meta_var(task_share(task, tasks, units))
                 for ui in range(task_units):
                     unit = T.meta_var(first_unit + ui)
-                    gs = T.meta_var((2 * unit, T.min(2 * unit + 1, row_groups - 1)) if pairs else (unit,))
+                    gs = T.meta_var(unit_groups(unit, row_groups, pairs))
                     for t in range(n):
                         group_times_token(y, data, activations, x_scale, x_sum, gs, t, single)
 

@@ -41,10 +41,12 @@ from tir_kernels.simd import (
     llvm_intrin,
     load,
     prefetch,
+    store_groups,
     store_rows,
     task_share,
     tree_sum,
     u8x32,
+    unit_groups,
 )
 
 Q = GGMLQuantizationType
@@ -249,15 +251,6 @@ def kquant_rows(
             if gs[1] != gs[0]:
                 group_times_token(y, data, xq, x_scale, x_sum, gs[1], t, acc, isum, tiled)
 
-    @T.macro
-    def store_units(y, t, gs, acc, at):
-        """y[t, rows of the groups in `gs`] = acc[at ..] (the rows side by side), a second group equal to the
-        first not stored."""
-        store_rows(y, t, gs[0], n_out, acc[T.Ramp(at, 1, LANE_ROWS)], acc, at)
-        if len(gs) == 2:
-            if gs[1] != gs[0]:
-                store_rows(y, t, gs[1], n_out, acc[T.Ramp(at + LANE_ROWS, 1, LANE_ROWS)], acc, at + LANE_ROWS)
-
     def chunk_total(data, gs, base, c, xq, t, s) -> tirx.PrimExpr:
         """Q6_K: int32, each row's sum over chunk c of its codes times token t's activations times the
         sub-block scales (the 8 lanes of `chunk_lanes` added up). Two words of one 16-column sub-block add up
@@ -302,7 +295,7 @@ def kquant_rows(
                     factors(data, gs, base) * total, T.Broadcast(x_scale[t0 + u, s], v), acc[T.Ramp(v * u, 1, v)]
                 )
         for u in range(QUAD):
-            store_units(y, t0 + u, gs, acc, v * u)
+            store_groups(y, t0 + u, gs, n_out, acc, v * u)
 
     @T.macro
     def q4k_tiled_quad(y, data, xq, x_scale, x_sum, gs, t0, acc):
@@ -331,7 +324,7 @@ def kquant_rows(
                     )
         for u in T.unroll(QUAD):
             acc[T.Ramp(2 * v * u, 1, v)] = acc[T.Ramp(2 * v * u, 1, v)] - acc[T.Ramp(2 * v * u + v, 1, v)]
-            store_units(y, t0 + u, gs, acc, 2 * v * u)
+            store_groups(y, t0 + u, gs, n_out, acc, 2 * v * u)
 
     @T.macro
     def body(x, data, y, n, capacity):
@@ -346,7 +339,7 @@ def kquant_rows(
             for tb in range((n + block_tokens - 1) // block_tokens):
                 for ui in range(task_units):
                     unit = T.meta_var(first_unit + ui)
-                    gs = T.meta_var((2 * unit, T.min(2 * unit + 1, row_groups - 1)) if pairs else (unit,))
+                    gs = T.meta_var(unit_groups(unit, row_groups, pairs))
                     first = T.meta_var(tb * block_tokens)
                     count = T.meta_var(T.min(n, first + block_tokens) - first)
                     if q6:

@@ -196,3 +196,19 @@ def store_rows(y, t, g, n_out: int, result, spill, at):
         for r in range(LANES):
             if g * LANES + r < n_out:
                 y[t, g * LANES + r] = spill[at + r]
+
+
+def unit_groups(unit: tirx.PrimExpr, row_groups: int, pairs: bool) -> tuple[tirx.PrimExpr, ...]:
+    """The row groups one unit of work takes: groups 2 unit and 2 unit + 1 side by side with `pairs` (the last
+    unit of an odd count: its one group twice, stored once), else group `unit`."""
+    return (2 * unit, tirx.min(2 * unit + 1, row_groups - 1)) if pairs else (unit,)
+
+
+@T.macro
+def store_groups(y, t, gs, n_out: int, acc, at):
+    """y[t, rows of the groups in `gs`] = acc[at ..] (their rows side by side, 8 a group); a second group equal
+    to the first is not stored again."""
+    store_rows(y, t, gs[0], n_out, acc[T.Ramp(at, 1, LANES)], acc, at)
+    if len(gs) == 2:
+        if gs[1] != gs[0]:
+            store_rows(y, t, gs[1], n_out, acc[T.Ramp(at + LANES, 1, LANES)], acc, at + LANES)
