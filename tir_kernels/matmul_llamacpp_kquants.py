@@ -117,7 +117,8 @@ def kquant_rows(
         return tirx.reinterpret(f"int8x{4 * lanes}", tirx.Broadcast(x4, lanes))
 
     def pair_sums(data, gs, base, c, m: int, xq, t, s) -> tirx.PrimExpr:
-        """int16x16: each row's codes times the activations, columns 4m..4m+3 of chunk c summed in pairs."""
+        """int16x16: each row's codes times the activations, columns 4m..4m+3 of chunk c summed in pairs (the
+        AVX2 path: one group, `gs[0]`)."""
         xb = word_activations(xq, t, s, c, m)
         return llvm_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", super_word(qtype, data, gs[0], base, c, m), xb)
 
