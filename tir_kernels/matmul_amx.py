@@ -36,7 +36,7 @@ from tir_kernels.matmul_llamacpp import CHUNK_SUM_OFFSETS, chunk_sum_rows, group
 from tir_kernels.matmul_llamacpp_kquants import kquant_rows, super_word
 from tir_kernels.repack import GROUP_LAYOUTS, LANE_ROWS, SUPER_LAYOUTS
 from tir_kernels.row_matmul import RowMatmul
-from tir_kernels.simd import TASKS, concat, fma, halves, task_share, u8x32, vec_const
+from tir_kernels.simd import TASKS, concat, fma, halves, task_share, u8x32, unit_count, unit_groups, vec_const
 
 Q = GGMLQuantizationType
 TILE_TOKENS = 16  # a tile's rows: the tokens of one tile multiply, and the fewest tokens this path takes
@@ -106,7 +106,7 @@ def amx_chunk_sum_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> Ro
     gb = lay.group_bytes
     chunks = n_in // CHUNK
     row_groups = -(-n_out // LANE_ROWS)
-    pairs = -(-row_groups // 2)
+    pairs = unit_count(row_groups, True)
     tasks = min(TASKS, pairs)
     has_min = lay.minimum is not None
     product = "tdpbsud" if has_min else "tdpbssd"  # int8 activations times unsigned / signed codes
@@ -121,7 +121,7 @@ def amx_chunk_sum_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> Ro
     def unpack(data, p, tile_w, d_w, m_w):
         """Row groups 2p and 2p + 1 (the last group twice where their count is odd): words into tile_w [chunks
         * 8, 64] (tile row 8c + m: word m of both groups), scales and mins into d_w, m_w [chunks, 16]."""
-        groups = T.meta_var((2 * p, T.min(2 * p + 1, row_groups - 1)))
+        groups = T.meta_var(unit_groups(p, row_groups, True))
         for c in range(chunks):
             for m in T.unroll(8):
                 tile_w[c * 8 + m, T.Ramp(0, 1, 32)] = weight_bytes(data, groups[0], c, m)
@@ -214,7 +214,7 @@ def amx_super_rows(
     sums_per_super = 16 if q6 else 8
     supers = n_in // SUPER_BLOCK
     row_groups = -(-n_out // LANE_ROWS)
-    pairs = -(-row_groups // 2)
+    pairs = unit_count(row_groups, True)
     tasks = min(TASKS, pairs)
     spread = [tirx.IntImm("int32", r) for r in range(LANE_ROWS) for _ in range(4)]  # a row's byte to its 4 columns
     x_tiles = list(range(4, 4 + token_tiles))  # after the sum tiles 0..3 (tile u * parts + i)
@@ -257,7 +257,7 @@ def amx_super_rows(
         """Row groups 2p and 2p + 1 (the last group twice where their count is odd) into the tile layout:
         weights [(s * parts + i) * 64 + 8c + m, 64 bytes] holds piece i of word m of chunk c of super-block s of
         both groups; the rows' d (and Q4_K's dmin [supers, 16] and mins [supers * 8, 16])."""
-        groups = T.meta_var((2 * p, T.min(2 * p + 1, row_groups - 1)))
+        groups = T.meta_var(unit_groups(p, row_groups, True))
         for s in range(supers):
             base = T.meta_var(s * lay.size)
             for c in range(8):

@@ -44,10 +44,11 @@ from tir_kernels.simd import (
     halves,
     lane_sum,
     llvm_intrin,
-    prefetch,
+    prefetch_groups,
     store_groups,
     task_share,
     u8x32,
+    unit_count,
     unit_groups,
 )
 
@@ -168,9 +169,9 @@ def llamacpp_rows(
     token_offset = 128 if vnni and qtype == Q.Q8_0 and not sum_chunks else None
     column_offset = offset or token_offset
     offset_columns = CHUNK if sum_chunks else 4  # activations summed for one offset term
-    words = WORDS_PER_PASS[qtype] if vnni and vector_registers >= 32 and not sum_chunks else 1
+    words = WORDS_PER_PASS[qtype] if pairs else 1
     passes = 8 // words  # word p's pass also takes words p + passes, p + 2 * passes, ...
-    units = -(-row_groups // 2) if pairs else row_groups  # what the 4-token passes' tasks share out
+    units = unit_count(row_groups, pairs)  # what the tasks share out
     tasks = min(TASKS, units)
 
     def chunk_halves(data, gs, c, at: int) -> tirx.PrimExpr:
@@ -238,21 +239,19 @@ def llamacpp_rows(
         return lane_sum([rows(acc, at + m * lanes, lanes) for m in range(8)])
 
     def chunk_sums(data, gs, c, xq, t) -> tirx.PrimExpr:
-        """float32x64: words 0..7 of chunk c, each 8 rows' integer sums (the rows' lane m) as floats."""
+        """float32 x 8 words x the groups' rows: words 0..7 of chunk c, each row's integer sums (its lane m)."""
         lanes = LANE_ROWS * len(gs)
         return concat([word_sums(data, gs, c, m, xq, t, one_token=True).astype(f"float32x{lanes}") for m in range(8)])
 
     def chunk_scale(data, gs, c, x_scale, t) -> tirx.PrimExpr:
-        """float32x64: each row's d_w * d_x for chunk c, for all 8 words."""
+        """float32 x 8 words x the groups' rows: each row's d_w * d_x for chunk c, for all 8 words."""
         return concat([chunk_halves(data, gs, c, 0) * tirx.Broadcast(x_scale[t, c], LANE_ROWS * len(gs))] * 8)
 
     @T.macro
     def stream_ahead(data, gs, c):
         """Ask for the weights of each group in `gs` STREAM_AHEAD bytes past chunk c."""
         for line in T.unroll((gb + 63) // 64):
-            T.evaluate(prefetch(data, gs[0], c * gb + STREAM_AHEAD + line * 64))
-            if len(gs) == 2:
-                T.evaluate(prefetch(data, gs[1], c * gb + STREAM_AHEAD + line * 64))
+            prefetch_groups(data, gs, c * gb + STREAM_AHEAD + line * 64)
 
     @T.macro
     def group_times_token(y, data, xq, x_scale, x_sum, gs, t, acc):

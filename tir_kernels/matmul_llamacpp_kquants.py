@@ -40,12 +40,13 @@ from tir_kernels.simd import (
     lane_sum,
     llvm_intrin,
     load,
-    prefetch,
+    prefetch_groups,
     store_groups,
     store_rows,
     task_share,
     tree_sum,
     u8x32,
+    unit_count,
     unit_groups,
 )
 
@@ -100,7 +101,7 @@ def kquant_rows(
     # 512-bit vectors (each lane its row's operations, as in tir_kernels/matmul_llamacpp.py)
     pairs = vnni and vector_registers >= 32
     unit_rows = 2 * LANE_ROWS if pairs else LANE_ROWS
-    units = -(-row_groups // 2) if pairs else row_groups  # what the tasks share out: pairs of groups, or groups
+    units = unit_count(row_groups, pairs)  # what the tasks share out: pairs of groups, or groups
     tasks = min(TASKS, units)
     sums_per_super = 16 if q6 else 8  # activation sums per super-block: Q6_K per 16 columns, Q4_K per 32
 
@@ -183,9 +184,7 @@ def kquant_rows(
         """Ask for the weights AHEAD bytes past chunk c's share of super-block `base` (Q6_K; Q4_K's single
         stream of codes the hardware prefetcher follows, so its one-token kernel asks only with `ask_ahead`)."""
         for line in T.unroll(-(-chunk_bytes // 64)):
-            T.evaluate(prefetch(data, gs[0], base + AHEAD + c * chunk_bytes + line * 64))
-            if len(gs) == 2:
-                T.evaluate(prefetch(data, gs[1], base + AHEAD + c * chunk_bytes + line * 64))
+            prefetch_groups(data, gs, base + AHEAD + c * chunk_bytes + line * 64)
 
     @T.macro
     def group_times_token(y, data, xq, x_scale, x_sum, g, t, acc, isum, tiled):

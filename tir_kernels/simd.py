@@ -198,10 +198,23 @@ def store_rows(y, t, g, n_out: int, result, spill, at):
                 y[t, g * LANES + r] = spill[at + r]
 
 
+def unit_count(row_groups: int, pairs: bool) -> int:
+    """How many units of work (`unit_groups`) cover `row_groups` groups of 8 rows."""
+    return -(-row_groups // 2) if pairs else row_groups
+
+
 def unit_groups(unit: tirx.PrimExpr, row_groups: int, pairs: bool) -> tuple[tirx.PrimExpr, ...]:
     """The row groups one unit of work takes: groups 2 unit and 2 unit + 1 side by side with `pairs` (the last
     unit of an odd count: its one group twice, stored once), else group `unit`."""
     return (2 * unit, tirx.min(2 * unit + 1, row_groups - 1)) if pairs else (unit,)
+
+
+@T.macro
+def prefetch_groups(data, gs, byte):
+    """`prefetch` of data[g, byte] for each group g in `gs`."""
+    T.evaluate(prefetch(data, gs[0], byte))
+    if len(gs) == 2:
+        T.evaluate(prefetch(data, gs[1], byte))
 
 
 @T.macro
