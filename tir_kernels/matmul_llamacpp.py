@@ -248,10 +248,10 @@ def llamacpp_rows(
         return concat([chunk_halves(data, gs, c, 0) * tirx.Broadcast(x_scale[t, c], LANE_ROWS * len(gs))] * 8)
 
     @T.macro
-    def stream_ahead(data, gs, c):
-        """Ask for the weights of each group in `gs` STREAM_AHEAD bytes past chunk c."""
+    def stream_ahead(data, gs, c, into_l1):
+        """Ask for the weights of each group in `gs` STREAM_AHEAD bytes past chunk c (see `simd.prefetch`)."""
         for line in T.unroll((gb + 63) // 64):
-            prefetch_groups(data, gs, c * gb + STREAM_AHEAD + line * 64)
+            prefetch_groups(data, gs, c * gb + STREAM_AHEAD + line * 64, into_l1)
 
     @T.macro
     def group_times_token(y, data, xq, x_scale, x_sum, gs, t, acc):
@@ -261,7 +261,7 @@ def llamacpp_rows(
         v = T.meta_var(LANE_ROWS * len(gs))
         acc[T.Ramp(0, 1, 9 * v)] = T.Broadcast(T.float32(0), 9 * v)
         for c in range(chunks):
-            stream_ahead(data, gs, c)
+            stream_ahead(data, gs, c, into_l1=False)
             if sum_chunks:
                 acc[T.Ramp(0, 1, LANE_ROWS)] = fma(
                     chunk_halves(data, gs, c, 0) * T.Broadcast(x_scale[t, c], LANE_ROWS),
@@ -287,7 +287,7 @@ def llamacpp_rows(
         the weights STREAM_AHEAD bytes on."""
         lanes = T.meta_var(LANE_ROWS * len(gs))
         if p == 0:
-            stream_ahead(data, gs, c)
+            stream_ahead(data, gs, c, into_l1=True)
         for w in T.unroll(words):
             for i in T.unroll(count):
                 acc[T.Ramp((i * 9 + p + w * passes) * lanes, 1, lanes)] = fma(
@@ -319,7 +319,7 @@ def llamacpp_rows(
             for i in T.unroll(count):
                 acc[T.Ramp(i * 9 * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(T.float32(0), LANE_ROWS)
             for c in range(chunks):
-                stream_ahead(data, gs, c)
+                stream_ahead(data, gs, c, into_l1=True)
                 for i in T.unroll(count):
                     acc[T.Ramp(i * 9 * LANE_ROWS, 1, LANE_ROWS)] = fma(
                         rows(scales, (i * chunks + c) * LANE_ROWS),
