@@ -54,18 +54,22 @@ def _attention(
     decode and ragged prefill compute as llama.cpp does (paged prefill, a continuation of a cached prefix,
     keeps the fast kernel)."""
     sliding = symbol.endswith("_sliding_window")
+    target = tvm.target.Target.current(allow_none=True)
+    wide = target is not None and vector_registers(target) >= 32  # AVX-512: 512-bit vectors
     if symbol.startswith(DECODE_SYMBOL):
         q, pages = func.params[0], func.params[1]  # buffer-typed parameters
         (_, h_qo, dim), (_, _, h_kv, page_size, _) = _static(q.shape), _static(pages.shape)
         if None in (h_qo, dim, h_kv, page_size) or dim % LANES:
             return None
-        return decode_attention(h_kv, h_qo, dim, page_size, str(q.dtype), sliding, numerics, softcap)
+        return decode_attention(h_kv, h_qo, dim, page_size, str(q.dtype), sliding, numerics, softcap, wide)
     if symbol.startswith(PAGED_PREFILL_SYMBOL):
         q, pages = func.params[0], func.params[2]
         (_, h_q, dim), (_, _, h_kv, page_size, _) = _static(q.shape), _static(pages.shape)
         if None in (h_q, dim, h_kv, page_size) or dim % LANES or (sliding and not window_size):
             return None
-        faster = prefill_paged_attention(h_kv, h_q, dim, page_size, str(q.dtype), sliding, window_size or 0, softcap)
+        faster = prefill_paged_attention(
+            h_kv, h_q, dim, page_size, str(q.dtype), sliding, window_size or 0, softcap, wide
+        )
         return faster.with_attrs(func.attrs)
     if symbol == RAGGED_PREFILL_SYMBOL:
         q, k, v = func.params[0], func.params[2], func.params[3]
@@ -73,9 +77,7 @@ def _attention(
         if None in (h_q, d_qk, h_kv, d_v) or d_qk % LANES:
             return None
         ragged_numerics = numerics if d_qk == d_v else Numerics.MLCC
-        target = tvm.target.Target.current(allow_none=True)
-        pairs = target is not None and vector_registers(target) >= 32
-        faster = prefill_ragged_attention(h_kv, h_q, d_qk, d_v, str(q.dtype), ragged_numerics, softcap, pairs)
+        faster = prefill_ragged_attention(h_kv, h_q, d_qk, d_v, str(q.dtype), ragged_numerics, softcap, wide, wide)
         return faster.with_attrs(func.attrs) if func.attrs else faster
     return None
 

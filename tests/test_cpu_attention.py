@@ -14,9 +14,9 @@ TARGET = resolve_target(TargetRequest()).target
 PAGE = 16
 
 
-def _paged_prefill(kv_heads, heads, dim, window, cached, new, causal, pages, order, q):
+def _paged_prefill(kv_heads, heads, dim, window, cached, new, causal, pages, order, q, wide):
     """Output and log2-sum-exp of paged prefill for sequences with `cached` tokens in the pages and `new` tokens."""
-    kernel = attention.prefill_paged_attention(kv_heads, heads, dim, PAGE, "float32", window > 0, window)
+    kernel = attention.prefill_paged_attention(kv_heads, heads, dim, PAGE, "float32", window > 0, window, wide=wide)
     lib = tvm.compile(tvm.IRModule({"main": kernel}), target=TARGET)
     counts = [-(-n // PAGE) for n in cached]
     page_indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
@@ -32,20 +32,23 @@ def _paged_prefill(kv_heads, heads, dim, window, cached, new, causal, pages, ord
     return out.numpy(), lse.numpy()
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["256-bit", "512-bit"])
 @pytest.mark.parametrize(("window", "causal"), [(0, 1), (0, 0), (20, 1)], ids=["causal", "full", "sliding"])
-def test_paged_prefill_shares_key_tiles_between_tokens(monkeypatch, window: int, causal: int):
+def test_paged_prefill_shares_key_tiles_between_tokens(monkeypatch, window: int, causal: int, wide: bool):
     """Tokens of one sequence go through each tile of cached keys together, each query with its own causal or
     sliding range: the same bits as token by token, and softmax attention over the keys each token sees. The
-    batch's sequences (5, 2 and 19 new tokens) make a task that spans all three (a run of each)."""
-    kv_heads, heads, dim = 2, 4, 64
+    batch's sequences (5, 2 and 19 new tokens) make a task that spans all three (a run of each). `wide`: 16
+    elements per vector (AVX-512), head size 80 there (5 vectors: one chain)."""
+    kv_heads, heads = 2, 4
+    dim = 80 if wide else 64
     cached, new = [37, 20, 70], [5, 2, 19]
     rng = np.random.default_rng(8)
     order = rng.permutation(sum(-(-n // PAGE) for n in cached) + 2).astype(np.int32)
     pages = rng.standard_normal((order.size, 2, kv_heads, PAGE, dim)).astype(np.float32)
     q = rng.standard_normal((sum(new), heads, dim)).astype(np.float32)
-    ours = _paged_prefill(kv_heads, heads, dim, window, cached, new, causal, pages, order, q)
+    ours = _paged_prefill(kv_heads, heads, dim, window, cached, new, causal, pages, order, q, wide)
     monkeypatch.setattr(attention, "TOKENS_PER_TASK", 1)
-    alone = _paged_prefill(kv_heads, heads, dim, window, cached, new, causal, pages, order, q)
+    alone = _paged_prefill(kv_heads, heads, dim, window, cached, new, causal, pages, order, q, wide)
     np.testing.assert_array_equal(ours[0], alone[0])
     np.testing.assert_array_equal(ours[1], alone[1])
     starts = np.cumsum([0] + [-(-n // PAGE) for n in cached])

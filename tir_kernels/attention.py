@@ -24,7 +24,7 @@ from tvm.script import tirx as T
 
 from tir_kernels.ggml_math import v_expf
 from tir_kernels.numerics import Numerics
-from tir_kernels.simd import LANES, fma, hsum8, lane_sum, row_sums, tree_sum
+from tir_kernels.simd import LANES, fma, hsum8, lane_sum, lanes_of, row_sums, tree_sum
 
 TILE = 16  # cached tokens scored per softmax update
 EMPTY_LSE = -5e4  # the log-sum-exp of no keys, as TVM's kernels leave it: its merge weight is exactly 0
@@ -43,18 +43,19 @@ def _seen(span: tirx.PrimExpr, length, query_range, g) -> tirx.PrimExpr:
 
 
 @T.macro(hygienic=False)
-def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap, query_range):
+def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap, query_range, width):
     """Online softmax (base 2) of `heads` queries that share their keys (the query heads of one KV head, or
     one query) over `length` keys, 16 keys per rescale; rows `first .. first + heads` of the scratch buffers.
 
     keys.locate(i): where key i is stored; keys.k_rows[*keys.key_index(loc), d]: element d of that key;
-    keys.values(loc, d): LANES elements of its value from d. Dot products and output rows accumulate in
-    registers, several independent chains at a time (one chain is bound by the add's latency). As TVM's
+    keys.values(loc, d, width): `width` elements of its value from d. Dot products and output rows accumulate
+    `width` elements at a time (`attention_width`) in registers, several independent chains at a time (one
+    chain is bound by the latency of its fused multiply-adds). As TVM's
     kernels, the running sum starts with a phantom 1 at score -5e4 that vanishes once a real score arrives.
     softcap: scores (natural units) become softcap * tanh(score / softcap) first (Gemma 2); 0 for none.
     query_range: None, or g -> (lo, hi), the keys query g sees (a range within the `length`): the keys outside
     it score -inf, and a tile wholly outside it leaves the query's state and output exactly as they were."""
-    chains = T.meta_var(_chains(dim))
+    chains = T.meta_var(_chains(dim, width))
     for g in range(heads):
         state[first + g, 0] = T.float32(-5e4)  # running max
         state[first + g, 1] = T.float32(1)  # running sum
@@ -64,16 +65,22 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap,
         for g in range(heads):
             state[first + g, 2] = state[first + g, 0]  # the tile's new max
             for part in range(TILE // LANES):
-                dots = T.alloc_buffer((LANES, LANES), "float32")  # 8 keys' partial dots
+                dots = T.alloc_buffer((LANES, width), "float32")  # 8 keys' partial dots
                 for j in T.unroll(LANES):
-                    dots[j, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-                for c in range(dim // (LANES * chains)):
+                    dots[j, T.Ramp(0, 1, width)] = T.Broadcast(T.float32(0), width)
+                for c in range(dim // (width * chains)):
                     for j in T.unroll(LANES):
                         loc = T.meta_var(where[first, part * LANES + j])
-                        step = T.meta_var(_partial_dot(keys, loc, first + g, c * chains * LANES, chains))
-                        dots[j, T.Ramp(0, 1, LANES)] = dots[j, T.Ramp(0, 1, LANES)] + step
+                        for i in T.unroll(chains):
+                            at = T.meta_var((c * chains + i) * width)
+                            dots[j, T.Ramp(0, 1, width)] = fma(
+                                _key_part(keys, loc, at, width),
+                                keys.q_scaled[first + g, T.Ramp(at, 1, width)],
+                                dots[j, T.Ramp(0, 1, width)],
+                            )
                 valid = T.meta_var(_seen(T.Ramp(tile * TILE + part * LANES, 1, LANES), length, query_range, g))
-                sums = T.meta_var(_soft_cap(row_sums([dots[j, T.Ramp(0, 1, LANES)] for j in range(LANES)]), softcap))
+                folded = T.meta_var([_fold(dots[j, T.Ramp(0, 1, width)]) for j in range(LANES)])
+                sums = T.meta_var(_soft_cap(row_sums(folded), softcap))
                 scores[first + g, T.Ramp(part * LANES, 1, LANES)] = T.Select(
                     valid, sums, T.Broadcast(T.float32(-1e30), LANES)
                 )
@@ -88,32 +95,32 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap,
             )
             state[first + g, 1] = state[first + g, 1] * state[first + g, 3] + _lane_reduce(weights, _add)
             state[first + g, 0] = state[first + g, 2]
-        for block in range(dim // (LANES * chains)):
+        for block in range(dim // (width * chains)):
             for pair in range(heads // 2):  # two heads at a time: 2 x chains accumulators, each value read once
-                _weigh_values(first + 2 * pair, 2, keys, scores, state, out, where, first, block, chains)
+                _weigh_values(first + 2 * pair, 2, keys, scores, state, out, where, first, block, chains, width)
             if heads % 2 == 1:
-                _weigh_values(first + heads - 1, 1, keys, scores, state, out, where, first, block, chains)
+                _weigh_values(first + heads - 1, 1, keys, scores, state, out, where, first, block, chains, width)
 
 
 @T.macro(hygienic=False)
-def _weigh_values(slot, count: int, keys, scores, state, out, where, first, block, chains: int):
-    """Queries slot .. slot + count (one or two): their outputs' dims (block * chains ..) * LANES rescaled,
+def _weigh_values(slot, count: int, keys, scores, state, out, where, first, block, chains: int, width: int):
+    """Queries slot .. slot + count (one or two): their outputs' dims (block * chains ..) * width rescaled,
     then the tile's values weighted in, `count * chains` independent accumulator chains."""
-    acc = T.alloc_buffer((count * chains, LANES), "float32")
+    acc = T.alloc_buffer((count * chains, width), "float32")
     for g in T.unroll(count):
         for u in T.unroll(chains):
-            acc[g * chains + u, T.Ramp(0, 1, LANES)] = out[
-                slot + g, T.Ramp((block * chains + u) * LANES, 1, LANES)
-            ] * T.Broadcast(state[slot + g, 3], LANES)
+            acc[g * chains + u, T.Ramp(0, 1, width)] = out[
+                slot + g, T.Ramp((block * chains + u) * width, 1, width)
+            ] * T.Broadcast(state[slot + g, 3], width)
     for r in T.unroll(TILE):
         for u in T.unroll(chains):
-            value = T.meta_var(keys.values(where[first, r], (block * chains + u) * LANES))
+            value = T.meta_var(keys.values(where[first, r], (block * chains + u) * width, width))
             for g in T.unroll(count):
-                weight = T.meta_var(T.Broadcast(scores[slot + g, r], LANES))
-                acc[g * chains + u, T.Ramp(0, 1, LANES)] = acc[g * chains + u, T.Ramp(0, 1, LANES)] + weight * value
+                weight = T.meta_var(T.Broadcast(scores[slot + g, r], width))
+                acc[g * chains + u, T.Ramp(0, 1, width)] = fma(weight, value, acc[g * chains + u, T.Ramp(0, 1, width)])
     for g in T.unroll(count):
         for u in T.unroll(chains):
-            out[slot + g, T.Ramp((block * chains + u) * LANES, 1, LANES)] = acc[g * chains + u, T.Ramp(0, 1, LANES)]
+            out[slot + g, T.Ramp((block * chains + u) * width, 1, width)] = acc[g * chains + u, T.Ramp(0, 1, width)]
 
 
 @T.macro(hygienic=False)
@@ -431,19 +438,28 @@ def _balanced(order: tirx.PrimExpr, count: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.if_then_else(order % 2 == 0, order // 2, count - 1 - order // 2)
 
 
-def _chains(dim: int) -> int:
-    """Output vectors accumulated side by side: 4 when the head dimension allows."""
-    return next(n for n in (4, 2, 1) if (dim // LANES) % n == 0)
+def _chains(dim: int, width: int) -> int:
+    """Vectors of `width` elements accumulated one after the other per key, and side by side per output: 4
+    when the head dimension allows."""
+    return next(n for n in (4, 2, 1) if (dim // width) % n == 0)
 
 
-def _partial_dot(keys, loc, slot, d, count: int) -> tirx.PrimExpr:
-    """LANES partial sums of query `slot` times the key at `loc`, over `count` vectors from element d."""
-    terms = []
-    for i in range(count):
-        key = tirx.BufferLoad(keys.k_rows, [*keys.key_index(loc), tirx.Ramp(d + i * LANES, 1, LANES)])
-        query = tirx.BufferLoad(keys.q_scaled, [slot, tirx.Ramp(d + i * LANES, 1, LANES)])
-        terms.append(query * key.astype(f"float32x{LANES}"))
-    return tree_sum(terms)
+def attention_width(dim: int, wide: bool) -> int:
+    """Elements per vector of mlcc's-order attention: 16 (512 bits) with `wide` (AVX-512) where they divide
+    the head dimension, else LANES."""
+    return 2 * LANES if wide and dim % (2 * LANES) == 0 else LANES
+
+
+def _key_part(keys, loc, d, width: int) -> tirx.PrimExpr:
+    """`width` elements of the key at `loc` from element d, as float32."""
+    row = tirx.BufferLoad(keys.k_rows, [*keys.key_index(loc), tirx.Ramp(d, 1, width)])
+    return row.astype(f"float32x{width}")
+
+
+def _fold(v: tirx.PrimExpr) -> tirx.PrimExpr:
+    """A vector's lanes added down to LANES (its halves added; LANES lanes as they are)."""
+    lanes = v.ty.dtype.lanes
+    return v if lanes == LANES else lanes_of(v, 0, LANES) + lanes_of(v, LANES, LANES)
 
 
 @T.macro
@@ -492,9 +508,9 @@ class PagedKeys:
     def key_index(self, loc):
         return (loc,)
 
-    def values(self, loc, d):
-        row = tirx.BufferLoad(self.k_rows, [loc + self.heads * self.page_size, tirx.Ramp(d, 1, LANES)])
-        return row.astype(f"float32x{LANES}")
+    def values(self, loc, d, width: int = LANES):
+        row = tirx.BufferLoad(self.k_rows, [loc + self.heads * self.page_size, tirx.Ramp(d, 1, width)])
+        return row.astype(f"float32x{width}")
 
 
 @dataclass(frozen=True)
@@ -526,8 +542,8 @@ class RaggedKeys:
     def key_index(self, loc):
         return (loc, self.kv_head)
 
-    def values(self, loc, d):
-        return tirx.BufferLoad(self.v, [loc, self.kv_head, tirx.Ramp(d, 1, LANES)]).astype(f"float32x{LANES}")
+    def values(self, loc, d, width: int = LANES):
+        return tirx.BufferLoad(self.v, [loc, self.kv_head, tirx.Ramp(d, 1, width)]).astype(f"float32x{width}")
 
     def values_by_dim(self, d, i):
         """Element d of the values of keys i .. i + LANES."""
@@ -544,10 +560,12 @@ def decode_attention(
     sliding_window: bool,
     numerics: Numerics = Numerics.MLCC,
     softcap: float = 0.0,
+    wide: bool = False,
 ):
     """Drop-in for TVM's `batch_decode_paged_kv_cpu`: one query per sequence against its paged K/V;
-    LLAMACPP numerics: llama.cpp's arithmetic (_attend_ggml)."""
+    LLAMACPP numerics: llama.cpp's arithmetic (_attend_ggml). `wide`: see `attention_width`."""
     llamacpp = numerics == Numerics.LLAMACPP
+    width = attention_width(dim, wide)
     group = h_qo // h_kv
     symbol = DECODE_SYMBOL + ("_sliding_window" if sliding_window else "")
 
@@ -625,7 +643,7 @@ def decode_attention(
                 keys = T.meta_var(
                     PagedKeys(cache, page_table_values, length_info, b, begin, h // group, q_scaled, sliding_window)
                 )
-                _attend(bh, 1, length, keys, scores, state, out, where, dim, softcap, None)
+                _attend(bh, 1, length, keys, scores, state, out, where, dim, softcap, None, width)
                 _finish(output, lse, b, h, bh, 1, out, state, dim)
 
     return kernel
@@ -640,12 +658,15 @@ def prefill_ragged_attention(
     numerics: Numerics = Numerics.MLCC,
     softcap: float = 0.0,
     head_pairs: bool = False,
+    wide: bool = False,
 ):
     """Drop-in for TVM's CPU `batch_prefill_ragged_kv`: the new tokens of each sequence attend to each
     other (causally when `causal`), K and V given as ragged arrays, not pages; LLAMACPP numerics: llama.cpp's
     arithmetic (_attend_ggml, with the batch of one sequence's new tokens as llama.cpp's batch). `head_pairs`
-    (32 vector registers: _attend_ggml_pair's 16 accumulators): query heads sharing a KV head two at a time."""
+    (32 vector registers: _attend_ggml_pair's 16 accumulators): query heads sharing a KV head two at a time;
+    `wide`: see `attention_width`."""
     llamacpp = numerics == Numerics.LLAMACPP
+    width = min(attention_width(d_qk, wide), attention_width(d_v, wide))
     group = h_q // h_kv
     pairs = head_pairs and group % 2 == 0
     per_task = 2 if pairs else 1  # query heads of one task
@@ -745,7 +766,7 @@ def prefill_ragged_attention(
                 _start(q, q_scaled, out, row, kv_head * group, first, group, sm_scale, d_qk, d_v)
 
                 keys = T.meta_var(RaggedKeys(k, v, kv_indptr[b], kv_head, q_scaled))
-                _attend(first, group, length, keys, scores, state, out, where, d_v, softcap, None)
+                _attend(first, group, length, keys, scores, state, out, where, d_v, softcap, None, width)
                 _finish(output, lse, row, kv_head * group, first, group, out, state, d_v)
 
     return kernel
@@ -795,10 +816,13 @@ def prefill_paged_attention(
     sliding_window: bool,
     window_size: int,
     softcap: float = 0.0,
+    wide: bool = False,
 ):
     """Drop-in for TVM's `batch_prefill_paged_kv_cpu`: each new token attends to its sequence's cached
-    (paged) tokens, with TVM's masks (causal, or the sliding window's view of the past)."""
+    (paged) tokens, with TVM's masks (causal, or the sliding window's view of the past). `wide`: see
+    `attention_width`."""
     group = h_q // h_kv
+    width = attention_width(dim, wide)
     window = window_size if sliding_window else 0
 
     @T.prim_func(s_tir=True)
@@ -877,7 +901,7 @@ def prefill_paged_attention(
                     )
                     seen = T.meta_var(_keys_seen(i, group, kv_len, q_len, causal, window, skip))
                     longest = T.meta_var(seen(run * group - 1)[1])
-                    _attend(slot, run * group, longest, keys, scores, state, out, where, dim, softcap, seen)
+                    _attend(slot, run * group, longest, keys, scores, state, out, where, dim, softcap, seen, width)
                     for t in range(run):
                         _finish(output, lse, row + t, kv_head * group, slot + t * group, group, out, state, dim)
 
