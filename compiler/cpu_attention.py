@@ -77,7 +77,9 @@ def _attention(
         if None in (h_q, d_qk, h_kv, d_v) or d_qk % LANES:
             return None
         ragged_numerics = numerics if d_qk == d_v else Numerics.MLCC
-        faster = prefill_ragged_attention(h_kv, h_q, d_qk, d_v, str(q.dtype), ragged_numerics, softcap, wide, wide)
+        faster = prefill_ragged_attention(
+            h_kv, h_q, d_qk, d_v, str(q.dtype), ragged_numerics, softcap, head_pairs=wide, wide=wide
+        )
         return faster.with_attrs(func.attrs) if func.attrs else faster
     return None
 

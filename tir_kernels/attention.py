@@ -50,8 +50,8 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap,
     keys.locate(i): where key i is stored; keys.k_rows[*keys.key_index(loc), d]: element d of that key;
     keys.values(loc, d, width): `width` elements of its value from d. Dot products and output rows accumulate
     `width` elements at a time (`attention_width`) in registers, several independent chains at a time (one
-    chain is bound by the latency of its fused multiply-adds). As TVM's
-    kernels, the running sum starts with a phantom 1 at score -5e4 that vanishes once a real score arrives.
+    chain is bound by the latency of its fused multiply-adds). As TVM's kernels, the running sum starts with a
+    phantom 1 at score -5e4 that vanishes once a real score arrives.
     softcap: scores (natural units) become softcap * tanh(score / softcap) first (Gemma 2); 0 for none.
     query_range: None, or g -> (lo, hi), the keys query g sees (a range within the `length`): the keys outside
     it score -inf, and a tile wholly outside it leaves the query's state and output exactly as they were."""
