@@ -36,6 +36,7 @@ from tir_kernels.simd import (
     QUAD,
     STREAM_AHEAD,
     TASKS,
+    TOKEN_AHEAD,
     TOKENS,
     bcast,
     concat,
@@ -249,9 +250,11 @@ def llamacpp_rows(
 
     @T.macro
     def stream_ahead(data, gs, c, into_l1):
-        """Ask for the weights of each group in `gs` STREAM_AHEAD bytes past chunk c (see `simd.prefetch`)."""
+        """Ask for the weights of each group in `gs` STREAM_AHEAD bytes past chunk c (see `simd.prefetch`);
+        without `into_l1` (one-token passes) TOKEN_AHEAD bytes."""
+        ahead = T.meta_var(STREAM_AHEAD if into_l1 else TOKEN_AHEAD)
         for line in T.unroll((gb + 63) // 64):
-            prefetch_groups(data, gs, c * gb + STREAM_AHEAD + line * 64, into_l1)
+            prefetch_groups(data, gs, c * gb + ahead + line * 64, into_l1)
 
     @T.macro
     def group_times_token(y, data, xq, x_scale, x_sum, gs, t, acc):

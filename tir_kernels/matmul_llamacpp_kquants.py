@@ -33,6 +33,7 @@ from tir_kernels.simd import (
     LANE_ACTIVATION_BYTES,
     QUAD,
     TASKS,
+    TOKEN_AHEAD,
     TOKENS,
     concat,
     fma,
@@ -53,12 +54,9 @@ from tir_kernels.simd import (
 Q = GGMLQuantizationType
 # Bytes ahead of the chunk being multiplied that each Q6_K chunk asks for, a few lines at a time: its one-token
 # kernel read 6.8 GB/s from memory with the hardware prefetcher alone (its codes are two interleaved streams),
-# 22-26 GB/s so; the whole next super-blocks asked for at once did not help (6-10 GB/s).
+# 22-26 GB/s so; the whole next super-blocks asked for at once did not help (6-10 GB/s). One-token passes now ask
+# `simd.TOKEN_AHEAD` bytes on, into L2 (Q6_K 2048x8192, 1 / 2 threads: 10.6 / 20.6 -> 12.6 / 24.8 GB/s).
 AHEAD = 1536
-# The same for one-token passes, whose asks go into L2 only (`simd.prefetch`) and can reach further: Intel Xeon,
-# 2048x8192, 1 / 2 threads, GB/s: Q4_K 12.1 / 23.0 at 1536 bytes, 13.2 / 25.1 at 6144, 12.9 / 25.2 at 12288;
-# Q6_K 10.6 / 20.6, 12.6 / 24.8, 12.5 / 24.3.
-TOKEN_AHEAD = 6144
 
 
 def super_word(qtype: GGMLQuantizationType, data: tirx.Buffer, g, base, c, m: int) -> tirx.PrimExpr:

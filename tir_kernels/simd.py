@@ -163,6 +163,11 @@ TOKENS = 8  # tokens per pass over a weight row (prefill and batched decode); 8 
 QUAD = 4  # tokens that share each decoded word of the weights in llama.cpp-order kernels
 LANE_ACTIVATION_BYTES = 256 * 1024  # int8 activations that pass over one unpacked group of rows
 STREAM_AHEAD = 3072  # bytes of interleaved weights prefetched ahead of the chunk being multiplied
+# The same for one-token passes (decode), whose asks go into L2 only (`prefetch`) and can reach further: Intel
+# Xeon, copies cycled past the caches, 1 / 2 threads, GB/s at 3072 -> 6144 bytes: Q5_0 640x2048 11.0 / 18.7 ->
+# 14.0 / 25.0, Q4_1 576x1536 10.8 / 19.1 -> 12.7 / 21.7, Q8_0 640x262144 13.0 / 24.9 -> 13.7 / 26.1, Q4_0
+# 4096x14336 level; Q4_K 2048x8192 12.1 / 23.0 at 1536, 13.2 / 25.1 at 6144, 12.9 / 25.2 at 12288.
+TOKEN_AHEAD = 6144
 
 
 FEW_ROWS = 4  # row loops this short run on the calling thread: waking the pool (~3 us at 2 threads) costs more
