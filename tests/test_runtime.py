@@ -39,6 +39,30 @@ def test_running_an_artifact_loads_no_compiler_side(artifact):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_cpu_weights_in_one_huge_page_mapping_keep_their_values():
+    from runtime.artifact import HUGE_PAGE, TENSOR_ALIGNMENT, _in_huge_pages
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "codes": rng.integers(0, 256, (3, 37), dtype=np.uint8),  # odd sizes: the next tensor still 64-aligned
+        "scales": rng.standard_normal((5,)).astype(np.float16),
+        "empty": np.zeros((0, 4), np.float32),
+        "norm": rng.standard_normal((2, 3, 7)).astype(np.float32),
+    }
+    expected = {name: array.copy() for name, array in arrays.items()}
+    names = list(arrays)
+    tensors = _in_huge_pages(arrays, names)
+    assert not arrays, "the file's copies are let go"
+    views = [np.from_dlpack(tensor) for tensor in tensors]
+    for name, view in zip(names, views):
+        np.testing.assert_array_equal(view, expected[name])
+        assert view.dtype == expected[name].dtype
+    addresses = [view.ctypes.data for view in views]
+    assert addresses[0] % HUGE_PAGE == 0
+    assert all(address % TENSOR_ALIGNMENT == 0 for address in addresses)
+    assert len(set(addresses[:2] + addresses[3:])) == 3
+
+
 def test_sampling_controls():
     rng = np.random.default_rng(0)
     logits = rng.standard_normal(500).astype(np.float32)
