@@ -61,6 +61,9 @@ def _cpu_pipeline(
         + cpu_generic.library_dispatch_passes(target)
         # x @ permute_dims(W) as one kernel reading W's rows, not a transposed copy of W on every call.
         + [relax.transform.FuseTransposeMatmul()]
+        # a kernel's [b*s, n] result reshaped to [b, s, n] and back for the next kernel: each reshape is three
+        # VM instructions (shape, view, release) per layer and step
+        + [relax.transform.RemoveRedundantReshape()]
         + cpu_generic.legalize_passes(target)
         + [cpu_schedule]
         + cpu_generic.dataflow_lower_passes(target)
