@@ -113,7 +113,7 @@ class LoadedArtifact:
         if missing:
             raise MlccError(f"weight shards lack {len(missing)} parameters (e.g. {missing[0]})")
         names = self.manifest.weights["params"]
-        if self.manifest.target["device"] == "cpu":
+        if self.manifest.target["device"] == "cpu" and hasattr(mmap, "MAP_ANONYMOUS"):  # POSIX
             return _in_huge_pages(arrays, names)
         return [tvm.runtime.tensor(arrays.pop(name), self.device) for name in names]
 
