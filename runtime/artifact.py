@@ -119,10 +119,11 @@ class LoadedArtifact:
 
 
 def _in_huge_pages(arrays: dict[str, np.ndarray], names: list[str]) -> list[tvm.runtime.Tensor]:
-    """CPU weights moved into one anonymous mapping that the kernel may back with 2 MB pages (madvise, the
-    default mode of transparent huge pages), as TVM tensors over it. A decode step streams every weight once;
-    in 4 KB pages each page costs a TLB miss and stops the hardware prefetchers at its end (Q4_K 2048x8192
-    one-token kernel streaming from memory, 2 threads: 25.4-26.1 -> 28.0-28.1 GB/s)."""
+    """CPU weights moved into one anonymous mapping that the kernel may back with 2 MB pages (asked for with
+    madvise: transparent huge pages in their `madvise` mode come only so; in `always` they come anyway), as TVM
+    tensors over it. A decode step streams every weight once; in 4 KB pages each page costs a TLB miss and stops
+    the hardware prefetchers at its end (Q4_K 2048x8192 one-token kernel streaming from memory, 2 threads:
+    25.4-26.1 -> 28.0-28.1 GB/s)."""
     offsets, size = [], 0
     for name in names:
         offsets.append(size)
