@@ -219,11 +219,17 @@ def unit_groups(unit: tirx.PrimExpr, row_groups: int, pairs: bool) -> tuple[tirx
 
 
 @T.macro
-def prefetch_groups(data, gs, byte, into_l1):
-    """`prefetch` of data[g, byte] for each group g in `gs`."""
-    T.evaluate(prefetch(data, gs[0], byte, into_l1))
+def prefetch_groups(data, gs, byte, into_l1, stride: int):
+    """`prefetch` of data[g, byte] for each group g in `gs` (rows `stride` bytes apart). Two groups side by side are
+    read as two streams followed by the next two groups', so a byte past the end of a row is asked for a row
+    further on (the next row is the second group, read already): else each new pair starts cold (Q4_K, 1 thread,
+    2048x8192: 13.2 GB/s, 15.0-15.8 so; a division instead of the one step covering rows shorter than the
+    distance ahead too: 14.8)."""
     if len(gs) == 2:
-        T.evaluate(prefetch(data, gs[1], byte, into_l1))
+        T.evaluate(prefetch(data, gs[0], T.if_then_else(byte < stride, byte, byte + stride), into_l1))
+        T.evaluate(prefetch(data, gs[1], T.if_then_else(byte < stride, byte, byte + stride), into_l1))
+    else:
+        T.evaluate(prefetch(data, gs[0], byte, into_l1))
 
 
 @T.macro
