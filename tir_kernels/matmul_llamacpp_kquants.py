@@ -43,7 +43,6 @@ from tir_kernels.simd import (
     load,
     prefetch_groups,
     store_groups,
-    store_rows,
     task_share,
     tree_sum,
     u8x32,
@@ -72,8 +71,19 @@ def super_word(qtype: GGMLQuantizationType, data: tirx.Buffer, g, base, c, m: in
 
 
 def _pairs_to_int16(v: tirx.PrimExpr) -> tirx.PrimExpr:
-    """int16x8 scales of 8 rows -> int16x16 with each repeated (the two int16 lanes of a row)."""
-    return tirx.Shuffle([v, v], [tirx.IntImm("int32", i // 2) for i in range(16)])
+    """int16 scales of V rows -> 2 V int16 lanes with each repeated (the two int16 lanes of a row)."""
+    lanes = v.ty.dtype.lanes
+    return tirx.Shuffle([v, v], [tirx.IntImm("int32", i // 2) for i in range(2 * lanes)])
+
+
+def _madd(kind: str, a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
+    """`pmaddubsw` ("ub") or `pmaddwd` ("wd") of a and b on 256 or 512 bits (8 or 16 rows' lanes)."""
+    bits = a.ty.dtype.bits * a.ty.dtype.lanes
+    out = "int16" if kind == "ub" else "int32"
+    name = {"ub": ("avx2.pmadd.ub.sw", "avx512.pmaddubs.w.512"), "wd": ("avx2.pmadd.wd", "avx512.pmaddw.d.512")}
+    return llvm_intrin(
+        f"{out}x{bits // 16 if kind == 'ub' else bits // 32}", f"llvm.x86.{name[kind][bits == 512]}", a, b
+    )
 
 
 @functools.cache
@@ -120,10 +130,10 @@ def kquant_rows(
         return tirx.reinterpret(f"int8x{4 * lanes}", tirx.Broadcast(x4, lanes))
 
     def pair_sums(data, gs, base, c, m: int, xq, t, s) -> tirx.PrimExpr:
-        """int16x16: each row's codes times the activations, columns 4m..4m+3 of chunk c summed in pairs (the
-        AVX2 path: one group, `gs[0]`)."""
-        xb = word_activations(xq, t, s, c, m)
-        return llvm_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", super_word(qtype, data, gs[0], base, c, m), xb)
+        """int16, two lanes a row: each row's codes times the activations, columns 4m..4m+3 of chunk c summed in
+        pairs, for the rows of the groups in `gs`."""
+        xb = word_activations(xq, t, s, c, m, LANE_ROWS * len(gs))
+        return _madd("ub", concat([super_word(qtype, data, g, base, c, m) for g in gs]), xb)
 
     def word_dots(data, gs, base, c, words, xq, t, s) -> tirx.PrimExpr:
         """int32: each row's codes times the activations over the given words of chunk c, one `vpdpbusd` each."""
@@ -145,23 +155,20 @@ def kquant_rows(
 
     def chunk_lanes(data, gs, base, c, xq, t, s) -> tirx.PrimExpr:
         """int32 sums of chunk c for the rows of the groups in `gs`: Q4_K one per row (its 8 words' int16 pair
-        sums add up without overflow, 8 * 2 * 15 * 127 < 2^15), Q6_K the 8 lanes of each row (lane L of 8 rows
-        at 8L; one group)."""
+        sums add up without overflow, 8 * 2 * 15 * 127 < 2^15), Q6_K the 8 lanes of each row (lane L of the V
+        rows at V L)."""
         if not q6 and vnni:
             return word_dots(data, gs, base, c, range(8), xq, t, s) * row_bytes(
                 data, gs, base + lay.sub_scales + 8 * c, "int32"
             )
         if not q6:
             scales = _pairs_to_int16(row_bytes(data, gs, base + lay.sub_scales + 8 * c, "int16"))
-            return llvm_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", tree_sum([pair_sums(data, gs, base, c, m, xq, t, s)
-                                                                          for m in range(8)]), scales)  # fmt: skip
+            return _madd("wd", tree_sum([pair_sums(data, gs, base, c, m, xq, t, s) for m in range(8)]), scales)
         lanes = []
         for m in range(8):
             sub = base + lay.sub_scales + 8 * (2 * c + m // 4)
             scales = _pairs_to_int16(row_bytes(data, gs, sub, "int16"))
-            lanes.append(
-                llvm_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pair_sums(data, gs, base, c, m, xq, t, s), scales)
-            )
+            lanes.append(_madd("wd", pair_sums(data, gs, base, c, m, xq, t, s), scales))
         return concat(lanes)
 
     def offsets(data, gs, base, x_sum, t, s, pair=None) -> tirx.PrimExpr:
@@ -191,71 +198,45 @@ def kquant_rows(
             prefetch_groups(data, gs, base + ahead + c * chunk_bytes + line * 64, into_l1, supers * lay.size)
 
     @T.macro
-    def group_times_token(y, data, xq, x_scale, x_sum, g, t, acc, isum, tiled):
-        """y[t, g*8 .. g*8+7]; acc: the float accumulators (Q4_K: sums at 0, mins at 8; Q6_K: lane L at 8L),
-        isum: integer sums (Q4_K: a super-block's sums at 0, mins at 8, a pair of sub-blocks' at 16 and 24;
-        Q6_K: lane L at 8L). `tiled`: the token goes through llama.cpp's Q4_K GEMM (not its GEMV) or its tiled
-        Q6_K matmul (not vec_dot)."""
-        gs = T.meta_var((g,))
-        acc[T.Ramp(0, 1, 64)] = T.Broadcast(T.float32(0), 64)
+    def q6k_token(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled):
+        """y[t, rows of the groups in `gs`] by llama.cpp's Q6_K vec_dot, or with `tiled` its tiled matmul, for
+        one token: each lane its row's operations (V rows, 16 in 512-bit vectors for two groups). acc, isum:
+        lane L of the rows at V L."""
+        v = T.meta_var(LANE_ROWS * len(gs))
+        acc[T.Ramp(0, 1, 8 * v)] = T.Broadcast(T.float32(0), 8 * v)
         for s in range(supers):
             base = T.meta_var(s * lay.size)
-            scale = T.meta_var(scaled(data, gs, base, x_scale, t, s))
-            if q6:
-                isum[T.Ramp(0, 1, 64)] = T.Broadcast(T.int32(0), 64)
-                for c in range(8):
-                    stream(data, gs, base, c, into_l1=False)
-                    isum[T.Ramp(0, 1, 64)] = isum[T.Ramp(0, 1, 64)] + chunk_lanes(data, gs, base, c, xq, t, s)
-                isum[T.Ramp(0, 1, 64)] = isum[T.Ramp(0, 1, 64)] - offsets(data, gs, base, x_sum, t, s)
-                if tiled:
-                    total = T.meta_var(tree_sum([isum[T.Ramp(8 * L, 1, 8)] for L in range(8)]).astype("float32x8"))
-                    acc[T.Ramp(0, 1, 8)] = fma(
-                        halves(data, g, base) * total, T.Broadcast(x_scale[t, s], LANE_ROWS), acc[T.Ramp(0, 1, 8)]
-                    )
-                else:
-                    acc[T.Ramp(0, 1, 64)] = fma(
-                        concat([scale] * 8), isum[T.Ramp(0, 1, 64)].astype("float32x64"), acc[T.Ramp(0, 1, 64)]
-                    )
+            isum[T.Ramp(0, 1, 8 * v)] = T.Broadcast(T.int32(0), 8 * v)
+            for c in range(8):
+                stream(data, gs, base, c, into_l1=False)
+                isum[T.Ramp(0, 1, 8 * v)] = isum[T.Ramp(0, 1, 8 * v)] + chunk_lanes(data, gs, base, c, xq, t, s)
+            isum[T.Ramp(0, 1, 8 * v)] = isum[T.Ramp(0, 1, 8 * v)] - offsets(data, gs, base, x_sum, t, s)
+            if tiled:
+                total = T.meta_var(tree_sum([isum[T.Ramp(v * L, 1, v)] for L in range(8)]).astype(f"float32x{v}"))
+                acc[T.Ramp(0, 1, v)] = fma(
+                    factors(data, gs, base) * total, T.Broadcast(x_scale[t, s], v), acc[T.Ramp(0, 1, v)]
+                )
             else:
-                min_scale = T.meta_var(scaled(data, gs, base + lay.minimum, x_scale, t, s))
-                isum[T.Ramp(0, 1, 16)] = T.Broadcast(T.int32(0), 16)
-                for p in T.unroll(4):
-                    if ask_ahead:
-                        stream(data, gs, base, 2 * p, into_l1=False)
-                        stream(data, gs, base, 2 * p + 1, into_l1=False)
-                    isum[T.Ramp(16, 1, 8)] = chunk_lanes(data, gs, base, 2 * p, xq, t, s) + chunk_lanes(
-                        data, gs, base, 2 * p + 1, xq, t, s
-                    )
-                    isum[T.Ramp(24, 1, 8)] = offsets(data, gs, base, x_sum, t, s, p)
-                    if tiled:
-                        acc[T.Ramp(0, 1, 8)] = fma(
-                            isum[T.Ramp(16, 1, 8)].astype("float32x8"), scale, acc[T.Ramp(0, 1, 8)]
-                        )
-                        acc[T.Ramp(8, 1, 8)] = fma(
-                            isum[T.Ramp(24, 1, 8)].astype("float32x8"), min_scale, acc[T.Ramp(8, 1, 8)]
-                        )
-                    else:
-                        isum[T.Ramp(0, 1, 16)] = isum[T.Ramp(0, 1, 16)] + isum[T.Ramp(16, 1, 16)]
-                if not tiled:
-                    acc[T.Ramp(0, 1, 8)] = fma(isum[T.Ramp(0, 1, 8)].astype("float32x8"), scale, acc[T.Ramp(0, 1, 8)])
-                    acc[T.Ramp(8, 1, 8)] = fma(
-                        isum[T.Ramp(8, 1, 8)].astype("float32x8"), min_scale, acc[T.Ramp(8, 1, 8)]
-                    )
-        if q6 and not tiled:  # hsum_float_8 of each row's lanes
-            acc[T.Ramp(0, 1, 8)] = lane_sum([acc[T.Ramp(8 * L, 1, LANE_ROWS)] for L in range(8)])
-        if not q6:
-            acc[T.Ramp(0, 1, 8)] = acc[T.Ramp(0, 1, 8)] - acc[T.Ramp(8, 1, 8)]
-        store_rows(y, t, g, n_out, acc[T.Ramp(0, 1, 8)], acc, 0)
+                acc[T.Ramp(0, 1, 8 * v)] = fma(
+                    concat([scaled(data, gs, base, x_scale, t, s)] * 8),
+                    isum[T.Ramp(0, 1, 8 * v)].astype(f"float32x{8 * v}"),
+                    acc[T.Ramp(0, 1, 8 * v)],
+                )
+        if not tiled:  # hsum_float_8 of each row's lanes
+            acc[T.Ramp(0, 1, v)] = lane_sum([acc[T.Ramp(v * L, 1, v)] for L in range(8)])
+        store_groups(y, t, gs, n_out, acc, 0)
 
     @T.macro
-    def q4k_gemv_groups(y, data, xq, x_scale, x_sum, gs, t, acc, isum):
-        """group_times_token of Q4_K's GEMV for the rows of all groups in `gs` at once (V of them, 16 in 512-bit
-        vectors): each lane its row's operations. acc: sums at 0, mins at V; isum: a super-block's sums at 0,
-        mins at V, a pair of sub-blocks' at 2 V and 3 V."""
+    def q4k_token(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled):
+        """y[t, rows of the groups in `gs`] by llama.cpp's Q4_K GEMV, or with `tiled` its GEMM, for one token
+        (V rows). acc: the float sums at 0, mins at V; isum: integer sums (a super-block's sums at 0, mins at V,
+        a pair of sub-blocks' at 2 V and 3 V)."""
         v = T.meta_var(LANE_ROWS * len(gs))
         acc[T.Ramp(0, 1, 2 * v)] = T.Broadcast(T.float32(0), 2 * v)
         for s in range(supers):
             base = T.meta_var(s * lay.size)
+            scale = T.meta_var(scaled(data, gs, base, x_scale, t, s))
+            min_scale = T.meta_var(scaled(data, gs, base + lay.minimum, x_scale, t, s))
             isum[T.Ramp(0, 1, 2 * v)] = T.Broadcast(T.int32(0), 2 * v)
             for p in T.unroll(4):
                 if ask_ahead:
@@ -265,30 +246,44 @@ def kquant_rows(
                     data, gs, base, 2 * p + 1, xq, t, s
                 )
                 isum[T.Ramp(3 * v, 1, v)] = offsets(data, gs, base, x_sum, t, s, p)
-                isum[T.Ramp(0, 1, 2 * v)] = isum[T.Ramp(0, 1, 2 * v)] + isum[T.Ramp(2 * v, 1, 2 * v)]
-            scale = T.meta_var(scaled(data, gs, base, x_scale, t, s))
-            acc[T.Ramp(0, 1, v)] = fma(isum[T.Ramp(0, 1, v)].astype(f"float32x{v}"), scale, acc[T.Ramp(0, 1, v)])
-            acc[T.Ramp(v, 1, v)] = fma(
-                isum[T.Ramp(v, 1, v)].astype(f"float32x{v}"),
-                scaled(data, gs, base + lay.minimum, x_scale, t, s),
-                acc[T.Ramp(v, 1, v)],
-            )
+                if tiled:
+                    acc[T.Ramp(0, 1, v)] = fma(
+                        isum[T.Ramp(2 * v, 1, v)].astype(f"float32x{v}"), scale, acc[T.Ramp(0, 1, v)]
+                    )
+                    acc[T.Ramp(v, 1, v)] = fma(
+                        isum[T.Ramp(3 * v, 1, v)].astype(f"float32x{v}"), min_scale, acc[T.Ramp(v, 1, v)]
+                    )
+                else:
+                    isum[T.Ramp(0, 1, 2 * v)] = isum[T.Ramp(0, 1, 2 * v)] + isum[T.Ramp(2 * v, 1, 2 * v)]
+            if not tiled:
+                acc[T.Ramp(0, 1, v)] = fma(isum[T.Ramp(0, 1, v)].astype(f"float32x{v}"), scale, acc[T.Ramp(0, 1, v)])
+                acc[T.Ramp(v, 1, v)] = fma(
+                    isum[T.Ramp(v, 1, v)].astype(f"float32x{v}"), min_scale, acc[T.Ramp(v, 1, v)]
+                )
         acc[T.Ramp(0, 1, v)] = acc[T.Ramp(0, 1, v)] - acc[T.Ramp(v, 1, v)]
         store_groups(y, t, gs, n_out, acc, 0)
 
     @T.macro
-    def token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled):
-        """group_times_token for each group in `gs` (a second equal to the first: not again). Q4_K's GEMV on
-        AVX-512 VNNI takes both groups at once where it asks ahead (measured on Intel only; Xeon, GB/s from
-        memory, 1 thread: 4096 rows of 14336 columns 14.1 -> 16.0-16.9, 1024 of 4096 14.3 -> 15.4-15.8; 2 threads
-        28.8 -> 30.7)."""
-        if not q6 and not tiled and pairs and ask_ahead:
-            q4k_gemv_groups(y, data, xq, x_scale, x_sum, gs, t, acc, isum)
+    def group_token(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled):
+        if q6:
+            q6k_token(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled)
         else:
-            group_times_token(y, data, xq, x_scale, x_sum, gs[0], t, acc, isum, tiled)
+            q4k_token(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled)
+
+    @T.macro
+    def token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled):
+        """One token times the rows of the groups in `gs` (`tiled`: see `q6k_token`, `q4k_token`). On AVX-512
+        VNNI both groups at once where the kernel asks ahead (measured on Intel only; Xeon, GB/s from memory, 1
+        thread: Q4_K 4096 rows of 14336 columns 14.1 -> 16.0-16.9, 1024 of 4096 14.3 -> 15.4-15.8, Q6_K 14336 of
+        4096 13.7 -> 16.5; 2 threads: Q4_K 28.8 -> 30.7, Q6_K 27.2 -> 32.2); else one after the other (a second
+        equal to the first: not again)."""
+        if pairs and ask_ahead:
+            group_token(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled)
+        else:
+            group_token(y, data, xq, x_scale, x_sum, (gs[0],), t, acc, isum, tiled)
             if len(gs) == 2:
                 if gs[1] != gs[0]:
-                    group_times_token(y, data, xq, x_scale, x_sum, gs[1], t, acc, isum, tiled)
+                    group_token(y, data, xq, x_scale, x_sum, (gs[1],), t, acc, isum, tiled)
 
     def chunk_total(data, gs, base, c, xq, t, s) -> tirx.PrimExpr:
         """Q6_K: int32, each row's sum over chunk c of its codes times token t's activations times the
@@ -303,12 +298,12 @@ def kquant_rows(
             sub = base + lay.sub_scales + 8 * (2 * c + m // 4)
             scales = _pairs_to_int16(row_bytes(data, gs, sub, "int16"))
             both = pair_sums(data, gs, base, c, m, xq, t, s) + pair_sums(data, gs, base, c, m + 1, xq, t, s)
-            lanes.append(llvm_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", both, scales))
+            lanes.append(_madd("wd", both, scales))
         return tree_sum(lanes)
 
     @T.macro
     def q6_tiled_quad(y, data, xq, x_scale, x_sum, gs, t0, acc, isum):
-        """y[t0 .. t0+3, rows of the groups in `gs`] by llama.cpp's tiled Q6_K matmul, as group_times_token
+        """y[t0 .. t0+3, rows of the groups in `gs`] by llama.cpp's tiled Q6_K matmul, as q6k_token
         computes it with `tiled`. Only each super-block's integer sum (exact) enters the float operations, so
         here the integers are added in another order: each word's codes are decoded once for the 4 tokens, and
         each token's products go straight into one sum per row. acc: the tokens' accumulators at V u (V: the
@@ -338,7 +333,7 @@ def kquant_rows(
 
     @T.macro
     def q4k_tiled_quad(y, data, xq, x_scale, x_sum, gs, t0, acc):
-        """y[t0 .. t0+3, rows of the groups in `gs`] by llama.cpp's Q4_K GEMM, as group_times_token computes it
+        """y[t0 .. t0+3, rows of the groups in `gs`] by llama.cpp's Q4_K GEMM, as q4k_token computes it
         with `tiled`, the 4 tokens in one loop body so that each word's codes are decoded once for all. acc:
         token u's sums at 2 V u (V: the groups' rows), its mins at 2 V u + V."""
         v = T.meta_var(LANE_ROWS * len(gs))
