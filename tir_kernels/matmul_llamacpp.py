@@ -254,7 +254,7 @@ def llamacpp_rows(
         without `into_l1` (one-token passes) TOKEN_AHEAD bytes."""
         ahead = T.meta_var(STREAM_AHEAD if into_l1 else TOKEN_AHEAD)
         for line in T.unroll((gb + 63) // 64):
-            prefetch_groups(data, gs, c * gb + ahead + line * 64, into_l1, chunks * gb)
+            prefetch_groups(data, gs, c * gb + ahead + line * 64, into_l1, chunks * gb, ahead)
 
     @T.macro
     def group_times_token(y, data, xq, x_scale, x_sum, gs, t, acc):

@@ -195,7 +195,7 @@ def kquant_rows(
         `into_l1`: see `simd.prefetch`; without it (one-token passes) TOKEN_AHEAD bytes on."""
         ahead = T.meta_var(AHEAD if into_l1 else TOKEN_AHEAD)
         for line in T.unroll(-(-chunk_bytes // 64)):
-            prefetch_groups(data, gs, base + ahead + c * chunk_bytes + line * 64, into_l1, supers * lay.size)
+            prefetch_groups(data, gs, base + ahead + c * chunk_bytes + line * 64, into_l1, supers * lay.size, ahead)
 
     @T.macro
     def q6k_token(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled):
