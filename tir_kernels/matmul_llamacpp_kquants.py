@@ -265,6 +265,7 @@ def kquant_rows(
 
     @T.macro
     def group_token(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled):
+        """`q6k_token` or `q4k_token`, by the block type."""
         if q6:
             q6k_token(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled)
         else:
