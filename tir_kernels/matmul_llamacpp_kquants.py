@@ -79,11 +79,9 @@ def _pairs_to_int16(v: tirx.PrimExpr) -> tirx.PrimExpr:
 def _madd(kind: str, a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
     """`pmaddubsw` ("ub") or `pmaddwd` ("wd") of a and b on 256 or 512 bits (8 or 16 rows' lanes)."""
     bits = a.ty.dtype.bits * a.ty.dtype.lanes
-    out = "int16" if kind == "ub" else "int32"
+    out_bits = 16 if kind == "ub" else 32
     name = {"ub": ("avx2.pmadd.ub.sw", "avx512.pmaddubs.w.512"), "wd": ("avx2.pmadd.wd", "avx512.pmaddw.d.512")}
-    return llvm_intrin(
-        f"{out}x{bits // 16 if kind == 'ub' else bits // 32}", f"llvm.x86.{name[kind][bits == 512]}", a, b
-    )
+    return llvm_intrin(f"int{out_bits}x{bits // out_bits}", f"llvm.x86.{name[kind][bits == 512]}", a, b)
 
 
 @functools.cache

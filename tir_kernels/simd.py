@@ -227,12 +227,12 @@ def prefetch_groups(data, gs, byte, into_l1, stride: int, ahead: int):
     so; SmolLM2's decode, rows shorter than the distance ahead: 150-171 -> 177-194 tok/s). Where the distance is
     within a row one step does, without the division (Q4_K 2048x8192: 14.8 GB/s with it)."""
     if len(gs) == 2:
-        if ahead + 64 <= stride:
-            T.evaluate(prefetch(data, gs[0], T.if_then_else(byte < stride, byte, byte + stride), into_l1))
-            T.evaluate(prefetch(data, gs[1], T.if_then_else(byte < stride, byte, byte + stride), into_l1))
-        else:
-            T.evaluate(prefetch(data, gs[0], byte + byte // stride * stride, into_l1))
-            T.evaluate(prefetch(data, gs[1], byte + byte // stride * stride, into_l1))
+        one_step = T.meta_var(ahead + 64 <= stride)
+        at = T.meta_var(
+            T.if_then_else(byte < stride, byte, byte + stride) if one_step else byte + byte // stride * stride
+        )
+        T.evaluate(prefetch(data, gs[0], at, into_l1))
+        T.evaluate(prefetch(data, gs[1], at, into_l1))
     else:
         T.evaluate(prefetch(data, gs[0], byte, into_l1))
 
