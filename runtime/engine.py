@@ -158,6 +158,15 @@ class Request:
         """Prompt and generated tokens: what a recomputed sequence puts back into its KV."""
         return self.prompt_ids + self.output_ids
 
+    def num_ids(self) -> int:
+        """len(all_ids()), without the copy each decode step would make of a long context."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def id_at(self, i: int) -> int:
+        """all_ids()[i] (0 <= i < num_ids()), likewise."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
     def reusable_ids(self) -> list[int]:
         """The tokens whose KV another request may fork (see the module docstring)."""
         return self.all_ids()[: self.canonical_len]
@@ -445,11 +454,11 @@ class Engine:
                     self._accept_or_fail(r, row)
             if decoding:
                 # the next token each sequence has not yet in its KV: its last output, or one being replayed
-                ids = [np.array([r.all_ids()[r.kv_len]], dtype="int32") for r in decoding]
+                ids = [np.array([r.id_at(r.kv_len)], dtype="int32") for r in decoding]
                 logits = self._model_call(False, decoding, ids)
                 for r, row in zip(decoding, logits):
                     r.kv_len += 1
-                    if r.kv_len == len(r.all_ids()):
+                    if r.kv_len == r.num_ids():
                         self._accept_or_fail(r, row)
             if speculating:
                 self._verify(speculating)
@@ -480,7 +489,7 @@ class Engine:
 
     def _admission_pages(self, r: Request, shared: int) -> int:
         """Pages `r` needs to start: what it prefills plus a page of output (no more than it can ever hold)."""
-        return self.kv.pages_needed(min(len(r.all_ids()) + self.page_size, r.budget), shared) * r.kv_copies
+        return self.kv.pages_needed(min(r.num_ids() + self.page_size, r.budget), shared) * r.kv_copies
 
     def _longest_prefix(self, r: Request) -> tuple[int | None, int]:
         """(sequence id, shared tokens) of the best sequence to fork: shared tokens are whole canonical chunks of
@@ -699,7 +708,7 @@ class Engine:
             budget -= take
         chunks = [np.asarray(r.all_ids()[r.kv_len : r.kv_len + take], dtype="int32") for r, take in batch]
         # a recomputed request's prefill ends at its prompt and replays its outputs by decode steps
-        wanted = [r.kv_len + take == len(r.all_ids()) for r, take in batch]
+        wanted = [r.kv_len + take == r.num_ids() for r, take in batch]
         logits = self._model_call(True, [r for r, _ in batch], chunks, every_position, wanted)
         rows = iter(logits)
         ends = np.cumsum([take for _, take in batch])
@@ -737,7 +746,7 @@ class Engine:
         spare = self._spare_pages()
         for r in decoding:
             room = r.params.max_tokens - len(r.output_ids) - 1  # drafts, leaving room for the target's own token
-            if r.matcher is not None or r.xlora is not None or r.kv_len != len(r.all_ids()) - 1 or room < 1:
+            if r.matcher is not None or r.xlora is not None or r.kv_len != r.num_ids() - 1 or room < 1:
                 continue
             base = self.kv.pages_needed(r.kv_len + 1, r.fork_base)
             k = min(r.draft_limit or self.draft_tokens, room)
@@ -768,7 +777,7 @@ class Engine:
                 batch.append((r, draft))
                 budget -= len(draft.tokens) + 1
             speculating = speculating[len(batch) :]
-            chunks = [np.array([r.all_ids()[r.kv_len], *draft.tokens], dtype="int32") for r, draft in batch]
+            chunks = [np.array([r.id_at(r.kv_len), *draft.tokens], dtype="int32") for r, draft in batch]
             logits = self._model_call(True, [r for r, _ in batch], chunks, every_position=True)
             ends = np.cumsum([len(c) for c in chunks])
             for (r, draft), end, chunk in zip(batch, ends, chunks):
@@ -884,9 +893,12 @@ class Engine:
             self._finish(r, "stop")
             return
         self.counters["generated_tokens"] += 1
-        r.text += r.decoder.add(token)
-        if p.stop:
-            cut = min((i for i in (r.text.find(s) for s in p.stop) if i >= 0), default=-1)
+        delta = r.decoder.add(token)
+        r.text += delta
+        if p.stop and delta:
+            # only where the new text can complete a stop string: earlier text was searched at earlier steps
+            start = max(0, len(r.text) - len(delta) - max(len(s) for s in p.stop) + 1)
+            cut = min((i for i in (r.text.find(s, start) for s in p.stop) if i >= 0), default=-1)
             if cut >= 0:
                 r.text = r.text[:cut]
                 self._finish(r, "stop")

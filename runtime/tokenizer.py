@@ -84,15 +84,16 @@ class IncrementalDecoder:
 
     Decoding the new ids together with a few ids before them keeps the spacing that some tokenizers
     (SentencePiece) only produce in context, and a trailing U+FFFD means a multi-byte character is still
-    incomplete, so it waits for more tokens.
+    incomplete, so it waits for more tokens. The window slides once a token's text is out, so each token costs
+    the decoding of a few ids, not of all the ids generated so far.
     """
 
     CONTEXT = 4
+    WINDOW = 4 * CONTEXT  # the most ids decoded at once, between slides
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]):
         self.tokenizer = tokenizer
         self.ids = list(prompt_ids[-self.CONTEXT :])
-        self.prefix_len = len(self.ids)
         self.prefix_text = tokenizer.decode(self.ids)
         self.text = ""
 
@@ -103,4 +104,8 @@ class IncrementalDecoder:
             return ""
         text = full[len(self.prefix_text) :] if full.startswith(self.prefix_text) else full
         delta, self.text = text[len(self.text) :], text
+        if len(self.ids) >= self.WINDOW:  # all out: the last few ids become the context of the next ones
+            self.ids = self.ids[-self.CONTEXT :]
+            self.prefix_text = self.tokenizer.decode(self.ids)
+            self.text = ""
         return delta

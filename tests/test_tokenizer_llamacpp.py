@@ -69,3 +69,22 @@ def test_tokenizer_matches_live_llamacpp(name, gguf_tokenizer):
         assert ours == llm.tokenize(text.encode(), add_bos=False, special=True), text
         if "<|" not in text:  # special tokens are left out of decoded text
             assert tokenizer.decode(ours) == text
+
+
+@pytest.mark.parametrize("name", ["gemma3", "smollm2"])
+def test_streamed_pieces_join_to_the_decoded_text(name, gguf_tokenizer):
+    """However long the output, each token decodes a few ids (the window slides) and the pieces join to the text
+    of all of them: multi-byte characters split across tokens, SentencePiece's spaces, code."""
+    from runtime.tokenizer import IncrementalDecoder
+
+    tokenizer = gguf_tokenizer(name)
+    prompt = tokenizer.encode("Tell me a story.", add_special_tokens=False)
+    ids = tokenizer.encode(" ".join(TOKENIZER_STRINGS[:7] * 6), add_special_tokens=False)
+    decoder = IncrementalDecoder(tokenizer, prompt)
+    pieces = []
+    for token in ids:
+        pieces.append(decoder.add(token))
+        assert len(decoder.ids) <= IncrementalDecoder.WINDOW + 3  # + the bytes of a character still incomplete
+    context = prompt[-IncrementalDecoder.CONTEXT :]
+    assert len(ids) > 10 * IncrementalDecoder.WINDOW
+    assert "".join(pieces) == tokenizer.decode(context + ids)[len(tokenizer.decode(context)) :]
