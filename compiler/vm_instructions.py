@@ -34,8 +34,7 @@ class _SlimCalls(PyExprMutator):
     def __init__(self, mod: tvm.IRModule):
         super().__init__(mod)
         self.storages: list[relax.Var] = []  # released as before
-        self.shapes: list[tuple[relax.Call, relax.Var]] = []  # first make_shape of each shape, at the top level
-        self.depth = 0  # inside an If's branches: shapes made there do not dominate what follows
+        self.shapes: list[tuple[relax.Call, relax.Var]] = []  # first make_shape of each shape
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         value = binding.value
@@ -50,21 +49,25 @@ class _SlimCalls(PyExprMutator):
                 if tvm_ffi.structural_equal(made, value):
                     self.set_var_remap(binding.var, var)
                     return
-            if self.depth == 0:
-                var = self.builder_.emit(value)
-                self.set_var_remap(binding.var, var)
-                self.shapes.append((value, var))
-                return
-        nested = isinstance(value, relax.If)
-        self.depth += nested
+            var = self.builder_.emit(value)
+            self.set_var_remap(binding.var, var)
+            self.shapes.append((value, var))
+            return
         super().visit_var_binding_(binding)
-        self.depth -= nested
+
+
+def _has_branches(func: relax.Function) -> bool:
+    found: list[relax.If] = []
+    relax.analysis.post_order_visit(func.body, lambda e: found.append(e) if isinstance(e, relax.If) else None)
+    return bool(found)
 
 
 @tvm.transform.module_pass(opt_level=0, name="MlccSlimVMCalls")
 def slim_vm_calls(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-    """Each shape built once per call, no releases of tensors (after `VMShapeLower`)."""
+    """Each shape built once per call, no releases of tensors (after `VMShapeLower`). Functions with If
+    branches are left as they are: a shape first made in a branch does not dominate what follows (and TVM 0.27's
+    planner lets a branch allocate storage the other branch and what follows use); no model has them."""
     for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
+        if isinstance(func, relax.Function) and not _has_branches(func):
             mod[gv] = _SlimCalls(mod).visit_expr(func)
     return mod
