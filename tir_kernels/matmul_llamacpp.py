@@ -61,8 +61,9 @@ SEGMENT_BYTES = 8 * 1024  # the bytes of one segment where a row group's are mor
 # Q5_0 640x2048 4 words 88 / 1339 us vs 1 word 109 / 1689; Q8_0 576x49152 (SmolLM2's head, 4 tokens) 3.09 vs
 # 4.20 ms, 640x2048 within 4%; Q4_1 576x1536 4 words 10% slower. (With 16 registers more words are slower.) With
 # pairs of row groups (Intel, 128 tokens): Q4_1 576x1536 2 words 78-83 GMAC/s, 1 word 73, 4 words 74; Q5_0 and Q8_0
-# 2 words no faster, 8 slower.
-WORDS_PER_PASS = {Q.Q4_1: 2, Q.Q5_0: 4, Q.Q8_0: 4}
+# 2 words no faster, 8 slower. AMD Zen 4 (Gemma 3's prefill of 512 tokens, its ffn_gate/ffn_up Q5_0 640x2048): Q5_0
+# with 2 words 3.3% faster than with 4 at 1 and 2 threads.
+WORDS_PER_PASS = {Q.Q4_1: 2, Q.Q5_0: 2, Q.Q8_0: 4}
 # Block types whose llama.cpp AVX2 matmul this module (or matmul_llamacpp_kquants.py) reproduces (Q4_0 is repacked
 # by llama.cpp into kernels of another order).
 EXACT_TYPES = {Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K}
