@@ -895,9 +895,10 @@ class Engine:
         self.counters["generated_tokens"] += 1
         delta = r.decoder.add(token)
         r.text += delta
+        longest_stop = max((len(s) for s in p.stop), default=0)
         if p.stop and delta:
             # only where the new text can complete a stop string: earlier text was searched at earlier steps
-            start = max(0, len(r.text) - len(delta) - max(len(s) for s in p.stop) + 1)
+            start = max(0, len(r.text) - len(delta) - longest_stop + 1)
             cut = min((i for i in (r.text.find(s, start) for s in p.stop) if i >= 0), default=-1)
             if cut >= 0:
                 r.text = r.text[:cut]
@@ -909,7 +910,7 @@ class Engine:
         if len(r.output_ids) >= p.max_tokens:
             self._finish(r, "length")
             return
-        self._emit(r, hold=max((len(s) - 1 for s in p.stop), default=0))
+        self._emit(r, hold=max(longest_stop - 1, 0))
 
     def _emit(self, r: Request, hold: int = 0, final: bool = False) -> None:
         """Stream new text, holding back a tail that might still become a stop string."""
