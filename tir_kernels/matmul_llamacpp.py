@@ -63,7 +63,7 @@ SEGMENT_BYTES = 8 * 1024  # the bytes of one segment where a row group's are mor
 # pairs of row groups (Intel, 128 tokens): Q4_1 576x1536 2 words 78-83 GMAC/s, 1 word 73, 4 words 74; Q5_0 and Q8_0
 # 2 words no faster, 8 slower. AMD Zen 4 (Gemma 3's prefill of 512 tokens, its ffn_gate/ffn_up Q5_0 640x2048): Q5_0
 # with 2 words 3.3% faster than with 4 at 1 and 2 threads.
-WORDS_PER_PASS = {Q.Q4_1: 2, Q.Q5_0: 2, Q.Q8_0: 4}
+WORDS_PER_PASS = {Q.Q4_1: 2, Q.Q5_0: 2, Q.Q8_0: 2}
 # Block types whose llama.cpp AVX2 matmul this module (or matmul_llamacpp_kquants.py) reproduces (Q4_0 is repacked
 # by llama.cpp into kernels of another order).
 EXACT_TYPES = {Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K}
@@ -250,12 +250,15 @@ def llamacpp_rows(
         return concat([chunk_halves(data, gs, c, 0) * tirx.Broadcast(x_scale[t, c], LANE_ROWS * len(gs))] * 8)
 
     @T.macro
-    def stream_ahead(data, gs, c, into_l1):
+    def stream_ahead(data, gs, c, into_l1, part=0, parts=1):
         """Ask for the weights of each group in `gs` STREAM_AHEAD bytes past chunk c (see `simd.prefetch`);
-        without `into_l1` (one-token passes) TOKEN_AHEAD bytes."""
+        without `into_l1` (one-token passes) TOKEN_AHEAD bytes. Of the chunk's cache lines only every `parts`th
+        from `part` on: the word passes share the asking (one pass with all of it ran 70 instructions a chunk,
+        the others 50)."""
         ahead = T.meta_var(STREAM_AHEAD if into_l1 else TOKEN_AHEAD)
         for line in T.unroll((gb + 63) // 64):
-            prefetch_groups(data, gs, c * gb + ahead + line * 64, into_l1, chunks * gb, ahead)
+            if line % parts == part:
+                prefetch_groups(data, gs, c * gb + ahead + line * 64, into_l1, chunks * gb, ahead)
 
     @T.macro
     def group_times_token(y, data, xq, x_scale, x_sum, gs, t, acc):
@@ -286,36 +289,47 @@ def llamacpp_rows(
         store_groups(y, t, gs, n_out, acc, 0)
 
     @T.macro
-    def word_step(data, xq, gs, t0, count, acc, scales, c, p):
-        """Chunk c into the accumulators of words p, p + passes, ... of `count` tokens; the first pass asks for
-        the weights STREAM_AHEAD bytes on."""
+    def word_step(data, xq, gs, t0, count, live, scales, c, p):
+        """Chunk c into the pass's accumulators `live` (word p + w * passes of token i at [w, i]) of `count`
+        tokens; the passes share asking for the weights STREAM_AHEAD bytes on."""
         lanes = T.meta_var(LANE_ROWS * len(gs))
-        if p == 0:
-            stream_ahead(data, gs, c, into_l1=True)
+        stream_ahead(data, gs, c, True, p, passes)
         for w in T.unroll(words):
             for i in T.unroll(count):
-                acc[T.Ramp((i * 9 + p + w * passes) * lanes, 1, lanes)] = fma(
+                live[T.Ramp((w * count + i) * lanes, 1, lanes)] = fma(
                     rows(scales, (i * chunks + c) * lanes, lanes),
                     word_sums(data, gs, c, p + w * passes, xq, t0 + i).astype(f"float32x{lanes}"),
-                    rows(acc, (i * 9 + p + w * passes) * lanes, lanes),
+                    rows(live, (w * count + i) * lanes, lanes),
                 )
 
     @T.macro
-    def group_times_tokens(y, data, xq, x_scale, x_sum, gs, t0, count, acc, scales):
+    def swap_pass(acc, live, count, p, lanes, into_live: bool):
+        """Pass p's accumulators between `acc` ([count, 9, rows]) and `live` ([words, count, rows])."""
+        for w in T.unroll(words):
+            for i in T.unroll(count):
+                if into_live:
+                    live[T.Ramp((w * count + i) * lanes, 1, lanes)] = rows(acc, (i * 9 + p + w * passes) * lanes, lanes)
+                else:
+                    acc[T.Ramp((i * 9 + p + w * passes) * lanes, 1, lanes)] = rows(live, (w * count + i) * lanes, lanes)
+
+    @T.macro
+    def group_times_tokens(y, data, xq, x_scale, x_sum, gs, t0, count, acc, live, scales):
         """y[t0 .. t0+count, g*8 .. g*8+7] for each group g in `gs` (rows past n_out not stored; a second
         group equal to the first not at all). llama.cpp keeps, per row and token, 8 float accumulators (lane m
         sums columns 4m..4m+3 of every block) and the min terms; here word m (with `words` > 1, words m,
         m + passes, ...) is one pass over the chunks in which each of the `count` tokens' lane-m accumulators
         of the groups' rows takes each chunk in turn, so a word's codes are decoded once for all tokens.
-        acc: [count, 9, rows] (lanes, then mins), scales: [count, chunks, rows] the rows' d_w * d_x.
+        acc: [count, 9, rows] (lanes, then mins), scales: [count, chunks, rows] the rows' d_w * d_x; live: a
+        pass's accumulators, small enough for the stack (`acc` is a workspace, which LLVM cannot tell from the
+        other buffers: it kept the accumulators in registers but stored them at every chunk).
 
         Where a row group's weights and activations do not stay in L1 for 8 passes (4096 columns of Q4_1: 20
         KB of weights and 16 KB of activations; 68 -> 40 GMAC/s), the passes go over one segment of chunks
         after the other (each accumulator still takes the chunks in order). A row that fits keeps its single
         loop nest: the segment loop around it measured ~4% slower on SmolLM2's batch-8 decode."""
         lanes = T.meta_var(LANE_ROWS * len(gs))
-        for i in T.unroll(count):
-            for c in range(chunks):
+        for c in range(chunks):  # each chunk's d_w converted once for the tokens
+            for i in T.unroll(count):
                 scales[T.Ramp((i * chunks + c) * lanes, 1, lanes)] = chunk_halves(data, gs, c, 0) * T.Broadcast(
                     x_scale[t0 + i, c], lanes
                 )
@@ -332,19 +346,20 @@ def llamacpp_rows(
                     )
         elif segments == 1:
             for p in T.unroll(passes):
-                for w in T.unroll(words):
-                    for i in T.unroll(count):
-                        acc[T.Ramp((i * 9 + p + w * passes) * lanes, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
+                live[T.Ramp(0, 1, words * count * lanes)] = T.Broadcast(T.float32(0), words * count * lanes)
                 for c in range(chunks):
-                    word_step(data, xq, gs, t0, count, acc, scales, c, p)
+                    word_step(data, xq, gs, t0, count, live, scales, c, p)
+                swap_pass(acc, live, count, p, lanes, into_live=False)
         else:
             for i in T.unroll(count):
                 for m in T.unroll(8):
                     acc[T.Ramp((i * 9 + m) * lanes, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
             for part in range(segments):
                 for p in T.unroll(passes):
+                    swap_pass(acc, live, count, p, lanes, into_live=True)
                     for step in range(T.min(segment, chunks - part * segment)):
-                        word_step(data, xq, gs, t0, count, acc, scales, part * segment + step, p)
+                        word_step(data, xq, gs, t0, count, live, scales, part * segment + step, p)
+                    swap_pass(acc, live, count, p, lanes, into_live=False)
         for i in T.unroll(count):
             acc[T.Ramp((i * 9 + 8) * lanes, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
             if lay.minimum is not None:
@@ -377,6 +392,7 @@ def llamacpp_rows(
             for task in T.parallel(tasks):
                 acc = T.alloc_buffer((QUAD * 9 * unit_rows,), "float32")
                 single = T.alloc_buffer((9 * unit_rows,), "float32")
+                live = T.alloc_buffer((words * QUAD * unit_rows,), "float32")
                 scales = T.alloc_buffer((QUAD * chunks * unit_rows,), "float32")
                 first_unit, task_units = T.meta_var(task_share(task, tasks, units))
                 for tb in range((n + block_tokens - 1) // block_tokens):
@@ -387,7 +403,7 @@ def llamacpp_rows(
                         count = T.meta_var(T.min(n, first + block_tokens) - first)
                         for q in range(count // QUAD):
                             group_times_tokens(
-                                y, data, activations, x_scale, x_sum, gs, first + q * QUAD, QUAD, acc, scales
+                                y, data, activations, x_scale, x_sum, gs, first + q * QUAD, QUAD, acc, live, scales
                             )
                         for r in range(count % QUAD):
                             t = T.meta_var(first + count // QUAD * QUAD + r)
