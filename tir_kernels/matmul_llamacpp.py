@@ -56,14 +56,12 @@ from tir_kernels.simd import (
 Q = GGMLQuantizationType
 L1_ROW_BYTES = 24 * 1024  # a row group's bytes (weights, activations, scales) the word passes read from L1
 SEGMENT_BYTES = 8 * 1024  # the bytes of one segment where a row group's are more
-# Words of a chunk that one pass over a row group's chunks takes with 32 vector registers, per block type: each
-# pass keeps 4 tokens x words accumulators, independent chains of fused multiply-adds. 1 thread, 4 / 64 tokens:
-# Q5_0 640x2048 4 words 88 / 1339 us vs 1 word 109 / 1689; Q8_0 576x49152 (SmolLM2's head, 4 tokens) 3.09 vs
-# 4.20 ms, 640x2048 within 4%; Q4_1 576x1536 4 words 10% slower. (With 16 registers more words are slower.) With
-# pairs of row groups (Intel, 128 tokens): Q4_1 576x1536 2 words 78-83 GMAC/s, 1 word 73, 4 words 74; Q5_0 and Q8_0
-# 2 words no faster, 8 slower. AMD Zen 4 (Gemma 3's prefill of 512 tokens, its ffn_gate/ffn_up Q5_0 640x2048): Q5_0
-# with 2 words 3.3% faster than with 4 at 1 and 2 threads.
-WORDS_PER_PASS = {Q.Q4_1: 2, Q.Q5_0: 2, Q.Q8_0: 2}
+# Words of a chunk that one pass over a pair of row groups' chunks takes (32 vector registers): each pass keeps 4
+# tokens x words accumulators, independent chains of fused multiply-adds, in registers. Zen 4, 1 thread, 128 tokens
+# (us): Q5_0 640x2048 2 words 2250, 1 word 2550; Q4_1 576x1536 1410 / 1520; Q8_0 640x1024 985 / 1170 (4 words: 16
+# accumulators, 1 KiB, past what TVM puts on the stack, and slower, 1235 before this order). An Intel Xeon (with the
+# accumulators still in the workspace): Q4_1 2 words 78-83 GMAC/s, 1 word 73, 4 words 74; Q5_0 and Q8_0 level.
+WORDS_PER_PASS = 2
 # Block types whose llama.cpp AVX2 matmul this module (or matmul_llamacpp_kquants.py) reproduces (Q4_0 is repacked
 # by llama.cpp into kernels of another order).
 EXACT_TYPES = {Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K}
@@ -171,7 +169,7 @@ def llamacpp_rows(
     token_offset = 128 if vnni and qtype == Q.Q8_0 and not sum_chunks else None
     column_offset = offset or token_offset
     offset_columns = CHUNK if sum_chunks else 4  # activations summed for one offset term
-    words = WORDS_PER_PASS[qtype] if pairs else 1
+    words = WORDS_PER_PASS if pairs else 1
     passes = 8 // words  # word p's pass also takes words p + passes, p + 2 * passes, ...
     units = unit_count(row_groups, pairs)  # what the tasks share out
     tasks = min(TASKS, units)
