@@ -46,6 +46,7 @@ from tir_kernels.simd import (
     lane_sum,
     llvm_intrin,
     prefetch_groups,
+    shift_bytes,
     store_groups,
     task_share,
     u8x32,
@@ -70,8 +71,8 @@ EXACT_TYPES = {Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K}
 CHUNK_SUM_OFFSETS = {Q.Q4_0: 8, Q.Q4_1: 0, Q.Q5_0: 16, Q.Q5_1: 0, Q.Q8_0: 128}
 
 
-def _u8(value: int | tirx.PrimExpr) -> tirx.PrimExpr:
-    return tirx.const(value, "uint8") if isinstance(value, int) else value.astype("uint8")
+def _unsigned(value: int | tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
+    return tirx.const(value, dtype) if isinstance(value, int) else value.astype(dtype)
 
 
 def group_word(qtype: GGMLQuantizationType, data: tirx.Buffer, g, c, m) -> tirx.PrimExpr:
@@ -83,10 +84,12 @@ def group_word(qtype: GGMLQuantizationType, data: tirx.Buffer, g, c, m) -> tirx.
         return tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * m, 1, 32)])
     # words m and m + 4 are the low and high nibbles of the same bytes
     packed = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.codes + 32 * (m % 4), 1, 32)])
-    codes = (packed >> tirx.Broadcast(_u8(m // 4 * 4), 32)) & u8x32(15)
-    if lay.high is not None:  # bit 4
-        plane = tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.high, 1, 32)])
-        codes = codes | (((plane >> tirx.Broadcast(_u8(m), 32)) & u8x32(1)) << u8x32(4))
+    codes = shift_bytes(packed, m // 4 * 4, right=True) & u8x32(15)
+    if lay.high is not None:  # bit 4: each byte's bit m, moved to bit 4 by rotating 32-bit lanes 4 - m left
+        plane = tirx.reinterpret("uint32x8", tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.high, 1, 32)]))
+        left = tirx.Broadcast(_unsigned((4 - m) % 32, "uint32"), 8)
+        right = tirx.Broadcast(_unsigned((m + 28) % 32, "uint32"), 8)
+        codes = codes | (tirx.reinterpret("uint8x32", (plane << left) | (plane >> right)) & u8x32(16))
     return codes
 
 

@@ -42,6 +42,7 @@ from tir_kernels.simd import (
     llvm_intrin,
     load,
     prefetch_groups,
+    shift_bytes,
     store_groups,
     task_share,
     tree_sum,
@@ -63,11 +64,12 @@ def super_word(qtype: GGMLQuantizationType, data: tirx.Buffer, g, base, c, m: in
     g in `group_rows` form: the unsigned codes (Q4_K 0..15, Q6_K 0..63)."""
     lay = SUPER_LAYOUTS[qtype]
     packed = tirx.BufferLoad(data, [g, tirx.Ramp(base + lay.low + c * 128 + 32 * (m % 4), 1, 32)])
-    low = packed & u8x32(15) if m < 4 else packed >> u8x32(4)
+    low = packed & u8x32(15) if m < 4 else shift_bytes(packed, 4, right=True) & u8x32(15)
     if lay.high is None:
         return low
-    bits = tirx.BufferLoad(data, [g, tirx.Ramp(base + lay.high + c * 64 + 32 * (m % 2), 1, 32)]) >> u8x32(2 * (m // 2))
-    return low | ((bits & u8x32(3)) << u8x32(4))
+    bits = tirx.BufferLoad(data, [g, tirx.Ramp(base + lay.high + c * 64 + 32 * (m % 2), 1, 32)])
+    up = 4 - 2 * (m // 2)  # bits 2 (m // 2) and the next move to 4 and 5
+    return low | (shift_bytes(bits, abs(up), right=up < 0) & u8x32(0x30))
 
 
 def _pairs_to_int16(v: tirx.PrimExpr) -> tirx.PrimExpr:
