@@ -158,7 +158,7 @@ class DraftModel:
         state = self.sequences.get(id(request))
         if state is None:
             return
-        in_kv = state[1] - len(request.all_ids())  # drafted tokens in the draft's KV
+        in_kv = state[1] - request.num_ids()  # drafted tokens in the draft's KV
         drop = max(0, in_kv - kept)
         self.kv.pop(state[0], drop)
         state[1] -= drop
@@ -171,7 +171,7 @@ class DraftModel:
     def _pages_to_draft(self, r: Request, k: int) -> int | None:
         """The draft KV pages `r` needs beyond its own to hold its tokens and `k` drafts; None beyond the draft's
         context window."""
-        needed = len(r.all_ids()) + k
+        needed = r.num_ids() + k
         if needed > self.context_window:
             return None
         state = self.sequences.get(id(r))
