@@ -39,6 +39,7 @@ from tir_kernels.simd import (
     TOKEN_AHEAD,
     TOKENS,
     bcast,
+    broadcast_as,
     concat,
     each_row,
     fma,
@@ -71,10 +72,6 @@ EXACT_TYPES = {Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K}
 CHUNK_SUM_OFFSETS = {Q.Q4_0: 8, Q.Q4_1: 0, Q.Q5_0: 16, Q.Q5_1: 0, Q.Q8_0: 128}
 
 
-def _unsigned(value: int | tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
-    return tirx.const(value, dtype) if isinstance(value, int) else value.astype(dtype)
-
-
 def group_word(qtype: GGMLQuantizationType, data: tirx.Buffer, g, c, m) -> tirx.PrimExpr:
     """uint8x32: word m (columns 4m..4m+3) of chunk c for the 8 rows of group g in `group_rows` form, as stored:
     the codes before their zero point (Q8_0: the signed bytes). m: an int, or a loop variable unrolled."""
@@ -87,8 +84,8 @@ def group_word(qtype: GGMLQuantizationType, data: tirx.Buffer, g, c, m) -> tirx.
     codes = shift_bytes(packed, m // 4 * 4, right=True) & u8x32(15)
     if lay.high is not None:  # bit 4: each byte's bit m, moved to bit 4 by rotating 32-bit lanes 4 - m left
         plane = tirx.reinterpret("uint32x8", tirx.BufferLoad(data, [g, tirx.Ramp(c * gb + lay.high, 1, 32)]))
-        left = tirx.Broadcast(_unsigned((4 - m) % 32, "uint32"), 8)
-        right = tirx.Broadcast(_unsigned((m + 28) % 32, "uint32"), 8)
+        left = broadcast_as((4 - m) % 32, "uint32", 8)
+        right = broadcast_as((m + 28) % 32, "uint32", 8)
         codes = codes | (tirx.reinterpret("uint8x32", (plane << left) | (plane >> right)) & u8x32(16))
     return codes
 
