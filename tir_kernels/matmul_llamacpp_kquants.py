@@ -57,6 +57,12 @@ Q = GGMLQuantizationType
 # 22-26 GB/s so; the whole next super-blocks asked for at once did not help (6-10 GB/s). One-token passes now ask
 # `simd.TOKEN_AHEAD` bytes on, into L2 (Q6_K 2048x8192, 1 / 2 threads: 10.6 / 20.6 -> 12.6 / 24.8 GB/s).
 AHEAD = 1536
+# Q4_K's one-token kernel on rows this long asks for its weights ahead on every CPU, one group at a time: there a
+# token's activations (n_in bytes, read again for each group) no longer stay in L1 beside the weights streaming
+# through, and the hardware prefetcher falls behind (Zen 4, 1 thread, GB/s from memory: 8192x2048 20.9 -> 26.5,
+# 4096x4096 23.4 -> 26.5, 14336x4096 19.3 -> 23.6, 2 threads 8192x2048 level; 3072x8192 21.3 -> 19.8 and
+# 2048x8192 23.8 -> 22.4 so, hence not below this).
+LONG_ROW = 4096
 
 
 def super_word(qtype: GGMLQuantizationType, data: tirx.Buffer, g, base, c, m: int) -> tirx.PrimExpr:
@@ -102,7 +108,8 @@ def kquant_rows(
     registers Q4_K's GEMM takes tokens in fours (each word decoded once for four). `one_order`: every token in
     one of llama.cpp's orders whatever the batch (Q4_K the GEMV's, Q6_K the tiled matmul's: whole super-blocks'
     integer sums), so that a token's numbers do not depend on its batch. `ask_ahead`: Q4_K's one-token kernel
-    asks for its weights ahead as well as the hardware prefetcher (`simd.asks_ahead`)."""
+    asks for its weights ahead as well as the hardware prefetcher (`simd.asks_ahead`; on rows of `LONG_ROW`
+    columns or more it always does)."""
     lay = SUPER_LAYOUTS[qtype]
     q6 = qtype == Q.Q6_K
     supers = n_in // SUPER_BLOCK
@@ -191,7 +198,8 @@ def kquant_rows(
     @T.macro
     def stream(data, gs, base, c, into_l1):
         """Ask for the weights AHEAD bytes past chunk c's share of super-block `base` (Q6_K; Q4_K's single
-        stream of codes the hardware prefetcher follows, so its one-token kernel asks only with `ask_ahead`).
+        stream of codes the hardware prefetcher follows, so its one-token kernel asks only with `ask_ahead`
+        or on long rows).
         `into_l1`: see `simd.prefetch`; without it (one-token passes) TOKEN_AHEAD bytes on."""
         ahead = T.meta_var(AHEAD if into_l1 else TOKEN_AHEAD)
         for line in T.unroll(-(-chunk_bytes // 64)):
@@ -239,7 +247,7 @@ def kquant_rows(
             min_scale = T.meta_var(scaled(data, gs, base + lay.minimum, x_scale, t, s))
             isum[T.Ramp(0, 1, 2 * v)] = T.Broadcast(T.int32(0), 2 * v)
             for p in T.unroll(4):
-                if ask_ahead:
+                if ask_ahead or n_in >= LONG_ROW:
                     stream(data, gs, base, 2 * p, into_l1=False)
                     stream(data, gs, base, 2 * p + 1, into_l1=False)
                 isum[T.Ramp(2 * v, 1, v)] = chunk_lanes(data, gs, base, 2 * p, xq, t, s) + chunk_lanes(
