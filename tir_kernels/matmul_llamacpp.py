@@ -170,6 +170,11 @@ def llamacpp_rows(
     column_offset = offset or token_offset
     offset_columns = CHUNK if sum_chunks else 4  # activations summed for one offset term
     words = WORDS_PER_PASS if pairs else 1
+    # A decode step's Q8_0 passes take one group of a pair, then the other: one stream of weights, which the
+    # prefetchers follow better than two side by side where decoding is as light as Q8_0's (Zen 4, GB/s from
+    # memory, 1 / 2 threads: 640x262144 23.0 / 36.0 -> 26.2 / 38.9, 576x49152 22.2 / 34.3 -> 25.2 / 37.0; Q5_0
+    # 640x16384, 27.5 -> 23.4 at 1 thread, keeps its pairs)
+    token_pairs = pairs and qtype != Q.Q8_0
     passes = 8 // words  # word p's pass also takes words p + passes, p + 2 * passes, ...
     units = unit_count(row_groups, pairs)  # what the tasks share out
     tasks = min(TASKS, units)
@@ -415,7 +420,13 @@ def llamacpp_rows(
                     unit = T.meta_var(first_unit + ui)
                     gs = T.meta_var(unit_groups(unit, row_groups, pairs))
                     for t in range(n):
-                        group_times_token(y, data, activations, x_scale, x_sum, gs, t, single)
+                        if token_pairs:
+                            group_times_token(y, data, activations, x_scale, x_sum, gs, t, single)
+                        else:
+                            group_times_token(y, data, activations, x_scale, x_sum, gs[:1], t, single)
+                            if len(gs) == 2:
+                                if gs[1] != gs[0]:
+                                    group_times_token(y, data, activations, x_scale, x_sum, gs[1:], t, single)
 
     return RowMatmul(body, n_in, n_out, (row_groups, chunks * gb))
 
