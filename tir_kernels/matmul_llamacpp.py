@@ -52,6 +52,7 @@ from tir_kernels.simd import (
     task_share,
     u8x32,
     unit_count,
+    unit_group_range,
     unit_groups,
 )
 
@@ -170,11 +171,12 @@ def llamacpp_rows(
     column_offset = offset or token_offset
     offset_columns = CHUNK if sum_chunks else 4  # activations summed for one offset term
     words = WORDS_PER_PASS if pairs else 1
-    # A decode step's Q8_0 passes take one group of a pair, then the other: one stream of weights, which the
-    # prefetchers follow better than two side by side where decoding is as light as Q8_0's (Zen 4, GB/s from
-    # memory, 1 / 2 threads: 640x262144 23.0 / 36.0 -> 26.2 / 38.9, 576x49152 22.2 / 34.3 -> 25.2 / 37.0; Q5_0
-    # 640x16384, 27.5 -> 23.4 at 1 thread, keeps its pairs)
-    token_pairs = pairs and qtype != Q.Q8_0
+    # A decode step's passes take one row group at a time, in one loop over the groups (one copy of the code
+    # reading one stream of weights): the prefetchers follow it better than two groups side by side, or than two
+    # copies of the code taking the groups of a pair in turn (Zen 5, GB/s from memory, 1 thread: Q8_0 640x262144
+    # 36 -> 42, Q4_1 576x1536 35 -> 42, Q5_0 640x2048 34 -> 37; Zen 4, Q8_0 23.0 -> 26.2). Where the kernels ask
+    # ahead (`simd.asks_ahead`: Intel) Q4_1 and Q5_0 keep their pairs.
+    token_pairs = pairs and ask_ahead and qtype != Q.Q8_0
     passes = 8 // words  # word p's pass also takes words p + passes, p + 2 * passes, ...
     units = unit_count(row_groups, pairs)  # what the tasks share out
     tasks = min(TASKS, units)
@@ -416,17 +418,16 @@ def llamacpp_rows(
             for task in T.parallel(tasks):
                 single = T.alloc_buffer((9 * unit_rows,), "float32")
                 first_unit, task_units = T.meta_var(task_share(task, tasks, units))
-                for ui in range(task_units):
-                    unit = T.meta_var(first_unit + ui)
-                    gs = T.meta_var(unit_groups(unit, row_groups, pairs))
-                    for t in range(n):
-                        if token_pairs:
+                if token_pairs:
+                    for ui in range(task_units):
+                        gs = T.meta_var(unit_groups(first_unit + ui, row_groups, pairs))
+                        for t in range(n):
                             group_times_token(y, data, activations, x_scale, x_sum, gs, t, single)
-                        else:
-                            group_times_token(y, data, activations, x_scale, x_sum, gs[:1], t, single)
-                            if len(gs) == 2:
-                                if gs[1] != gs[0]:
-                                    group_times_token(y, data, activations, x_scale, x_sum, gs[1:], t, single)
+                else:
+                    first, count = T.meta_var(unit_group_range(first_unit, task_units, row_groups, pairs))
+                    for g in range(first, first + count):
+                        for t in range(n):
+                            group_times_token(y, data, activations, x_scale, x_sum, (g,), t, single)
 
     return RowMatmul(body, n_in, n_out, (row_groups, chunks * gb))
 

@@ -48,6 +48,7 @@ from tir_kernels.simd import (
     tree_sum,
     u8x32,
     unit_count,
+    unit_group_range,
     unit_groups,
 )
 
@@ -381,34 +382,40 @@ def kquant_rows(
             acc = T.alloc_buffer((max(64, 2 * QUAD * unit_rows),), "float32")
             isum = T.alloc_buffer(((QUAD + 8) * unit_rows,), "int32")
             first_unit, task_units = T.meta_var(task_share(task, tasks, units))
-            for tb in range((n + block_tokens - 1) // block_tokens):
-                for ui in range(task_units):
-                    unit = T.meta_var(first_unit + ui)
-                    gs = T.meta_var(unit_groups(unit, row_groups, pairs))
-                    first = T.meta_var(tb * block_tokens)
-                    count = T.meta_var(T.min(n, first + block_tokens) - first)
-                    if q6:
-                        if n >= 8 or one_order:  # llama.cpp's tiled matmul: tokens in fours share decoded codes
-                            for q in range(count // QUAD):
-                                q6_tiled_quad(y, data, xq, x_scale, x_sum, gs, first + q * QUAD, acc, isum)
-                            for r in range(count % QUAD):
-                                t = T.meta_var(first + count // QUAD * QUAD + r)
-                                token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, True)
-                        else:
+            if n < QUAD and not (pairs and ask_ahead):  # decode: one group at a time, see `token_rows`
+                first, count = T.meta_var(unit_group_range(first_unit, task_units, row_groups, pairs))
+                for g in range(first, first + count):
+                    for t in range(n):
+                        group_token(y, data, xq, x_scale, x_sum, (g,), t, acc, isum, q6 and one_order)
+            else:
+                for tb in range((n + block_tokens - 1) // block_tokens):
+                    for ui in range(task_units):
+                        unit = T.meta_var(first_unit + ui)
+                        gs = T.meta_var(unit_groups(unit, row_groups, pairs))
+                        first = T.meta_var(tb * block_tokens)
+                        count = T.meta_var(T.min(n, first + block_tokens) - first)
+                        if q6:
+                            if n >= 8 or one_order:  # llama.cpp's tiled matmul: tokens in fours share decoded codes
+                                for q in range(count // QUAD):
+                                    q6_tiled_quad(y, data, xq, x_scale, x_sum, gs, first + q * QUAD, acc, isum)
+                                for r in range(count % QUAD):
+                                    t = T.meta_var(first + count // QUAD * QUAD + r)
+                                    token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, True)
+                            else:
+                                for t in range(first, first + count):
+                                    token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
+                        elif one_order:
                             for t in range(first, first + count):
                                 token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
-                    elif one_order:
-                        for t in range(first, first + count):
-                            token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
-                    elif q4k_quads:  # llama.cpp's GEMM for all but the batch's last n % 4 tokens, its GEMV for those
-                        for q in range(count // QUAD):
-                            q4k_tiled_quad(y, data, xq, x_scale, x_sum, gs, first + q * QUAD, acc)
-                        for r in range(count % QUAD):
-                            t = T.meta_var(first + count // QUAD * QUAD + r)
-                            token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
-                    else:
-                        for t in range(first, first + count):
-                            tiled = T.meta_var(t < n - n % 4)
-                            token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled)
+                        elif q4k_quads:  # llama.cpp's GEMM but for the batch's last n % 4 tokens (its GEMV)
+                            for q in range(count // QUAD):
+                                q4k_tiled_quad(y, data, xq, x_scale, x_sum, gs, first + q * QUAD, acc)
+                            for r in range(count % QUAD):
+                                t = T.meta_var(first + count // QUAD * QUAD + r)
+                                token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
+                        else:
+                            for t in range(first, first + count):
+                                tiled = T.meta_var(t < n - n % 4)
+                                token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled)
 
     return RowMatmul(body, n_in, n_out, (row_groups, supers * lay.size))

@@ -234,6 +234,14 @@ def unit_groups(unit: tirx.PrimExpr, row_groups: int, pairs: bool) -> tuple[tirx
     return (2 * unit, tirx.min(2 * unit + 1, row_groups - 1)) if pairs else (unit,)
 
 
+def unit_group_range(first_unit, units, row_groups: int, pairs: bool) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    """(first, count) of the row groups in `units` units from `first_unit` on (`unit_groups`), each group once."""
+    if not pairs:
+        return first_unit, units
+    first = 2 * first_unit
+    return first, tirx.min(2 * units, row_groups - first)
+
+
 @T.macro
 def prefetch_groups(data, gs, byte, into_l1, stride: int, ahead: int):
     """`prefetch` of data[g, byte] for each group g in `gs` (rows `stride` bytes apart; `byte` at most `ahead`
