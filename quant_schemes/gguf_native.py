@@ -24,7 +24,7 @@ from tir_kernels.matmul_int8 import int8_rows
 from tir_kernels.matmul_llamacpp import CHUNK_SUM_OFFSETS, EXACT_TYPES, chunk_sum_rows, llamacpp_rows
 from tir_kernels.numerics import Numerics
 from tir_kernels.repack import INTERLEAVED, SUPER_LAYOUTS, group_rows, interleave_rows
-from tir_kernels.simd import asks_ahead, has_amx, has_avx2, has_vnni, vector_registers
+from tir_kernels.simd import AskAhead, asks_ahead, has_amx, has_avx2, has_vnni, vector_registers
 
 Q = GGMLQuantizationType
 # Types whose llama.cpp-order kernels also serve mlcc's order: faster than `int8_rows` with or without VNNI
@@ -46,7 +46,7 @@ class Int8Rows:
         vnni: bool,
         vector_registers: int = 16,
         amx: bool = False,
-        ask_ahead: bool = False,
+        ask_ahead: AskAhead = AskAhead.NONE,
     ):
         self.fmt, self.in_features, self.out_features, self.numerics = fmt, in_features, out_features, numerics
         qtype = fmt.qtype
@@ -97,7 +97,7 @@ class GGUFLinear(PackedModule):
         vnni: bool = False,
         vector_registers: int = 16,
         amx: bool = False,
-        ask_ahead: bool = False,
+        ask_ahead: AskAhead = AskAhead.NONE,
     ):
         self.fmt, self.in_features, self.out_features, self.dtype = fmt, in_features, out_features, dtype
         # llama.cpp's own order of operations is that of its int8 kernels; `vnni`: the target has `vpdpbusd`
@@ -148,7 +148,7 @@ class GGUFExperts(PackedModule):
         vnni: bool = False,
         vector_registers: int = 16,
         amx: bool = False,
-        ask_ahead: bool = False,
+        ask_ahead: AskAhead = AskAhead.NONE,
     ):
         self.fmt, self.num_experts, self.in_features, self.out_features = fmt, num_experts, in_features, out_features
         self.int8 = None
@@ -228,7 +228,7 @@ class GGUFNativeScheme(QuantScheme):
         self.elements = elements or {}  # each tensor's element count in the file, where known
         self.int8_activations = self.vnni = self.amx = False  # decided per target by `prepare`
         self.vector_registers = 16
-        self.ask_ahead = False
+        self.ask_ahead = AskAhead.NONE
         counts: dict[str, int] = {}
         for t in tensor_types.values():
             counts[t.name] = counts.get(t.name, 0) + 1

@@ -16,7 +16,7 @@ from tvm.script import tirx as T
 from compiler.targets import TargetRequest, resolve_target, strict_float
 from tir_kernels import attention, ggml_math, matmul_llamacpp, norms_activations, repack, rope
 from tir_kernels.numerics import Numerics
-from tir_kernels.simd import has_avx2, has_vnni, vector_registers
+from tir_kernels.simd import AskAhead, has_avx2, has_vnni, vector_registers
 
 TARGET = strict_float(resolve_target(TargetRequest())).target
 pytestmark = pytest.mark.skipif(not has_avx2(TARGET), reason="llama.cpp numerics are built for AVX2 CPUs")
@@ -70,17 +70,22 @@ def _blocks(qtype: Q, rows: int, n_in: int, rng: np.random.Generator) -> np.ndar
         (Q.Q6_K, 512, 45),  # AVX-512: 3 pairs, the last rows past n_out
     ],
 )
-@pytest.mark.parametrize(("vnni", "registers"), [(False, 16), (True, 16), (True, 32)], ids=["avx2", "vnni", "vnni32"])
-def test_matmul_is_ggml_vec_dot(qtype: Q, n_in: int, n_out: int, vnni: bool, registers: int):
-    """With 32 vector registers, each pass over two row groups takes several words (`WORDS_PER_PASS`), and
-    Q4_K's one-token kernel asks for its weights ahead (as on Intel CPUs)."""
+@pytest.mark.parametrize(
+    ("vnni", "registers", "ask"),
+    [(False, 16, AskAhead.NONE), (True, 16, AskAhead.NONE), (True, 32, AskAhead.PAIRS), (True, 32, AskAhead.ONE_GROUP)],
+    ids=["avx2", "vnni", "vnni32", "vnni32-one-group"],
+)
+def test_matmul_is_ggml_vec_dot(qtype: Q, n_in: int, n_out: int, vnni: bool, registers: int, ask: AskAhead):
+    """With 32 vector registers, each pass over two row groups takes several words (`WORDS_PER_PASS`); one-token
+    passes take a pair of row groups side by side (`AskAhead.PAIRS`, as on Intel CPUs) or one group after another
+    (as on AMD's)."""
     if vnni and not has_vnni(TARGET):
         pytest.skip("this CPU has no vpdpbusd")
     if registers > vector_registers(TARGET):
         pytest.skip(f"this CPU has {vector_registers(TARGET)} vector registers")
     rng = np.random.default_rng(0)
     raw = _blocks(qtype, n_out, n_in, rng)
-    kernel = matmul_llamacpp.llamacpp_matmul(qtype, n_in, n_out, vnni, registers, ask_ahead=registers == 32)
+    kernel = matmul_llamacpp.llamacpp_matmul(qtype, n_in, n_out, vnni, registers, ask_ahead=ask)
     data = tvm.runtime.tensor(repack.group_rows(raw, qtype))
     lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=TARGET)
     for tokens in (1, 3, 8, 19, 70):  # 70: two blocks of tokens at 4096 columns

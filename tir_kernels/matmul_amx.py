@@ -36,7 +36,18 @@ from tir_kernels.matmul_llamacpp import CHUNK_SUM_OFFSETS, chunk_sum_rows, group
 from tir_kernels.matmul_llamacpp_kquants import kquant_rows, super_word
 from tir_kernels.repack import GROUP_LAYOUTS, LANE_ROWS, SUPER_LAYOUTS
 from tir_kernels.row_matmul import RowMatmul
-from tir_kernels.simd import TASKS, concat, fma, halves, task_share, u8x32, unit_count, unit_groups, vec_const
+from tir_kernels.simd import (
+    TASKS,
+    AskAhead,
+    concat,
+    fma,
+    halves,
+    task_share,
+    u8x32,
+    unit_count,
+    unit_groups,
+    vec_const,
+)
 
 Q = GGMLQuantizationType
 TILE_TOKENS = 16  # a tile's rows: the tokens of one tile multiply, and the fewest tokens this path takes
@@ -197,7 +208,7 @@ def amx_chunk_sum_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> Ro
 
 @functools.cache
 def amx_super_rows(
-    qtype: GGMLQuantizationType, n_in: int, n_out: int, vector_registers: int, ask_ahead: bool = False
+    qtype: GGMLQuantizationType, n_in: int, n_out: int, vector_registers: int, ask_ahead: AskAhead = AskAhead.NONE
 ) -> RowMatmul:
     """Q4_K or Q6_K in one of llama.cpp's orders for every token (`kquant_rows(..., one_order=True)`: Q4_K the
     GEMV's, Q6_K the tiled matmul's), its integer sums on AMX for 16 tokens or more, W in `group_rows` form.

@@ -38,6 +38,7 @@ from tir_kernels.simd import (
     TASKS,
     TOKEN_AHEAD,
     TOKENS,
+    AskAhead,
     bcast,
     broadcast_as,
     concat,
@@ -98,7 +99,7 @@ def llamacpp_matmul(
     n_out: int,
     vnni: bool = False,
     vector_registers: int = 16,
-    ask_ahead: bool = False,
+    ask_ahead: AskAhead = AskAhead.NONE,
 ) -> tirx.PrimFunc:
     """`llamacpp_rows`' kernel: llama.cpp's own numbers for a dense layer."""
     return llamacpp_rows(qtype, n_in, n_out, vnni, vector_registers, ask_ahead=ask_ahead).kernel
@@ -122,7 +123,7 @@ def llamacpp_rows(
     vnni: bool = False,
     vector_registers: int = 16,
     sum_chunks: bool = False,
-    ask_ahead: bool = False,
+    ask_ahead: AskAhead = AskAhead.NONE,
 ) -> RowMatmul:
     """y[t, o] = sum_k x[t, k] * W[o, k] exactly as llama.cpp's AVX2 build computes it, W in
     `tir_kernels.repack.group_rows` form.
@@ -176,7 +177,7 @@ def llamacpp_rows(
     # copies of the code taking the groups of a pair in turn (Zen 5, GB/s from memory, 1 thread: Q8_0 640x262144
     # 36 -> 42, Q4_1 576x1536 35 -> 42, Q5_0 640x2048 34 -> 37; Zen 4, Q8_0 23.0 -> 26.2). Where the kernels ask
     # ahead (`simd.asks_ahead`: Intel) Q4_1 and Q5_0 keep their pairs.
-    token_pairs = pairs and ask_ahead and qtype != Q.Q8_0
+    token_pairs = pairs and ask_ahead == AskAhead.PAIRS and qtype != Q.Q8_0
     passes = 8 // words  # word p's pass also takes words p + passes, p + 2 * passes, ...
     units = unit_count(row_groups, pairs)  # what the tasks share out
     tasks = min(TASKS, units)

@@ -35,6 +35,7 @@ from tir_kernels.simd import (
     TASKS,
     TOKEN_AHEAD,
     TOKENS,
+    AskAhead,
     concat,
     fma,
     halves,
@@ -101,7 +102,7 @@ def kquant_rows(
     vnni: bool = False,
     vector_registers: int = 16,
     one_order: bool = False,
-    ask_ahead: bool = False,
+    ask_ahead: AskAhead = AskAhead.NONE,
 ) -> RowMatmul:
     """y[t, o] = sum_k x[t, k] * W[o, k] as llama.cpp's AVX2 build computes it, W in `repack.group_rows` form.
     `vnni`: Q4_K's sums of a chunk's 8 words (tiled Q6_K's of a sub-block's 4) in a chain of `vpdpbusd`, then
@@ -248,7 +249,7 @@ def kquant_rows(
             min_scale = T.meta_var(scaled(data, gs, base + lay.minimum, x_scale, t, s))
             isum[T.Ramp(0, 1, 2 * v)] = T.Broadcast(T.int32(0), 2 * v)
             for p in T.unroll(4):
-                if ask_ahead or n_in >= LONG_ROW:
+                if ask_ahead != AskAhead.NONE or n_in >= LONG_ROW:
                     stream(data, gs, base, 2 * p, into_l1=False)
                     stream(data, gs, base, 2 * p + 1, into_l1=False)
                 isum[T.Ramp(2 * v, 1, v)] = chunk_lanes(data, gs, base, 2 * p, xq, t, s) + chunk_lanes(
@@ -283,11 +284,13 @@ def kquant_rows(
     @T.macro
     def token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled):
         """One token times the rows of the groups in `gs` (`tiled`: see `q6k_token`, `q4k_token`). On AVX-512
-        VNNI both groups at once where the kernel asks ahead (measured on Intel only; Xeon, GB/s from memory, 1
+        VNNI both groups at once with `AskAhead.PAIRS` (measured on Intel only; Xeon, GB/s from memory, 1
         thread: Q4_K 4096 rows of 14336 columns 14.1 -> 16.0-16.9, 1024 of 4096 14.3 -> 15.4-15.8, Q6_K 14336 of
         4096 13.7 -> 16.5; 2 threads: Q4_K 28.8 -> 30.7, Q6_K 27.2 -> 32.2); else one after the other (a second
-        equal to the first: not again)."""
-        if pairs and ask_ahead:
+        equal to the first: not again). A decode step's tokens do not come here but where `PAIRS` is asked for:
+        the body loops over the groups themselves, with one copy of this code (two copies reading alternate
+        groups ran at half the speed on Zen 5, Q4_K 2048x8192 from memory: 17.8 against 32.6 GB/s)."""
+        if pairs and ask_ahead == AskAhead.PAIRS:
             group_token(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled)
         else:
             group_token(y, data, xq, x_scale, x_sum, (gs[0],), t, acc, isum, tiled)
@@ -382,7 +385,8 @@ def kquant_rows(
             acc = T.alloc_buffer((max(64, 2 * QUAD * unit_rows),), "float32")
             isum = T.alloc_buffer(((QUAD + 8) * unit_rows,), "int32")
             first_unit, task_units = T.meta_var(task_share(task, tasks, units))
-            if n < QUAD and not (pairs and ask_ahead):  # decode: one group at a time, see `token_rows`
+            one_token = T.meta_var(n < QUAD and not (pairs and ask_ahead == AskAhead.PAIRS))
+            if one_token:  # a decode step: one group after another, see `token_rows`
                 first, count = T.meta_var(unit_group_range(first_unit, task_units, row_groups, pairs))
                 for g in range(first, first + count):
                     for t in range(n):

@@ -4,6 +4,8 @@ which of those the target CPU has."""
 
 from __future__ import annotations
 
+import enum
+
 import tvm
 from tvm import tirx
 from tvm.script import tirx as T
@@ -158,13 +160,29 @@ def has_vnni(target: tvm.target.Target) -> bool:
     return has_avx2(target) and (has("avxvnni") or (has("avx512vnni") and has("avx512vl")))
 
 
-def asks_ahead(target: tvm.target.Target) -> bool:
-    """Whether a kernel reading one stream of weights should ask for them ahead as well as the hardware
-    prefetcher does: on an Intel Xeon (AMX, LLVM's "rocketlake") Q4_K decode of a 1B Llama 17.5-17.9 -> 19.6-20.4
-    tok/s at 1 thread, 31.8-32.4 -> 34.6-36.3 at 2; on AMD (Zen 4) 38-39 -> 28-31. So on a named CPU that is not
-    AMD's, not for an x86-64 level (which AMD's cores run too)."""
+class AskAhead(enum.IntEnum):
+    """How a one-token kernel (decode) reads its weights. NONE: one row group after another, the hardware
+    prefetcher alone; ONE_GROUP: the same, asking for the weights ahead; PAIRS: two groups side by side in 512-bit
+    vectors (AVX-512 VNNI), asking ahead. Q4_K asks on rows of `LONG_ROW` columns or more whatever this says."""
+
+    NONE = 0
+    ONE_GROUP = 1
+    PAIRS = 2
+
+
+def asks_ahead(target: tvm.target.Target) -> AskAhead:
+    """What suits the target's CPU, as measured: on an Intel Xeon (AMX, LLVM's "rocketlake") Q4_K decode of a 1B
+    Llama 17.5-17.9 -> 19.6-20.4 tok/s at 1 thread, 31.8-32.4 -> 34.6-36.3 at 2 with PAIRS; on AMD Zen 4 asking
+    cost a quarter (38-39 -> 28-31 tok/s), on short rows too (2048x8192, GB/s from memory: 23.8 -> 22.4); on Zen 5
+    one group asking helps (1 thread: 1024x640 28.3 -> 31.9, 2048x640 29.2 -> 33.1; 2 threads 36.6 -> 41.8, 40.6
+    -> 42.6) where PAIRS does not (2048x640, 2 threads, 25.5). An x86-64 level runs on any of them: NONE."""
     cpu = str(target.attrs.get("mcpu", ""))
-    return has_avx2(target) and not cpu.startswith(("znver", "bdver", "btver", "x86-64"))
+    if not has_avx2(target) or cpu.startswith(("bdver", "btver", "x86-64")):
+        return AskAhead.NONE
+    if cpu.startswith("znver"):
+        generation = cpu.removeprefix("znver")
+        return AskAhead.ONE_GROUP if generation.isdigit() and int(generation) >= 5 else AskAhead.NONE
+    return AskAhead.PAIRS
 
 
 def has_amx(target: tvm.target.Target) -> bool:
