@@ -175,9 +175,10 @@ def llamacpp_rows(
     # A decode step's passes take one row group at a time, in one loop over the groups (one copy of the code
     # reading one stream of weights): the prefetchers follow it better than two groups side by side, or than two
     # copies of the code taking the groups of a pair in turn (Zen 5, GB/s from memory, 1 thread: Q8_0 640x262144
-    # 36 -> 42, Q4_1 576x1536 35 -> 42, Q5_0 640x2048 34 -> 37; Zen 4, Q8_0 23.0 -> 26.2). Where the kernels ask
-    # ahead (`simd.asks_ahead`: Intel) Q4_1 and Q5_0 keep their pairs.
-    token_pairs = pairs and ask_ahead == AskAhead.PAIRS and qtype != Q.Q8_0
+    # 36 -> 42, Q4_1 576x1536 35 -> 42, Q5_0 640x2048 34 -> 37; Zen 4, Q8_0 23.0 -> 26.2). Q4_1 and Q5_0 keep
+    # their pairs but on Zen 5 (`AskAhead.ONE_GROUP`): on Zen 4 Q5_0 640x16384 ran 27.5 GB/s in pairs against 23.4
+    # one group at a time (in two copies of the code; one copy not measured there).
+    token_pairs = pairs and ask_ahead != AskAhead.ONE_GROUP and qtype != Q.Q8_0
     passes = 8 // words  # word p's pass also takes words p + passes, p + 2 * passes, ...
     units = unit_count(row_groups, pairs)  # what the tasks share out
     tasks = min(TASKS, units)
