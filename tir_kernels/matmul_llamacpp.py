@@ -137,7 +137,9 @@ def llamacpp_rows(
     activations' sum over the word's 4 columns (computed once per token): the same integer sums as |w| times
     x with w's sign, without the sign, absolute-value and subtract instructions. `vector_registers`: with 32
     (AVX-512), a pass of 4 tokens over a row group's chunks takes several words at once (`WORDS_PER_PASS`).
-    `sum_chunks` (with `vnni`): mlcc's order instead (`chunk_sum_rows`). `ask_ahead`: see `kquant_rows`.
+    `sum_chunks` (with `vnni`): mlcc's order instead (`chunk_sum_rows`). `ask_ahead` (`simd.AskAhead`): whether
+    a decode step's Q4_1 and Q5_0 passes keep two row groups side by side (see `token_pairs`), and for the
+    K-quants see `kquant_rows`.
 
     With AVX-512 VNNI (`vnni` and 32 registers), passes of 4 tokens take two row groups side by side, 16 rows in
     512-bit vectors: each lane still does its row's operations in llama.cpp's order, and `vpdpbusd` on 512 bits

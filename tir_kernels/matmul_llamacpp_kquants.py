@@ -109,9 +109,10 @@ def kquant_rows(
     times the sub-block's scale: the same integers as pmaddubsw, int16 adds and pmaddwd. With 32 vector
     registers Q4_K's GEMM takes tokens in fours (each word decoded once for four). `one_order`: every token in
     one of llama.cpp's orders whatever the batch (Q4_K the GEMV's, Q6_K the tiled matmul's: whole super-blocks'
-    integer sums), so that a token's numbers do not depend on its batch. `ask_ahead`: Q4_K's one-token kernel
-    asks for its weights ahead as well as the hardware prefetcher (`simd.asks_ahead`; on rows of `LONG_ROW`
-    columns or more it always does)."""
+    integer sums), so that a token's numbers do not depend on its batch. `ask_ahead` (`simd.AskAhead`): how a
+    decode step reads the weights, two row groups side by side (PAIRS) or one after another, and whether Q4_K's
+    one-token kernel asks for them ahead as well as the hardware prefetcher (on rows of `LONG_ROW` columns or
+    more it always does)."""
     lay = SUPER_LAYOUTS[qtype]
     q6 = qtype == Q.Q6_K
     supers = n_in // SUPER_BLOCK
