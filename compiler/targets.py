@@ -89,17 +89,22 @@ def llvm_cpu_name() -> str:
 
 def _host_llvm() -> Target:
     """The host CPU, with its own instruction set (AVX2, F16C, ...) so LLVM can use it: LLVM's name for the CPU
-    plus what /proc/cpuinfo lists beyond it (a virtual machine may report an older model: AMX, AVX-VNNI)."""
+    (from the CPUID model) plus what /proc/cpuinfo lists beyond it, minus what it implies but /proc/cpuinfo
+    lacks. A virtual machine may report an older model (AMX, AVX-VNNI listed beyond it) or hide sets of the
+    model it reports (an "emeraldrapids" without AMX, AVX-VNNI, AVX512-BF16/FP16): either way the library uses
+    what this CPU runs, and loads here."""
     from tvm.target import codegen
 
     config = {"kind": "llvm", "mcpu": llvm_cpu_name(), **FAST_MATH}
     named, present = Target(config), cpu_flags()
-    extra = [
-        f"+{feature}"
-        for feature, flag in X86_FEATURE_FLAGS.items()
-        if flag in present and not codegen.target_has_features(feature, named)
-    ]
-    return Target({**config, "mattr": extra} if extra else config)
+    changes = []
+    for feature, flag in X86_FEATURE_FLAGS.items() if present else ():
+        implied = bool(codegen.target_has_features(feature, named))
+        if flag in present and not implied:
+            changes.append(f"+{feature}")
+        elif flag not in present and implied:
+            changes.append(f"-{feature}")
+    return Target({**config, "mattr": changes} if changes else config)
 
 
 def x86_cpu_flags(target: Target) -> list[str]:

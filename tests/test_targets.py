@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import tvm
 from test_cli import assert_one_line_error, copy_with_corrupted_shard, mlcc
+from tvm.target import codegen
 
 from artifacts.errors import MlccError
 from compiler.compile import compile_model
@@ -23,7 +24,7 @@ from compiler.cuda_aot import fatbin_architectures
 from compiler.targets import AARCH64_CROSS_CC, TargetRequest, resolve_target
 from runtime import artifact as runtime_artifact
 from runtime.artifact import LoadedArtifact
-from tir_kernels.simd import AskAhead, asks_ahead, has_avx2
+from tir_kernels.simd import AskAhead, asks_ahead, has_amx, has_avx2, has_vnni, vector_registers
 
 MACH_O_ARM64 = b"\xcf\xfa\xed\xfe\x0c\x00\x00\x01"
 WASM = b"\x00asm"
@@ -117,9 +118,11 @@ def test_avx512_artifact_is_refused_in_one_line_on_a_cpu_without_it(hf_folder, a
 
 
 @X86_HOST
-def test_host_target_takes_what_cpuinfo_lists_beyond_llvms_cpu_name(monkeypatch):
+def test_host_target_takes_what_cpuinfo_lists_not_llvms_cpu_name(monkeypatch):
     """A virtual machine may report an older CPU model than its flags: --cpu host still gets AMX and AVX-VNNI
-    where /proc/cpuinfo lists them, and the artifact then needs them (and asks Linux for the tiles at load)."""
+    where /proc/cpuinfo lists them, and the artifact then needs them (and asks Linux for the tiles at load). It
+    may also hide sets of the model it reports: those stay out, or the library would not load where it was
+    compiled."""
     from compiler import targets
 
     monkeypatch.setattr(targets, "llvm_cpu_name", lambda: "skylake-avx512")  # AVX-512, no VNNI, no AMX
@@ -130,6 +133,17 @@ def test_host_target_takes_what_cpuinfo_lists_beyond_llvms_cpu_name(monkeypatch)
     assert {"avx512_vnni", "amx_tile", "amx_int8"} <= set(spec.extra["cpu_flags"])
     monkeypatch.setattr(targets, "cpu_flags", lambda: {"avx2", "avx512f"})
     assert "amx_tile" not in resolve_target(TargetRequest("llvm", cpu="host")).extra["cpu_flags"]
+
+    # A model named with more than the VM hands out (CPUID says Emerald Rapids; no AMX, AVX-VNNI, BF16, FP16).
+    monkeypatch.setattr(targets, "llvm_cpu_name", lambda: "emeraldrapids")
+    listed = {"sse4_2", "popcnt", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl"}
+    listed.add("avx512_vnni")
+    monkeypatch.setattr(targets, "cpu_flags", lambda: listed)
+    spec = resolve_target(TargetRequest("llvm", cpu="host"))
+    assert set(spec.extra["cpu_flags"]) <= listed and "avx512_vnni" in spec.extra["cpu_flags"]
+    assert not has_amx(spec.target) and has_vnni(spec.target) and vector_registers(spec.target) == 32
+    for feature in ("amx-tile", "amx-int8", "amx-bf16", "avxvnni", "avx512bf16", "avx512fp16"):
+        assert not codegen.target_has_features(feature, spec.target), feature
 
     asked = []
     monkeypatch.setattr(runtime_artifact, "enable_amx", lambda: asked.append(True))
