@@ -1,11 +1,12 @@
 """CPU speed of mlcc next to llama.cpp on the same GGUF, same machine, same run.
 
-    python bench/cpu.py ARTIFACT MODEL.gguf [--runs 5] [--threads 1 2]
+    python bench/cpu.py ARTIFACT MODEL.gguf [--runs 5] [--threads 1 2] [--rounds 1]
 
 Prefill tokens/s for a 128- and a 512-token prompt and decode tokens/s for 128 new tokens, median of
 `--runs`, each engine and thread count in its own process. Prints the instruction sets each side uses (the
 artifact's target CPU and features, llama.cpp's `llama_print_system_info`), then a table with the ratio
-mlcc / llama.cpp.
+mlcc / llama.cpp. On a machine whose speed drifts (a shared VM), `--rounds N` runs the two engines' processes N
+times in turn and reports each side's median and the median of the N ratios, each from a pair run back to back.
 """
 
 from __future__ import annotations
@@ -98,15 +99,21 @@ def main() -> None:
     parser.add_argument("gguf")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=1, help="pairs of engine processes per thread count")
     args = parser.parse_args()
     for line in instruction_sets(args.artifact):
         print(line)
     print(f"{'threads':>7} {'test':>12} {'mlcc tok/s':>11} {'llama.cpp':>10} {'ratio':>6}")
     for threads in args.threads:
-        ours = child("mlcc", args.artifact, threads, args.runs)
-        theirs = child("llamacpp", args.gguf, threads, args.runs)
-        for test, rate in ours.items():
-            print(f"{threads:>7} {test:>12} {rate:>11.1f} {theirs[test]:>10.1f} {rate / theirs[test]:>6.2f}")
+        rounds = [
+            (child("mlcc", args.artifact, threads, args.runs), child("llamacpp", args.gguf, threads, args.runs))
+            for _ in range(args.rounds)
+        ]
+        for test in rounds[0][0]:
+            ours = statistics.median(r[0][test] for r in rounds)
+            theirs = statistics.median(r[1][test] for r in rounds)
+            ratio = statistics.median(r[0][test] / r[1][test] for r in rounds)
+            print(f"{threads:>7} {test:>12} {ours:>11.1f} {theirs:>10.1f} {ratio:>6.2f}")
 
 
 if __name__ == "__main__":
