@@ -93,17 +93,16 @@ def _host_llvm() -> Target:
     lacks. A virtual machine may report an older model (AMX, AVX-VNNI listed beyond it) or hide sets of the
     model it reports (an "emeraldrapids" without AMX, AVX-VNNI, AVX512-BF16/FP16): either way the library uses
     what this CPU runs, and loads here."""
-    from tvm.target import codegen
-
     config = {"kind": "llvm", "mcpu": llvm_cpu_name(), **FAST_MATH}
-    named, present = Target(config), cpu_flags()
-    changes = []
-    for feature, flag in X86_FEATURE_FLAGS.items() if present else ():
-        implied = bool(codegen.target_has_features(feature, named))
-        if flag in present and not implied:
-            changes.append(f"+{feature}")
-        elif flag not in present and implied:
-            changes.append(f"-{feature}")
+    present = cpu_flags()
+    if not present:  # no /proc/cpuinfo to go by: LLVM's name alone
+        return Target(config)
+    implied = set(x86_cpu_flags(Target(config)))
+    changes = [
+        f"{'+' if flag in present else '-'}{feature}"
+        for feature, flag in X86_FEATURE_FLAGS.items()
+        if (flag in present) != (flag in implied)
+    ]
     return Target({**config, "mattr": changes} if changes else config)
 
 
