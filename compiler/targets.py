@@ -106,6 +106,14 @@ def _host_llvm() -> Target:
     return Target({**config, "mattr": changes} if changes else config)
 
 
+def _gpu_host_llvm() -> Target:
+    """Host code of a GPU library: the VM's glue around kernel launches, which needs no wide vectors. Built for any
+    CPU of this architecture, since the GPU machine's processor is not this one."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return Target({"kind": "llvm", "mcpu": "x86-64-v2"})
+    return Target({"kind": "llvm"})  # LLVM's generic CPU for this triple
+
+
 def x86_cpu_flags(target: Target) -> list[str]:
     """The /proc/cpuinfo flags of the x86 instruction sets `target` lets LLVM use: the loader refuses the library
     on a CPU without one of them (it would die of an illegal instruction mid-run)."""
@@ -148,7 +156,7 @@ def _cuda(request: TargetRequest) -> TargetSpec:
     if shutil.which("nvcc") is None:
         raise MlccError("--target cuda compiles kernels ahead of time and needs nvcc (the CUDA toolkit) on PATH")
     # The oldest architecture drives code generation, so the one source compiles for every listed arch.
-    target = Target({"kind": "cuda", "arch": archs[0]}, host=_host_llvm())
+    target = Target({"kind": "cuda", "arch": archs[0]}, host=_gpu_host_llvm())
     return TargetSpec("cuda", target, "cuda", "model.so", cuda_archs=archs)
 
 
@@ -173,7 +181,7 @@ def _vulkan() -> TargetSpec:
             "--target vulkan needs a TVM built with Vulkan/SPIR-V code generation (target.build.vulkan, "
             "CMake USE_VULKAN=ON); this TVM has none (the PyPI apache-tvm wheel ships without it)"
         )
-    return TargetSpec("vulkan", Target("vulkan", host=_host_llvm()), "vulkan", "model.so")
+    return TargetSpec("vulkan", Target("vulkan", host=_gpu_host_llvm()), "vulkan", "model.so")
 
 
 TARGETS = ("llvm", "cuda", "metal", "webgpu", "vulkan")

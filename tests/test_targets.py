@@ -21,7 +21,7 @@ from tvm.target import codegen
 from artifacts.errors import MlccError
 from compiler.compile import compile_model
 from compiler.cuda_aot import fatbin_architectures
-from compiler.targets import AARCH64_CROSS_CC, TargetRequest, resolve_target
+from compiler.targets import AARCH64_CROSS_CC, TargetRequest, resolve_target, x86_cpu_flags
 from runtime import artifact as runtime_artifact
 from runtime.artifact import LoadedArtifact
 from tir_kernels.simd import AskAhead, asks_ahead, has_amx, has_avx2, has_vnni, vector_registers
@@ -43,6 +43,9 @@ def test_cuda_library_carries_machine_code_for_each_arch_and_no_source(hf_folder
     assert fatbin_architectures(library) == ["sm_80", "sm_90"]
     assert b"\x06\x00\x00\x00\x00\x00\x00\x00fatbin" in library  # the CUDA module's format: no compile at load
     assert b"__global__" not in library and b"#include <cuda" not in library  # no CUDA source left
+    # The host code runs on the GPU machine's CPU, not this one's: no instruction set beyond x86-64-v2.
+    host = tvm.target.Target(json.loads(manifest["target"]["host"]))
+    assert not set(x86_cpu_flags(host)) & {"avx", "avx2", "fma", "avx512f"}
     if not tvm.cuda(0).exist:
         with pytest.raises(MlccError, match="needs a cuda device"):
             LoadedArtifact(tmp_path / "art")
