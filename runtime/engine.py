@@ -184,6 +184,17 @@ class Request:
         )
 
 
+def logit_positions(
+    ends: np.ndarray, every_position: bool, wanted: list[bool] | None, at_least_one: bool
+) -> np.ndarray:
+    """The rows of a ragged prefill whose logits are computed: every token's, or the last token of each sequence
+    `wanted` marks (sequences end at `ends`); `at_least_one`: the last token's when none is wanted."""
+    if every_position:
+        return np.arange(ends[-1], dtype="int32")
+    positions = (ends - 1)[np.asarray(wanted, bool)].astype("int32")
+    return positions if positions.size or not at_least_one else (ends[-1:] - 1).astype("int32")
+
+
 class Engine:
     """Runs an artifact. `generate`, `stream` and `chat` are the Python API the CLI uses.
 
@@ -219,6 +230,9 @@ class Engine:
         self.vocab_size = m.model_config.get("vocab_size") or self.tokenizer.tok.get_vocab_size()
         self.context_window = m.context_window
         self.max_batch_size = max_batch_size or m.kv_cache["max_batch_size"]
+        # A kernel over a tensor with no rows is a launch with no blocks, which the GPU refuses: prefill chunks
+        # that end no prompt still compute one row of logits there (the CPU skips the output head).
+        self.some_logits_always = m.target["device"] != "cpu"
         self.kernel_prefill_chunk = m.kv_cache["prefill_chunk_size"]  # the most tokens one prefill call takes
         self.prefill_chunk = prefill_chunk or self.kernel_prefill_chunk
         if not 1 <= self.prefill_chunk <= self.kernel_prefill_chunk:
@@ -643,12 +657,7 @@ class Engine:
         or at the last token of each request that `wanted` marks. A chunk that does not end its prompt needs
         none, and a large vocabulary's head costs as much as many layers (Gemma 3: 7.7 ms of a 128-token
         prompt's 300 at 1 thread)."""
-        ends = np.cumsum(lengths)
-        if every_position:
-            positions = np.arange(ends[-1], dtype="int32")
-        else:
-            positions = (ends - 1)[np.asarray(wanted, bool)].astype("int32")
-        extra = [positions]
+        extra = [logit_positions(np.cumsum(lengths), every_position, wanted, self.some_logits_always)]
         if self.rope_switch_length:  # each token's whole prompt length (see rope_switch_length)
             extra.append(np.repeat([len(r.prompt_ids) for r in requests], lengths).astype("int32"))
         return extra

@@ -416,3 +416,16 @@ def test_sigkill_of_compile_ends_its_build_child(hf_folder, tmp_path):
     with pytest.raises(MlccError):
         compile_model(str(tmp_path / "missing"), out)
     assert not [p.name for p in tmp_path.iterdir()]
+
+
+def test_prefill_computes_some_logits_on_a_gpu_when_no_prompt_ends():
+    """A GPU kernel over zero rows is a launch with no blocks (an illegal address on an H100): a chunk that
+    ends no prompt still takes its last token's logits there; the CPU computes none."""
+    from runtime.engine import logit_positions
+
+    ends = np.array([5, 9])
+    assert logit_positions(ends, False, [False, False], at_least_one=False).tolist() == []
+    assert logit_positions(ends, False, [False, False], at_least_one=True).tolist() == [8]
+    assert logit_positions(ends, False, [True, False], at_least_one=True).tolist() == [4]
+    assert logit_positions(ends, False, [True, True], at_least_one=False).tolist() == [4, 8]
+    assert logit_positions(ends, True, None, at_least_one=True).tolist() == list(range(9))

@@ -303,3 +303,21 @@ def test_kernel_scratch_lives_on_the_stack():
         pytest.skip("the llama.cpp-order kernels are built for AVX2 CPUs")
     for qtype in (Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q6_K):
         assert all(size >= 1024 for size in _workspace_sizes(llamacpp_matmul(qtype, 512, 13, True), target))
+
+
+def test_gpu_run_carries_weights_as_templates_that_fill_rebuilds(artifact, tmp_path):
+    """bench/gpu_run.py's transfer to a GPU machine: `template` keeps each distinct tensor once (a tied output
+    head is the embedding again), `fill` writes the same shards back; with --rows, one tensor's first rows per
+    shape, tiled to full size."""
+    source = artifact("llama-q4")
+    shard = json.loads((source / "mlcc-manifest.json").read_text())["weights"]["shards"][0]
+    script = [sys.executable, str(Path(__file__).resolve().parent.parent / "bench" / "gpu_run.py")]
+    for rows in ([], ["--rows", "2"]):
+        copy = tmp_path / f"copy{len(rows)}"
+        shutil.copytree(source, copy)
+        subprocess.run([*script, "template", str(source), str(tmp_path / "t.npz"), *rows], check=True)
+        (copy / shard).write_bytes(b"")
+        subprocess.run([*script, "fill", str(copy), str(tmp_path / "t.npz")], check=True)
+        LoadedArtifact(copy)  # sizes and checksums as the manifest lists them
+        same = (copy / shard).read_bytes() == (source / shard).read_bytes()
+        assert same == (not rows)
