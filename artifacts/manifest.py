@@ -28,7 +28,7 @@ class Manifest:
     quant: dict[str, Any]
     target: dict[str, Any]
     library: str
-    weights: dict[str, Any]  # {"shards": [...], "params": [names in call order]}
+    weights: dict[str, Any]  # {"shards": [...], "params": [names in call order], "aliases": {name: stored name}}
     tokenizer: dict[str, Any]  # {"files": [...], "bos_token", "eos_token", "eos_token_ids", ...}
     context_window: int
     kv_cache: dict[str, Any]  # page_size, prefill_chunk_size, sliding_window, ...
@@ -114,6 +114,11 @@ def manifest_problem(m: Manifest) -> str | None:
     tokenizer_files = m.tokenizer.get("files")
     if not (isinstance(shards, list) and isinstance(params, list) and all(isinstance(p, str) for p in params)):
         return "weights must list shards and params"
+    aliases = m.weights.get("aliases", {})
+    if not isinstance(aliases, dict) or any(
+        name not in params or stored not in params or stored in aliases for name, stored in aliases.items()
+    ):
+        return "weights.aliases must map parameters to stored parameters"
     if not isinstance(tokenizer_files, list):
         return "tokenizer must list its files"
     for role, names in (("library", [m.library]), ("weight shard", shards), ("tokenizer file", tokenizer_files)):

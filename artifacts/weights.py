@@ -20,6 +20,7 @@ class ShardWriter:
         self.pending_bytes = 0
         self.shards: list[str] = []
         self.index: dict[str, str] = {}  # tensor name -> shard file
+        self.aliases: dict[str, str] = {}  # tensor name -> the stored tensor with the same bytes
         self.total_bytes = 0
 
     def add(self, name: str, array: np.ndarray) -> None:
@@ -28,6 +29,10 @@ class ShardWriter:
         self.total_bytes += array.nbytes
         if self.pending_bytes >= self.shard_bytes:
             self.flush()
+
+    def alias(self, name: str, stored: str) -> None:
+        """`name` is `stored` byte for byte: kept once, in the shards and in memory."""
+        self.aliases[name] = stored
 
     def flush(self) -> None:
         if not self.pending:

@@ -95,12 +95,14 @@ def fill(artifact: Path, template_file: Path) -> None:
 
 
 def bytes_per_token(artifact: Path) -> int:
-    total = 0
+    """Weight bytes a decoded token reads: every weight, but one row of the embedding table, whose whole is read
+    again where a tied output head is stored as it."""
+    sizes, total = {}, 0
     for _, name, tensor in _weights(artifact):
         shape = tensor.get_shape()
-        nbytes = int(np.prod(shape)) * _dtype(tensor.get_dtype()).itemsize
-        total += nbytes // shape[0] if name.startswith(EMBEDDING) else nbytes
-    return total
+        sizes[name] = int(np.prod(shape)) * _dtype(tensor.get_dtype()).itemsize
+        total += sizes[name] // shape[0] if name.startswith(EMBEDDING) else sizes[name]
+    return total + sum(sizes[stored] for stored in load_manifest(artifact).weights.get("aliases", {}).values())
 
 
 def _dtype(safetensors_name: str) -> np.dtype:

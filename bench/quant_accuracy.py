@@ -15,7 +15,8 @@ libbacktrace test data. It is tokenized once; the first --tokens ids are split i
 - perplexity: exp of the mean negative log-likelihood of each next token inside the windows;
 - KL: the mean KL(float || model) of the next-token distribution over the same positions;
 - bits/weight: stored weight bytes * 8 / number of weights, norms included (mlcc: the artifact's shards,
-  where the tied embedding is stored twice, once per role, and counted twice; llama.cpp: the GGUF's tensors).
+  where the tied embedding is stored twice, once per role, and counted twice, unless both roles have one
+  format (q8): then once; llama.cpp: the GGUF's tensors).
 
 llama.cpp's rows: the same float weights written as an F32 GGUF, quantized with `llama_model_quantize`, run by
 llama-cpp-python on the same ids; KL is against the same float reference. SmolLM2's rows are 576 wide, which
@@ -108,12 +109,12 @@ def transformers_logits(gguf: Path) -> Callable[[list[int]], np.ndarray]:
     return logits
 
 
-def model_weights(gguf: Path) -> int:
-    """Weights of the compiled model: the GGUF's, plus a second copy of a tied embedding (the output head)."""
+def model_weights(gguf: Path) -> tuple[int, int]:
+    """The GGUF's weights, and those of a tied embedding's second copy (the output head; 0 when untied)."""
     from gguf import GGUFReader
 
     tensors = {t.name: int(t.n_elements) for t in GGUFReader(str(gguf)).tensors}
-    return sum(tensors.values()) + (0 if "output.weight" in tensors else tensors["token_embd.weight"])
+    return sum(tensors.values()), 0 if "output.weight" in tensors else tensors["token_embd.weight"]
 
 
 def text_ids(gguf: Path, folder: Path) -> list[int]:
@@ -127,10 +128,14 @@ def text_ids(gguf: Path, folder: Path) -> list[int]:
     return Tokenizer.from_file(str(folder / "tokenizer.json")).encode(TEXT.read_text()).ids
 
 
-def artifact_bits_per_weight(artifact: Path, weights: int) -> float:
+def artifact_bits_per_weight(artifact: Path, weights: tuple[int, int]) -> float:
+    """Stored bytes over stored weights: a tied head counts as weights where the artifact stores it apart."""
     from artifacts.manifest import load_manifest
 
-    return load_manifest(artifact).weights["bytes"] * 8 / weights
+    manifest = load_manifest(artifact)
+    own, head = weights
+    head_stored = not any(name.startswith("output.") for name in manifest.weights.get("aliases", {}))
+    return manifest.weights["bytes"] * 8 / (own + head * head_stored)
 
 
 def write_float_gguf(source: Path, out: Path) -> None:

@@ -120,7 +120,12 @@ def compile_model(
             quant=scheme.describe(),
             target=target_spec.describe(),
             library=target_spec.library_name,
-            weights={"shards": shards.shards, "params": param_names, "bytes": shards.total_bytes},
+            weights={
+                "shards": shards.shards,
+                "params": param_names,
+                "bytes": shards.total_bytes,
+                **({"aliases": shards.aliases} if shards.aliases else {}),
+            },
             tokenizer=tokenizer,
             context_window=window,
             kv_cache={
@@ -266,6 +271,7 @@ def _convert_weights(
     for name, array in tensors():
         if tie and name == "output.weight":
             continue
+        embedding: dict[str, np.ndarray] = {}
         for target_name in [name, "output.weight"] if (tie and name == "token_embd.weight") else [name]:
             try:
                 converted = convert_tensor(net, target_name, array)
@@ -274,13 +280,28 @@ def _convert_weights(
             for param, value in converted.items():
                 if param not in wanted:
                     raise MlccError(f"tensor {name!r} maps to unknown parameter {param!r}")
-                writer.add(param, value)
+                if twin := _same_in_embedding(param, value, embedding):
+                    writer.alias(param, twin)
+                else:
+                    writer.add(param, value)
                 wanted.discard(param)
+            if target_name == "token_embd.weight":
+                embedding = converted
     writer.flush()
     if wanted:
         missing = ", ".join(sorted(wanted)[:5])
         raise MlccError(f"the checkpoint lacks {len(wanted)} tensors the model needs (e.g. {missing})")
     return writer
+
+
+def _same_in_embedding(param: str, value: np.ndarray, embedding: dict[str, np.ndarray]) -> str | None:
+    """The embedding's parameter that a tied output head's `param` equals byte for byte (where both are packed
+    alike: GPU and float-activation builds; the CPU's int8 kernels regroup the head's rows), or None."""
+    twin = "token_embd." + param.removeprefix("output.") if param.startswith("output.") else None
+    stored = embedding.get(twin) if twin else None
+    if stored is None or stored.dtype != value.dtype or stored.shape != value.shape:
+        return None
+    return twin if np.array_equal(stored.view(np.uint8), np.ascontiguousarray(value).view(np.uint8)) else None
 
 
 def _special(value: Any) -> str | None:

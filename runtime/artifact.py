@@ -109,13 +109,17 @@ class LoadedArtifact:
             except (SafetensorError, OSError) as e:
                 raise MlccError(f"cannot read weight shard {shard}: {e}") from None
         arrays.update(_empty_adapter_slots(self.manifest.lora_slots))
-        missing = [n for n in self.manifest.weights["params"] if n not in arrays]
+        aliases = self.manifest.weights.get("aliases", {})  # a tied head equal to the embedding: one tensor
+        names = self.manifest.weights["params"]
+        stored = [n for n in names if n not in aliases]
+        missing = [n for n in stored if n not in arrays]
         if missing:
             raise MlccError(f"weight shards lack {len(missing)} parameters (e.g. {missing[0]})")
-        names = self.manifest.weights["params"]
         if self.manifest.target["device"] == "cpu" and hasattr(mmap, "MAP_ANONYMOUS"):  # POSIX
-            return _in_huge_pages(arrays, names)
-        return [tvm.runtime.tensor(arrays.pop(name), self.device) for name in names]
+            tensors = dict(zip(stored, _in_huge_pages(arrays, stored)))
+        else:
+            tensors = {name: tvm.runtime.tensor(arrays.pop(name), self.device) for name in stored}
+        return [tensors[aliases.get(name, name)] for name in names]
 
 
 def _in_huge_pages(arrays: dict[str, np.ndarray], names: list[str]) -> list[tvm.runtime.Tensor]:

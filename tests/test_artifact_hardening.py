@@ -92,6 +92,10 @@ BAD_MANIFESTS = {
     "kv-dtype": (_set("kv_cache", "dtype", value="int3"), "kv_cache.dtype must be one of"),
     "bad-sha256": (_set("files", "model.so", "sha256", value="abc"), "file 'model.so' has no valid sha256"),
     "negative-size": (_set("files", "model.so", "size", value=-1), "file 'model.so' has no valid size"),
+    "alias-unknown": (
+        _set("weights", "aliases", value={"output.weight": "nowhere"}),
+        "weights.aliases must map parameters to stored parameters",
+    ),
 }
 
 
@@ -429,3 +433,25 @@ def test_prefill_computes_some_logits_on_a_gpu_when_no_prompt_ends():
     assert logit_positions(ends, False, [True, False], at_least_one=True).tolist() == [4]
     assert logit_positions(ends, False, [True, True], at_least_one=False).tolist() == [4, 8]
     assert logit_positions(ends, True, None, at_least_one=True).tolist() == list(range(9))
+
+
+def test_a_tied_head_equal_to_the_embedding_is_stored_and_loaded_once(artifact):
+    """Gemma ties its output head to the embedding; where both are packed alike (float here; GPU and float-
+    activation GGUF builds) the artifact stores the matrix once and the runtime passes one tensor for both.
+    The logits still equal transformers' (tests/test_models.py)."""
+    from safetensors import safe_open
+
+    from runtime.artifact import LoadedArtifact
+
+    folder = artifact("gemma-f32")
+    manifest = load_manifest(folder)
+    assert manifest.weights["aliases"] == {"output.weight": "token_embd.weight"}
+    stored = set()
+    for shard in manifest.weights["shards"]:
+        with safe_open(str(folder / shard), framework="numpy") as f:
+            stored |= set(f.keys())
+    assert "token_embd.weight" in stored and "output.weight" not in stored
+    names = manifest.weights["params"]
+    loaded = LoadedArtifact(folder)
+    assert loaded.params[names.index("output.weight")] is loaded.params[names.index("token_embd.weight")]
+    assert "aliases" not in load_manifest(artifact("llama-q4")).weights  # untied
