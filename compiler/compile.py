@@ -246,6 +246,7 @@ def _plan_gguf(
             numerics=Numerics.MLCC if quant == "gguf-fast" else Numerics.LLAMACPP,
             rows=source.tensor_rows(),
             elements={name: int(np.prod(shape)) for name, shape in source.tensor_shapes().items()},
+            tied_head="output.weight" not in source.tensors_by_name,
         )
     else:  # float32 tensors, merged like an HF checkpoint's
         float_merge = LoraMerge(adapters, source.tensor_shapes())

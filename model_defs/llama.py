@@ -89,7 +89,8 @@ class LlamaModel(nn.Module):
         self.token_embd = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.blk = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
         self.output_norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_eps, bias=False)
-        # A tied model gets its own copy of the embedding as `output`, so each can be quantized its own way.
+        # A tied model gets its own copy of the embedding as `output`, so each can be quantized its own way (an
+        # artifact stores the two once where they come out the same bytes: compiler/compile.py).
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def embed(self, ids: Tensor) -> Tensor:

@@ -8,6 +8,8 @@ gguf_blocks.py); F32/F16/BF16 tensors are converted to the model's float type.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from tvm import tirx
@@ -19,11 +21,11 @@ from quant_schemes.base import PackedModule, QuantScheme
 from tir_kernels.experts import ExpertLinear, grouped_matmul, grouped_rows_kernel
 from tir_kernels.gguf_blocks import FLOAT_TYPES, BlockFormat
 from tir_kernels.matmul_amx import amx_chunk_sum_rows, amx_super_rows
-from tir_kernels.matmul_float import decoded_gather, decoded_matmul
+from tir_kernels.matmul_float import decoded_gather, decoded_matmul, grouped_gather
 from tir_kernels.matmul_int8 import int8_rows
 from tir_kernels.matmul_llamacpp import CHUNK_SUM_OFFSETS, EXACT_TYPES, chunk_sum_rows, llamacpp_rows
 from tir_kernels.numerics import Numerics
-from tir_kernels.repack import INTERLEAVED, SUPER_LAYOUTS, group_rows, interleave_rows
+from tir_kernels.repack import INTERLEAVED, LANE_ROWS, SUPER_LAYOUTS, group_rows, interleave_rows
 from tir_kernels.simd import AskAhead, asks_ahead, has_amx, has_avx2, has_vnni, vector_registers
 
 Q = GGMLQuantizationType
@@ -183,19 +185,46 @@ class GGUFExperts(PackedModule):
         return op.tensor_ir_op(kernel, "moe_int8_matmul", [x, starts, order, self.q_data], out)
 
 
+def byte_order(pack: Callable[[np.ndarray], np.ndarray], row_bytes: int) -> np.ndarray | None:
+    """Where `pack` puts each byte of 8 rows in their group, [8, row bytes], if it only moves bytes (Q4_0, Q4_1,
+    Q8_0 in llama.cpp's order); None where it re-encodes them (the 5-bit types' high bits, the K-quants)."""
+    positions = np.arange(LANE_ROWS * row_bytes, dtype=np.int64).reshape(LANE_ROWS, row_bytes)
+    planes = [pack(((positions >> (8 * k)) & 255).astype(np.uint8)).reshape(-1).astype(np.int64) for k in range(3)]
+    source = planes[0] | planes[1] << 8 | planes[2] << 16  # the position each packed byte came from
+    if source.size != positions.size or not np.array_equal(np.sort(source), positions.ravel()):
+        return None
+    sample = np.random.default_rng(0).integers(0, 256, positions.shape, dtype=np.uint8)
+    if not np.array_equal(pack(sample).reshape(-1), sample.reshape(-1)[source]):
+        return None
+    order = np.empty_like(source)
+    order[source] = np.arange(source.size)
+    return order.reshape(LANE_ROWS, row_bytes).astype(np.int32)
+
+
 class GGUFEmbedding(PackedModule):
-    def __init__(self, fmt: BlockFormat, num: int, dim: int, dtype: str):
+    """Row gather of GGUF blocks, each row decoded as it is read. `head`: a tied output head's int8 layout; where
+    that only moves bytes, the table is stored as the head stores it, so the two are the same bytes and the
+    artifact holds them once (compiler/compile.py), and rows are read through the byte order."""
+
+    def __init__(self, fmt: BlockFormat, num: int, dim: int, dtype: str, head: Int8Rows | None = None):
         self.fmt, self.num, self.dim, self.dtype = fmt, num, dim, dtype
-        self.q_data = nn.Parameter((num, fmt.row_bytes(dim)), "uint8")
+        self.head = head if head is not None and head.repack is not None else None
+        self.order = byte_order(self.head.pack, fmt.row_bytes(dim)) if self.head else None
+        shape = self.head.shape if self.order is not None else (num, fmt.row_bytes(dim))
+        self.q_data = nn.Parameter(shape, "uint8")
 
     def to(self, dtype: str | None = None) -> None:
         return
 
     def pack_weight(self, weight: np.ndarray) -> dict[str, np.ndarray]:
-        return {"q_data": weight.view(np.uint8).reshape(self.num, -1)}
+        rows = weight.view(np.uint8).reshape(self.num, -1)
+        return {"q_data": self.head.pack(rows) if self.order is not None else rows}
 
     def forward(self, ids: Tensor) -> Tensor:
-        return op.tensor_expr_op(decoded_gather(self.fmt, self.dim, self.dtype), "gguf_embed", [ids, self.q_data])
+        if self.order is None:
+            return op.tensor_expr_op(decoded_gather(self.fmt, self.dim, self.dtype), "gguf_embed", [ids, self.q_data])
+        gather = grouped_gather(self.fmt, self.dim, self.dtype)
+        return op.tensor_expr_op(gather, "gguf_embed", [ids, self.q_data, Tensor.from_const(self.order)])
 
 
 class GGUFNativeScheme(QuantScheme):
@@ -218,6 +247,7 @@ class GGUFNativeScheme(QuantScheme):
         numerics: Numerics = Numerics.LLAMACPP,
         rows: dict[str, int] | None = None,
         elements: dict[str, int] | None = None,
+        tied_head: bool = False,
     ):
         wanted = Numerics(numerics)
         q8_name = "gguf" if wanted == Numerics.LLAMACPP else "gguf-fast"
@@ -226,6 +256,7 @@ class GGUFNativeScheme(QuantScheme):
         self.wanted_numerics = wanted  # llama.cpp's numbers where the block types allow, or mlcc's order
         self.rows = rows or {}  # each tensor's rows, where known
         self.elements = elements or {}  # each tensor's element count in the file, where known
+        self.tied_head = tied_head  # the output head is the embedding (the file has no output.weight)
         self.int8_activations = self.vnni = self.amx = False  # decided per target by `prepare`
         self.vector_registers = 16
         self.ask_ahead = AskAhead.NONE
@@ -265,6 +296,15 @@ class GGUFNativeScheme(QuantScheme):
         )
         return round(stored / sum(self.elements.values()), 2) if self.elements else 0.0
 
+    def tied_head_rows(self, name: str, fmt: BlockFormat, num: int, dim: int) -> Int8Rows | None:
+        """The int8 layout of the output head that embedding `name` is tied to, if it has one."""
+        if not (self.tied_head and name == "token_embd" and self.int8_activations and self.dtype == "float32"):
+            return None
+        if self.tensor_types.get("output.weight") != fmt.qtype:
+            return None
+        args = (self.numerics, self.vnni, self.vector_registers, self.amx, self.ask_ahead)
+        return Int8Rows(fmt, dim, num, *args)
+
     def quantize_model(self, model: nn.Module) -> list[str]:
         scheme = self
 
@@ -291,7 +331,7 @@ class GGUFNativeScheme(QuantScheme):
                     )
                 if isinstance(node, nn.Embedding):
                     num, dim = (int(d) for d in node.weight.shape)
-                    return GGUFEmbedding(fmt, num, dim, scheme.dtype)
+                    return GGUFEmbedding(fmt, num, dim, scheme.dtype, scheme.tied_head_rows(name, fmt, num, dim))
                 if isinstance(node, ExpertLinear):
                     return GGUFExperts(
                         fmt,

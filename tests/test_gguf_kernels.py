@@ -10,6 +10,7 @@ from gguf.quants import dequantize
 from tvm import te
 
 from tir_kernels.gguf_blocks import DECODERS, BlockFormat
+from tir_kernels.repack import GROUP_LAYOUTS, SUPER_LAYOUTS
 
 Q = GGMLQuantizationType
 # Byte offsets of the float16 fields (scales, minimums) in each block.
@@ -241,3 +242,35 @@ def test_amx_super_block_matmul(qtype: GGMLQuantizationType, rows: int):
         np.testing.assert_array_equal(out["amx"].numpy().view(np.uint32), out["vnni"].numpy().view(np.uint32))
         expected = _quantized_activations(x, qtype) @ weights.T
         np.testing.assert_allclose(out["amx"].numpy(), expected, rtol=1e-2, atol=1e-3 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("qtype", sorted({*GROUP_LAYOUTS, *SUPER_LAYOUTS}, key=lambda t: t.value), ids=lambda t: t.name)
+def test_a_tied_embedding_reads_its_rows_from_the_output_heads_groups(qtype: GGMLQuantizationType):
+    """A tied embedding stored as its int8 output head stores it (8 rows to a group, llama.cpp's order): where
+    that layout only moves bytes, the gather reads each row through the byte order and decodes the same
+    values as from the file's rows; where it re-encodes them (5-bit high bits, K-quants), no byte order."""
+    from quant_schemes.gguf_native import byte_order
+    from tir_kernels.matmul_float import grouped_gather
+    from tir_kernels.repack import group_rows
+
+    block = GGML_QUANT_SIZES[qtype][0]
+    rows, cols = 13, 2 * max(block, 32)  # a last group of 5 rows
+    raw = _random_rows(qtype, rows, cols, np.random.default_rng(qtype.value)).reshape(rows, -1)
+    order = byte_order(lambda r: group_rows(r, qtype), raw.shape[1])
+    if qtype not in (Q.Q4_0, Q.Q4_1, Q.Q8_0):
+        assert order is None
+        return
+    grouped = group_rows(raw, qtype)
+    ids = np.array([12, 0, 7, 8, 3], np.int32)
+    fmt = BlockFormat(qtype)
+    args = (
+        te.placeholder(ids.shape, "int32", name="ids"),
+        te.placeholder(grouped.shape, "uint8", name="data"),
+        te.placeholder(order.shape, "int32", name="order"),
+    )
+    out = grouped_gather(fmt, cols, "float32")(*args)
+    fn = tvm.compile(te.create_prim_func([*args, out]), target="llvm")
+    result = tvm.runtime.tensor(np.zeros((len(ids), cols), np.float32))
+    fn(*(tvm.runtime.tensor(a) for a in (ids, grouped, order)), result)
+    expected = dequantize(raw, qtype).reshape(rows, cols)[ids]
+    np.testing.assert_array_equal(result.numpy(), expected)

@@ -171,7 +171,15 @@ def test_builds_with_llamacpp_numerics(name, real_engine):
 
     if not has_avx2(resolve_target(TargetRequest()).target):
         pytest.skip("llama.cpp's numbers are reproduced on x86 CPUs with AVX2")
-    assert _llamacpp_numerics(real_engine(name))
+    engine = real_engine(name)
+    assert _llamacpp_numerics(engine)
+    # Both tie their head to a Q8_0 embedding: stored once, as the head's int8 kernel reads it (the gather reads
+    # through its byte order), one tensor in memory; test_matches_llamacpp checks the numbers.
+    weights = engine.artifact.manifest.weights
+    assert weights["aliases"] == {"output.q_data": "token_embd.q_data"}
+    names = weights["params"]
+    params = engine.artifact.params
+    assert params[names.index("output.q_data")] is params[names.index("token_embd.q_data")]
 
 
 @pytest.mark.parametrize(("name", "quant"), [("gemma3", "gguf"), ("smollm2", "gguf"), ("smollm2", "gguf-fast")])

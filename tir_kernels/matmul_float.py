@@ -1,13 +1,14 @@
 """GGUF weights decoded to float inside the kernel (no int8 activations: other CPUs, GPUs, "gguf-f32"), as TE
-compute definitions for `op.tensor_expr_op`: a matmul and a row gather (embeddings)."""
+compute definitions for `op.tensor_expr_op`: a matmul and row gathers (embeddings)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from tvm import te
+from tvm import te, tirx
 
 from tir_kernels.gguf_blocks import BlockFormat
+from tir_kernels.simd import LANES
 
 
 def decoded_matmul(fmt: BlockFormat, n_in: int, n_out: int, dtype: str) -> Callable[[te.Tensor, te.Tensor], te.Tensor]:
@@ -38,6 +39,33 @@ def decoded_gather(fmt: BlockFormat, dim: int, dtype: str) -> Callable[[te.Tenso
         return te.compute(
             (*idx.shape, dim),
             lambda *i: fmt.weight_at_col(data, idx[i[:-1]], i[-1]).astype(dtype),
+            name="gguf_embed",
+        )
+
+    return gather
+
+
+class _RowsInGroups:
+    """GGUF rows [n, row bytes] read from rows stored 8 to a group as an int8 kernel reads them: byte j of row r
+    sits at byte `order[r % 8, j]` of group r // 8."""
+
+    def __init__(self, data: te.Tensor, order: te.Tensor):
+        self.data, self.order = data, order
+
+    def __getitem__(self, at: tuple) -> tirx.PrimExpr:
+        row, byte = at
+        return self.data[row // LANES, self.order[row % LANES, byte]]
+
+
+def grouped_gather(fmt: BlockFormat, dim: int, dtype: str) -> Callable[[te.Tensor, te.Tensor, te.Tensor], te.Tensor]:
+    """(ids [...], rows 8 to a group [groups, group bytes], their byte order [8, row bytes]) -> the rows decoded,
+    [..., dim] in `dtype`: a tied embedding read from its output head's copy."""
+
+    def gather(idx: te.Tensor, data: te.Tensor, order: te.Tensor) -> te.Tensor:
+        rows = _RowsInGroups(data, order)
+        return te.compute(
+            (*idx.shape, dim),
+            lambda *i: fmt.weight_at_col(rows, idx[i[:-1]], i[-1]).astype(dtype),
             name="gguf_embed",
         )
 
