@@ -21,7 +21,7 @@ from quant_schemes.base import PackedModule, QuantScheme
 from tir_kernels.experts import ExpertLinear, grouped_matmul, grouped_rows_kernel
 from tir_kernels.gguf_blocks import FLOAT_TYPES, BlockFormat
 from tir_kernels.matmul_amx import amx_chunk_sum_rows, amx_super_rows
-from tir_kernels.matmul_float import decoded_gather, decoded_matmul, grouped_gather
+from tir_kernels.matmul_float import decoded_gather, decoded_matmul, grouped_gather, super_gather
 from tir_kernels.matmul_int8 import int8_rows
 from tir_kernels.matmul_llamacpp import CHUNK_SUM_OFFSETS, EXACT_TYPES, chunk_sum_rows, llamacpp_rows
 from tir_kernels.numerics import Numerics
@@ -202,29 +202,34 @@ def byte_order(pack: Callable[[np.ndarray], np.ndarray], row_bytes: int) -> np.n
 
 
 class GGUFEmbedding(PackedModule):
-    """Row gather of GGUF blocks, each row decoded as it is read. `head`: a tied output head's int8 layout; where
-    that only moves bytes, the table is stored as the head stores it, so the two are the same bytes and the
-    artifact holds them once (compiler/compile.py), and rows are read through the byte order."""
+    """Row gather of GGUF blocks, each row decoded as it is read. `head`: a tied output head's int8 layout, which
+    the table is then stored in, so that the two are the same bytes and the artifact holds them once
+    (compiler/compile.py): rows are read through the byte order where the layout only moves bytes, from the
+    super-block layout for the K-quants; other layouts keep the file's rows."""
 
     def __init__(self, fmt: BlockFormat, num: int, dim: int, dtype: str, head: Int8Rows | None = None):
         self.fmt, self.num, self.dim, self.dtype = fmt, num, dim, dtype
-        self.head = head if head is not None and head.repack is not None else None
-        self.order = byte_order(self.head.pack, fmt.row_bytes(dim)) if self.head else None
-        shape = self.head.shape if self.order is not None else (num, fmt.row_bytes(dim))
-        self.q_data = nn.Parameter(shape, "uint8")
+        repack = head.repack if head is not None else None
+        self.order = byte_order(head.pack, fmt.row_bytes(dim)) if repack and fmt.qtype not in SUPER_LAYOUTS else None
+        self.super = repack is group_rows and fmt.qtype in SUPER_LAYOUTS
+        self.head = head if self.order is not None or self.super else None
+        self.q_data = nn.Parameter(self.head.shape if self.head else (num, fmt.row_bytes(dim)), "uint8")
 
     def to(self, dtype: str | None = None) -> None:
         return
 
     def pack_weight(self, weight: np.ndarray) -> dict[str, np.ndarray]:
         rows = weight.view(np.uint8).reshape(self.num, -1)
-        return {"q_data": self.head.pack(rows) if self.order is not None else rows}
+        return {"q_data": self.head.pack(rows) if self.head else rows}
 
     def forward(self, ids: Tensor) -> Tensor:
-        if self.order is None:
-            return op.tensor_expr_op(decoded_gather(self.fmt, self.dim, self.dtype), "gguf_embed", [ids, self.q_data])
-        gather = grouped_gather(self.fmt, self.dim, self.dtype)
-        return op.tensor_expr_op(gather, "gguf_embed", [ids, self.q_data, Tensor.from_const(self.order)])
+        if self.super:
+            gather = super_gather(self.fmt.qtype, self.dim, self.dtype)
+            return op.tensor_expr_op(gather, "gguf_embed", [ids, self.q_data])
+        if self.order is not None:
+            gather = grouped_gather(self.fmt, self.dim, self.dtype)
+            return op.tensor_expr_op(gather, "gguf_embed", [ids, self.q_data, Tensor.from_const(self.order)])
+        return op.tensor_expr_op(decoded_gather(self.fmt, self.dim, self.dtype), "gguf_embed", [ids, self.q_data])
 
 
 class GGUFNativeScheme(QuantScheme):

@@ -246,31 +246,83 @@ def test_amx_super_block_matmul(qtype: GGMLQuantizationType, rows: int):
 
 @pytest.mark.parametrize("qtype", sorted({*GROUP_LAYOUTS, *SUPER_LAYOUTS}, key=lambda t: t.value), ids=lambda t: t.name)
 def test_a_tied_embedding_reads_its_rows_from_the_output_heads_groups(qtype: GGMLQuantizationType):
-    """A tied embedding stored as its int8 output head stores it (8 rows to a group, llama.cpp's order): where
-    that layout only moves bytes, the gather reads each row through the byte order and decodes the same
-    values as from the file's rows; where it re-encodes them (5-bit high bits, K-quants), no byte order."""
+    """A tied embedding stored as its int8 output head stores it (8 rows to a group, llama.cpp's order) decodes
+    the file's very values: Q4_0, Q4_1 and Q8_0 through the byte order of that layout (it only moves bytes),
+    Q4_K and Q6_K from the super-block layout; the 5-bit types' layout re-encodes their high bits (no order)."""
     from quant_schemes.gguf_native import byte_order
-    from tir_kernels.matmul_float import grouped_gather
+    from tir_kernels.matmul_float import grouped_gather, super_gather
     from tir_kernels.repack import group_rows
 
     block = GGML_QUANT_SIZES[qtype][0]
     rows, cols = 13, 2 * max(block, 32)  # a last group of 5 rows
     raw = _random_rows(qtype, rows, cols, np.random.default_rng(qtype.value)).reshape(rows, -1)
+    grouped = group_rows(raw, qtype)
     order = byte_order(lambda r: group_rows(r, qtype), raw.shape[1])
-    if qtype not in (Q.Q4_0, Q.Q4_1, Q.Q8_0):
+    ids = np.array([12, 0, 7, 8, 3], np.int32)
+    args = [te.placeholder(ids.shape, "int32", name="ids"), te.placeholder(grouped.shape, "uint8", name="data")]
+    inputs = [ids, grouped]
+    if qtype in SUPER_LAYOUTS:
+        assert order is None
+        out = super_gather(qtype, cols, "float32")(*args)
+    elif qtype in (Q.Q5_0, Q.Q5_1):
         assert order is None
         return
-    grouped = group_rows(raw, qtype)
-    ids = np.array([12, 0, 7, 8, 3], np.int32)
-    fmt = BlockFormat(qtype)
-    args = (
-        te.placeholder(ids.shape, "int32", name="ids"),
-        te.placeholder(grouped.shape, "uint8", name="data"),
-        te.placeholder(order.shape, "int32", name="order"),
-    )
-    out = grouped_gather(fmt, cols, "float32")(*args)
+    else:
+        args.append(te.placeholder(order.shape, "int32", name="order"))
+        inputs.append(order)
+        out = grouped_gather(BlockFormat(qtype), cols, "float32")(*args)
     fn = tvm.compile(te.create_prim_func([*args, out]), target="llvm")
     result = tvm.runtime.tensor(np.zeros((len(ids), cols), np.float32))
-    fn(*(tvm.runtime.tensor(a) for a in (ids, grouped, order)), result)
+    fn(*(tvm.runtime.tensor(a) for a in inputs), result)
     expected = dequantize(raw, qtype).reshape(rows, cols)[ids]
     np.testing.assert_array_equal(result.numpy(), expected)
+
+
+def _with_embedding(source, out, blocks: np.ndarray, qtype: GGMLQuantizationType, head: bool):
+    """`source` (a GGUF file) with token_embd.weight replaced by `blocks` of `qtype`, and with `head` an output
+    head of the same blocks (untied) instead of the tie."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(str(source))
+    writer = GGUFWriter(str(out), str(reader.fields["general.architecture"].contents()))
+    for field in reader.fields.values():
+        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
+            array = field.types[0] == GGUFValueType.ARRAY
+            writer.add_key_value(field.name, field.contents(), field.types[0], field.types[-1] if array else None)
+    for t in reader.tensors:
+        if t.name == "token_embd.weight":
+            for name in ["token_embd.weight", "output.weight"] if head else ["token_embd.weight"]:
+                writer.add_tensor(name, blocks, raw_dtype=qtype)
+        else:
+            writer.add_tensor(t.name, np.asarray(t.data).reshape(t.shape.tolist()[::-1]), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+@pytest.mark.parametrize(
+    "qtype", [Q.Q6_K, pytest.param(Q.Q4_K, marks=pytest.mark.slow), pytest.param(Q.Q8_0, marks=pytest.mark.slow)]
+)
+def test_a_tied_embedding_stored_once_gives_the_untied_twins_logits(qtype, tmp_path):
+    """A GGUF file whose head is tied to a K-quant (or Q8_0) embedding compiles to one stored matrix (the head's
+    grouped layout, read by the gather), with the same logits, bit for bit, at every position as the same model
+    with the head written out as a second copy (the file's rows for the gather, the head's own matrix)."""
+    from gguf_convert import write_gguf
+    from tiny_models import make_model
+
+    from compiler.compile import compile_model
+    from runtime import Engine
+
+    folder = make_model("llama", tmp_path / "hf", hidden_size=256, intermediate_size=512, tie_word_embeddings=True)
+    base = write_gguf(folder, tmp_path / "base.gguf")
+    blocks = _random_rows(qtype, 384, 256, np.random.default_rng(1)).reshape(384, -1)  # the tokenizer's 384 rows
+    logits, stored = [], []
+    for head in (False, True):
+        gguf_file = _with_embedding(base, tmp_path / f"{head}.gguf", blocks, qtype, head)
+        manifest = compile_model(str(gguf_file), tmp_path / f"art-{head}", progress=lambda _: None)
+        stored.append(manifest.weights.get("aliases"))
+        logits.append(Engine(tmp_path / f"art-{head}", max_batch_size=1).prompt_logits(list(range(3, 40))))
+    assert stored == [{"output.q_data": "token_embd.q_data"}, None]
+    np.testing.assert_array_equal(logits[0], logits[1])

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from gguf import GGMLQuantizationType
 from tvm import te, tirx
 
 from tir_kernels.gguf_blocks import BlockFormat
+from tir_kernels.repack import super_weight_at
 from tir_kernels.simd import LANES
 
 
@@ -66,6 +68,20 @@ def grouped_gather(fmt: BlockFormat, dim: int, dtype: str) -> Callable[[te.Tenso
         return te.compute(
             (*idx.shape, dim),
             lambda *i: fmt.weight_at_col(rows, idx[i[:-1]], i[-1]).astype(dtype),
+            name="gguf_embed",
+        )
+
+    return gather
+
+
+def super_gather(qtype: GGMLQuantizationType, dim: int, dtype: str) -> Callable[[te.Tensor, te.Tensor], te.Tensor]:
+    """(ids [...], K-quant rows 8 to a group in the int8 kernels' super-block layout [groups, bytes]) -> the rows
+    decoded, [..., dim] in `dtype`: a tied K-quant embedding read from its output head's copy."""
+
+    def gather(idx: te.Tensor, data: te.Tensor) -> te.Tensor:
+        return te.compute(
+            (*idx.shape, dim),
+            lambda *i: super_weight_at(qtype, data, idx[i[:-1]], i[-1]).astype(dtype),
             name="gguf_embed",
         )
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType
+from tvm import tirx
 
-from tir_kernels.gguf_blocks import BLOCKS, CHUNK, SUPER_BLOCK, decode_q4_k, decode_q6_k
+from tir_kernels.gguf_blocks import BLOCKS, CHUNK, SUPER_BLOCK, decode_q4_k, decode_q6_k, f16, u8
 from tir_kernels.simd import LANES
 
 Q = GGMLQuantizationType
@@ -167,3 +168,26 @@ def _group_rows_k(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     flat = np.concatenate([p.astype(np.uint8).reshape(groups, supers, -1) for p in parts], axis=-1)
     assert flat.shape[-1] == lay.size
     return np.ascontiguousarray(flat.reshape(groups, -1))
+
+
+def super_weight_at(qtype: GGMLQuantizationType, data, row: tirx.PrimExpr, col: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Float32 TIR expression of weight (row, col) of rows stored by `_group_rows_k` ([groups, bytes], a te
+    tensor), with the operations of the plain rows' decoder (tir_kernels/gguf_blocks.py): the same values."""
+    lay = SUPER_LAYOUTS[qtype]
+    group, r = row // LANE_ROWS, row % LANE_ROWS
+    base, u = col // SUPER_BLOCK * lay.size, col % SUPER_BLOCK
+    c, m, word = u // CHUNK, u % CHUNK // 4, 4 * r + u % 4  # chunk, word (4 columns) in it, byte in 8 rows' word
+    low = (u8(data, group, base + lay.low + 128 * c + 32 * (m % 4) + word) >> (4 * (m // 4)).astype("uint32")) & (
+        tirx.const(15, "uint32")
+    )
+    d = f16(data, group, base + 2 * r)
+    if qtype == Q.Q4_K:
+        scale = u8(data, group, base + lay.sub_scales + 8 * c + r).astype("float32")
+        minimum = u8(data, group, base + lay.sub_mins + 8 * c + r).astype("float32")
+        return d * scale * low.astype("float32") - f16(data, group, base + lay.minimum + 2 * r) * minimum
+    high = (u8(data, group, base + lay.high + 64 * c + 32 * (m % 2) + word) >> (2 * (m // 2)).astype("uint32")) & (
+        tirx.const(3, "uint32")
+    )
+    code = (low | (high << tirx.const(4, "uint32"))).astype("float32") - 32.0
+    scale = data[group, base + lay.sub_scales + 8 * (u // 16) + r].astype("int8").astype("float32")
+    return d * scale * code
