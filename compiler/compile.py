@@ -296,8 +296,9 @@ def _convert_weights(
 
 
 def _same_in_embedding(param: str, value: np.ndarray, embedding: dict[str, np.ndarray]) -> str | None:
-    """The embedding's parameter that a tied output head's `param` equals byte for byte (where both are packed
-    alike: GPU and float-activation builds; the CPU's int8 kernels regroup the head's rows), or None."""
+    """The embedding's parameter that a tied output head's `param` equals byte for byte, or None: where both are
+    packed alike (float schemes, `q8`, GGUF builds for GPUs or with float activations, and the CPU's int8 builds
+    whose embedding is stored in its head's layout: quant_schemes/gguf_native.py)."""
     twin = "token_embd." + param.removeprefix("output.") if param.startswith("output.") else None
     stored = embedding.get(twin) if twin else None
     if stored is None or stored.dtype != value.dtype or stored.shape != value.shape:

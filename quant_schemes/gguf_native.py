@@ -211,8 +211,8 @@ class GGUFEmbedding(PackedModule):
         self.fmt, self.num, self.dim, self.dtype = fmt, num, dim, dtype
         repack = head.repack if head is not None else None
         self.order = byte_order(head.pack, fmt.row_bytes(dim)) if repack and fmt.qtype not in SUPER_LAYOUTS else None
-        self.super = repack is group_rows and fmt.qtype in SUPER_LAYOUTS
-        self.head = head if self.order is not None or self.super else None
+        self.super_blocks = repack is group_rows and fmt.qtype in SUPER_LAYOUTS
+        self.head = head if self.order is not None or self.super_blocks else None
         self.q_data = nn.Parameter(self.head.shape if self.head else (num, fmt.row_bytes(dim)), "uint8")
 
     def to(self, dtype: str | None = None) -> None:
@@ -223,7 +223,7 @@ class GGUFEmbedding(PackedModule):
         return {"q_data": self.head.pack(rows) if self.head else rows}
 
     def forward(self, ids: Tensor) -> Tensor:
-        if self.super:
+        if self.super_blocks:
             gather = super_gather(self.fmt.qtype, self.dim, self.dtype)
             return op.tensor_expr_op(gather, "gguf_embed", [ids, self.q_data])
         if self.order is not None:
