@@ -8,9 +8,9 @@ On the GPU machine (runtime/ and artifacts/ alone, no compiler):
     python bench/gpu_run.py check ARTIFACT... [--reference REF.npz ...] [--batch 64] [--json OUT]
 
 The reference is the same model built for the CPU with float32 activations (`--quant gguf-f32` for a GGUF file):
-the GPU build's arithmetic, summed in another order. `template` and `fill` carry less to the GPU machine: a real model's
-weights with a tied output head's copy of the embedding left out, or for an 8B shape (random weights), a few rows
-of valid blocks per shape, tiled there to full size: the kernels do the work of real weights.
+the GPU build's arithmetic, summed in another order. `template` and `fill` carry the weights in a form that can be
+cut into parts for the transfer: a real model's tensors, each distinct one once, or for an 8B shape (random weights)
+a few rows of valid blocks per shape, tiled there to full size: the kernels do the work of real weights.
 `check` prints a row per artifact: max |logit difference| at the prompt's last token and how many greedy tokens
 agree (with a reference), prefill tokens/s, decode tokens/s at batch 1 through the engine (host sampling
 included) and of the model call alone, decode tokens/s at `--batch`, the weight bytes a decoded token reads and
