@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +31,6 @@ TEXT = (
 # float32 on both sides; the GPU only sums in another order.
 LOGIT_TOLERANCE = {"tiny": 1e-3, "small": 1e-3, "small-q3": 1e-3, "smollm2": 5e-2}
 GREEDY_TOKENS = 32
-DECODE_TOKENS = 128
 
 
 # Random-weight Llamas from tests/tiny_models.py: the test suite's shape, and SmolLM2's layer shape (4 layers).
@@ -84,26 +82,11 @@ def check_fatbin(artifact: Path, arch: str) -> str:
     return ",".join(archs)
 
 
-def decode_rate(engine, ids: list[int], runs: int = 3) -> float:
-    from runtime import SamplingParams
-
-    one = SamplingParams(max_tokens=1, temperature=0)
-    many = SamplingParams(max_tokens=DECODE_TOKENS + 1, temperature=0, ignore_eos=True)
-    rates = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        engine.generate_ids([ids], one)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        engine.generate_ids([ids], many)
-        rates.append(DECODE_TOKENS / (time.perf_counter() - start - first))
-    return statistics.median(rates)
-
-
 def run_checks(name: str, work: Path) -> dict[str, object]:
     import numpy as np
 
     from runtime import Engine, SamplingParams
+    from runtime.benchmark import decode_rate
 
     options = dict(verify=False, max_batch_size=1, kv_cache_tokens=1024)
     cpu = Engine(work / f"{name}-llvm", **options)
@@ -117,8 +100,8 @@ def run_checks(name: str, work: Path) -> dict[str, object]:
     return {
         "diff": diff,
         "agree": agree,
-        "gpu_rate": decode_rate(gpu, ids),
-        "cpu_rate": decode_rate(cpu, ids, runs=1),
+        "gpu_rate": decode_rate(gpu, [ids], runs=3),
+        "cpu_rate": decode_rate(cpu, [ids], runs=1),
         "ok": diff <= LOGIT_TOLERANCE[name],
     }
 

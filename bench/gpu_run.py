@@ -25,7 +25,6 @@ import collections
 import hashlib
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,13 +38,12 @@ sys.path.insert(0, str(ROOT))
 
 from artifacts import load_manifest  # noqa: E402
 from artifacts.manifest import describe_files  # noqa: E402
-from runtime.benchmark import prompt_ids  # noqa: E402
+from runtime.benchmark import DECODE_TOKENS, PREFILL_LENGTHS, decode_rate, prefill_rate, prompt_ids  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 from runtime.sampler import SamplingParams  # noqa: E402
 
 PROMPT_TOKENS = 64
 GREEDY_TOKENS = 64
-DECODE_TOKENS = 128
 EMBEDDING = "token_embd."  # read one row per token, not whole
 
 
@@ -132,24 +130,6 @@ def read_bandwidth() -> float | None:
     return 4 * 2**30 / best
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def decode_rate(engine: Engine, prompts: list[list[int]], runs: int = 3) -> float:
-    """Generated tokens/s over all `prompts` at once: (prefill + DECODE_TOKENS + 1) - (prefill + 1)."""
-    one = SamplingParams(max_tokens=1, temperature=0)
-    many = SamplingParams(max_tokens=DECODE_TOKENS + 1, temperature=0, ignore_eos=True)
-    engine.generate_ids(prompts, one)  # warm-up
-    times = [
-        _timed(lambda: engine.generate_ids(prompts, many)) - _timed(lambda: engine.generate_ids(prompts, one))
-        for _ in range(runs)
-    ]
-    return len(prompts) * DECODE_TOKENS / statistics.median(times)
-
-
 def model_call_rate(engine: Engine, steps: int = DECODE_TOKENS) -> float:
     """Decode steps/s of the model call alone (token in, logits left on the device), one sequence."""
     seq = engine.kv.add()
@@ -204,16 +184,14 @@ def check(artifact: Path, ref: Path | None, batch: int, with_profile: bool) -> d
         greedy = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0, ignore_eos=True)
         tokens = engine.generate_ids([ids], greedy)[0].token_ids
         row["greedy_agree"] = next((i for i, (a, b) in enumerate(zip(tokens, data["tokens"])) if a != b), len(tokens))
-    for n in (128, 512):
-        if n < engine.context_window:
-            batch_of_one = [prompt_ids(engine.tokenizer.encode, n)]
-            engine.prefill_logits(batch_of_one)
-            times = [_timed(lambda: engine.prefill_logits(batch_of_one)) for _ in range(5)]  # noqa: B023
-            row[f"prefill_{n}"] = n / statistics.median(times)
+    for n in (n for n in PREFILL_LENGTHS if n < engine.context_window):
+        row[f"prefill_{n}"] = prefill_rate(engine, n, runs=5)
     prompt = prompt_ids(engine.tokenizer.encode, 16)
-    row["decode_1"] = decode_rate(engine, [prompt])
+    engine.generate_ids([prompt], SamplingParams(max_tokens=1, temperature=0))  # warm-up
+    row["decode_1"] = decode_rate(engine, [prompt], runs=3)
     row["model_call_1"] = model_call_rate(engine)
     prompts = [prompt[i % 16 :] + prompt[: i % 16] + [i] for i in range(batch)]  # distinct: no shared prefix
+    engine.generate_ids(prompts, SamplingParams(max_tokens=1, temperature=0))  # warm-up at this batch size
     row[f"decode_{batch}"] = decode_rate(engine, prompts, runs=2)
     row["bytes_per_token"] = bytes_per_token(artifact)
     if with_profile:

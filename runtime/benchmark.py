@@ -37,31 +37,41 @@ def prompt_ids(tokenize: Callable[[str], list[int]], n: int) -> list[int]:
     return ids[:n]
 
 
+def prefill_rate(engine: Engine, n: int, runs: int) -> float:
+    """Tokens/s of prefilling an n-token prompt: the median of `runs`, after one warm-up."""
+    ids = prompt_ids(engine.tokenizer.encode, n)
+    engine.prefill_logits([ids])  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        engine.prefill_logits([ids])
+        times.append(time.perf_counter() - start)
+    return n / statistics.median(times)
+
+
+def decode_rate(engine: Engine, prompts: list[list[int]], runs: int) -> float:
+    """Generated tokens/s of `prompts` decoded together, up to DECODE_TOKENS each: the median of `runs`, each
+    (prefill + DECODE_TOKENS + 1 tokens) - (prefill + 1 token)."""
+    one = SamplingParams(max_tokens=1, temperature=0)
+    many = SamplingParams(max_tokens=DECODE_TOKENS + 1, temperature=0, ignore_eos=True)
+    rates = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        engine.generate_ids(prompts, one)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        results = engine.generate_ids(prompts, many)
+        generated = sum(len(r.token_ids) - 1 for r in results)  # fewer in a small context window
+        rates.append(generated / (time.perf_counter() - start - first))
+    return statistics.median(rates)
+
+
 def measure(artifact: str, threads: int, runs: int = 5) -> dict[str, float]:
     """Tokens/s: prefill of 128- and 512-token prompts (those that fit the context), decode of 128 tokens;
     medians of `runs`."""
     engine = Engine(artifact, verify=False, max_batch_size=1, kv_cache_tokens=2048, threads=threads)
-    results: dict[str, float] = {}
-    for n in (n for n in PREFILL_LENGTHS if n < engine.context_window):
-        ids = prompt_ids(engine.tokenizer.encode, n)
-        engine.prefill_logits([ids])  # warm-up
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            engine.prefill_logits([ids])
-            times.append(time.perf_counter() - start)
-        results[f"prefill {n}"] = n / statistics.median(times)
-    ids = prompt_ids(engine.tokenizer.encode, 16)
-    rates = []
-    for _ in range(runs):  # decode time = (prefill + 129 tokens) - (prefill + 1 token)
-        start = time.perf_counter()
-        engine.generate_ids([ids], SamplingParams(max_tokens=1, temperature=0))
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        params = SamplingParams(max_tokens=DECODE_TOKENS + 1, temperature=0, ignore_eos=True)
-        generated = len(engine.generate_ids([ids], params)[0].token_ids)  # fewer in a small context window
-        rates.append((generated - 1) / (time.perf_counter() - start - first))
-    results[f"decode {DECODE_TOKENS}"] = statistics.median(rates)
+    results = {f"prefill {n}": prefill_rate(engine, n, runs) for n in PREFILL_LENGTHS if n < engine.context_window}
+    results[f"decode {DECODE_TOKENS}"] = decode_rate(engine, [prompt_ids(engine.tokenizer.encode, 16)], runs)
     return results
 
 
