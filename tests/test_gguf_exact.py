@@ -123,12 +123,17 @@ def test_rms_norm_is_ggml(hidden: int):
     np.testing.assert_array_equal(ours, rms_norm(x, w, 1e-5))
 
 
-@pytest.mark.parametrize("width", [1536, 13])
-def test_swiglu_is_ggml(width: int):
+# 5 rows go row by row in parallel; 1 or 3 rows of 2 * SPAN columns or more in spans of SPAN columns, the tail
+# past the last whole vector in the last span (2051, 3083)
+GATED_SHAPES = [(5, 1536), (5, 13), (1, 13), (1, 2051), (3, 2051), (1, 3083), (5, 3083)]
+
+
+@pytest.mark.parametrize(("rows", "width"), GATED_SHAPES)
+def test_swiglu_is_ggml(rows: int, width: int):
     rng = np.random.default_rng(3)
-    g = (rng.standard_normal((5, width)) * 6).astype(np.float32)
+    g = (rng.standard_normal((rows, width)) * 6).astype(np.float32)
     g[0, :8] = [-100, -90, 89, 95, 120, 0, -0.0, 3]  # the exp's special cases
-    u = rng.standard_normal((5, width)).astype(np.float32)
+    u = rng.standard_normal((rows, width)).astype(np.float32)
     (ours,) = _run(norms_activations.swiglu_kernel(width), g, u, outputs=[g.shape])
     np.testing.assert_array_equal(ours, swiglu(g, u))
 
@@ -142,12 +147,12 @@ def test_gelu_table_is_llamacpps():
     assert hashlib.sha256(table.view(np.uint16).tobytes()).hexdigest() == LLAMACPP_GELU_TABLE_SHA256
 
 
-@pytest.mark.parametrize("width", [2048, 13])
-def test_geglu_is_ggml(width: int):
+@pytest.mark.parametrize(("rows", "width"), GATED_SHAPES)
+def test_geglu_is_ggml(rows: int, width: int):
     rng = np.random.default_rng(4)
-    g = (rng.standard_normal((5, width)) * 4).astype(np.float32)
+    g = (rng.standard_normal((rows, width)) * 4).astype(np.float32)
     g[0, :10] = [-10, 10, -10.5, 9.999, 0, -0.0, 1e-7, 65504, 7e4, -3e38]  # the cut-offs, float16's edges
-    u = rng.standard_normal((5, width)).astype(np.float32)
+    u = rng.standard_normal((rows, width)).astype(np.float32)
     table = ggml_math.gelu_f16_table()
     (ours,) = _run(norms_activations.geglu_kernel(width), g, u, table, outputs=[g.shape])
     np.testing.assert_array_equal(ours, geglu(g, u, table))

@@ -18,7 +18,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
 
 from tir_kernels.ggml_math import gelu_f16_table, v_expf
-from tir_kernels.simd import LANES, each_row, splat
+from tir_kernels.simd import LANES, each_row, each_span, splat
 
 
 def _square(x: tirx.Buffer, row: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -79,18 +79,19 @@ def rms_norm_kernel(hidden: int, eps: float) -> tirx.PrimFunc:
 
 @functools.cache
 def swiglu_kernel(width: int) -> tirx.PrimFunc:
-    """ggml_vec_swiglu_f32 per row: ggml_v_silu(g) * u in 8-wide vectors, x / (1 + expf(-x)) * u for the rest."""
+    """ggml_vec_swiglu_f32 per row: ggml_v_silu(g) * u in 8-wide vectors, x / (1 + expf(-x)) * u for the rest
+    (element-wise, so a row split into spans gives the same values)."""
     vectors = width // LANES
 
     @T.macro
-    def row(r, g, u, y):
-        for v in range(vectors):
+    def span(r, first, last, g, u, y):
+        for v in range(first // LANES, T.min(last, vectors * LANES) // LANES):
             lanes = T.meta_var(T.Ramp(v * LANES, 1, LANES))
             gate = T.meta_var(g[r, lanes])
             zero = T.meta_var(T.Broadcast(T.float32(0), LANES))
             one = T.meta_var(T.Broadcast(T.float32(1), LANES))
             y[r, lanes] = gate / (one + v_expf(zero - gate)) * u[r, lanes]
-        for i in range(vectors * LANES, width):
+        for i in range(T.max(first, vectors * LANES), last):
             y[r, i] = g[r, i] / (T.float32(1) + T.exp(-g[r, i])) * u[r, i]
 
     @T.prim_func(private=True, s_tir=True)
@@ -100,7 +101,7 @@ def swiglu_kernel(width: int) -> tirx.PrimFunc:
         g = T.match_buffer(var_g, (n, width), "float32")
         u = T.match_buffer(var_u, (n, width), "float32")
         y = T.match_buffer(var_y, (n, width), "float32")
-        each_row(n, row, (g, u, y))
+        each_span(n, width, span, (g, u, y))
 
     return kernel
 
@@ -120,13 +121,14 @@ def _geglu(x: tirx.PrimExpr, up: tirx.PrimExpr, table: tirx.Buffer, lanes: int) 
 def geglu_kernel(width: int) -> tirx.PrimFunc:
     """ggml_vec_geglu_f32 per row (GGML_GELU_FP16): the float16 GeLU table at g rounded to float16, times u;
     0 below -10, g * u above 10. 8 elements at a time (1 thread, 128 x 2048: 270 -> 148 us)."""
+    vectors = width // LANES
 
     @T.macro
-    def row(r, g, u, table, y):
-        for v in range(width // LANES):
+    def span(r, first, last, g, u, table, y):
+        for v in range(first // LANES, T.min(last, vectors * LANES) // LANES):
             lanes = T.meta_var(T.Ramp(v * LANES, 1, LANES))
             y[r, lanes] = _geglu(g[r, lanes], u[r, lanes], table, LANES)
-        for i in range(width // LANES * LANES, width):
+        for i in range(T.max(first, vectors * LANES), last):
             y[r, i] = _geglu(g[r, i], u[r, i], table, 1)
 
     @T.prim_func(private=True, s_tir=True)
@@ -136,7 +138,7 @@ def geglu_kernel(width: int) -> tirx.PrimFunc:
         g = T.match_buffer(var_g, (n, width), "float32")
         u = T.match_buffer(var_u, (n, width), "float32")
         y = T.match_buffer(var_y, (n, width), "float32")
-        each_row(n, row, (g, u, table, y))
+        each_span(n, width, span, (g, u, table, y))
 
     return kernel
 

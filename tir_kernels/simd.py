@@ -219,6 +219,24 @@ def each_row(count, step, args):
             step(i, *args)
 
 
+# Columns per parallel piece of a row too long to run on the calling thread (`each_span`).
+SPAN = 1024
+
+
+@T.macro
+def each_span(count, width: int, step, args):
+    """step(i, first, last, *args) for rows i < count, as `each_row` but that fewer than FEW_ROWS rows of
+    2 * SPAN columns or more go in parallel too, in spans [first, last) of SPAN columns (the last ends at
+    `width`). For element-wise kernels, whose one-row calls (a decode step) would otherwise run on the calling
+    thread while the pool waits (SwiGLU of a 1B Llama, 8192 columns, 2 threads: 5.7 -> 4.3 us alone)."""
+    spans = T.meta_var((width + SPAN - 1) // SPAN)
+    if count >= FEW_ROWS or width < 2 * SPAN:
+        each_row(count, lambda i, *rest: step(i, 0, width, *rest), args)
+    else:
+        for piece in T.parallel(count * spans):
+            step(piece // spans, piece % spans * SPAN, T.min(piece % spans * SPAN + SPAN, width), *args)
+
+
 def task_share(task: tirx.PrimExpr, tasks: int, count: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
     """(first, size) of parallel task `task`'s share of `count` items split over `tasks` tasks as evenly as
     integers allow. TVM's thread pool gives each thread a contiguous run of tasks, so shares of ceil(count /
