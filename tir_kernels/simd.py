@@ -225,8 +225,8 @@ SPAN = 1024
 
 @T.macro
 def each_span(count, width: int, step, args):
-    """step(i, first, last, *args) for rows i < count, as `each_row` but that fewer than FEW_ROWS rows of
-    2 * SPAN columns or more go in parallel too, in spans [first, last) of SPAN columns (the last ends at
+    """step(i, first, last, *args) for rows i < count, as `each_row` does, except that fewer than FEW_ROWS rows
+    of 2 * SPAN columns or more also go in parallel, in spans [first, last) of SPAN columns (the last ends at
     `width`). For element-wise kernels, whose one-row calls (a decode step) would otherwise run on the calling
     thread while the pool waits (SwiGLU of a 1B Llama, 8192 columns, 2 threads: 5.7 -> 4.3 us alone)."""
     spans = T.meta_var((width + SPAN - 1) // SPAN)
