@@ -123,9 +123,9 @@ def test_rms_norm_is_ggml(hidden: int):
     np.testing.assert_array_equal(ours, rms_norm(x, w, 1e-5))
 
 
-# 5 rows go row by row in parallel; 1 or 3 rows of 2 * SPAN columns or more in spans of SPAN columns, the tail
-# past the last whole vector in the last span (2051, 3083)
-GATED_SHAPES = [(5, 1536), (5, 13), (1, 13), (1, 2051), (3, 2051), (1, 3083), (5, 3083)]
+# 5 rows go row by row in parallel; 1 or 3 rows of MIN_SPANS * SPAN columns or more in spans of SPAN columns,
+# the tail past the last whole vector in the last span (4099, 5131); shorter ones on the calling thread (2051)
+GATED_SHAPES = [(5, 1536), (5, 13), (1, 13), (1, 2051), (1, 4099), (3, 4099), (1, 5131), (5, 5131)]
 
 
 @pytest.mark.parametrize(("rows", "width"), GATED_SHAPES)
