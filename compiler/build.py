@@ -184,7 +184,7 @@ def export_and_build(job: BuildJob) -> list[str]:
     net = get_arch(job.arch).Model(job.config)
     linears = block_linears(net)
     job.scheme.quantize_model(net)
-    use_numerics(net, job.numerics, spec.device == "cpu" and job.scheme.dtype == "float32")
+    use_numerics(net, job.numerics, spec, job.scheme.dtype)
     if job.lora_slots[0]:
         add_lora_slots(net, linears, *job.lora_slots, job.scheme.dtype)
     entry = EntryPoints(net, spec.target, job.scheme.dtype, job.numerics)

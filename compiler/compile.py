@@ -92,7 +92,7 @@ def compile_model(
     check_slots(slotted, lora_slots, lora_rank)
     for note in scheme.quantize_model(net):  # tensors padded or kept wider, for the compile summary
         progress(note)
-    use_numerics(net, numerics, target_spec.device == "cpu" and scheme.dtype == "float32")
+    use_numerics(net, numerics, target_spec, scheme.dtype)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = partial_path(output)

@@ -19,27 +19,23 @@ def numerics_target(spec: TargetSpec, numerics: Numerics) -> TargetSpec:
     return strict_float(spec) if numerics == Numerics.LLAMACPP else spec
 
 
-def use_numerics(model: nn.Module, numerics: Numerics, cpu_float32: bool = False) -> None:
-    """Swap the model's norms, gated activations and RoPE for the kernels of `numerics` (in place).
-    `cpu_float32` (a CPU build with float32 activations): mlcc's order takes ggml's SwiGLU too, vectorized and
-    in parallel, where TVM's own silu calls libm's expf one element at a time on the calling thread (1B Llama
-    Q4_0 decode at 2 threads: ~1.7% of the main thread's time)."""
-    if numerics != Numerics.LLAMACPP:
-        if cpu_float32:
-
-            class FastSwiGLU(nn.Mutator):
-                def visit_module(self, name: str, node: nn.Module) -> nn.Module:
-                    return LlamaCppSwiGLU() if isinstance(node, SwiGLU) else self.visit(name, node)
-
-            FastSwiGLU().visit("", model)
+def use_numerics(model: nn.Module, numerics: Numerics, spec: TargetSpec, dtype: str) -> None:
+    """Swap the model's norms, gated activations and RoPE for the kernels of `numerics` (in place). A CPU build
+    with float32 activations in mlcc's order takes ggml's SwiGLU too, vectorized and in parallel, where TVM's own
+    silu calls libm's expf one element at a time on the calling thread (1B Llama Q4_0 decode at 2 threads: ~1.7%
+    of the main thread's time)."""
+    llamacpp = numerics == Numerics.LLAMACPP
+    if not llamacpp and not (spec.device == "cpu" and dtype == "float32"):
         return
 
     class Swap(nn.Mutator):
         def visit_module(self, name: str, node: nn.Module) -> nn.Module:
-            if isinstance(node, nn.RMSNorm) and node.bias is None:
-                return LlamaCppRMSNorm(int(node.weight.shape[0]), float(node.epsilon))
             if isinstance(node, SwiGLU):
                 return LlamaCppSwiGLU()
+            if not llamacpp:
+                return self.visit(name, node)
+            if isinstance(node, nn.RMSNorm) and node.bias is None:
+                return LlamaCppRMSNorm(int(node.weight.shape[0]), float(node.epsilon))
             if isinstance(node, GeGLU):
                 return LlamaCppGeGLU()
             if isinstance(node, NeoxRope):
