@@ -33,6 +33,7 @@ from tir_kernels.simd import (
     TOKENS,
     bcast,
     concat,
+    each_chunk_line,
     halves,
     llvm_intrin,
     load,
@@ -336,6 +337,10 @@ def int8_rows(
             row_offset[0, T.Ramp(c * LANE_ROWS, 1, LANE_ROWS)] = source.offset(c)
 
     @T.macro
+    def ask_line(at, data, g):
+        T.evaluate(prefetch(data, g, STREAM_AHEAD + at))
+
+    @T.macro
     def lanes_times_token(y, xq, stats, rows, acc, g, t, data, stream):
         """y[t, g*8 .. g*8+7] (rows past n_out are not stored). `stream`: `rows` are interleaved weights read
         from memory, chunk by chunk, each asking for the bytes STREAM_AHEAD further on (the hardware
@@ -344,9 +349,7 @@ def int8_rows(
         acc[0, lanes] = T.Broadcast(T.float32(0), LANE_ROWS)
         if stream:
             for c in range(chunks):
-                for line in range((chunk_bytes + 63) // 64):
-                    hint = T.meta_var(prefetch(data, g, c * chunk_bytes + STREAM_AHEAD + line * 64))
-                    T.evaluate(hint)
+                each_chunk_line(c, chunk_bytes, True, ask_line, (data, g))
                 acc[0, lanes] = acc[0, lanes] + lane_dot(xq, stats, rows, t, c, 1)
         else:
             for grp in range(groups):

@@ -42,6 +42,7 @@ from tir_kernels.simd import (
     bcast,
     broadcast_as,
     concat,
+    each_chunk_line,
     each_row,
     fma,
     halves,
@@ -265,9 +266,9 @@ def llamacpp_rows(
         from `part` on: the word passes share the asking (one pass with all of it ran 70 instructions a chunk,
         the others 50)."""
         ahead = T.meta_var(STREAM_AHEAD if into_l1 else TOKEN_AHEAD)
-        for line in T.unroll((gb + 63) // 64):
-            if line % parts == part:
-                prefetch_groups(data, gs, c * gb + ahead + line * 64, into_l1, chunks * gb, ahead)
+        stride = T.meta_var(chunks * gb)
+        ask = T.meta_var(lambda at: prefetch_groups(data, gs, ahead + at, into_l1, stride, ahead))
+        each_chunk_line(c, gb, ahead + 64 <= stride, ask, (), part, parts)
 
     @T.macro
     def group_times_token(y, data, xq, x_scale, x_sum, gs, t, acc):

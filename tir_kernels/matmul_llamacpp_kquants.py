@@ -37,6 +37,7 @@ from tir_kernels.simd import (
     TOKENS,
     AskAhead,
     concat,
+    each_chunk_line,
     fma,
     halves,
     lane_sum,
@@ -205,8 +206,14 @@ def kquant_rows(
         or on long rows).
         `into_l1`: see `simd.prefetch`; without it (one-token passes) TOKEN_AHEAD bytes on."""
         ahead = T.meta_var(AHEAD if into_l1 else TOKEN_AHEAD)
-        for line in T.unroll(-(-chunk_bytes // 64)):
-            prefetch_groups(data, gs, base + ahead + c * chunk_bytes + line * 64, into_l1, supers * lay.size, ahead)
+        stride = T.meta_var(supers * lay.size)
+        each_chunk_line(
+            c,
+            chunk_bytes,
+            ahead + 64 <= stride,
+            lambda at: prefetch_groups(data, gs, base + ahead + at, into_l1, stride, ahead),
+            (),
+        )
 
     @T.macro
     def q6k_token(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled):
