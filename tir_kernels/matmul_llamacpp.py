@@ -268,7 +268,7 @@ def llamacpp_rows(
         ahead = T.meta_var(STREAM_AHEAD if into_l1 else TOKEN_AHEAD)
         stride = T.meta_var(chunks * gb)
         ask = T.meta_var(lambda at: prefetch_groups(data, gs, ahead + at, into_l1, stride, ahead))
-        each_chunk_line(c, gb, ahead + 64 <= stride, ask, (), part, parts)
+        each_chunk_line(c, gb, not into_l1 and ahead + 64 <= stride, ask, (), part, parts)
 
     @T.macro
     def group_times_token(y, data, xq, x_scale, x_sum, gs, t, acc):

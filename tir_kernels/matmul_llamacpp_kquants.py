@@ -210,7 +210,7 @@ def kquant_rows(
         each_chunk_line(
             c,
             chunk_bytes,
-            ahead + 64 <= stride,
+            not into_l1 and ahead + 64 <= stride,
             lambda at: prefetch_groups(data, gs, base + ahead + at, into_l1, stride, ahead),
             (),
         )

@@ -303,11 +303,11 @@ def prefetch_groups(data, gs, byte, into_l1, stride: int, ahead: int):
 @T.macro
 def each_chunk_line(chunk, chunk_bytes: int, exact: bool, ask, args, part: int = 0, parts: int = 1):
     """ask(offset, *args) for the 64-byte lines of chunk `chunk` in a stream of `chunk_bytes`-byte chunks (of
-    those, every `parts`th from `part` on), offsets from the stream's start. `exact`: the lines whose start falls
-    in the chunk, each line of the stream once (Xeon, 2 threads, GB/s from memory, Q4_K / Q4_0 2048x8192: 24.7 /
-    27.8 -> 25.2 / 28.4, 8192x2048 26.4 / 27.6 -> 26.5 / 28.1); else ceil(chunk_bytes / 64) lines from the
-    chunk's start, reaching into the next chunk (on rows shorter than the distance asked ahead the exact lines ran
-    2-5% slower: Q5_0 / Q4_1 / Q6_K 1536x576)."""
+    those, every `parts`th from `part` on), offsets from the stream's start. `exact` (one-token passes over rows
+    longer than the distance asked ahead): the lines whose start falls in the chunk, each line of the stream once
+    (Xeon, 2 threads, GB/s from memory, Q4_K / Q4_0 2048x8192: 24.7 / 27.8 -> 25.2 / 28.4, 8192x2048 26.4 / 27.6
+    -> 26.5 / 28.1); else ceil(chunk_bytes / 64) lines from the chunk's start, reaching into the next chunk (on
+    shorter rows the exact lines ran 2-5% slower: Q5_0 / Q4_1 / Q6_K 1536x576; prefill: no faster)."""
     if exact:
         first = T.meta_var((chunk * chunk_bytes + 63) // 64)
         for k in T.unroll(chunk_bytes // 64 + 1):
