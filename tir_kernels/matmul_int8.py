@@ -349,6 +349,7 @@ def int8_rows(
         acc[0, lanes] = T.Broadcast(T.float32(0), LANE_ROWS)
         if stream:
             for c in range(chunks):
+                # exact lines on rows of any length here (Q4_0 1536x576, 2048x640: level with the old asks)
                 each_chunk_line(c, chunk_bytes, True, ask_line, (data, g))
                 acc[0, lanes] = acc[0, lanes] + lane_dot(xq, stats, rows, t, c, 1)
         else:
