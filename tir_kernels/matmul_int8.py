@@ -350,7 +350,7 @@ def int8_rows(
         if stream:
             for c in range(chunks):
                 # exact lines on rows of any length here (Q4_0 1536x576, 2048x640: level with the old asks)
-                each_chunk_line(c, chunk_bytes, True, ask_line, (data, g))
+                each_chunk_line(c, chunk_bytes, True, lambda at: ask_line(at, data, g))
                 acc[0, lanes] = acc[0, lanes] + lane_dot(xq, stats, rows, t, c, 1)
         else:
             for grp in range(groups):

@@ -42,15 +42,14 @@ from tir_kernels.simd import (
     bcast,
     broadcast_as,
     concat,
-    each_chunk_line,
     each_row,
     fma,
     halves,
     lane_sum,
     llvm_intrin,
-    prefetch_groups,
     shift_bytes,
     store_groups,
+    stream_groups,
     task_share,
     u8x32,
     unit_count,
@@ -266,9 +265,7 @@ def llamacpp_rows(
         from `part` on: the word passes share the asking (one pass with all of it ran 70 instructions a chunk,
         the others 50)."""
         ahead = T.meta_var(STREAM_AHEAD if into_l1 else TOKEN_AHEAD)
-        stride = T.meta_var(chunks * gb)
-        ask = T.meta_var(lambda at: prefetch_groups(data, gs, ahead + at, into_l1, stride, ahead))
-        each_chunk_line(c, gb, not into_l1 and ahead + 64 <= stride, ask, (), part, parts)
+        stream_groups(data, gs, 0, c, gb, into_l1, chunks * gb, ahead, part, parts)
 
     @T.macro
     def group_times_token(y, data, xq, x_scale, x_sum, gs, t, acc):

@@ -37,15 +37,14 @@ from tir_kernels.simd import (
     TOKENS,
     AskAhead,
     concat,
-    each_chunk_line,
     fma,
     halves,
     lane_sum,
     llvm_intrin,
     load,
-    prefetch_groups,
     shift_bytes,
     store_groups,
+    stream_groups,
     task_share,
     tree_sum,
     u8x32,
@@ -206,14 +205,7 @@ def kquant_rows(
         or on long rows).
         `into_l1`: see `simd.prefetch`; without it (one-token passes) TOKEN_AHEAD bytes on."""
         ahead = T.meta_var(AHEAD if into_l1 else TOKEN_AHEAD)
-        stride = T.meta_var(supers * lay.size)
-        each_chunk_line(
-            c,
-            chunk_bytes,
-            not into_l1 and ahead + 64 <= stride,
-            lambda at: prefetch_groups(data, gs, base + ahead + at, into_l1, stride, ahead),
-            (),
-        )
+        stream_groups(data, gs, base, c, chunk_bytes, into_l1, supers * lay.size, ahead)
 
     @T.macro
     def q6k_token(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled):

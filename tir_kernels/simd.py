@@ -301,8 +301,8 @@ def prefetch_groups(data, gs, byte, into_l1, stride: int, ahead: int):
 
 
 @T.macro
-def each_chunk_line(chunk, chunk_bytes: int, exact: bool, ask, args, part: int = 0, parts: int = 1):
-    """ask(offset, *args) for the 64-byte lines of chunk `chunk` in a stream of `chunk_bytes`-byte chunks (of
+def each_chunk_line(chunk, chunk_bytes: int, exact: bool, ask, part: int = 0, parts: int = 1):
+    """ask(offset) for the 64-byte lines of chunk `chunk` in a stream of `chunk_bytes`-byte chunks (of
     those, every `parts`th from `part` on), offsets from the stream's start. `exact` (one-token passes over rows
     longer than the distance asked ahead): the lines whose start falls in the chunk, each line of the stream once
     (Xeon, 2 threads, GB/s from memory, Q4_K / Q4_0 2048x8192: 24.7 / 27.8 -> 25.2 / 28.4, 8192x2048 26.4 / 27.6
@@ -312,11 +312,20 @@ def each_chunk_line(chunk, chunk_bytes: int, exact: bool, ask, args, part: int =
         first = T.meta_var((chunk * chunk_bytes + 63) // 64)
         for k in T.unroll(chunk_bytes // 64 + 1):
             if k % parts == part and (first + k) * 64 < (chunk + 1) * chunk_bytes:
-                ask((first + k) * 64, *args)
+                ask((first + k) * 64)
     else:
         for line in T.unroll((chunk_bytes + 63) // 64):
             if line % parts == part:
-                ask(chunk * chunk_bytes + line * 64, *args)
+                ask(chunk * chunk_bytes + line * 64)
+
+
+@T.macro
+def stream_groups(data, gs, base, chunk, chunk_bytes: int, into_l1: bool, stride: int, ahead: int, part=0, parts=1):
+    """`prefetch_groups` of chunk `chunk`'s lines of the groups' rows (`stride` bytes; the chunks from byte `base`
+    on), `ahead` bytes on: exact lines (`each_chunk_line`) in one-token passes over rows longer than that."""
+    exact = T.meta_var(not into_l1 and ahead + 64 <= stride)
+    ask = T.meta_var(lambda at: prefetch_groups(data, gs, base + ahead + at, into_l1, stride, ahead))
+    each_chunk_line(chunk, chunk_bytes, exact, ask, part, parts)
 
 
 @T.macro
