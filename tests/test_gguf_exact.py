@@ -97,7 +97,8 @@ def test_matmul_is_ggml_vec_dot(qtype: Q, n_in: int, n_out: int, vnni: bool, reg
         np.testing.assert_array_equal(y.numpy(), reference(raw, qtype.name, x))
 
 
-def test_v_expf_is_ggml():
+@pytest.mark.parametrize("flush_tiny", [False, True])
+def test_v_expf_is_ggml(flush_tiny: bool):
     x = np.concatenate([np.linspace(-200, 100, 4000), [0.0, -0.0, -87.3, -88.7, -103.9, 88.0]]).astype(np.float32)
     x = np.concatenate([x, np.zeros(-len(x) % 8, np.float32)])
     n = len(x)
@@ -105,10 +106,15 @@ def test_v_expf_is_ggml():
     @T.prim_func
     def func(a: T.Buffer((n,), "float32"), out: T.Buffer((n,), "float32")):
         for v in range(n // 8):
-            out[T.Ramp(v * 8, 1, 8)] = ggml_math.v_expf(a[T.Ramp(v * 8, 1, 8)])
+            out[T.Ramp(v * 8, 1, 8)] = ggml_math.v_expf(a[T.Ramp(v * 8, 1, 8)], flush_tiny)
 
     (ours,) = _run(func, x, outputs=[(n,)])
-    np.testing.assert_array_equal(ours, v_expf(x))
+    expected = v_expf(x)
+    if flush_tiny:  # 0 where ggml takes its path for n < -126 (every result there under float32's normals)
+        tiny = np.rint(x.astype(np.float64) / np.log(2)) < -126
+        assert 0 < tiny.sum() < n and expected[tiny].max() < np.finfo(np.float32).tiny
+        expected = np.where(tiny, np.float32(0), expected)
+    np.testing.assert_array_equal(ours, expected)
     normal = np.abs(x) < 80
     np.testing.assert_allclose(ours[normal], np.exp(x[normal]), rtol=2e-6)  # it is an exp
 
@@ -191,16 +197,19 @@ def test_q4_k_is_exact_only_in_whole_row_groups(rows: int, exact: bool):
     assert (scheme.numerics == Numerics.LLAMACPP) == exact
 
 
-@pytest.mark.parametrize(("kv_heads", "heads", "dim"), [(3, 9, 64), (1, 4, 256), (2, 4, 80)])
-def test_decode_attention_is_ggml(kv_heads: int, heads: int, dim: int):
+@pytest.mark.parametrize(
+    ("kv_heads", "heads", "dim", "spread"), [(3, 9, 64, 1), (1, 4, 256, 1), (2, 4, 80, 1), (1, 4, 256, 12)]
+)
+def test_decode_attention_is_ggml(kv_heads: int, heads: int, dim: int, spread: float):
     """One token per sequence against its paged K/V (pages shuffled): lengths under 8, under 32 and past both
-    with a partial page; head size 80 leaves 16 elements of each K.q to ggml's float64 tail."""
+    with a partial page; head size 80 leaves 16 elements of each K.q to ggml's float64 tail. `spread` scales
+    the queries: at 12 many scores sit over 87 below the peak, where ggml's exp is subnormal and mlcc's 0."""
     page, lengths = 16, [45, 5, 100]
     rng = np.random.default_rng(6)
     counts = [-(-n // page) for n in lengths]
     order = rng.permutation(sum(counts) + 2).astype(np.int32)  # 2 pages no sequence uses
     pages = (rng.standard_normal((order.size, 2, kv_heads, page, dim)) * 2).astype(np.float16).astype(np.float32)
-    q = (rng.standard_normal((len(lengths), heads, dim)) * 2).astype(np.float32)
+    q = (rng.standard_normal((len(lengths), heads, dim)) * 2 * spread).astype(np.float32)
     scale = 1 / np.sqrt(dim)
     kernel = attention.decode_attention(kv_heads, heads, dim, page, "float32", False, Numerics.LLAMACPP)
     lib = tvm.compile(tvm.IRModule({"main": kernel}), target=TARGET)
@@ -211,12 +220,16 @@ def test_decode_attention_is_ggml(kv_heads: int, heads: int, dim: int):
     none = np.zeros(len(lengths), np.int32)
     args = [q, pages, indptr, order[: indptr[-1]], last, none, np.array(lengths, np.int32)]
     lib["main"](*(tvm.runtime.tensor(a) for a in args), out, lse, 0, 1.0, 10_000.0, scale)
+    tiny = []  # the share of each head's scores so far below its peak that ggml's exp is subnormal there
     for b, n in enumerate(lengths):
         rows = pages[order[indptr[b] : indptr[b + 1]]]  # [pages, 2, kv heads, page, dim]
         k, v = (rows[:, kind].transpose(1, 0, 2, 3).reshape(kv_heads, -1, dim)[:, :n] for kind in (0, 1))
         for h in range(heads):
             kv = h // (heads // kv_heads)
             np.testing.assert_array_equal(out.numpy()[b, h], decode_attention(q[b, h], k[kv], v[kv], scale))
+            scores = k[kv] @ q[b, h] * scale
+            tiny.append((scores < scores.max() - 88).mean())
+    assert (max(tiny) > 0.2) == (spread > 1)
 
 
 @pytest.mark.parametrize(("kv_heads", "heads", "dim", "tokens"), [(1, 4, 256, 45), (2, 4, 64, 13)])

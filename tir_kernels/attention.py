@@ -155,7 +155,7 @@ def _ggml_softmax(probs, slot, length, peak, weight, at):
     for c in range((length + LANES - 1) // LANES):
         span = T.meta_var(T.Ramp(c * LANES, 1, LANES))
         valid = T.meta_var(span < T.Broadcast(length, LANES))
-        exps = T.meta_var(v_expf(probs[slot, span] - T.Broadcast(peak[at], LANES)))
+        exps = T.meta_var(v_expf(probs[slot, span] - T.Broadcast(peak[at], LANES), flush_tiny=True))
         probs[slot, span] = T.Select(valid, exps, T.Broadcast(T.float32(0), LANES))
         weight[at] = weight[at] + T.Cast("float64", hsum8(probs[slot, span]))
     inverse = T.meta_var(T.Cast("float32", T.float64(1) / weight[at]))

@@ -90,7 +90,7 @@ def swiglu_kernel(width: int) -> tirx.PrimFunc:
             gate = T.meta_var(g[r, lanes])
             zero = T.meta_var(T.Broadcast(T.float32(0), LANES))
             one = T.meta_var(T.Broadcast(T.float32(1), LANES))
-            y[r, lanes] = gate / (one + v_expf(zero - gate)) * u[r, lanes]
+            y[r, lanes] = gate / (one + v_expf(zero - gate, flush_tiny=True)) * u[r, lanes]  # 1 + tiny = 1
         for i in range(T.max(first, vectors * LANES), last):
             y[r, i] = g[r, i] / (T.float32(1) + T.exp(-g[r, i])) * u[r, i]
 
