@@ -18,13 +18,13 @@ import functools
 import math
 from dataclasses import dataclass
 
-from tvm import tirx
+from tvm import DataType, tirx
 from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _get_kv_chunk_len, _get_seq_offset
 from tvm.script import tirx as T
 
 from tir_kernels.ggml_math import v_expf
 from tir_kernels.numerics import Numerics
-from tir_kernels.simd import LANES, fma, hsum8, lane_sum, lanes_of, row_sums, tree_sum
+from tir_kernels.simd import LANES, fma, hsum8, lane_sum, lanes_of, prefetch, row_sums, tree_sum
 
 TILE = 16  # cached tokens scored per softmax update
 EMPTY_LSE = -5e4  # the log-sum-exp of no keys, as TVM's kernels leave it: its merge weight is exactly 0
@@ -253,6 +253,8 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
         for octet in range(octets):
             for j in T.unroll(LANES):
                 where[j] = keys.locate(octet * LANES + j)
+                if isinstance(keys, PagedKeys):  # a decode step: P.V reads the value rows 32 keys apart
+                    keys.ask_values(where[j], dim)
                 for a in T.unroll(4):
                     dots[a, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
                 for step in range(dim // 32):
@@ -511,6 +513,11 @@ class PagedKeys:
     def values(self, loc, d, width: int = LANES):
         row = tirx.BufferLoad(self.k_rows, [loc + self.heads * self.page_size, tirx.Ramp(d, 1, width)])
         return row.astype(f"float32x{width}")
+
+    def ask_values(self, loc, dim: int):
+        """Ask for the cache lines of the value row at `loc`."""
+        for d in range(0, dim, 512 // DataType(self.k_rows.dtype).bits):  # elements per 64-byte line
+            T.evaluate(prefetch(self.k_rows, loc + self.heads * self.page_size, d))
 
 
 @dataclass(frozen=True)
