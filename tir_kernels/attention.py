@@ -150,7 +150,10 @@ def _ggml_score(keys, loc, q16, acc, total, dim, sm_scale, vec_kq):
 @T.macro(hygienic=False)
 def _ggml_softmax(probs, slot, length, peak, weight, at):
     """probs[slot, :length] (scores, their maximum peak[at]) to ggml's soft_max probabilities rounded to float16:
-    ggml_v_expf 8 at a time, summed in float64 (weight[at]), scaled by the sum's float inverse."""
+    ggml_v_expf 8 at a time, summed in float64 (weight[at]), scaled by the sum's float inverse. Its results
+    under float32's normals are 0 here (`flush_tiny`): float16 rounds them to 0 and the float64 sum, which
+    holds the peak's 1, loses them either way (a random-weight 1B Llama's decode: softmax ~20% -> 2% of the
+    attention kernel's time)."""
     weight[at] = T.float64(0)
     for c in range((length + LANES - 1) // LANES):
         span = T.meta_var(T.Ramp(c * LANES, 1, LANES))
@@ -253,7 +256,7 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
         for octet in range(octets):
             for j in T.unroll(LANES):
                 where[j] = keys.locate(octet * LANES + j)
-                if isinstance(keys, PagedKeys):  # a decode step: P.V reads the value rows 32 keys apart
+                if isinstance(keys, PagedKeys):  # decode: P.V reads value rows 32 keys apart, cold (~half of it)
                     keys.ask_values(where[j], dim)
                 for a in T.unroll(4):
                     dots[a, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
