@@ -5,6 +5,7 @@ against llama.cpp)."""
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -95,6 +96,34 @@ def test_matmul_is_ggml_vec_dot(qtype: Q, n_in: int, n_out: int, vnni: bool, reg
         lib["main"](tvm.runtime.tensor(x), data, y)
         reference = vec_dot_k if qtype in (Q.Q4_K, Q.Q6_K) else vec_dot
         np.testing.assert_array_equal(y.numpy(), reference(raw, qtype.name, x))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q4_K])
+def test_matmul_tasks_each_run_once_whatever_the_pool(qtype: Q):
+    """In prefill the threads claim the matmul's 64 tasks (`simd.claimed_tasks`): with 1 to 4 threads (4 on
+    fewer cores: threads preempted mid-task) every output row is written, by ggml's numbers, whichever thread
+    took it. Decode (1 token) keeps each thread's run of tasks."""
+    n_in, n_out = 512, 1040  # 130 row groups: 64 tasks of 2 or 3 (AVX-512: 65 pairs, the last a group alone)
+    vnni, registers = has_vnni(TARGET), vector_registers(TARGET)
+    rng = np.random.default_rng(1)
+    raw = _blocks(qtype, n_out, n_in, rng)
+    kernel = matmul_llamacpp.llamacpp_matmul(qtype, n_in, n_out, vnni, registers, ask_ahead=AskAhead.PAIRS)
+    data = tvm.runtime.tensor(repack.group_rows(raw, qtype))
+    lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=TARGET)
+    reference = vec_dot_k if qtype == Q.Q4_K else vec_dot
+    config_pool = tvm.get_global_func("runtime.config_threadpool")
+    try:
+        for threads in (1, 2, 3, 4):
+            config_pool(-3, threads)
+            for tokens in (1, 4, 19):
+                x = rng.standard_normal((tokens, n_in)).astype(np.float32)
+                expected = reference(raw, qtype.name, x)
+                for _ in range(5):
+                    y = tvm.runtime.tensor(np.full((tokens, n_out), np.nan, np.float32))
+                    lib["main"](tvm.runtime.tensor(x), data, y)
+                    np.testing.assert_array_equal(y.numpy(), expected)
+    finally:
+        config_pool(-3, max(1, (os.cpu_count() or 2) // 2))  # TVM's own default on x86
 
 
 @pytest.mark.parametrize("flush_tiny", [False, True])

@@ -41,6 +41,9 @@ from tir_kernels.simd import (
     AskAhead,
     bcast,
     broadcast_as,
+    claim_words,
+    claimed_tasks,
+    clear_claims,
     concat,
     each_row,
     fma,
@@ -384,6 +387,41 @@ def llamacpp_rows(
             store_groups(y, t0 + i, gs, n_out, acc, at)
 
     @T.macro
+    def tokens_task(task, y, data, activations, x_scale, x_sum, n, buffers):
+        """Task `task`'s row units for n >= 4 tokens, `block_tokens` at a time (their activations stay in L2),
+        in fours, the first four streaming the weights in."""
+        acc, single, live, scales = T.meta_var(buffers)
+        first_unit, task_units = T.meta_var(task_share(task, tasks, units))
+        for tb in range((n + block_tokens - 1) // block_tokens):
+            for ui in range(task_units):
+                u = T.meta_var(first_unit + ui)
+                gs = T.meta_var(unit_groups(u, row_groups, pairs))
+                first = T.meta_var(tb * block_tokens)
+                count = T.meta_var(T.min(n, first + block_tokens) - first)
+                for q in range(count // QUAD):
+                    group_times_tokens(
+                        y, data, activations, x_scale, x_sum, gs, first + q * QUAD, QUAD, acc, live, scales
+                    )
+                for r in range(count % QUAD):
+                    t = T.meta_var(first + count // QUAD * QUAD + r)
+                    group_times_token(y, data, activations, x_scale, x_sum, gs, t, single)
+
+    @T.macro
+    def token_task(task, y, data, activations, x_scale, x_sum, n, single):
+        """Task `task`'s row units for fewer than 4 tokens (a decode step), one token at a time."""
+        first_unit, task_units = T.meta_var(task_share(task, tasks, units))
+        if token_pairs:
+            for ui in range(task_units):
+                gs = T.meta_var(unit_groups(first_unit + ui, row_groups, pairs))
+                for t in range(n):
+                    group_times_token(y, data, activations, x_scale, x_sum, gs, t, single)
+        else:
+            first, count = T.meta_var(unit_group_range(first_unit, task_units, row_groups, pairs))
+            for g in range(first, first + count):
+                for t in range(n):
+                    group_times_token(y, data, activations, x_scale, x_sum, (g,), t, single)
+
+    @T.macro
     def body(x, data, y, n, capacity):
         xq = T.alloc_buffer((capacity, n_in), "int8")
         x_scale = T.alloc_buffer((capacity, chunks), "float32")  # float16 d of the block, as float32
@@ -393,43 +431,22 @@ def llamacpp_rows(
         if bool(column_offset):
             column_offsets(xq, x_offset, n, n_in // offset_columns, offset_columns, column_offset)
         activations = T.meta_var((xq, x_offset))
-        # Row groups (with `pairs`, pairs of them) in `tasks` parallel ranges; tokens `block_tokens` at a time
-        # (their activations stay in L2) pass over each in fours, the first four streaming its weights in.
+        # Row groups (with `pairs`, pairs of them) in `tasks` ranges, which the threads claim in prefill
         if n >= QUAD:
-            for task in T.parallel(tasks):
+            claims = T.alloc_buffer((claim_words(tasks),), "int32")
+            clear_claims(claims, tasks)
+            for slot in T.parallel(tasks):
                 acc = T.alloc_buffer((QUAD * 9 * unit_rows,), "float32")
                 single = T.alloc_buffer((9 * unit_rows,), "float32")
                 live = T.alloc_buffer((words * QUAD * unit_rows,), "float32")
                 scales = T.alloc_buffer((QUAD * chunks * unit_rows,), "float32")
-                first_unit, task_units = T.meta_var(task_share(task, tasks, units))
-                for tb in range((n + block_tokens - 1) // block_tokens):
-                    for ui in range(task_units):
-                        u = T.meta_var(first_unit + ui)
-                        gs = T.meta_var(unit_groups(u, row_groups, pairs))
-                        first = T.meta_var(tb * block_tokens)
-                        count = T.meta_var(T.min(n, first + block_tokens) - first)
-                        for q in range(count // QUAD):
-                            group_times_tokens(
-                                y, data, activations, x_scale, x_sum, gs, first + q * QUAD, QUAD, acc, live, scales
-                            )
-                        for r in range(count % QUAD):
-                            t = T.meta_var(first + count // QUAD * QUAD + r)
-                            group_times_token(y, data, activations, x_scale, x_sum, gs, t, single)
+                buffers = T.meta_var((acc, single, live, scales))
+                claimed_tasks(slot, tasks, claims, tokens_task, (y, data, activations, x_scale, x_sum, n, buffers))
         else:  # a decode step's tokens one at a time, without `acc` and `scales` (over 1 KiB: a workspace call
-            # per task each, ~7% of SmolLM2's decode step at 1 thread)
+            # per task each, ~7% of SmolLM2's decode step at 1 thread); each thread its run of tasks, unclaimed
             for task in T.parallel(tasks):
                 single = T.alloc_buffer((9 * unit_rows,), "float32")
-                first_unit, task_units = T.meta_var(task_share(task, tasks, units))
-                if token_pairs:
-                    for ui in range(task_units):
-                        gs = T.meta_var(unit_groups(first_unit + ui, row_groups, pairs))
-                        for t in range(n):
-                            group_times_token(y, data, activations, x_scale, x_sum, gs, t, single)
-                else:
-                    first, count = T.meta_var(unit_group_range(first_unit, task_units, row_groups, pairs))
-                    for g in range(first, first + count):
-                        for t in range(n):
-                            group_times_token(y, data, activations, x_scale, x_sum, (g,), t, single)
+                token_task(task, y, data, activations, x_scale, x_sum, n, single)
 
     return RowMatmul(body, n_in, n_out, (row_groups, chunks * gb))
 

@@ -36,6 +36,9 @@ from tir_kernels.simd import (
     TOKEN_AHEAD,
     TOKENS,
     AskAhead,
+    claim_words,
+    claimed_tasks,
+    clear_claims,
     concat,
     fma,
     halves,
@@ -376,50 +379,73 @@ def kquant_rows(
             store_groups(y, t0 + u, gs, n_out, acc, 2 * v * u)
 
     @T.macro
+    def decode_task(task, y, data, xq, x_scale, x_sum, n, acc, isum):
+        """Task `task`'s row units for fewer than 4 tokens (a decode step), token by token: one group after
+        another (see `token_rows`), or with `AskAhead.PAIRS` two side by side."""
+        first_unit, task_units = T.meta_var(task_share(task, tasks, units))
+        if pairs and ask_ahead == AskAhead.PAIRS:
+            for ui in range(task_units):
+                gs = T.meta_var(unit_groups(first_unit + ui, row_groups, pairs))
+                for t in range(n):
+                    token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, q6 and one_order)
+        else:
+            first, count = T.meta_var(unit_group_range(first_unit, task_units, row_groups, pairs))
+            for g in range(first, first + count):
+                for t in range(n):
+                    group_token(y, data, xq, x_scale, x_sum, (g,), t, acc, isum, q6 and one_order)
+
+    @T.macro
+    def tokens_task(task, y, data, xq, x_scale, x_sum, n, acc, isum):
+        """Task `task`'s row units for 4 tokens or more, `block_tokens` tokens at a time."""
+        first_unit, task_units = T.meta_var(task_share(task, tasks, units))
+        for tb in range((n + block_tokens - 1) // block_tokens):
+            for ui in range(task_units):
+                unit = T.meta_var(first_unit + ui)
+                gs = T.meta_var(unit_groups(unit, row_groups, pairs))
+                first = T.meta_var(tb * block_tokens)
+                count = T.meta_var(T.min(n, first + block_tokens) - first)
+                if q6:
+                    if n >= 8 or one_order:  # llama.cpp's tiled matmul: tokens in fours share decoded codes
+                        for q in range(count // QUAD):
+                            q6_tiled_quad(y, data, xq, x_scale, x_sum, gs, first + q * QUAD, acc, isum)
+                        for r in range(count % QUAD):
+                            t = T.meta_var(first + count // QUAD * QUAD + r)
+                            token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, True)
+                    else:
+                        for t in range(first, first + count):
+                            token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
+                elif one_order:
+                    for t in range(first, first + count):
+                        token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
+                elif q4k_quads:  # llama.cpp's GEMM but for the batch's last n % 4 tokens (its GEMV)
+                    for q in range(count // QUAD):
+                        q4k_tiled_quad(y, data, xq, x_scale, x_sum, gs, first + q * QUAD, acc)
+                    for r in range(count % QUAD):
+                        t = T.meta_var(first + count // QUAD * QUAD + r)
+                        token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
+                else:
+                    for t in range(first, first + count):
+                        tiled = T.meta_var(t < n - n % 4)
+                        token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled)
+
+    @T.macro
     def body(x, data, y, n, capacity):
         xq = T.alloc_buffer((capacity, n_in), "int8")
         x_scale = T.alloc_buffer((capacity, supers), "float32")
         x_sum = T.alloc_buffer((capacity, supers * sums_per_super), "int32")
         quantize_q8_k(x, xq, x_scale, x_sum, n, supers, sums_per_super)
-        for task in T.parallel(tasks):
-            acc = T.alloc_buffer((max(64, 2 * QUAD * unit_rows),), "float32")
-            isum = T.alloc_buffer(((QUAD + 8) * unit_rows,), "int32")
-            first_unit, task_units = T.meta_var(task_share(task, tasks, units))
-            one_token = T.meta_var(n < QUAD and not (pairs and ask_ahead == AskAhead.PAIRS))
-            if one_token:  # a decode step: one group after another, see `token_rows`
-                first, count = T.meta_var(unit_group_range(first_unit, task_units, row_groups, pairs))
-                for g in range(first, first + count):
-                    for t in range(n):
-                        group_token(y, data, xq, x_scale, x_sum, (g,), t, acc, isum, q6 and one_order)
-            else:
-                for tb in range((n + block_tokens - 1) // block_tokens):
-                    for ui in range(task_units):
-                        unit = T.meta_var(first_unit + ui)
-                        gs = T.meta_var(unit_groups(unit, row_groups, pairs))
-                        first = T.meta_var(tb * block_tokens)
-                        count = T.meta_var(T.min(n, first + block_tokens) - first)
-                        if q6:
-                            if n >= 8 or one_order:  # llama.cpp's tiled matmul: tokens in fours share decoded codes
-                                for q in range(count // QUAD):
-                                    q6_tiled_quad(y, data, xq, x_scale, x_sum, gs, first + q * QUAD, acc, isum)
-                                for r in range(count % QUAD):
-                                    t = T.meta_var(first + count // QUAD * QUAD + r)
-                                    token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, True)
-                            else:
-                                for t in range(first, first + count):
-                                    token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
-                        elif one_order:
-                            for t in range(first, first + count):
-                                token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
-                        elif q4k_quads:  # llama.cpp's GEMM but for the batch's last n % 4 tokens (its GEMV)
-                            for q in range(count // QUAD):
-                                q4k_tiled_quad(y, data, xq, x_scale, x_sum, gs, first + q * QUAD, acc)
-                            for r in range(count % QUAD):
-                                t = T.meta_var(first + count // QUAD * QUAD + r)
-                                token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
-                        else:
-                            for t in range(first, first + count):
-                                tiled = T.meta_var(t < n - n % 4)
-                                token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled)
+        args = T.meta_var((y, data, xq, x_scale, x_sum, n))
+        if n < QUAD:  # each thread its run of tasks: claims cost a decode step more than they save
+            for task in T.parallel(tasks):
+                acc = T.alloc_buffer((max(64, 2 * QUAD * unit_rows),), "float32")
+                isum = T.alloc_buffer(((QUAD + 8) * unit_rows,), "int32")
+                decode_task(task, *args, acc, isum)
+        else:
+            claims = T.alloc_buffer((claim_words(tasks),), "int32")
+            clear_claims(claims, tasks)
+            for slot in T.parallel(tasks):
+                acc = T.alloc_buffer((max(64, 2 * QUAD * unit_rows),), "float32")
+                isum = T.alloc_buffer(((QUAD + 8) * unit_rows,), "int32")
+                claimed_tasks(slot, tasks, claims, tokens_task, (*args, acc, isum))
 
     return RowMatmul(body, n_in, n_out, (row_groups, supers * lay.size))

@@ -240,6 +240,47 @@ def each_span(count, width: int, step, args):
             step(piece // spans, piece % spans * SPAN, T.min(piece % spans * SPAN + SPAN, width), *args)
 
 
+CLAIMS_PER_LINE = 16  # int32 words of a 64-byte cache line
+
+
+def claim_words(tasks: int) -> int:
+    """int32 words of the claims of `tasks` parallel tasks (`claimed_tasks`): one a task, 16 to a cache line,
+    then a line for the word that says every task is taken."""
+    return (-(-tasks // CLAIMS_PER_LINE) + 1) * CLAIMS_PER_LINE
+
+
+@T.macro
+def clear_claims(claims, tasks: int):
+    for i in range(claim_words(tasks)):
+        claims[i] = 0
+
+
+@T.macro
+def claimed_tasks(slot, tasks: int, claims, step, args):
+    """step(task, *args) for each task < `tasks` that parallel slot `slot` claims first, from its own task on
+    (wrapping around), so that every task runs once and a thread done with its run of slots takes the tasks
+    another has not started. TVM's pool gives each thread a fixed run of slots, and on a shared machine one
+    thread's run often ends well after the other's (a 2-thread decode step of a 1B Llama: each thread waited
+    for the other's matmul tasks 6-10% of the time, in runs of 50-350 us). Claimed with x86's `lock bts` on the
+    task's word (the int8-activation kernels are x86-only), 16 words a cache line: one thread's run when there
+    are few threads. The first slot to finish its lap sets the word on the last line, at which every other slot
+    stops: a thread's later slots cost a load. `task` is a bound variable, not an expression of `slot`:
+    inlined as `(slot + k) % tasks` it left Q4_K's decode loop computing addresses apart (1 thread,
+    16384x2048, 14.0 -> 12.8 GB/s).
+
+    For prefill: its tasks are long (Gemma 3's 512-token prefill at 2 threads, 464-623 -> 548-830 tok/s in
+    alternating runs; 1 thread level). A decode step's tasks are short and its locks wait on the weights' loads
+    in flight: SmolLM2 at 1 thread 114 -> 109 tok/s, a 1B Llama at 2 threads only 2-3% faster."""
+    done = T.meta_var(claim_words(tasks) - CLAIMS_PER_LINE)
+    if claims[done] == 0:
+        for k in range(tasks):
+            task = (slot + k) % tasks
+            if claims[done] == 0:
+                if T.call_llvm_intrin("int32", "llvm.x86.atomic.bts", T.address_of(claims[task]), T.int8(0)) == 0:
+                    step(task, *args)
+        claims[done] = 1
+
+
 def task_share(task: tirx.PrimExpr, tasks: int, count: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
     """(first, size) of parallel task `task`'s share of `count` items split over `tasks` tasks as evenly as
     integers allow. TVM's thread pool gives each thread a contiguous run of tasks, so shares of ceil(count /
@@ -269,8 +310,12 @@ def unit_count(row_groups: int, pairs: bool) -> int:
 
 def unit_groups(unit: tirx.PrimExpr, row_groups: int, pairs: bool) -> tuple[tirx.PrimExpr, ...]:
     """The row groups one unit of work takes: groups 2 unit and 2 unit + 1 side by side with `pairs` (the last
-    unit of an odd count: its one group twice, stored once), else group `unit`."""
-    return (2 * unit, tirx.min(2 * unit + 1, row_groups - 1)) if pairs else (unit,)
+    unit of an odd count: its one group twice, stored once), else group `unit`. The `min` only for an odd count:
+    a claimed task's units have no bounds the simplifier knows, and the `min` left in every address of the
+    second group costs Q4_K's decode loop a register (`claimed_tasks`)."""
+    if not pairs:
+        return (unit,)
+    return (2 * unit, 2 * unit + 1 if row_groups % 2 == 0 else tirx.min(2 * unit + 1, row_groups - 1))
 
 
 def unit_group_range(first_unit, units, row_groups: int, pairs: bool) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
