@@ -46,6 +46,7 @@ from tir_kernels.simd import (
     clear_claims,
     concat,
     each_row,
+    each_token_block,
     fma,
     halves,
     lane_sum,
@@ -387,24 +388,19 @@ def llamacpp_rows(
             store_groups(y, t0 + i, gs, n_out, acc, at)
 
     @T.macro
-    def tokens_task(task, y, data, activations, x_scale, x_sum, n, buffers):
-        """Task `task`'s row units for n >= 4 tokens, `block_tokens` at a time (their activations stay in L2),
-        in fours, the first four streaming the weights in."""
+    def block_tokens_rows(gs, first, count, y, data, activations, x_scale, x_sum, n, buffers):
+        """Tokens first .. first + count - 1 times the rows of the groups in `gs`, in fours (the first four
+        streaming the weights in), then one at a time."""
         acc, single, live, scales = T.meta_var(buffers)
-        first_unit, task_units = T.meta_var(task_share(task, tasks, units))
-        for tb in range((n + block_tokens - 1) // block_tokens):
-            for ui in range(task_units):
-                u = T.meta_var(first_unit + ui)
-                gs = T.meta_var(unit_groups(u, row_groups, pairs))
-                first = T.meta_var(tb * block_tokens)
-                count = T.meta_var(T.min(n, first + block_tokens) - first)
-                for q in range(count // QUAD):
-                    group_times_tokens(
-                        y, data, activations, x_scale, x_sum, gs, first + q * QUAD, QUAD, acc, live, scales
-                    )
-                for r in range(count % QUAD):
-                    t = T.meta_var(first + count // QUAD * QUAD + r)
-                    group_times_token(y, data, activations, x_scale, x_sum, gs, t, single)
+        for q in range(count // QUAD):
+            group_times_tokens(y, data, activations, x_scale, x_sum, gs, first + q * QUAD, QUAD, acc, live, scales)
+        for r in range(count % QUAD):
+            t = T.meta_var(first + count // QUAD * QUAD + r)
+            group_times_token(y, data, activations, x_scale, x_sum, gs, t, single)
+
+    def token_blocks(task, n, step, args):
+        """step(gs, first, count, *args) for task `task`'s units and n tokens in blocks."""
+        each_token_block(task, tasks, units, row_groups, pairs, n, block_tokens, step, args)
 
     @T.macro
     def token_task(task, y, data, activations, x_scale, x_sum, n, single):
@@ -441,7 +437,8 @@ def llamacpp_rows(
                 live = T.alloc_buffer((words * QUAD * unit_rows,), "float32")
                 scales = T.alloc_buffer((QUAD * chunks * unit_rows,), "float32")
                 buffers = T.meta_var((acc, single, live, scales))
-                claimed_tasks(slot, tasks, claims, tokens_task, (y, data, activations, x_scale, x_sum, n, buffers))
+                args = T.meta_var((y, data, activations, x_scale, x_sum, n, buffers))
+                claimed_tasks(slot, tasks, claims, token_blocks, (n, block_tokens_rows, args))
         else:  # a decode step's tokens one at a time, without `acc` and `scales` (over 1 KiB: a workspace call
             # per task each, ~7% of SmolLM2's decode step at 1 thread); each thread its run of tasks, unclaimed
             for task in T.parallel(tasks):

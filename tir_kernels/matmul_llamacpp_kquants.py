@@ -40,6 +40,7 @@ from tir_kernels.simd import (
     claimed_tasks,
     clear_claims,
     concat,
+    each_token_block,
     fma,
     halves,
     lane_sum,
@@ -395,38 +396,35 @@ def kquant_rows(
                     group_token(y, data, xq, x_scale, x_sum, (g,), t, acc, isum, q6 and one_order)
 
     @T.macro
-    def tokens_task(task, y, data, xq, x_scale, x_sum, n, acc, isum):
-        """Task `task`'s row units for 4 tokens or more, `block_tokens` tokens at a time."""
-        first_unit, task_units = T.meta_var(task_share(task, tasks, units))
-        for tb in range((n + block_tokens - 1) // block_tokens):
-            for ui in range(task_units):
-                unit = T.meta_var(first_unit + ui)
-                gs = T.meta_var(unit_groups(unit, row_groups, pairs))
-                first = T.meta_var(tb * block_tokens)
-                count = T.meta_var(T.min(n, first + block_tokens) - first)
-                if q6:
-                    if n >= 8 or one_order:  # llama.cpp's tiled matmul: tokens in fours share decoded codes
-                        for q in range(count // QUAD):
-                            q6_tiled_quad(y, data, xq, x_scale, x_sum, gs, first + q * QUAD, acc, isum)
-                        for r in range(count % QUAD):
-                            t = T.meta_var(first + count // QUAD * QUAD + r)
-                            token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, True)
-                    else:
-                        for t in range(first, first + count):
-                            token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
-                elif one_order:
-                    for t in range(first, first + count):
-                        token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
-                elif q4k_quads:  # llama.cpp's GEMM but for the batch's last n % 4 tokens (its GEMV)
-                    for q in range(count // QUAD):
-                        q4k_tiled_quad(y, data, xq, x_scale, x_sum, gs, first + q * QUAD, acc)
-                    for r in range(count % QUAD):
-                        t = T.meta_var(first + count // QUAD * QUAD + r)
-                        token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
-                else:
-                    for t in range(first, first + count):
-                        tiled = T.meta_var(t < n - n % 4)
-                        token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled)
+    def block_tokens_rows(gs, first, count, y, data, xq, x_scale, x_sum, n, acc, isum):
+        """Tokens first .. first + count - 1 times the rows of the groups in `gs` (4 tokens or more in all)."""
+        if q6:
+            if n >= 8 or one_order:  # llama.cpp's tiled matmul: tokens in fours share decoded codes
+                for q in range(count // QUAD):
+                    q6_tiled_quad(y, data, xq, x_scale, x_sum, gs, first + q * QUAD, acc, isum)
+                for r in range(count % QUAD):
+                    t = T.meta_var(first + count // QUAD * QUAD + r)
+                    token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, True)
+            else:
+                for t in range(first, first + count):
+                    token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
+        elif one_order:
+            for t in range(first, first + count):
+                token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
+        elif q4k_quads:  # llama.cpp's GEMM but for the batch's last n % 4 tokens (its GEMV)
+            for q in range(count // QUAD):
+                q4k_tiled_quad(y, data, xq, x_scale, x_sum, gs, first + q * QUAD, acc)
+            for r in range(count % QUAD):
+                t = T.meta_var(first + count // QUAD * QUAD + r)
+                token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, False)
+        else:
+            for t in range(first, first + count):
+                tiled = T.meta_var(t < n - n % 4)
+                token_rows(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled)
+
+    def token_blocks(task, n, step, args):
+        """step(gs, first, count, *args) for task `task`'s units and n tokens in blocks."""
+        each_token_block(task, tasks, units, row_groups, pairs, n, block_tokens, step, args)
 
     @T.macro
     def body(x, data, y, n, capacity):
@@ -446,6 +444,6 @@ def kquant_rows(
             for slot in T.parallel(tasks):
                 acc = T.alloc_buffer((max(64, 2 * QUAD * unit_rows),), "float32")
                 isum = T.alloc_buffer(((QUAD + 8) * unit_rows,), "int32")
-                claimed_tasks(slot, tasks, claims, tokens_task, (*args, acc, isum))
+                claimed_tasks(slot, tasks, claims, token_blocks, (n, block_tokens_rows, (*args, acc, isum)))
 
     return RowMatmul(body, n_in, n_out, (row_groups, supers * lay.size))

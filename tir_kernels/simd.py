@@ -318,6 +318,18 @@ def unit_groups(unit: tirx.PrimExpr, row_groups: int, pairs: bool) -> tuple[tirx
     return (2 * unit, 2 * unit + 1 if row_groups % 2 == 0 else tirx.min(2 * unit + 1, row_groups - 1))
 
 
+@T.macro
+def each_token_block(task, tasks: int, units: int, row_groups: int, pairs: bool, n, block_tokens: int, step, args):
+    """step(gs, first, count, *args) for the units of task `task` (`task_share`, `unit_groups`) and the n
+    tokens in blocks of `block_tokens` from `first` (their activations stay in L2 while the units pass)."""
+    first_unit, task_units = T.meta_var(task_share(task, tasks, units))
+    for tb in range((n + block_tokens - 1) // block_tokens):
+        for ui in range(task_units):
+            gs = T.meta_var(unit_groups(first_unit + ui, row_groups, pairs))
+            first = T.meta_var(tb * block_tokens)
+            step(gs, first, T.min(n, first + block_tokens) - first, *args)
+
+
 def unit_group_range(first_unit, units, row_groups: int, pairs: bool) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
     """(first, count) of the row groups in `units` units from `first_unit` on (`unit_groups`), each group once."""
     if not pairs:
