@@ -274,7 +274,7 @@ def claimed_tasks(slot, tasks: int, claims, step, args):
     done = T.meta_var(claim_words(tasks) - CLAIMS_PER_LINE)
     if claims[done] == 0:
         for k in range(tasks):
-            task = (slot + k) % tasks
+            task: T.let[T.int32] = (slot + k) % tasks
             if claims[done] == 0:
                 if T.call_llvm_intrin("int32", "llvm.x86.atomic.bts", T.address_of(claims[task]), T.int8(0)) == 0:
                     step(task, *args)
