@@ -265,8 +265,8 @@ def claimed_tasks(slot, tasks: int, claims, step, args):
     task's word (the int8-activation kernels are x86-only), 16 words a cache line: one thread's run when there
     are few threads. The first slot to finish its lap sets the word on the last line, at which every other slot
     stops: a thread's later slots cost a load. `task` is a bound variable, not an expression of `slot`:
-    inlined as `(slot + k) % tasks` it left Q4_K's decode loop computing addresses apart (1 thread,
-    16384x2048, 14.0 -> 12.8 GB/s).
+    inlined as `(slot + k) % tasks` it left Q4_K's one-token loop, when decode claimed too, computing
+    addresses apart (1 thread, 16384x2048, 14.0 -> 12.8 GB/s).
 
     For prefill: its tasks are long (Gemma 3's 512-token prefill at 2 threads, 464-623 -> 548-830 tok/s in
     alternating runs; 1 thread level). A decode step's tasks are short and its locks wait on the weights' loads
@@ -312,7 +312,7 @@ def unit_groups(unit: tirx.PrimExpr, row_groups: int, pairs: bool) -> tuple[tirx
     """The row groups one unit of work takes: groups 2 unit and 2 unit + 1 side by side with `pairs` (the last
     unit of an odd count: its one group twice, stored once), else group `unit`. The `min` only for an odd count:
     a claimed task's units have no bounds the simplifier knows, and the `min` left in every address of the
-    second group costs Q4_K's decode loop a register (`claimed_tasks`)."""
+    second group cost Q4_K's one-token loop a register when decode claimed too (`claimed_tasks`)."""
     if not pairs:
         return (unit,)
     return (2 * unit, 2 * unit + 1 if row_groups % 2 == 0 else tirx.min(2 * unit + 1, row_groups - 1))
