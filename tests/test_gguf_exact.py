@@ -226,13 +226,15 @@ def test_q4_k_is_exact_only_in_whole_row_groups(rows: int, exact: bool):
     assert (scheme.numerics == Numerics.LLAMACPP) == exact
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["256-bit", "512-bit"])
 @pytest.mark.parametrize(
     ("kv_heads", "heads", "dim", "spread"), [(3, 9, 64, 1), (1, 4, 256, 1), (2, 4, 80, 1), (1, 4, 256, 12)]
 )
-def test_decode_attention_is_ggml(kv_heads: int, heads: int, dim: int, spread: float):
+def test_decode_attention_is_ggml(kv_heads: int, heads: int, dim: int, spread: float, wide: bool):
     """One token per sequence against its paged K/V (pages shuffled): lengths under 8, under 32 and past both
     with a partial page; head size 80 leaves 16 elements of each K.q to ggml's float64 tail. `spread` scales
-    the queries: at 12 many scores sit over 87 below the peak, where ggml's exp is subnormal and mlcc's 0."""
+    the queries: at 12 many scores sit over 87 below the peak, where ggml's exp is subnormal and mlcc's 0.
+    `wide`: K.q and P.V 16 elements a vector (AVX-512 targets), the same arithmetic lane for lane."""
     page, lengths = 16, [45, 5, 100]
     rng = np.random.default_rng(6)
     counts = [-(-n // page) for n in lengths]
@@ -240,7 +242,7 @@ def test_decode_attention_is_ggml(kv_heads: int, heads: int, dim: int, spread: f
     pages = (rng.standard_normal((order.size, 2, kv_heads, page, dim)) * 2).astype(np.float16).astype(np.float32)
     q = (rng.standard_normal((len(lengths), heads, dim)) * 2 * spread).astype(np.float32)
     scale = 1 / np.sqrt(dim)
-    kernel = attention.decode_attention(kv_heads, heads, dim, page, "float32", False, Numerics.LLAMACPP)
+    kernel = attention.decode_attention(kv_heads, heads, dim, page, "float32", False, Numerics.LLAMACPP, wide=wide)
     lib = tvm.compile(tvm.IRModule({"main": kernel}), target=TARGET)
     out = tvm.runtime.tensor(np.zeros(q.shape, np.float32))
     lse = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32))

@@ -168,6 +168,19 @@ def _ggml_softmax(probs, slot, length, peak, weight, at):
 
 
 @T.macro(hygienic=False)
+def _weigh_value(keys, probs, slot, sums, i, first, part, run: int, width: int):
+    """Key i's value (`run` vectors of `width` elements from part * run) weighted into sums[first ..]."""
+    loc: T.let[T.int32] = keys.locate(i)
+    weight_i: T.let[T.float32] = probs[slot, i]
+    for v in T.unroll(run):
+        sums[first + v, T.Ramp(0, 1, width)] = fma(
+            T.Broadcast(weight_i, width),
+            keys.values(loc, (part * run + v) * width, width),
+            sums[first + v, T.Ramp(0, 1, width)],
+        )
+
+
+@T.macro(hygienic=False)
 def _attend_ggml_pair(q, row, head, keys, length, sm_scale, output, lse, dim, probs, slot):
     """_attend_ggml in tinyBLAS's order (a batch of several tokens) for query heads `head` and `head` + 1 of one
     KV head, their scores in probs[slot] and probs[slot + 1]: each key and value vector is read once for
@@ -227,18 +240,24 @@ def _attend_ggml_pair(q, row, head, keys, length, sm_scale, output, lse, dim, pr
 
 
 @T.macro(hygienic=False)
-def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single, vec_kq, probs, slot):
+def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single, vec_kq, probs, slot, width):
     """llama.cpp's attention without flash attention (CPU, AVX2), for one query head: K.q with q rounded to
     float16 (K and V are stored rounded), softmax of the scaled scores with ggml's vector exp summed 8 at a
     time in float64, probabilities rounded to float16, then P.V. A batch of one token (`single`) takes
     ggml_vec_dot_f16's order (4 x 8 partial sums per 32 elements), a larger one tinyBLAS's (8 lanes);
     `vec_kq`: K.q in the former order (also where tinyBLAS declines: a head size not a multiple of 8).
-    probs[slot]: room for the scores of `length` keys rounded up to 8."""
+    probs[slot]: room for the scores of `length` keys rounded up to 8. `width` (16 on AVX-512, else LANES): the
+    elements per vector of a one-token K.q (ggml's accumulators 0 and 1, 2 and 3 side by side) and P.V (each
+    lane its own element's sum): the same operations lane for lane, half the instructions."""
+    wide_kq = T.meta_var(width == 2 * LANES)
+    pv_width = T.meta_var(width if dim % width == 0 else LANES)
     q16 = T.decl_buffer((dim,), "float32")
     acc = T.decl_buffer((32, dim), "float32")  # P.V partial sums (one token)
     dots = T.decl_buffer((4, LANES), "float32")  # K.q partial sums
-    run = T.meta_var(_slot_run(dim))
-    sums = T.decl_buffer((run, LANES), "float32")  # one P.V slot's sums (one token)
+    dots_wide = T.decl_buffer((2, 2 * LANES), "float32")  # the same, two to a vector
+    slots = T.meta_var(2 if pv_width > LANES else 1)  # P.V slots summed side by side (one token)
+    run = T.meta_var(_slot_run(dim, pv_width, slots))
+    sums = T.decl_buffer((slots * run, pv_width), "float32")  # their sums
     score = T.alloc_buffer((1,), "float32")
     peak = T.alloc_buffer((1,), "float32")
     weight = T.alloc_buffer((1,), "float64")
@@ -258,16 +277,30 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
                 where[j] = keys.locate(octet * LANES + j)
                 if isinstance(keys, PagedKeys):  # decode: P.V reads value rows 32 keys apart, cold (~half of it)
                     keys.ask_values(where[j], dim)
-                for a in T.unroll(4):
-                    dots[a, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-                for step in range(dim // 32):
+                if wide_kq:  # accumulators [a0 | a1] and [a2 | a3]: their sum's halves added are (a0 + a2) + (a1 + a3)
+                    for a in T.unroll(2):
+                        dots_wide[a, T.Ramp(0, 1, width)] = T.Broadcast(T.float32(0), width)
+                    for step in range(dim // 32):
+                        for a in T.unroll(2):
+                            dots_wide[a, T.Ramp(0, 1, width)] = fma(
+                                _key_part(keys, where[j], step * 32 + a * width, width),
+                                q16[T.Ramp(step * 32 + a * width, 1, width)],
+                                dots_wide[a, T.Ramp(0, 1, width)],
+                            )
+                    halves[j, T.Ramp(0, 1, LANES)] = _fold(
+                        dots_wide[0, T.Ramp(0, 1, width)] + dots_wide[1, T.Ramp(0, 1, width)]
+                    )
+                else:
                     for a in T.unroll(4):
-                        dots[a, T.Ramp(0, 1, LANES)] = fma(
-                            _key(keys, where[j], step * 32 + a * LANES),
-                            q16[T.Ramp(step * 32 + a * LANES, 1, LANES)],
-                            dots[a, T.Ramp(0, 1, LANES)],
-                        )
-                halves[j, T.Ramp(0, 1, LANES)] = _f16_dot_halves([dots[a, T.Ramp(0, 1, LANES)] for a in range(4)])
+                        dots[a, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+                    for step in range(dim // 32):
+                        for a in T.unroll(4):
+                            dots[a, T.Ramp(0, 1, LANES)] = fma(
+                                _key(keys, where[j], step * 32 + a * LANES),
+                                q16[T.Ramp(step * 32 + a * LANES, 1, LANES)],
+                                dots[a, T.Ramp(0, 1, LANES)],
+                            )
+                    halves[j, T.Ramp(0, 1, LANES)] = _f16_dot_halves([dots[a, T.Ramp(0, 1, LANES)] for a in range(4)])
             scores8 = T.meta_var(
                 _f16_dot_reduce_each([halves[j, T.Ramp(0, 1, LANES)] for j in range(LANES)])
                 * T.Broadcast(sm_scale, LANES)
@@ -301,23 +334,27 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
             peak[0] = T.max(peak[0], score[0])
     _ggml_softmax(probs, slot, length, peak, weight, 0)
     if single:  # ggml_vec_dot_f16's order: element d of key i into slot i % 32 (keys s, s + 32, ... in turn)
-        # A slot's keys one after the other, `run` vectors of elements at a time in registers: each value
-        # row is read once, and the slot's sums are stored once (not loaded and stored for every key).
-        for part in range(dim // LANES // run):
-            for s in range(32):
-                for v in T.unroll(run):
-                    sums[v, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-                for c in range((length - s + 31) // 32):
-                    loc: T.let[T.int32] = keys.locate(c * 32 + s)
-                    weight_i: T.let[T.float32] = probs[slot, c * 32 + s]
+        # `slots` slots' keys side by side (with 2, slot 2 p + 1 has as many keys as slot 2 p or one fewer), `run`
+        # vectors of elements of each at a time in registers: each value row read once, each slot's sums stored
+        # once. 16-element vectors take two slots: one slot's 4 chains of fused multiply-adds waited on their
+        # latency (a 4-head, 256-dim decode at 900 keys: 112-121 -> 103-104 us a layer, 1 thread).
+        for part in range(dim // pv_width // run):
+            for group in range(32 // slots):
+                first = T.meta_var(group * slots)
+                for v in T.unroll(slots * run):
+                    sums[v, T.Ramp(0, 1, pv_width)] = T.Broadcast(T.float32(0), pv_width)
+                every: T.let[T.int32] = (length - first - slots + 32) // 32  # keys of the group's last slot
+                for c in range(every):
+                    for h in T.unroll(slots):
+                        _weigh_value(keys, probs, slot, sums, c * 32 + first + h, h * run, part, run, pv_width)
+                if slots == 2:
+                    if every * 32 + first < length:  # the first slot's last key
+                        _weigh_value(keys, probs, slot, sums, every * 32 + first, 0, part, run, pv_width)
+                for h in T.unroll(slots):
                     for v in T.unroll(run):
-                        sums[v, T.Ramp(0, 1, LANES)] = fma(
-                            T.Broadcast(weight_i, LANES),
-                            keys.values(loc, (part * run + v) * LANES),
-                            sums[v, T.Ramp(0, 1, LANES)],
-                        )
-                for v in T.unroll(run):
-                    acc[s, T.Ramp((part * run + v) * LANES, 1, LANES)] = sums[v, T.Ramp(0, 1, LANES)]
+                        acc[first + h, T.Ramp((part * run + v) * pv_width, 1, pv_width)] = sums[
+                            h * run + v, T.Ramp(0, 1, pv_width)
+                        ]
         for dv in range(dim // LANES):
             part = T.meta_var(T.Ramp(dv * LANES, 1, LANES))
             output[row, head, part] = _f16_dot_reduce_slots(acc, part)
@@ -338,10 +375,11 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
     lse[row, head] = peak[0] * T.float32(LOG2E) + T.log2(T.Cast("float32", weight[0]))
 
 
-def _slot_run(dim: int) -> int:
-    """Vectors of a head's elements that one-token P.V keeps in registers: the most, up to 8, that divide it."""
-    vectors = dim // LANES
-    return max(r for r in range(1, 9) if vectors % r == 0)
+def _slot_run(dim: int, width: int, slots: int) -> int:
+    """Vectors (of `width` elements) of a head's elements that one-token P.V keeps in registers for each of
+    `slots` slots: the most, up to 8 in all, that divide it."""
+    vectors = dim // width
+    return max(r for r in range(1, 8 // slots + 1) if vectors % r == 0)
 
 
 def _vec_kq(single, dim: int):
@@ -634,7 +672,7 @@ def decode_attention(
                     keys = T.meta_var(
                         PagedKeys(cache, page_table_values, length_info, b, begin, h // group, None, sliding_window)
                     )
-                    _attend_ggml(Q, b, h, keys, length, sm_scale, output, lse, dim, True, True, scores_of, bh)
+                    _attend_ggml(Q, b, h, keys, length, sm_scale, output, lse, dim, True, True, scores_of, bh, width)
                 else:  # no keys at this depth of the block tree: a part that merges in with weight 0
                     for d in range(dim):
                         output[b, h, d] = T.Cast(dtype, T.float32(0))
@@ -761,6 +799,7 @@ def prefill_ragged_attention(
                             _vec_kq(single, d_qk),
                             scores_of,
                             slot + h,
+                            width,
                         )
         else:
             for order in T.parallel(qo_len * h_kv):  # a token's query heads sharing a KV head
