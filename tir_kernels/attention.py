@@ -249,12 +249,11 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
     probs[slot]: room for the scores of `length` keys rounded up to 8. `width` (16 on AVX-512, else LANES): the
     elements per vector of a one-token K.q (ggml's accumulators 0 and 1, 2 and 3 side by side) and P.V (each
     lane its own element's sum): the same operations lane for lane, half the instructions."""
-    wide_kq = T.meta_var(width == 2 * LANES)
     pv_width = T.meta_var(width if dim % width == 0 else LANES)
     q16 = T.decl_buffer((dim,), "float32")
     acc = T.decl_buffer((32, dim), "float32")  # P.V partial sums (one token)
     dots = T.decl_buffer((4, LANES), "float32")  # K.q partial sums
-    dots_wide = T.decl_buffer((2, 2 * LANES), "float32")  # the same, two to a vector
+    octet_dots = T.decl_buffer((32 // width, width), "float32")  # an octet key's: ggml's 4, 32 // width a vector
     slots = T.meta_var(2 if pv_width > LANES else 1)  # P.V slots summed side by side (one token)
     run = T.meta_var(_slot_run(dim, pv_width, slots))
     sums = T.decl_buffer((slots * run, pv_width), "float32")  # their sums
@@ -277,30 +276,23 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
                 where[j] = keys.locate(octet * LANES + j)
                 if isinstance(keys, PagedKeys):  # decode: P.V reads value rows 32 keys apart, cold (~half of it)
                     keys.ask_values(where[j], dim)
-                if wide_kq:  # accumulators [a0 | a1] and [a2 | a3]: their sum's halves added are (a0 + a2) + (a1 + a3)
-                    for a in T.unroll(2):
-                        dots_wide[a, T.Ramp(0, 1, width)] = T.Broadcast(T.float32(0), width)
-                    for step in range(dim // 32):
-                        for a in T.unroll(2):
-                            dots_wide[a, T.Ramp(0, 1, width)] = fma(
-                                _key_part(keys, where[j], step * 32 + a * width, width),
-                                q16[T.Ramp(step * 32 + a * width, 1, width)],
-                                dots_wide[a, T.Ramp(0, 1, width)],
-                            )
+                for a in T.unroll(32 // width):
+                    octet_dots[a, T.Ramp(0, 1, width)] = T.Broadcast(T.float32(0), width)
+                for step in range(dim // 32):
+                    for a in T.unroll(32 // width):
+                        octet_dots[a, T.Ramp(0, 1, width)] = fma(
+                            _key_part(keys, where[j], step * 32 + a * width, width),
+                            q16[T.Ramp(step * 32 + a * width, 1, width)],
+                            octet_dots[a, T.Ramp(0, 1, width)],
+                        )
+                if width > LANES:  # [a0 | a1] + [a2 | a3], halves added: (a0 + a2) + (a1 + a3)
                     halves[j, T.Ramp(0, 1, LANES)] = _fold(
-                        dots_wide[0, T.Ramp(0, 1, width)] + dots_wide[1, T.Ramp(0, 1, width)]
+                        octet_dots[0, T.Ramp(0, 1, width)] + octet_dots[1, T.Ramp(0, 1, width)]
                     )
                 else:
-                    for a in T.unroll(4):
-                        dots[a, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-                    for step in range(dim // 32):
-                        for a in T.unroll(4):
-                            dots[a, T.Ramp(0, 1, LANES)] = fma(
-                                _key(keys, where[j], step * 32 + a * LANES),
-                                q16[T.Ramp(step * 32 + a * LANES, 1, LANES)],
-                                dots[a, T.Ramp(0, 1, LANES)],
-                            )
-                    halves[j, T.Ramp(0, 1, LANES)] = _f16_dot_halves([dots[a, T.Ramp(0, 1, LANES)] for a in range(4)])
+                    halves[j, T.Ramp(0, 1, LANES)] = _f16_dot_halves(
+                        [octet_dots[a, T.Ramp(0, 1, LANES)] for a in range(4)]
+                    )
             scores8 = T.meta_var(
                 _f16_dot_reduce_each([halves[j, T.Ramp(0, 1, LANES)] for j in range(LANES)])
                 * T.Broadcast(sm_scale, LANES)
