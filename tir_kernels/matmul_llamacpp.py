@@ -70,6 +70,10 @@ SEGMENT_BYTES = 8 * 1024  # the bytes of one segment where a row group's are mor
 # accumulators, 1 KiB, past what TVM puts on the stack, and slower, 1235 before this order). An Intel Xeon (with the
 # accumulators still in the workspace): Q4_1 2 words 78-83 GMAC/s, 1 word 73, 4 words 74; Q5_0 and Q8_0 level.
 WORDS_PER_PASS = 2
+# Columns from which a one-token pass over one row group at a time asks for its weights ahead even where
+# `AskAhead.NONE` leaves them to the hardware prefetcher: there a token's activations crowd L1 (Zen 4, Q8_0, 1
+# thread, GB/s without / with asking: 8192x2048 21.0 / 23.2, 14336x1024 20.7 / 24.3; 6144x2048 25.8 / 23.5).
+PREFETCHED_ROW = 8192
 # Block types whose llama.cpp AVX2 matmul this module (or matmul_llamacpp_kquants.py) reproduces (Q4_0 is repacked
 # by llama.cpp into kernels of another order).
 EXACT_TYPES = {Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K}
@@ -185,6 +189,12 @@ def llamacpp_rows(
     # their pairs but on Zen 5 (`AskAhead.ONE_GROUP`): on Zen 4 Q5_0 640x16384 ran 27.5 GB/s in pairs against 23.4
     # one group at a time (in two copies of the code; one copy not measured there).
     token_pairs = pairs and ask_ahead != AskAhead.ONE_GROUP and qtype != Q.Q8_0
+    # One group at a time, `AskAhead.NONE` leaves rows shorter than PREFETCHED_ROW to the hardware prefetcher, as
+    # its name says: on Zen 4 asking slowed that one stream (copies cycled past the caches, GB/s without / with, 1
+    # thread: Q8_0 640x262144 30.1 / 24.9, 576x49152 30.7 / 25.2, 2048x8192 29.6 / 25.0, 4096x4096 26.4 / 24.7;
+    # Q5_0 640x2048 24.2 / 22.7, Q4_1 1536x576 26.7 / 24.7; 2 threads 40.2 / 38.2, 42.5 / 40.3, 51.9 / 45.4, 48.3 /
+    # 43.7). Pairs of groups always ask: without it they fell to 10-13 GB/s there.
+    quiet_groups = ask_ahead == AskAhead.NONE and n_in < PREFETCHED_ROW
     passes = 8 // words  # word p's pass also takes words p + passes, p + 2 * passes, ...
     units = unit_count(row_groups, pairs)  # what the tasks share out
     tasks = min(TASKS, units)
@@ -279,7 +289,8 @@ def llamacpp_rows(
         v = T.meta_var(LANE_ROWS * len(gs))
         acc[T.Ramp(0, 1, 9 * v)] = T.Broadcast(T.float32(0), 9 * v)
         for c in range(chunks):
-            stream_ahead(data, gs, c, into_l1=False)
+            if len(gs) == 2 or not quiet_groups:
+                stream_ahead(data, gs, c, into_l1=False)
             if sum_chunks:
                 acc[T.Ramp(0, 1, LANE_ROWS)] = fma(
                     chunk_halves(data, gs, c, 0) * T.Broadcast(x_scale[t, c], LANE_ROWS),
