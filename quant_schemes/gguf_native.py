@@ -61,7 +61,7 @@ class Int8Rows:
             self.repack = group_rows if qtype in EXACT_TYPES else None
         elif vnni and qtype in CHUNK_SUM_OFFSETS:
             chunk_sums = amx_chunk_sum_rows if amx else chunk_sum_rows
-            self.rows, self.repack = chunk_sums(qtype, in_features, out_features), group_rows
+            self.rows, self.repack = chunk_sums(qtype, in_features, out_features, ask_ahead), group_rows
         elif amx and qtype in SUPER_LAYOUTS:  # one of llama.cpp's orders for every token: AMX takes its sums
             self.rows = amx_super_rows(qtype, in_features, out_features, vector_registers, ask_ahead)
             self.repack = group_rows

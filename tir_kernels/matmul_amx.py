@@ -110,9 +110,11 @@ SUPER_TILES = {tile: (TILE_TOKENS, 4 * TILE_ROWS) for tile in range(8)}  # K-qua
 
 
 @functools.cache
-def amx_chunk_sum_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> RowMatmul:
+def amx_chunk_sum_rows(
+    qtype: GGMLQuantizationType, n_in: int, n_out: int, ask_ahead: AskAhead = AskAhead.NONE
+) -> RowMatmul:
     """`chunk_sum_rows` with its integer chunk sums on AMX for 16 tokens or more, W in `group_rows` form."""
-    vnni = chunk_sum_rows(qtype, n_in, n_out)
+    vnni = chunk_sum_rows(qtype, n_in, n_out, ask_ahead)
     lay = GROUP_LAYOUTS[qtype]
     gb = lay.group_bytes
     chunks = n_in // CHUNK

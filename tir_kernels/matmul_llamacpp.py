@@ -114,13 +114,16 @@ def llamacpp_matmul(
 
 
 @functools.cache
-def chunk_sum_rows(qtype: GGMLQuantizationType, n_in: int, n_out: int) -> RowMatmul:
+def chunk_sum_rows(
+    qtype: GGMLQuantizationType, n_in: int, n_out: int, ask_ahead: AskAhead = AskAhead.NONE
+) -> RowMatmul:
     """A dense layer in mlcc's order ("gguf-fast") on CPUs with VNNI, W in `group_rows` form: each 32-column
     chunk's 8 words go into one integer sum per row and token (8 `vpdpbusd`, the codes unsigned with their
     offset in the sum's start), scaled into the float accumulator once per chunk instead of once per word.
     1 thread, AVX-512 VNNI, 640x2048, 128 tokens: 110-114 GMAC/s for every type (llama.cpp's order 59-70,
-    `int8_rows` 58-60); one token 42-56 (41-54, 45-67)."""
-    return llamacpp_rows(qtype, n_in, n_out, vnni=True, sum_chunks=True)
+    `int8_rows` 58-60); one token 42-56 (41-54, 45-67). `ask_ahead`: whether a decode step asks for the weights
+    ahead (see `quiet_groups`)."""
+    return llamacpp_rows(qtype, n_in, n_out, vnni=True, sum_chunks=True, ask_ahead=ask_ahead)
 
 
 @functools.cache
