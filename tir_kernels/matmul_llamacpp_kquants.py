@@ -130,6 +130,14 @@ def kquant_rows(
     units = unit_count(row_groups, pairs)  # what the tasks share out: pairs of groups, or groups
     tasks = min(TASKS, units)
     sums_per_super = 16 if q6 else 8  # activation sums per super-block: Q6_K per 16 columns, Q4_K per 32
+    # Where one-token passes ask (Q6_K always, Q4_K on long rows) with `AskAhead.NONE` (Zen 4 and x86-64 levels):
+    # Q6_K into L1, Q4_K twice as far ahead. Zen 4, copies cycled past the caches, GB/s before / after, 1 thread:
+    # Q6_K 2048x8192 24.0 / 30.9, 8192x2048 23.8 / 26.5, 2048x2048 22.9 / 28.3; Q4_K 8192x2048 22.1 / 25.4,
+    # 4096x4096 21.4 / 26.9; 2 threads 34.6 / 36.5, 35.5 / 37.3, 36.5 / 37.9; 29.5 / 31.7, 30.3 / 33.5 (Q6_K twice
+    # as far: 1 thread alike, 2 threads 1-6% slower; Q4_K into L1: 16.6 and 18.5 at 1 thread).
+    quiet = ask_ahead == AskAhead.NONE
+    token_into_l1 = q6 and quiet
+    token_ahead = 2 * TOKEN_AHEAD if quiet and not q6 else TOKEN_AHEAD
 
     def row_bytes(data, gs, at, dtype: str) -> tirx.PrimExpr:
         """The uint8 (or int8) values at `at` of the 8 rows of each group in `gs`, as `dtype` lanes."""
@@ -207,9 +215,10 @@ def kquant_rows(
         """Ask for the weights AHEAD bytes past chunk c's share of super-block `base` (Q6_K; Q4_K's single
         stream of codes the hardware prefetcher follows, so its one-token kernel asks only with `ask_ahead`
         or on long rows).
-        `into_l1`: see `simd.prefetch`; without it (one-token passes) TOKEN_AHEAD bytes on."""
-        ahead = T.meta_var(AHEAD if into_l1 else TOKEN_AHEAD)
-        stream_groups(data, gs, base, c, chunk_bytes, into_l1, supers * lay.size, ahead)
+        `into_l1`: see `simd.prefetch`; without it (one-token passes) `token_ahead` bytes on, into L1 where
+        `token_into_l1` says so."""
+        ahead = T.meta_var(AHEAD if into_l1 else token_ahead)
+        stream_groups(data, gs, base, c, chunk_bytes, into_l1 or token_into_l1, supers * lay.size, ahead)
 
     @T.macro
     def q6k_token(y, data, xq, x_scale, x_sum, gs, t, acc, isum, tiled):
