@@ -162,8 +162,10 @@ def has_vnni(target: tvm.target.Target) -> bool:
 
 class AskAhead(enum.IntEnum):
     """How a one-token kernel (decode) reads its weights. NONE: one row group after another, the hardware
-    prefetcher alone; ONE_GROUP: the same, asking for the weights ahead; PAIRS: two groups side by side in 512-bit
-    vectors (AVX-512 VNNI), asking ahead. Q4_K asks on rows of `LONG_ROW` columns or more whatever this says."""
+    prefetcher alone (but for Q6_K's two interleaved streams, which ask into L1, and long rows: `LONG_ROW` for
+    Q4_K, `PREFETCHED_ROW` for the others); ONE_GROUP: the same, asking for the weights ahead; PAIRS: two groups
+    side by side in 512-bit vectors (AVX-512 VNNI), asking ahead. Q4_K asks on rows of `LONG_ROW` columns or more
+    whatever this says."""
 
     NONE = 0
     ONE_GROUP = 1
