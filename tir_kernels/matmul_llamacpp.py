@@ -122,7 +122,7 @@ def chunk_sum_rows(
     offset in the sum's start), scaled into the float accumulator once per chunk instead of once per word.
     1 thread, AVX-512 VNNI, 640x2048, 128 tokens: 110-114 GMAC/s for every type (llama.cpp's order 59-70,
     `int8_rows` 58-60); one token 42-56 (41-54, 45-67). `ask_ahead`: whether a decode step asks for the weights
-    ahead (see `quiet_groups`)."""
+    ahead (see `llamacpp_rows`)."""
     return llamacpp_rows(qtype, n_in, n_out, vnni=True, sum_chunks=True, ask_ahead=ask_ahead)
 
 

@@ -262,7 +262,7 @@ def kquant_rows(
             min_scale = T.meta_var(scaled(data, gs, base + lay.minimum, x_scale, t, s))
             isum[T.Ramp(0, 1, 2 * v)] = T.Broadcast(T.int32(0), 2 * v)
             for p in T.unroll(4):
-                if ask_ahead != AskAhead.NONE or n_in >= LONG_ROW:
+                if not quiet or n_in >= LONG_ROW:
                     stream(data, gs, base, 2 * p, into_l1=False)
                     stream(data, gs, base, 2 * p + 1, into_l1=False)
                 isum[T.Ramp(2 * v, 1, v)] = chunk_lanes(data, gs, base, 2 * p, xq, t, s) + chunk_lanes(
