@@ -81,17 +81,17 @@ class GeGLU(nn.Module):
 class NeoxRope(nn.Module):
     """Rotate-half RoPE applied by the model itself (e.g. a base per layer), in float32; a module so that a
     quantization scheme can swap in its own arithmetic. `freq_scale` multiplies every angle (linear RoPE scaling,
-    1 / factor, as llama.cpp's freq_scale)."""
+    1 / factor, as llama.cpp's freq_scale). The angles' cos and sin are a table of their own (`tables`), computed
+    once per call of the model for all the layers that share a base and applied by each (`rotate`)."""
 
     def __init__(self, theta: float, head_dim: int, freq_scale: float = 1.0):
         self.theta, self.head_dim, self.freq_scale = theta, head_dim, freq_scale
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x [b, s, h, d] at the token positions [b*s]."""
+    def tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin [n, head_dim / 2] at the token positions [n]."""
         theta, freq_scale, dim = self.theta, self.freq_scale, self.head_dim
-        b, s = x.shape[0], x.shape[1]
 
-        def tables(pos: te.Tensor) -> list[te.Tensor]:
+        def compute(pos: te.Tensor) -> list[te.Tensor]:
             def angle(t, i):
                 exponent = i.astype("float32") * 2.0 / tirx.const(dim, "float32")
                 angle = pos[t].astype("float32") / tirx.power(tirx.const(theta, "float32"), exponent)
@@ -101,9 +101,14 @@ class NeoxRope(nn.Module):
             cos = te.compute(shape, lambda t, i: tirx.cos(angle(t, i)), name="rope_cos")
             return [cos, te.compute(shape, lambda t, i: tirx.sin(angle(t, i)), name="rope_sin")]
 
-        # cos and sin once per (token, frequency) in a kernel of their own (see RopeTables.tables)
-        cos, sin = op.tensor_expr_op(tables, "neox_rope_tables", [positions], attrs={"op_pattern": OPAQUE_PATTERN})
-        return apply_rope(x, op.reshape(cos, (b, s, dim // 2)), op.reshape(sin, (b, s, dim // 2)))
+        # a kernel of their own, not fused into each layer's rotation (see RopeTables.tables)
+        cos, sin = op.tensor_expr_op(compute, "neox_rope_tables", [positions], attrs={"op_pattern": OPAQUE_PATTERN})
+        return cos, sin
+
+    def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x [b, s, h, d] rotated by the tables [b*s, d / 2] of its tokens."""
+        b, s, half = x.shape[0], x.shape[1], self.head_dim // 2
+        return apply_rope(x, op.reshape(cos, (b, s, half)), op.reshape(sin, (b, s, half)))
 
 
 def hf_get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:

@@ -34,8 +34,8 @@ from model_defs.gemma import convert_hf_tensor, embedding_scale
 
 SLIDING = "sliding_attention"
 ROPE_KINDS = ("default", "linear")  # of the global layers (Gemma 3 4B and up: linear, factor 8)
-# The model rotates with `NeoxRope` at the positions (llama.cpp's arithmetic) or with precomputed tables.
-RopeInput = Tensor | tuple[Tensor, Tensor]
+# cos and sin of the layer's RoPE base: NeoxRope's (llama.cpp's arithmetic) or RopeTables' (transformers').
+RopeInput = tuple[Tensor, Tensor]
 
 
 @dataclass
@@ -193,11 +193,10 @@ class Block(nn.Module):
         v = op.reshape(self.attn_v(x), (b, s, c.num_kv_heads, c.head_dim))
         if c.qk_norm:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
-        if isinstance(rope, tuple):  # transformers' arithmetic
+        if c.hf_arithmetic:
             return self.attn_output(rope_attention(kv, self.layer, q, k, v, rope, c.query_scale))
-        positions = rope
-        q = self.rope(q, positions) * c.query_scale  # scaled before the dot products, as llama.cpp does
-        qkv = op.concat([q, self.rope(k, positions), v], dim=2)
+        q = self.rope.rotate(q, *rope) * c.query_scale  # scaled before the dot products, as llama.cpp does
+        qkv = op.concat([q, self.rope.rotate(k, *rope), v], dim=2)
         out = kv.attention_with_fused_qkv(self.layer, qkv, c.num_heads, sm_scale=1.0)  # [b, s, hq, d]
         return self.attn_output(op.reshape(out, (b, s, c.num_heads * c.head_dim)))
 
@@ -226,11 +225,15 @@ class Gemma3Model(nn.Module):
     def body(self, x: Tensor, kv: PagedKVCache) -> Tensor:
         b, s, _ = x.shape
         positions = kv.get_query_positions(b * s)  # [b*s]
-        if self.cfg.hf_arithmetic:
-            local, full = self.rope_local.tables(positions, b, s), self.rope_global.tables(positions, b, s)
+        tables: dict[bool, RopeInput] = {}  # one per RoPE base, for all the layers that share it
         for i, block in enumerate(self.blk):
-            rope = (local if self.cfg.is_sliding(i) else full) if self.cfg.hf_arithmetic else positions
-            x = block(x, kv, rope)
+            sliding = self.cfg.is_sliding(i)
+            if sliding not in tables:
+                if self.cfg.hf_arithmetic:
+                    tables[sliding] = (self.rope_local if sliding else self.rope_global).tables(positions, b, s)
+                else:
+                    tables[sliding] = block.rope.tables(positions)
+            x = block(x, kv, tables[sliding])
         return self.output_norm(x)
 
     def head(self, x: Tensor) -> Tensor:

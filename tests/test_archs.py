@@ -20,7 +20,7 @@ from compiler.targets import TargetRequest, resolve_target, strict_float
 from model_defs import get_arch, markdown_table
 from quant_schemes import get_scheme
 from runtime import Engine, SamplingParams
-from tir_kernels.rope import neox_rope_kernel
+from tir_kernels.rope import neox_rotate_kernel, neox_tables_kernel
 
 SENTENCE = "def main():\n    print('hello, world')\n    return 42\nThe quick brown fox jumps over the lazy dog."
 # Token counts with the tiny tokenizer: 13, 3, 48 and 142 (the tiny Phi-3 switches RoPE factors beyond 64).
@@ -237,13 +237,15 @@ def test_scaled_neox_rope_is_ggml(factor: float):
     from ggml_reference import rope_neox
 
     freq_scale = float(np.float32(1) / np.float32(factor))
-    kernel = neox_rope_kernel(4, 32, 1e6, freq_scale)
+    kernels = {"tables": neox_tables_kernel(32, 1e6, freq_scale), "rotate": neox_rotate_kernel(4, 32)}
     target = strict_float(resolve_target(TargetRequest())).target  # as a build in llama.cpp's numerics
-    lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=target)
+    lib = tvm.compile(tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in kernels.items()}), target=target)
     x = np.random.default_rng(5).standard_normal((7, 4, 32)).astype(np.float32)
     positions = np.array([0, 1, 2, 17, 300, 511, 4000], np.int32)
+    cos, sin = (tvm.runtime.tensor(np.zeros((7, 16), np.float32)) for _ in range(2))
+    lib["tables"](tvm.runtime.tensor(positions), cos, sin)
     out = tvm.runtime.tensor(np.zeros_like(x))
-    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(positions), out)
+    lib["rotate"](tvm.runtime.tensor(x), cos, sin, out)
     np.testing.assert_array_equal(out.numpy(), rope_neox(x, positions, 1e6, freq_scale))
     assert np.abs(out.numpy() - rope_neox(x, positions, 1e6)).max() > 0.1  # the scale is there
 

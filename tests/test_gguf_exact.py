@@ -208,7 +208,8 @@ def test_neox_rope_is_ggml(heads: int, dim: int, base: float):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((7, heads, dim)).astype(np.float32)
     positions = np.array([0, 1, 2, 17, 300, 511, 4000], np.int32)
-    (ours,) = _run(rope.neox_rope_kernel(heads, dim, base), x, positions, outputs=[x.shape])
+    tables = _run(rope.neox_tables_kernel(dim, base), positions, outputs=[(len(positions), dim // 2)] * 2)
+    (ours,) = _run(rope.neox_rotate_kernel(heads, dim), x, *tables, outputs=[x.shape])
     np.testing.assert_array_equal(ours, rope_neox(x, positions, base))
     angle = positions[:, None, None] * base ** (-2 * np.arange(dim // 2) / dim)
     rotated = np.concatenate([x[..., : dim // 2], x[..., dim // 2 :]], -1)  # the same halves, rotated in float64

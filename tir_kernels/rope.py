@@ -125,31 +125,57 @@ def split_rotary(spec: RopeSpec) -> tirx.PrimFunc:
 
 
 @functools.cache
-def neox_rope_kernel(heads: int, dim: int, theta: float, freq_scale: float = 1.0) -> tirx.PrimFunc:
-    """ggml_rope_ext (NEOX) of x [n, heads, dim] at positions [n]: ggml_rope_cache_init's angles (theta
-    multiplied by powf(base, -2 / dim) pair by pair, cosf and sinf), rotate_pairs as GCC contracts it."""
+def neox_tables_kernel(dim: int, theta: float, freq_scale: float = 1.0) -> tirx.PrimFunc:
+    """cos and sin [n, dim / 2] at positions [n] as ggml_rope_cache_init computes them (theta multiplied by
+    powf(base, -2 / dim) pair by pair, cosf and sinf of freq_scale times it)."""
     half = dim // 2
     theta_scale = ggml_theta_scale(theta, dim)
 
     @T.macro
-    def token(t, x, pos, y):
-        cos = T.alloc_buffer((half,), "float32")
-        sin = T.alloc_buffer((half,), "float32")
+    def token(t, pos, cos, sin):
+        row_cos = T.alloc_buffer((half,), "float32")
+        row_sin = T.alloc_buffer((half,), "float32")
         angle = T.alloc_buffer((1,), "float32")
-        ggml_rope_cache(cos, sin, angle, pos[t], half, theta_scale, freq_scale)
-        for h in range(heads):
-            for i in T.vectorized(half):
-                y[t, h, i] = fma(x[t, h, i], cos[i], -(x[t, h, i + half] * sin[i]))
-                y[t, h, i + half] = fma(x[t, h, i], sin[i], x[t, h, i + half] * cos[i])
+        ggml_rope_cache(row_cos, row_sin, angle, pos[t], half, theta_scale, freq_scale)
+        for i in T.vectorized(half):
+            cos[t, i] = row_cos[i]
+            sin[t, i] = row_sin[i]
 
     @T.prim_func(private=True, s_tir=True)
-    def kernel(var_x: T.handle, var_pos: T.handle, var_y: T.handle):
-        T.func_attr({"tirx.noalias": True})
+    def kernel(var_pos: T.handle, var_cos: T.handle, var_sin: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True})
+        n = T.int64()
+        pos = T.match_buffer(var_pos, (n,), "int32")
+        cos = T.match_buffer(var_cos, (n, half), "float32")
+        sin = T.match_buffer(var_sin, (n, half), "float32")
+        with T.sblock("root"):  # a one-input kernel: Relax's RewriteDataflowReshape inspects its root block
+            each_row(n, token, (pos, cos, sin))
+
+    return kernel
+
+
+@functools.cache
+def neox_rotate_kernel(heads: int, dim: int) -> tirx.PrimFunc:
+    """ggml_rope_ext's (NEOX) rotation of x [n, heads, dim] by its tokens' cos and sin [n, dim / 2]
+    (`neox_tables_kernel`), rotate_pairs as GCC contracts it."""
+    half = dim // 2
+
+    @T.macro
+    def token(t, x, cos, sin, y):
+        for h in range(heads):
+            for i in T.vectorized(half):
+                y[t, h, i] = fma(x[t, h, i], cos[t, i], -(x[t, h, i + half] * sin[t, i]))
+                y[t, h, i + half] = fma(x[t, h, i], sin[t, i], x[t, h, i + half] * cos[t, i])
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(var_x: T.handle, var_cos: T.handle, var_sin: T.handle, var_y: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True})
         n = T.int64()
         x = T.match_buffer(var_x, (n, heads, dim), "float32")
-        pos = T.match_buffer(var_pos, (n,), "int32")
+        cos = T.match_buffer(var_cos, (n, half), "float32")
+        sin = T.match_buffer(var_sin, (n, half), "float32")
         y = T.match_buffer(var_y, (n, heads, dim), "float32")
-        each_row(n, token, (x, pos, y))
+        each_row(n, token, (x, cos, sin, y))
 
     return kernel
 
@@ -160,9 +186,16 @@ class LlamaCppNeoxRope(nn.Module):
     def __init__(self, theta: float, head_dim: int, freq_scale: float = 1.0):
         self.theta, self.head_dim, self.freq_scale = theta, head_dim, freq_scale
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+    def tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        half = self.head_dim // 2
+        kernel = neox_tables_kernel(int(self.head_dim), float(self.theta), float(self.freq_scale))
+        tables = [Tensor.placeholder([positions.shape[0], half], "float32") for _ in range(2)]
+        cos, sin = op.tensor_ir_op(kernel, "rope_tables_llamacpp", [positions], tables)
+        return cos, sin
+
+    def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         b, s, heads, dim = x.shape
         rows = op.reshape(x, (-1, heads, dim))
         out = Tensor.placeholder(list(rows.shape), "float32")
-        kernel = neox_rope_kernel(int(heads), int(dim), float(self.theta), float(self.freq_scale))
-        return op.reshape(op.tensor_ir_op(kernel, "rope_llamacpp", [rows, positions], out), x.shape)
+        kernel = neox_rotate_kernel(int(heads), int(dim))
+        return op.reshape(op.tensor_ir_op(kernel, "rope_llamacpp", [rows, cos, sin], out), x.shape)
