@@ -59,6 +59,7 @@ from tir_kernels.simd import (
     unit_count,
     unit_group_range,
     unit_groups,
+    vpdpbusd,
 )
 
 Q = GGMLQuantizationType
@@ -240,7 +241,7 @@ def llamacpp_rows(
             xb = llvm_intrin("int8x32", "llvm.x86.avx2.psign.b", xb, signs)
         if vnni:
             start = tirx.Broadcast(x_offset[t, c * 8 + m], lanes) if word_offset else bcast(0, "int32", lanes)
-            return llvm_intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", start, operand, xb)
+            return vpdpbusd(start, operand, xb)
         pairs = llvm_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", operand, xb)
         return llvm_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, ones)
 
@@ -253,7 +254,7 @@ def llamacpp_rows(
             total = tirx.Broadcast(x_offset[t, c], LANE_ROWS) if offset and half == 0 else zeros
             for m in range(4 * half, 4 * half + 4):
                 operand, xb = weight_word(data, gs, c, m, offset)[0], word_activations(xq, t, c, m, LANE_ROWS)
-                total = llvm_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", total, operand, xb)
+                total = vpdpbusd(total, operand, xb)
             chains.append(total)
         return chains[0] + chains[1]
 

@@ -55,6 +55,7 @@ from tir_kernels.simd import (
     unit_count,
     unit_group_range,
     unit_groups,
+    vpdpbusd,
 )
 
 Q = GGMLQuantizationType
@@ -71,11 +72,17 @@ AHEAD = 1536
 LONG_ROW = 4096
 
 
+def low_bytes(qtype: GGMLQuantizationType, data: tirx.Buffer, g, base, c, m: int) -> tirx.PrimExpr:
+    """uint8x32: the bytes holding the low 4 bits of words m and m + 4 of chunk c (m < 4; low and high nibbles)
+    of the super-block at byte `base`, for the 8 rows of group g in `group_rows` form."""
+    return load(data, g, base + SUPER_LAYOUTS[qtype].low + c * 128 + 32 * m, 32)
+
+
 def super_word(qtype: GGMLQuantizationType, data: tirx.Buffer, g, base, c, m: int) -> tirx.PrimExpr:
     """uint8x32: word m (columns 4m..4m+3) of chunk c of the super-block at byte `base` for the 8 rows of group
     g in `group_rows` form: the unsigned codes (Q4_K 0..15, Q6_K 0..63)."""
     lay = SUPER_LAYOUTS[qtype]
-    packed = tirx.BufferLoad(data, [g, tirx.Ramp(base + lay.low + c * 128 + 32 * (m % 4), 1, 32)])
+    packed = low_bytes(qtype, data, g, base, c, m % 4)
     low = packed & u8x32(15) if m < 4 else shift_bytes(packed, 4, right=True) & u8x32(15)
     if lay.high is None:
         return low
@@ -171,7 +178,7 @@ def kquant_rows(
         for m in words:
             xb = word_activations(xq, t, s, c, m, lanes)
             codes = concat([super_word(qtype, data, g, base, c, m) for g in gs])
-            total = llvm_intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", total, codes, xb)
+            total = vpdpbusd(total, codes, xb)
         return total
 
     def nibble_dots(data, gs, base, c, xq, t, s) -> tirx.PrimExpr:
@@ -179,13 +186,12 @@ def kquant_rows(
         words 4-7 in another on their bytes masked with 0xF0 (each product 16 times its code's), that chain's
         sum then shifted right by 4 (exact: a multiple of 16)."""
         lanes = LANE_ROWS * len(gs)
-        dot = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
         low = high = tirx.Broadcast(tirx.const(0, "int32"), lanes)
         for m in range(4):
-            packed = concat([load(data, g, base + lay.low + c * 128 + 32 * m, 32) for g in gs])
+            packed = concat([low_bytes(qtype, data, g, base, c, m) for g in gs])
             low_codes, high_codes = (packed & concat([u8x32(bits)] * len(gs)) for bits in (0x0F, 0xF0))
-            low = llvm_intrin(f"int32x{lanes}", dot, low, low_codes, word_activations(xq, t, s, c, m, lanes))
-            high = llvm_intrin(f"int32x{lanes}", dot, high, high_codes, word_activations(xq, t, s, c, m + 4, lanes))
+            low = vpdpbusd(low, low_codes, word_activations(xq, t, s, c, m, lanes))
+            high = vpdpbusd(high, high_codes, word_activations(xq, t, s, c, m + 4, lanes))
         return low + (high >> tirx.Broadcast(tirx.const(4, "int32"), lanes))
 
     def factors(data, gs, at) -> tirx.PrimExpr:

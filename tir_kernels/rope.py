@@ -169,7 +169,7 @@ def neox_rotate_kernel(heads: int, dim: int) -> tirx.PrimFunc:
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_x: T.handle, var_cos: T.handle, var_sin: T.handle, var_y: T.handle):
-        T.func_attr({"op_pattern": 8, "tirx.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         n = T.int64()
         x = T.match_buffer(var_x, (n, heads, dim), "float32")
         cos = T.match_buffer(var_cos, (n, half), "float32")

@@ -124,6 +124,13 @@ def llvm_intrin(dtype: str, name: str, *args: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.call_llvm_pure_intrin(dtype, name, *args)
 
 
+def vpdpbusd(total: tirx.PrimExpr, codes: tirx.PrimExpr, activations: tirx.PrimExpr) -> tirx.PrimExpr:
+    """total (int32, 8 or 16 lanes) plus each lane's 4 unsigned bytes of `codes` times its 4 signed bytes of
+    `activations` (AVX512-VNNI / AVX-VNNI)."""
+    lanes = total.ty.dtype.lanes
+    return llvm_intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", total, codes, activations)
+
+
 def fma(a: tirx.PrimExpr, b: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
     """a * b + c rounded once (scalar or float32 vector)."""
     lanes = c.ty.dtype.lanes
