@@ -67,3 +67,46 @@ def test_paged_prefill_shares_key_tiles_between_tokens(monkeypatch, window: int,
                 p = np.exp(scores - scores.max())
                 expected = p @ v[kh, first:last] / p.sum()
                 np.testing.assert_allclose(ours[0][row, h], expected, rtol=1e-4, atol=1e-5)
+
+
+def _decode(kv_heads, heads, dim, lengths, pages, order, q, wide):
+    """Output and log2-sum-exp of mlcc-order decode: one query per sequence against its `lengths` paged keys."""
+    kernel = attention.decode_attention(kv_heads, heads, dim, PAGE, "float32", False, wide=wide)
+    lib = tvm.compile(tvm.IRModule({"main": kernel}), target=TARGET)
+    counts = [-(-n // PAGE) for n in lengths]
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    last = np.array([n - (c - 1) * PAGE for n, c in zip(lengths, counts)], np.int32)
+    none = np.zeros(len(lengths), np.int32)
+    out = tvm.runtime.tensor(np.zeros(q.shape, np.float32))
+    lse = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32))
+    args = [q, pages, indptr, order[: indptr[-1]], last, none, np.array(lengths, np.int32)]
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), out, lse, 0, 1.0, 10_000.0, 1 / np.sqrt(dim))
+    return out.numpy(), lse.numpy()
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["256-bit", "512-bit"])
+@pytest.mark.parametrize(("kv_heads", "heads", "dim"), [(3, 9, 64), (1, 4, 80)])
+def test_decode_shares_keys_between_query_heads(monkeypatch, kv_heads: int, heads: int, dim: int, wide: bool):
+    """Decode in mlcc's order with a task per KV head's query heads (long contexts, or many KV heads) gives the
+    bits of a task per query head, and softmax attention; lengths under a tile, and past SHARED_LENGTH."""
+    lengths = [300, 5, 45]
+    rng = np.random.default_rng(9)
+    order = rng.permutation(sum(-(-n // PAGE) for n in lengths) + 2).astype(np.int32)
+    pages = rng.standard_normal((order.size, 2, kv_heads, PAGE, dim)).astype(np.float32)
+    q = rng.standard_normal((len(lengths), heads, dim)).astype(np.float32)
+    assert attention.decode_task_heads(kv_heads, heads // kv_heads, wide) > 1
+    ours = _decode(kv_heads, heads, dim, lengths, pages, order, q, wide)
+    monkeypatch.setattr(attention, "SHARED_LENGTH", 10**6)
+    monkeypatch.setattr(attention, "SHARED_TASKS", 10**6)
+    alone = _decode(kv_heads, heads, dim, lengths, pages, order, q, wide)
+    np.testing.assert_array_equal(ours[0], alone[0])
+    np.testing.assert_array_equal(ours[1], alone[1])
+    starts = np.cumsum([0] + [-(-n // PAGE) for n in lengths])
+    for s, n in enumerate(lengths):
+        rows = pages[order[starts[s] : starts[s + 1]]]
+        k, v = (rows[:, kind].transpose(1, 0, 2, 3).reshape(kv_heads, -1, dim)[:, :n] for kind in (0, 1))
+        for h in range(heads):
+            kh = h // (heads // kv_heads)
+            scores = k[kh].astype(np.float64) @ q[s, h] / np.sqrt(dim)
+            p = np.exp(scores - scores.max())
+            np.testing.assert_allclose(ours[0][s, h], p @ v[kh] / p.sum(), rtol=1e-4, atol=1e-5)

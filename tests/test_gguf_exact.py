@@ -234,16 +234,19 @@ def test_q4_k_is_exact_only_in_whole_row_groups(rows: int, exact: bool):
     assert (scheme.numerics == Numerics.LLAMACPP) == exact
 
 
+@pytest.mark.parametrize("lengths", [[45, 5, 100], [300, 5]], ids=["short", "long"])
 @pytest.mark.parametrize("wide", [False, True], ids=["256-bit", "512-bit"])
 @pytest.mark.parametrize(
     ("kv_heads", "heads", "dim", "spread"), [(3, 9, 64, 1), (1, 4, 256, 1), (2, 4, 80, 1), (1, 4, 256, 12)]
 )
-def test_decode_attention_is_ggml(kv_heads: int, heads: int, dim: int, spread: float, wide: bool):
+def test_decode_attention_is_ggml(kv_heads: int, heads: int, dim: int, spread: float, wide: bool, lengths: list):
     """One token per sequence against its paged K/V (pages shuffled): lengths under 8, under 32 and past both
     with a partial page; head size 80 leaves 16 elements of each K.q to ggml's float64 tail. `spread` scales
     the queries: at 12 many scores sit over 87 below the peak, where ggml's exp is subnormal and mlcc's 0.
-    `wide`: K.q and P.V 16 elements a vector (AVX-512 targets), the same arithmetic lane for lane."""
-    page, lengths = 16, [45, 5, 100]
+    `wide`: K.q and P.V 16 elements a vector (AVX-512 targets), the same arithmetic lane for lane. A task takes
+    one query head, or (a long context, or KV heads enough) the query heads of a KV head together
+    (`decode_task_heads`): the short lengths with one KV head take the former, the rest the latter."""
+    page = 16
     rng = np.random.default_rng(6)
     counts = [-(-n // page) for n in lengths]
     order = rng.permutation(sum(counts) + 2).astype(np.int32)  # 2 pages no sequence uses

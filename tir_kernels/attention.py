@@ -27,6 +27,17 @@ from tir_kernels.numerics import Numerics
 from tir_kernels.simd import LANES, fma, hsum8, lane_sum, lanes_of, prefetch, row_sums, tree_sum
 
 TILE = 16  # cached tokens scored per softmax update
+# Decode attention asks for the K and V rows of the key this many keys ahead, into L2: a KV head's rows come 16
+# to a page (4 KB), the next page's elsewhere, and the hardware prefetcher stops at the end of each; into L1 its
+# few fill buffers held the rest back. Reading one KV head's K of 30 x 3000 tokens (AMD Zen 4, 1 thread), GB/s:
+# 12.7 as it was, 19.3 asking 4 pages ahead into L2, 10.3 into L1; all in one run 37.
+ROWS_AHEAD = 32
+SLOT_SUM_BYTES = 32768
+# Decode takes the query heads of a KV head in one task (`decode_task_heads`) with this many sequences times KV
+# heads, or a context this long: else a task per query head, which spreads a short context's few tasks better
+# over the threads (SmolLM2, 3 KV heads, at 2 threads and 16 tokens of context: 3 tasks ran ~5% slower than 9).
+SHARED_TASKS = 4
+SHARED_LENGTH = 256  # room for one-token P.V's slot sums, per task (L1)
 EMPTY_LSE = -5e4  # the log-sum-exp of no keys, as TVM's kernels leave it: its merge weight is exactly 0
 LOG2E = math.log2(math.e)
 DECODE_SYMBOL = "batch_decode_paged_kv_cpu"
@@ -62,6 +73,10 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap,
     for tile in range((length + TILE - 1) // TILE):
         for r in range(TILE):  # keys past the end repeat the last one (scored -inf below, so weight 0)
             where[first, r] = keys.locate(T.min(tile * TILE + r, length - 1))
+            if isinstance(keys, PagedKeys):  # the cache's pages (see ROWS_AHEAD)
+                ahead = T.meta_var(keys.locate(T.min(tile * TILE + r + ROWS_AHEAD, length - 1)))
+                keys.ask_key(ahead, dim)
+                keys.ask_values(ahead, 0, dim)
         for g in range(heads):
             state[first + g, 2] = state[first + g, 0]  # the tile's new max
             for part in range(TILE // LANES):
@@ -274,8 +289,6 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
         for octet in range(octets):
             for j in T.unroll(LANES):
                 where[j] = keys.locate(octet * LANES + j)
-                if isinstance(keys, PagedKeys):  # decode: P.V reads value rows 32 keys apart, cold (~half of it)
-                    keys.ask_values(where[j], dim)
                 for a in T.unroll(32 // width):
                     octet_dots[a, T.Ramp(0, 1, width)] = T.Broadcast(T.float32(0), width)
                 for step in range(dim // 32):
@@ -365,6 +378,109 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single,
                 [sums[j, T.Ramp(0, 1, LANES)] for j in range(LANES)]
             )
     lse[row, head] = peak[0] * T.float32(LOG2E) + T.log2(T.Cast("float32", weight[0]))
+
+
+@T.macro(hygienic=False)
+def _attend_ggml_heads(q, row, head, count: int, keys, length, sm_scale, output, lse, dim, probs, slot, width):
+    """_attend_ggml of one token (ggml_vec_dot_f16's orders) for the `count` query heads `head ..` of one KV
+    head, their scores in probs[slot ..]: each key and value vector read once for all of them, each head's
+    chains and additions exactly as _attend_ggml's. One head at a time read a KV head's K and V once per query
+    head (SmolLM2, 9 heads on 3, at a context of 3000: attention was ~80% of a decode step, mostly waiting on
+    the cache's rows)."""
+    ways = T.meta_var(32 // width)  # a key's K.q accumulators per head: ggml's 4, 32 // width a vector
+    pv_width = T.meta_var(width if dim % width == 0 else LANES)
+    span = T.meta_var(_pv_span(dim, pv_width, count))
+    q16 = T.decl_buffer((count, dim), "float32")
+    dots = T.decl_buffer((4, LANES), "float32")  # K.q partial sums of the tail keys
+    octet_dots = T.decl_buffer((count * ways, width), "float32")
+    halves = T.decl_buffer((count * LANES, LANES), "float32")  # 8 keys' K.q accumulators per head
+    peaks = T.decl_buffer((count, LANES), "float32")
+    # P.V: each head's 32 slot sums of `span` elements, 33 rows apart: heads 4 KB apart had each load of a head's
+    # sum wait on the store of the previous head's (4 KB aliasing)
+    acc = T.decl_buffer((count * 33, span), "float32")
+    score = T.alloc_buffer((1,), "float32")
+    peak = T.alloc_buffer((count,), "float32")
+    weight = T.alloc_buffer((count,), "float64")
+    where = T.alloc_buffer((LANES,), "int32")
+    for h, d in T.grid(count, dim):
+        q16[h, d] = T.Cast("float32", T.Cast("float16", T.Cast("float32", q[row, head + h, d])))
+    for h in range(count):
+        peak[h] = T.float32(-3.0e38)
+        peaks[h, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(-3.0e38), LANES)
+    # 8 keys at a time (a head size of whole 32s: no float64 tail), as _attend_ggml
+    octets = T.meta_var(length // LANES if dim % 32 == 0 else 0)
+    for octet in range(octets):
+        for j in range(LANES):  # a loop: 8 keys' accumulators for every head unrolled side by side would spill
+            where[j] = keys.locate(octet * LANES + j)
+            keys.ask_key(keys.locate(T.min(octet * LANES + j + ROWS_AHEAD, length - 1)), dim)
+            for h in T.unroll(count):
+                for a in T.unroll(ways):
+                    octet_dots[h * ways + a, T.Ramp(0, 1, width)] = T.Broadcast(T.float32(0), width)
+            for step in range(dim // 32):
+                for a in T.unroll(ways):
+                    key = T.meta_var(_key_part(keys, where[j], step * 32 + a * width, width))
+                    for h in T.unroll(count):
+                        octet_dots[h * ways + a, T.Ramp(0, 1, width)] = fma(
+                            key,
+                            q16[h, T.Ramp(step * 32 + a * width, 1, width)],
+                            octet_dots[h * ways + a, T.Ramp(0, 1, width)],
+                        )
+            for h in T.unroll(count):
+                if width > LANES:  # [a0 | a1] + [a2 | a3], halves added: (a0 + a2) + (a1 + a3)
+                    halves[h * LANES + j, T.Ramp(0, 1, LANES)] = _fold(
+                        octet_dots[h * ways, T.Ramp(0, 1, width)] + octet_dots[h * ways + 1, T.Ramp(0, 1, width)]
+                    )
+                else:
+                    halves[h * LANES + j, T.Ramp(0, 1, LANES)] = _f16_dot_halves(
+                        [octet_dots[h * ways + a, T.Ramp(0, 1, LANES)] for a in range(4)]
+                    )
+        for h in range(count):
+            eight = T.meta_var(T.Ramp(octet * LANES, 1, LANES))
+            probs[slot + h, eight] = _f16_dot_reduce_each(
+                [halves[h * LANES + j, T.Ramp(0, 1, LANES)] for j in range(LANES)]
+            ) * T.Broadcast(sm_scale, LANES)
+            peaks[h, T.Ramp(0, 1, LANES)] = T.max(peaks[h, T.Ramp(0, 1, LANES)], probs[slot + h, eight])
+    for i in range(octets * LANES, length):
+        for h in range(count):
+            head_q16 = T.decl_buffer((dim,), "float32", data=q16.data, elem_offset=h * dim)
+            _ggml_score(keys, keys.locate(i), head_q16, dots, score, dim, sm_scale, True)
+            probs[slot + h, i] = score[0]
+            peak[h] = T.max(peak[h], score[0])
+    for h in range(count):
+        for j in range(LANES):
+            peak[h] = T.max(peak[h], peaks[h, j])
+        _ggml_softmax(probs, slot + h, length, peak, weight, h)
+    # P.V in ggml_vec_dot_f16's order: element d of key i into slot i % 32 (keys s, s + 32, ... in turn), the
+    # slots' sums in L1 and the keys in order, so that the value rows stream from memory (the slots' sums in
+    # registers had P.V read rows 32 keys apart: cold lines, one at a time); `span` elements of each head's
+    # slots at a time, as many as fit L1
+    for part in range(dim // span):
+        for r, e in T.grid(count * 33, span):
+            acc[r, e] = T.float32(0)
+        for i in range(length):
+            loc: T.let[T.int32] = keys.locate(i)
+            keys.ask_values(keys.locate(T.min(i + ROWS_AHEAD, length - 1)), part * span, span)
+            for h in T.unroll(count):
+                w: T.let[T.float32] = probs[slot + h, i]
+                for v in T.unroll(span // pv_width):
+                    at = T.meta_var(T.Ramp(v * pv_width, 1, pv_width))
+                    value = T.meta_var(keys.values(loc, part * span + v * pv_width, pv_width))
+                    acc[h * 33 + i % 32, at] = fma(T.Broadcast(w, pv_width), value, acc[h * 33 + i % 32, at])
+        for h in range(count):
+            head_acc = T.decl_buffer((32, span), "float32", data=acc.data, elem_offset=h * 33 * span)
+            for dv in range(span // LANES):
+                output[row, head + h, T.Ramp(part * span + dv * LANES, 1, LANES)] = _f16_dot_reduce_slots(
+                    head_acc, T.Ramp(dv * LANES, 1, LANES)
+                )
+    for h in range(count):
+        lse[row, head + h] = peak[h] * T.float32(LOG2E) + T.log2(T.Cast("float32", weight[h]))
+
+
+def _pv_span(dim: int, width: int, heads: int) -> int:
+    """Elements of each head's output that one-token P.V of `heads` heads sums at a time: the most (whole
+    vectors of `width`, dividing `dim`) whose 32 slot sums per head fit SLOT_SUM_BYTES."""
+    fits = [n for n in range(width, dim + 1, width) if dim % n == 0 and heads * 32 * n * 4 <= SLOT_SUM_BYTES]
+    return max(fits, default=width)
 
 
 def _slot_run(dim: int, width: int, slots: int) -> int:
@@ -547,10 +663,15 @@ class PagedKeys:
         row = tirx.BufferLoad(self.k_rows, [loc + self.heads * self.page_size, tirx.Ramp(d, 1, width)])
         return row.astype(f"float32x{width}")
 
-    def ask_values(self, loc, dim: int):
-        """Ask for the cache lines of the value row at `loc`."""
+    def ask_key(self, loc, dim: int):
+        """Ask for the cache lines of the key row at `loc`, into L2."""
         for d in range(0, dim, 512 // DataType(self.k_rows.dtype).bits):  # elements per 64-byte line
-            T.evaluate(prefetch(self.k_rows, loc + self.heads * self.page_size, d))
+            T.evaluate(prefetch(self.k_rows, loc, d, into_l1=False))
+
+    def ask_values(self, loc, first, count: int):
+        """Ask for the cache lines of elements first .. first + count of the value row at `loc`, into L2."""
+        for d in range(0, count, 512 // DataType(self.k_rows.dtype).bits):
+            T.evaluate(prefetch(self.k_rows, loc + self.heads * self.page_size, first + d, into_l1=False))
 
 
 @dataclass(frozen=True)
@@ -566,6 +687,24 @@ def page_rows(pages: tirx.Buffer) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
     """The shape of pages [pages, 2, h_kv, page_size, dim] as rows of dim."""
     count, _, heads, size, dim = pages.shape
     return (count * 2 * heads * size, dim)
+
+
+@dataclass(frozen=True)
+class PageTable:
+    """A paged cache's rows with the page table and lengths that place each sequence's keys in them."""
+
+    rows: PageRows
+    indptr: tirx.Buffer  # sequence b's pages: values[indptr[b] : indptr[b + 1]]
+    values: tirx.Buffer
+    length_info: tirx.Buffer
+    sliding_window: bool
+
+    def length(self, b, begin, end) -> tirx.PrimExpr:
+        """Sequence b's keys, its pages values[begin:end] (not none)."""
+        return _get_kv_chunk_len(end - begin, self.rows.page_size, b, self.length_info, self.sliding_window)
+
+    def keys(self, b, begin, kv_head, q_scaled) -> PagedKeys:
+        return PagedKeys(self.rows, self.values, self.length_info, b, begin, kv_head, q_scaled, self.sliding_window)
 
 
 class RaggedKeys:
@@ -591,6 +730,52 @@ class RaggedKeys:
         return tirx.BufferLoad(self.v_by_dim, [self.kv_head, d, tirx.Ramp(at, tirx.const(1, "int64"), LANES)])
 
 
+@T.macro(hygienic=False)
+def _ggml_decode_task(task, count: int, group: int, dim: int, width: int, table, q, output, lse, probs, sm_scale):
+    """Decode task `task` in llama.cpp's arithmetic: `count` query heads of one KV head of one sequence."""
+    heads = T.meta_var(q.shape[1])
+    b: T.let[T.int32] = task // (heads // count)
+    h: T.let[T.int32] = task % (heads // count) * count  # the task's first query head
+    begin: T.let[T.int32] = table.indptr[b]
+    end: T.let[T.int32] = table.indptr[b + 1]
+    if begin != end:
+        length: T.let[T.int32] = table.length(b, begin, end)
+        keys = T.meta_var(table.keys(b, begin, h // group, None))
+        _attend_ggml_heads(q, b, h, count, keys, length, sm_scale, output, lse, dim, probs, b * heads + h, width)
+    else:  # no keys at this depth of the block tree: a part that merges in with weight 0
+        for g, d in T.grid(count, dim):
+            output[b, h + g, d] = T.Cast(output.dtype, T.float32(0))
+        for g in range(count):
+            lse[b, h + g] = T.float32(EMPTY_LSE)
+
+
+@T.macro(hygienic=False)
+def _decode_task(
+    task, count: int, group: int, dim: int, width: int, softcap: float, table, q, output, lse, scratch, sm_scale
+):
+    """Decode task `task` in mlcc's order: `count` query heads of one KV head of one sequence."""
+    q_scaled, out, scores, state, where = scratch
+    heads = T.meta_var(q.shape[1])
+    b: T.let[T.int32] = task // (heads // count)
+    h: T.let[T.int32] = task % (heads // count) * count  # the task's first query head
+    slot = T.meta_var(b * heads + h)
+    begin: T.let[T.int32] = table.indptr[b]
+    end: T.let[T.int32] = table.indptr[b + 1]
+    length: T.let[T.int32] = T.if_then_else(begin != end, table.length(b, begin, end), 0)
+    _start(q, q_scaled, out, b, h, slot, count, sm_scale, dim, dim)
+    keys = T.meta_var(table.keys(b, begin, h // group, q_scaled))
+    _attend(slot, count, length, keys, scores, state, out, where, dim, softcap, None, width)
+    _finish(output, lse, b, h, slot, count, out, state, dim)
+
+
+def decode_task_heads(h_kv: int, group: int, wide: bool) -> int:
+    """Query heads of one KV head that a decode task takes together, each K and V row read once for all: the
+    whole group, up to 8 (4 with 16 vector registers), and half of it where one KV head would leave a batch of
+    one a single task."""
+    limit = min(8 if wide else 4, group if h_kv > 1 else max(1, group // 2))
+    return max(n for n in range(1, limit + 1) if group % n == 0)
+
+
 def decode_attention(
     h_kv: int,
     h_qo: int,
@@ -602,11 +787,13 @@ def decode_attention(
     softcap: float = 0.0,
     wide: bool = False,
 ):
-    """Drop-in for TVM's `batch_decode_paged_kv_cpu`: one query per sequence against its paged K/V;
-    LLAMACPP numerics: llama.cpp's arithmetic (_attend_ggml). `wide`: see `attention_width`."""
+    """Drop-in for TVM's `batch_decode_paged_kv_cpu`: one query per sequence against its paged K/V, a task per
+    `decode_task_heads` query heads; LLAMACPP numerics: llama.cpp's arithmetic (_attend_ggml_heads). `wide`:
+    see `attention_width`."""
     llamacpp = numerics == Numerics.LLAMACPP
     width = attention_width(dim, wide)
     group = h_qo // h_kv
+    heads = decode_task_heads(h_kv, group, wide)  # query heads a task takes, sharing each K and V read
     symbol = DECODE_SYMBOL + ("_sliding_window" if sliding_window else "")
 
     @T.prim_func(s_tir=True)
@@ -654,37 +841,30 @@ def decode_attention(
         where = T.alloc_buffer((B * h_qo, TILE), "int32")
         if llamacpp:  # each task's scores: room for the whole cache (a buffer sized by a loop variable can't be)
             scores_of = T.alloc_buffer((B * h_qo, max_num_pages * page_size + LANES), "float32")
-            for bh in T.parallel(B * h_qo):
-                b: T.let[T.int32] = bh // h_qo
-                h: T.let[T.int32] = bh % h_qo
-                begin: T.let[T.int32] = page_table_indptr[b]
-                end: T.let[T.int32] = page_table_indptr[b + 1]
-                if begin != end:
-                    length: T.let[T.int32] = _get_kv_chunk_len(end - begin, page_size, b, length_info, sliding_window)
-                    keys = T.meta_var(
-                        PagedKeys(cache, page_table_values, length_info, b, begin, h // group, None, sliding_window)
-                    )
-                    _attend_ggml(Q, b, h, keys, length, sm_scale, output, lse, dim, True, True, scores_of, bh, width)
-                else:  # no keys at this depth of the block tree: a part that merges in with weight 0
-                    for d in range(dim):
-                        output[b, h, d] = T.Cast(dtype, T.float32(0))
-                    lse[b, h] = T.float32(EMPTY_LSE)
+        table = T.meta_var(PageTable(cache, page_table_indptr, page_table_values, length_info, sliding_window))
+        longest = T.alloc_buffer((1,), "int32")  # the batch's longest context
+        longest[0] = 0
+        for b in range(B):
+            if page_table_indptr[b + 1] != page_table_indptr[b]:
+                longest[0] = T.max(longest[0], table.length(b, page_table_indptr[b], page_table_indptr[b + 1]))
+        shared: T.let[T.bool] = tirx.And(heads > 1, tirx.Or(B * h_kv >= SHARED_TASKS, longest[0] >= SHARED_LENGTH))
+        # a parallel loop for each task size, each with its own kernel (a task size known only at run time
+        # compiled mlcc's order ~20x slower, one loop holding both of llama.cpp's order ~4x)
+        if llamacpp:
+            if shared:
+                for task in T.parallel(B * h_qo // heads):
+                    _ggml_decode_task(task, heads, group, dim, width, table, Q, output, lse, scores_of, sm_scale)
+            else:
+                for task in T.parallel(B * h_qo):
+                    _ggml_decode_task(task, 1, group, dim, width, table, Q, output, lse, scores_of, sm_scale)
         else:
-            for bh in T.parallel(B * h_qo):  # one task per query head: batch-1 decode still uses every core
-                b: T.let[T.int32] = bh // h_qo
-                h: T.let[T.int32] = bh % h_qo
-                begin: T.let[T.int32] = page_table_indptr[b]
-                end: T.let[T.int32] = page_table_indptr[b + 1]
-                length: T.let[T.int32] = T.if_then_else(
-                    begin != end, _get_kv_chunk_len(end - begin, page_size, b, length_info, sliding_window), 0
-                )
-                _start(Q, q_scaled, out, b, h, bh, 1, sm_scale, dim, dim)
-
-                keys = T.meta_var(
-                    PagedKeys(cache, page_table_values, length_info, b, begin, h // group, q_scaled, sliding_window)
-                )
-                _attend(bh, 1, length, keys, scores, state, out, where, dim, softcap, None, width)
-                _finish(output, lse, b, h, bh, 1, out, state, dim)
+            mlcc = T.meta_var((q_scaled, out, scores, state, where))  # the tasks' scratch rows
+            if shared:
+                for task in T.parallel(B * h_qo // heads):
+                    _decode_task(task, heads, group, dim, width, softcap, table, Q, output, lse, mlcc, sm_scale)
+            else:
+                for task in T.parallel(B * h_qo):
+                    _decode_task(task, 1, group, dim, width, softcap, table, Q, output, lse, mlcc, sm_scale)
 
     return kernel
 
