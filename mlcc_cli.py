@@ -441,9 +441,10 @@ def _chat_once(engine: Any, prompt: str, params: Any):
 def bench(
     artifact: str | None, threads: tuple[int, ...], runs: int, draft: str | None, prompt_lookup: bool, draft_tokens: int
 ) -> None:
-    """Prefill (128 and 512 tokens) and decode (128 tokens) speed of ARTIFACT on this machine (without ARTIFACT:
-    the default model, compiled for this CPU on first use). With --draft or --prompt-lookup: greedy decoding of a
-    summarise-this-text prompt with and without speculative decoding, its speedup and acceptance rate.
+    """Prefill (128 and 512 tokens) and decode (128 tokens, after a short prompt and after a 2000-token one)
+    speed of ARTIFACT on this machine (without ARTIFACT: the default model, compiled for this CPU on first use).
+    With --draft or --prompt-lookup: greedy decoding of a summarise-this-text prompt with and without speculative
+    decoding, its speedup and acceptance rate.
 
     For a side-by-side table with llama.cpp on the same GGUF: python bench/cpu.py ARTIFACT MODEL.gguf"""
     import os
