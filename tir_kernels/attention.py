@@ -30,14 +30,14 @@ TILE = 16  # cached tokens scored per softmax update
 # Decode attention asks for the K and V rows of the key this many keys ahead, into L2: a KV head's rows come 16
 # to a page (4 KB), the next page's elsewhere, and the hardware prefetcher stops at the end of each; into L1 its
 # few fill buffers held the rest back. Reading one KV head's K of 30 x 3000 tokens (AMD Zen 4, 1 thread), GB/s:
-# 12.7 as it was, 19.3 asking 4 pages ahead into L2, 10.3 into L1; all in one run 37.
+# 12.7 as it was, 19.3 asking 4 pages ahead into L2, 10.3 into L1 (37 for the same bytes in one piece).
 ROWS_AHEAD = 32
-SLOT_SUM_BYTES = 32768
+SLOT_SUM_BYTES = 32768  # room for one-token P.V's slot sums, per task (L1)
 # Decode takes the query heads of a KV head in one task (`decode_task_heads`) with this many sequences times KV
 # heads, or a context this long: else a task per query head, which spreads a short context's few tasks better
 # over the threads (SmolLM2, 3 KV heads, at 2 threads and 16 tokens of context: 3 tasks ran ~5% slower than 9).
 SHARED_TASKS = 4
-SHARED_LENGTH = 256  # room for one-token P.V's slot sums, per task (L1)
+SHARED_LENGTH = 256
 EMPTY_LSE = -5e4  # the log-sum-exp of no keys, as TVM's kernels leave it: its merge weight is exactly 0
 LOG2E = math.log2(math.e)
 DECODE_SYMBOL = "batch_decode_paged_kv_cpu"
