@@ -274,6 +274,38 @@ def test_decode_attention_is_ggml(kv_heads: int, heads: int, dim: int, spread: f
     assert (max(tiny) > 0.2) == (spread > 1)
 
 
+@pytest.mark.parametrize(("pairs", "wide"), [(False, False), (True, True)], ids=["one-head", "head-pairs-512-bit"])
+@pytest.mark.parametrize(("kv_heads", "heads", "dim"), [(3, 9, 64), (2, 4, 80), (1, 4, 256)])
+def test_ragged_attention_of_one_token_is_ggml(kv_heads: int, heads: int, dim: int, pairs: bool, wide: bool):
+    """Prefill of one new token per sequence (non-causal, against 45 and 100 keys) takes the one-token order
+    (_attend_ggml_heads over a task's heads: two with `pairs` and an even group) and meets ggml's arithmetic
+    bit for bit."""
+    lengths = [45, 100]
+    rng = np.random.default_rng(8)
+    q = (rng.standard_normal((len(lengths), heads, dim)) * 2).astype(np.float32)
+    k, v = (
+        (rng.standard_normal((sum(lengths), kv_heads, dim)) * 2).astype(np.float16).astype(np.float32) for _ in "kv"
+    )
+    q_indptr = np.arange(len(lengths) + 1, dtype=np.int32)
+    kv_indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    scale = 1 / np.sqrt(dim)
+    kernel = attention.prefill_ragged_attention(
+        kv_heads, heads, dim, dim, "float32", Numerics.LLAMACPP, head_pairs=pairs, wide=wide
+    )
+    lib = tvm.compile(tvm.IRModule({"main": kernel}), target=TARGET)
+    out = tvm.runtime.tensor(np.zeros(q.shape, np.float32))
+    lse = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32))
+    positions = np.zeros(len(lengths), np.int32)
+    args = [q, q_indptr, k, v, kv_indptr, positions, positions]
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), out, lse, 0, 0, 1.0, 10_000.0, scale)
+    for b in range(len(lengths)):
+        keys = slice(kv_indptr[b], kv_indptr[b + 1])
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            expected = decode_attention(q[b, h], k[keys, kv], v[keys, kv], scale)
+            np.testing.assert_array_equal(out.numpy()[b, h], expected)
+
+
 @pytest.mark.parametrize(("kv_heads", "heads", "dim", "tokens"), [(1, 4, 256, 45), (2, 4, 64, 13)])
 def test_ragged_attention_head_pairs_are_the_same_arithmetic(kv_heads: int, heads: int, dim: int, tokens: int):
     """Prefill in llama.cpp's order with query heads two at a time (sharing each K and V read) gives the bits

@@ -183,19 +183,6 @@ def _ggml_softmax(probs, slot, length, peak, weight, at):
 
 
 @T.macro(hygienic=False)
-def _weigh_value(keys, probs, slot, sums, i, first, part, run: int, width: int):
-    """Key i's value (`run` vectors of `width` elements from part * run) weighted into sums[first ..]."""
-    loc: T.let[T.int32] = keys.locate(i)
-    weight_i: T.let[T.float32] = probs[slot, i]
-    for v in T.unroll(run):
-        sums[first + v, T.Ramp(0, 1, width)] = fma(
-            T.Broadcast(weight_i, width),
-            keys.values(loc, (part * run + v) * width, width),
-            sums[first + v, T.Ramp(0, 1, width)],
-        )
-
-
-@T.macro(hygienic=False)
 def _attend_ggml_pair(q, row, head, keys, length, sm_scale, output, lse, dim, probs, slot):
     """_attend_ggml in tinyBLAS's order (a batch of several tokens) for query heads `head` and `head` + 1 of one
     KV head, their scores in probs[slot] and probs[slot + 1]: each key and value vector is read once for
@@ -255,128 +242,57 @@ def _attend_ggml_pair(q, row, head, keys, length, sm_scale, output, lse, dim, pr
 
 
 @T.macro(hygienic=False)
-def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, single, vec_kq, probs, slot, width):
-    """llama.cpp's attention without flash attention (CPU, AVX2), for one query head: K.q with q rounded to
-    float16 (K and V are stored rounded), softmax of the scaled scores with ggml's vector exp summed 8 at a
-    time in float64, probabilities rounded to float16, then P.V. A batch of one token (`single`) takes
-    ggml_vec_dot_f16's order (4 x 8 partial sums per 32 elements), a larger one tinyBLAS's (8 lanes);
-    `vec_kq`: K.q in the former order (also where tinyBLAS declines: a head size not a multiple of 8).
-    probs[slot]: room for the scores of `length` keys rounded up to 8. `width` (16 on AVX-512, else LANES): the
-    elements per vector of a one-token K.q (ggml's accumulators 0 and 1, 2 and 3 side by side) and P.V (each
-    lane its own element's sum): the same operations lane for lane, half the instructions."""
-    pv_width = T.meta_var(width if dim % width == 0 else LANES)
+def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, probs, slot):
+    """llama.cpp's attention without flash attention (CPU, AVX2) for one query head of a batch of several
+    tokens (one token: _attend_ggml_heads): K.q with q rounded to float16 (K and V are stored rounded) in
+    tinyBLAS's order (8 lanes) or, where tinyBLAS declines (a head size not a multiple of 8),
+    ggml_vec_dot_f16's; softmax of the scaled scores with ggml's vector exp summed 8 at a time in float64,
+    probabilities rounded to float16, then P.V in tinyBLAS's order. probs[slot]: room for the scores of
+    `length` keys rounded up to 8."""
     q16 = T.decl_buffer((dim,), "float32")
-    acc = T.decl_buffer((32, dim), "float32")  # P.V partial sums (one token)
     dots = T.decl_buffer((4, LANES), "float32")  # K.q partial sums
-    octet_dots = T.decl_buffer((32 // width, width), "float32")  # an octet key's: ggml's 4, 32 // width a vector
-    slots = T.meta_var(2 if pv_width > LANES else 1)  # P.V slots summed side by side (one token)
-    run = T.meta_var(_slot_run(dim, pv_width, slots))
-    sums = T.decl_buffer((slots * run, pv_width), "float32")  # their sums
     score = T.alloc_buffer((1,), "float32")
     peak = T.alloc_buffer((1,), "float32")
     weight = T.alloc_buffer((1,), "float64")
+    where = T.alloc_buffer((4,), "int32")
     for d in range(dim):
         q16[d] = T.Cast("float32", T.Cast("float16", T.Cast("float32", q[row, head, d])))
-    where = T.alloc_buffer((LANES,), "int32")
-    halves = T.decl_buffer((LANES, LANES), "float32")  # 8 keys' K.q accumulators, each added into one
     peak[0] = T.float32(-3.0e38)
-    if vec_kq:
-        # 8 keys at a time (a head size of whole 32s: no float64 tail): each key's 4 accumulators added as
-        # ggml does, then the 8 keys' horizontal sums together, lanes transposed (the same additions)
-        octets = T.meta_var(length // LANES if dim % 32 == 0 else 0)
-        peaks = T.decl_buffer((LANES,), "float32")
-        peaks[T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(-3.0e38), LANES)
-        for octet in range(octets):
-            for j in T.unroll(LANES):
-                where[j] = keys.locate(octet * LANES + j)
-                for a in T.unroll(32 // width):
-                    octet_dots[a, T.Ramp(0, 1, width)] = T.Broadcast(T.float32(0), width)
-                for step in range(dim // 32):
-                    for a in T.unroll(32 // width):
-                        octet_dots[a, T.Ramp(0, 1, width)] = fma(
-                            _key_part(keys, where[j], step * 32 + a * width, width),
-                            q16[T.Ramp(step * 32 + a * width, 1, width)],
-                            octet_dots[a, T.Ramp(0, 1, width)],
-                        )
-                if width > LANES:  # [a0 | a1] + [a2 | a3], halves added: (a0 + a2) + (a1 + a3)
-                    halves[j, T.Ramp(0, 1, LANES)] = _fold(
-                        octet_dots[0, T.Ramp(0, 1, width)] + octet_dots[1, T.Ramp(0, 1, width)]
-                    )
-                else:
-                    halves[j, T.Ramp(0, 1, LANES)] = _f16_dot_halves(
-                        [octet_dots[a, T.Ramp(0, 1, LANES)] for a in range(4)]
-                    )
-            scores8 = T.meta_var(
-                _f16_dot_reduce_each([halves[j, T.Ramp(0, 1, LANES)] for j in range(LANES)])
-                * T.Broadcast(sm_scale, LANES)
-            )
-            probs[slot, T.Ramp(octet * LANES, 1, LANES)] = scores8
-            peaks[T.Ramp(0, 1, LANES)] = T.max(peaks[T.Ramp(0, 1, LANES)], probs[slot, T.Ramp(octet * LANES, 1, LANES)])
-        for i in range(octets * LANES, length):
-            _ggml_score(keys, keys.locate(i), q16, dots, score, dim, sm_scale, True)
-            probs[slot, i] = score[0]
-            peak[0] = T.max(peak[0], score[0])
-        for j in range(LANES):
-            peak[0] = T.max(peak[0], peaks[j])
-    else:  # tinyBLAS's order, one 8-lane chain per key: 4 keys side by side so their chains overlap
-        for quad in range(length // 4):
+    # tinyBLAS's order, one 8-lane chain per key: 4 keys side by side so their chains overlap
+    quads = T.meta_var(length // 4 if dim % LANES == 0 else 0)
+    for quad in range(quads):
+        for j in T.unroll(4):
+            where[j] = keys.locate(quad * 4 + j)
+            dots[j, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+        for step in range(dim // LANES):
             for j in T.unroll(4):
-                where[j] = keys.locate(quad * 4 + j)
-                dots[j, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-            for step in range(dim // LANES):
-                for j in T.unroll(4):
-                    dots[j, T.Ramp(0, 1, LANES)] = fma(
-                        _key(keys, where[j], step * LANES),
-                        q16[T.Ramp(step * LANES, 1, LANES)],
-                        dots[j, T.Ramp(0, 1, LANES)],
-                    )
-            for j in T.unroll(4):
-                probs[slot, quad * 4 + j] = hsum8(dots[j, T.Ramp(0, 1, LANES)]) * sm_scale
-                peak[0] = T.max(peak[0], probs[slot, quad * 4 + j])
-        for i in range(length // 4 * 4, length):
-            _ggml_score(keys, keys.locate(i), q16, dots, score, dim, sm_scale, False)
-            probs[slot, i] = score[0]
-            peak[0] = T.max(peak[0], score[0])
+                dots[j, T.Ramp(0, 1, LANES)] = fma(
+                    _key(keys, where[j], step * LANES),
+                    q16[T.Ramp(step * LANES, 1, LANES)],
+                    dots[j, T.Ramp(0, 1, LANES)],
+                )
+        for j in T.unroll(4):
+            probs[slot, quad * 4 + j] = hsum8(dots[j, T.Ramp(0, 1, LANES)]) * sm_scale
+            peak[0] = T.max(peak[0], probs[slot, quad * 4 + j])
+    for i in range(quads * 4, length):
+        _ggml_score(keys, keys.locate(i), q16, dots, score, dim, sm_scale, dim % LANES != 0)
+        probs[slot, i] = score[0]
+        peak[0] = T.max(peak[0], score[0])
     _ggml_softmax(probs, slot, length, peak, weight, 0)
-    if single:  # ggml_vec_dot_f16's order: element d of key i into slot i % 32 (keys s, s + 32, ... in turn)
-        # `slots` slots' keys side by side (with 2, slot 2 p + 1 has as many keys as slot 2 p or one fewer), `run`
-        # vectors of elements of each at a time in registers: each value row read once, each slot's sums stored
-        # once. 16-element vectors take two slots: one slot's 4 chains of fused multiply-adds waited on their
-        # latency (a 4-head, 256-dim decode at 900 keys: 112-121 -> 103-104 us a layer, 1 thread).
-        for part in range(dim // pv_width // run):
-            for group in range(32 // slots):
-                first = T.meta_var(group * slots)
-                for v in T.unroll(slots * run):
-                    sums[v, T.Ramp(0, 1, pv_width)] = T.Broadcast(T.float32(0), pv_width)
-                every: T.let[T.int32] = (length - first - slots + 32) // 32  # keys of the group's last slot
-                for c in range(every):
-                    for h in T.unroll(slots):
-                        _weigh_value(keys, probs, slot, sums, c * 32 + first + h, h * run, part, run, pv_width)
-                if slots == 2:
-                    if every * 32 + first < length:  # the first slot's last key
-                        _weigh_value(keys, probs, slot, sums, every * 32 + first, 0, part, run, pv_width)
-                for h in T.unroll(slots):
-                    for v in T.unroll(run):
-                        acc[first + h, T.Ramp((part * run + v) * pv_width, 1, pv_width)] = sums[
-                            h * run + v, T.Ramp(0, 1, pv_width)
-                        ]
-        for dv in range(dim // LANES):
-            part = T.meta_var(T.Ramp(dv * LANES, 1, LANES))
-            output[row, head, part] = _f16_dot_reduce_slots(acc, part)
-    else:  # tinyBLAS's order: lane l of element d's chain takes keys 8c + l; 8 elements' chains side by side
-        for block in range(dim // LANES):
-            sums = T.alloc_buffer((LANES, LANES), "float32", scope="local")
+    # tinyBLAS's order: lane l of element d's chain takes keys 8c + l; 8 elements' chains side by side
+    for block in range(dim // LANES):
+        sums = T.alloc_buffer((LANES, LANES), "float32", scope="local")
+        for j in T.unroll(LANES):
+            sums[j, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+        for c in range((length + LANES - 1) // LANES):
+            weights = T.meta_var(probs[slot, T.Ramp(c * LANES, 1, LANES)])
             for j in T.unroll(LANES):
-                sums[j, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
-            for c in range((length + LANES - 1) // LANES):
-                weights = T.meta_var(probs[slot, T.Ramp(c * LANES, 1, LANES)])
-                for j in T.unroll(LANES):
-                    sums[j, T.Ramp(0, 1, LANES)] = fma(
-                        weights, keys.values_by_dim(block * LANES + j, c * LANES), sums[j, T.Ramp(0, 1, LANES)]
-                    )
-            output[row, head, T.Ramp(block * LANES, 1, LANES)] = _hsum8_each(
-                [sums[j, T.Ramp(0, 1, LANES)] for j in range(LANES)]
-            )
+                sums[j, T.Ramp(0, 1, LANES)] = fma(
+                    weights, keys.values_by_dim(block * LANES + j, c * LANES), sums[j, T.Ramp(0, 1, LANES)]
+                )
+        output[row, head, T.Ramp(block * LANES, 1, LANES)] = _hsum8_each(
+            [sums[j, T.Ramp(0, 1, LANES)] for j in range(LANES)]
+        )
     lse[row, head] = peak[0] * T.float32(LOG2E) + T.log2(T.Cast("float32", weight[0]))
 
 
@@ -481,18 +397,6 @@ def _pv_span(dim: int, width: int, heads: int) -> int:
     vectors of `width`, dividing `dim`) whose 32 slot sums per head fit SLOT_SUM_BYTES."""
     fits = [n for n in range(width, dim + 1, width) if dim % n == 0 and heads * 32 * n * 4 <= SLOT_SUM_BYTES]
     return max(fits, default=width)
-
-
-def _slot_run(dim: int, width: int, slots: int) -> int:
-    """Vectors (of `width` elements) of a head's elements that one-token P.V keeps in registers for each of
-    `slots` slots: the most, up to 8 in all, that divide it."""
-    vectors = dim // width
-    return max(r for r in range(1, 8 // slots + 1) if vectors % r == 0)
-
-
-def _vec_kq(single, dim: int):
-    """Whether K.q takes ggml_vec_dot_f16's order: one token, or a head size tinyBLAS does not take."""
-    return single if dim % LANES == 0 else True
 
 
 def _key(keys, loc, d) -> tirx.PrimExpr:
@@ -724,6 +628,12 @@ class RaggedKeys:
     def values(self, loc, d, width: int = LANES):
         return tirx.BufferLoad(self.v, [loc, self.kv_head, tirx.Ramp(d, 1, width)]).astype(f"float32x{width}")
 
+    def ask_key(self, loc, dim: int):
+        """Nothing: a sequence's new tokens lie in one piece, which the hardware prefetcher follows."""
+
+    def ask_values(self, loc, first, count: int):
+        """Nothing (see ask_key)."""
+
     def values_by_dim(self, d, i):
         """Element d of the values of keys i .. i + LANES."""
         at = tirx.Cast("int64", self.first + i)
@@ -766,6 +676,19 @@ def _decode_task(
     keys = T.meta_var(table.keys(b, begin, h // group, q_scaled))
     _attend(slot, count, length, keys, scores, state, out, where, dim, softcap, None, width)
     _finish(output, lse, b, h, slot, count, out, state, dim)
+
+
+@T.macro(hygienic=False)
+def _decode_tasks(count: int, llamacpp: bool, group, dim, width, softcap, table, q, output, lse, scratch, sm_scale):
+    """Every decode task of `count` query heads, in parallel; `scratch`: llama.cpp's order, the scores' rows;
+    mlcc's, _decode_task's rows."""
+    tasks = T.meta_var(q.shape[0] * q.shape[1] // count)
+    if llamacpp:
+        for task in T.parallel(tasks):
+            _ggml_decode_task(task, count, group, dim, width, table, q, output, lse, scratch, sm_scale)
+    else:
+        for task in T.parallel(tasks):
+            _decode_task(task, count, group, dim, width, softcap, table, q, output, lse, scratch, sm_scale)
 
 
 def decode_task_heads(h_kv: int, group: int, wide: bool) -> int:
@@ -841,30 +764,22 @@ def decode_attention(
         where = T.alloc_buffer((B * h_qo, TILE), "int32")
         if llamacpp:  # each task's scores: room for the whole cache (a buffer sized by a loop variable can't be)
             scores_of = T.alloc_buffer((B * h_qo, max_num_pages * page_size + LANES), "float32")
+            scratch = T.meta_var(scores_of)
+        else:
+            scratch = T.meta_var((q_scaled, out, scores, state, where))  # the tasks' rows
         table = T.meta_var(PageTable(cache, page_table_indptr, page_table_values, length_info, sliding_window))
         longest = T.alloc_buffer((1,), "int32")  # the batch's longest context
         longest[0] = 0
         for b in range(B):
             if page_table_indptr[b + 1] != page_table_indptr[b]:
                 longest[0] = T.max(longest[0], table.length(b, page_table_indptr[b], page_table_indptr[b + 1]))
-        shared: T.let[T.bool] = tirx.And(heads > 1, tirx.Or(B * h_kv >= SHARED_TASKS, longest[0] >= SHARED_LENGTH))
+        shared: T.let[T.bool] = tirx.Or(B * h_kv >= SHARED_TASKS, longest[0] >= SHARED_LENGTH)
         # a parallel loop for each task size, each with its own kernel (a task size known only at run time
         # compiled mlcc's order ~20x slower, one loop holding both of llama.cpp's order ~4x)
-        if llamacpp:
-            if shared:
-                for task in T.parallel(B * h_qo // heads):
-                    _ggml_decode_task(task, heads, group, dim, width, table, Q, output, lse, scores_of, sm_scale)
-            else:
-                for task in T.parallel(B * h_qo):
-                    _ggml_decode_task(task, 1, group, dim, width, table, Q, output, lse, scores_of, sm_scale)
+        if shared if heads > 1 else False:  # (one task size where a task takes one head anyway)
+            _decode_tasks(heads, llamacpp, group, dim, width, softcap, table, Q, output, lse, scratch, sm_scale)
         else:
-            mlcc = T.meta_var((q_scaled, out, scores, state, where))  # the tasks' scratch rows
-            if shared:
-                for task in T.parallel(B * h_qo // heads):
-                    _decode_task(task, heads, group, dim, width, softcap, table, Q, output, lse, mlcc, sm_scale)
-            else:
-                for task in T.parallel(B * h_qo):
-                    _decode_task(task, 1, group, dim, width, softcap, table, Q, output, lse, mlcc, sm_scale)
+            _decode_tasks(1, llamacpp, group, dim, width, softcap, table, Q, output, lse, scratch, sm_scale)
 
     return kernel
 
@@ -882,7 +797,8 @@ def prefill_ragged_attention(
 ):
     """Drop-in for TVM's CPU `batch_prefill_ragged_kv`: the new tokens of each sequence attend to each
     other (causally when `causal`), K and V given as ragged arrays, not pages; LLAMACPP numerics: llama.cpp's
-    arithmetic (_attend_ggml, with the batch of one sequence's new tokens as llama.cpp's batch). `head_pairs`
+    arithmetic (_attend_ggml, with the batch of one sequence's new tokens as llama.cpp's batch; one token:
+    _attend_ggml_heads). `head_pairs`
     (32 vector registers: _attend_ggml_pair's 16 accumulators): query heads sharing a KV head two at a time;
     `wide`: see `attention_width`."""
     llamacpp = numerics == Numerics.LLAMACPP
@@ -951,28 +867,16 @@ def prefill_ragged_attention(
                 length: T.let[T.int32] = T.if_then_else(causal > 0, k_len - q_len + (row - q_indptr[b]) + 1, k_len)
                 start: T.let[T.int32] = kv_indptr[b]
                 keys = T.meta_var(RaggedKeys(k, v, start, head // group, None, v_by_dim))
-                single = T.meta_var(q_len == 1)
                 slot = T.meta_var(row * h_q + head)  # the scores' row of each query head: its own
-                if pairs and not single:  # (a head size of whole vectors: tinyBLAS's order throughout)
+                if q_len == 1:
+                    _attend_ggml_heads(
+                        q, row, head, per_task, keys, length, sm_scale, output, lse, d_v, scores_of, slot, width
+                    )
+                elif pairs:  # (a head size of whole vectors: tinyBLAS's order throughout)
                     _attend_ggml_pair(q, row, head, keys, length, sm_scale, output, lse, d_v, scores_of, slot)
                 else:
                     for h in range(per_task):
-                        _attend_ggml(
-                            q,
-                            row,
-                            head + h,
-                            keys,
-                            length,
-                            sm_scale,
-                            output,
-                            lse,
-                            d_v,
-                            single,
-                            _vec_kq(single, d_qk),
-                            scores_of,
-                            slot + h,
-                            width,
-                        )
+                        _attend_ggml(q, row, head + h, keys, length, sm_scale, output, lse, d_v, scores_of, slot + h)
         else:
             for order in T.parallel(qo_len * h_kv):  # a token's query heads sharing a KV head
                 task: T.let[T.int32] = _balanced(order, qo_len * h_kv)
