@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from packaging.version import Version
+from safetensors.torch import load_file, save_file
 
 peft = pytest.importorskip("peft")
 
@@ -77,7 +79,8 @@ def xlora_model(base: Path, experts: list[Path], seed: int, **settings) -> torch
 
 def save_xlora(xlora: torch.nn.Module, folder: Path) -> Path:
     """Save as PEFT does, then rewrite its tensor files whole (same names): PEFT 0.21 leaves out every tensor whose
-    name has `.j.` for another expert j, so each expert loses a layer and a deeper classifier its first linear."""
+    name has `.j.` for another expert j, so each expert loses a layer and a deeper classifier its first linear
+    (0.22 saves them whole, the experts with the base weights and the classifier along)."""
     xlora.save_pretrained(folder)
     experts: dict[str, dict[str, torch.Tensor]] = {}
     for name, module in xlora.named_modules():
@@ -94,6 +97,17 @@ def save_xlora(xlora: torch.nn.Module, folder: Path) -> Path:
     }
     save_file(classifier, str(folder / "adapter_model.safetensors"))
     return folder
+
+
+def without(folder: Path, copy: Path, drop: Callable[[Path, str], bool]) -> Path:
+    """`folder` (copied to `copy` unless the same) with its tensor files rewritten without the tensors for which
+    drop(file, name) holds."""
+    if copy != folder:
+        shutil.copytree(folder, copy)
+    for file in copy.rglob("adapter_model.safetensors"):
+        tensors = load_file(file)
+        save_file({name: t for name, t in tensors.items() if not drop(file, name)}, str(file))
+    return copy
 
 
 @pytest.mark.parametrize("name", SETTINGS)
@@ -114,6 +128,23 @@ def test_xlora_equals_peft(name, experts, slotted, tmp_path):
         assert np.abs(engine.prompt_logits(ids) - expected).max() > 100 * TOLERANCE  # the experts matter
         tokens = engine.generate_ids([ids], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), name)
         assert tokens[0].token_ids == theirs[0, len(ids) :].tolist(), name
+
+
+def test_xlora_reads_peft_saves_as_they_are(experts, slotted, tmp_path):
+    """PEFT 0.22 and later save an X-LoRA model whole (each expert's file also holds the base weights and the
+    classifier): such a folder, as saved, equals PEFT; PEFT 0.21's lossy saves are refused in one line."""
+    base, paths = experts
+    reference = xlora_model(base, paths, seed=5, **SETTINGS["deep-layerwise"])
+    reference.save_pretrained(tmp_path / "saved")
+    if Version(peft.__version__) < Version("0.22"):
+        with pytest.raises(MlccError, match="has 1 of its 2 linear layers"):
+            Engine(slotted, adapters={"x": tmp_path / "saved"})
+        return
+    engine = Engine(slotted, adapters={"x": tmp_path / "saved"})
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(engine.prompt_logits(ids, adapter="x") - expected).max() <= TOLERANCE
 
 
 def test_a_batch_mixing_xlora_an_adapter_and_the_base_equals_each_alone(experts, slotted, tmp_path):
@@ -138,14 +169,16 @@ def test_xlora_folder_errors_are_one_line(experts, slotted, tmp_path):
     from mlcc_cli import main
 
     base, paths = experts
-    reference = xlora_model(base, paths, seed=3, **SETTINGS["deep-layerwise"])
-    as_peft_saves = tmp_path / "peft-saved"
-    reference.save_pretrained(as_peft_saves)  # without the classifier's first layer (see save_xlora)
+    good = save_xlora(xlora_model(base, paths, seed=3, **SETTINGS["deep-layerwise"]), tmp_path / "good")
+    # the folders PEFT 0.21 saves (it loses tensors named with another expert's index), made whichever PEFT runs
+    lost_first = without(good, tmp_path / "lost-first", lambda file, name: ".layers.0." in name)
     with pytest.raises(MlccError, match="has 1 of its 2 linear layers"):
-        Engine(slotted, adapters={"x": as_peft_saves})
+        Engine(slotted, adapters={"x": lost_first})
     shallow = tmp_path / "peft-saved-shallow"
     model = xlora_model(base, paths, seed=4, **SETTINGS["dense"])
-    model.save_pretrained(shallow)  # no classifier at all, and experts that lost a layer each
+    model.save_pretrained(shallow)  # experts with the base weights along
+    without(shallow, shallow, lambda file, name: file.parent != shallow and ".layers.1." in name)
+    save_file({}, str(shallow / "adapter_model.safetensors"))
     with pytest.raises(MlccError, match="has 0 of its 1 linear layers"):
         Engine(slotted, adapters={"x": shallow})
     classifier = model.base_model.internal_xlora_classifier.state_dict()
@@ -153,7 +186,6 @@ def test_xlora_folder_errors_are_one_line(experts, slotted, tmp_path):
     with pytest.raises(MlccError, match="expert has no tensors of layer 1"):
         Engine(slotted, adapters={"x": shallow})
 
-    good = save_xlora(reference, tmp_path / "good")
     no_expert = shutil.copytree(good, tmp_path / "no-expert")
     shutil.rmtree(no_expert / "1")
     with pytest.raises(MlccError, match="expert folder '1' is missing"):
