@@ -274,6 +274,52 @@ def test_decode_attention_is_ggml(kv_heads: int, heads: int, dim: int, spread: f
     assert (max(tiny) > 0.2) == (spread > 1)
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["256-bit", "512-bit"])
+@pytest.mark.parametrize(
+    ("kv_heads", "heads", "dim", "lengths"), [(3, 9, 64, [300]), (1, 1, 64, [300, 5, 150]), (1, 3, 80, [300])]
+)
+def test_split_decode_attention_is_ggml(monkeypatch, kv_heads: int, heads: int, dim: int, lengths: list, wide: bool):
+    """Decode whose tasks leave threads idle (3 on 2) splits each task's keys and elements
+    over them past SPLIT_LENGTH keys (lowered here): K.q, softmax and P.V as three parallel loops, each key's
+    score and each element's sums the operations of one task (head size 80: every key K.q's one-at-a-time
+    path, in the last piece)."""
+    from runtime.engine import set_threads
+
+    monkeypatch.setattr(attention, "SPLIT_LENGTH", 100)
+    set_threads(2)
+    assert tvm.get_global_func("runtime.NumThreads")() == 2
+    task_heads = attention.decode_task_heads(kv_heads, heads // kv_heads, wide)
+    units = len(lengths) * heads // task_heads
+    assert 4 * units <= 3 * 2 * -(-units // 2)  # tasks that leave a quarter of 2 threads idle: split
+    page = 16
+    rng = np.random.default_rng(9)
+    counts = [-(-n // page) for n in lengths]
+    order = rng.permutation(sum(counts) + 2).astype(np.int32)
+    pages = (rng.standard_normal((order.size, 2, kv_heads, page, dim)) * 2).astype(np.float16).astype(np.float32)
+    q = (rng.standard_normal((len(lengths), heads, dim)) * 2).astype(np.float32)
+    scale = 1 / np.sqrt(dim)
+    kernel = attention.decode_attention(kv_heads, heads, dim, page, "float32", False, Numerics.LLAMACPP, wide=wide)
+    lib = tvm.compile(tvm.IRModule({"main": kernel}), target=TARGET)
+    out = tvm.runtime.tensor(np.zeros(q.shape, np.float32))
+    lse = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32))
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    last = np.array([n - (c - 1) * page for n, c in zip(lengths, counts)], np.int32)
+    none = np.zeros(len(lengths), np.int32)
+    args = [q, pages, indptr, order[: indptr[-1]], last, none, np.array(lengths, np.int32)]
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), out, lse, 0, 1.0, 10_000.0, scale)
+    for b, n in enumerate(lengths):
+        rows = pages[order[indptr[b] : indptr[b + 1]]]  # [pages, 2, kv heads, page, dim]
+        k, v = (rows[:, kind].transpose(1, 0, 2, 3).reshape(kv_heads, -1, dim)[:, :n] for kind in (0, 1))
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            np.testing.assert_array_equal(out.numpy()[b, h], decode_attention(q[b, h], k[kv], v[kv], scale))
+    set_threads(1)  # one task per group of heads: the same log-sum-exps too
+    whole = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), out, whole, 0, 1.0, 10_000.0, scale)
+    set_threads(os.cpu_count() or 1)
+    np.testing.assert_array_equal(lse.numpy(), whole.numpy())
+
+
 @pytest.mark.parametrize(("pairs", "wide"), [(False, False), (True, True)], ids=["one-head", "head-pairs-512-bit"])
 @pytest.mark.parametrize(("kv_heads", "heads", "dim"), [(3, 9, 64), (2, 4, 80), (1, 4, 256)])
 def test_ragged_attention_of_one_token_is_ggml(kv_heads: int, heads: int, dim: int, pairs: bool, wide: bool):

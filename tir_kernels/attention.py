@@ -5,7 +5,8 @@ TVM 0.27's CPU kernels walk one (sequence, head) at a time on one thread, with s
 rescale of the whole output row after every key; at a context of a few hundred tokens decode attention costs
 as much as all the model's matmuls. These keep TVM's signatures and arithmetic (online softmax in base 2)
 but run in parallel (prefill: a token's query heads that share a KV head, so each K/V row is read once for
-all of them; decode: each query head), score 8 keys at a time with their dot products accumulated side by
+all of them; decode: each query head, or the query heads of a KV head, their keys split over the threads for
+K.q where they are fewer than the threads), score 8 keys at a time with their dot products accumulated side by
 side in vector registers, take exp2 with vector instructions, and rescale once per 16 keys.
 
 mlcc's caches apply RoPE when K is appended (or the model applies it), never inside attention, so the kernel
@@ -38,6 +39,11 @@ SLOT_SUM_BYTES = 32768  # room for one-token P.V's slot sums, per task (L1)
 # over the threads (SmolLM2, 3 KV heads, at 2 threads and 16 tokens of context: 3 tasks ran ~5% slower than 9).
 SHARED_TASKS = 4
 SHARED_LENGTH = 256
+# Decode in llama.cpp's order splits each task's keys over the threads for K.q from a context this long where
+# its tasks would leave a quarter or more of the threads' time idle (SmolLM2's 3 KV heads on 2 threads, or any
+# model with fewer KV heads than threads). One KV head of 128 at 4000 keys, 30 layers, 2 threads: 7.1 -> 5.2-5.5
+# ms (SmolLM2's heads at 2000 keys on 2 threads: level, 3.3-3.6 ms).
+SPLIT_LENGTH = 512
 EMPTY_LSE = -5e4  # the log-sum-exp of no keys, as TVM's kernels leave it: its merge weight is exactly 0
 LOG2E = math.log2(math.e)
 DECODE_SYMBOL = "batch_decode_paged_kv_cpu"
@@ -297,35 +303,20 @@ def _attend_ggml(q, row, head, keys, length, sm_scale, output, lse, dim, probs, 
 
 
 @T.macro(hygienic=False)
-def _attend_ggml_heads(q, row, head, count: int, keys, length, sm_scale, output, lse, dim, probs, slot, width):
-    """_attend_ggml of one token (ggml_vec_dot_f16's orders) for the `count` query heads `head ..` of one KV
-    head, their scores in probs[slot ..]: each key and value vector read once for all of them, each head's
-    chains and additions exactly as _attend_ggml's. One head at a time read a KV head's K and V once per query
-    head (SmolLM2, 9 heads on 3, at a context of 3000: attention was ~80% of a decode step, mostly waiting on
-    the cache's rows)."""
+def _ggml_scores(q, row, head, count: int, keys, octets, tail, length, sm_scale, dim, probs, slot, width):
+    """K.q of one token (_attend_ggml_heads) for the `count` query heads `head ..` of one KV head, each key's
+    vectors read once for all of them: keys 8 octets[0] .. 8 octets[1] an octet at a time (K rows asked for
+    ROWS_AHEAD keys ahead), then keys tail .. length one at a time; the scaled scores into probs[slot + h]."""
     ways = T.meta_var(32 // width)  # a key's K.q accumulators per head: ggml's 4, 32 // width a vector
-    pv_width = T.meta_var(width if dim % width == 0 else LANES)
-    span = T.meta_var(_pv_span(dim, pv_width, count))
     q16 = T.decl_buffer((count, dim), "float32")
     dots = T.decl_buffer((4, LANES), "float32")  # K.q partial sums of the tail keys
     octet_dots = T.decl_buffer((count * ways, width), "float32")
     halves = T.decl_buffer((count * LANES, LANES), "float32")  # 8 keys' K.q accumulators per head
-    peaks = T.decl_buffer((count, LANES), "float32")
-    # P.V: each head's 32 slot sums of `span` elements, 33 rows apart: heads 4 KB apart had each load of a head's
-    # sum wait on the store of the previous head's (4 KB aliasing)
-    acc = T.decl_buffer((count * 33, span), "float32")
     score = T.alloc_buffer((1,), "float32")
-    peak = T.alloc_buffer((count,), "float32")
-    weight = T.alloc_buffer((count,), "float64")
     where = T.alloc_buffer((LANES,), "int32")
     for h, d in T.grid(count, dim):
         q16[h, d] = T.Cast("float32", T.Cast("float16", T.Cast("float32", q[row, head + h, d])))
-    for h in range(count):
-        peak[h] = T.float32(-3.0e38)
-        peaks[h, T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(-3.0e38), LANES)
-    # 8 keys at a time (a head size of whole 32s: no float64 tail), as _attend_ggml
-    octets = T.meta_var(length // LANES if dim % 32 == 0 else 0)
-    for octet in range(octets):
+    for octet in range(octets[0], octets[1]):
         for j in range(LANES):  # a loop: 8 keys' accumulators for every head unrolled side by side would spill
             where[j] = keys.locate(octet * LANES + j)
             keys.ask_key(keys.locate(T.min(octet * LANES + j + ROWS_AHEAD, length - 1)), dim)
@@ -351,25 +342,45 @@ def _attend_ggml_heads(q, row, head, count: int, keys, length, sm_scale, output,
                         [octet_dots[h * ways + a, T.Ramp(0, 1, LANES)] for a in range(4)]
                     )
         for h in range(count):
-            eight = T.meta_var(T.Ramp(octet * LANES, 1, LANES))
-            probs[slot + h, eight] = _f16_dot_reduce_each(
+            probs[slot + h, T.Ramp(octet * LANES, 1, LANES)] = _f16_dot_reduce_each(
                 [halves[h * LANES + j, T.Ramp(0, 1, LANES)] for j in range(LANES)]
             ) * T.Broadcast(sm_scale, LANES)
-            peaks[h, T.Ramp(0, 1, LANES)] = T.max(peaks[h, T.Ramp(0, 1, LANES)], probs[slot + h, eight])
-    for i in range(octets * LANES, length):
+    for i in range(tail, length):
         for h in range(count):
             head_q16 = T.decl_buffer((dim,), "float32", data=q16.data, elem_offset=h * dim)
             _ggml_score(keys, keys.locate(i), head_q16, dots, score, dim, sm_scale, True)
             probs[slot + h, i] = score[0]
-            peak[h] = T.max(peak[h], score[0])
-    for h in range(count):
-        for j in range(LANES):
-            peak[h] = T.max(peak[h], peaks[h, j])
-        _ggml_softmax(probs, slot + h, length, peak, weight, h)
-    # P.V in ggml_vec_dot_f16's order: element d of key i into slot i % 32 (keys s, s + 32, ... in turn), the
-    # slots' sums in L1 and the keys in order, so that the value rows stream from memory (the slots' sums in
-    # registers had P.V read rows 32 keys apart: cold lines, one at a time); `span` elements of each head's
-    # slots at a time, as many as fit L1
+
+
+@T.macro(hygienic=False)
+def _ggml_head_softmax(probs, slot, length, lse, row, head):
+    """ggml's soft_max of the scores probs[slot, :length] of query head `head` of token `row` (_ggml_softmax,
+    after their maximum: exact in any order), and the head's log-sum-exp."""
+    peaks = T.decl_buffer((LANES,), "float32")
+    peak = T.alloc_buffer((1,), "float32")
+    weight = T.alloc_buffer((1,), "float64")
+    peaks[T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(-3.0e38), LANES)
+    for c in range(length // LANES):
+        peaks[T.Ramp(0, 1, LANES)] = T.max(peaks[T.Ramp(0, 1, LANES)], probs[slot, T.Ramp(c * LANES, 1, LANES)])
+    peak[0] = T.float32(-3.0e38)
+    for i in range(length // LANES * LANES, length):
+        peak[0] = T.max(peak[0], probs[slot, i])
+    for j in range(LANES):
+        peak[0] = T.max(peak[0], peaks[j])
+    _ggml_softmax(probs, slot, length, peak, weight, 0)
+    lse[row, head] = peak[0] * T.float32(LOG2E) + T.log2(T.Cast("float32", weight[0]))
+
+
+@T.macro(hygienic=False)
+def _ggml_weigh_values(keys, count: int, length, probs, slot, output, row, head, dim: int, pv_width: int):
+    """P.V of one token (_attend_ggml_heads) for the `count` query heads `head ..` of one KV head, `_pv_span`
+    elements at a time: in ggml_vec_dot_f16's order, element d of key i into slot i % 32 (keys s, s + 32, ... in
+    turn), the slots' sums in L1 and the keys in order, so that the value rows stream from memory (the slots'
+    sums in registers had P.V read rows 32 keys apart: cold lines, one at a time)."""
+    span = T.meta_var(_pv_span(dim, pv_width, count))
+    # each head's 32 slot sums of `span` elements, 33 rows apart: heads 4 KB apart had each load of a head's sum
+    # wait on the store of the previous head's (4 KB aliasing)
+    acc = T.decl_buffer((count * 33, span), "float32")
     for part in range(dim // span):
         for r, e in T.grid(count * 33, span):
             acc[r, e] = T.float32(0)
@@ -388,8 +399,25 @@ def _attend_ggml_heads(q, row, head, count: int, keys, length, sm_scale, output,
                 output[row, head + h, T.Ramp(part * span + dv * LANES, 1, LANES)] = _f16_dot_reduce_slots(
                     head_acc, T.Ramp(dv * LANES, 1, LANES)
                 )
+
+
+@T.macro(hygienic=False)
+def _attend_ggml_heads(
+    q, row, head, count: int, keys, length, sm_scale, output, lse, dim, probs, slot, width, scored: bool = False
+):
+    """_attend_ggml of one token (ggml_vec_dot_f16's orders) for the `count` query heads `head ..` of one KV
+    head, their scores in probs[slot ..] (`scored`: there already): each key and value vector read once for all
+    of them, each head's chains and additions exactly as _attend_ggml's. One head at a time read a KV head's K
+    and V once per query head (SmolLM2, 9 heads on 3, at a context of 3000: attention was ~80% of a decode step,
+    mostly waiting on the cache's rows)."""
+    pv_width = T.meta_var(width if dim % width == 0 else LANES)
+    # 8 keys at a time (a head size of whole 32s: no float64 tail), as _attend_ggml
+    octets = T.meta_var(length // LANES if dim % 32 == 0 else 0)
+    if not scored:
+        _ggml_scores(q, row, head, count, keys, (0, octets), octets * LANES, length, sm_scale, dim, probs, slot, width)
     for h in range(count):
-        lse[row, head + h] = peak[h] * T.float32(LOG2E) + T.log2(T.Cast("float32", weight[h]))
+        _ggml_head_softmax(probs, slot + h, length, lse, row, head + h)
+    _ggml_weigh_values(keys, count, length, probs, slot, output, row, head, dim, pv_width)
 
 
 def _pv_span(dim: int, width: int, heads: int) -> int:
@@ -641,8 +669,11 @@ class RaggedKeys:
 
 
 @T.macro(hygienic=False)
-def _ggml_decode_task(task, count: int, group: int, dim: int, width: int, table, q, output, lse, probs, sm_scale):
-    """Decode task `task` in llama.cpp's arithmetic: `count` query heads of one KV head of one sequence."""
+def _ggml_decode_task(
+    task, count: int, group: int, dim: int, width: int, table, q, output, lse, probs, sm_scale, scored: bool = False
+):
+    """Decode task `task` in llama.cpp's arithmetic: `count` query heads of one KV head of one sequence
+    (`scored`: their scores already in probs, see _ggml_split_decode)."""
     heads = T.meta_var(q.shape[1])
     b: T.let[T.int32] = task // (heads // count)
     h: T.let[T.int32] = task % (heads // count) * count  # the task's first query head
@@ -651,7 +682,8 @@ def _ggml_decode_task(task, count: int, group: int, dim: int, width: int, table,
     if begin != end:
         length: T.let[T.int32] = table.length(b, begin, end)
         keys = T.meta_var(table.keys(b, begin, h // group, None))
-        _attend_ggml_heads(q, b, h, count, keys, length, sm_scale, output, lse, dim, probs, b * heads + h, width)
+        slot = T.meta_var(b * heads + h)
+        _attend_ggml_heads(q, b, h, count, keys, length, sm_scale, output, lse, dim, probs, slot, width, scored)
     else:  # no keys at this depth of the block tree: a part that merges in with weight 0
         for g, d in T.grid(count, dim):
             output[b, h + g, d] = T.Cast(output.dtype, T.float32(0))
@@ -676,6 +708,34 @@ def _decode_task(
     keys = T.meta_var(table.keys(b, begin, h // group, q_scaled))
     _attend(slot, count, length, keys, scores, state, out, where, dim, softcap, None, width)
     _finish(output, lse, b, h, slot, count, out, state, dim)
+
+
+@T.macro(hygienic=False)
+def _ggml_split_decode(count: int, group: int, dim: int, width: int, table, q, output, lse, probs, sm_scale, pieces):
+    """Decode in llama.cpp's arithmetic (_attend_ggml_heads) for when a task per `count` query heads would leave
+    threads idle: K.q with each task's keys in `pieces` pieces, then the softmax and P.V a task per `count`
+    heads (P.V split by elements read a fraction of each value row per task: SmolLM2's heads at 2000 keys, 2
+    threads, 30 layers: ~3.6 ms whole, ~4.8 in quarters). Every key's score takes the operations of one task:
+    the same bits."""
+    heads = T.meta_var(q.shape[1])
+    units = T.meta_var(q.shape[0] * heads // count)  # sequences x groups of `count` query heads
+    for task in T.parallel(units * pieces):
+        b: T.let[T.int32] = task // pieces // (heads // count)
+        h: T.let[T.int32] = task // pieces % (heads // count) * count
+        piece: T.let[T.int32] = task % pieces
+        begin: T.let[T.int32] = table.indptr[b]
+        end: T.let[T.int32] = table.indptr[b + 1]
+        if begin != end:
+            length: T.let[T.int32] = table.length(b, begin, end)
+            octets: T.let[T.int32] = length // LANES if dim % 32 == 0 else 0
+            share: T.let[T.int32] = (octets + pieces - 1) // pieces
+            first: T.let[T.int32] = T.min(piece * share, octets)
+            tail: T.let[T.int32] = T.if_then_else(piece == pieces - 1, octets * LANES, length)
+            keys = T.meta_var(table.keys(b, begin, h // group, None))
+            last = T.meta_var(T.min(first + share, octets))
+            _ggml_scores(q, b, h, count, keys, (first, last), tail, length, sm_scale, dim, probs, b * heads + h, width)
+    for task in T.parallel(units):
+        _ggml_decode_task(task, count, group, dim, width, table, q, output, lse, probs, sm_scale, scored=True)
 
 
 @T.macro(hygienic=False)
@@ -711,7 +771,8 @@ def decode_attention(
     wide: bool = False,
 ):
     """Drop-in for TVM's `batch_decode_paged_kv_cpu`: one query per sequence against its paged K/V, a task per
-    `decode_task_heads` query heads; LLAMACPP numerics: llama.cpp's arithmetic (_attend_ggml_heads). `wide`:
+    `decode_task_heads` query heads; LLAMACPP numerics: llama.cpp's arithmetic (_attend_ggml_heads, or
+    _ggml_split_decode where the tasks would leave threads idle at a long context). `wide`:
     see `attention_width`."""
     llamacpp = numerics == Numerics.LLAMACPP
     width = attention_width(dim, wide)
@@ -774,9 +835,17 @@ def decode_attention(
             if page_table_indptr[b + 1] != page_table_indptr[b]:
                 longest[0] = T.max(longest[0], table.length(b, page_table_indptr[b], page_table_indptr[b + 1]))
         shared: T.let[T.bool] = tirx.Or(B * h_kv >= SHARED_TASKS, longest[0] >= SHARED_LENGTH)
+        if llamacpp:  # a long context whose tasks leave a quarter of the threads' time idle: split (the same bits)
+            threads: T.let[T.int32] = T.if_then_else(longest[0] >= SPLIT_LENGTH, T.call_packed("runtime.NumThreads"), 1)
+            units = T.meta_var(B * h_qo // heads)
+            split: T.let[T.bool] = 4 * units <= 3 * threads * ((units + threads - 1) // threads)
+        else:
+            split = T.meta_var(False)
         # a parallel loop for each task size, each with its own kernel (a task size known only at run time
         # compiled mlcc's order ~20x slower, one loop holding both of llama.cpp's order ~4x)
-        if shared if heads > 1 else False:  # (one task size where a task takes one head anyway)
+        if split:
+            _ggml_split_decode(heads, group, dim, width, table, Q, output, lse, scratch, sm_scale, threads)
+        elif shared if heads > 1 else False:  # (one task size where a task takes one head anyway)
             _decode_tasks(heads, llamacpp, group, dim, width, softcap, table, Q, output, lse, scratch, sm_scale)
         else:
             _decode_tasks(1, llamacpp, group, dim, width, softcap, table, Q, output, lse, scratch, sm_scale)
