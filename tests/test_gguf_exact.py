@@ -234,6 +234,34 @@ def test_q4_k_is_exact_only_in_whole_row_groups(rows: int, exact: bool):
     assert (scheme.numerics == Numerics.LLAMACPP) == exact
 
 
+def decode_case(kv_heads: int, heads: int, dim: int, lengths: list, seed: int, spread: float = 1.0):
+    """One token per sequence against its K and V in shuffled pages of 16 (2 pages no sequence uses): the decode
+    kernel's arguments up to its output, and each sequence's K and V as [kv heads, length, dim]."""
+    page = 16
+    rng = np.random.default_rng(seed)
+    counts = [-(-n // page) for n in lengths]
+    order = rng.permutation(sum(counts) + 2).astype(np.int32)
+    pages = (rng.standard_normal((order.size, 2, kv_heads, page, dim)) * 2).astype(np.float16).astype(np.float32)
+    q = (rng.standard_normal((len(lengths), heads, dim)) * 2 * spread).astype(np.float32)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    last = np.array([n - (c - 1) * page for n, c in zip(lengths, counts)], np.int32)
+    none = np.zeros(len(lengths), np.int32)
+    caches = []
+    for b, n in enumerate(lengths):
+        rows = pages[order[indptr[b] : indptr[b + 1]]]  # [pages, 2, kv heads, page, dim]
+        caches.append(tuple(rows[:, kind].transpose(1, 0, 2, 3).reshape(kv_heads, -1, dim)[:, :n] for kind in (0, 1)))
+    return [q, pages, indptr, order[: indptr[-1]], last, none, np.array(lengths, np.int32)], caches
+
+
+def run_decode(lib, args: list) -> tuple[np.ndarray, np.ndarray]:
+    """(output, log-sum-exps) of a compiled decode kernel on `decode_case` arguments."""
+    q = args[0]
+    out = tvm.runtime.tensor(np.zeros(q.shape, np.float32))
+    lse = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), out, lse, 0, 1.0, 10_000.0, 1 / np.sqrt(q.shape[-1]))
+    return out.numpy(), lse.numpy()
+
+
 @pytest.mark.parametrize("lengths", [[45, 5, 100], [300, 5]], ids=["short", "long"])
 @pytest.mark.parametrize("wide", [False, True], ids=["256-bit", "512-bit"])
 @pytest.mark.parametrize(
@@ -246,29 +274,15 @@ def test_decode_attention_is_ggml(kv_heads: int, heads: int, dim: int, spread: f
     `wide`: K.q and P.V 16 elements a vector (AVX-512 targets), the same arithmetic lane for lane. A task takes
     one query head, or (a long context, or KV heads enough) the query heads of a KV head together
     (`decode_task_heads`): the short lengths with one KV head take the former, the rest the latter."""
-    page = 16
-    rng = np.random.default_rng(6)
-    counts = [-(-n // page) for n in lengths]
-    order = rng.permutation(sum(counts) + 2).astype(np.int32)  # 2 pages no sequence uses
-    pages = (rng.standard_normal((order.size, 2, kv_heads, page, dim)) * 2).astype(np.float16).astype(np.float32)
-    q = (rng.standard_normal((len(lengths), heads, dim)) * 2 * spread).astype(np.float32)
-    scale = 1 / np.sqrt(dim)
-    kernel = attention.decode_attention(kv_heads, heads, dim, page, "float32", False, Numerics.LLAMACPP, wide=wide)
-    lib = tvm.compile(tvm.IRModule({"main": kernel}), target=TARGET)
-    out = tvm.runtime.tensor(np.zeros(q.shape, np.float32))
-    lse = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32))
-    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    last = np.array([n - (c - 1) * page for n, c in zip(lengths, counts)], np.int32)
-    none = np.zeros(len(lengths), np.int32)
-    args = [q, pages, indptr, order[: indptr[-1]], last, none, np.array(lengths, np.int32)]
-    lib["main"](*(tvm.runtime.tensor(a) for a in args), out, lse, 0, 1.0, 10_000.0, scale)
+    args, caches = decode_case(kv_heads, heads, dim, lengths, 6, spread)
+    kernel = attention.decode_attention(kv_heads, heads, dim, 16, "float32", False, Numerics.LLAMACPP, wide=wide)
+    out, _ = run_decode(tvm.compile(tvm.IRModule({"main": kernel}), target=TARGET), args)
+    q, scale = args[0], 1 / np.sqrt(dim)
     tiny = []  # the share of each head's scores so far below its peak that ggml's exp is subnormal there
-    for b, n in enumerate(lengths):
-        rows = pages[order[indptr[b] : indptr[b + 1]]]  # [pages, 2, kv heads, page, dim]
-        k, v = (rows[:, kind].transpose(1, 0, 2, 3).reshape(kv_heads, -1, dim)[:, :n] for kind in (0, 1))
+    for b, (k, v) in enumerate(caches):
         for h in range(heads):
             kv = h // (heads // kv_heads)
-            np.testing.assert_array_equal(out.numpy()[b, h], decode_attention(q[b, h], k[kv], v[kv], scale))
+            np.testing.assert_array_equal(out[b, h], decode_attention(q[b, h], k[kv], v[kv], scale))
             scores = k[kv] @ q[b, h] * scale
             tiny.append((scores < scores.max() - 88).mean())
     assert (max(tiny) > 0.2) == (spread > 1)
@@ -279,45 +293,33 @@ def test_decode_attention_is_ggml(kv_heads: int, heads: int, dim: int, spread: f
     ("kv_heads", "heads", "dim", "lengths"), [(3, 9, 64, [300]), (1, 1, 64, [300, 5, 150]), (1, 3, 80, [300])]
 )
 def test_split_decode_attention_is_ggml(monkeypatch, kv_heads: int, heads: int, dim: int, lengths: list, wide: bool):
-    """Decode whose tasks leave threads idle (3 on 2) splits each task's keys and elements
-    over them past SPLIT_LENGTH keys (lowered here): K.q, softmax and P.V as three parallel loops, each key's
-    score and each element's sums the operations of one task (head size 80: every key K.q's one-at-a-time
-    path, in the last piece)."""
+    """Decode whose tasks leave threads idle (3 on 2) past SPLIT_LENGTH keys (lowered here) splits each task's
+    keys over the threads for K.q, then takes the softmax and P.V a task at a time: each key's score the
+    operations of one task (head size 80: every key K.q's one-at-a-time path, in the last piece), so ggml's
+    arithmetic, and the log-sum-exps of the kernel on one thread (no split)."""
     from runtime.engine import set_threads
 
     monkeypatch.setattr(attention, "SPLIT_LENGTH", 100)
     set_threads(2)
     assert tvm.get_global_func("runtime.NumThreads")() == 2
-    task_heads = attention.decode_task_heads(kv_heads, heads // kv_heads, wide)
-    units = len(lengths) * heads // task_heads
+    units = len(lengths) * heads // attention.decode_task_heads(kv_heads, heads // kv_heads, wide)
     assert 4 * units <= 3 * 2 * -(-units // 2)  # tasks that leave a quarter of 2 threads idle: split
-    page = 16
-    rng = np.random.default_rng(9)
-    counts = [-(-n // page) for n in lengths]
-    order = rng.permutation(sum(counts) + 2).astype(np.int32)
-    pages = (rng.standard_normal((order.size, 2, kv_heads, page, dim)) * 2).astype(np.float16).astype(np.float32)
-    q = (rng.standard_normal((len(lengths), heads, dim)) * 2).astype(np.float32)
-    scale = 1 / np.sqrt(dim)
-    kernel = attention.decode_attention(kv_heads, heads, dim, page, "float32", False, Numerics.LLAMACPP, wide=wide)
+    args, caches = decode_case(kv_heads, heads, dim, lengths, 9)
+    kernel = attention.decode_attention(kv_heads, heads, dim, 16, "float32", False, Numerics.LLAMACPP, wide=wide)
     lib = tvm.compile(tvm.IRModule({"main": kernel}), target=TARGET)
-    out = tvm.runtime.tensor(np.zeros(q.shape, np.float32))
-    lse = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32))
-    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    last = np.array([n - (c - 1) * page for n, c in zip(lengths, counts)], np.int32)
-    none = np.zeros(len(lengths), np.int32)
-    args = [q, pages, indptr, order[: indptr[-1]], last, none, np.array(lengths, np.int32)]
-    lib["main"](*(tvm.runtime.tensor(a) for a in args), out, lse, 0, 1.0, 10_000.0, scale)
-    for b, n in enumerate(lengths):
-        rows = pages[order[indptr[b] : indptr[b + 1]]]  # [pages, 2, kv heads, page, dim]
-        k, v = (rows[:, kind].transpose(1, 0, 2, 3).reshape(kv_heads, -1, dim)[:, :n] for kind in (0, 1))
+    out, lse = run_decode(lib, args)
+    q, scale = args[0], 1 / np.sqrt(dim)
+    for b, (k, v) in enumerate(caches):
         for h in range(heads):
             kv = h // (heads // kv_heads)
-            np.testing.assert_array_equal(out.numpy()[b, h], decode_attention(q[b, h], k[kv], v[kv], scale))
-    set_threads(1)  # one task per group of heads: the same log-sum-exps too
-    whole = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32))
-    lib["main"](*(tvm.runtime.tensor(a) for a in args), out, whole, 0, 1.0, 10_000.0, scale)
-    set_threads(os.cpu_count() or 1)
-    np.testing.assert_array_equal(lse.numpy(), whole.numpy())
+            np.testing.assert_array_equal(out[b, h], decode_attention(q[b, h], k[kv], v[kv], scale))
+    set_threads(1)
+    try:
+        whole = run_decode(lib, args)
+    finally:
+        set_threads(os.cpu_count() or 1)
+    np.testing.assert_array_equal(out, whole[0])
+    np.testing.assert_array_equal(lse, whole[1])
 
 
 @pytest.mark.parametrize(("pairs", "wide"), [(False, False), (True, True)], ids=["one-head", "head-pairs-512-bit"])
