@@ -772,8 +772,8 @@ def decode_attention(
 ):
     """Drop-in for TVM's `batch_decode_paged_kv_cpu`: one query per sequence against its paged K/V, a task per
     `decode_task_heads` query heads; LLAMACPP numerics: llama.cpp's arithmetic (_attend_ggml_heads, or
-    _ggml_split_decode where the tasks would leave threads idle at a long context). `wide`:
-    see `attention_width`."""
+    _ggml_split_decode where the tasks would leave threads idle at a long context). `wide`: see
+    `attention_width`."""
     llamacpp = numerics == Numerics.LLAMACPP
     width = attention_width(dim, wide)
     group = h_qo // h_kv
@@ -867,9 +867,8 @@ def prefill_ragged_attention(
     """Drop-in for TVM's CPU `batch_prefill_ragged_kv`: the new tokens of each sequence attend to each
     other (causally when `causal`), K and V given as ragged arrays, not pages; LLAMACPP numerics: llama.cpp's
     arithmetic (_attend_ggml, with the batch of one sequence's new tokens as llama.cpp's batch; one token:
-    _attend_ggml_heads). `head_pairs`
-    (32 vector registers: _attend_ggml_pair's 16 accumulators): query heads sharing a KV head two at a time;
-    `wide`: see `attention_width`."""
+    _attend_ggml_heads). `head_pairs` (32 vector registers: _attend_ggml_pair's 16 accumulators): query heads
+    sharing a KV head two at a time; `wide`: see `attention_width`."""
     llamacpp = numerics == Numerics.LLAMACPP
     width = min(attention_width(d_qk, wide), attention_width(d_v, wide))
     group = h_q // h_kv
