@@ -411,13 +411,18 @@ def _attend_ggml_heads(
     and V once per query head (SmolLM2, 9 heads on 3, at a context of 3000: attention was ~80% of a decode step,
     mostly waiting on the cache's rows)."""
     pv_width = T.meta_var(width if dim % width == 0 else LANES)
-    # 8 keys at a time (a head size of whole 32s: no float64 tail), as _attend_ggml
-    octets = T.meta_var(length // LANES if dim % 32 == 0 else 0)
     if not scored:
+        octets = T.meta_var(_octets(length, dim))
         _ggml_scores(q, row, head, count, keys, (0, octets), octets * LANES, length, sm_scale, dim, probs, slot, width)
     for h in range(count):
         _ggml_head_softmax(probs, slot + h, length, lse, row, head + h)
     _ggml_weigh_values(keys, count, length, probs, slot, output, row, head, dim, pv_width)
+
+
+def _octets(length, dim: int):
+    """Keys of one-token K.q scored 8 at a time (_ggml_scores): all whole octets where the head size is whole 32s
+    (no float64 tail), else none."""
+    return length // LANES if dim % 32 == 0 else 0
 
 
 def _pv_span(dim: int, width: int, heads: int) -> int:
@@ -727,7 +732,7 @@ def _ggml_split_decode(count: int, group: int, dim: int, width: int, table, q, o
         end: T.let[T.int32] = table.indptr[b + 1]
         if begin != end:
             length: T.let[T.int32] = table.length(b, begin, end)
-            octets: T.let[T.int32] = length // LANES if dim % 32 == 0 else 0
+            octets: T.let[T.int32] = _octets(length, dim)
             share: T.let[T.int32] = (octets + pieces - 1) // pieces
             first: T.let[T.int32] = T.min(piece * share, octets)
             tail: T.let[T.int32] = T.if_then_else(piece == pieces - 1, octets * LANES, length)
