@@ -7,7 +7,9 @@ For each shape and block type: writes WORKDIR/<shape>-<type>.gguf (random valid 
 with mlcc (default numerics), and reports per thread count the decode tokens/s of each engine (median of `--runs`,
 one process per engine and run, the engines alternating), the weight bytes a decoded token reads (every matrix but
 the embedding table, of which one row), the bandwidth that implies as a fraction of the read bandwidth (measured
-before each engine run, the median of a row's), and mlcc / llama.cpp.
+before each engine run, the median of a row's, and its range), and mlcc / llama.cpp: the median of each run's
+ratio, the two engines' runs side by side in time (a shared VM's bandwidth moves by half from minute to minute,
+and the ratio of two medians would mix its states), and their range.
 llama.cpp is skipped when llama-cpp-python is not installed.
 """
 
@@ -31,7 +33,7 @@ SHAPES = {  # Llama 3.2 1B and Llama 3 8B proportions (vocabulary 32k)
     "8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=32000),
 }
 PROMPT_TOKENS = 16
-WIDTHS = (9, 7, 9, 5, 10, 6, 9, 6, 6)
+WIDTHS = (9, 7, 9, 5, 11, 10, 6, 9, 6, 6, 11)
 
 
 def random_blocks(rows: int, cols: int, qtype: GGMLQuantizationType, rng: np.random.Generator) -> np.ndarray:
@@ -189,7 +191,19 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"CPU: {cpu}; llama.cpp: {info or 'not installed'}")
     print("read bandwidth: measured before each engine run (the VM's neighbours drift), the row's median")
-    header = ["model", "threads", "MB/token", "GB/s", "mlcc tok/s", "of bw", "llama.cpp", "of bw", "ratio"]
+    header = [
+        "model",
+        "threads",
+        "MB/token",
+        "GB/s",
+        "GB/s range",
+        "mlcc tok/s",
+        "of bw",
+        "llama.cpp",
+        "of bw",
+        "ratio",
+        "ratio range",
+    ]
     print(" ".join(f"{c:>{w}}" for c, w in zip(header, WIDTHS)))
     for shape in args.shapes:
         for type_name in args.types:
@@ -204,19 +218,24 @@ def main() -> None:
                 # one process per engine and run, the engines alternating: the VM's neighbours drift over minutes
                 engines = [("mlcc", artifact)] + ([("llamacpp", gguf)] if info else [])
                 rates: dict[str, list[float]] = {"mlcc": [], "llamacpp": []}
-                probes = []
+                probes, ratios = [], []
                 for _ in range(args.runs):
+                    run = {}
                     for kind, path in engines:
                         probes.append(read_bandwidth(threads))
-                        rate = child(kind, str(path), threads, 1, args.tokens)
-                        if rate:
-                            rates[kind].append(rate)
+                        run[kind] = child(kind, str(path), threads, 1, args.tokens)
+                        if run[kind]:
+                            rates[kind].append(run[kind])
+                    if run.get("mlcc") and run.get("llamacpp"):
+                        ratios.append(run["mlcc"] / run["llamacpp"])
                 ours, theirs = (statistics.median(r) if r else None for r in rates.values())
                 bandwidth = statistics.median(probes)
                 cells = [f"{shape}-{type_name:<4}", threads, f"{per_token / 1e6:.0f}", f"{bandwidth / 1e9:.1f}"]
+                cells.append(f"{min(probes) / 1e9:.0f}-{max(probes) / 1e9:.0f}")
                 for rate in (ours, theirs):
                     cells += [f"{rate:.2f}", f"{rate * per_token / bandwidth:.0%}"] if rate else ["-", "-"]
-                cells.append(f"{ours / theirs:.2f}" if ours and theirs else "-")
+                cells.append(f"{statistics.median(ratios):.2f}" if ratios else "-")
+                cells.append(f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-")
                 print(" ".join(f"{c:>{w}}" for c, w in zip(cells, WIDTHS)), flush=True)
 
 
