@@ -75,6 +75,13 @@ WORDS_PER_PASS = 2
 # `AskAhead.NONE` leaves them to the hardware prefetcher: there a token's activations crowd L1 (Zen 4, Q8_0, 1
 # thread, GB/s without / with asking: 8192x2048 21.0 / 23.2, 14336x1024 20.7 / 24.3; 6144x2048 25.8 / 23.5).
 PREFETCHED_ROW = 8192
+# A block of tokens whose int8 activations take at most this many bytes (a batched decode step's) asks twice
+# STREAM_AHEAD on in its 4-token passes: the first pass over a row group streams its weights from memory with a
+# few tokens' work per byte, and Q8_0's wide rows outran the asks (output matrices, 2 threads, ms at 3072 / 6144
+# bytes: 49152x576 8 tokens 2.77 / 2.11, 16 tokens 4.03 / 3.19; 262144x640 17.2 / 12.5, 23.6 / 19.3; 32 tokens
+# 4-6% faster; Q4_1 1536x576 and Q5_0 2048x640 level at 4 to 32 tokens). Larger blocks' activations fill L1,
+# where asking further evicts them (Q8_0 49152x576, 64 tokens, 1 thread: 23.6 -> 24.9 ms).
+NEAR_BLOCK_BYTES = 16 * 1024
 # Block types whose llama.cpp AVX2 matmul this module (or matmul_llamacpp_kquants.py) reproduces (Q4_0 is repacked
 # by llama.cpp into kernels of another order).
 EXACT_TYPES = {Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K}
@@ -277,13 +284,13 @@ def llamacpp_rows(
         return concat([chunk_halves(data, gs, c, 0) * tirx.Broadcast(x_scale[t, c], LANE_ROWS * len(gs))] * 8)
 
     @T.macro
-    def stream_ahead(data, gs, c, into_l1, part=0, parts=1):
-        """Ask for the weights of each group in `gs` STREAM_AHEAD bytes past chunk c (see `simd.prefetch`);
-        without `into_l1` (one-token passes) TOKEN_AHEAD bytes. Of the chunk's cache lines only every `parts`th
-        from `part` on: the word passes share the asking (one pass with all of it ran 70 instructions a chunk,
-        the others 50)."""
-        ahead = T.meta_var(STREAM_AHEAD if into_l1 else TOKEN_AHEAD)
-        stream_groups(data, gs, 0, c, gb, into_l1, chunks * gb, ahead, part, parts)
+    def stream_ahead(data, gs, c, into_l1, part=0, parts=1, distance=None):
+        """Ask for the weights of each group in `gs` `distance` bytes past chunk c (4-token passes: STREAM_AHEAD
+        or twice that, see `NEAR_BLOCK_BYTES`; `simd.prefetch`); without `into_l1` (one-token passes) TOKEN_AHEAD
+        bytes. Of the chunk's cache lines only every `parts`th from `part` on: the word passes share the asking
+        (one pass with all of it ran 70 instructions a chunk, the others 50)."""
+        ahead = T.meta_var(2 * STREAM_AHEAD if into_l1 else TOKEN_AHEAD)
+        stream_groups(data, gs, 0, c, gb, into_l1, chunks * gb, ahead, part, parts, distance)
 
     @T.macro
     def group_times_token(y, data, xq, x_scale, x_sum, gs, t, acc):
@@ -315,11 +322,11 @@ def llamacpp_rows(
         store_groups(y, t, gs, n_out, acc, 0)
 
     @T.macro
-    def word_step(data, xq, gs, t0, count, live, scales, c, p):
+    def word_step(data, xq, gs, t0, count, live, scales, c, p, distance):
         """Chunk c into the pass's accumulators `live` (word p + w * passes of token i at [w, i]) of `count`
-        tokens; the passes share asking for the weights STREAM_AHEAD bytes on."""
+        tokens; the passes share asking for the weights `distance` bytes on."""
         lanes = T.meta_var(LANE_ROWS * len(gs))
-        stream_ahead(data, gs, c, True, p, passes)
+        stream_ahead(data, gs, c, True, p, passes, distance)
         for w in T.unroll(words):
             for i in T.unroll(count):
                 live[T.Ramp((w * count + i) * lanes, 1, lanes)] = fma(
@@ -339,7 +346,7 @@ def llamacpp_rows(
                     acc[T.Ramp((i * 9 + p + w * passes) * lanes, 1, lanes)] = rows(live, (w * count + i) * lanes, lanes)
 
     @T.macro
-    def group_times_tokens(y, data, xq, x_scale, x_sum, gs, t0, count, acc, live, scales):
+    def group_times_tokens(y, data, xq, x_scale, x_sum, gs, t0, count, acc, live, scales, distance):
         """y[t0 .. t0+count, g*8 .. g*8+7] for each group g in `gs` (rows past n_out not stored; a second
         group equal to the first not at all). llama.cpp keeps, per row and token, 8 float accumulators (lane m
         sums columns 4m..4m+3 of every block) and the min terms; here word m (with `words` > 1, words m,
@@ -352,7 +359,8 @@ def llamacpp_rows(
         Where a row group's weights and activations do not stay in L1 for 8 passes (4096 columns of Q4_1: 20
         KB of weights and 16 KB of activations; 68 -> 40 GMAC/s), the passes go over one segment of chunks
         after the other (each accumulator still takes the chunks in order). A row that fits keeps its single
-        loop nest: the segment loop around it measured ~4% slower on SmolLM2's batch-8 decode."""
+        loop nest: the segment loop around it measured ~4% slower on SmolLM2's batch-8 decode. The weights are
+        asked for `distance` bytes ahead (`stream_ahead`)."""
         lanes = T.meta_var(LANE_ROWS * len(gs))
         for c in range(chunks):  # each chunk's d_w converted once for the tokens
             for i in T.unroll(count):
@@ -363,7 +371,7 @@ def llamacpp_rows(
             for i in T.unroll(count):
                 acc[T.Ramp(i * 9 * LANE_ROWS, 1, LANE_ROWS)] = T.Broadcast(T.float32(0), LANE_ROWS)
             for c in range(chunks):
-                stream_ahead(data, gs, c, into_l1=True)
+                stream_ahead(data, gs, c, True, distance=distance)
                 for i in T.unroll(count):
                     acc[T.Ramp(i * 9 * LANE_ROWS, 1, LANE_ROWS)] = fma(
                         rows(scales, (i * chunks + c) * LANE_ROWS),
@@ -374,7 +382,7 @@ def llamacpp_rows(
             for p in T.unroll(passes):
                 live[T.Ramp(0, 1, words * count * lanes)] = T.Broadcast(T.float32(0), words * count * lanes)
                 for c in range(chunks):
-                    word_step(data, xq, gs, t0, count, live, scales, c, p)
+                    word_step(data, xq, gs, t0, count, live, scales, c, p, distance)
                 swap_pass(acc, live, count, p, lanes, into_live=False)
         else:
             for i in T.unroll(count):
@@ -384,7 +392,7 @@ def llamacpp_rows(
                 for p in T.unroll(passes):
                     swap_pass(acc, live, count, p, lanes, into_live=True)
                     for step in range(T.min(segment, chunks - part * segment)):
-                        word_step(data, xq, gs, t0, count, live, scales, part * segment + step, p)
+                        word_step(data, xq, gs, t0, count, live, scales, part * segment + step, p, distance)
                     swap_pass(acc, live, count, p, lanes, into_live=False)
         for i in T.unroll(count):
             acc[T.Ramp((i * 9 + 8) * lanes, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
@@ -405,10 +413,13 @@ def llamacpp_rows(
     @T.macro
     def block_tokens_rows(gs, first, count, y, data, activations, x_scale, x_sum, n, buffers):
         """Tokens first .. first + count - 1 times the rows of the groups in `gs`, in fours (the first four
-        streaming the weights in), then one at a time."""
+        streaming the weights in, asking further ahead for a block of few tokens: `NEAR_BLOCK_BYTES`), then one
+        at a time."""
         acc, single, live, scales = T.meta_var(buffers)
+        distance = T.meta_var(T.if_then_else(count * n_in <= NEAR_BLOCK_BYTES, 2 * STREAM_AHEAD, STREAM_AHEAD))
         for q in range(count // QUAD):
-            group_times_tokens(y, data, activations, x_scale, x_sum, gs, first + q * QUAD, QUAD, acc, live, scales)
+            quad = T.meta_var(first + q * QUAD)
+            group_times_tokens(y, data, activations, x_scale, x_sum, gs, quad, QUAD, acc, live, scales, distance)
         for r in range(count % QUAD):
             t = T.meta_var(first + count // QUAD * QUAD + r)
             group_times_token(y, data, activations, x_scale, x_sum, gs, t, single)

@@ -386,11 +386,15 @@ def each_chunk_line(chunk, chunk_bytes: int, exact: bool, ask, part: int = 0, pa
 
 
 @T.macro
-def stream_groups(data, gs, base, chunk, chunk_bytes: int, into_l1: bool, stride: int, ahead: int, part=0, parts=1):
+def stream_groups(
+    data, gs, base, chunk, chunk_bytes: int, into_l1: bool, stride: int, ahead: int, part=0, parts=1, distance=None
+):
     """`prefetch_groups` of chunk `chunk`'s lines of the groups' rows (`stride` bytes; the chunks from byte `base`
-    on), `ahead` bytes on: exact lines (`each_chunk_line`) in one-token passes over rows longer than that."""
+    on), `ahead` bytes on (or `distance`, a value of at most `ahead` known at run time): exact lines
+    (`each_chunk_line`) in one-token passes over rows longer than that."""
     exact = T.meta_var(not into_l1 and ahead + 64 <= stride)
-    ask = T.meta_var(lambda at: prefetch_groups(data, gs, base + ahead + at, into_l1, stride, ahead))
+    on = T.meta_var(ahead if distance is None else distance)
+    ask = T.meta_var(lambda at: prefetch_groups(data, gs, base + on + at, into_l1, stride, ahead))
     each_chunk_line(chunk, chunk_bytes, exact, ask, part, parts)
 
 
