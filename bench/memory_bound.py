@@ -6,10 +6,11 @@ llama.cpp from the same file, next to this machine's measured memory read bandwi
 For each shape and block type: writes WORKDIR/<shape>-<type>.gguf (random valid blocks, no quantizing), compiles it
 with mlcc (default numerics), and reports per thread count the decode tokens/s of each engine (median of `--runs`,
 one process per engine and run, the engines alternating), the weight bytes a decoded token reads (every matrix but
-the embedding table, of which one row), the bandwidth that implies as a fraction of the read bandwidth (measured
-before each engine run, the median of a row's, and its range), and mlcc / llama.cpp: the median of each run's
-ratio, the two engines' runs side by side in time (a shared VM's bandwidth moves by half from minute to minute,
-and the ratio of two medians would mix its states), and their range.
+the embedding table, of which one row), the read bandwidth (measured before each engine run: the median of a
+row's, and its range), each engine's share of it (the median over its runs of the bandwidth a run implies over
+the probe just before it), and mlcc / llama.cpp: the median of each run's ratio, the two engines' runs side by
+side in time, and their range. A shared VM's bandwidth moves by half from minute to minute: a ratio or share of
+two medians would mix its states.
 llama.cpp is skipped when llama-cpp-python is not installed.
 """
 
@@ -190,7 +191,8 @@ def main() -> None:
     info = llamacpp_info()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"CPU: {cpu}; llama.cpp: {info or 'not installed'}")
-    print("read bandwidth: measured before each engine run (the VM's neighbours drift), the row's median")
+    print("read bandwidth: measured before each engine run (the VM's neighbours drift), the row's median; an")
+    print("engine's share of it: the median of its runs', each over the probe just before it")
     header = [
         "model",
         "threads",
@@ -218,6 +220,7 @@ def main() -> None:
                 # one process per engine and run, the engines alternating: the VM's neighbours drift over minutes
                 engines = [("mlcc", artifact)] + ([("llamacpp", gguf)] if info else [])
                 rates: dict[str, list[float]] = {"mlcc": [], "llamacpp": []}
+                shares: dict[str, list[float]] = {"mlcc": [], "llamacpp": []}
                 probes, ratios = [], []
                 for _ in range(args.runs):
                     run = {}
@@ -226,14 +229,17 @@ def main() -> None:
                         run[kind] = child(kind, str(path), threads, 1, args.tokens)
                         if run[kind]:
                             rates[kind].append(run[kind])
+                            shares[kind].append(run[kind] * per_token / probes[-1])
                     if run.get("mlcc") and run.get("llamacpp"):
                         ratios.append(run["mlcc"] / run["llamacpp"])
-                ours, theirs = (statistics.median(r) if r else None for r in rates.values())
                 bandwidth = statistics.median(probes)
                 cells = [f"{shape}-{type_name:<4}", threads, f"{per_token / 1e6:.0f}", f"{bandwidth / 1e9:.1f}"]
                 cells.append(f"{min(probes) / 1e9:.0f}-{max(probes) / 1e9:.0f}")
-                for rate in (ours, theirs):
-                    cells += [f"{rate:.2f}", f"{rate * per_token / bandwidth:.0%}"] if rate else ["-", "-"]
+                for kind in rates:
+                    if rates[kind]:
+                        cells += [f"{statistics.median(rates[kind]):.2f}", f"{statistics.median(shares[kind]):.0%}"]
+                    else:
+                        cells += ["-", "-"]
                 cells.append(f"{statistics.median(ratios):.2f}" if ratios else "-")
                 cells.append(f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-")
                 print(" ".join(f"{c:>{w}}" for c, w in zip(cells, WIDTHS)), flush=True)

@@ -416,7 +416,7 @@ def llamacpp_rows(
         streaming the weights in, asking further ahead for a block of few tokens: `NEAR_BLOCK_BYTES`), then one
         at a time."""
         acc, single, live, scales = T.meta_var(buffers)
-        distance = T.meta_var(T.if_then_else(count * n_in <= NEAR_BLOCK_BYTES, 2 * STREAM_AHEAD, STREAM_AHEAD))
+        distance: T.let[T.int32] = T.if_then_else(count * n_in <= NEAR_BLOCK_BYTES, 2 * STREAM_AHEAD, STREAM_AHEAD)
         for q in range(count // QUAD):
             quad = T.meta_var(first + q * QUAD)
             group_times_tokens(y, data, activations, x_scale, x_sum, gs, quad, QUAD, acc, live, scales, distance)
