@@ -137,14 +137,14 @@ def kquant_rows(
     units = unit_count(row_groups, pairs)  # what the tasks share out: pairs of groups, or groups
     tasks = min(TASKS, units)
     sums_per_super = 16 if q6 else 8  # activation sums per super-block: Q6_K per 16 columns, Q4_K per 32
-    # Where one-token passes ask (Q6_K always, Q4_K on long rows) with `AskAhead.NONE` (Zen 4 and x86-64 levels):
-    # Q6_K into L1, Q4_K twice as far ahead. Zen 4, copies cycled past the caches, GB/s before / after, 1 thread:
-    # Q6_K 2048x8192 24.0 / 30.9, 8192x2048 23.8 / 26.5, 2048x2048 22.9 / 28.3; Q4_K 8192x2048 22.1 / 25.4,
-    # 4096x4096 21.4 / 26.9; 2 threads 34.6 / 36.5, 35.5 / 37.3, 36.5 / 37.9; 29.5 / 31.7, 30.3 / 33.5 (Q6_K twice
-    # as far: 1 thread alike, 2 threads 1-6% slower; Q4_K into L1: 16.6 and 18.5 at 1 thread). Q4_K now asks four
-    # times as far, 24 KB (into L2, 1 MB on Zen 4): GB/s at 12 / 24 KB, 1 thread 8192x2048 24.9 / 27.3, 14336x4096
-    # 25.4 / 27.7, 4096x14336 28.5 / 30.3, 4096x4096 25.2 / 28.1, 4096x1024 24.8 / 25.9; 2 threads 38.5 / 43.9,
-    # 42.5 / 45.1, 29.4 / 30.8, 30.9 / 32.1, 30.0 / 30.2 (8 KB: 18-21 at 1 thread; 16 KB between; 32 and 48 KB
+    # Where one-token passes ask (Q6_K always, Q4_K on long rows) with `AskAhead.NONE` (Zen 4 and x86-64 levels): Q6_K
+    # into L1, Q4_K four times as far ahead. First Q6_K into L1 and Q4_K twice as far, Zen 4, copies cycled past the
+    # caches, GB/s before / after, 1 thread: Q6_K 2048x8192 24.0 / 30.9, 8192x2048 23.8 / 26.5, 2048x2048 22.9 / 28.3;
+    # Q4_K 8192x2048 22.1 / 25.4, 4096x4096 21.4 / 26.9; 2 threads 34.6 / 36.5, 35.5 / 37.3, 36.5 / 37.9; 29.5 / 31.7,
+    # 30.3 / 33.5 (Q6_K twice as far: 1 thread alike, 2 threads 1-6% slower; Q4_K into L1: 16.6 and 18.5 at 1 thread).
+    # Then Q4_K four times as far, 24 KB (into L2, 1 MB on Zen 4): GB/s at 12 / 24 KB, 1 thread 8192x2048 24.9 / 27.3,
+    # 14336x4096 25.4 / 27.7, 4096x14336 28.5 / 30.3, 4096x4096 25.2 / 28.1, 4096x1024 24.8 / 25.9; 2 threads 38.5 /
+    # 43.9, 42.5 / 45.1, 29.4 / 30.8, 30.9 / 32.1, 30.0 / 30.2 (8 KB: 18-21 at 1 thread; 16 KB between; 32 and 48 KB
     # level with 24 at 1 thread, up to 7% below it at 2).
     quiet = ask_ahead == AskAhead.NONE
     token_into_l1 = q6 and quiet
