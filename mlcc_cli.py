@@ -122,6 +122,14 @@ def _artifact_or_default(artifact: str | None) -> str:
     "each request picks one by its model name (an X-LoRA model takes a slot per expert).",
 )
 @click.option("--lora-rank", type=int, default=16, show_default=True, help="The highest adapter rank the slots hold.")
+@click.option(
+    "--kv-dtype",
+    type=click.Choice(["float16", "float32"]),
+    default=None,
+    help="The KV cache's element type (default: the activations'). float16 halves the cache's memory and what "
+    "decode reads at long contexts; with float32 activations the attention's inputs and output are rounded to it "
+    "(a gguf build's llama.cpp-exact numbers then are close, no longer exact).",
+)
 @click.option("-o", "--output", required=True, help="Artifact folder to write.")
 @friendly_errors
 def compile(
@@ -136,6 +144,7 @@ def compile(
     lora_scale: float,
     lora_slots: int,
     lora_rank: int,
+    kv_dtype: str | None,
     output: str,
 ):
     """Compile MODEL into an artifact folder."""
@@ -157,6 +166,7 @@ def compile(
             lora_scale=lora_scale,
             lora_slots=lora_slots,
             lora_rank=lora_rank,
+            kv_dtype=kv_dtype,
         )
 
 

@@ -176,6 +176,7 @@ class BuildJob:
     library: Path
     numerics: Numerics = Numerics.MLCC
     lora_slots: tuple[int, int] = (0, 0)  # (slots, rank): adapter slots in the block linears; (0, 0) for none
+    kv_dtype: str | None = None  # the KV cache's element type; None: the activations'
 
 
 def export_and_build(job: BuildJob) -> list[str]:
@@ -187,7 +188,7 @@ def export_and_build(job: BuildJob) -> list[str]:
     use_numerics(net, job.numerics, spec, job.scheme.dtype)
     if job.lora_slots[0]:
         add_lora_slots(net, linears, *job.lora_slots, job.scheme.dtype)
-    entry = EntryPoints(net, spec.target, job.scheme.dtype, job.numerics)
+    entry = EntryPoints(net, spec.target, job.scheme.dtype, job.numerics, job.kv_dtype)
     mod, named_params = entry.export_tvm(spec=entry.spec())
     softcap = entry.layout.attn_softcap
     build_library(mod, spec, job.library, entry.kv_window, entry.cache_rope, job.numerics, softcap)

@@ -42,6 +42,9 @@ log = logging.getLogger("mlcc.compile")
 DEFAULT_PAGE_SIZE = 16
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_MAX_BATCH = 8
+# What `kv_dtype` may be: float16 halves the cache and what long-context decode reads (the attention's q, k, v
+# and output rounded to it); float32 keeps float activations' numbers.
+KV_DTYPES = ("float16", "float32")
 
 
 def detect_arch(config: dict[str, Any]) -> str:
@@ -60,13 +63,17 @@ def compile_model(
     lora_scale: float = 1.0,
     lora_slots: int = 0,
     lora_rank: int = 16,
+    kv_dtype: str | None = None,
 ) -> Manifest:
     """Compile `model` (HF folder, hub id or .gguf file) into the artifact folder `output`.
 
     `quant` defaults to q4 for float checkpoints and to the file's own block types ("gguf") for GGUF.
     `loras`: LoRA adapters merged into the weights before quantization, each scaled by `lora_scale` on top of its
     own alpha / r: PEFT folders into an HF model, llama.cpp's GGUF adapters into a GGUF file. `lora_slots`: serve
-    up to that many adapters of rank <= `lora_rank` over the weights, chosen per request (compiler/lora_slots.py)."""
+    up to that many adapters of rank <= `lora_rank` over the weights, chosen per request (compiler/lora_slots.py).
+    `kv_dtype`: the KV cache's element type, one of KV_DTYPES (default: the activations')."""
+    if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+        raise MlccError(f"unsupported KV cache type {kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")
     output = Path(output)
     if output.exists() and not (output / MANIFEST_NAME).is_file():
         raise MlccError(f"output exists and is not an mlcc artifact, refusing to overwrite: {output}")
@@ -102,7 +109,7 @@ def compile_model(
         progress(f"building the library: {arch_name} ({scheme.name}) for {target_spec.name}, with TVM")
         slots = (lora_slots, lora_rank) if lora_slots else (0, 0)
         library = staging / target_spec.library_name
-        job = BuildJob(arch_name, config, scheme, target_request, library, numerics, slots)
+        job = BuildJob(arch_name, config, scheme, target_request, library, numerics, slots, kv_dtype)
         param_names = build_in_child_process(job)
         progress("converting the weights")
         converted = [name for name in param_names if name not in lora_param_names(slotted)]  # runtime-made
@@ -133,7 +140,7 @@ def compile_model(
                 "prefill_chunk_size": chunk,
                 "max_batch_size": DEFAULT_MAX_BATCH,
                 "sliding_window": config.sliding_window,
-                "dtype": scheme.dtype,
+                "dtype": kv_dtype or scheme.dtype,
                 # batch_prefill then takes each token's prompt length (LongRoPE); see compiler/entry_points.py
                 "rope_switch_length": net.attention_layout().rope_switch_length,
             },

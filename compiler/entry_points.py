@@ -24,13 +24,41 @@ from tir_kernels.rope import RopeSpec
 PARAM_PREFIX = "model."
 
 
+class CacheInDtype:
+    """The paged KV cache as a model sees it when the cache holds another type than the activations (float16
+    K/V under float32 activations): q, k and v go in cast to the cache's type, the attention comes back in the
+    activations'. Everything else is the cache's own."""
+
+    def __init__(self, cache: PagedKVCache, cache_dtype: str, dtype: str):
+        self.cache, self.cache_dtype, self.dtype = cache, cache_dtype, dtype
+
+    def attention_with_fused_qkv(self, layer_id: int, qkv: Tensor, num_qo_heads: int, sm_scale: float) -> Tensor:
+        qkv = qkv.astype(self.cache_dtype)  # [b, s, hq+2hkv, d]
+        out = self.cache.attention_with_fused_qkv(layer_id, qkv, num_qo_heads, sm_scale=sm_scale)  # [b, s, hq, d]
+        return out.astype(self.dtype)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cache, name)
+
+
 class EntryPoints(nn.Module):
-    def __init__(self, model: nn.Module, target: Target, dtype: str, numerics: Numerics = Numerics.MLCC):
+    def __init__(
+        self,
+        model: nn.Module,
+        target: Target,
+        dtype: str,
+        numerics: Numerics = Numerics.MLCC,
+        kv_dtype: str | None = None,
+    ):
         self.model = model
         self.target = target
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype  # the KV cache's elements (and the cache's RoPE and attention kernels')
         self.numerics = numerics  # LLAMACPP: llama.cpp's arithmetic in the cache's RoPE and attention kernels
         self.layout: AttentionLayout = model.attention_layout()
+
+    def _cache_view(self, cache: PagedKVCache) -> PagedKVCache | CacheInDtype:
+        return cache if self.kv_dtype == self.dtype else CacheInDtype(cache, self.kv_dtype, self.dtype)
 
     def _logits(self, x: Tensor) -> Tensor:
         logits = self.model.head(x)
@@ -54,7 +82,7 @@ class EntryPoints(nn.Module):
         x = self.model.embed(input_ids)  # [n, h]
         x = op.reshape(x, (1, x.shape[0], x.shape[1]))  # [1, n, h]
         lengths = () if sequence_lengths is None else (sequence_lengths,)
-        hidden = self.model.body(x, paged_kv_cache, *lengths)  # [1, n, h]
+        hidden = self.model.body(x, self._cache_view(paged_kv_cache), *lengths)  # [1, n, h]
         logits = self._logits(op.take(hidden, logit_positions, axis=1))  # [1, b, vocab]
         logits = op.reshape(logits, (logits.shape[1], logits.shape[2]))  # [b, vocab]
         if self.adapter_slots is None:
@@ -72,7 +100,7 @@ class EntryPoints(nn.Module):
         self._set_adapters(scaling_rows, lora_scalings)
         x = self.model.embed(input_ids)  # [b, h]
         x = op.reshape(x, (x.shape[0], 1, x.shape[1]))  # [b, 1, h]
-        hidden = self.model.body(x, paged_kv_cache)  # [b, 1, h]
+        hidden = self.model.body(x, self._cache_view(paged_kv_cache))  # [b, 1, h]
         logits = self._logits(hidden)  # [b, 1, vocab]
         logits = op.reshape(logits, (logits.shape[0], logits.shape[2]))  # [b, vocab]
         if self.adapter_slots is None:
@@ -101,10 +129,10 @@ class EntryPoints(nn.Module):
         rotary_dim = lay.rotary_dim or lay.head_dim
         heads = (lay.head_dim, lay.num_heads, lay.num_kv_heads)
         if lay.model_applies_rope and self.numerics == Numerics.LLAMACPP:  # only splits q, k, v; K, V to float16
-            return RopeSpec(lay.rope_theta, rotary_dim, *heads, self.dtype, numerics=self.numerics)
+            return RopeSpec(lay.rope_theta, rotary_dim, *heads, self.kv_dtype, numerics=self.numerics)
         if lay.model_applies_rope or kind not in ("default", "gptj"):
             return None
-        return RopeSpec(lay.rope_theta, rotary_dim, *heads, self.dtype, gptj=kind == "gptj", numerics=self.numerics)
+        return RopeSpec(lay.rope_theta, rotary_dim, *heads, self.kv_dtype, gptj=kind == "gptj", numerics=self.numerics)
 
     def create_paged_kv_cache(
         self,
@@ -143,7 +171,7 @@ class EntryPoints(nn.Module):
             rope_ext_factors=rx.prim_value(0),
             rotary_dim=lay.rotary_dim or lay.head_dim,
             enable_disaggregation=False,
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
             target=self.target,
             layer_sliding_window_size=self.kv_window,
         )

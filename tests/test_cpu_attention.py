@@ -16,14 +16,15 @@ PAGE = 16
 
 def _paged_prefill(kv_heads, heads, dim, window, cached, new, causal, pages, order, q, wide):
     """Output and log2-sum-exp of paged prefill for sequences with `cached` tokens in the pages and `new` tokens."""
-    kernel = attention.prefill_paged_attention(kv_heads, heads, dim, PAGE, "float32", window > 0, window, wide=wide)
+    dtype = str(q.dtype)
+    kernel = attention.prefill_paged_attention(kv_heads, heads, dim, PAGE, dtype, window > 0, window, wide=wide)
     lib = tvm.compile(tvm.IRModule({"main": kernel}), target=TARGET)
     counts = [-(-n // PAGE) for n in cached]
     page_indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     last = np.array([n - (c - 1) * PAGE for n, c in zip(cached, counts)], np.int32)
     length_info = np.stack([last, np.zeros_like(last), np.zeros_like(last)]) if window else last
     q_indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
-    out = tvm.runtime.tensor(np.zeros(q.shape, np.float32))
+    out = tvm.runtime.tensor(np.zeros(q.shape, dtype))
     lse = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32))
     args = [q, q_indptr, pages, page_indptr, order[: page_indptr[-1]], length_info, np.zeros(len(new), np.int32)]
     args.append(np.arange(q.shape[0], dtype=np.int32))
@@ -67,6 +68,25 @@ def test_paged_prefill_shares_key_tiles_between_tokens(monkeypatch, window: int,
                 p = np.exp(scores - scores.max())
                 expected = p @ v[kh, first:last] / p.sum()
                 np.testing.assert_allclose(ours[0][row, h], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["256-bit", "512-bit"])
+def test_paged_prefill_widens_a_float16_cache_exactly(wide: bool):
+    """A float16 cache's tiles of keys and values are widened once per task (StagedKeys): the float32 kernel's
+    bits on the same values, rounded to float16 at the end."""
+    kv_heads, heads, dim = 2, 4, 80 if wide else 64
+    cached, new = [37, 20, 70], [5, 2, 19]
+    rng = np.random.default_rng(9)
+    order = rng.permutation(sum(-(-n // PAGE) for n in cached) + 2).astype(np.int32)
+    pages = rng.standard_normal((order.size, 2, kv_heads, PAGE, dim)).astype(np.float16)
+    q = rng.standard_normal((sum(new), heads, dim)).astype(np.float16)
+    narrow = _paged_prefill(kv_heads, heads, dim, 0, cached, new, 1, pages, order, q, wide)
+    widened = _paged_prefill(
+        kv_heads, heads, dim, 0, cached, new, 1, pages.astype(np.float32), order, q.astype(np.float32), wide
+    )
+    assert narrow[0].dtype == np.float16
+    np.testing.assert_array_equal(narrow[0], widened[0].astype(np.float16))
+    np.testing.assert_array_equal(narrow[1], widened[1])
 
 
 def _decode(kv_heads, heads, dim, lengths, pages, order, q, wide):

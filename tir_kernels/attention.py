@@ -79,10 +79,17 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap,
     for tile in range((length + TILE - 1) // TILE):
         for r in range(TILE):  # keys past the end repeat the last one (scored -inf below, so weight 0)
             where[first, r] = keys.locate(T.min(tile * TILE + r, length - 1))
-            if isinstance(keys, PagedKeys):  # the cache's pages (see ROWS_AHEAD)
+            if isinstance(keys, (PagedKeys, StagedKeys)):  # the cache's pages (see ROWS_AHEAD)
                 ahead = T.meta_var(keys.locate(T.min(tile * TILE + r + ROWS_AHEAD, length - 1)))
                 keys.ask_key(ahead, dim)
                 keys.ask_values(ahead, 0, dim)
+        if isinstance(keys, StagedKeys):  # the tile's rows widened once, then found by their place in it
+            for r in range(TILE):
+                for c in range(dim // width):
+                    at = T.meta_var(c * width)
+                    keys.k_rows[keys.task, r, T.Ramp(at, 1, width)] = _key_part(keys.cache, where[first, r], at, width)
+                    keys.v_rows[keys.task, r, T.Ramp(at, 1, width)] = keys.cache.values(where[first, r], at, width)
+                where[first, r] = r
         for g in range(heads):
             state[first + g, 2] = state[first + g, 0]  # the tile's new max
             for part in range(TILE // LANES):
@@ -611,6 +618,31 @@ class PagedKeys:
             T.evaluate(prefetch(self.k_rows, loc + self.heads * self.page_size, first + d, into_l1=False))
 
 
+class StagedKeys:
+    """PagedKeys of a cache narrower than float32 (float16), each tile's K and V rows widened into a task's
+    float32 rows `k_rows[task]`, `v_rows[task]` once (_attend), not at each query's read: a paged prefill task
+    reads each key for up to TOKENS_PER_TASK tokens' query heads. A key's location is its row in the tile."""
+
+    def __init__(self, cache: PagedKeys, k_rows, v_rows, task):
+        self.cache, self.k_rows, self.v_rows, self.task = cache, k_rows, v_rows, task
+        self.q_scaled = cache.q_scaled
+
+    def locate(self, i):
+        return self.cache.locate(i)
+
+    def key_index(self, r):
+        return (self.task, r)
+
+    def values(self, r, d, width: int = LANES):
+        return tirx.BufferLoad(self.v_rows, [self.task, r, tirx.Ramp(d, 1, width)])
+
+    def ask_key(self, loc, dim: int):
+        self.cache.ask_key(loc, dim)
+
+    def ask_values(self, loc, first, count: int):
+        self.cache.ask_values(loc, first, count)
+
+
 @dataclass(frozen=True)
 class PageRows:
     """A paged cache's pages as rows (`page_rows`), with the layout PagedKeys needs to find a key's row."""
@@ -921,6 +953,17 @@ def prefill_ragged_attention(
         state = T.alloc_buffer((qo_len * h_q, 4), "float32")
         where = T.alloc_buffer((qo_len * h_q, TILE), "int32")
         _rows_to_sequences(q_indptr, batch_size, sequence_of)
+        if dtype != "float32":  # a narrower cache's K and V widened once, not at each of every row's reads
+            k_wide = T.alloc_buffer((kv_len, h_kv, d_qk), "float32")
+            v_wide = T.alloc_buffer((kv_len, h_kv, d_v), "float32")
+            for i in T.parallel(kv_len):
+                for h, d in T.grid(h_kv, d_qk):
+                    k_wide[i, h, d] = T.Cast("float32", k[i, h, d])
+                for h, d in T.grid(h_kv, d_v):
+                    v_wide[i, h, d] = T.Cast("float32", v[i, h, d])
+            k_read, v_read = T.meta_var(k_wide), T.meta_var(v_wide)
+        else:
+            k_read, v_read = T.meta_var(k), T.meta_var(v)
         if llamacpp:
             scores_of = T.alloc_buffer((qo_len * h_q, kv_len + LANES), "float32")  # each task's scores
             # V transposed for P.V's chains over keys; its last 8 columns zero (weight 0 past a sequence's end)
@@ -939,7 +982,7 @@ def prefill_ragged_attention(
                 k_len: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
                 length: T.let[T.int32] = T.if_then_else(causal > 0, k_len - q_len + (row - q_indptr[b]) + 1, k_len)
                 start: T.let[T.int32] = kv_indptr[b]
-                keys = T.meta_var(RaggedKeys(k, v, start, head // group, None, v_by_dim))
+                keys = T.meta_var(RaggedKeys(k_read, v_read, start, head // group, None, v_by_dim))
                 slot = T.meta_var(row * h_q + head)  # the scores' row of each query head: its own
                 if q_len == 1:
                     _attend_ggml_heads(
@@ -963,7 +1006,7 @@ def prefill_ragged_attention(
                 length: T.let[T.int32] = T.if_then_else(causal > 0, k_len - q_len + (row - q_indptr[b]) + 1, k_len)
                 _start(q, q_scaled, out, row, kv_head * group, first, group, sm_scale, d_qk, d_v)
 
-                keys = T.meta_var(RaggedKeys(k, v, kv_indptr[b], kv_head, q_scaled))
+                keys = T.meta_var(RaggedKeys(k_read, v_read, kv_indptr[b], kv_head, q_scaled))
                 _attend(first, group, length, keys, scores, state, out, where, d_v, softcap, None, width)
                 _finish(output, lse, row, kv_head * group, first, group, out, state, d_v)
 
@@ -1070,12 +1113,15 @@ def prefill_paged_attention(
         state = T.alloc_buffer((total_len * h_q, 4), "float32")
         where = T.alloc_buffer((total_len * h_q, TILE), "int32")
         _rows_to_sequences(q_indptr, batch_size, sequence_of)
+        blocks = T.meta_var((total_len + TOKENS_PER_TASK - 1) // TOKENS_PER_TASK)
+        if dtype != "float32":  # each task's tile of keys and values, widened (StagedKeys)
+            k_tiles = T.alloc_buffer((blocks * h_kv, TILE, dim), "float32")
+            v_tiles = T.alloc_buffer((blocks * h_kv, TILE, dim), "float32")
         # Tasks of TOKENS_PER_TASK consecutive tokens and one KV head: each run of the task's tokens that are of
         # one sequence takes their query heads through each tile of cached keys together (each key read once for
         # all of them). Tiles start at multiples of TILE in the cache, whatever a query's first key (a sliding
         # window's moves with the token), so a query's arithmetic does not depend on the other tokens of its run.
         # Scratch row of (token, KV head, j): (kv_head * total_len + token) * group + j, so a run's are consecutive.
-        blocks = T.meta_var((total_len + TOKENS_PER_TASK - 1) // TOKENS_PER_TASK)
         for order in T.parallel(blocks * h_kv):
             task: T.let[T.int32] = _balanced(order, blocks * h_kv)
             r0: T.let[T.int32] = task // h_kv * TOKENS_PER_TASK
@@ -1094,9 +1140,10 @@ def prefill_paged_attention(
                     slot: T.let[T.int32] = (kv_head * total_len + row) * group
                     for t in range(run):
                         _start(q, q_scaled, out, row + t, kv_head * group, slot + t * group, group, sm_scale, dim, dim)
-                    keys = T.meta_var(
+                    paged = T.meta_var(
                         PagedKeys(cache, page_values, length_info, b, begin, kv_head, q_scaled, sliding_window, skip)
                     )
+                    keys = T.meta_var(paged if dtype == "float32" else StagedKeys(paged, k_tiles, v_tiles, task))
                     seen = T.meta_var(_keys_seen(i, group, kv_len, q_len, causal, window, skip))
                     longest = T.meta_var(seen(run * group - 1)[1])
                     _attend(slot, run * group, longest, keys, scores, state, out, where, dim, softcap, seen, width)
