@@ -3,6 +3,8 @@ against the cached tokens of their sequence."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import tvm
@@ -130,3 +132,29 @@ def test_decode_shares_keys_between_query_heads(monkeypatch, kv_heads: int, head
             scores = k[kh].astype(np.float64) @ q[s, h] / np.sqrt(dim)
             p = np.exp(scores - scores.max())
             np.testing.assert_allclose(ours[0][s, h], p @ v[kh] / p.sum(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["256-bit", "512-bit"])
+@pytest.mark.parametrize(("kv_heads", "heads", "dim", "lengths"), [(3, 9, 64, [300]), (1, 3, 80, [300])])
+def test_split_decode_gives_the_bits_of_one_thread(monkeypatch, kv_heads, heads, dim, lengths, wide: bool):
+    """Decode in mlcc's order whose tasks leave threads idle (3 on 2) past SPLIT_LENGTH keys (lowered here)
+    scores each task's keys in pieces on every thread, then takes the softmax and P.V a task at a time: the
+    bits of the kernel on one thread, which does not split."""
+    from runtime.engine import set_threads
+
+    monkeypatch.setattr(attention, "SPLIT_LENGTH", 100)
+    units = len(lengths) * heads // attention.decode_task_heads(kv_heads, heads // kv_heads, wide)
+    assert 4 * units <= 3 * 2 * -(-units // 2)  # tasks that leave a quarter of 2 threads idle: split
+    rng = np.random.default_rng(10)
+    order = rng.permutation(sum(-(-n // PAGE) for n in lengths) + 2).astype(np.int32)
+    pages = rng.standard_normal((order.size, 2, kv_heads, PAGE, dim)).astype(np.float32)
+    q = rng.standard_normal((len(lengths), heads, dim)).astype(np.float32)
+    try:
+        set_threads(2)
+        split = _decode(kv_heads, heads, dim, lengths, pages, order, q, wide)
+        set_threads(1)
+        whole = _decode(kv_heads, heads, dim, lengths, pages, order, q, wide)
+    finally:
+        set_threads(os.cpu_count() or 1)
+    np.testing.assert_array_equal(split[0], whole[0])
+    np.testing.assert_array_equal(split[1], whole[1])

@@ -60,7 +60,30 @@ def _seen(span: tirx.PrimExpr, length, query_range, g) -> tirx.PrimExpr:
 
 
 @T.macro(hygienic=False)
-def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap, query_range, width):
+def _score_octet(keys, spots, spot, row, dim, width, softcap, into, at):
+    """into[row, at : at + LANES]: the base-2 scores (soft-capped) of the 8 keys at spots[spot[0], spot[1] + j]
+    against query row `row` of keys.q_scaled, each key's dot in `_chains` chains of `width` elements: the same
+    bits wherever computed."""
+    chains = T.meta_var(_chains(dim, width))
+    dots = T.alloc_buffer((LANES, width), "float32")  # 8 keys' partial dots
+    for j in T.unroll(LANES):
+        dots[j, T.Ramp(0, 1, width)] = T.Broadcast(T.float32(0), width)
+    for c in range(dim // (width * chains)):
+        for j in T.unroll(LANES):
+            loc = T.meta_var(spots[spot[0], spot[1] + j])
+            for i in T.unroll(chains):
+                d = T.meta_var((c * chains + i) * width)
+                dots[j, T.Ramp(0, 1, width)] = fma(
+                    _key_part(keys, loc, d, width),
+                    keys.q_scaled[row, T.Ramp(d, 1, width)],
+                    dots[j, T.Ramp(0, 1, width)],
+                )
+    folded = T.meta_var([_fold(dots[j, T.Ramp(0, 1, width)]) for j in range(LANES)])
+    into[row, T.Ramp(at, 1, LANES)] = _soft_cap(row_sums(folded), softcap)
+
+
+@T.macro(hygienic=False)
+def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap, query_range, width, scored=None):
     """Online softmax (base 2) of `heads` queries that share their keys (the query heads of one KV head, or
     one query) over `length` keys, 16 keys per rescale; rows `first .. first + heads` of the scratch buffers.
 
@@ -71,7 +94,8 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap,
     phantom 1 at score -5e4 that vanishes once a real score arrives.
     softcap: scores (natural units) become softcap * tanh(score / softcap) first (Gemma 2); 0 for none.
     query_range: None, or g -> (lo, hi), the keys query g sees (a range within the `length`): the keys outside
-    it score -inf, and a tile wholly outside it leaves the query's state and output exactly as they were."""
+    it score -inf, and a tile wholly outside it leaves the query's state and output exactly as they were.
+    scored: None, or rows of the queries' scores of every key, computed already (_split_scores)."""
     chains = T.meta_var(_chains(dim, width))
     for g in range(heads):
         state[first + g, 0] = T.float32(-5e4)  # running max
@@ -81,7 +105,8 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap,
             where[first, r] = keys.locate(T.min(tile * TILE + r, length - 1))
             if isinstance(keys, (PagedKeys, StagedKeys)):  # the cache's pages (see ROWS_AHEAD)
                 ahead = T.meta_var(keys.locate(T.min(tile * TILE + r + ROWS_AHEAD, length - 1)))
-                keys.ask_key(ahead, dim)
+                if scored is None:
+                    keys.ask_key(ahead, dim)
                 keys.ask_values(ahead, 0, dim)
         if isinstance(keys, StagedKeys):  # the tile's rows widened once, then found by their place in it
             for r in range(TILE):
@@ -93,25 +118,16 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap,
         for g in range(heads):
             state[first + g, 2] = state[first + g, 0]  # the tile's new max
             for part in range(TILE // LANES):
-                dots = T.alloc_buffer((LANES, width), "float32")  # 8 keys' partial dots
-                for j in T.unroll(LANES):
-                    dots[j, T.Ramp(0, 1, width)] = T.Broadcast(T.float32(0), width)
-                for c in range(dim // (width * chains)):
-                    for j in T.unroll(LANES):
-                        loc = T.meta_var(where[first, part * LANES + j])
-                        for i in T.unroll(chains):
-                            at = T.meta_var((c * chains + i) * width)
-                            dots[j, T.Ramp(0, 1, width)] = fma(
-                                _key_part(keys, loc, at, width),
-                                keys.q_scaled[first + g, T.Ramp(at, 1, width)],
-                                dots[j, T.Ramp(0, 1, width)],
-                            )
-                valid = T.meta_var(_seen(T.Ramp(tile * TILE + part * LANES, 1, LANES), length, query_range, g))
-                folded = T.meta_var([_fold(dots[j, T.Ramp(0, 1, width)]) for j in range(LANES)])
-                sums = T.meta_var(_soft_cap(row_sums(folded), softcap))
-                scores[first + g, T.Ramp(part * LANES, 1, LANES)] = T.Select(
-                    valid, sums, T.Broadcast(T.float32(-1e30), LANES)
+                at = T.meta_var(part * LANES)
+                if scored is None:
+                    _score_octet(keys, where, (first, at), first + g, dim, width, softcap, scores, at)
+                valid = T.meta_var(_seen(T.Ramp(tile * TILE + at, 1, LANES), length, query_range, g))
+                sums = T.meta_var(
+                    scores[first + g, T.Ramp(at, 1, LANES)]
+                    if scored is None
+                    else scored[first + g, T.Ramp(tile * TILE + at, 1, LANES)]
                 )
+                scores[first + g, T.Ramp(at, 1, LANES)] = T.Select(valid, sums, T.Broadcast(T.float32(-1e30), LANES))
             parts = T.meta_var([scores[first + g, T.Ramp(i * LANES, 1, LANES)] for i in range(TILE // LANES)])
             state[first + g, 2] = T.max(state[first + g, 0], _lane_reduce(functools.reduce(tirx.max, parts), tirx.max))
             state[first + g, 3] = T.exp2(state[first + g, 0] - state[first + g, 2])  # rescale of the past
@@ -730,9 +746,22 @@ def _ggml_decode_task(
 
 @T.macro(hygienic=False)
 def _decode_task(
-    task, count: int, group: int, dim: int, width: int, softcap: float, table, q, output, lse, scratch, sm_scale
+    task,
+    count: int,
+    group: int,
+    dim: int,
+    width: int,
+    softcap: float,
+    table,
+    q,
+    output,
+    lse,
+    scratch,
+    sm_scale,
+    scored=None,
 ):
-    """Decode task `task` in mlcc's order: `count` query heads of one KV head of one sequence."""
+    """Decode task `task` in mlcc's order: `count` query heads of one KV head of one sequence (`scored`: their
+    scores already in those rows, see _split_decode)."""
     q_scaled, out, scores, state, where = scratch
     heads = T.meta_var(q.shape[1])
     b: T.let[T.int32] = task // (heads // count)
@@ -743,8 +772,53 @@ def _decode_task(
     length: T.let[T.int32] = T.if_then_else(begin != end, table.length(b, begin, end), 0)
     _start(q, q_scaled, out, b, h, slot, count, sm_scale, dim, dim)
     keys = T.meta_var(table.keys(b, begin, h // group, q_scaled))
-    _attend(slot, count, length, keys, scores, state, out, where, dim, softcap, None, width)
+    _attend(slot, count, length, keys, scores, state, out, where, dim, softcap, None, width, scored)
     _finish(output, lse, b, h, slot, count, out, state, dim)
+
+
+@T.macro(hygienic=False)
+def _split_decode(
+    count: int, group: int, dim, width, softcap, table, q, output, lse, scratch, scored, sm_scale, pieces
+):
+    """Decode in mlcc's order for when a task per `count` query heads would leave threads idle at a long
+    context: the queries scaled, then K.q with each task's keys in `pieces` pieces (8 keys at a time, as
+    _attend scores them) into `scored`, then the softmax and P.V a task per `count` heads. The same bits."""
+    q_scaled, out = scratch[0], scratch[1]
+    heads = T.meta_var(q.shape[1])
+    units = T.meta_var(q.shape[0] * heads // count)  # sequences x groups of `count` query heads
+    for unit in T.parallel(units):
+        _start(
+            q,
+            q_scaled,
+            out,
+            unit // (heads // count),
+            unit % (heads // count) * count,
+            unit * count,
+            count,
+            sm_scale,
+            dim,
+            dim,
+        )
+    for task in T.parallel(units * pieces):
+        b: T.let[T.int32] = task // pieces // (heads // count)
+        h: T.let[T.int32] = task // pieces % (heads // count) * count
+        piece: T.let[T.int32] = task % pieces
+        begin: T.let[T.int32] = table.indptr[b]
+        end: T.let[T.int32] = table.indptr[b + 1]
+        if begin != end:
+            length: T.let[T.int32] = table.length(b, begin, end)
+            octets: T.let[T.int32] = (length + TILE - 1) // TILE * (TILE // LANES)  # whole tiles, as _attend's
+            share: T.let[T.int32] = (octets + pieces - 1) // pieces
+            keys = T.meta_var(table.keys(b, begin, h // group, q_scaled))
+            spots = T.alloc_buffer((1, LANES), "int32")
+            for o in range(T.min(piece * share, octets), T.min((piece + 1) * share, octets)):
+                for j in range(LANES):
+                    spots[0, j] = keys.locate(T.min(o * LANES + j, length - 1))
+                    keys.ask_key(keys.locate(T.min(o * LANES + j + ROWS_AHEAD, length - 1)), dim)
+                for g in range(count):
+                    _score_octet(keys, spots, (0, 0), b * heads + h + g, dim, width, softcap, scored, o * LANES)
+    for task in T.parallel(units):
+        _decode_task(task, count, group, dim, width, softcap, table, q, output, lse, scratch, sm_scale, scored)
 
 
 @T.macro(hygienic=False)
@@ -860,8 +934,9 @@ def decode_attention(
         scores = T.alloc_buffer((B * h_qo, TILE), "float32")
         state = T.alloc_buffer((B * h_qo, 4), "float32")
         where = T.alloc_buffer((B * h_qo, TILE), "int32")
-        if llamacpp:  # each task's scores: room for the whole cache (a buffer sized by a loop variable can't be)
-            scores_of = T.alloc_buffer((B * h_qo, max_num_pages * page_size + LANES), "float32")
+        # each task's scores: room for the whole cache (a buffer sized by a loop variable can't be)
+        scores_of = T.alloc_buffer((B * h_qo, max_num_pages * page_size + TILE), "float32")
+        if llamacpp:
             scratch = T.meta_var(scores_of)
         else:
             scratch = T.meta_var((q_scaled, out, scores, state, where))  # the tasks' rows
@@ -872,16 +947,19 @@ def decode_attention(
             if page_table_indptr[b + 1] != page_table_indptr[b]:
                 longest[0] = T.max(longest[0], table.length(b, page_table_indptr[b], page_table_indptr[b + 1]))
         shared: T.let[T.bool] = tirx.Or(B * h_kv >= SHARED_TASKS, longest[0] >= SHARED_LENGTH)
-        if llamacpp:  # a long context whose tasks leave a quarter of the threads' time idle: split (the same bits)
-            threads: T.let[T.int32] = T.if_then_else(longest[0] >= SPLIT_LENGTH, T.call_packed("runtime.NumThreads"), 1)
-            units = T.meta_var(B * h_qo // heads)
-            split: T.let[T.bool] = 4 * units <= 3 * threads * ((units + threads - 1) // threads)
-        else:
-            split = T.meta_var(False)
+        # a long context whose tasks leave a quarter of the threads' time idle: split (the same bits)
+        threads: T.let[T.int32] = T.if_then_else(longest[0] >= SPLIT_LENGTH, T.call_packed("runtime.NumThreads"), 1)
+        units = T.meta_var(B * h_qo // heads)
+        split: T.let[T.bool] = 4 * units <= 3 * threads * ((units + threads - 1) // threads)
         # a parallel loop for each task size, each with its own kernel (a task size known only at run time
         # compiled mlcc's order ~20x slower, one loop holding both of llama.cpp's order ~4x)
         if split:
-            _ggml_split_decode(heads, group, dim, width, table, Q, output, lse, scratch, sm_scale, threads)
+            if llamacpp:
+                _ggml_split_decode(heads, group, dim, width, table, Q, output, lse, scratch, sm_scale, threads)
+            else:
+                _split_decode(
+                    heads, group, dim, width, softcap, table, Q, output, lse, scratch, scores_of, sm_scale, threads
+                )
         elif shared if heads > 1 else False:  # (one task size where a task takes one head anyway)
             _decode_tasks(heads, llamacpp, group, dim, width, softcap, table, Q, output, lse, scratch, sm_scale)
         else:
