@@ -776,6 +776,59 @@ def _decode_task(
     _finish(output, lse, b, h, slot, count, out, state, dim)
 
 
+@dataclass(frozen=True)
+class KeyPiece:
+    """One task of a split decode's K.q (_score_in_pieces): sequence b (its pages from `begin`, `length` keys in
+    `octets` octets), query heads from h, piece `piece`, its octets first .. last."""
+
+    b: tirx.PrimExpr
+    h: tirx.PrimExpr
+    piece: tirx.PrimExpr
+    begin: tirx.PrimExpr
+    length: tirx.PrimExpr
+    octets: tirx.PrimExpr
+    first: tirx.PrimExpr
+    last: tirx.PrimExpr
+
+
+def _tile_octets(length):
+    """Octets of keys in the whole tiles over `length` keys: all that _attend scores."""
+    return (length + TILE - 1) // TILE * (TILE // LANES)
+
+
+@T.macro(hygienic=False)
+def _score_in_pieces(units, heads, count: int, pieces, table, octets_of, score):
+    """The K.q of a split decode: each of `units` (sequence b, `count` query heads from h) in `pieces` tasks, in
+    parallel, each task `score(KeyPiece)` for its share of the `octets_of(length)` octets of keys of a sequence
+    with keys."""
+    for task in T.parallel(units * pieces):
+        b: T.let[T.int32] = task // pieces // (heads // count)
+        h: T.let[T.int32] = task // pieces % (heads // count) * count
+        piece: T.let[T.int32] = task % pieces
+        begin: T.let[T.int32] = table.indptr[b]
+        end: T.let[T.int32] = table.indptr[b + 1]
+        if begin != end:
+            length: T.let[T.int32] = table.length(b, begin, end)
+            octets: T.let[T.int32] = octets_of(length)
+            share: T.let[T.int32] = (octets + pieces - 1) // pieces
+            first: T.let[T.int32] = T.min(piece * share, octets)
+            score(KeyPiece(b, h, piece, begin, length, octets, first, T.min(first + share, octets)))
+
+
+@T.macro(hygienic=False)
+def _score_piece(count: int, group: int, heads: int, dim, width, softcap, table, q_scaled, scored, at):
+    """_score_in_pieces's task in mlcc's order: its octets of keys scored as _attend scores them, into the rows of
+    `scored` (those of q_scaled) of its `count` query heads (`heads` a sequence)."""
+    keys = T.meta_var(table.keys(at.b, at.begin, at.h // group, q_scaled))
+    spots = T.alloc_buffer((1, LANES), "int32")
+    for o in range(at.first, at.last):
+        for j in range(LANES):
+            spots[0, j] = keys.locate(T.min(o * LANES + j, at.length - 1))
+            keys.ask_key(keys.locate(T.min(o * LANES + j + ROWS_AHEAD, at.length - 1)), dim)
+        for g in range(count):
+            _score_octet(keys, spots, (0, 0), at.b * heads + at.h + g, dim, width, softcap, scored, o * LANES)
+
+
 @T.macro(hygienic=False)
 def _split_decode(
     count: int, group: int, dim, width, softcap, table, q, output, lse, scratch, scored, sm_scale, pieces
@@ -799,26 +852,22 @@ def _split_decode(
             dim,
             dim,
         )
-    for task in T.parallel(units * pieces):
-        b: T.let[T.int32] = task // pieces // (heads // count)
-        h: T.let[T.int32] = task // pieces % (heads // count) * count
-        piece: T.let[T.int32] = task % pieces
-        begin: T.let[T.int32] = table.indptr[b]
-        end: T.let[T.int32] = table.indptr[b + 1]
-        if begin != end:
-            length: T.let[T.int32] = table.length(b, begin, end)
-            octets: T.let[T.int32] = (length + TILE - 1) // TILE * (TILE // LANES)  # whole tiles, as _attend's
-            share: T.let[T.int32] = (octets + pieces - 1) // pieces
-            keys = T.meta_var(table.keys(b, begin, h // group, q_scaled))
-            spots = T.alloc_buffer((1, LANES), "int32")
-            for o in range(T.min(piece * share, octets), T.min((piece + 1) * share, octets)):
-                for j in range(LANES):
-                    spots[0, j] = keys.locate(T.min(o * LANES + j, length - 1))
-                    keys.ask_key(keys.locate(T.min(o * LANES + j + ROWS_AHEAD, length - 1)), dim)
-                for g in range(count):
-                    _score_octet(keys, spots, (0, 0), b * heads + h + g, dim, width, softcap, scored, o * LANES)
+    score = T.meta_var(
+        functools.partial(_score_piece, count, group, heads, dim, width, softcap, table, q_scaled, scored)
+    )
+    _score_in_pieces(units, heads, count, pieces, table, _tile_octets, score)
     for task in T.parallel(units):
         _decode_task(task, count, group, dim, width, softcap, table, q, output, lse, scratch, sm_scale, scored)
+
+
+@T.macro(hygienic=False)
+def _ggml_score_piece(count: int, group: int, pieces, dim, width, table, q, probs, sm_scale, at):
+    """_score_in_pieces's task in llama.cpp's order: octets first .. last of keys (_ggml_scores), and in the
+    last piece the keys past the whole octets one at a time."""
+    tail: T.let[T.int32] = T.if_then_else(at.piece == pieces - 1, at.octets * LANES, at.length)
+    keys = T.meta_var(table.keys(at.b, at.begin, at.h // group, None))
+    slot = T.meta_var(at.b * q.shape[1] + at.h)
+    _ggml_scores(q, at.b, at.h, count, keys, (at.first, at.last), tail, at.length, sm_scale, dim, probs, slot, width)
 
 
 @T.macro(hygienic=False)
@@ -830,21 +879,10 @@ def _ggml_split_decode(count: int, group: int, dim: int, width: int, table, q, o
     the same bits."""
     heads = T.meta_var(q.shape[1])
     units = T.meta_var(q.shape[0] * heads // count)  # sequences x groups of `count` query heads
-    for task in T.parallel(units * pieces):
-        b: T.let[T.int32] = task // pieces // (heads // count)
-        h: T.let[T.int32] = task // pieces % (heads // count) * count
-        piece: T.let[T.int32] = task % pieces
-        begin: T.let[T.int32] = table.indptr[b]
-        end: T.let[T.int32] = table.indptr[b + 1]
-        if begin != end:
-            length: T.let[T.int32] = table.length(b, begin, end)
-            octets: T.let[T.int32] = _octets(length, dim)
-            share: T.let[T.int32] = (octets + pieces - 1) // pieces
-            first: T.let[T.int32] = T.min(piece * share, octets)
-            tail: T.let[T.int32] = T.if_then_else(piece == pieces - 1, octets * LANES, length)
-            keys = T.meta_var(table.keys(b, begin, h // group, None))
-            last = T.meta_var(T.min(first + share, octets))
-            _ggml_scores(q, b, h, count, keys, (first, last), tail, length, sm_scale, dim, probs, b * heads + h, width)
+    score = T.meta_var(
+        functools.partial(_ggml_score_piece, count, group, pieces, dim, width, table, q, probs, sm_scale)
+    )
+    _score_in_pieces(units, heads, count, pieces, table, functools.partial(_octets, dim=dim), score)
     for task in T.parallel(units):
         _ggml_decode_task(task, count, group, dim, width, table, q, output, lse, probs, sm_scale, scored=True)
 
