@@ -42,9 +42,10 @@ log = logging.getLogger("mlcc.compile")
 DEFAULT_PAGE_SIZE = 16
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_MAX_BATCH = 8
-# What `kv_dtype` may be: float16 halves the cache and what long-context decode reads (the attention's q, k, v
-# and output rounded to it); float32 keeps float activations' numbers.
-KV_DTYPES = ("float16", "float32")
+# What `kv_dtype` may be (of what a manifest may record, artifacts.manifest.KV_DTYPES): float16 halves the cache
+# and what long-context decode reads (the attention's q, k, v and output rounded to it); float32 keeps float
+# activations' numbers.
+KV_DTYPE_CHOICES = ("float16", "float32")
 
 
 def detect_arch(config: dict[str, Any]) -> str:
@@ -71,9 +72,9 @@ def compile_model(
     `loras`: LoRA adapters merged into the weights before quantization, each scaled by `lora_scale` on top of its
     own alpha / r: PEFT folders into an HF model, llama.cpp's GGUF adapters into a GGUF file. `lora_slots`: serve
     up to that many adapters of rank <= `lora_rank` over the weights, chosen per request (compiler/lora_slots.py).
-    `kv_dtype`: the KV cache's element type, one of KV_DTYPES (default: the activations')."""
-    if kv_dtype is not None and kv_dtype not in KV_DTYPES:
-        raise MlccError(f"unsupported KV cache type {kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")
+    `kv_dtype`: the KV cache's element type, one of KV_DTYPE_CHOICES (default: the activations')."""
+    if kv_dtype is not None and kv_dtype not in KV_DTYPE_CHOICES:
+        raise MlccError(f"unsupported KV cache type {kv_dtype!r}: choose one of {', '.join(KV_DTYPE_CHOICES)}")
     output = Path(output)
     if output.exists() and not (output / MANIFEST_NAME).is_file():
         raise MlccError(f"output exists and is not an mlcc artifact, refusing to overwrite: {output}")

@@ -95,7 +95,7 @@ def _attend(first, heads, length, keys, scores, state, out, where, dim, softcap,
     softcap: scores (natural units) become softcap * tanh(score / softcap) first (Gemma 2); 0 for none.
     query_range: None, or g -> (lo, hi), the keys query g sees (a range within the `length`): the keys outside
     it score -inf, and a tile wholly outside it leaves the query's state and output exactly as they were.
-    scored: None, or rows of the queries' scores of every key, computed already (_split_scores)."""
+    scored: None, or rows of the queries' scores of every key, computed already (_split_decode)."""
     chains = T.meta_var(_chains(dim, width))
     for g in range(heads):
         state[first + g, 0] = T.float32(-5e4)  # running max
@@ -770,7 +770,8 @@ def _decode_task(
     begin: T.let[T.int32] = table.indptr[b]
     end: T.let[T.int32] = table.indptr[b + 1]
     length: T.let[T.int32] = T.if_then_else(begin != end, table.length(b, begin, end), 0)
-    _start(q, q_scaled, out, b, h, slot, count, sm_scale, dim, dim)
+    if scored is None:  # (a split decode started its queries before scoring them)
+        _start(q, q_scaled, out, b, h, slot, count, sm_scale, dim, dim)
     keys = T.meta_var(table.keys(b, begin, h // group, q_scaled))
     _attend(slot, count, length, keys, scores, state, out, where, dim, softcap, None, width, scored)
     _finish(output, lse, b, h, slot, count, out, state, dim)
